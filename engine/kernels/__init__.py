@@ -1,0 +1,29 @@
+"""Kernel dispatch: one namespace of ops per backend, chosen by device.
+
+`torch` (reference.py) runs anywhere and is the test oracle; `triton` (triton_ops.py)
+is the fast path on CUDA. Both expose the same functions with the same signatures.
+"""
+from __future__ import annotations
+
+import types
+
+import torch
+
+from engine.kernels import reference
+
+OP_NAMES = ("rms_norm", "add_rms_norm", "silu_and_mul", "rotary_embedding", "write_kv",
+            "paged_decode_attention", "paged_prefill_attention")
+
+
+def default_backend(device: torch.device) -> str:
+    return "triton" if device.type == "cuda" else "torch"
+
+
+def get_ops(backend: str) -> types.SimpleNamespace:
+    if backend == "torch":
+        mod = reference
+    elif backend == "triton":
+        from engine.kernels import triton_ops as mod
+    else:
+        raise ValueError(f"unknown kernel backend {backend!r}")
+    return types.SimpleNamespace(**{name: getattr(mod, name) for name in OP_NAMES})
