@@ -1,0 +1,650 @@
+"""Triton implementations of the ops in reference.py (same names, signatures and semantics).
+
+Each op is a @triton.jit kernel plus a thin wrapper that allocates the output, picks the
+launch configuration and launches it. Everything accumulates in fp32 whatever the input
+dtype. Shapes and conventions are those documented in reference.py:
+
+  k_cache, v_cache : [NB, BS, KH, D]   block_tables : [S, max_blocks] int32
+  slot_mapping     : [T] (-1 = skip)   context_lens : [S] int32
+
+The kernels also run under TRITON_INTERPRET=1 on CPU tensors, which is how CI tests them;
+the wrappers then pick small tiles so the tests exercise several tiles and partitions.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+
+# Decode split-K: a partition never gets fewer tokens than this, because below it the cost
+# of writing/reducing partials outweighs the extra parallelism.
+_DECODE_MIN_PARTITION_TOKENS = 256
+
+
+# --------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------
+
+def _next_pow2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def _is_pow2(n: int) -> bool:
+    return n > 0 and (n & (n - 1)) == 0
+
+
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    # Kernels take strides for the outer dims but assume unit stride on the innermost one.
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _device_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        # Interpreter on CPU: pretend to be a tiny GPU so the heuristic still behaves sensibly.
+        return 4
+    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs would otherwise go through tf32 on tensor cores (~1e-3 relative error),
+    # which is not what someone asking for fp32 expects.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _dot_upcast(device: torch.device) -> bool:
+    # Kernels only see CPU tensors under TRITON_INTERPRET, whose tl.dot multiplies the raw
+    # uint16 bit patterns of bf16 operands (triton-lang/triton#11584); see _mma.
+    return device.type != "cuda"
+
+
+@triton.jit
+def _mma(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """tl.dot with fp32 accumulation, working around the interpreter's bf16 dot."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+# --------------------------------------------------------------------------------------
+# RMSNorm (optionally fused with the residual add)
+# --------------------------------------------------------------------------------------
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
+                     stride_x, stride_res, stride_out, stride_res_out,
+                     N, eps,
+                     HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_N)
+    mask = offs < N
+    h = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(res_ptr + row * stride_res + offs, mask=mask, other=0.0)
+        # The reference materialises x + residual in the residual's dtype and normalises
+        # that rounded value, so round here too before using it.
+        h = (h.to(tl.float32) + r.to(tl.float32)).to(res_out_ptr.dtype.element_ty)
+        tl.store(res_out_ptr + row * stride_res_out + offs, h, mask=mask)
+    hf = h.to(tl.float32)
+    inv_rms = tl.rsqrt(tl.sum(hf * hf, axis=0) / N + eps)
+    # HF casts the normalised activations back to the input dtype before the weight
+    # multiply; doing the same keeps bf16 results bit-compatible with the reference.
+    normed = (hf * inv_rms).to(h.dtype).to(tl.float32)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_out + offs, (w * normed).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _norm_launch_config(n: int) -> tuple[int, int]:
+    block = _next_pow2(n)
+    return block, min(max(block // 512, 1), 16)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    shape, n = x.shape, x.shape[-1]
+    x2 = _last_dim_contiguous(x.reshape(-1, n))
+    weight = weight.contiguous()
+    out = torch.empty(x2.shape, dtype=torch.result_type(weight, x), device=x.device)
+    if x2.shape[0] == 0:
+        return out.view(shape)
+    block, warps = _norm_launch_config(n)
+    _rms_norm_kernel[(x2.shape[0],)](
+        x2, x2, weight, out, out,
+        x2.stride(0), 0, out.stride(0), 0,
+        n, eps, HAS_RESIDUAL=False, BLOCK_N=block, num_warps=warps)
+    return out.view(shape)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    """residual += x; return (rms_norm(residual), residual). The fused pre-norm of a block.
+
+    Like the reference, the updated residual is a new tensor (inputs are not modified).
+    """
+    shape, n = x.shape, x.shape[-1]
+    x2 = _last_dim_contiguous(x.reshape(-1, n))
+    r2 = _last_dim_contiguous(residual.reshape(-1, n))
+    weight = weight.contiguous()
+    res_dtype = torch.result_type(x, residual)
+    res_out = torch.empty(x2.shape, dtype=res_dtype, device=x.device)
+    out = torch.empty(x2.shape, dtype=torch.promote_types(weight.dtype, res_dtype), device=x.device)
+    if x2.shape[0] > 0:
+        block, warps = _norm_launch_config(n)
+        _rms_norm_kernel[(x2.shape[0],)](
+            x2, r2, weight, out, res_out,
+            x2.stride(0), r2.stride(0), out.stride(0), res_out.stride(0),
+            n, eps, HAS_RESIDUAL=True, BLOCK_N=block, num_warps=warps)
+    return out.view(shape), res_out.view(shape)
+
+
+# --------------------------------------------------------------------------------------
+# SiLU(gate) * up
+# --------------------------------------------------------------------------------------
+
+@triton.jit
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_out, I, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < I
+    gate = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(x_ptr + row * stride_x + I + offs, mask=mask, other=0.0).to(tl.float32)
+    out = gate * tl.sigmoid(gate) * up
+    tl.store(out_ptr + row * stride_out + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x: [T, 2*I] holding [gate | up] -> silu(gate) * up, [T, I]."""
+    shape, two_i = x.shape, x.shape[-1]
+    inter = two_i // 2
+    x2 = _last_dim_contiguous(x.reshape(-1, two_i))
+    out = torch.empty((x2.shape[0], inter), dtype=x.dtype, device=x.device)
+    if x2.shape[0] > 0:
+        block = min(_next_pow2(inter), 1024)
+        _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(inter, block))](
+            x2, out, x2.stride(0), out.stride(0), inter, BLOCK=block, num_warps=4)
+    return out.view(*shape[:-1], inter)
+
+
+# --------------------------------------------------------------------------------------
+# Rotary embedding (neox / rotate-half)
+# --------------------------------------------------------------------------------------
+
+@triton.jit
+def _rope_heads(x_ptr, out_ptr, stride_xh, stride_oh, n_heads, cos, sin,
+                HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+    offs_d = tl.arange(0, BLOCK_HALF)
+    d_mask = offs_d < HALF
+    # Heads are walked in chunks so huge head counts do not blow up register use; cos/sin
+    # were loaded once per token by the caller and are shared by every head.
+    for h0 in range(0, n_heads, BLOCK_H):
+        offs_h = h0 + tl.arange(0, BLOCK_H)
+        mask = (offs_h < n_heads)[:, None] & d_mask[None, :]
+        x_lo_ptrs = x_ptr + offs_h[:, None] * stride_xh + offs_d[None, :]
+        x1 = tl.load(x_lo_ptrs, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(x_lo_ptrs + HALF, mask=mask, other=0.0).to(tl.float32)
+        o1 = x1 * cos[None, :] - x2 * sin[None, :]
+        o2 = x2 * cos[None, :] + x1 * sin[None, :]
+        o_lo_ptrs = out_ptr + offs_h[:, None] * stride_oh + offs_d[None, :]
+        tl.store(o_lo_ptrs, o1.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(o_lo_ptrs + HALF, o2.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rotary_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, pos_ptr, cos_sin_ptr,
+                   stride_qt, stride_qh, stride_kt, stride_kh,
+                   stride_qot, stride_qoh, stride_kot, stride_koh, stride_cs,
+                   H, KH,
+                   HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_HALF)
+    d_mask = offs_d < HALF
+    cos = tl.load(cos_sin_ptr + pos * stride_cs + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+    sin = tl.load(cos_sin_ptr + pos * stride_cs + HALF + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+    _rope_heads(q_ptr + t * stride_qt, q_out_ptr + t * stride_qot, stride_qh, stride_qoh, H,
+                cos, sin, HALF, BLOCK_HALF, BLOCK_H)
+    _rope_heads(k_ptr + t * stride_kt, k_out_ptr + t * stride_kot, stride_kh, stride_koh, KH,
+                cos, sin, HALF, BLOCK_HALF, BLOCK_H)
+
+
+def rotary_embedding(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+                     cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Neox-style rotary embedding; q: [T, H, D], k: [T, KH, D]. Returns new tensors."""
+    T, H, D = q.shape
+    KH = k.shape[1]
+    assert D % 2 == 0 and k.shape[2] == D and cos_sin_cache.shape[-1] == D
+    # q/k are usually strided views into the fused qkv projection; strides are passed
+    # through so no copy is made for them.
+    q = _last_dim_contiguous(q)
+    k = _last_dim_contiguous(k)
+    cos_sin_cache = _last_dim_contiguous(cos_sin_cache)
+    positions = positions.contiguous()
+    q_out = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
+    k_out = torch.empty((T, KH, D), dtype=k.dtype, device=k.device)
+    if T > 0:
+        half = D // 2
+        _rotary_kernel[(T,)](
+            q, k, q_out, k_out, positions, cos_sin_cache,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+            q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),
+            cos_sin_cache.stride(0), H, KH,
+            HALF=half, BLOCK_HALF=_next_pow2(half), BLOCK_H=min(_next_pow2(max(H, KH)), 16),
+            num_warps=4)
+    return q_out, k_out
+
+
+# --------------------------------------------------------------------------------------
+# KV cache write
+# --------------------------------------------------------------------------------------
+
+@triton.jit
+def _write_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+                     stride_kt, stride_kh, stride_vt, stride_vh,
+                     stride_kcb, stride_kco, stride_kch,
+                     stride_vcb, stride_vco, stride_vch,
+                     KH, D,
+                     BLOCK_SIZE: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_D: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot < 0:  # padding token: nothing to cache
+        return
+    blk = slot // BLOCK_SIZE
+    off = slot % BLOCK_SIZE
+    offs_h = tl.arange(0, BLOCK_KH)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_h < KH)[:, None] & (offs_d < D)[None, :]
+    k = tl.load(k_ptr + t * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask)
+    v = tl.load(v_ptr + t * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask)
+    kc = k_cache_ptr + blk * stride_kcb + off * stride_kco + offs_h[:, None] * stride_kch + offs_d[None, :]
+    vc = v_cache_ptr + blk * stride_vcb + off * stride_vco + offs_h[:, None] * stride_vch + offs_d[None, :]
+    tl.store(kc, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(vc, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Scatter this step's K/V ([T, KH, D]) into the paged cache at slot_mapping (in place)."""
+    T, KH, D = k.shape
+    assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1, "cache must be contiguous in D"
+    if T == 0:
+        return
+    k = _last_dim_contiguous(k)
+    v = _last_dim_contiguous(v)
+    slot_mapping = slot_mapping.contiguous()
+    _write_kv_kernel[(T,)](
+        k, v, k_cache, v_cache, slot_mapping,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        KH, D,
+        BLOCK_SIZE=k_cache.shape[1], BLOCK_KH=_next_pow2(KH), BLOCK_D=_next_pow2(D),
+        num_warps=4)
+
+
+# --------------------------------------------------------------------------------------
+# Paged attention: shared tile loader
+# --------------------------------------------------------------------------------------
+
+@triton.jit
+def _load_kv_tile(cache_ptr, block_table_row, offs_n, n_valid, kv_head, offs_d,
+                  stride_b, stride_o, stride_h, BLOCK_SIZE: tl.constexpr):
+    """[BLOCK_N, D] of one KV head for token positions offs_n of a sequence.
+
+    Block ids are looked up per token, so a tile may span several cache blocks or part of
+    one, and the tile width is independent of the cache block size.
+    """
+    valid = offs_n < n_valid
+    blk = tl.load(block_table_row + offs_n // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+    ptrs = (cache_ptr + blk[:, None] * stride_b + (offs_n % BLOCK_SIZE)[:, None] * stride_o
+            + kv_head * stride_h + offs_d[None, :])
+    return tl.load(ptrs, mask=valid[:, None], other=0.0)
+
+
+# --------------------------------------------------------------------------------------
+# Paged decode attention (split-K / flash-decoding)
+# --------------------------------------------------------------------------------------
+
+@triton.jit
+def _decode_partition_kernel(
+        q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
+        out_ptr, part_max_ptr, part_sum_ptr, part_out_ptr,
+        scale_log2, partition_tokens, num_partitions,
+        stride_qs, stride_qh, stride_os, stride_oh, stride_bt,
+        stride_kb, stride_ko, stride_kh, stride_vb, stride_vo, stride_vh,
+        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+        SINGLE_PASS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    s = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    part = tl.program_id(2)
+    num_kv_heads = tl.num_programs(1)
+    ctx = tl.load(context_lens_ptr + s)
+
+    if SINGLE_PASS:
+        start, end = 0, ctx
+    else:
+        start = part * partition_tokens
+        if start >= ctx:
+            # Shorter sequences in the batch need fewer partitions; the reduce kernel only
+            # reads the ones that exist, so there is nothing to write.
+            return
+        end = tl.minimum(start + partition_tokens, ctx)
+
+    # All query heads sharing this KV head are stacked as rows of one tile, so every K/V
+    # element is read once per group and the score/PV products become matmuls. tl.dot
+    # needs >= 16 rows, hence the padding (padded rows are zero queries, never stored).
+    offs_g = tl.arange(0, GROUP_PAD)
+    offs_d = tl.arange(0, HEAD_DIM)
+    g_mask = offs_g < GROUP
+    heads = kv_head * GROUP + offs_g
+    q = tl.load(q_ptr + s.to(tl.int64) * stride_qs + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=g_mask[:, None], other=0.0)
+
+    bt_row = block_tables_ptr + s.to(tl.int64) * stride_bt
+    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        k = _load_kv_tile(k_cache_ptr, bt_row, offs_n, end, kv_head, offs_d,
+                          stride_kb, stride_ko, stride_kh, BLOCK_SIZE).to(q.dtype)
+        v = _load_kv_tile(v_cache_ptr, bt_row, offs_n, end, kv_head, offs_d,
+                          stride_vb, stride_vo, stride_vh, BLOCK_SIZE).to(q.dtype)
+        # Scores live in the log2 domain (scale folded with log2(e)) so exp2 can be used.
+        scores = _mma(q, tl.trans(k), DOT_PRECISION, DOT_UPCAST) * scale_log2
+        scores = tl.where((offs_n < end)[None, :], scores, float("-inf"))
+        # The first tile of a partition always holds a valid key, so m_new is finite from
+        # the first iteration on and exp2(m_i - m_new) never sees -inf - -inf.
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, DOT_PRECISION, DOT_UPCAST)
+        m_i = m_new
+
+    if SINGLE_PASS:
+        # An empty context (l_i == 0) yields zeros rather than NaNs.
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        o_ptrs = out_ptr + s.to(tl.int64) * stride_os + heads[:, None] * stride_oh + offs_d[None, :]
+        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
+    else:
+        # Partials are [S, H, P] (max, sum) and [S, H, P, D] (normalised output), fp32.
+        row = (s * num_kv_heads * GROUP + heads).to(tl.int64) * num_partitions + part
+        tl.store(part_max_ptr + row, m_i, mask=g_mask)
+        tl.store(part_sum_ptr + row, l_i, mask=g_mask)
+        tl.store(part_out_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc / l_i[:, None],
+                 mask=g_mask[:, None])
+
+
+@triton.jit
+def _decode_reduce_kernel(out_ptr, part_max_ptr, part_sum_ptr, part_out_ptr, context_lens_ptr,
+                          partition_tokens, num_partitions, stride_os, stride_oh,
+                          HEAD_DIM: tl.constexpr, PART_PAD: tl.constexpr, BLOCK_P: tl.constexpr):
+    s = tl.program_id(0)
+    h = tl.program_id(1)
+    ctx = tl.load(context_lens_ptr + s)
+    n_parts = tl.cdiv(ctx, partition_tokens)
+    base = (s * tl.num_programs(1) + h).to(tl.int64) * num_partitions
+
+    # The global max only needs the (small) per-partition maxima; the D-wide partial
+    # outputs are then streamed in chunks so registers stay bounded for many partitions.
+    offs_p = tl.arange(0, PART_PAD)
+    g_max = tl.max(tl.load(part_max_ptr + base + offs_p, mask=offs_p < n_parts,
+                           other=float("-inf")), axis=0)
+    offs_d = tl.arange(0, HEAD_DIM)
+    acc = tl.zeros([HEAD_DIM], tl.float32)
+    denom = tl.zeros([], tl.float32)
+    for p0 in range(0, n_parts, BLOCK_P):
+        offs = p0 + tl.arange(0, BLOCK_P)
+        pm = offs < n_parts
+        m = tl.load(part_max_ptr + base + offs, mask=pm, other=float("-inf"))
+        l = tl.load(part_sum_ptr + base + offs, mask=pm, other=0.0)
+        # Each partial output is already normalised by its own sum, so re-weight it by
+        # that sum rescaled to the global max.
+        w = tl.where(pm, l * tl.exp2(m - g_max), 0.0)
+        o = tl.load(part_out_ptr + (base + offs)[:, None] * HEAD_DIM + offs_d[None, :],
+                    mask=pm[:, None], other=0.0)
+        acc += tl.sum(w[:, None] * o, axis=0)
+        denom += tl.sum(w, axis=0)
+    out = acc / tl.where(denom > 0, denom, 1.0)
+    tl.store(out_ptr + s.to(tl.int64) * stride_os + h * stride_oh + offs_d,
+             out.to(out_ptr.dtype.element_ty))
+
+
+def _decode_block_n(device: torch.device) -> int:
+    # Interpreter: small tiles so CI shapes still span several tiles per partition.
+    return 64 if device.type == "cuda" else 16
+
+
+def _decode_partition_tokens(max_len: int, num_seqs: int, num_kv_heads: int, num_sms: int,
+                             block_n: int) -> int:
+    """Tokens per split-K partition, or 0 for a single pass over the whole context.
+
+    Splitting pays only when (sequence, KV head) programs alone would leave SMs idle; the
+    partition count then aims at ~2 programs per SM, never going below a minimum partition
+    length. The result is rounded to the tile width, which the kernel's loop assumes.
+    """
+    base = num_seqs * num_kv_heads
+    target = 2 * num_sms
+    if base >= target or max_len <= _DECODE_MIN_PARTITION_TOKENS:
+        return 0
+    want = triton.cdiv(target, base)
+    tokens = max(_DECODE_MIN_PARTITION_TOKENS, triton.cdiv(max_len, want))
+    tokens = triton.cdiv(tokens, block_n) * block_n
+    return 0 if tokens >= max_len else tokens
+
+
+def _paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale,
+                            partition_tokens: int | None = None, block_n: int | None = None):
+    """paged_decode_attention with the split explicit (tests force small partitions).
+
+    partition_tokens: None = heuristic, 0 = single pass, otherwise a multiple of block_n.
+    """
+    S, H, D = q.shape
+    _, BS, KH, Dk = k_cache.shape
+    assert Dk == D and H % KH == 0, "query heads must be a multiple of KV heads"
+    assert _is_pow2(D) and D >= 16, "head_dim must be a power of two >= 16"
+    assert _is_pow2(BS), "block_size must be a power of two"
+    assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    out = torch.empty((S, H, D), dtype=q.dtype, device=q.device)
+    if S == 0:
+        return out
+    q = _last_dim_contiguous(q)
+    block_tables = block_tables.contiguous()
+    context_lens = context_lens.contiguous()
+    group = H // KH
+    block_n = block_n or _decode_block_n(q.device)
+    if partition_tokens is None:
+        # Host sync, as in the reference; needed to size the grid.
+        max_len = int(context_lens.max())
+        partition_tokens = _decode_partition_tokens(max_len, S, KH, _device_sms(q.device), block_n)
+    else:
+        max_len = int(context_lens.max()) if partition_tokens else 0
+    assert partition_tokens % block_n == 0
+    num_partitions = triton.cdiv(max_len, partition_tokens) if partition_tokens else 1
+    single = num_partitions <= 1
+
+    if single:
+        part_max = part_sum = part_out = out  # unused
+    else:
+        part_max = torch.empty((S, H, num_partitions), dtype=torch.float32, device=q.device)
+        part_sum = torch.empty_like(part_max)
+        part_out = torch.empty((S, H, num_partitions, D), dtype=torch.float32, device=q.device)
+
+    _decode_partition_kernel[(S, KH, num_partitions)](
+        q, k_cache, v_cache, block_tables, context_lens,
+        out, part_max, part_sum, part_out,
+        scale * _LOG2E, partition_tokens, num_partitions,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        GROUP=group, GROUP_PAD=max(16, _next_pow2(group)), HEAD_DIM=D,
+        BLOCK_SIZE=BS, BLOCK_N=block_n, SINGLE_PASS=single,
+        DOT_PRECISION=_dot_precision(q.dtype), DOT_UPCAST=_dot_upcast(q.device),
+        num_warps=4, num_stages=2)
+    if not single:
+        _decode_reduce_kernel[(S, H)](
+            out, part_max, part_sum, part_out, context_lens,
+            partition_tokens, num_partitions, out.stride(0), out.stride(1),
+            HEAD_DIM=D, PART_PAD=_next_pow2(num_partitions), BLOCK_P=16, num_warps=4)
+    return out
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, context_lens: torch.Tensor,
+                           scale: float) -> torch.Tensor:
+    """One query token per sequence. q: [S, H, D] -> [S, H, D].
+
+    The query is the last of each sequence's context_lens[s] tokens and sees all of them.
+    """
+    return _paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
+
+
+# --------------------------------------------------------------------------------------
+# Paged prefill attention (flash-attention over the paged context)
+# --------------------------------------------------------------------------------------
+
+@triton.jit
+def _prefill_inner(acc, m_i, l_i, q, q_pos, k_cache_ptr, v_cache_ptr, bt_row, ctx, kv_head,
+                   lo, hi, scale_log2,
+                   stride_kb, stride_ko, stride_kh, stride_vb, stride_vo, stride_vh,
+                   HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                   CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    offs_d = tl.arange(0, HEAD_DIM)
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        k = _load_kv_tile(k_cache_ptr, bt_row, offs_n, ctx, kv_head, offs_d,
+                          stride_kb, stride_ko, stride_kh, BLOCK_SIZE).to(q.dtype)
+        v = _load_kv_tile(v_cache_ptr, bt_row, offs_n, ctx, kv_head, offs_d,
+                          stride_vb, stride_vo, stride_vh, BLOCK_SIZE).to(q.dtype)
+        scores = _mma(q, tl.trans(k), DOT_PRECISION, DOT_UPCAST) * scale_log2
+        if CAUSAL:
+            visible = (offs_n[None, :] <= q_pos[:, None]) & (offs_n < ctx)[None, :]
+            scores = tl.where(visible, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, DOT_PRECISION, DOT_UPCAST)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _prefill_kernel(
+        q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, query_start_loc_ptr,
+        context_lens_ptr, scale_log2,
+        stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
+        stride_kb, stride_ko, stride_kh, stride_vb, stride_vo, stride_vh,
+        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        DOT_UPCAST: tl.constexpr):
+    s = tl.program_id(2)
+    head = tl.program_id(1)
+    q_start = tl.load(query_start_loc_ptr + s).to(tl.int32)
+    q_len = tl.load(query_start_loc_ptr + s + 1).to(tl.int32) - q_start
+    # The grid is sized for the longest query chunk in the batch; shorter ones exit here.
+    n_tiles = tl.cdiv(q_len, BLOCK_M)
+    if tl.program_id(0) >= n_tiles:
+        return
+    # Later tiles see more keys (causal), so hand them to the lowest program ids: the
+    # longest programs start first and the short ones fill in behind them.
+    tile = n_tiles - 1 - tl.program_id(0)
+    ctx = tl.load(context_lens_ptr + s)
+    kv_head = head // GROUP
+
+    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_mask = offs_m < q_len
+    q_rows = (q_start + offs_m).to(tl.int64)
+    q = tl.load(q_ptr + q_rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+                mask=row_mask[:, None], other=0.0)
+    # Query row i of this chunk is token ctx - q_len + i of the sequence (the chunk comes
+    # after an already-cached prefix) and sees keys 0..that position.
+    first_pos = ctx - q_len + tile * BLOCK_M
+    q_pos = first_pos + tl.arange(0, BLOCK_M)
+
+    bt_row = block_tables_ptr + s.to(tl.int64) * stride_bt
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    # Key tiles entirely at or before the tile's first query position are visible to all
+    # rows and need no mask (that is the whole cached prefix, usually most of the work);
+    # only the remaining tiles up to the tile's last position need the causal mask.
+    # Every row sees key 0 of the first tile it processes, so m_i is finite afterwards.
+    full_hi = ((first_pos + 1) // BLOCK_N) * BLOCK_N
+    causal_hi = tl.minimum(first_pos + BLOCK_M, ctx)
+    acc, m_i, l_i = _prefill_inner(acc, m_i, l_i, q, q_pos, k_cache_ptr, v_cache_ptr, bt_row,
+                                   ctx, kv_head, 0, full_hi, scale_log2,
+                                   stride_kb, stride_ko, stride_kh, stride_vb, stride_vo, stride_vh,
+                                   HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION, DOT_UPCAST)
+    acc, m_i, l_i = _prefill_inner(acc, m_i, l_i, q, q_pos, k_cache_ptr, v_cache_ptr, bt_row,
+                                   ctx, kv_head, full_hi, causal_hi, scale_log2,
+                                   stride_kb, stride_ko, stride_kh, stride_vb, stride_vo, stride_vh,
+                                   HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION, DOT_UPCAST)
+    out = acc / l_i[:, None]
+    tl.store(out_ptr + q_rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
+
+
+def _prefill_config(device: torch.device, dtype: torch.dtype, head_dim: int) -> dict:
+    if device.type != "cuda":
+        # Interpreter: small tiles keep the numpy emulation fast and exercise tiling.
+        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
+    if dtype == torch.float32:
+        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)
+    if head_dim <= 64:
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+
+
+def _paged_prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, context_lens,
+                             scale, config: dict | None = None):
+    T, H, D = q.shape
+    _, BS, KH, Dk = k_cache.shape
+    S = context_lens.shape[0]
+    assert Dk == D and H % KH == 0, "query heads must be a multiple of KV heads"
+    assert _is_pow2(D) and D >= 16, "head_dim must be a power of two >= 16"
+    assert _is_pow2(BS), "block_size must be a power of two"
+    assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    out = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
+    if T == 0 or S == 0:
+        return out
+    q = _last_dim_contiguous(q)
+    block_tables = block_tables.contiguous()
+    query_start_loc = query_start_loc.contiguous()
+    context_lens = context_lens.contiguous()
+    cfg = dict(config or _prefill_config(q.device, q.dtype, D))
+    # Host sync, as in the reference: the grid needs the longest query chunk.
+    max_q_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
+    if max_q_len <= 0:
+        return out
+    grid = (triton.cdiv(max_q_len, cfg["BLOCK_M"]), H, S)
+    _prefill_kernel[grid](
+        q, k_cache, v_cache, out, block_tables, query_start_loc, context_lens, scale * _LOG2E,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        GROUP=H // KH, HEAD_DIM=D, BLOCK_SIZE=BS, DOT_PRECISION=_dot_precision(q.dtype),
+        DOT_UPCAST=_dot_upcast(q.device), **cfg)
+    return out
+
+
+def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            block_tables: torch.Tensor, query_start_loc: torch.Tensor,
+                            context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention of each sequence's new query tokens over its whole paged context.
+
+    q: [T, H, D] with sequence s owning rows query_start_loc[s]:query_start_loc[s+1]; those
+    rows are the *last* q_len of its context_lens[s] tokens. The cache must already hold
+    this step's K/V.
+    """
+    return _paged_prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc,
+                                    context_lens, scale)

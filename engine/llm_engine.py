@@ -1,0 +1,274 @@
+"""The engine: requests in, one scheduled forward per step(), token outputs out.
+
+Knows nothing of Ray, gRPC or sockets; the offline LLM class and both worker pools
+drive it through add_request / step / abort (and the remote-prefill calls)."""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.block_manager import BlockManager, KVEvent
+from engine.config import EngineConfig
+from engine.errors import CapacityError, InvalidRequestError
+from engine.model import loader
+from engine.model_runner import ModelRunner
+from engine.sampler import sample
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+from engine.sequence import FinishReason, Sequence, SeqStatus
+from engine.tokenizer import IncrementalDetokenizer, Tokenizer, load_tokenizer
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64}
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    new_token_ids: list[int]
+    text_delta: str
+    finished: bool
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    num_output_tokens: int
+    new_logprobs: list[float] = field(default_factory=list)
+
+
+@dataclass
+class _TextState:
+    detok: IncrementalDetokenizer
+    text: str = ""      # decoded output so far (cut at a stop string)
+    emitted: int = 0    # chars of text already returned as deltas
+    searched: int = 0   # chars of text already searched for stop strings
+
+
+def resolve_device_dtype(device, dtype) -> tuple[torch.device, torch.dtype]:
+    device = torch.device(device) if device is not None else torch.device(
+        "cuda" if torch.cuda.is_available() else "cpu")
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    elif isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype: unknown {dtype!r}; one of {sorted(_DTYPES)}")
+        dtype = _DTYPES[dtype]
+    return device, dtype
+
+
+class LLMEngine:
+    def __init__(self, model: str = "smollm2", device=None, dtype=None,
+                 config: EngineConfig | None = None, **overrides):
+        cfg = config or EngineConfig()
+        for k, v in overrides.items():
+            if not hasattr(cfg, k):
+                raise TypeError(f"unknown engine option {k!r}")
+            setattr(cfg, k, v)
+        cfg.validate()
+        self.cfg = cfg
+        self.device, self.dtype = resolve_device_dtype(device, dtype)
+        source = loader.resolve(model)
+        if source.kind == "hf":
+            self.model_config = loader.hf_config(source.path)
+            self.tokenizer = load_tokenizer("hf", source.path)
+        elif source.kind == "gguf":
+            self.model_config = loader.gguf_config(loader.open_gguf(source.path))
+            self.tokenizer = load_tokenizer("gguf", source.path)
+        else:
+            self.model_config = loader.random_config(source.path)
+            self.tokenizer = _default_tokenizer_or_none()
+        mc = self.model_config
+        self.model_name = source.name
+        self.max_model_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        self.runner = ModelRunner(source, mc, cfg, self.device, self.dtype, self.max_model_len)
+        self.blocks = BlockManager(self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
+        self.scheduler = Scheduler(cfg, self.blocks)
+        eos = set(mc.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None and source.kind != "random":
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_token_ids = eos
+        self._seqs: dict[str, Sequence] = {}
+        self._text: dict[str, _TextState] = {}
+        self._arrivals = itertools.count()
+
+    # ---- requests -----------------------------------------------------------------------------
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt", "must not be empty")
+            if self.tokenizer is None:
+                raise InvalidRequestError("prompt", "this model has no tokenizer; pass token ids")
+            return self.tokenizer.encode(prompt)
+        return list(prompt)
+
+    def _validate_prompt(self, ids: list[int], params: SamplingParams) -> None:
+        if not ids:
+            raise InvalidRequestError("prompt", "must not be empty")
+        V = self.model_config.vocab_size
+        for t in ids:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < V:
+                raise InvalidRequestError("prompt_token_ids", f"token ids must be integers in [0, {V}), got {t!r}")
+        if len(ids) >= self.max_model_len:
+            raise InvalidRequestError(
+                "prompt", f"{len(ids)} tokens; the model's context is {self.max_model_len} tokens "
+                          "and at least one must be left to generate")
+        params.validate(V)
+        # A sequence that could never fit in the whole KV pool would preempt itself forever.
+        longest = min(len(ids) + params.max_tokens, self.max_model_len)
+        need = self.blocks.blocks_for(longest)
+        if need > self.blocks.num_blocks:
+            raise CapacityError(f"max_tokens: prompt + max_tokens needs {need} KV blocks; "
+                                f"this worker has {self.blocks.num_blocks}")
+
+    def _new_sequence(self, request_id: str, prompt, params: SamplingParams | None,
+                      prefill_only: bool, cache_salt: bytes) -> Sequence:
+        if not isinstance(request_id, str) or not request_id:
+            raise InvalidRequestError("request_id", "must be a non-empty string")
+        if request_id in self._seqs:
+            raise InvalidRequestError("request_id", f"{request_id!r} is already in flight")
+        params = params or SamplingParams()
+        ids = self.tokenize(prompt)
+        self._validate_prompt(ids, params)
+        gen = None
+        if params.seed is not None:
+            gen = torch.Generator(device=self.device).manual_seed(params.seed)
+        seq = Sequence(request_id, ids, len(ids), params, arrival=next(self._arrivals),
+                       prefill_only=prefill_only, cache_salt=cache_salt, generator=gen)
+        if self.tokenizer is not None and not prefill_only:
+            self._text[request_id] = _TextState(IncrementalDetokenizer(self.tokenizer))
+        self._seqs[request_id] = seq
+        return seq
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                    *, prefill_only: bool = False, cache_salt: bytes = b"") -> Sequence:
+        """Queue a request. Raises InvalidRequestError / CapacityError before allocating."""
+        seq = self._new_sequence(request_id, prompt, params, prefill_only, cache_salt)
+        self.scheduler.add(seq)
+        return seq
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request wherever it is and free its blocks. False if unknown."""
+        seq = self._seqs.pop(request_id, None)
+        self._text.pop(request_id, None)
+        if seq is None:
+            return self.scheduler.release_held(request_id)
+        if not seq.is_finished:
+            self.scheduler.finish(seq, FinishReason.ABORT)
+        else:
+            self.scheduler.release_held(request_id)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- the step -------------------------------------------------------------------------------
+    def step(self, on_layer_done=None) -> list[RequestOutput]:
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            return []
+        logits = self.runner.execute(scheduled, on_layer_done)
+        sampling = [s for s in scheduled if s.samples]
+        tokens, logprobs = ([], None)
+        if sampling:
+            tokens, logprobs = sample(logits, [s.seq.params for s in sampling],
+                                      [s.seq.generator for s in sampling])
+        for s in scheduled:
+            s.seq.num_computed_tokens += s.num_new_tokens
+            self.scheduler.commit_full_blocks(s.seq)
+        outputs = []
+        for i, s in enumerate(sampling):
+            outputs.append(self._append_token(s.seq, tokens[i], logprobs[i] if logprobs else None))
+        return outputs
+
+    def _append_token(self, seq: Sequence, token: int, logprob: float | None) -> RequestOutput:
+        seq.token_ids.append(token)
+        if logprob is not None and seq.params.logprobs:
+            seq.logprobs.append(logprob)
+        p = seq.params
+        reason = None
+        if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            reason = FinishReason.STOP
+        elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            reason = FinishReason.LENGTH
+        elif seq.prefill_only:
+            reason = FinishReason.LENGTH
+        delta = ""
+        ts = self._text.get(seq.seq_id)
+        if ts is not None:
+            ts.text += ts.detok.step(seq.output_token_ids)
+            if p.stop and self._truncate_at_stop(ts, p.stop):
+                reason = FinishReason.STOP
+            # With stop strings, hold back a tail that could still turn into one, so no
+            # streamed text ever has to be taken back.
+            hold = 0 if reason is not None or not p.stop else max(map(len, p.stop)) - 1
+            upto = max(ts.emitted, len(ts.text) - hold)
+            delta, ts.emitted = ts.text[ts.emitted:upto], upto
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            if not seq.prefill_only:
+                self._seqs.pop(seq.seq_id, None)
+                self._text.pop(seq.seq_id, None)
+        return RequestOutput(seq.seq_id, [token], delta, reason is not None,
+                             reason.value if reason else None, seq.num_prompt_tokens,
+                             seq.num_cached_tokens, seq.num_output_tokens,
+                             [logprob] if (logprob is not None and p.logprobs) else [])
+
+    @staticmethod
+    def _truncate_at_stop(ts: "_TextState", stops: list[str]) -> bool:
+        """Cut the text at the earliest stop string (which is not part of the output).
+        Only the part that could hold a new match is searched."""
+        start = max(0, ts.searched - max(map(len, stops)) + 1)
+        hits = [i for i in (ts.text.find(s, start) for s in stops) if i != -1]
+        ts.searched = len(ts.text)
+        if not hits:
+            return False
+        ts.text = ts.text[:min(hits)]
+        return True
+
+    # ---- disaggregation -------------------------------------------------------------------------------
+    def add_remote_prefill(self, request_id: str, prompt: str | list[int],
+                           params: SamplingParams | None = None, cache_salt: bytes = b"") -> Sequence | None:
+        """Decode pool: reserve blocks for a prompt whose KV will be written from elsewhere.
+        Returns the sequence (its block_table and num_computed_tokens say which blocks the
+        sender must fill), or None if the blocks are not available now."""
+        seq = self._new_sequence(request_id, prompt, params, False, cache_salt)
+        if not self.scheduler.reserve_for_remote(seq):
+            del self._seqs[request_id]
+            self._text.pop(request_id, None)
+            return None
+        return seq
+
+    def remote_kv_landed(self, request_id: str, first_token: int) -> RequestOutput:
+        seq = self.scheduler.remote_kv_landed(request_id)
+        return self._append_token(seq, first_token, None)
+
+    def remote_kv_failed(self, request_id: str) -> None:
+        self.scheduler.remote_kv_failed(request_id)
+
+    def release(self, request_id: str) -> bool:
+        """Prefill pool: the KV of a finished prefill-only request has been shipped."""
+        self._seqs.pop(request_id, None)
+        return self.scheduler.release_held(request_id)
+
+    # ---- introspection --------------------------------------------------------------------------------
+    def take_kv_events(self) -> list[KVEvent]:
+        return self.blocks.take_events()
+
+    def num_free_blocks(self) -> int:
+        return self.blocks.num_free_blocks
+
+    def stats(self) -> dict:
+        return dict(num_blocks=self.blocks.num_blocks, num_free_blocks=self.blocks.num_free_blocks,
+                    num_cached_blocks=self.blocks.num_cached_blocks, num_running=len(self.scheduler.running),
+                    num_waiting=len(self.scheduler.waiting), num_awaiting_kv=len(self.scheduler.awaiting_kv),
+                    num_preemptions=self.scheduler.num_preemptions)
+
+
+def _default_tokenizer_or_none() -> Tokenizer | None:
+    """Random-weight models borrow SmolLM2's tokenizer (all its ids are in range for every
+    named shape) when it is installed, so text prompts work in benchmarks."""
+    try:
+        return load_tokenizer("gguf", loader.smollm2_gguf_path())
+    except Exception:
+        return None

@@ -1,0 +1,184 @@
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2) over flattened, paged batches.
+
+The forward pass sees one flat stream of tokens from many sequences (no padding). Each
+layer writes its new K/V into the paged cache and attends through the block tables, so
+the same code runs prefill chunks, prefix-cache hits and decode steps. q/k/v and
+gate/up are fused into single matmuls at load time.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.config import ModelConfig
+from engine.model.rope import build_cos_sin_cache
+
+
+@dataclass
+class ForwardBatch:
+    """What one forward needs besides the tokens. Decode sequences come first in the
+    token stream (one token each), prefill chunks after them."""
+    positions: torch.Tensor                  # [T] int64
+    slot_mapping: torch.Tensor               # [T] int64
+    num_decodes: int
+    decode_block_tables: torch.Tensor | None  # [num_decodes, max_blocks] int32
+    decode_context_lens: torch.Tensor | None  # [num_decodes] int32
+    prefill_block_tables: torch.Tensor | None
+    prefill_query_start_loc: torch.Tensor | None  # [P+1], offsets within the prefill tokens
+    prefill_context_lens: torch.Tensor | None
+    kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    # Called after each layer has written its KV (the prefill pool ships KV layer by layer).
+    on_layer_done: Callable[[int], None] | None = None
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, ops):
+        super().__init__()
+        self.ops = ops
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_size = cfg.num_heads * cfg.head_dim
+        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        self.scale = cfg.head_dim ** -0.5
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, kv: tuple[torch.Tensor, torch.Tensor],
+                cos_sin: torch.Tensor) -> torch.Tensor:
+        T = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(T, self.num_heads, self.head_dim)
+        k = k.view(T, self.num_kv_heads, self.head_dim)
+        v = v.view(T, self.num_kv_heads, self.head_dim)
+        q, k = self.ops.rotary_embedding(q, k, batch.positions, cos_sin)
+        k_cache, v_cache = kv
+        self.ops.write_kv(k, v, k_cache, v_cache, batch.slot_mapping)
+        nd = batch.num_decodes
+        if nd == T:
+            out = self.ops.paged_decode_attention(q, k_cache, v_cache, batch.decode_block_tables,
+                                                  batch.decode_context_lens, self.scale)
+        elif nd == 0:
+            out = self.ops.paged_prefill_attention(q, k_cache, v_cache, batch.prefill_block_tables,
+                                                   batch.prefill_query_start_loc,
+                                                   batch.prefill_context_lens, self.scale)
+        else:
+            out = torch.empty_like(q)
+            out[:nd] = self.ops.paged_decode_attention(q[:nd], k_cache, v_cache, batch.decode_block_tables,
+                                                       batch.decode_context_lens, self.scale)
+            out[nd:] = self.ops.paged_prefill_attention(q[nd:], k_cache, v_cache, batch.prefill_block_tables,
+                                                        batch.prefill_query_start_loc,
+                                                        batch.prefill_context_lens, self.scale)
+        return self.o_proj(out.reshape(T, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, ops):
+        super().__init__()
+        self.ops = ops
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, ops):
+        super().__init__()
+        self.ops = ops
+        self.eps = cfg.rms_norm_eps
+        self.self_attn = Attention(cfg, ops)
+        self.mlp = MLP(cfg, ops)
+        self.input_layernorm = nn.Parameter(torch.ones(cfg.hidden_size))
+        self.post_attention_layernorm = nn.Parameter(torch.ones(cfg.hidden_size))
+
+    def forward(self, x, residual, batch, kv, cos_sin):
+        if residual is None:
+            residual = x
+            h = self.ops.rms_norm(x, self.input_layernorm, self.eps)
+        else:
+            h, residual = self.ops.add_rms_norm(x, residual, self.input_layernorm, self.eps)
+        h = self.self_attn(h, batch, kv, cos_sin)
+        h, residual = self.ops.add_rms_norm(h, residual, self.post_attention_layernorm, self.eps)
+        return self.mlp(h), residual
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, ops):
+        super().__init__()
+        self.cfg, self.ops = cfg, ops
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, ops) for _ in range(cfg.num_layers))
+        self.norm = nn.Parameter(torch.ones(cfg.hidden_size))
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.cos_sin_cache: torch.Tensor | None = None  # set by init_rope() once on its device
+
+    def init_rope(self, max_positions: int, device: torch.device) -> None:
+        cfg = self.cfg
+        self.cos_sin_cache = build_cos_sin_cache(cfg.head_dim, max_positions, cfg.rope_theta,
+                                                 cfg.rope_scaling).to(device)
+
+    def forward(self, input_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """input_ids [T] -> final hidden states [T, hidden]."""
+        x = self.embed_tokens(input_ids)
+        residual = None
+        for i, layer in enumerate(self.layers):
+            x, residual = layer(x, residual, batch, batch.kv_caches[i], self.cos_sin_cache)
+            if batch.on_layer_done is not None:
+                batch.on_layer_done(i)
+        x, _ = self.ops.add_rms_norm(x, residual, self.norm, self.cfg.rms_norm_eps)
+        return x
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, w).float()
+
+    # ---- weights -------------------------------------------------------------------
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy HF-named tensors into the fused parameters. Every parameter must be set once."""
+        params = dict(self.named_parameters())
+        q, kv = self.layers[0].self_attn.q_size, self.layers[0].self_attn.kv_size
+        inter = self.cfg.intermediate_size
+        # HF name suffix -> (our suffix, row offset into the fused tensor)
+        fused = {
+            "self_attn.q_proj": ("self_attn.qkv_proj", 0),
+            "self_attn.k_proj": ("self_attn.qkv_proj", q),
+            "self_attn.v_proj": ("self_attn.qkv_proj", q + kv),
+            "mlp.gate_proj": ("mlp.gate_up_proj", 0),
+            "mlp.up_proj": ("mlp.gate_up_proj", inter),
+        }
+        rows_loaded: dict[str, int] = {}
+        for name, tensor in weights:
+            if name.endswith("rotary_emb.inv_freq"):
+                continue
+            ours = name.removeprefix("model.")
+            if ours.endswith("layernorm.weight") or ours == "norm.weight":
+                ours = ours.removesuffix(".weight")
+            offset = None
+            for hf, (mine, off) in fused.items():
+                if f".{hf}." in ours:
+                    ours, offset = ours.replace(hf, mine), off
+                    break
+            if ours == "lm_head.weight" and self.lm_head is None:
+                continue  # tied: some checkpoints store the copy anyway
+            if ours not in params:
+                raise ValueError(f"checkpoint tensor {name!r} has no place in the model")
+            p = params[ours]
+            with torch.no_grad():
+                if offset is None:
+                    if p.shape != tensor.shape:
+                        raise ValueError(f"{name}: shape {tuple(tensor.shape)} != expected {tuple(p.shape)}")
+                    p.copy_(tensor)
+                    rows_loaded[ours] = p.shape[0]
+                else:
+                    n = tensor.shape[0]
+                    if offset + n > p.shape[0] or tensor.shape[1:] != p.shape[1:]:
+                        raise ValueError(f"{name}: shape {tuple(tensor.shape)} does not fit {ours}")
+                    p[offset:offset + n].copy_(tensor)
+                    rows_loaded[ours] = rows_loaded.get(ours, 0) + n
+        missing = [n for n, p in params.items() if rows_loaded.get(n, 0) != p.shape[0]]
+        if missing:
+            raise ValueError(f"checkpoint is missing tensors for: {missing[:5]}{' ...' if len(missing) > 5 else ''}")

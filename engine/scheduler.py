@@ -1,0 +1,211 @@
+"""Continuous batching: each step packs running decodes and (chunks of) prefills under a
+token budget, admits waiting sequences with prefix-cache hits, and preempts by recompute
+when KV blocks run out. Also hosts the two disaggregation modes: sequences whose KV is
+sent from elsewhere (decode pool) and prefill-only sequences (prefill pool)."""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from engine.block_manager import ROOT_HASH, BlockManager, hash_prefix_blocks
+from engine.config import EngineConfig
+from engine.sequence import FinishReason, Sequence, SeqStatus
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_new_tokens: int    # tokens computed for it this step (1 for a decode)
+
+    @property
+    def samples(self) -> bool:
+        """The step reaches the end of the sequence's tokens, so its last logits are sampled."""
+        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+
+
+class Scheduler:
+    def __init__(self, cfg: EngineConfig, blocks: BlockManager):
+        self.cfg, self.blocks = cfg, blocks
+        self.bs = blocks.block_size
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.awaiting_kv: dict[str, Sequence] = {}
+        self.held: dict[str, Sequence] = {}   # finished prefill-only seqs whose KV is still needed
+        self.num_preemptions = 0
+
+    # ---- queue management ------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def find(self, seq_id: str) -> Sequence | None:
+        for s in self.running:
+            if s.seq_id == seq_id:
+                return s
+        for s in self.waiting:
+            if s.seq_id == seq_id:
+                return s
+        return self.awaiting_kv.get(seq_id) or self.held.get(seq_id)
+
+    def _free_blocks(self, seq: Sequence) -> None:
+        self.blocks.release(list(reversed(seq.block_table)))
+        seq.block_table = []
+        seq.block_hashes = []
+
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        """Remove from whichever queue holds it; free its blocks unless a prefill-only
+        sequence finished normally (its KV must outlive it until released)."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq.status == SeqStatus.WAITING and seq in self.waiting:
+            self.waiting.remove(seq)
+        self.awaiting_kv.pop(seq.seq_id, None)
+        seq.status, seq.finish_reason = SeqStatus.FINISHED, reason
+        if seq.prefill_only and reason != FinishReason.ABORT:
+            self.held[seq.seq_id] = seq
+        else:
+            self.held.pop(seq.seq_id, None)
+            self._free_blocks(seq)
+
+    def release_held(self, seq_id: str) -> bool:
+        seq = self.held.pop(seq_id, None)
+        if seq is None:
+            return False
+        self._free_blocks(seq)
+        return True
+
+    # ---- prefix cache -------------------------------------------------------------------------
+    def _admit_prefix(self, seq: Sequence) -> int:
+        """On first admission: take the longest cached prefix. At least one token is always
+        left to compute (its logits give the next token), so a full hit gives back its last
+        block rather than writing into a shared one."""
+        if not self.cfg.enable_prefix_caching:
+            return 0
+        hashes = hash_prefix_blocks(seq.token_ids, self.bs, seq.cache_salt)
+        hits = self.blocks.match_prefix(hashes)
+        if hits and len(hits) * self.bs >= seq.num_tokens:
+            hits = hits[:-1]
+        self.blocks.acquire(hits)
+        seq.block_table = list(hits)
+        seq.block_hashes = hashes[:len(hits)]
+        seq.num_computed_tokens = len(hits) * self.bs
+        return len(hits)
+
+    def commit_full_blocks(self, seq: Sequence) -> None:
+        """Register blocks that became full of computed tokens with the prefix cache."""
+        if not self.cfg.enable_prefix_caching:
+            return
+        n_full = seq.num_computed_tokens // self.bs
+        start = len(seq.block_hashes)
+        if n_full <= start:
+            return
+        parent = seq.block_hashes[-1] if seq.block_hashes else ROOT_HASH
+        new = hash_prefix_blocks(seq.token_ids[:n_full * self.bs], self.bs, seq.cache_salt,
+                                 start=start, parent=parent)
+        for i, h in enumerate(new):
+            self.blocks.register(seq.block_table[start + i], h, None if parent == ROOT_HASH else parent)
+            parent = h
+        seq.block_hashes.extend(new)
+
+    # ---- block growth and preemption ------------------------------------------------------------
+    def _grow(self, seq: Sequence, num_tokens: int) -> bool:
+        need = self.blocks.blocks_for(num_tokens) - len(seq.block_table)
+        if need <= 0:
+            return True
+        new = self.blocks.allocate(need)
+        if new is None:
+            return False
+        seq.block_table.extend(new)
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Recompute-style preemption: drop its KV; it re-queues at the front and will
+        re-prefill prompt + generated tokens (much of it likely from the prefix cache)."""
+        self.running.remove(seq)
+        self._free_blocks(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SeqStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    # ---- the step -----------------------------------------------------------------------------
+    def schedule(self) -> list[ScheduledSeq]:
+        budget = self.cfg.max_num_batched_tokens
+        out: list[ScheduledSeq] = []
+        preempted = False
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self._grow(seq, seq.num_computed_tokens + n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            if seq.status != SeqStatus.RUNNING:
+                break
+            out.append(ScheduledSeq(seq, n))
+            budget -= n
+            i += 1
+
+        # Admitting new work right after a preemption would only thrash.
+        while self.waiting and budget > 0 and not preempted and len(self.running) < self.cfg.max_num_seqs:
+            seq = self.waiting[0]
+            fresh = not seq.block_table
+            if fresh:
+                hits = self._admit_prefix(seq)
+                if seq.num_preemptions == 0:
+                    seq.num_cached_tokens = hits * self.bs
+            remaining = seq.num_tokens - seq.num_computed_tokens
+            n = min(remaining, budget)
+            if (n < remaining and not self.cfg.enable_chunked_prefill) or \
+                    not self._grow(seq, seq.num_computed_tokens + n):
+                if fresh:  # give the prefix hit back; try again next step
+                    self._free_blocks(seq)
+                    seq.num_computed_tokens = 0
+                break
+            self.waiting.popleft()
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            out.append(ScheduledSeq(seq, n))
+            budget -= n
+        return out
+
+    # ---- disaggregation ---------------------------------------------------------------------------
+    def reserve_for_remote(self, seq: Sequence) -> bool:
+        """Decode pool: reserve blocks for a prompt whose KV a prefill worker will send.
+        The cached prefix is reused; the rest of the blocks must be written by the sender."""
+        hits = self._admit_prefix(seq)
+        seq.num_cached_tokens = hits * self.bs
+        if not self._grow(seq, seq.num_tokens):
+            self._free_blocks(seq)
+            seq.num_computed_tokens = 0
+            return False
+        seq.status = SeqStatus.WAITING_FOR_KV
+        self.awaiting_kv[seq.seq_id] = seq
+        return True
+
+    def remote_kv_landed(self, seq_id: str) -> Sequence:
+        """All prompt KV is in the reserved blocks: the sequence joins the running batch
+        (the caller appends the prefill worker's first token)."""
+        seq = self.awaiting_kv.pop(seq_id)
+        seq.num_computed_tokens = seq.num_tokens
+        self.commit_full_blocks(seq)
+        seq.status = SeqStatus.RUNNING
+        self.running.append(seq)
+        return seq
+
+    def remote_kv_failed(self, seq_id: str) -> Sequence:
+        """The transfer failed or timed out: drop whatever landed (never registered in the
+        prefix cache, so nothing stale is shared) and prefill in place instead."""
+        seq = self.awaiting_kv.pop(seq_id)
+        self._free_blocks(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SeqStatus.WAITING
+        self.waiting.appendleft(seq)
+        return seq

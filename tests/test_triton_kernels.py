@@ -1,0 +1,285 @@
+"""Triton kernels (engine/kernels/triton_ops.py) against the torch reference.
+
+Without CUDA the kernels run in Triton's interpreter on CPU tensors (TRITON_INTERPRET=1,
+which must be set before the kernels are defined), so shapes here are kept small. The
+`gpu`-marked class adds production-sized shapes and is skipped when CUDA is absent.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+from engine.kernels import reference as ref  # noqa: E402
+from engine.kernels import triton_ops as tri  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+DTYPES = [torch.float32, torch.bfloat16]
+TOL = {
+    torch.float32: dict(atol=1e-5, rtol=1e-4),
+    torch.float16: dict(atol=2e-3, rtol=2e-3),
+    torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
+}
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _randn(*shape, dtype=torch.float32, seed=0, scale=1.0):
+    return (torch.randn(*shape, generator=_gen(seed)) * scale).to(device=DEVICE, dtype=dtype)
+
+
+def _close(actual, expected, dtype):
+    torch.testing.assert_close(actual.float(), expected.float(), **TOL[dtype])
+
+
+def _paged_kv(ctx_lens, kv_heads, head_dim, block_size, dtype, seed=0, spare_blocks=3):
+    """Random K/V caches plus block tables that hand out physical blocks in shuffled order.
+
+    Spare blocks (never referenced) and the table padding (block 0) hold random data too,
+    so a kernel that reads past a context or through padding gets the wrong answer.
+    """
+    blocks = [-(-n // block_size) for n in ctx_lens]
+    num_blocks = sum(blocks) + spare_blocks
+    perm = torch.randperm(num_blocks, generator=_gen(seed + 1)).tolist()
+    tables = torch.zeros(len(ctx_lens), max(blocks) + 1, dtype=torch.int32)
+    used = 0
+    for s, nb in enumerate(blocks):
+        tables[s, :nb] = torch.tensor(perm[used:used + nb], dtype=torch.int32)
+        used += nb
+    shape = (num_blocks, block_size, kv_heads, head_dim)
+    k_cache = _randn(*shape, dtype=dtype, seed=seed + 2)
+    v_cache = _randn(*shape, dtype=dtype, seed=seed + 3)
+    lens = torch.tensor(ctx_lens, dtype=torch.int32, device=DEVICE)
+    return k_cache, v_cache, tables.to(DEVICE), lens
+
+
+# --------------------------------------------------------------------------------------
+# elementwise / norm ops
+# --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(5, 64), (2, 3, 100), (1, 2048)])
+def test_rms_norm(shape, dtype):
+    x = _randn(*shape, dtype=dtype, seed=1)
+    w = _randn(shape[-1], dtype=dtype, seed=2)
+    _close(tri.rms_norm(x, w, 1e-6), ref.rms_norm(x, w, 1e-6), dtype)
+
+
+def test_rms_norm_fp32_weight_promotes_like_reference():
+    x = _randn(4, 96, dtype=torch.bfloat16, seed=1)
+    w = _randn(96, seed=2)
+    out, expected = tri.rms_norm(x, w, 1e-5), ref.rms_norm(x, w, 1e-5)
+    assert out.dtype == expected.dtype == torch.float32
+    _close(out, expected, torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(6, 64), (3, 200)])
+def test_add_rms_norm(shape, dtype):
+    x = _randn(*shape, dtype=dtype, seed=1)
+    res = _randn(*shape, dtype=dtype, seed=2)
+    w = _randn(shape[-1], dtype=dtype, seed=3)
+    x_before, res_before = x.clone(), res.clone()
+    out, new_res = tri.add_rms_norm(x, res, w, 1e-6)
+    exp_out, exp_res = ref.add_rms_norm(x, res, w, 1e-6)
+    _close(new_res, exp_res, dtype)
+    _close(out, exp_out, dtype)
+    assert torch.equal(x, x_before) and torch.equal(res, res_before)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(7, 2 * 48), (3, 2 * 1500), (2, 2, 2 * 32)])
+def test_silu_and_mul(shape, dtype):
+    x = _randn(*shape, dtype=dtype, seed=4, scale=3.0)
+    _close(tri.silu_and_mul(x), ref.silu_and_mul(x), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,H,KH,D", [(7, 4, 4, 32), (5, 8, 2, 64), (3, 20, 4, 128)])
+def test_rotary_embedding(T, H, KH, D, dtype):
+    max_pos = 64
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2, dtype=torch.float64) / D))
+    freqs = torch.outer(torch.arange(max_pos, dtype=torch.float64), inv_freq)
+    cos_sin = torch.cat([freqs.cos(), freqs.sin()], dim=-1).float().to(DEVICE)
+    # q and k as strided views of one fused projection, as the model produces them.
+    qkv = _randn(T, (H + 2 * KH) * D, dtype=dtype, seed=5)
+    q = qkv[:, :H * D].view(T, H, D)
+    k = qkv[:, H * D:(H + KH) * D].view(T, KH, D)
+    positions = torch.randint(0, max_pos, (T,), generator=_gen(6)).to(DEVICE)
+    qkv_before = qkv.clone()
+    q_out, k_out = tri.rotary_embedding(q, k, positions, cos_sin)
+    q_exp, k_exp = ref.rotary_embedding(q, k, positions, cos_sin)
+    _close(q_out, q_exp, dtype)
+    _close(k_out, k_exp, dtype)
+    assert torch.equal(qkv, qkv_before)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_size,KH,D", [(16, 2, 32), (8, 3, 64)])
+def test_write_kv(block_size, KH, D, dtype):
+    T, num_blocks = 12, 6
+    kv = _randn(T, 2 * KH * D, dtype=dtype, seed=7)
+    k = kv[:, :KH * D].view(T, KH, D)  # non-contiguous token stride
+    v = kv[:, KH * D:].view(T, KH, D)
+    slots = torch.randperm(num_blocks * block_size, generator=_gen(8))[:T]
+    slots[[2, 5, 11]] = -1
+    slots = slots.to(DEVICE)
+    k_cache = _randn(num_blocks, block_size, KH, D, dtype=dtype, seed=9)
+    v_cache = _randn(num_blocks, block_size, KH, D, dtype=dtype, seed=10)
+    k_exp, v_exp = k_cache.clone(), v_cache.clone()
+    ref.write_kv(k, v, k_exp, v_exp, slots)
+    tri.write_kv(k, v, k_cache, v_cache, slots)
+    assert torch.equal(k_cache, k_exp)
+    assert torch.equal(v_cache, v_exp)
+
+
+def test_write_kv_all_skipped():
+    k_cache = _randn(2, 16, 2, 32, seed=1)
+    before = k_cache.clone()
+    k = _randn(3, 2, 32, seed=2)
+    tri.write_kv(k, k, k_cache, k_cache, torch.full((3,), -1, dtype=torch.int64, device=DEVICE))
+    assert torch.equal(k_cache, before)
+
+
+# --------------------------------------------------------------------------------------
+# paged decode attention
+# --------------------------------------------------------------------------------------
+
+DECODE_CASES = [
+    # H, KH, D, block_size, context lens, forced partition tokens (None = heuristic)
+    pytest.param(4, 4, 32, 16, [1, 17, 45], None, id="mha-single-pass"),
+    pytest.param(8, 2, 32, 16, [5, 33, 80], 16, id="gqa4-split16"),
+    pytest.param(6, 2, 32, 32, [80, 3, 64, 47], 32, id="gqa3-bs32-split32"),
+    pytest.param(8, 1, 64, 8, [70, 16], 32, id="mqa-bs8-split32"),
+    pytest.param(4, 2, 128, 16, [37, 80], 48, id="gqa2-d128-split48"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("H,KH,D,block_size,ctx_lens,partition", DECODE_CASES)
+def test_paged_decode_attention(H, KH, D, block_size, ctx_lens, partition, dtype):
+    S = len(ctx_lens)
+    k_cache, v_cache, tables, lens = _paged_kv(ctx_lens, KH, D, block_size, dtype, seed=S + H)
+    q = _randn(S, H, D, dtype=dtype, seed=11)
+    scale = D ** -0.5
+    expected = ref.paged_decode_attention(q, k_cache, v_cache, tables, lens, scale)
+    if partition is None:
+        out = tri.paged_decode_attention(q, k_cache, v_cache, tables, lens, scale)
+    else:
+        assert max(ctx_lens) > partition  # the case must really split
+        out = tri._paged_decode_attention(q, k_cache, v_cache, tables, lens, scale,
+                                          partition_tokens=partition)
+    _close(out, expected, dtype)
+
+
+def test_decode_partition_heuristic():
+    f = tri._decode_partition_tokens
+    # Small batch, long context: split, partitions tile-aligned and not too short.
+    tokens = f(4096, 8, 8, 132, 64)
+    assert tokens > 0 and tokens % 64 == 0 and tokens >= tri._DECODE_MIN_PARTITION_TOKENS
+    assert -(-4096 // tokens) > 1
+    # Single sequence gets more partitions than a batch of eight.
+    assert f(4096, 1, 8, 132, 64) < tokens
+    # Big batch fills the GPU without splitting; short contexts are never split.
+    assert f(4096, 256, 8, 132, 64) == 0
+    assert f(200, 1, 1, 132, 64) == 0
+
+
+# --------------------------------------------------------------------------------------
+# paged prefill attention
+# --------------------------------------------------------------------------------------
+
+PREFILL_CASES = [
+    # H, KH, D, block_size, query lens, context lens
+    pytest.param(4, 4, 32, 16, [20, 7, 33], [20, 7, 33], id="mha-full-prefill"),
+    pytest.param(8, 2, 32, 16, [16, 5, 30], [40, 70, 30], id="gqa4-chunked"),
+    pytest.param(6, 2, 64, 8, [0, 12, 1, 17], [10, 50, 77, 17], id="gqa3-bs8-mixed"),
+    pytest.param(4, 1, 32, 32, [35, 9], [80, 9], id="mqa-bs32"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("H,KH,D,block_size,q_lens,ctx_lens", PREFILL_CASES)
+def test_paged_prefill_attention(H, KH, D, block_size, q_lens, ctx_lens, dtype):
+    k_cache, v_cache, tables, lens = _paged_kv(ctx_lens, KH, D, block_size, dtype, seed=H + KH)
+    qsl = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0).to(torch.int32).to(DEVICE)
+    q = _randn(sum(q_lens), H, D, dtype=dtype, seed=12)
+    scale = D ** -0.5
+    expected = ref.paged_prefill_attention(q, k_cache, v_cache, tables, qsl, lens, scale)
+    out = tri.paged_prefill_attention(q, k_cache, v_cache, tables, qsl, lens, scale)
+    _close(out, expected, dtype)
+
+
+def test_chunked_prefill_then_decode_roundtrip():
+    """write_kv + prefill in two chunks + one decode step, all through the Triton ops."""
+    H, KH, D, BS, n = 4, 2, 32, 16, 37
+    k_cache, v_cache, tables, _ = _paged_kv([n + 1], KH, D, BS, torch.float32, seed=21)
+    ks, vs, qs = (_randn(n + 1, h, D, seed=30 + i) for i, h in enumerate((KH, KH, H)))
+    table = tables[0].long()
+    slots = (table[torch.arange(n + 1, device=DEVICE) // BS] * BS
+             + torch.arange(n + 1, device=DEVICE) % BS)
+    scale = D ** -0.5
+    outs = []
+    for lo, hi in ((0, 21), (21, n)):
+        tri.write_kv(ks[lo:hi], vs[lo:hi], k_cache, v_cache, slots[lo:hi])
+        qsl = torch.tensor([0, hi - lo], dtype=torch.int32, device=DEVICE)
+        lens = torch.tensor([hi], dtype=torch.int32, device=DEVICE)
+        outs.append(tri.paged_prefill_attention(qs[lo:hi], k_cache, v_cache, tables, qsl, lens,
+                                                scale))
+    tri.write_kv(ks[n:], vs[n:], k_cache, v_cache, slots[n:])
+    lens = torch.tensor([n + 1], dtype=torch.int32, device=DEVICE)
+    outs.append(tri._paged_decode_attention(qs[n:], k_cache, v_cache, tables, lens, scale,
+                                            partition_tokens=16))
+    out = torch.cat(outs)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        qs.transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1), is_causal=True,
+        scale=scale, enable_gqa=True).transpose(0, 1)
+    _close(out, expected, torch.float32)
+
+
+# --------------------------------------------------------------------------------------
+# production shapes, GPU only
+# --------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+class TestLargeShapesGPU:
+    H, KH, D, BS = 32, 8, 128, 16
+
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+    def test_decode_long_context_batch8(self, dtype):
+        ctx_lens = [4096, 4095, 3001, 2048, 1500, 513, 17, 1]
+        k_cache, v_cache, tables, lens = _paged_kv(ctx_lens, self.KH, self.D, self.BS, dtype,
+                                                   seed=40)
+        sms = torch.cuda.get_device_properties(DEVICE).multi_processor_count
+        tokens = tri._decode_partition_tokens(4096, 8, self.KH, sms, tri._decode_block_n(DEVICE))
+        assert tokens > 0 and -(-4096 // tokens) > 1, "heuristic should split this batch"
+        q = _randn(8, self.H, self.D, dtype=dtype, seed=41)
+        scale = self.D ** -0.5
+        out = tri.paged_decode_attention(q, k_cache, v_cache, tables, lens, scale)
+        expected = ref.paged_decode_attention(q, k_cache, v_cache, tables, lens, scale)
+        _close(out, expected, dtype)
+        single = tri._paged_decode_attention(q, k_cache, v_cache, tables, lens, scale,
+                                             partition_tokens=0)
+        _close(single, expected, dtype)
+
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+    def test_prefill_2048_after_1024_prefix(self, dtype):
+        # One long chunk after a cached prefix, plus a short full prefill in the same batch.
+        q_lens, ctx_lens = [2048, 100], [3072, 100]
+        k_cache, v_cache, tables, lens = _paged_kv(ctx_lens, self.KH, self.D, self.BS, dtype,
+                                                   seed=50)
+        qsl = torch.tensor([0, 2048, 2148], dtype=torch.int32, device=DEVICE)
+        q = _randn(sum(q_lens), self.H, self.D, dtype=dtype, seed=51)
+        scale = self.D ** -0.5
+        out = tri.paged_prefill_attention(q, k_cache, v_cache, tables, qsl, lens, scale)
+        expected = ref.paged_prefill_attention(q, k_cache, v_cache, tables, qsl, lens, scale)
+        _close(out, expected, dtype)
