@@ -20,6 +20,13 @@ from engine.kernels import reference as ref  # noqa: E402
 from engine.kernels import triton_ops as tri  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+if DEVICE.type == "cpu":
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if not isinstance(tri._rms_norm_kernel, InterpretedFunction):
+        raise RuntimeError("engine.kernels.triton_ops was imported before TRITON_INTERPRET=1 "
+                           "was set; run this module first or export TRITON_INTERPRET=1")
 DTYPES = [torch.float32, torch.bfloat16]
 TOL = {
     torch.float32: dict(atol=1e-5, rtol=1e-4),
@@ -175,8 +182,9 @@ def test_paged_decode_attention(H, KH, D, block_size, ctx_lens, partition, dtype
         out = tri.paged_decode_attention(q, k_cache, v_cache, tables, lens, scale)
     else:
         assert max(ctx_lens) > partition  # the case must really split
+        # 16-token tiles so the small forced partitions are tile multiples on GPU too.
         out = tri._paged_decode_attention(q, k_cache, v_cache, tables, lens, scale,
-                                          partition_tokens=partition)
+                                          partition_tokens=partition, config={"BLOCK_N": 16})
     _close(out, expected, dtype)
 
 
@@ -203,6 +211,7 @@ PREFILL_CASES = [
     pytest.param(8, 2, 32, 16, [16, 5, 30], [40, 70, 30], id="gqa4-chunked"),
     pytest.param(6, 2, 64, 8, [0, 12, 1, 17], [10, 50, 77, 17], id="gqa3-bs8-mixed"),
     pytest.param(4, 1, 32, 32, [35, 9], [80, 9], id="mqa-bs32"),
+    pytest.param(2, 1, 32, 16, [1, 2, 3, 0, 4] * 4, list(range(3, 23)), id="many-short-seqs"),
 ]
 
 
@@ -237,7 +246,7 @@ def test_chunked_prefill_then_decode_roundtrip():
     tri.write_kv(ks[n:], vs[n:], k_cache, v_cache, slots[n:])
     lens = torch.tensor([n + 1], dtype=torch.int32, device=DEVICE)
     outs.append(tri._paged_decode_attention(qs[n:], k_cache, v_cache, tables, lens, scale,
-                                            partition_tokens=16))
+                                            partition_tokens=16, config={"BLOCK_N": 16}))
     out = torch.cat(outs)
     expected = torch.nn.functional.scaled_dot_product_attention(
         qs.transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1), is_causal=True,
@@ -260,7 +269,8 @@ class TestLargeShapesGPU:
         k_cache, v_cache, tables, lens = _paged_kv(ctx_lens, self.KH, self.D, self.BS, dtype,
                                                    seed=40)
         sms = torch.cuda.get_device_properties(DEVICE).multi_processor_count
-        tokens = tri._decode_partition_tokens(4096, 8, self.KH, sms, tri._decode_block_n(DEVICE))
+        block_n = tri._decode_config(DEVICE)["BLOCK_N"]
+        tokens = tri._decode_partition_tokens(4096, 8, self.KH, sms, block_n)
         assert tokens > 0 and -(-4096 // tokens) > 1, "heuristic should split this batch"
         q = _randn(8, self.H, self.D, dtype=dtype, seed=41)
         scale = self.D ** -0.5

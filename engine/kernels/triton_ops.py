@@ -23,6 +23,11 @@ _LOG2E = 1.4426950408889634
 # Decode split-K: a partition never gets fewer tokens than this, because below it the cost
 # of writing/reducing partials outweighs the extra parallelism.
 _DECODE_MIN_PARTITION_TOKENS = 256
+# Split-K aims at this many (sequence, KV head, partition) programs per SM: a decode program
+# streams K/V with little else to hide memory latency behind, so it needs company. On an
+# H100 (bf16, KH=8, D=128, CUDA-graph timing) 2 was within ~5% of the best of 1/2/4/8 for
+# batch 1..256 and contexts 1k..32k, reaching 2.4-3.0 TB/s.
+_DECODE_PROGRAMS_PER_SM = 2
 
 
 # --------------------------------------------------------------------------------------
@@ -100,7 +105,8 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
     # multiply; doing the same keeps bf16 results bit-compatible with the reference.
     normed = (hf * inv_rms).to(h.dtype).to(tl.float32)
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * stride_out + offs, (w * normed).to(out_ptr.dtype.element_ty), mask=mask)
+    out = (w * normed).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + row * stride_out + offs, out, mask=mask)
 
 
 def _norm_launch_config(n: int) -> tuple[int, int]:
@@ -206,8 +212,9 @@ def _rotary_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, pos_ptr, cos_sin_ptr,
     pos = tl.load(pos_ptr + t).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_HALF)
     d_mask = offs_d < HALF
-    cos = tl.load(cos_sin_ptr + pos * stride_cs + offs_d, mask=d_mask, other=0.0).to(tl.float32)
-    sin = tl.load(cos_sin_ptr + pos * stride_cs + HALF + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+    cs_row = cos_sin_ptr + pos * stride_cs
+    cos = tl.load(cs_row + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+    sin = tl.load(cs_row + HALF + offs_d, mask=d_mask, other=0.0).to(tl.float32)
     _rope_heads(q_ptr + t * stride_qt, q_out_ptr + t * stride_qot, stride_qh, stride_qoh, H,
                 cos, sin, HALF, BLOCK_HALF, BLOCK_H)
     _rope_heads(k_ptr + t * stride_kt, k_out_ptr + t * stride_kot, stride_kh, stride_koh, KH,
@@ -262,8 +269,10 @@ def _write_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
     mask = (offs_h < KH)[:, None] & (offs_d < D)[None, :]
     k = tl.load(k_ptr + t * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask)
     v = tl.load(v_ptr + t * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask)
-    kc = k_cache_ptr + blk * stride_kcb + off * stride_kco + offs_h[:, None] * stride_kch + offs_d[None, :]
-    vc = v_cache_ptr + blk * stride_vcb + off * stride_vco + offs_h[:, None] * stride_vch + offs_d[None, :]
+    kc = (k_cache_ptr + blk * stride_kcb + off * stride_kco
+          + offs_h[:, None] * stride_kch + offs_d[None, :])
+    vc = (v_cache_ptr + blk * stride_vcb + off * stride_vco
+          + offs_h[:, None] * stride_vch + offs_d[None, :])
     tl.store(kc, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
     tl.store(vc, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
@@ -418,9 +427,11 @@ def _decode_reduce_kernel(out_ptr, part_max_ptr, part_sum_ptr, part_out_ptr, con
              out.to(out_ptr.dtype.element_ty))
 
 
-def _decode_block_n(device: torch.device) -> int:
-    # Interpreter: small tiles so CI shapes still span several tiles per partition.
-    return 64 if device.type == "cuda" else 16
+def _decode_config(device: torch.device) -> dict:
+    if device.type != "cuda":
+        # Interpreter: small tiles so CI shapes still span several tiles per partition.
+        return dict(BLOCK_N=16, num_warps=4, num_stages=1)
+    return dict(BLOCK_N=64, num_warps=4, num_stages=3)
 
 
 def _decode_partition_tokens(max_len: int, num_seqs: int, num_kv_heads: int, num_sms: int,
@@ -428,11 +439,12 @@ def _decode_partition_tokens(max_len: int, num_seqs: int, num_kv_heads: int, num
     """Tokens per split-K partition, or 0 for a single pass over the whole context.
 
     Splitting pays only when (sequence, KV head) programs alone would leave SMs idle; the
-    partition count then aims at ~2 programs per SM, never going below a minimum partition
-    length. The result is rounded to the tile width, which the kernel's loop assumes.
+    partition count then aims at _DECODE_PROGRAMS_PER_SM programs per SM, never going below
+    a minimum partition length. The result is rounded to the tile width, which the
+    kernel's loop assumes.
     """
     base = num_seqs * num_kv_heads
-    target = 2 * num_sms
+    target = _DECODE_PROGRAMS_PER_SM * num_sms
     if base >= target or max_len <= _DECODE_MIN_PARTITION_TOKENS:
         return 0
     want = triton.cdiv(target, base)
@@ -442,10 +454,10 @@ def _decode_partition_tokens(max_len: int, num_seqs: int, num_kv_heads: int, num
 
 
 def _paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale,
-                            partition_tokens: int | None = None, block_n: int | None = None):
-    """paged_decode_attention with the split explicit (tests force small partitions).
+                            partition_tokens: int | None = None, config: dict | None = None):
+    """paged_decode_attention with the split and tiling overridable (tests, tuning).
 
-    partition_tokens: None = heuristic, 0 = single pass, otherwise a multiple of block_n.
+    partition_tokens: None = heuristic, 0 = single pass, otherwise a multiple of BLOCK_N.
     """
     S, H, D = q.shape
     _, BS, KH, Dk = k_cache.shape
@@ -459,15 +471,15 @@ def _paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, sca
     q = _last_dim_contiguous(q)
     block_tables = block_tables.contiguous()
     context_lens = context_lens.contiguous()
-    group = H // KH
-    block_n = block_n or _decode_block_n(q.device)
+    cfg = {**_decode_config(q.device), **(config or {})}
+    block_n = cfg.pop("BLOCK_N")
+    # The grid is sized from the block table's width rather than context_lens.max(): that
+    # bound needs no device->host sync (this runs once per layer per step), and partitions
+    # past a sequence's real length exit at once. Tables are padded to the batch's widest.
+    max_len = block_tables.shape[1] * BS
     if partition_tokens is None:
-        # Host sync, as in the reference; needed to size the grid.
-        max_len = int(context_lens.max())
         partition_tokens = _decode_partition_tokens(max_len, S, KH, _device_sms(q.device), block_n)
-    else:
-        max_len = int(context_lens.max()) if partition_tokens else 0
-    assert partition_tokens % block_n == 0
+    assert partition_tokens % block_n == 0, "partition_tokens must be a multiple of BLOCK_N"
     num_partitions = triton.cdiv(max_len, partition_tokens) if partition_tokens else 1
     single = num_partitions <= 1
 
@@ -485,10 +497,9 @@ def _paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, sca
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        GROUP=group, GROUP_PAD=max(16, _next_pow2(group)), HEAD_DIM=D,
+        GROUP=H // KH, GROUP_PAD=max(16, _next_pow2(H // KH)), HEAD_DIM=D,
         BLOCK_SIZE=BS, BLOCK_N=block_n, SINGLE_PASS=single,
-        DOT_PRECISION=_dot_precision(q.dtype), DOT_UPCAST=_dot_upcast(q.device),
-        num_warps=4, num_stages=2)
+        DOT_PRECISION=_dot_precision(q.dtype), DOT_UPCAST=_dot_upcast(q.device), **cfg)
     if not single:
         _decode_reduce_kernel[(S, H)](
             out, part_max, part_sum, part_out, context_lens,
@@ -540,23 +551,34 @@ def _prefill_inner(acc, m_i, l_i, q, q_pos, k_cache_ptr, v_cache_ptr, bt_row, ct
 @triton.jit
 def _prefill_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, query_start_loc_ptr,
-        context_lens_ptr, scale_log2,
+        context_lens_ptr, num_seqs, scale_log2,
         stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
         stride_kb, stride_ko, stride_kh, stride_vb, stride_vo, stride_vh,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        DOT_UPCAST: tl.constexpr):
-    s = tl.program_id(2)
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEQ_PAD: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    pid = tl.program_id(0)
     head = tl.program_id(1)
+    # Map this program's global query-tile index to (sequence, tile) from query_start_loc
+    # on the device: sizing the grid by max q_len instead would need a device->host sync
+    # on every layer. Every program redoes this scan; it is S integers, negligible next to
+    # one attention tile. The grid holds an upper bound of tiles and the surplus exits.
+    offs_s = tl.arange(0, SEQ_PAD)
+    s_mask = offs_s < num_seqs
+    starts = tl.load(query_start_loc_ptr + offs_s, mask=s_mask, other=0).to(tl.int32)
+    ends = tl.load(query_start_loc_ptr + offs_s + 1, mask=s_mask, other=0).to(tl.int32)
+    seq_tiles = tl.cdiv(ends - starts, BLOCK_M)
+    tiles_end = tl.cumsum(seq_tiles, axis=0)
+    s = tl.sum((tiles_end <= pid).to(tl.int32), axis=0)
+    if s >= num_seqs:
+        return
     q_start = tl.load(query_start_loc_ptr + s).to(tl.int32)
     q_len = tl.load(query_start_loc_ptr + s + 1).to(tl.int32) - q_start
-    # The grid is sized for the longest query chunk in the batch; shorter ones exit here.
     n_tiles = tl.cdiv(q_len, BLOCK_M)
-    if tl.program_id(0) >= n_tiles:
-        return
-    # Later tiles see more keys (causal), so hand them to the lowest program ids: the
-    # longest programs start first and the short ones fill in behind them.
-    tile = n_tiles - 1 - tl.program_id(0)
+    tile_in_seq = pid - tl.sum(tl.where(offs_s < s, seq_tiles, 0), axis=0)
+    # Later tiles see more keys (causal), so give them the lower program ids: the longest
+    # programs of a sequence start first and its short ones fill in behind them.
+    tile = n_tiles - 1 - tile_in_seq
     ctx = tl.load(context_lens_ptr + s)
     kv_head = head // GROUP
 
@@ -600,9 +622,9 @@ def _prefill_config(device: torch.device, dtype: torch.dtype, head_dim: int) -> 
         return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
     if dtype == torch.float32:
         return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)
-    if head_dim <= 64:
-        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
-    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+    # Best of a small sweep on H100 (bf16, D=128, 2k-token chunks and 32-token chunks after
+    # a 512-token prefix): 128-row tiles or 8 warps did no better, BLOCK_N=128 worse.
+    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
 
 
 def _paged_prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, context_lens,
@@ -622,18 +644,17 @@ def _paged_prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc,
     query_start_loc = query_start_loc.contiguous()
     context_lens = context_lens.contiguous()
     cfg = dict(config or _prefill_config(q.device, q.dtype, D))
-    # Host sync, as in the reference: the grid needs the longest query chunk.
-    max_q_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
-    if max_q_len <= 0:
-        return out
-    grid = (triton.cdiv(max_q_len, cfg["BLOCK_M"]), H, S)
+    # sum_s cdiv(q_len_s, BLOCK_M) <= cdiv(T, BLOCK_M) + S: an upper bound on query tiles
+    # that needs nothing from the device.
+    grid = (triton.cdiv(T, cfg["BLOCK_M"]) + S, H)
     _prefill_kernel[grid](
-        q, k_cache, v_cache, out, block_tables, query_start_loc, context_lens, scale * _LOG2E,
+        q, k_cache, v_cache, out, block_tables, query_start_loc, context_lens, S,
+        scale * _LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        GROUP=H // KH, HEAD_DIM=D, BLOCK_SIZE=BS, DOT_PRECISION=_dot_precision(q.dtype),
-        DOT_UPCAST=_dot_upcast(q.device), **cfg)
+        GROUP=H // KH, HEAD_DIM=D, BLOCK_SIZE=BS, SEQ_PAD=max(16, _next_pow2(S)),
+        DOT_PRECISION=_dot_precision(q.dtype), DOT_UPCAST=_dot_upcast(q.device), **cfg)
     return out
 
 

@@ -3,6 +3,7 @@ random weights at a named shape. Each source yields a ModelConfig and HF-named t
 the model's own load_weights() puts them in place."""
 from __future__ import annotations
 
+import functools
 import glob
 import importlib.util
 import json
@@ -199,7 +200,9 @@ def gguf_weights(reader, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]
         yield name, torch.from_numpy(w)
 
 
+@functools.lru_cache(maxsize=4)
 def open_gguf(path: str):
+    # Parsing the metadata (49k-token vocab) takes seconds; the reader memory-maps the file.
     import gguf
     try:
         return gguf.GGUFReader(path)

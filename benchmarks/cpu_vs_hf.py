@@ -1,0 +1,269 @@
+"""CPU benchmark: this engine vs Hugging Face transformers' `generate` on SmolLM2-135M (fp32).
+
+Two scenarios, greedy decoding, the same weights (the GGUF file, de-quantised to fp32) on
+both sides and the same number of output tokens per request:
+
+  single  one ~128-token prompt, 128 output tokens.
+  batch   32 prompts of mixed length (uniform 20..400 tokens) with mixed max_tokens
+          (uniform 16..256), from a fixed seed.
+
+Each side runs its natural way. transformers gets padded static batches (left padding,
+attention mask, `--hf-batch-size` requests at a time in arrival order); each batch runs to
+its largest max_tokens, but only each request's own max_tokens count as useful output
+tokens. The engine gets all requests at once (continuous batching). EOS is ignored on both
+sides (engine: ignore_eos=True; HF: no eos_token_id), so the token counts are identical.
+
+Wall time is measured after a warm-up generate on each side. Reported: useful output
+tokens/s per side, the engine/HF ratio, and how many requests' greedy token sequences match
+exactly (padded fp32 batches can legitimately differ a little; reported, not asserted).
+
+    python benchmarks/cpu_vs_hf.py [--scenario single|batch|all] [--hf-batch-size 8]
+                                   [--seed 0] [--json results.json]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import os
+import platform
+import random
+import sys
+import time
+import warnings
+
+import torch
+
+# A long, varied English passage; prompts are token slices of it repeated.
+PARAGRAPH = (
+    "The history of the printing press begins in the fifteenth century, when movable type changed how "
+    "books were made and who could read them. Before that, scribes copied every page by hand, which made "
+    "books rare and expensive. Within a few decades, presses had spread from Mainz to Venice, Paris and "
+    "London, and the price of a book fell so far that merchants, students and craftsmen could own one. "
+    "Printers competed on typefaces, paper and speed; some of them became scholars in their own right, "
+    "editing classical texts and correcting the errors that generations of copyists had introduced. "
+    "Governments and churches soon noticed that pamphlets travelled faster than any messenger, and they "
+    "tried, with mixed success, to license presses and censor what they printed. Newspapers followed in "
+    "the seventeenth century, first as weekly lists of shipping news and prices, later as the loud, "
+    "argumentative sheets that fed coffee-house debates. By the time steam power arrived, a single "
+    "rotary press could print thousands of pages an hour, and literacy had become an ordinary expectation "
+    "rather than a privilege. Historians still argue about how much of the modern world the press made "
+    "possible, but few doubt that it changed the speed at which ideas, rumours and discoveries moved. "
+)
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ---- workload -------------------------------------------------------------------------------------
+def token_stream(tokenizer, min_len: int) -> list[int]:
+    ids = tokenizer.encode(PARAGRAPH, add_special_tokens=False)
+    reps = -(-min_len // len(ids)) + 1
+    return ids * reps
+
+
+def make_workload(tokenizer, scenario: str, seed: int, num_prompts: int) -> list[tuple[list[int], int]]:
+    """[(prompt token ids, max_tokens)] in arrival order."""
+    rng = random.Random(seed)
+    if scenario == "single":
+        lens, maxes = [128], [128]
+    else:
+        lens = [rng.randint(20, 400) for _ in range(num_prompts)]
+        maxes = [rng.randint(16, 256) for _ in range(num_prompts)]
+    stream = token_stream(tokenizer, max(lens) + 1024)
+    period = len(tokenizer.encode(PARAGRAPH, add_special_tokens=False))
+    work = []
+    for n, m in zip(lens, maxes):
+        # Different offsets, so prompts are not prefixes of each other (no prefix-cache
+        # gift to the engine beyond what real traffic with a shared passage would give).
+        off = rng.randrange(period)
+        work.append((stream[off:off + n], m))
+    return work
+
+
+# ---- the engine ---------------------------------------------------------------------------------
+def load_engine(engine_kwargs: dict):
+    from engine import LLM
+    t = time.perf_counter()
+    llm = LLM("smollm2", device="cpu", dtype="float32", **engine_kwargs)
+    return llm, time.perf_counter() - t
+
+
+def run_engine(llm, work, profile_path: str | None = None) -> tuple[float, list[list[int]]]:
+    from engine import SamplingParams
+    prompts = [p for p, _ in work]
+    params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for _, m in work]
+    prof = None
+    if profile_path:
+        import cProfile
+        prof = cProfile.Profile()
+        prof.enable()
+    t = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    dt = time.perf_counter() - t
+    if prof is not None:
+        prof.disable()
+        prof.dump_stats(profile_path)
+        log(f"engine cProfile written to {profile_path}")
+    return dt, [list(o.token_ids) for o in outs]
+
+
+# ---- transformers --------------------------------------------------------------------------------
+def load_hf():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from engine.model.loader import smollm2_gguf_path
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    folder, name = os.path.split(smollm2_gguf_path())
+    t = time.perf_counter()
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    return tok, model, time.perf_counter() - t
+
+
+@torch.inference_mode()
+def hf_generate_batch(model, pad_id: int, batch: list[tuple[list[int], int]]) -> list[list[int]]:
+    """One static batch: left-padded, runs to the batch's largest max_tokens; each request's
+    output is cut to its own max_tokens."""
+    width = max(len(p) for p, _ in batch)
+    new = max(m for _, m in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, (p, _) in enumerate(batch):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    # eos_token_id=None given explicitly overrides the model's generation config: no EOS
+    # stopping and no EOS suppression, the counterpart of the engine's ignore_eos.
+    out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new,
+                         min_new_tokens=new, eos_token_id=None, pad_token_id=pad_id,
+                         temperature=None, top_p=None, top_k=None)
+    gen = out[:, width:]
+    assert gen.shape[1] == new, f"HF generated {gen.shape[1]} tokens, expected {new}"
+    return [gen[i, :m].tolist() for i, (_, m) in enumerate(batch)]
+
+
+def run_hf(model, pad_id: int, work, batch_size: int) -> tuple[float, list[list[int]], int]:
+    """Returns (seconds, per-request tokens, tokens computed including static-batch waste)."""
+    outs: list[list[int]] = []
+    computed = 0
+    t = time.perf_counter()
+    for i in range(0, len(work), batch_size):
+        batch = work[i:i + batch_size]
+        outs += hf_generate_batch(model, pad_id, batch)
+        computed += len(batch) * max(m for _, m in batch)
+    return time.perf_counter() - t, outs, computed
+
+
+# ---- reporting ----------------------------------------------------------------------------------
+def first_divergence(a: list[int], b: list[int]) -> int | None:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scenario", choices=["single", "batch", "all"], default="all")
+    ap.add_argument("--hf-batch-size", type=int, default=8, help="static batch size for transformers (default 8)")
+    ap.add_argument("--num-prompts", type=int, default=32, help="requests in the batch scenario (default 32)")
+    ap.add_argument("--seed", type=int, default=0, help="workload seed (default 0)")
+    ap.add_argument("--json", metavar="PATH", help="write a JSON record of the results here")
+    ap.add_argument("--max-num-batched-tokens", type=int, default=None, help="engine option (default: engine's)")
+    ap.add_argument("--max-num-seqs", type=int, default=None, help="engine option (default: engine's)")
+    ap.add_argument("--skip-hf", action="store_true", help="run the engine side only")
+    ap.add_argument("--profile", metavar="PREFIX",
+                    help="cProfile the timed engine runs into PREFIX.<scenario>.prof")
+    args = ap.parse_args()
+    if args.hf_batch_size < 1:
+        ap.error("--hf-batch-size must be >= 1")
+
+    warnings.filterwarnings("ignore")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    scenarios = ["single", "batch"] if args.scenario == "all" else [args.scenario]
+    engine_kwargs = {k: v for k, v in (("max_num_batched_tokens", args.max_num_batched_tokens),
+                                       ("max_num_seqs", args.max_num_seqs)) if v is not None}
+
+    log(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
+    tok, hf_model, hf_load = load_hf()
+    log(f"transformers model loaded in {hf_load:.1f}s")
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    llm, eng_load = load_engine(engine_kwargs)
+    log(f"engine loaded in {eng_load:.1f}s ({llm.engine.runner.num_blocks} KV blocks)")
+
+    # Warm-up: a short generate on each side (different tokens from the workload, so the
+    # engine's prefix cache does not get a head start on the measured prompts).
+    warm = [(tok.encode("Once upon a time, in a small village by the sea,", add_special_tokens=False), 8)]
+    run_engine(llm, warm)
+    if not args.skip_hf:
+        run_hf(hf_model, pad_id, warm, 1)
+
+    results = []
+    for sc in scenarios:
+        work = make_workload(tok, sc, args.seed, args.num_prompts)
+        useful = sum(m for _, m in work)
+        prompt_tokens = sum(len(p) for p, _ in work)
+        log(f"[{sc}] {len(work)} requests, {prompt_tokens} prompt tokens, {useful} output tokens")
+        gc.collect()
+        prof = f"{args.profile}.{sc}.prof" if args.profile else None
+        e_s, e_out = run_engine(llm, work, prof)
+        e_count = sum(len(o) for o in e_out)
+        assert e_count == useful, f"engine produced {e_count} tokens, expected {useful}"
+        log(f"[{sc}] engine: {e_s:.2f}s, {useful / e_s:.1f} tok/s")
+        rec = dict(scenario=sc, num_requests=len(work), prompt_tokens=prompt_tokens, output_tokens=useful,
+                   prompt_lens=[len(p) for p, _ in work], max_tokens=[m for _, m in work],
+                   engine=dict(seconds=e_s, tokens_per_s=useful / e_s))
+        if not args.skip_hf:
+            gc.collect()
+            bs = 1 if sc == "single" else args.hf_batch_size
+            h_s, h_out, computed = run_hf(hf_model, pad_id, work, bs)
+            log(f"[{sc}] HF: {h_s:.2f}s, {useful / h_s:.1f} useful tok/s ({computed} tokens computed)")
+            div = [first_divergence(a, b) for a, b in zip(e_out, h_out)]
+            matches = sum(d is None for d in div)
+            rec["hf"] = dict(seconds=h_s, tokens_per_s=useful / h_s, batch_size=bs,
+                             tokens_computed=computed, wasted_tokens=computed - useful)
+            rec["ratio_engine_over_hf"] = (useful / e_s) / (useful / h_s)
+            rec["greedy_match"] = dict(matching=matches, total=len(work),
+                                       first_divergence=[d for d in div])
+        results.append(rec)
+
+    # ---- table -----------------------------------------------------------------------------------
+    print()
+    print(f"SmolLM2-135M fp32, CPU ({os.cpu_count()} cores, torch {torch.get_num_threads()} threads), "
+          f"greedy, seed {args.seed}, HF static batch {args.hf_batch_size}")
+    print()
+    print("| scenario | requests | prompt tok | output tok | engine s | engine tok/s | HF s | HF tok/s "
+          "| engine/HF | greedy match |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        hf = r.get("hf")
+        hf_cols = (f"{hf['seconds']:.2f} | {hf['tokens_per_s']:.1f} | {r['ratio_engine_over_hf']:.2f}x | "
+                   f"{r['greedy_match']['matching']}/{r['greedy_match']['total']}") if hf else "- | - | - | -"
+        print(f"| {r['scenario']} | {r['num_requests']} | {r['prompt_tokens']} | {r['output_tokens']} | "
+              f"{r['engine']['seconds']:.2f} | {r['engine']['tokens_per_s']:.1f} | {hf_cols} |")
+    for r in results:
+        if "hf" in r and r["hf"]["wasted_tokens"]:
+            print(f"\n{r['scenario']}: HF computed {r['hf']['tokens_computed']} output tokens for "
+                  f"{r['output_tokens']} useful ({r['hf']['wasted_tokens']} wasted by static batching).")
+        if "greedy_match" in r and r["greedy_match"]["matching"] != r["greedy_match"]["total"]:
+            d = [(i, x) for i, x in enumerate(r["greedy_match"]["first_divergence"]) if x is not None]
+            print(f"{r['scenario']}: differing requests (index, first differing output token): {d}")
+
+    if args.json:
+        record = dict(benchmark="cpu_vs_hf", model="SmolLM2-135M-Instruct (GGUF Q4_1 de-quantised to fp32)",
+                      time=time.strftime("%Y-%m-%dT%H:%M:%S"), platform=platform.platform(),
+                      cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
+                      torch=torch.__version__, args=vars(args), engine_kwargs=engine_kwargs,
+                      load_seconds=dict(engine=eng_load, hf=hf_load), results=results)
+        with open(args.json, "w") as f:
+            json.dump(record, f, indent=2)
+        log(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
