@@ -1,0 +1,190 @@
+"""Engine behaviour beyond the HF oracle: stop conditions, aborts, bad input, seeds,
+prefix-cache events, and the two disaggregation modes (prefill-only and remote KV)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import run_to_completion
+from engine import LLM, CapacityError, InvalidRequestError, ModelLoadError, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def smol():
+    llm = LLM("smollm2")
+    yield llm
+    from conftest import assert_no_leaks
+    assert_no_leaks(llm.engine)
+
+
+def test_generate_api_and_finish_reasons(smol):
+    outs = smol.generate(["The capital of France is", [504, 3575, 282, 4649, 314]],
+                         SamplingParams(max_tokens=5, logprobs=True))
+    assert outs[0].token_ids == outs[1].token_ids  # text and ids give the same prompt
+    assert len(outs[0].token_ids) == 5 and outs[0].finish_reason == "length"
+    assert outs[0].text == smol.tokenizer.decode(outs[0].token_ids)
+    assert len(outs[0].logprobs) == 5 and all(lp <= 0 for lp in outs[0].logprobs)
+
+
+def test_stop_strings_and_stop_tokens(smol):
+    base = smol.generate(["The capital of France is"], SamplingParams(max_tokens=12))[0]
+    assert "\n" in base.text  # " Paris.\n\nThe answer is: ..."
+    stop_at = base.text.index(".")
+    cut = smol.generate(["The capital of France is"], SamplingParams(max_tokens=12, stop=["."]))[0]
+    assert cut.finish_reason == "stop" and cut.text == base.text[:stop_at]
+    tok = base.token_ids[2]
+    cut2 = smol.generate(["The capital of France is"], SamplingParams(max_tokens=12, stop_token_ids=[tok]))[0]
+    assert cut2.finish_reason == "stop" and cut2.token_ids == base.token_ids[:3]
+
+
+def test_eos_ends_chat_reply(smol):
+    out = smol.generate(["What is 2+2? Answer with one word."], SamplingParams(max_tokens=64),
+                        apply_chat_template=True)[0]
+    assert out.finish_reason == "stop" and out.token_ids[-1] in smol.engine.eos_token_ids
+    assert out.text.strip()
+
+
+def test_seeded_sampling_reproducible(smol):
+    p = SamplingParams(max_tokens=10, temperature=0.9, top_p=0.95, top_k=50, seed=42)
+    a = smol.generate(["Tell me a story about a cat"], p)[0]
+    b = smol.generate(["Tell me a story about a cat", "Something else entirely"], [p, p])[0]
+    assert a.token_ids == b.token_ids
+
+
+def test_abort_frees_blocks_at_any_time(smol):
+    e = smol.engine
+    free0 = e.num_free_blocks()
+    e.add_request("a", "Once upon a time " * 20, SamplingParams(max_tokens=50))
+    e.add_request("b", "Another request", SamplingParams(max_tokens=50))
+    e.add_request("c", "Never scheduled", SamplingParams(max_tokens=50))
+    e.step()
+    e.step()
+    assert e.num_free_blocks() < free0
+    assert e.abort("a") and e.abort("b") and e.abort("c")
+    assert not e.abort("a")
+    assert not e.has_unfinished() and e.num_free_blocks() == free0
+
+
+@pytest.mark.parametrize("prompt,params,field", [
+    ("", SamplingParams(), "prompt"),
+    ([], SamplingParams(), "prompt"),
+    ([1, 2, 10**7], SamplingParams(), "prompt_token_ids"),
+    ([-1], SamplingParams(), "prompt_token_ids"),
+    ("hi", SamplingParams(max_tokens=0), "max_tokens"),
+    ("hi", SamplingParams(temperature=-1.0), "temperature"),
+    ("hi", SamplingParams(top_p=0), "top_p"),
+    ("hi", SamplingParams(top_p=1.01), "top_p"),
+])
+def test_bad_requests_are_rejected_before_allocation(smol, prompt, params, field):
+    free0 = smol.engine.num_free_blocks()
+    with pytest.raises(InvalidRequestError) as e:
+        smol.generate([prompt], params)
+    assert e.value.field == field
+    assert smol.engine.num_free_blocks() == free0 and not smol.engine.has_unfinished()
+
+
+def test_prompt_longer_than_context_and_capacity(smol):
+    too_long = [5] * smol.engine.max_model_len
+    with pytest.raises(InvalidRequestError, match="context is 8192"):
+        smol.generate([too_long])
+    small = LLM("random:tiny", num_kv_blocks=4, block_size=16)
+    with pytest.raises(CapacityError, match="KV blocks"):
+        small.generate([[5] * 40], SamplingParams(max_tokens=100))
+
+
+def test_unknown_model_and_unreadable_file(tmp_path):
+    with pytest.raises(ModelLoadError, match="not a known name"):
+        LLM("no-such-model")
+    with pytest.raises(ModelLoadError, match="unknown random shape"):
+        LLM("random:huge")
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"not a gguf file")
+    with pytest.raises(ModelLoadError, match="cannot read GGUF"):
+        LLM(str(bad))
+    (tmp_path / "hf").mkdir()
+    with pytest.raises(ModelLoadError, match="config.json"):
+        LLM(str(tmp_path / "hf"))
+
+
+def test_prefix_cache_events(smol):
+    e = smol.engine
+    e.blocks.reset_prefix_cache()
+    e.take_kv_events()
+    prompt = "A long shared system prompt. " * 12
+    smol.generate([prompt], SamplingParams(max_tokens=2))
+    stored = [ev for ev in e.take_kv_events() if ev.kind == "stored"]
+    n_prompt = len(smol.tokenizer.encode(prompt))
+    assert len(stored) == (n_prompt + 1) // e.cfg.block_size  # full blocks of computed tokens
+    assert stored[0].parent_hash is None and stored[1].parent_hash == stored[0].block_hash
+
+
+def test_disaggregated_prefill_then_decode_equals_single_engine(smol, make_engine):
+    """Prefill-only engine computes the prompt and its first token; its KV blocks are
+    copied layer by layer into blocks a decode engine reserved; the decode engine continues.
+    Same tokens as one engine doing everything, and no leaked blocks on either side."""
+    prompt = "The history of the printing press begins in the fifteenth century. " * 4
+    params = SamplingParams(max_tokens=12)
+    expected = smol.generate([prompt], params)[0].token_ids
+
+    prefill = make_engine("smollm2")
+    decode = make_engine("smollm2")
+    # Warm the decode side's prefix cache with the start of the prompt, so only the
+    # uncached tail has to be shipped.
+    run_to_completion_prompt(decode, "The history of the printing press begins in the fifteenth century. " * 2)
+    seq_d = decode.add_remote_prefill("x", prompt, params)
+    assert seq_d is not None and seq_d.num_cached_tokens > 0
+    first_block = seq_d.num_computed_tokens // decode.cfg.block_size
+
+    layers_done = []
+    prefill.add_request("x", prompt, params, prefill_only=True)
+    outs = []
+    while prefill.has_unfinished():
+        outs += prefill.step(on_layer_done=layers_done.append)
+    assert outs[-1].finished and len(outs[-1].new_token_ids) == 1
+    assert layers_done[:prefill.model_config.num_layers] == list(range(prefill.model_config.num_layers))
+    seq_p = prefill.scheduler.held["x"]
+    for layer in range(prefill.model_config.num_layers):
+        data = prefill.runner.read_kv_blocks(layer, seq_p.block_table[first_block:])
+        decode.runner.write_kv_blocks(layer, seq_d.block_table[first_block:], data)
+    assert prefill.release("x")
+    decode.remote_kv_landed("x", outs[-1].new_token_ids[0])
+    got = outs[-1].new_token_ids + run_to_completion(decode)["x"]
+    assert got == expected
+
+
+def test_failed_transfer_falls_back_to_local_prefill(smol, make_engine):
+    prompt = "Fallback prompt that would have been prefilled remotely. " * 3
+    params = SamplingParams(max_tokens=8)
+    expected = smol.generate([prompt], params)[0].token_ids
+    decode = make_engine("smollm2")
+    seq = decode.add_remote_prefill("y", prompt, params)
+    assert decode.num_free_blocks() < decode.blocks.num_blocks
+    # garbage "partially landed" data must not leak into results or the prefix cache
+    decode.runner.kv_cache.normal_()
+    decode.remote_kv_failed("y")
+    assert run_to_completion(decode)["y"] == expected
+    assert seq.finish_reason.value == "length"
+
+
+def run_to_completion_prompt(engine, prompt):
+    engine.add_request("warm", prompt, SamplingParams(max_tokens=1))
+    run_to_completion(engine)
+
+
+def test_cli_generate_json():
+    r = subprocess.run([sys.executable, "-m", "engine.cli", "generate", "--model", "smollm2", "--max-tokens", "6",
+                        "--json", "The capital of France is", "def add(a, b):"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(l) for l in r.stdout.strip().splitlines()]
+    assert len(lines) == 2
+    assert lines[0]["text"].startswith(" Paris") and len(lines[0]["token_ids"]) == 6
+
+
+def test_cli_bad_input_is_one_clear_line():
+    r = subprocess.run([sys.executable, "-m", "engine.cli", "generate", "--max-tokens", "0", "x"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "max_tokens" in r.stderr and "Traceback" not in r.stderr
