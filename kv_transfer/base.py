@@ -1,0 +1,317 @@
+"""The KV transfer interface both backends implement, and the receiver's bookkeeping.
+
+Prefill side (one :class:`KVSender` per destination endpoint)::
+
+    sender.send_layer(rid, layer, dst_block_ids, engine.runner.read_kv_blocks(layer, src_blocks))
+    ...                                   # from the engine's on_layer_done, layer by layer
+    sender.send_done(rid, first_token, num_layers)
+    engine.release(rid)                   # read_kv_blocks returned copies: safe at once
+
+Decode side (one :class:`KVReceiver` per worker, polled from its engine loop)::
+
+    seq = engine.add_remote_prefill(rid, prompt, params)
+    first = seq.num_computed_tokens // block_size
+    receiver.expect(rid, seq.block_table[first:], num_layers, deadline)   # before the
+    ...                                   # block ids are handed to the prefill side
+    res = receiver.poll(timeout_ms)       # writes landed layers via write_layer(...)
+    for c in res.completed: engine.remote_kv_landed(c.request_id, c.first_token)
+    for f in res.failed:    engine.remote_kv_failed(f.request_id)     # prefill in place
+
+A transfer completes when every expected layer has landed in every reserved block and
+the ``done`` message has arrived; it fails on its deadline, on an ``abort`` from the
+sender, on a malformed message that names it, or when ``write_layer`` raises. Data for a
+request the receiver no longer (or never) expects is dropped and logged, never written.
+Request ids are transfer keys: a retried transfer into new blocks should use a fresh key
+(e.g. ``f"{request_id}#{attempt}"``) so late data of the old attempt cannot reach it.
+"""
+from __future__ import annotations
+
+import abc
+import logging
+import math
+import operator
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from kv_transfer.wire import (AbortHeader, DoneHeader, KVLayout, KVMessage, Reservation, UnknownRequestError,
+                              WireError, check_request_id, decode_message, MAX_LAYERS)
+
+log = logging.getLogger(__name__)
+
+# write_layer(request_id, layer, block_ids, tensor): tensor is [2, len(block_ids), block_size,
+# num_kv_heads, head_dim] in the layout's dtype on the CPU; valid only during the call.
+WriteLayer = Callable[[str, int, list, torch.Tensor], None]
+
+
+@dataclass(frozen=True)
+class Completed:
+    request_id: str
+    first_token: int
+
+
+@dataclass(frozen=True)
+class Failed:
+    request_id: str
+    reason: str
+
+
+@dataclass
+class PollResult:
+    completed: list[Completed] = field(default_factory=list)
+    failed: list[Failed] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.completed or self.failed)
+
+
+class KVSender(abc.ABC):
+    """Ships one request's KV, layer by layer, to one receiver endpoint. Calls return
+    quickly: staging to host and sending happen in order, off the caller's thread where
+    the backend can. The tensor given to send_layer belongs to the sender until sent."""
+
+    endpoint: str
+
+    @abc.abstractmethod
+    def send_layer(self, request_id: str, layer: int, dst_block_ids: Sequence[int], tensor: torch.Tensor) -> None:
+        """Queue one layer's blocks: ``tensor`` is [2, len(dst_block_ids), ...] (as
+        ``ModelRunner.read_kv_blocks`` returns), for the receiver's blocks ``dst_block_ids``."""
+
+    @abc.abstractmethod
+    def send_done(self, request_id: str, first_token: int, num_layers: int) -> None:
+        """Every layer has been queued; ``first_token`` is the prefill's sampled token."""
+
+    @abc.abstractmethod
+    def send_abort(self, request_id: str, reason: str = "") -> None:
+        """Give the transfer up; the receiver reports it failed without waiting its deadline."""
+
+    @abc.abstractmethod
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Wait until everything queued so far has been handed to the transport. False on timeout."""
+
+    @abc.abstractmethod
+    def failed_requests(self) -> set[str]:
+        """Requests whose messages could not be sent (the receiver will time them out)."""
+
+    @abc.abstractmethod
+    def close(self, linger_s: float | None = None) -> None:
+        """Send what is queued (for at most ``linger_s``), then release the transport."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+@dataclass
+class _Transfer:
+    res: Reservation
+    deadline: float
+    missing: list[set[int]]        # per layer: reserved blocks not landed yet
+    layers_left: int               # layers with missing blocks
+    done: DoneHeader | None = None
+    bytes: int = 0
+
+
+class KVReceiver(abc.ABC):
+    """Receives KV for the requests announced with :meth:`expect` and writes it through
+    ``write_layer``. Single-threaded: all calls, and the writes, happen in the thread that
+    calls :meth:`poll` (the decode worker's engine loop)."""
+
+    TOMBSTONES = 4096   # recently finished request ids remembered to classify late data
+
+    def __init__(self, layout: KVLayout, write_layer: WriteLayer, default_timeout_s: float = 30.0):
+        if not isinstance(layout, KVLayout):
+            raise TypeError("layout must be a KVLayout")
+        self.layout = layout
+        self._write_layer = write_layer
+        self.default_timeout_s = float(default_timeout_s)
+        self._res: dict[str, Reservation] = {}
+        self._xfers: dict[str, _Transfer] = {}
+        self._tomb: OrderedDict[str, str] = OrderedDict()
+        self._completed: list[Completed] = []
+        self._failed: list[Failed] = []
+        self.recent_errors: deque[WireError] = deque(maxlen=64)
+        self.stats = dict(messages=0, bytes=0, layers_written=0, completed=0, failed=0, timed_out=0,
+                          rejected=0, dropped_late=0, dropped_unknown=0)
+
+    # ---- the decode worker's calls --------------------------------------------------------------
+    @property
+    @abc.abstractmethod
+    def endpoint(self) -> str:
+        """Where senders send (what the router hands to prefill workers)."""
+
+    def expect(self, request_id: str, block_ids: Sequence[int], num_layers: int | None = None,
+               deadline: float | None = None) -> None:
+        """Announce a transfer into ``block_ids`` (reserved by the engine) of layers
+        ``0..num_layers-1``, due by ``deadline`` (``time.monotonic()`` seconds; default
+        now + ``default_timeout_s``). Call it before the block ids reach the sender."""
+        rid = check_request_id(request_id)
+        if rid in self._res:
+            raise ValueError(f"request {rid!r} is already expected")
+        n = self.layout.num_layers if num_layers is None else num_layers
+        if type(n) is not int or not 1 <= n <= min(self.layout.num_layers, MAX_LAYERS):
+            raise ValueError(f"num_layers must be an int in [1, {self.layout.num_layers}], got {n!r}")
+        try:
+            given = list(block_ids)
+            ids = tuple(operator.index(b) for b in given if not isinstance(b, bool))
+        except TypeError:
+            raise ValueError("block ids must be ints") from None
+        if len(ids) != len(given) or any(not 0 <= b < self.layout.num_blocks for b in ids):
+            raise ValueError(f"block ids must be ints in [0, {self.layout.num_blocks})")
+        if len(set(ids)) != len(ids):
+            raise ValueError("block ids must be distinct")
+        if deadline is None:
+            deadline = time.monotonic() + self.default_timeout_s
+        res = Reservation(ids, n)
+        self._tomb.pop(rid, None)
+        self._res[rid] = res
+        self._xfers[rid] = _Transfer(res, float(deadline), [set(ids) for _ in range(n)], n if ids else 0)
+
+    def cancel(self, request_id: str) -> bool:
+        """Forget a transfer (the request was aborted); later data for it is dropped."""
+        if self._forget(request_id, "cancelled") is None:
+            return False
+        return True
+
+    def pending(self) -> list[str]:
+        return list(self._res)
+
+    def progress(self, request_id: str) -> dict | None:
+        """Which layers have fully landed, whether ``done`` arrived, bytes received."""
+        x = self._xfers.get(request_id)
+        if x is None:
+            return None
+        return dict(layers_landed=[i for i, m in enumerate(x.missing) if not m], done=x.done is not None,
+                    bytes=x.bytes, deadline=x.deadline)
+
+    def poll(self, timeout_ms: int = 0) -> PollResult:
+        """Receive what has arrived (waiting up to ``timeout_ms`` for the first message,
+        less if a deadline is nearer), write landed layers, expire overdue transfers, and
+        return the transfers that completed or failed since the last poll."""
+        self._expire()
+        wait = 0 if (self._completed or self._failed) else max(0, int(timeout_ms))
+        if wait and self._xfers:
+            nearest = min(x.deadline for x in self._xfers.values()) - time.monotonic()
+            wait = max(0, min(wait, math.ceil(nearest * 1000)))
+        self._receive(wait)
+        self._expire()
+        out = PollResult(self._completed, self._failed)
+        self._completed, self._failed = [], []
+        return out
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        ...
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ---- for backends ----------------------------------------------------------------------------
+    @abc.abstractmethod
+    def _receive(self, timeout_ms: int) -> None:
+        """Wait up to timeout_ms for data, then hand every message that is there to
+        :meth:`_on_frames` (or :meth:`_on_message`)."""
+
+    def _on_frames(self, frames: Sequence) -> None:
+        """Validate and apply one message; never raises for bad input."""
+        self.stats["messages"] += 1
+        try:
+            msg = decode_message(frames, self.layout, self._res)
+        except UnknownRequestError as e:
+            self._drop_unknown(e)
+            return
+        except WireError as e:
+            self._reject(e)
+            return
+        self._on_message(msg)
+
+    def _on_message(self, msg: KVMessage | DoneHeader | AbortHeader) -> None:
+        if isinstance(msg, KVMessage):
+            h = msg.header
+            rid = h.request_id
+            x = self._xfers[rid]
+            try:
+                self._write_layer(rid, h.layer, list(h.block_ids), msg.data)
+            except Exception as e:   # the engine refused it: this transfer cannot complete
+                log.exception("kv %s: writing layer %d failed", rid, h.layer)
+                self._fail(rid, f"write_layer failed: {type(e).__name__}: {e}")
+                return
+            self.stats["layers_written"] += 1
+            self.stats["bytes"] += h.nbytes
+            x.bytes += h.nbytes
+            missing = x.missing[h.layer]
+            if missing:
+                missing.difference_update(h.block_ids)
+                if not missing:
+                    x.layers_left -= 1
+            self._maybe_complete(rid)
+        elif isinstance(msg, DoneHeader):
+            x = self._xfers[msg.request_id]
+            if x.done is not None:
+                self._reject(WireError("done: received twice", msg.request_id))
+                return
+            x.done = msg
+            self._maybe_complete(msg.request_id)
+        else:
+            self._fail(msg.request_id, f"sender aborted: {msg.reason}")
+
+    # ---- internals --------------------------------------------------------------------------------
+    def _maybe_complete(self, rid: str) -> None:
+        x = self._xfers[rid]
+        if x.done is not None and x.layers_left == 0:
+            self._forget(rid, "completed")
+            self.stats["completed"] += 1
+            self._completed.append(Completed(rid, x.done.first_token))
+
+    def _fail(self, rid: str, reason: str) -> None:
+        if self._forget(rid, "failed") is not None:
+            log.warning("kv %s: transfer failed: %s", rid, reason)
+            self.stats["failed"] += 1
+            self._failed.append(Failed(rid, reason))
+
+    def _forget(self, rid: str, why: str) -> _Transfer | None:
+        self._res.pop(rid, None)
+        x = self._xfers.pop(rid, None)
+        if x is not None:
+            self._tomb[rid] = why
+            self._tomb.move_to_end(rid)
+            while len(self._tomb) > self.TOMBSTONES:
+                self._tomb.popitem(last=False)
+        return x
+
+    def _expire(self) -> None:
+        if not self._xfers:
+            return
+        now = time.monotonic()
+        for rid in [r for r, x in self._xfers.items() if x.deadline <= now]:
+            x = self._xfers[rid]
+            landed = sum(1 for m in x.missing if not m)
+            self.stats["timed_out"] += 1
+            self._fail(rid, f"deadline passed ({landed}/{len(x.missing)} layers landed, "
+                            f"done {'received' if x.done else 'not received'})")
+
+    def _reject(self, e: WireError) -> None:
+        self.stats["rejected"] += 1
+        self.recent_errors.append(e)
+        log.warning("kv: rejected message: %s", e)
+        if e.request_id is not None and e.request_id in self._xfers:
+            self._fail(e.request_id, f"malformed message: {e}")
+
+    def _drop_unknown(self, e: UnknownRequestError) -> None:
+        why = self._tomb.get(e.request_id)
+        if why is not None:
+            self.stats["dropped_late"] += 1
+            log.info("kv %s: dropped late data (transfer %s)", e.request_id, why)
+        else:
+            self.stats["dropped_unknown"] += 1
+            self.recent_errors.append(e)
+            log.warning("kv %s: dropped data for a request not expected here", e.request_id)
+
