@@ -77,7 +77,7 @@ class LLMEngine:
             self.tokenizer = load_tokenizer("gguf", source.path)
         else:
             self.model_config = loader.random_config(source.path)
-            self.tokenizer = _default_tokenizer_or_none()
+            self.tokenizer = default_tokenizer_or_none()
         mc = self.model_config
         self.model_name = source.name
         self.max_model_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
@@ -91,6 +91,7 @@ class LLMEngine:
         self._seqs: dict[str, Sequence] = {}
         self._text: dict[str, _TextState] = {}
         self._arrivals = itertools.count()
+        self.current_step: list = []   # this step's ScheduledSeqs, for on_layer_done callbacks
 
     # ---- requests -----------------------------------------------------------------------------
     def tokenize(self, prompt: str | list[int]) -> list[int]:
@@ -167,6 +168,7 @@ class LLMEngine:
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
+        self.current_step = scheduled
         logits = self.runner.execute(scheduled, on_layer_done)
         sampling = [s for s in scheduled if s.samples]
         tokens, logprobs = ([], None)
@@ -265,7 +267,7 @@ class LLMEngine:
                     num_preemptions=self.scheduler.num_preemptions)
 
 
-def _default_tokenizer_or_none() -> Tokenizer | None:
+def default_tokenizer_or_none() -> Tokenizer | None:
     """Random-weight models borrow SmolLM2's tokenizer (all its ids are in range for every
     named shape) when it is installed, so text prompts work in benchmarks."""
     try:
