@@ -25,7 +25,8 @@ MAX_REQUEST_ID_CHARS = 128
 
 _FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, "abort": pb.FINISH_REASON_ABORT}
 _ERROR_CODES = {"invalid_argument": grpc.StatusCode.INVALID_ARGUMENT,
-                "resource_exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED}
+                "resource_exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "unavailable": grpc.StatusCode.UNAVAILABLE}
 
 
 class BadRequest(Exception):

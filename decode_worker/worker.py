@@ -1,0 +1,507 @@
+"""The decode worker: an engine in decode mode (with in-place prefill), fed by the router
+over the request plane, streaming token batches back over the token plane, and receiving
+prompt KV from prefill workers over the KV plane.
+
+No Ray in here: :class:`DecodeWorker` is a plain object that tests drive with
+:meth:`DecodeWorker.run_once` (or :meth:`DecodeWorker.start` for a background thread);
+:mod:`decode_worker.actor` wraps it in a Ray actor.
+
+Sockets (all ZeroMQ, msgpack messages from :mod:`router.planes`, never pickle)::
+
+    router ──PUSH──► [PULL request]  GenerateMsg, abort, drain, prefill_failed
+    [PUSH token] ──► router PULL     one TokenBatch per loop iteration (+ heartbeats)
+    [PUSH] ──► prefill worker PULL   PrefillMsg, abort(kv_key)       (one socket per endpoint)
+    prefill worker ──► [PULL kv]     KV layers + done/abort          (kv_transfer receiver)
+
+Every socket is used only by the thread that runs the loop.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+import socket
+import threading
+import time
+from dataclasses import dataclass
+
+import zmq
+
+import kv_transfer as kt
+from engine import CapacityError, InvalidRequestError, LLMEngine, RequestOutput
+from kv_transfer.wire import KVLayout
+from router import planes
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_S = 0.5               # a batch (maybe empty) at least this often, carrying load
+MAX_REQUESTS_PER_ITERATION = 512
+MAX_OUTBOX = 4096               # token batches kept while the router is not draining
+KV_KEY_MAX = planes.MAX_ID_CHARS
+
+
+def _error_code(e: BaseException) -> str:
+    if isinstance(e, CapacityError):
+        return "resource_exhausted"
+    if isinstance(e, InvalidRequestError):
+        return "invalid_argument"
+    return "internal"
+
+
+def advertised_host(bind_host: str, advertise_host: str | None) -> str:
+    if advertise_host:
+        return advertise_host
+    if bind_host in ("0.0.0.0", "*", "::", "[::]"):
+        try:
+            return socket.gethostbyname(socket.gethostname())
+        except OSError:
+            return "127.0.0.1"
+    return bind_host
+
+
+def bind_pull(ctx: zmq.Context, bind_host: str, advertise_host: str | None) -> tuple[zmq.Socket, str]:
+    """A PULL socket on a random tcp port of bind_host; returns it and its advertised endpoint."""
+    sock = ctx.socket(zmq.PULL)
+    try:
+        sock.setsockopt(zmq.MAXMSGSIZE, planes.MAX_MESSAGE_BYTES)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.bind(f"tcp://{bind_host}:*")
+    except Exception:
+        sock.close(0)
+        raise
+    ep = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+    port = ep.rpartition(":")[2]
+    return sock, f"tcp://{advertised_host(bind_host, advertise_host)}:{port}"
+
+
+def recv_one(sock: zmq.Socket) -> bytes | None:
+    """One single-frame message without blocking; None if there is none. A multipart
+    message (never sent by a well-behaved peer) is consumed whole and returned as b"" so
+    the decoder rejects it."""
+    try:
+        first = sock.recv(zmq.NOBLOCK)
+    except zmq.Again:
+        return None
+    extra = False
+    while sock.getsockopt(zmq.RCVMORE):
+        sock.recv()
+        extra = True
+    return b"" if extra else first
+
+
+class PushPool:
+    """Lazily connected PUSH sockets, one per endpoint; sends never block."""
+
+    def __init__(self, ctx: zmq.Context, sndhwm: int = 10_000):
+        self._ctx, self._hwm = ctx, sndhwm
+        self._socks: dict[str, zmq.Socket] = {}
+
+    def send(self, endpoint: str, data: bytes) -> None:
+        """Raises zmq.ZMQError (zmq.Again when the peer's queue is full)."""
+        sock = self._socks.get(endpoint)
+        if sock is None:
+            sock = self._ctx.socket(zmq.PUSH)
+            try:
+                sock.setsockopt(zmq.SNDHWM, self._hwm)
+                sock.setsockopt(zmq.LINGER, 1000)
+                sock.connect(endpoint)
+            except Exception:
+                sock.close(0)
+                raise
+            self._socks[endpoint] = sock
+        sock.send(data, zmq.NOBLOCK)
+
+    def close(self) -> None:
+        for s in self._socks.values():
+            s.close()
+        self._socks.clear()
+
+
+@dataclass
+class _Req:
+    rid: str
+    mode: str                       # "direct" | "disagg" (as asked; fallback says what happened)
+    kv_key: str | None = None       # current transfer, while awaiting KV
+    prefill_endpoint: str | None = None
+    deadline: float = 0.0
+    fallback: str | None = None
+    disaggregated: bool = False     # its prompt KV came from a prefill worker
+
+
+class DecodeWorker:
+    def __init__(self, worker_id: str, model: str, token_endpoint: str, *, engine_kwargs: dict | None = None,
+                 device=None, dtype=None, bind_host: str = "127.0.0.1", kv_bind: str = "tcp",
+                 kv_timeout_s: float = 30.0, advertise_host: str | None = None,
+                 context: zmq.Context | None = None):
+        self.worker_id = worker_id
+        self.kv_timeout_s = float(kv_timeout_s)
+        self.engine = LLMEngine(model, device=device, dtype=dtype, **(engine_kwargs or {}))
+        self.block_size = self.engine.cfg.block_size
+        self.num_layers = self.engine.model_config.num_layers
+        self._ctx = context or zmq.Context.instance()
+        self._req_sock, self._req_ep = bind_pull(self._ctx, bind_host, advertise_host)
+        self._tok_sock = self._ctx.socket(zmq.PUSH)
+        self._tok_sock.setsockopt(zmq.SNDHWM, 100_000)
+        self._tok_sock.setsockopt(zmq.LINGER, 2000)
+        self._tok_sock.connect(token_endpoint)
+        if kv_bind == "tcp":
+            kv_bind = f"tcp://{bind_host}:*"
+        self.receiver = kt.make_receiver(
+            "zmq", KVLayout.from_engine(self.engine), kt.engine_writer(self.engine), bind=kv_bind,
+            advertise_host=advertised_host(bind_host, advertise_host) if kv_bind.startswith("tcp://") else None,
+            context=self._ctx, default_timeout_s=self.kv_timeout_s)
+        self._prefill = PushPool(self._ctx)
+        self._poller = zmq.Poller()
+        self._poller.register(self._req_sock, zmq.POLLIN)
+        kv_sock = getattr(self.receiver, "_sock", None)   # to sleep on both planes at once
+        if kv_sock is not None:
+            self._poller.register(kv_sock, zmq.POLLIN)
+        self._kv_waitable = kv_sock is not None
+        self._reqs: dict[str, _Req] = {}
+        self._by_key: dict[str, str] = {}      # kv_key -> rid, while awaiting KV
+        self._attempts = itertools.count(1)
+        self._items: list[planes.TokenItem] = []
+        self._outbox: list[bytes] = []
+        self._last_sent = 0.0
+        self._draining = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self.counters = dict(requests=0, disaggregated=0, fallbacks=0, rejected=0, aborted=0, errors=0,
+                             dropped_messages=0, batches_sent=0)
+
+    # ---- API -----------------------------------------------------------------------------------
+    def endpoints(self) -> dict:
+        return {"request": self._req_ep, "kv": self.receiver.endpoint}
+
+    def model_info(self) -> dict:
+        e = self.engine
+        return dict(model=e.model_name, vocab_size=e.model_config.vocab_size, max_model_len=e.max_model_len,
+                    block_size=self.block_size, num_blocks=e.blocks.num_blocks,
+                    eos_token_ids=sorted(e.eos_token_ids), has_tokenizer=e.tokenizer is not None,
+                    num_layers=self.num_layers, device=str(e.device), dtype=str(e.dtype).replace("torch.", ""))
+
+    def stats(self) -> dict:
+        return {**self.engine.stats(), **self.counters, "in_flight": len(self._reqs),
+                "draining": self._draining, "kv": dict(self.receiver.stats)}
+
+    def num_in_flight(self) -> int:
+        return len(self._reqs)
+
+    def drain(self) -> None:
+        """Stop accepting new requests (they get error_code "unavailable"); in-flight ones finish."""
+        self._draining = True
+
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("already started")
+        self._thread = threading.Thread(target=self._run, name=f"decode-worker-{self.worker_id}", daemon=True)
+        self._thread.start()
+
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout_s)
+            if self._thread.is_alive():
+                log.error("decode worker %s: loop did not stop", self.worker_id)
+                return
+        self._close()
+
+    def _close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for s in (self._req_sock, self._tok_sock):
+            s.close()
+        self._prefill.close()
+        self.receiver.close()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.run_once(50)
+            except Exception:   # run_once guards itself; this is the last line of defence
+                log.exception("decode worker %s: loop iteration failed", self.worker_id)
+                time.sleep(0.05)
+
+    # ---- one loop iteration ------------------------------------------------------------------------
+    def run_once(self, timeout_ms: int = 0) -> None:
+        """Receive requests and KV, run at most one engine step, send one token batch.
+        Blocks up to timeout_ms only when there is nothing to compute."""
+        if timeout_ms > 0 and not self.engine.has_unfinished() and not self._outbox:
+            self._wait(timeout_ms)
+        self._drain_requests()
+        self._poll_kv()
+        if self.engine.has_unfinished():
+            self._step()
+        self._send_batch()
+
+    def _wait(self, timeout_ms: int) -> None:
+        now = time.monotonic()
+        wait_s = min(timeout_ms / 1000, max(0.0, self._last_sent + HEARTBEAT_S - now))
+        if self._by_key:
+            nearest = min(self._reqs[r].deadline for r in self._by_key.values())
+            wait_s = min(wait_s, max(0.0, nearest - now))
+            if not self._kv_waitable:
+                wait_s = min(wait_s, 0.005)
+        if wait_s > 0:
+            self._poller.poll(max(1, int(wait_s * 1000)))
+
+    def _drain_requests(self) -> None:
+        for _ in range(MAX_REQUESTS_PER_ITERATION):
+            buf = recv_one(self._req_sock)
+            if buf is None:
+                return
+            try:
+                msg = planes.decode_request(buf)
+            except planes.PlaneError as e:
+                self.counters["dropped_messages"] += 1
+                log.warning("decode worker %s: dropped a malformed request-plane message: %s", self.worker_id, e)
+                continue
+            rid = getattr(msg, "rid", None)
+            try:
+                self._handle(msg)
+            except Exception as e:
+                log.exception("decode worker %s: handling %s failed", self.worker_id, type(msg).__name__)
+                if rid is not None and isinstance(msg, planes.GenerateMsg):
+                    self._fail_request(rid, f"internal error: {type(e).__name__}: {e}", "internal")
+
+    def _handle(self, msg) -> None:
+        if isinstance(msg, planes.GenerateMsg):
+            self._on_generate(msg)
+        elif isinstance(msg, planes.PrefillMsg):
+            self.counters["dropped_messages"] += 1
+            log.warning("decode worker %s: dropped a prefill message (wrong plane)", self.worker_id)
+        elif msg[0] == "abort":
+            self._on_abort(msg[1])
+        elif msg[0] == "drain":
+            log.info("decode worker %s: draining", self.worker_id)
+            self._draining = True
+        elif msg[0] == "prefill_failed":
+            rid = self._by_key.get(msg[1])
+            if rid is not None:
+                self.receiver.cancel(msg[1])
+                self._kv_failed(rid, "prefill_failed")
+
+    def _on_generate(self, msg: planes.GenerateMsg) -> None:
+        rid = msg.rid
+        if rid in self._reqs:
+            self.counters["dropped_messages"] += 1
+            log.warning("decode worker %s: request %r is already in flight; duplicate dropped", self.worker_id, rid)
+            return
+        self.counters["requests"] += 1
+        if self._draining:
+            self.counters["rejected"] += 1
+            self._items.append(planes.TokenItem(rid, [], finish_reason="abort", error="worker is draining",
+                                                error_code="unavailable"))
+            return
+        req = self._reqs[rid] = _Req(rid, msg.mode)
+        try:
+            if msg.mode == "disagg":
+                if not msg.prefill_endpoint:
+                    req.fallback = "no_prefill_endpoint"
+                elif self._start_disagg(req, msg):
+                    return
+            self.engine.add_request(rid, msg.prompt_ids, msg.params, cache_salt=msg.cache_salt)
+        except (InvalidRequestError, CapacityError) as e:
+            del self._reqs[rid]
+            self.counters["rejected"] += 1
+            self._items.append(planes.TokenItem(rid, [], finish_reason="abort", error=str(e),
+                                                error_code=_error_code(e)))
+            return
+        if req.fallback:
+            self.counters["fallbacks"] += 1
+
+    def _new_kv_key(self, rid: str) -> str:
+        n = next(self._attempts)
+        key = f"{rid}#{n}"
+        if len(key) > KV_KEY_MAX:
+            key = f"{hashlib.sha256(rid.encode()).hexdigest()[:32]}#{n}"
+        return key
+
+    def _start_disagg(self, req: _Req, msg: planes.GenerateMsg) -> bool:
+        """Reserve blocks and ask the prefill worker; False (with req.fallback set) means
+        "prefill in place" and nothing is left reserved."""
+        seq = self.engine.add_remote_prefill(msg.rid, msg.prompt_ids, msg.params, cache_salt=msg.cache_salt)
+        if seq is None:
+            req.fallback = "no_free_blocks"
+            return False
+        first_block = seq.num_computed_tokens // self.block_size
+        dst = list(seq.block_table[first_block:])
+        if not dst:   # nothing to ship (cannot happen with the engine's prefix rule; be safe)
+            self.engine.remote_kv_failed(msg.rid)
+            return True
+        key = self._new_kv_key(msg.rid)
+        req.deadline = time.monotonic() + min(self.kv_timeout_s, msg.kv_timeout_s)
+        req.kv_key, req.prefill_endpoint = key, msg.prefill_endpoint
+        self.receiver.expect(key, dst, self.num_layers, deadline=req.deadline)
+        self._by_key[key] = msg.rid
+        pm = planes.PrefillMsg(msg.rid, key, msg.prompt_ids, msg.params, kv_endpoint=self.receiver.endpoint,
+                               dst_block_ids=dst, first_block=first_block, reply_to=self._req_ep,
+                               cache_salt=msg.cache_salt)
+        try:
+            self._prefill.send(msg.prefill_endpoint, pm.encode())
+        except zmq.ZMQError as e:
+            log.warning("decode worker %s: cannot reach prefill worker %s: %s", self.worker_id,
+                        msg.prefill_endpoint, e)
+            self.receiver.cancel(key)
+            self._kv_failed(msg.rid, f"prefill_unreachable: {e}")
+        return True
+
+    def _forward_abort(self, req: _Req) -> None:
+        if req.kv_key and req.prefill_endpoint:
+            try:
+                self._prefill.send(req.prefill_endpoint, planes.encode_abort(req.kv_key))
+            except zmq.ZMQError as e:
+                log.info("decode worker %s: abort for %s not forwarded: %s", self.worker_id, req.kv_key, e)
+
+    def _kv_failed(self, rid: str, reason: str) -> None:
+        """The transfer for rid is over without data: prefill it in place."""
+        req = self._reqs[rid]
+        self._by_key.pop(req.kv_key, None)
+        self.engine.remote_kv_failed(rid)
+        if req.fallback is None:
+            req.fallback = reason
+            self.counters["fallbacks"] += 1
+
+    def _on_abort(self, rid: str) -> None:
+        req = self._reqs.pop(rid, None)
+        if req is not None and req.kv_key in self._by_key:
+            self._by_key.pop(req.kv_key)
+            self.receiver.cancel(req.kv_key)
+            self._forward_abort(req)
+        known = self.engine.abort(rid)
+        if req is not None or known:
+            self.counters["aborted"] += 1
+            self._items.append(planes.TokenItem(rid, [], finish_reason="abort"))
+
+    def _fail_request(self, rid: str, error: str, code: str) -> None:
+        """End one request with an error, whatever state it is in."""
+        self.counters["errors"] += 1
+        req = self._reqs.pop(rid, None)
+        try:
+            if req is not None and req.kv_key in self._by_key:
+                self._by_key.pop(req.kv_key)
+                self.receiver.cancel(req.kv_key)
+                self._forward_abort(req)
+            self.engine.abort(rid)
+        except Exception:
+            log.exception("decode worker %s: cleaning up %s failed", self.worker_id, rid)
+        self._items.append(planes.TokenItem(rid, [], finish_reason="abort", error=error, error_code=code))
+
+    def _poll_kv(self) -> None:
+        try:
+            res = self.receiver.poll(0)
+        except Exception:
+            log.exception("decode worker %s: kv receiver poll failed", self.worker_id)
+            return
+        for c in res.completed:
+            rid = self._by_key.pop(c.request_id, None)
+            if rid is None:
+                continue
+            try:
+                out = self.engine.remote_kv_landed(rid, c.first_token)
+                req = self._reqs[rid]
+                req.disaggregated = True
+                self.counters["disaggregated"] += 1
+                self._emit(out)
+            except Exception as e:
+                log.exception("decode worker %s: admitting %s after its KV landed failed", self.worker_id, rid)
+                self._fail_request(rid, f"internal error: {type(e).__name__}: {e}", "internal")
+        for f in res.failed:
+            rid = self._by_key.get(f.request_id)
+            if rid is None:
+                continue
+            reason = "kv_timeout" if f.reason.startswith("deadline") else f"kv_error: {f.reason}"
+            req = self._reqs.get(rid)
+            if req is not None and reason == "kv_timeout":
+                self._forward_abort(req)    # stop the prefill worker wasting work on it
+            try:
+                self._kv_failed(rid, reason)
+            except Exception as e:
+                log.exception("decode worker %s: falling back for %s failed", self.worker_id, rid)
+                self._fail_request(rid, f"internal error: {type(e).__name__}: {e}", "internal")
+
+    def _step(self) -> None:
+        self.engine.current_step = []
+        try:
+            outputs = self.engine.step()
+        except Exception as e:
+            log.exception("decode worker %s: engine step failed", self.worker_id)
+            sch = self.engine.scheduler
+            victims = [s.seq.seq_id for s in self.engine.current_step] or \
+                [s.seq_id for s in list(sch.running) + list(sch.waiting)]
+            for rid in victims:
+                self._fail_request(rid, f"internal error: {type(e).__name__}: {e}", "internal")
+            return
+        for out in outputs:
+            self._emit(out)
+
+    def _emit(self, out: RequestOutput) -> None:
+        item = planes.TokenItem(out.request_id, list(out.new_token_ids), out.text_delta, out.finish_reason,
+                                list(out.new_logprobs))
+        if out.finished:
+            req = self._reqs.pop(out.request_id, None)
+            item.prompt_tokens = out.num_prompt_tokens
+            item.cached_tokens = out.num_cached_tokens
+            item.completion_tokens = out.num_output_tokens
+            item.fallback = req.fallback if req is not None else None
+        self._items.append(item)
+
+    def _load(self) -> dict:
+        sch = self.engine.scheduler
+        return dict(running=len(sch.running), waiting=len(sch.waiting), free_blocks=self.engine.num_free_blocks(),
+                    num_blocks=self.engine.blocks.num_blocks, awaiting_kv=len(sch.awaiting_kv),
+                    draining=self._draining)
+
+    def _send_batch(self) -> None:
+        events = [(e.kind, e.block_hash, e.parent_hash) for e in self.engine.take_kv_events()]
+        now = time.monotonic()
+        items, self._items = self._items, []
+        if items or events or now - self._last_sent >= HEARTBEAT_S:
+            for i in range(0, max(1, len(items)), planes.MAX_ITEMS):
+                batch = planes.TokenBatch(self.worker_id, items[i:i + planes.MAX_ITEMS],
+                                          events if i == 0 else [], self._load())
+                if not batch.items and not batch.kv_events and self._outbox:
+                    continue   # a heartbeat behind a backlog says nothing new
+                self._outbox.append(self._encode(batch))
+            self._last_sent = now
+        while self._outbox:
+            try:
+                self._tok_sock.send(self._outbox[0], zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            except zmq.ZMQError as e:
+                log.error("decode worker %s: token plane send failed: %s", self.worker_id, e)
+                break
+            self._outbox.pop(0)
+            self.counters["batches_sent"] += 1
+        if len(self._outbox) > MAX_OUTBOX:
+            log.error("decode worker %s: router not draining the token plane; dropping %d batches",
+                      self.worker_id, len(self._outbox) - MAX_OUTBOX)
+            del self._outbox[:len(self._outbox) - MAX_OUTBOX]
+
+    def _encode(self, batch: planes.TokenBatch) -> bytes:
+        try:
+            return batch.encode()
+        except Exception:
+            log.exception("decode worker %s: a token batch did not encode; isolating the bad items", self.worker_id)
+        ok = []
+        for it in batch.items:
+            try:
+                planes.TokenBatch(self.worker_id, [it]).encode()
+                ok.append(it)
+            except Exception as e:
+                self._reqs.pop(it.rid, None)
+                self.engine.abort(it.rid)
+                self.counters["errors"] += 1
+                ok.append(planes.TokenItem(it.rid, [], finish_reason="abort", error_code="internal",
+                                           error=f"internal error: output not encodable ({type(e).__name__})"))
+        try:
+            return planes.TokenBatch(self.worker_id, ok, batch.kv_events, batch.load).encode()
+        except Exception:
+            log.exception("decode worker %s: kv events did not encode; dropped", self.worker_id)
+            return planes.TokenBatch(self.worker_id, ok, [], batch.load).encode()

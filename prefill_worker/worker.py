@@ -1,0 +1,302 @@
+"""The prefill worker: an engine in prefill-only mode that computes prompts for decode
+workers and ships each prompt's KV to them layer by layer while the prefill runs.
+
+No Ray in here: :class:`PrefillWorker` is a plain object that tests drive with
+:meth:`PrefillWorker.run_once` (or :meth:`PrefillWorker.start`); :mod:`prefill_worker.actor`
+wraps it in a Ray actor.
+
+    decode worker ──PUSH──► [PULL request]   PrefillMsg, abort(kv_key or rid), drain
+    [KV sender] ──► decode worker's KV PULL  layers, then done(first_token) or abort(reason)
+    [PUSH] ──► decode worker's request PULL  prefill_failed(kv_key), when the KV endpoint
+                                              itself is unusable
+
+A prompt's last chunk is computed in some engine step; during that step, as each layer
+finishes (``on_layer_done``), the layer's blocks [first_block:] of that sequence are read
+and queued to the sender (whose I/O thread stages and sends them), so shipping overlaps
+the following layers. When the step's output for the sequence arrives (its first token),
+``done`` is sent and the engine's blocks are released (read_kv_blocks returned copies).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import zmq
+
+import kv_transfer as kt
+from decode_worker.worker import PushPool, bind_pull, recv_one
+from engine import CapacityError, InvalidRequestError, LLMEngine
+from router import planes
+
+log = logging.getLogger(__name__)
+
+MAX_REQUESTS_PER_ITERATION = 512
+
+
+@dataclass
+class _Job:
+    rid: str
+    kv_key: str
+    sender: kt.KVSender
+    dst: list[int]
+    first_block: int
+    reply_to: str
+    layers_sent: int = 0
+    error: str | None = None
+
+
+class PrefillWorker:
+    def __init__(self, worker_id: str, model: str, *, engine_kwargs: dict | None = None, device=None, dtype=None,
+                 bind_host: str = "127.0.0.1", advertise_host: str | None = None,
+                 kv_send_timeout_s: float = 10.0, context: zmq.Context | None = None):
+        self.worker_id = worker_id
+        self.engine = LLMEngine(model, device=device, dtype=dtype, **(engine_kwargs or {}))
+        self.block_size = self.engine.cfg.block_size
+        self.num_layers = self.engine.model_config.num_layers
+        self.kv_send_timeout_s = float(kv_send_timeout_s)
+        self._ctx = context or zmq.Context.instance()
+        self._req_sock, self._req_ep = bind_pull(self._ctx, bind_host, advertise_host)
+        self._poller = zmq.Poller()
+        self._poller.register(self._req_sock, zmq.POLLIN)
+        self._senders: dict[str, kt.KVSender] = {}
+        self._replies = PushPool(self._ctx)
+        self._jobs: dict[str, _Job] = {}
+        self._shipping: list[tuple[_Job, object]] = []
+        self._queued_tokens = 0
+        self._draining = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self.counters = dict(requests=0, completed=0, aborted=0, rejected=0, send_errors=0, dropped_messages=0,
+                             prompt_tokens=0, cached_tokens=0)
+
+    # ---- API -----------------------------------------------------------------------------------
+    def endpoints(self) -> dict:
+        return {"request": self._req_ep}
+
+    def model_info(self) -> dict:
+        e = self.engine
+        return dict(model=e.model_name, vocab_size=e.model_config.vocab_size, max_model_len=e.max_model_len,
+                    block_size=self.block_size, num_blocks=e.blocks.num_blocks,
+                    eos_token_ids=sorted(e.eos_token_ids), has_tokenizer=e.tokenizer is not None,
+                    num_layers=self.num_layers, device=str(e.device), dtype=str(e.dtype).replace("torch.", ""))
+
+    def stats(self) -> dict:
+        return {**self.engine.stats(), **self.counters, "queued_tokens": self._queued_tokens,
+                "in_flight": len(self._jobs), "draining": self._draining}
+
+    def num_in_flight(self) -> int:
+        return len(self._jobs)
+
+    def drain(self) -> None:
+        """Refuse new prefills (the decode worker falls back at once); in-flight ones finish."""
+        self._draining = True
+
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("already started")
+        self._thread = threading.Thread(target=self._run, name=f"prefill-worker-{self.worker_id}", daemon=True)
+        self._thread.start()
+
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout_s)
+            if self._thread.is_alive():
+                log.error("prefill worker %s: loop did not stop", self.worker_id)
+                return
+        self._close()
+
+    def _close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._req_sock.close()
+        self._replies.close()
+        for s in self._senders.values():
+            try:
+                s.close(1.0)
+            except Exception:
+                log.exception("prefill worker %s: closing a KV sender failed", self.worker_id)
+        self._senders.clear()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.run_once(50)
+            except Exception:
+                log.exception("prefill worker %s: loop iteration failed", self.worker_id)
+                time.sleep(0.05)
+
+    # ---- one loop iteration ------------------------------------------------------------------------
+    def run_once(self, timeout_ms: int = 0) -> None:
+        if timeout_ms > 0 and not self.engine.has_unfinished():
+            self._poller.poll(timeout_ms)
+        self._drain_requests()
+        if self.engine.has_unfinished():
+            self._step()
+        sch = self.engine.scheduler
+        self._queued_tokens = sum(s.num_tokens - s.num_computed_tokens
+                                  for s in list(sch.waiting) + list(sch.running))
+
+    def _drain_requests(self) -> None:
+        for _ in range(MAX_REQUESTS_PER_ITERATION):
+            buf = recv_one(self._req_sock)
+            if buf is None:
+                return
+            try:
+                msg = planes.decode_request(buf)
+            except planes.PlaneError as e:
+                self.counters["dropped_messages"] += 1
+                log.warning("prefill worker %s: dropped a malformed request-plane message: %s", self.worker_id, e)
+                continue
+            try:
+                if isinstance(msg, planes.PrefillMsg):
+                    self._on_prefill(msg)
+                elif isinstance(msg, tuple) and msg[0] == "abort":
+                    self._on_abort(msg[1])
+                elif isinstance(msg, tuple) and msg[0] == "drain":
+                    log.info("prefill worker %s: draining", self.worker_id)
+                    self._draining = True
+                else:
+                    self.counters["dropped_messages"] += 1
+                    log.warning("prefill worker %s: dropped a %s message (wrong plane)", self.worker_id,
+                                type(msg).__name__ if not isinstance(msg, tuple) else msg[0])
+            except Exception as e:
+                log.exception("prefill worker %s: handling a request-plane message failed", self.worker_id)
+                if isinstance(msg, planes.PrefillMsg):
+                    self._abort_job(msg.kv_key, f"internal error: {type(e).__name__}: {e}")
+
+    def _sender(self, endpoint: str) -> kt.KVSender:
+        s = self._senders.get(endpoint)
+        if s is None:
+            s = self._senders[endpoint] = kt.make_sender("zmq", endpoint, context=self._ctx,
+                                                         send_timeout_s=self.kv_send_timeout_s)
+        return s
+
+    def _reply_failed(self, reply_to: str, kv_key: str) -> None:
+        try:
+            self._replies.send(reply_to, planes.encode_prefill_failed(kv_key))
+        except Exception as e:
+            log.warning("prefill worker %s: cannot tell %s that %s failed: %s", self.worker_id, reply_to, kv_key, e)
+
+    def _on_prefill(self, msg: planes.PrefillMsg) -> None:
+        key = msg.kv_key
+        if key in self._jobs:
+            self.counters["dropped_messages"] += 1
+            log.warning("prefill worker %s: %r is already in flight; duplicate dropped", self.worker_id, key)
+            return
+        self.counters["requests"] += 1
+        try:
+            sender = self._sender(msg.kv_endpoint)
+        except Exception as e:
+            self.counters["rejected"] += 1
+            log.warning("prefill worker %s: KV endpoint %r unusable: %s", self.worker_id, msg.kv_endpoint, e)
+            self._reply_failed(msg.reply_to, key)
+            return
+        try:
+            if self._draining:
+                raise _Refused("prefill worker is draining")
+            n = len(msg.prompt_ids)
+            want = self.engine.blocks.blocks_for(n) - msg.first_block
+            if msg.first_block * self.block_size >= n or want != len(msg.dst_block_ids):
+                raise _Refused(f"dst_block_ids: {len(msg.dst_block_ids)} blocks from block {msg.first_block} "
+                               f"do not cover a {n}-token prompt in blocks of {self.block_size}")
+            if len(set(msg.dst_block_ids)) != len(msg.dst_block_ids):
+                raise _Refused("dst_block_ids: must be distinct")
+            self.engine.add_request(key, msg.prompt_ids, msg.params, prefill_only=True, cache_salt=msg.cache_salt)
+        except (_Refused, InvalidRequestError, CapacityError) as e:
+            self.counters["rejected"] += 1
+            log.info("prefill worker %s: refused %s: %s", self.worker_id, key, e)
+            self._send_abort(sender, key, str(e))
+            return
+        self._jobs[key] = _Job(msg.rid, key, sender, list(msg.dst_block_ids), msg.first_block, msg.reply_to)
+
+    def _send_abort(self, sender: kt.KVSender, key: str, reason: str) -> None:
+        try:
+            sender.send_abort(key, reason[:1024])
+        except Exception as e:
+            self.counters["send_errors"] += 1
+            log.warning("prefill worker %s: abort for %s not sent: %s", self.worker_id, key, e)
+            self._forget_sender(sender)
+
+    def _forget_sender(self, sender: kt.KVSender) -> None:
+        if self._senders.get(sender.endpoint) is sender:
+            del self._senders[sender.endpoint]
+
+    def _abort_job(self, key: str, reason: str) -> None:
+        job = self._jobs.pop(key, None)
+        self.engine.abort(key)
+        if job is not None:
+            self._send_abort(job.sender, key, reason)
+
+    def _on_abort(self, ident: str) -> None:
+        """ident is a kv_key (from the decode worker) or a request id (all its transfers)."""
+        keys = [ident] if ident in self._jobs else [k for k, j in self._jobs.items() if j.rid == ident]
+        for k in keys:
+            self.counters["aborted"] += 1
+            self._abort_job(k, "aborted")
+
+    # ---- the step -----------------------------------------------------------------------------------
+    def _on_layer_done(self, layer: int) -> None:
+        if layer == 0:   # which sequences finish their prompt in this step
+            self._shipping = [(self._jobs[s.seq.seq_id], s.seq) for s in self.engine.current_step
+                              if s.samples and s.seq.seq_id in self._jobs]
+        for job, seq in self._shipping:
+            if job.error:
+                continue
+            try:
+                src = seq.block_table[job.first_block:job.first_block + len(job.dst)]
+                job.sender.send_layer(job.kv_key, layer, job.dst,
+                                      self.engine.runner.read_kv_blocks(layer, src))
+                job.layers_sent += 1
+            except Exception as e:
+                self.counters["send_errors"] += 1
+                job.error = f"sending layer {layer} failed: {type(e).__name__}: {e}"
+                log.warning("prefill worker %s: %s: %s", self.worker_id, job.kv_key, job.error)
+
+    def _step(self) -> None:
+        self.engine.current_step = []
+        self._shipping = []
+        try:
+            outputs = self.engine.step(on_layer_done=self._on_layer_done)
+        except Exception as e:
+            log.exception("prefill worker %s: engine step failed", self.worker_id)
+            sch = self.engine.scheduler
+            victims = [s.seq.seq_id for s in self.engine.current_step] or \
+                [s.seq_id for s in list(sch.running) + list(sch.waiting)]
+            for key in victims:
+                self._abort_job(key, f"internal error: {type(e).__name__}: {e}")
+            return
+        finally:
+            self._shipping = []
+        for out in outputs:
+            job = self._jobs.pop(out.request_id, None)
+            if job is None:
+                continue
+            if not out.finished:   # prefill-only sequences always finish on their first token
+                log.error("prefill worker %s: %s produced an unfinished output", self.worker_id, job.kv_key)
+            try:
+                if job.error is None and job.layers_sent == self.num_layers:
+                    job.sender.send_done(job.kv_key, out.new_token_ids[0], self.num_layers)
+                    self.counters["completed"] += 1
+                    self.counters["prompt_tokens"] += out.num_prompt_tokens
+                    self.counters["cached_tokens"] += out.num_cached_tokens
+                else:
+                    self._send_abort(job.sender, job.kv_key,
+                                     job.error or f"only {job.layers_sent}/{self.num_layers} layers sent")
+            except Exception as e:
+                self.counters["send_errors"] += 1
+                log.warning("prefill worker %s: done for %s not sent: %s", self.worker_id, job.kv_key, e)
+                self._forget_sender(job.sender)
+            finally:
+                self.engine.release(job.kv_key)
+
+
+class _Refused(ValueError):
+    pass
