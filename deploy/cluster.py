@@ -66,7 +66,10 @@ class Cluster:
         self.router.start()
         gpus = _gpus_per_worker()
         D, P = decode_class(gpus), prefill_class(gpus)
-        common = dict(engine_kwargs=cfg.engine_kwargs, dtype=cfg.dtype)
+        # Internal planes listen on loopback for a local cluster; on a real cluster each actor
+        # binds its own node's IP (bind_host=None).
+        common = dict(engine_kwargs=cfg.engine_kwargs, dtype=cfg.dtype,
+                      bind_host="127.0.0.1" if not cfg.address else None)
         for i in range(cfg.num_decode):
             wid = f"decode-{i}"
             self.decode_actors[wid] = D.remote(wid, cfg.model, self.router.token_endpoint, **common)

@@ -74,6 +74,11 @@ def _serve(args) -> int:
     return 0
 
 
+def _demo(args) -> int:
+    from deploy.demo import run_demo
+    return run_demo(args.model, args.max_tokens, args.json)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="pdserve", description="Disaggregated prefill/decode LLM serving")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -108,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--kv-cache-gb", type=float, default=None)
     s.add_argument("--dtype", default=None)
     s.set_defaults(func=_serve)
+
+    d = sub.add_parser("demo", help="start a local 1+1 cluster, send a short and a long prompt, show their routes")
+    d.add_argument("--model", default="smollm2")
+    d.add_argument("--max-tokens", type=int, default=24)
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(func=_demo)
     return ap
 
 

@@ -170,7 +170,8 @@ class Router:
     def handle_batch(self, batch: planes.TokenBatch) -> None:
         w = self.decode.get(batch.worker)
         if w is None:
-            log.warning("router: token batch from unknown worker %r dropped", batch.worker)
+            # Heartbeats can arrive before a new worker is registered (or after it left).
+            log.debug("router: token batch from unknown worker %r dropped", batch.worker)
             return
         w.last_seen = time.monotonic()
         w.load = batch.load
