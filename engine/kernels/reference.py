@@ -74,13 +74,7 @@ def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, n: int) -> t
     return cache[block_table[:nblocks].long()].flatten(0, 1)[:n]
 
 
-def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           block_tables: torch.Tensor, context_lens: torch.Tensor,
-                           scale: float) -> torch.Tensor:
-    """One query token per sequence. q: [S, H, D] -> [S, H, D].
-
-    The query is the last of each sequence's context_lens[s] tokens and sees all of them.
-    """
+def _decode_padded(q, k_cache, v_cache, block_tables, context_lens, scale):
     S, H, D = q.shape
     bs, KH = k_cache.shape[1], k_cache.shape[2]
     max_len = int(context_lens.max())
@@ -96,6 +90,29 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         attn_mask=valid[:, None, None, :],
         scale=scale, enable_gqa=(H != KH))
     return out.squeeze(2)
+
+
+DECODE_GROUP = 8
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, context_lens: torch.Tensor,
+                           scale: float) -> torch.Tensor:
+    """One query token per sequence. q: [S, H, D] -> [S, H, D].
+
+    The query is the last of each sequence's context_lens[s] tokens and sees all of them.
+    Sequences are gathered into a padded batch; to keep the padding (and the gathered
+    copy) small, they are sorted by length and processed in groups of similar length.
+    """
+    S = q.shape[0]
+    if S <= DECODE_GROUP:
+        return _decode_padded(q, k_cache, v_cache, block_tables, context_lens, scale)
+    order = torch.argsort(context_lens)
+    out = torch.empty_like(q)
+    for i in range(0, S, DECODE_GROUP):
+        idx = order[i:i + DECODE_GROUP]
+        out[idx] = _decode_padded(q[idx], k_cache, v_cache, block_tables[idx], context_lens[idx], scale)
+    return out
 
 
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
