@@ -38,13 +38,12 @@ def wait_drained(worker, timeout_s: float | None, poll_s: float = 0.05) -> dict:
     return dict(drained=n == 0, in_flight=n)
 
 
-class DecodeWorkerActor:
-    def __init__(self, worker_id: str, model: str, token_endpoint: str, **kwargs):
+class WorkerActorBase:
+    """Control calls shared by both pools' actors; subclasses build and start `self.worker`."""
+    worker = None
+
+    def __init__(self):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        if kwargs.get("bind_host") is None:
-            kwargs["bind_host"] = node_ip()
-        self.worker = DecodeWorker(worker_id, model, token_endpoint, **kwargs)
-        self.worker.start()
 
     def endpoints(self) -> dict:
         return self.worker.endpoints()
@@ -58,21 +57,35 @@ class DecodeWorkerActor:
     def ping(self) -> dict:
         """Health check: raises if the engine loop is gone (so Ray's caller sees an error)."""
         if not self.worker.is_alive():
-            raise RuntimeError(f"decode worker {self.worker.worker_id}: engine loop is not running")
+            raise RuntimeError(f"worker {self.worker.worker_id}: engine loop is not running")
         return dict(worker_id=self.worker.worker_id, ok=True, in_flight=self.worker.num_in_flight())
 
     def drain(self, timeout_s: float | None = None) -> dict:
-        """Stop accepting requests (new ones get error_code "unavailable") and wait until
-        in-flight ones finish (or timeout_s). Returns {"drained": bool, "in_flight": int}."""
+        """Stop accepting work (decode: new requests get "unavailable"; prefill: decode
+        workers fall back to in-place prefill at once) and wait until in-flight work is
+        done (or timeout_s). Returns {"drained": bool, "in_flight": int}."""
         return wait_drained(self.worker, timeout_s)
 
     def stop(self) -> None:
         self.worker.stop()
 
 
+def make_remote(actor_cls, num_gpus: float, num_cpus: float, max_restarts: int, max_concurrency: int, **options):
+    import ray
+    return ray.remote(num_gpus=num_gpus, num_cpus=num_cpus, max_restarts=max_restarts,
+                      max_concurrency=max_concurrency, **options)(actor_cls)
+
+
+class DecodeWorkerActor(WorkerActorBase):
+    def __init__(self, worker_id: str, model: str, token_endpoint: str, **kwargs):
+        super().__init__()
+        if kwargs.get("bind_host") is None:
+            kwargs["bind_host"] = node_ip()
+        self.worker = DecodeWorker(worker_id, model, token_endpoint, **kwargs)
+        self.worker.start()
+
+
 def remote_class(num_gpus: float = 1, *, num_cpus: float = 1, max_restarts: int = 2, max_concurrency: int = 4,
                  **options):
     """The Ray actor class; extra options go to ray.remote (e.g. resources, runtime_env)."""
-    import ray
-    return ray.remote(num_gpus=num_gpus, num_cpus=num_cpus, max_restarts=max_restarts,
-                      max_concurrency=max_concurrency, **options)(DecodeWorkerActor)
+    return make_remote(DecodeWorkerActor, num_gpus, num_cpus, max_restarts, max_concurrency, **options)
