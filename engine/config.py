@@ -54,8 +54,19 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     enable_prefix_caching: bool = True
     max_model_len: int | None = None  # defaults to the model's context length
-    kernel_backend: str | None = None  # "torch" | "triton"; default: triton on CUDA, torch otherwise
+    kernel_backend: str | None = None  # "torch" | "triton" | "cpu"; default: triton on CUDA, cpu on CPU
     seed: int = 0  # seed for random weights
+    # Weight-only quantization of the decoder layers' linears (engine/quant):
+    # "int8" | "fp8" (e4m3, per-channel scales) | "fp8_tensor" (one scale per matrix).
+    quantization: str | None = None
+    # KV cache storage: None = the model dtype; "fp8" = e4m3 holding K/V / kv_cache_scale.
+    kv_cache_dtype: str | None = None
+    kv_cache_scale: float = 1.0
+    # CUDA graphs for pure-decode steps (GPU + Triton kernels only): one graph per batch
+    # bucket, captured at start-up; a step is padded up to the next bucket. Steps with a
+    # prefill chunk, larger batches or a per-layer callback run eagerly.
+    enable_cuda_graphs: bool = True
+    cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
 
     def validate(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -64,5 +75,14 @@ class EngineConfig:
             raise ValueError("max_num_batched_tokens must be >= 1")
         if not self.enable_chunked_prefill and self.max_model_len and self.max_num_batched_tokens < self.max_model_len:
             raise ValueError("without chunked prefill, max_num_batched_tokens must be >= max_model_len")
-        if self.kernel_backend not in (None, "torch", "triton"):
-            raise ValueError(f"kernel_backend must be 'torch' or 'triton', got {self.kernel_backend!r}")
+        if self.quantization not in (None, "int8", "fp8", "fp8_tensor"):
+            raise ValueError(f"quantization must be 'int8', 'fp8', 'fp8_tensor' or None, got {self.quantization!r}")
+        if self.kv_cache_dtype not in (None, "auto", "fp8"):
+            raise ValueError(f"kv_cache_dtype must be 'fp8', 'auto' or None, got {self.kv_cache_dtype!r}")
+        if (isinstance(self.kv_cache_scale, bool) or not isinstance(self.kv_cache_scale, (int, float))
+                or not 0 < self.kv_cache_scale < float("inf")):
+            raise ValueError(f"kv_cache_scale must be a positive finite number, got {self.kv_cache_scale!r}")
+        if any(not isinstance(b, int) or b < 1 for b in self.cuda_graph_batch_sizes):
+            raise ValueError(f"cuda_graph_batch_sizes must be positive integers, got {self.cuda_graph_batch_sizes!r}")
+        if self.kernel_backend not in (None, "torch", "triton", "cpu"):
+            raise ValueError(f"kernel_backend must be 'torch', 'triton' or 'cpu', got {self.kernel_backend!r}")

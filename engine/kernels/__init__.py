@@ -1,7 +1,9 @@
 """Kernel dispatch: one namespace of ops per backend, chosen by device.
 
 `torch` (reference.py) runs anywhere and is the test oracle; `triton` (triton_ops.py)
-is the fast path on CUDA. Both expose the same functions with the same signatures.
+is the fast path on CUDA; `cpu` (cpu_ops.py) is the reference with numba loops where the
+reference is slow on a CPU (decode attention). All expose the same functions with the
+same signatures.
 """
 from __future__ import annotations
 
@@ -16,7 +18,13 @@ OP_NAMES = ("rms_norm", "add_rms_norm", "silu_and_mul", "rotary_embedding", "wri
 
 
 def default_backend(device: torch.device) -> str:
-    return "triton" if device.type == "cuda" else "torch"
+    if device.type == "cuda":
+        return "triton"
+    if device.type == "cpu":
+        from engine.kernels import cpu_ops
+        if cpu_ops.available():
+            return "cpu"
+    return "torch"
 
 
 def get_ops(backend: str) -> types.SimpleNamespace:
@@ -24,6 +32,8 @@ def get_ops(backend: str) -> types.SimpleNamespace:
         mod = reference
     elif backend == "triton":
         from engine.kernels import triton_ops as mod
+    elif backend == "cpu":
+        from engine.kernels import cpu_ops as mod
     else:
         raise ValueError(f"unknown kernel backend {backend!r}")
     return types.SimpleNamespace(**{name: getattr(mod, name) for name in OP_NAMES})

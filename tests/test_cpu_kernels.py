@@ -1,0 +1,90 @@
+"""The CPU backend (engine/kernels/cpu_ops.py) against the torch reference it replaces."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.kernels import cpu_ops, default_backend, get_ops
+from engine.kernels import reference as ref
+
+pytestmark = pytest.mark.skipif(not cpu_ops.available(), reason="numba is not installed")
+
+
+def _paged_case(S, H, KH, D, block_size, ctx_lens, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    max_blocks = max(-(-n // block_size) for n in ctx_lens)
+    num_blocks = S * max_blocks + 3
+    k_cache = torch.randn(num_blocks, block_size, KH, D, generator=g).to(dtype)
+    v_cache = torch.randn(num_blocks, block_size, KH, D, generator=g).to(dtype)
+    # Blocks scattered over the pool in a random order, as after allocation churn; the
+    # unused tail of each row is padding (block 0) that the kernel must never read.
+    perm = torch.randperm(num_blocks, generator=g)
+    tables = torch.zeros(S, max_blocks, dtype=torch.int32)
+    used = 0
+    for s, n in enumerate(ctx_lens):
+        nb = -(-n // block_size)
+        tables[s, :nb] = perm[used:used + nb].to(torch.int32)
+        used += nb
+    q = torch.randn(S, H, D, generator=g).to(dtype)
+    return q, k_cache, v_cache, tables, torch.tensor(ctx_lens, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("H,KH,D,block_size,ctx_lens", [
+    (4, 4, 16, 4, [1]),                       # MHA, a single token of context
+    (8, 2, 32, 16, [1, 17, 16, 33, 5]),       # GQA 4:1, block boundaries either side
+    (9, 3, 64, 16, [228]),                     # SmolLM2's head layout, one long sequence
+    (6, 1, 8, 8, [40, 3, 64, 9, 1, 57, 8, 30, 12]),  # MQA, more sequences than threads
+])
+def test_paged_decode_attention_matches_reference(H, KH, D, block_size, ctx_lens, dtype):
+    q, kc, vc, bt, lens = _paged_case(len(ctx_lens), H, KH, D, block_size, ctx_lens, dtype)
+    want = ref.paged_decode_attention(q, kc, vc, bt, lens, D ** -0.5)
+    got = cpu_ops.paged_decode_attention(q, kc, vc, bt, lens, D ** -0.5)
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    assert got.dtype == dtype and got.shape == want.shape
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+
+
+def test_padding_blocks_are_never_read():
+    q, kc, vc, bt, lens = _paged_case(3, 4, 2, 16, 4, [5, 2, 9], torch.float32)
+    want = cpu_ops.paged_decode_attention(q, kc, vc, bt, lens, 0.25)
+    # Poison every slot past each sequence's context, and block 0 (the table padding).
+    used = torch.zeros(kc.shape[0], kc.shape[1], dtype=torch.bool)
+    for s, n in enumerate(lens.tolist()):
+        for t in range(n):
+            used[bt[s, t // 4], t % 4] = True
+    kc[~used] = float("nan")
+    vc[~used] = float("nan")
+    got = cpu_ops.paged_decode_attention(q, kc, vc, bt, lens, 0.25)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+def test_views_of_the_engine_cache_layout():
+    # The engine passes kv_cache[layer, 0] / [layer, 1]: views into one [L, 2, NB, BS, KH, D] tensor.
+    q, kc, vc, bt, lens = _paged_case(4, 8, 2, 16, 8, [3, 8, 20, 11], torch.float32)
+    big = torch.zeros(3, 2, *kc.shape)
+    big[1, 0], big[1, 1] = kc, vc
+    want = ref.paged_decode_attention(q, kc, vc, bt, lens, 0.25)
+    got = cpu_ops.paged_decode_attention(q, big[1, 0], big[1, 1], bt, lens, 0.25)
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-6)
+
+
+def test_uncompiled_dtype_falls_back_to_reference():
+    q, kc, vc, bt, lens = _paged_case(2, 4, 2, 16, 4, [6, 3], torch.bfloat16)
+    want = ref.paged_decode_attention(q, kc, vc, bt, lens, 0.25)
+    got = cpu_ops.paged_decode_attention(q, kc, vc, bt, lens, 0.25)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+def test_empty_context_is_rejected():
+    q, kc, vc, bt, lens = _paged_case(2, 4, 2, 16, 4, [6, 3], torch.float32)
+    lens[1] = 0
+    with pytest.raises(ValueError, match="context length"):
+        cpu_ops.paged_decode_attention(q, kc, vc, bt, lens, 0.25)
+
+
+def test_cpu_is_the_default_backend_on_cpu_and_exposes_every_op():
+    assert default_backend(torch.device("cpu")) == "cpu"
+    ops = get_ops("cpu")
+    assert ops.paged_decode_attention is cpu_ops.paged_decode_attention
+    assert ops.rms_norm is ref.rms_norm
