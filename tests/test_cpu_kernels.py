@@ -87,4 +87,50 @@ def test_cpu_is_the_default_backend_on_cpu_and_exposes_every_op():
     assert default_backend(torch.device("cpu")) == "cpu"
     ops = get_ops("cpu")
     assert ops.paged_decode_attention is cpu_ops.paged_decode_attention
-    assert ops.rms_norm is ref.rms_norm
+    assert ops.rms_norm is cpu_ops.rms_norm and ops.write_kv is ref.write_kv
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("T", [1, 7, 300])  # serial and parallel builds
+def test_rms_norms_match_reference(T, dtype):
+    g = torch.Generator().manual_seed(T)
+    x = torch.randn(T, 96, generator=g).to(dtype) * 3
+    res = torch.randn(T, 96, generator=g).to(dtype)
+    w = torch.rand(96, generator=g).to(dtype) + 0.5
+    x_in, res_in = x.clone(), res.clone()
+    tol = dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cpu_ops.rms_norm(x, w, 1e-5), ref.rms_norm(x, w, 1e-5), **tol)
+    got, got_res = cpu_ops.add_rms_norm(x, res, w, 1e-6)
+    want, want_res = ref.add_rms_norm(x, res, w, 1e-6)
+    torch.testing.assert_close(got_res, want_res, atol=0, rtol=0)   # the residual sum is exact
+    torch.testing.assert_close(got, want, **tol)
+    assert x.equal(x_in) and res.equal(res_in) and got.shape == x.shape   # inputs untouched
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("T", [6, 40])  # serial and parallel builds
+def test_rotary_matches_reference(T, dtype):
+    from engine.model.rope import build_cos_sin_cache
+    g = torch.Generator().manual_seed(1)
+    cache = build_cos_sin_cache(64, 512, 10000.0, None)
+    pos = torch.tensor([0, 5, 511, 17, 17, 300] * 7)[:T]
+    q = torch.randn(T, 9, 64, generator=g).to(dtype)
+    k = torch.randn(T, 3, 64, generator=g).to(dtype)
+    q_in, k_in = q.clone(), k.clone()
+    got_q, got_k = cpu_ops.rotary_embedding(q, k, pos, cache)
+    want_q, want_k = ref.rotary_embedding(q, k, pos, cache)
+    torch.testing.assert_close(got_q, want_q, atol=2e-6, rtol=2e-6)
+    torch.testing.assert_close(got_k, want_k, atol=2e-6, rtol=2e-6)
+    assert q.equal(q_in) and k.equal(k_in)
+
+
+def test_rotary_on_strided_views_of_a_fused_projection():
+    # The model splits q/k out of one fused qkv matmul: non-contiguous views.
+    from engine.model.rope import build_cos_sin_cache
+    cache = build_cos_sin_cache(16, 64, 10000.0, None)
+    qkv = torch.randn(5, (4 + 2 + 2) * 16)
+    q, k, _ = qkv.split([64, 32, 32], dim=-1)
+    q, k = q.view(5, 4, 16), k.view(5, 2, 16)
+    pos = torch.arange(5) * 3
+    for a, b in zip(cpu_ops.rotary_embedding(q, k, pos, cache), ref.rotary_embedding(q, k, pos, cache)):
+        torch.testing.assert_close(a, b, atol=2e-6, rtol=2e-6)

@@ -20,8 +20,7 @@ import math
 import torch
 
 from engine.kernels import reference
-from engine.kernels.reference import (add_rms_norm, paged_prefill_attention, rms_norm,  # noqa: F401
-                                      rotary_embedding, silu_and_mul, write_kv)
+from engine.kernels.reference import paged_prefill_attention, silu_and_mul, write_kv  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +85,46 @@ if numba is not None:
                 for d in range(D):
                     out[s, kh * G + g, d] = acc_o[g, d]
 
+    # The small per-token ops below replace 6-25 torch ops each (and their per-op dispatch,
+    # which dominates at batch 1) with one call. Rows are independent, so they run in
+    # parallel; they follow the reference's arithmetic, including its float32 statistics.
+    def _rms_norm_loop(x, residual, weight, eps, out, res_out, add):  # pragma: no cover
+        T, N = x.shape
+        for t in prange(T):
+            ss = np.float32(0.0)
+            for i in range(N):
+                v = x[t, i] + residual[t, i] if add else x[t, i]
+                if add:
+                    res_out[t, i] = v
+                f = np.float32(v)
+                ss += f * f
+            r = np.float32(1.0) / np.sqrt(ss / np.float32(N) + np.float32(eps))
+            for i in range(N):
+                v = res_out[t, i] if add else x[t, i]
+                out[t, i] = weight[i] * (np.float32(v) * r)
+
+    def _rotary_loop(x, positions, cos_sin, out):  # pragma: no cover
+        T, NH, D = x.shape
+        half = D // 2
+        for t in prange(T):
+            p = positions[t]
+            for h in range(NH):
+                for i in range(half):
+                    c = cos_sin[p, i]
+                    sn = cos_sin[p, half + i]
+                    a = np.float32(x[t, h, i])
+                    b = np.float32(x[t, h, half + i])
+                    out[t, h, i] = a * c - b * sn
+                    out[t, h, half + i] = b * c + a * sn
+
+    # Two builds of each: a parallel region costs a few microseconds to start, more than the
+    # whole op at a handful of rows (a decode step at small batch).
+    _PARALLEL_MIN_ROWS = 16
+    _rms_norm_serial = njit(cache=True, nogil=True)(_rms_norm_loop)
+    _rms_norm_parallel = njit(parallel=True, cache=True, nogil=True)(_rms_norm_loop)
+    _rotary_serial = njit(cache=True, nogil=True)(_rotary_loop)
+    _rotary_parallel = njit(parallel=True, cache=True, nogil=True)(_rotary_loop)
+
     # Run numba's parallel loops on as many threads as torch uses (no oversubscription).
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
 
@@ -109,3 +148,46 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                          block_tables.to(torch.int32).contiguous().numpy(),
                          context_lens.to(torch.int32).contiguous().numpy(), float(scale), out.numpy())
     return out
+
+
+def _compiled(*tensors: torch.Tensor) -> bool:
+    return numba is not None and all(t.device.type == "cpu" and t.dtype in _COMPILED_DTYPES for t in tensors)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if not _compiled(x, weight) or x.dtype != weight.dtype:
+        return reference.rms_norm(x, weight, eps)
+    x2 = x.detach().reshape(-1, x.shape[-1]).contiguous()
+    out = torch.empty_like(x2)
+    a = x2.numpy()
+    kernel = _rms_norm_parallel if x2.shape[0] >= _PARALLEL_MIN_ROWS else _rms_norm_serial
+    kernel(a, a, weight.detach().contiguous().numpy(), float(eps), out.numpy(), a, False)
+    return out.view(x.shape)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    if not _compiled(x, residual, weight) or not x.dtype == residual.dtype == weight.dtype:
+        return reference.add_rms_norm(x, residual, weight, eps)
+    x2 = x.detach().reshape(-1, x.shape[-1]).contiguous()
+    r2 = residual.detach().reshape(-1, x.shape[-1]).contiguous()
+    out, res_out = torch.empty_like(x2), torch.empty_like(x2)
+    kernel = _rms_norm_parallel if x2.shape[0] >= _PARALLEL_MIN_ROWS else _rms_norm_serial
+    kernel(x2.numpy(), r2.numpy(), weight.detach().contiguous().numpy(), float(eps),
+                     out.numpy(), res_out.numpy(), True)
+    return out.view(x.shape), res_out.view(x.shape)
+
+
+def rotary_embedding(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+                     cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if not _compiled(q, k) or cos_sin_cache.dtype != torch.float32 or q.dtype != k.dtype:
+        return reference.rotary_embedding(q, k, positions, cos_sin_cache)
+    pos = positions.detach().to(torch.int64).contiguous().numpy()
+    table = cos_sin_cache.detach().contiguous().numpy()
+    kernel = _rotary_parallel if q.shape[0] >= _PARALLEL_MIN_ROWS else _rotary_serial
+    outs = []
+    for x in (q, k):
+        xc = x.detach().contiguous()
+        out = torch.empty_like(xc)
+        kernel(xc.numpy(), pos, table, out.numpy())
+        outs.append(out)
+    return outs[0], outs[1]
