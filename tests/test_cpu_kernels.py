@@ -87,11 +87,11 @@ def test_cpu_is_the_default_backend_on_cpu_and_exposes_every_op():
     assert default_backend(torch.device("cpu")) == "cpu"
     ops = get_ops("cpu")
     assert ops.paged_decode_attention is cpu_ops.paged_decode_attention
-    assert ops.rms_norm is cpu_ops.rms_norm and ops.write_kv is ref.write_kv
+    assert ops.rms_norm is cpu_ops.rms_norm and ops.silu_and_mul is ref.silu_and_mul
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("T", [1, 7, 300])  # serial and parallel builds
+@pytest.mark.parametrize("T", [1, 7, 300])
 def test_rms_norms_match_reference(T, dtype):
     g = torch.Generator().manual_seed(T)
     x = torch.randn(T, 96, generator=g).to(dtype) * 3
@@ -108,7 +108,7 @@ def test_rms_norms_match_reference(T, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("T", [6, 40])  # serial and parallel builds
+@pytest.mark.parametrize("T", [6, 40])
 def test_rotary_matches_reference(T, dtype):
     from engine.model.rope import build_cos_sin_cache
     g = torch.Generator().manual_seed(1)
@@ -134,3 +134,18 @@ def test_rotary_on_strided_views_of_a_fused_projection():
     pos = torch.arange(5) * 3
     for a, b in zip(cpu_ops.rotary_embedding(q, k, pos, cache), ref.rotary_embedding(q, k, pos, cache)):
         torch.testing.assert_close(a, b, atol=2e-6, rtol=2e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_write_kv_matches_reference_and_skips_padding(dtype):
+    g = torch.Generator().manual_seed(3)
+    k = torch.randn(5, 2, 8, generator=g).to(dtype)
+    v = torch.randn(5, 2, 8, generator=g).to(dtype)
+    slots = torch.tensor([7, -1, 0, 13, -1])
+    caches = [torch.zeros(4, 4, 2, 8, dtype=dtype) for _ in range(4)]
+    ref.write_kv(k, v, caches[0], caches[1], slots)
+    cpu_ops.write_kv(k, v, caches[2], caches[3], slots)
+    assert caches[2].equal(caches[0]) and caches[3].equal(caches[1])
+    assert int((caches[2] != 0).any(-1).any(-1).sum()) == 3       # three slots written, padding skipped
+    with pytest.raises(IndexError):
+        cpu_ops.write_kv(k, v, caches[2], caches[3], torch.tensor([0, 1, 2, 3, 16]))

@@ -8,6 +8,12 @@ overhead per length group. The loop below reads each sequence's blocks where the
 once, with one (sequence, KV head) pair per work item, which is several times faster at
 every batch size (benchmarks/RESULTS.md).
 
+The loops are serial on purpose. numba's parallel regions share OpenMP with torch: on a
+busy host (several workers per node, or CI) their spinning thread pools fight and a
+50 us call took 11 ms in a measurement here; the workqueue layer avoids that but cannot be
+entered from two Python threads at once, which the workers do. Serial loops cost nothing
+at batch 1 and leave the second core to torch's matmuls.
+
 Only float32/float64 are compiled (numpy has no bfloat16); other dtypes, or a machine
 without numba, use the reference op. The numba functions compile on first use (a few
 seconds) and are cached on disk next to this file.
@@ -20,14 +26,14 @@ import math
 import torch
 
 from engine.kernels import reference
-from engine.kernels.reference import paged_prefill_attention, silu_and_mul, write_kv  # noqa: F401
+from engine.kernels.reference import paged_prefill_attention, silu_and_mul  # noqa: F401
 
 log = logging.getLogger(__name__)
 
 try:
     import numba
     import numpy as np
-    from numba import njit, prange
+    from numba import njit
 except ImportError:  # numba is a declared dependency, but keep the engine importable without it
     numba = None
 
@@ -38,13 +44,13 @@ if numba is not None:
     # between any two attention kernels); no other fast-math license is taken.
     _FASTMATH = {"reassoc", "contract"}
 
-    @njit(parallel=True, fastmath=_FASTMATH, cache=True, nogil=True)
+    @njit(fastmath=_FASTMATH, cache=True, nogil=True)
     def _paged_decode_kernel(q, k_cache, v_cache, block_tables, context_lens, scale, out):  # pragma: no cover
         S, H, D = q.shape
         BS = k_cache.shape[1]
         KH = k_cache.shape[2]
         G = H // KH
-        for w in prange(S * KH):
+        for w in range(S * KH):
             s = w // KH
             kh = w - s * KH
             n = context_lens[s]
@@ -86,11 +92,11 @@ if numba is not None:
                     out[s, kh * G + g, d] = acc_o[g, d]
 
     # The small per-token ops below replace 6-25 torch ops each (and their per-op dispatch,
-    # which dominates at batch 1) with one call. Rows are independent, so they run in
-    # parallel; they follow the reference's arithmetic, including its float32 statistics.
+    # which dominates at batch 1) with one call; they follow the reference's arithmetic,
+    # including its float32 statistics.
     def _rms_norm_loop(x, residual, weight, eps, out, res_out, add):  # pragma: no cover
         T, N = x.shape
-        for t in prange(T):
+        for t in range(T):
             ss = np.float32(0.0)
             for i in range(N):
                 v = x[t, i] + residual[t, i] if add else x[t, i]
@@ -106,7 +112,7 @@ if numba is not None:
     def _rotary_loop(x, positions, cos_sin, out):  # pragma: no cover
         T, NH, D = x.shape
         half = D // 2
-        for t in prange(T):
+        for t in range(T):
             p = positions[t]
             for h in range(NH):
                 for i in range(half):
@@ -117,16 +123,23 @@ if numba is not None:
                     out[t, h, i] = a * c - b * sn
                     out[t, h, half + i] = b * c + a * sn
 
-    # Two builds of each: a parallel region costs a few microseconds to start, more than the
-    # whole op at a handful of rows (a decode step at small batch).
-    _PARALLEL_MIN_ROWS = 16
-    _rms_norm_serial = njit(cache=True, nogil=True)(_rms_norm_loop)
-    _rms_norm_parallel = njit(parallel=True, cache=True, nogil=True)(_rms_norm_loop)
-    _rotary_serial = njit(cache=True, nogil=True)(_rotary_loop)
-    _rotary_parallel = njit(parallel=True, cache=True, nogil=True)(_rotary_loop)
+    @njit(cache=True, nogil=True)
+    def _write_kv_kernel(k, v, k_cache, v_cache, slots):  # pragma: no cover
+        BS = k_cache.shape[1]
+        n_slots = k_cache.shape[0] * BS
+        for t in range(slots.shape[0]):
+            s = slots[t]
+            if s < 0:
+                continue  # padding: nothing to write
+            if s >= n_slots:
+                raise IndexError("write_kv: slot out of range")
+            b = s // BS
+            o = s - b * BS
+            k_cache[b, o] = k[t]
+            v_cache[b, o] = v[t]
 
-    # Run numba's parallel loops on as many threads as torch uses (no oversubscription).
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    _rms_norm_kernel = njit(cache=True, nogil=True)(_rms_norm_loop)
+    _rotary_kernel = njit(cache=True, nogil=True)(_rotary_loop)
 
 
 def available() -> bool:
@@ -160,8 +173,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     x2 = x.detach().reshape(-1, x.shape[-1]).contiguous()
     out = torch.empty_like(x2)
     a = x2.numpy()
-    kernel = _rms_norm_parallel if x2.shape[0] >= _PARALLEL_MIN_ROWS else _rms_norm_serial
-    kernel(a, a, weight.detach().contiguous().numpy(), float(eps), out.numpy(), a, False)
+    _rms_norm_kernel(a, a, weight.detach().contiguous().numpy(), float(eps), out.numpy(), a, False)
     return out.view(x.shape)
 
 
@@ -171,8 +183,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
     x2 = x.detach().reshape(-1, x.shape[-1]).contiguous()
     r2 = residual.detach().reshape(-1, x.shape[-1]).contiguous()
     out, res_out = torch.empty_like(x2), torch.empty_like(x2)
-    kernel = _rms_norm_parallel if x2.shape[0] >= _PARALLEL_MIN_ROWS else _rms_norm_serial
-    kernel(x2.numpy(), r2.numpy(), weight.detach().contiguous().numpy(), float(eps),
+    _rms_norm_kernel(x2.numpy(), r2.numpy(), weight.detach().contiguous().numpy(), float(eps),
                      out.numpy(), res_out.numpy(), True)
     return out.view(x.shape), res_out.view(x.shape)
 
@@ -183,11 +194,20 @@ def rotary_embedding(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
         return reference.rotary_embedding(q, k, positions, cos_sin_cache)
     pos = positions.detach().to(torch.int64).contiguous().numpy()
     table = cos_sin_cache.detach().contiguous().numpy()
-    kernel = _rotary_parallel if q.shape[0] >= _PARALLEL_MIN_ROWS else _rotary_serial
     outs = []
     for x in (q, k):
         xc = x.detach().contiguous()
         out = torch.empty_like(xc)
-        kernel(xc.numpy(), pos, table, out.numpy())
+        _rotary_kernel(xc.numpy(), pos, table, out.numpy())
         outs.append(out)
     return outs[0], outs[1]
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Same contract as the reference; skips slot -1 without a host round trip per layer."""
+    if not _compiled(k, v, k_cache) or not k.dtype == v.dtype == k_cache.dtype == v_cache.dtype:
+        return reference.write_kv(k, v, k_cache, v_cache, slot_mapping)
+    _write_kv_kernel(k.detach().contiguous().numpy(), v.detach().contiguous().numpy(),
+                     k_cache.detach().numpy(), v_cache.detach().numpy(),
+                     slot_mapping.detach().to(torch.int64).contiguous().numpy())
