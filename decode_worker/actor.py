@@ -15,6 +15,7 @@ After a restart (max_restarts) the actor binds fresh ports: callers re-read endp
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 from decode_worker.worker import DecodeWorker
@@ -54,11 +55,19 @@ class WorkerActorBase:
     def stats(self) -> dict:
         return self.worker.stats()
 
-    def ping(self) -> dict:
-        """Health check: raises if the engine loop is gone (so Ray's caller sees an error)."""
+    def ping(self, router_epoch: int | None = None) -> dict:
+        """Health check: raises if the engine loop is gone (so Ray's caller sees an error).
+        Also the router's sign of life for decode workers (see DecodeWorker.router_contact);
+        returns the endpoints (they change when Ray restarts the actor) and the epoch of the
+        router the worker streams to, so the supervisor can re-register and re-attach it."""
         if not self.worker.is_alive():
             raise RuntimeError(f"worker {self.worker.worker_id}: engine loop is not running")
-        return dict(worker_id=self.worker.worker_id, ok=True, in_flight=self.worker.num_in_flight())
+        contact = getattr(self.worker, "router_contact", None)
+        epoch = contact(router_epoch) if contact is not None else None
+        plane = getattr(self.worker, "token_plane_state", None)
+        return dict(worker_id=self.worker.worker_id, ok=True, in_flight=self.worker.num_in_flight(),
+                    endpoints=self.worker.endpoints(), epoch=epoch, pid=os.getpid(),
+                    token_plane=plane() if plane is not None else None)
 
     def drain(self, timeout_s: float | None = None) -> dict:
         """Stop accepting work (decode: new requests get "unavailable"; prefill: decode
@@ -83,6 +92,9 @@ class DecodeWorkerActor(WorkerActorBase):
             kwargs["bind_host"] = node_ip()
         self.worker = DecodeWorker(worker_id, model, token_endpoint, **kwargs)
         self.worker.start()
+
+    def attach_router(self, token_endpoint: str, epoch: int) -> None:
+        self.worker.attach_router(token_endpoint, epoch)
 
 
 def remote_class(num_gpus: float = 1, *, num_cpus: float = 1, max_restarts: int = 2, max_concurrency: int = 4,

@@ -14,6 +14,14 @@ Sockets (all ZeroMQ, msgpack messages from :mod:`router.planes`, never pickle)::
     prefill worker ──► [PULL kv]     KV layers + done/abort          (kv_transfer receiver)
 
 Every socket is used only by the thread that runs the loop.
+
+Router faults: the worker belongs to one router *epoch* at a time. Heartbeats carry the
+worker's request endpoint and epoch (in ``load``), so a router can tell this incarnation
+from an older one with the same id. :meth:`DecodeWorker.attach_router` moves the token
+plane to a new router: requests of the old epoch are dropped at once (nobody streams them
+any more). With ``orphan_timeout_s`` set, requests are also dropped when the router has
+not been heard from (request-plane message or :meth:`router_contact`) for that long, so a
+router that died without a successor frees its requests' blocks in bounded time.
 """
 from __future__ import annotations
 
@@ -89,6 +97,14 @@ def recv_one(sock: zmq.Socket) -> bytes | None:
     return b"" if extra else first
 
 
+def close_curve_contexts(worker) -> None:
+    """Stop the ZAP handler and end the contexts a worker made for CurveZMQ (none when off)."""
+    if worker._curve_zap is not None:
+        worker._curve_zap.stop()
+        for c in (worker._ctx, worker._srv_ctx):
+            c.destroy(linger=0)
+
+
 class PushPool:
     """Lazily connected PUSH sockets, one per endpoint; sends never block."""
 
@@ -132,24 +148,46 @@ class DecodeWorker:
     def __init__(self, worker_id: str, model: str, token_endpoint: str, *, engine_kwargs: dict | None = None,
                  device=None, dtype=None, bind_host: str = "127.0.0.1", kv_bind: str = "tcp",
                  kv_timeout_s: float = 30.0, advertise_host: str | None = None,
-                 context: zmq.Context | None = None):
+                 context: zmq.Context | None = None, router_epoch: int | None = None,
+                 orphan_timeout_s: float | None = None, curve=None, kv_backend: str = "zmq"):
         self.worker_id = worker_id
+        self.router_epoch = router_epoch
+        self.orphan_timeout_s = orphan_timeout_s
+        self._router_seen = time.monotonic()
+        self._attach: tuple[str, int] | None = None   # set by attach_router, applied by the loop thread
         self.kv_timeout_s = float(kv_timeout_s)
         self.engine = LLMEngine(model, device=device, dtype=dtype, **(engine_kwargs or {}))
         self.block_size = self.engine.cfg.block_size
         self.num_layers = self.engine.model_config.num_layers
-        self._ctx = context or zmq.Context.instance()
-        self._req_sock, self._req_ep = bind_pull(self._ctx, bind_host, advertise_host)
+        # CurveZMQ (router/curve.py): connecting sockets come from a context of CURVE clients,
+        # listening ones (request plane, KV plane) from a context of CURVE servers with a ZAP
+        # handler that admits only the cluster's key. Off: one plain context for both.
+        self._curve_zap = None
+        if curve is not None:
+            self._ctx = curve.client_context()
+            self._srv_ctx, self._curve_zap = curve.server_context()
+        else:
+            self._ctx = self._srv_ctx = context or zmq.Context.instance()
+        self._req_sock, self._req_ep = bind_pull(self._srv_ctx, bind_host, advertise_host)
         self._tok_sock = self._ctx.socket(zmq.PUSH)
         self._tok_sock.setsockopt(zmq.SNDHWM, 100_000)
         self._tok_sock.setsockopt(zmq.LINGER, 2000)
         self._tok_sock.connect(token_endpoint)
+        self._token_endpoint = token_endpoint   # read by the heartbeat thread
         if kv_bind == "tcp":
             kv_bind = f"tcp://{bind_host}:*"
-        self.receiver = kt.make_receiver(
-            "zmq", KVLayout.from_engine(self.engine), kt.engine_writer(self.engine), bind=kv_bind,
-            advertise_host=advertised_host(bind_host, advertise_host) if kv_bind.startswith("tcp://") else None,
-            context=self._ctx, default_timeout_s=self.kv_timeout_s)
+        if kv_backend == "auto":   # NCCL pairs when this cache is on a GPU (the cluster decides for both ends)
+            kv_backend = "nccl" if self.engine.device.type == "cuda" else "zmq"
+        if kv_backend == "nccl":   # kv_transfer/p2p_backend.py: its endpoint carries the pair store's address
+            self.receiver = kt.make_receiver(
+                "nccl", KVLayout.from_engine(self.engine), kt.engine_writer(self.engine), bind_host=bind_host,
+                advertise_host=advertised_host(bind_host, advertise_host), device=self.engine.device,
+                default_timeout_s=self.kv_timeout_s)
+        else:
+            self.receiver = kt.make_receiver(
+                "zmq", KVLayout.from_engine(self.engine), kt.engine_writer(self.engine), bind=kv_bind,
+                advertise_host=advertised_host(bind_host, advertise_host) if kv_bind.startswith("tcp://") else None,
+                context=self._srv_ctx, default_timeout_s=self.kv_timeout_s)
         self._prefill = PushPool(self._ctx)
         self._poller = zmq.Poller()
         self._poller.register(self._req_sock, zmq.POLLIN)
@@ -166,9 +204,10 @@ class DecodeWorker:
         self._draining = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._beat_thread: threading.Thread | None = None
         self._closed = False
         self.counters = dict(requests=0, disaggregated=0, fallbacks=0, rejected=0, aborted=0, errors=0,
-                             dropped_messages=0, batches_sent=0)
+                             dropped_messages=0, batches_sent=0, orphaned=0)
 
     # ---- API -----------------------------------------------------------------------------------
     def endpoints(self) -> dict:
@@ -183,10 +222,28 @@ class DecodeWorker:
 
     def stats(self) -> dict:
         return {**self.engine.stats(), **self.counters, "in_flight": len(self._reqs),
-                "draining": self._draining, "kv": dict(self.receiver.stats)}
+                "draining": self._draining, "kv": dict(self.receiver.stats), "router_epoch": self.router_epoch}
 
     def num_in_flight(self) -> int:
         return len(self._reqs)
+
+    def token_plane_state(self) -> dict:
+        """For the supervisor's logs: is the token plane moving?"""
+        return dict(batches_sent=self.counters["batches_sent"], outbox=len(self._outbox),
+                    since_last_send_s=round(time.monotonic() - self._last_sent, 2))
+
+    def router_contact(self, epoch: int | None = None) -> int | None:
+        """The router (through its supervisor) is alive; returns this worker's epoch. A
+        contact from another epoch does not count. Safe from any thread."""
+        if epoch is None or epoch == self.router_epoch:
+            self._router_seen = time.monotonic()
+        return self.router_epoch
+
+    def attach_router(self, token_endpoint: str, epoch: int) -> None:
+        """Stream to a (new) router. Safe from any thread: the loop applies it before it
+        reads the next request, so requests of the new router always see the new epoch."""
+        self._attach = (token_endpoint, epoch)
+        self._router_seen = time.monotonic()
 
     def drain(self) -> None:
         """Stop accepting new requests (they get error_code "unavailable"); in-flight ones finish."""
@@ -197,6 +254,8 @@ class DecodeWorker:
             raise RuntimeError("already started")
         self._thread = threading.Thread(target=self._run, name=f"decode-worker-{self.worker_id}", daemon=True)
         self._thread.start()
+        self._beat_thread = threading.Thread(target=self._beat, name=f"decode-beat-{self.worker_id}", daemon=True)
+        self._beat_thread.start()
 
     def is_alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
@@ -208,6 +267,8 @@ class DecodeWorker:
             if self._thread.is_alive():
                 log.error("decode worker %s: loop did not stop", self.worker_id)
                 return
+        if self._beat_thread is not None and self._beat_thread is not threading.current_thread():
+            self._beat_thread.join(timeout_s)
         self._close()
 
     def _close(self) -> None:
@@ -218,6 +279,7 @@ class DecodeWorker:
             s.close()
         self._prefill.close()
         self.receiver.close()
+        close_curve_contexts(self)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -227,17 +289,86 @@ class DecodeWorker:
                 log.exception("decode worker %s: loop iteration failed", self.worker_id)
                 time.sleep(0.05)
 
+    def _beat(self) -> None:
+        """Heartbeats while the loop thread is busy in one long engine step (a big prefill
+        chunk on a loaded CPU can take seconds, a first numba compile longer): the router
+        judges a decode worker dead by token-plane silence, and a busy worker is not dead.
+        Own PUSH socket (ZeroMQ sockets belong to one thread); beats carry load only, no
+        tokens, so their order against the loop's batches does not matter. torch ops and
+        the numba kernels release the GIL, so this thread runs during a step."""
+        sock, endpoint = None, None
+        try:
+            while not self._stop.wait(HEARTBEAT_S):
+                if time.monotonic() - self._last_sent < 2 * HEARTBEAT_S:
+                    continue   # the loop is sending on its own
+                if endpoint != self._token_endpoint:
+                    if sock is not None:
+                        sock.close(linger=0)
+                    endpoint = self._token_endpoint
+                    sock = self._ctx.socket(zmq.PUSH)
+                    sock.setsockopt(zmq.SNDHWM, 16)
+                    sock.setsockopt(zmq.LINGER, 0)
+                    sock.connect(endpoint)
+                try:
+                    sock.send(planes.TokenBatch(self.worker_id, [], [], self._load()).encode(), zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass   # router away or slow: the next beat tries again
+                except Exception:   # a load snapshot taken mid-update; never kill the thread
+                    log.debug("decode worker %s: heartbeat skipped", self.worker_id, exc_info=True)
+        finally:
+            if sock is not None:
+                sock.close(linger=0)
+
     # ---- one loop iteration ------------------------------------------------------------------------
     def run_once(self, timeout_ms: int = 0) -> None:
         """Receive requests and KV, run at most one engine step, send one token batch.
         Blocks up to timeout_ms only when there is nothing to compute."""
         if timeout_ms > 0 and not self.engine.has_unfinished() and not self._outbox:
             self._wait(timeout_ms)
+        if self._attach is not None:
+            self._apply_attach()
         self._drain_requests()
+        self._check_orphans()
         self._poll_kv()
         if self.engine.has_unfinished():
             self._step()
         self._send_batch()
+
+    def _apply_attach(self) -> None:
+        endpoint, epoch = self._attach
+        self._attach = None
+        if epoch != self.router_epoch and self.router_epoch is not None:
+            self._drop_all(f"router epoch changed ({self.router_epoch} -> {epoch})")
+        self.router_epoch = epoch
+        sock = self._ctx.socket(zmq.PUSH)
+        sock.setsockopt(zmq.SNDHWM, 100_000)
+        sock.setsockopt(zmq.LINGER, 2000)
+        sock.connect(endpoint)
+        self._tok_sock.close(linger=0)
+        self._tok_sock = sock
+        self._token_endpoint = endpoint
+        self._outbox.clear()     # batches for the old router: nobody reads them
+        self._items.clear()
+        self._last_sent = 0.0    # introduce ourselves to the new router at once
+        log.info("decode worker %s: attached to router %s (epoch %s)", self.worker_id, endpoint, epoch)
+
+    def _check_orphans(self) -> None:
+        if self.orphan_timeout_s is None or not self._reqs:
+            return
+        silent = time.monotonic() - self._router_seen
+        if silent > self.orphan_timeout_s:
+            self._drop_all(f"router silent for {silent:.1f}s")
+            self._router_seen = time.monotonic()
+
+    def _drop_all(self, why: str) -> None:
+        """Abort every request: their router is gone, nobody will read their tokens."""
+        rids = list(self._reqs)
+        if rids:
+            log.warning("decode worker %s: dropping %d orphaned requests: %s", self.worker_id, len(rids), why)
+        for rid in rids:
+            self._on_abort(rid)
+            self.counters["orphaned"] += 1
+        self._items.clear()
 
     def _wait(self, timeout_ms: int) -> None:
         now = time.monotonic()
@@ -261,6 +392,7 @@ class DecodeWorker:
                 self.counters["dropped_messages"] += 1
                 log.warning("decode worker %s: dropped a malformed request-plane message: %s", self.worker_id, e)
                 continue
+            self._router_seen = time.monotonic()
             rid = getattr(msg, "rid", None)
             try:
                 self._handle(msg)
@@ -455,7 +587,13 @@ class DecodeWorker:
         sch = self.engine.scheduler
         return dict(running=len(sch.running), waiting=len(sch.waiting), free_blocks=self.engine.num_free_blocks(),
                     num_blocks=self.engine.blocks.num_blocks, awaiting_kv=len(sch.awaiting_kv),
-                    draining=self._draining)
+                    draining=self._draining, endpoint=self._req_ep, epoch=self.router_epoch,
+                    **self._kv_counters())
+
+    def _kv_counters(self) -> dict:
+        # Flat numbers (the token plane's load map holds scalars only) for the router's metrics.
+        st = self.receiver.stats
+        return {f"kv_{k}": int(st.get(k, 0)) for k in ("bytes", "completed", "failed", "timed_out")}
 
     def _send_batch(self) -> None:
         events = [(e.kind, e.block_hash, e.parent_hash) for e in self.engine.take_kv_events()]

@@ -43,7 +43,26 @@ def collect(responses) -> dict:
     return out
 
 
-def generate(address: str, prompt, max_tokens: int, timeout: float | None = 600, **kw) -> dict:
-    with grpc.insecure_channel(address) as ch:
+def open_channel(address: str, tls_ca: str | None = None, tls_cert: str | None = None, tls_key: str | None = None,
+                 tls: bool = False, server_name: str | None = None) -> grpc.Channel:
+    """Plaintext, or TLS when any tls_* is given (tls=True: TLS with the system roots);
+    tls_cert/tls_key: a client certificate for mutual TLS. server_name overrides the name
+    the server certificate is checked against (e.g. when dialling an IP address)."""
+    if not (tls or tls_ca or tls_cert or tls_key):
+        return grpc.insecure_channel(address)
+    from router.tls import channel_credentials
+    options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+    return grpc.secure_channel(address, channel_credentials(tls_ca, tls_cert, tls_key), options=options)
+
+
+def auth_metadata(api_key: str | None) -> tuple:
+    return (("authorization", f"Bearer {api_key}"),) if api_key else ()
+
+
+def generate(address: str, prompt, max_tokens: int, timeout: float | None = 600, *, api_key: str | None = None,
+             tls_ca: str | None = None, tls_cert: str | None = None, tls_key: str | None = None, tls: bool = False,
+             server_name: str | None = None, **kw) -> dict:
+    with open_channel(address, tls_ca, tls_cert, tls_key, tls, server_name) as ch:
         stub = pb_grpc.GenerationStub(ch)
-        return collect(stub.Generate(build_request(prompt, max_tokens, **kw), timeout=timeout))
+        return collect(stub.Generate(build_request(prompt, max_tokens, **kw), timeout=timeout,
+                                     metadata=auth_metadata(api_key)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 
@@ -33,10 +34,16 @@ def _generate_remote(args) -> int:
     import grpc
 
     from deploy.client import generate
+    api_key = os.environ.get("PDSERVE_API_KEY") or None
+    if args.api_key_file:
+        with open(args.api_key_file, encoding="utf-8") as f:   # first non-comment line
+            api_key = next((ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")), None)
+    security = dict(api_key=api_key, tls=args.tls, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
+                    tls_key=args.tls_key, server_name=args.tls_server_name)
     for prompt in args.prompts:
         try:
             out = generate(args.address, prompt, args.max_tokens, temperature=args.temperature, seed=args.seed,
-                           chat=args.chat)
+                           chat=args.chat, **security)
         except grpc.RpcError as e:
             print(f"pdserve: error: {e.code().name}: {e.details()}", file=sys.stderr)
             return 1
@@ -55,13 +62,18 @@ def _generate_remote(args) -> int:
 def _serve(args) -> int:
     import asyncio
 
-    from deploy.cluster import ClusterConfig, serve_forever
-    engine_kwargs = {}
-    if args.kv_cache_gb is not None:
-        engine_kwargs["kv_cache_memory_gb"] = args.kv_cache_gb
-    cfg = ClusterConfig(model=args.model, num_prefill=args.prefill, num_decode=args.decode, address=args.address,
-                        host=args.host, port=args.port, disagg_threshold=args.disagg_threshold,
-                        kv_timeout_s=args.kv_timeout, engine_kwargs=engine_kwargs, dtype=args.dtype)
+    from deploy.cluster import serve_forever
+    from deploy.config import config_from_args
+    # --config FILE, then the flags given; ConfigError is a ValueError: main() prints it.
+    cfg = config_from_args(args).to_cluster_config()
+    # Security and edge limits (SECURITY.md): flags only, never in a shared config file's defaults.
+    for flag, attr in (("api_key_file", "api_key_file"), ("tls_cert", "tls_cert"), ("tls_key", "tls_key"),
+                       ("tls_client_ca", "tls_client_ca"), ("internal_host", "internal_host"),
+                       ("max_prompt_tokens", "max_prompt_tokens"), ("max_tokens_limit", "max_tokens_limit")):
+        if getattr(args, flag) is not None:
+            setattr(cfg, attr, getattr(args, flag))
+    if args.zmq_curve:
+        cfg.zmq_curve = True
     try:
         import uvloop
         runner = uvloop.run
@@ -98,20 +110,48 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="one JSON object per prompt")
     g.add_argument("--address", default=None, metavar="HOST:PORT",
                    help="send the prompts to a running `pdserve serve` instead of a local engine")
+    # With --address: how to reach a server that has API keys and/or TLS (SECURITY.md).
+    g.add_argument("--api-key-file", default=None, metavar="FILE",
+                   help="API key sent as 'authorization: Bearer' (default: $PDSERVE_API_KEY)")
+    g.add_argument("--tls", action="store_true", help="TLS with the system's root certificates")
+    g.add_argument("--tls-ca", default=None, metavar="PEM", help="TLS: trust this CA for the server certificate")
+    g.add_argument("--tls-cert", default=None, metavar="PEM", help="mutual TLS: client certificate")
+    g.add_argument("--tls-key", default=None, metavar="PEM", help="mutual TLS: client private key")
+    g.add_argument("--tls-server-name", default=None, help="TLS: name to check the server certificate against")
     g.set_defaults(func=_generate)
 
+    # Every flag maps to a field of the config file (deploy/config.py: CLI_FIELDS) and
+    # overrides it; defaults (shown) are the schema's.
     s = sub.add_parser("serve", help="start the router and the prefill/decode pools on Ray")
-    s.add_argument("--model", default="smollm2")
-    s.add_argument("--prefill", type=int, default=1, help="prefill workers")
-    s.add_argument("--decode", type=int, default=1, help="decode workers")
+    s.add_argument("--config", default=None, metavar="FILE", help="deployment YAML (see deploy/README section)")
+    s.add_argument("--model", default=None, help="model (default smollm2)")
+    s.add_argument("--prefill", type=int, default=None, help="prefill workers: the pool's min_replicas (default 1)")
+    s.add_argument("--prefill-max", type=int, default=None, help="prefill pool max_replicas (default = min)")
+    s.add_argument("--decode", type=int, default=None, help="decode workers: the pool's min_replicas (default 1)")
+    s.add_argument("--decode-max", type=int, default=None, help="decode pool max_replicas (default = min)")
     s.add_argument("--address", default=None, help="existing Ray cluster (default: start a local one)")
-    s.add_argument("--host", default="127.0.0.1", help="gRPC listen address")
-    s.add_argument("--port", type=int, default=50051)
-    s.add_argument("--disagg-threshold", type=int, default=256,
-                   help="uncached prompt tokens above which prefill runs on the prefill pool")
-    s.add_argument("--kv-timeout", type=float, default=30.0, help="seconds before a KV transfer falls back")
+    s.add_argument("--host", default=None, help="gRPC listen address (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=None, help="gRPC port (default 50051)")
+    s.add_argument("--disagg-threshold", type=int, default=None,
+                   help="uncached prompt tokens above which prefill runs on the prefill pool (default 256)")
+    s.add_argument("--kv-timeout", type=float, default=None, help="seconds before a KV transfer falls back (default 30)")
     s.add_argument("--kv-cache-gb", type=float, default=None)
     s.add_argument("--dtype", default=None)
+    s.add_argument("--metrics-port", type=int, default=None, help="router Prometheus /metrics port (default off)")
+    s.add_argument("--controller-metrics-port", type=int, default=None,
+                   help="autoscaling controller Prometheus /metrics port (default off)")
+    s.add_argument("--api-key-file", default=None, metavar="FILE",
+                   help="require an API key (one per line; also $PDSERVE_API_KEYS, comma-separated)")
+    s.add_argument("--tls-cert", default=None, metavar="PEM", help="serve gRPC over TLS with this certificate")
+    s.add_argument("--tls-key", default=None, metavar="PEM", help="the TLS certificate's private key")
+    s.add_argument("--tls-client-ca", default=None, metavar="PEM",
+                   help="mutual TLS: require client certificates signed by this CA")
+    s.add_argument("--zmq-curve", action="store_true",
+                   help="encrypt and authenticate the internal ZeroMQ planes (CurveZMQ)")
+    s.add_argument("--internal-host", default=None,
+                   help="interface of the router's internal token plane (default loopback / the node's Ray IP)")
+    s.add_argument("--max-prompt-tokens", type=int, default=None, help="per-request prompt limit (default: context)")
+    s.add_argument("--max-tokens-limit", type=int, default=None, help="per-request max_tokens limit (default: context)")
     s.set_defaults(func=_serve)
 
     d = sub.add_parser("demo", help="start a local 1+1 cluster, send a short and a long prompt, show their routes")

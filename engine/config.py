@@ -67,6 +67,12 @@ class EngineConfig:
     # prefill chunk, larger batches or a per-layer callback run eagerly.
     enable_cuda_graphs: bool = True
     cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
+    # Speculative decoding (engine/spec_decode): None = off; "ngram" = prompt lookup (no
+    # extra model); anything else names a draft model (same tokenizer) loaded like `model`.
+    speculative: str | None = None
+    num_speculative_tokens: int = 4       # most draft tokens verified per sequence per step
+    spec_max_batch: int = 16              # no speculation while more sequences are running
+    spec_adaptive: bool = True            # pick k (or 0) per sequence from measured acceptance
 
     def validate(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -84,5 +90,12 @@ class EngineConfig:
             raise ValueError(f"kv_cache_scale must be a positive finite number, got {self.kv_cache_scale!r}")
         if any(not isinstance(b, int) or b < 1 for b in self.cuda_graph_batch_sizes):
             raise ValueError(f"cuda_graph_batch_sizes must be positive integers, got {self.cuda_graph_batch_sizes!r}")
+        if self.speculative is not None and (not isinstance(self.speculative, str) or not self.speculative):
+            raise ValueError(f"speculative must be 'ngram', a draft model name or None, got {self.speculative!r}")
+        if isinstance(self.num_speculative_tokens, bool) or not isinstance(self.num_speculative_tokens, int) \
+                or not 1 <= self.num_speculative_tokens <= 16:
+            raise ValueError(f"num_speculative_tokens must be an integer in [1, 16], got {self.num_speculative_tokens!r}")
+        if isinstance(self.spec_max_batch, bool) or not isinstance(self.spec_max_batch, int) or self.spec_max_batch < 1:
+            raise ValueError(f"spec_max_batch must be a positive integer, got {self.spec_max_batch!r}")
         if self.kernel_backend not in (None, "torch", "triton", "cpu"):
             raise ValueError(f"kernel_backend must be 'torch', 'triton' or 'cpu', got {self.kernel_backend!r}")

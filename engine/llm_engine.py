@@ -92,6 +92,11 @@ class LLMEngine:
         self._text: dict[str, _TextState] = {}
         self._arrivals = itertools.count()
         self.current_step: list = []   # this step's ScheduledSeqs, for on_layer_done callbacks
+        self.spec = None               # speculative decoding (engine/spec_decode), off by default
+        if cfg.speculative is not None:
+            from engine.spec_decode import SpecDecoder
+            self.spec = SpecDecoder(cfg, mc, self.runner.num_blocks, self.device, self.dtype, self.max_model_len,
+                                    uses_decode_graphs=self.runner.decode_graphs is not None)
 
     # ---- requests -----------------------------------------------------------------------------
     def tokenize(self, prompt: str | list[int]) -> list[int]:
@@ -152,6 +157,8 @@ class LLMEngine:
         """Stop a request wherever it is and free its blocks. False if unknown."""
         seq = self._seqs.pop(request_id, None)
         self._text.pop(request_id, None)
+        if self.spec is not None:
+            self.spec.forget(request_id)
         if seq is None:
             return self.scheduler.release_held(request_id)
         if not seq.is_finished:
@@ -165,16 +172,20 @@ class LLMEngine:
 
     # ---- the step -------------------------------------------------------------------------------
     def step(self, on_layer_done=None) -> list[RequestOutput]:
+        if self.spec is not None:
+            self.spec.propose(self.scheduler.running)
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
         self.current_step = scheduled
         logits = self.runner.execute(scheduled, on_layer_done)
         sampling = [s for s in scheduled if s.samples]
+        if any(s.num_spec for s in sampling):
+            return self._step_spec(scheduled, sampling, logits)
         tokens, logprobs = ([], None)
         if sampling:
             tokens, logprobs = sample(logits, [s.seq.params for s in sampling],
-                                      [s.seq.generator for s in sampling])
+                                      [s.seq.generator for s in sampling], self.runner.greedy_ids)
         for s in scheduled:
             s.seq.num_computed_tokens += s.num_new_tokens
             self.scheduler.commit_full_blocks(s.seq)
@@ -182,6 +193,62 @@ class LLMEngine:
         for i, s in enumerate(sampling):
             outputs.append(self._append_token(s.seq, tokens[i], logprobs[i] if logprobs else None))
         return outputs
+
+    def _step_spec(self, scheduled, sampling, logits: torch.Tensor) -> list[RequestOutput]:
+        """A step with verify chunks: a verify entry owns 1 + num_spec logit rows; the rest
+        are sampled as usual. Accepted drafts keep their KV, rejected ones are rolled back."""
+        first, row = [], 0
+        for s in sampling:
+            first.append(row)
+            row += 1 + s.num_spec
+        plain = [i for i, s in enumerate(sampling) if not s.num_spec]
+        tokens, logprobs = [], None
+        if plain:
+            tokens, logprobs = sample(logits[[first[i] for i in plain]], [sampling[i].seq.params for i in plain],
+                                      [sampling[i].seq.generator for i in plain])
+        want_lp = any(s.seq.params.logprobs for s in sampling if s.num_spec)
+        all_lp = torch.log_softmax(logits, dim=-1) if want_lp else None
+        for s in scheduled:
+            if not s.num_spec:
+                s.seq.num_computed_tokens += s.num_new_tokens
+                self.scheduler.commit_full_blocks(s.seq)
+        outputs, j = [], 0
+        for i, s in enumerate(sampling):
+            seq = s.seq
+            if not s.num_spec:
+                outputs.append(self._append_token(seq, tokens[j], logprobs[j] if logprobs else None))
+                j += 1
+                continue
+            rows = logits[first[i]:first[i] + 1 + s.num_spec]
+            emit = self.spec.verify(seq, s.num_spec, rows)
+            lps = None
+            if all_lp is not None and seq.params.logprobs:
+                r = all_lp[first[i]:first[i] + len(emit)]
+                lps = r.gather(-1, torch.tensor(emit, device=r.device)[:, None]).squeeze(-1).tolist()
+            # The verified token and the accepted drafts have valid KV; the tokens go back
+            # out of token_ids only to be appended (and stop-checked) one by one below.
+            last = seq.num_tokens
+            seq.token_ids.extend(emit[:-1])
+            seq.spec_token_ids = []
+            self.scheduler.rollback_spec(seq, seq.num_tokens)
+            del seq.token_ids[last:]
+            outputs.append(self._append_tokens(seq, emit, lps))
+        return outputs
+
+    def _append_tokens(self, seq: Sequence, tokens: list[int], logprobs: list[float] | None) -> RequestOutput:
+        """Several tokens of one sequence in one step, as one output; stops at the first
+        token that finishes it (later ones are dropped)."""
+        outs = []
+        for n, tok in enumerate(tokens):
+            outs.append(self._append_token(seq, tok, logprobs[n] if logprobs else None))
+            if outs[-1].finished:
+                break
+        out = outs[-1]
+        if len(outs) > 1:
+            out.new_token_ids = [t for o in outs for t in o.new_token_ids]
+            out.text_delta = "".join(o.text_delta for o in outs)
+            out.new_logprobs = [lp for o in outs for lp in o.new_logprobs]
+        return out
 
     def _append_token(self, seq: Sequence, token: int, logprob: float | None) -> RequestOutput:
         seq.token_ids.append(token)
@@ -208,6 +275,8 @@ class LLMEngine:
             delta, ts.emitted = ts.text[ts.emitted:upto], upto
         if reason is not None:
             self.scheduler.finish(seq, reason)
+            if self.spec is not None:
+                self.spec.forget(seq.seq_id)
             if not seq.prefill_only:
                 self._seqs.pop(seq.seq_id, None)
                 self._text.pop(seq.seq_id, None)
@@ -264,7 +333,11 @@ class LLMEngine:
         return dict(num_blocks=self.blocks.num_blocks, num_free_blocks=self.blocks.num_free_blocks,
                     num_cached_blocks=self.blocks.num_cached_blocks, num_running=len(self.scheduler.running),
                     num_waiting=len(self.scheduler.waiting), num_awaiting_kv=len(self.scheduler.awaiting_kv),
-                    num_preemptions=self.scheduler.num_preemptions)
+                    num_preemptions=self.scheduler.num_preemptions,
+                    **({} if self.spec is None else dict(
+                        spec_num_proposed=self.spec.stats.num_proposed,
+                        spec_num_accepted=self.spec.stats.num_accepted,
+                        spec_num_verify=self.spec.stats.num_verify)))
 
 
 def default_tokenizer_or_none() -> Tokenizer | None:

@@ -7,7 +7,9 @@ import logging
 import torch
 
 from engine.config import EngineConfig, ModelConfig
+from engine.cuda_graphs import DecodeGraphs
 from engine.kernels import default_backend, get_ops
+from engine import quant
 from engine.model import loader
 from engine.model.llama import ForwardBatch, LlamaForCausalLM
 from engine.scheduler import ScheduledSeq
@@ -38,14 +40,30 @@ class ModelRunner:
         self.block_size = cfg.block_size
         backend = cfg.kernel_backend or default_backend(device)
         self.ops = get_ops(backend)
+        if backend == "cpu":
+            # Compile (or load from the on-disk cache) the numba kernels now, not inside the
+            # first request's step, where seconds of silence would look like a dead worker.
+            from engine.kernels import cpu_ops
+            cpu_ops.warm_up(dtype)
         self.model = self._build_model(source)
         self.model.init_rope(max_model_len, device)
         self.num_blocks = self._decide_num_blocks(max_model_len)
         # One tensor for the whole cache: [layer, k/v, block, slot, kv_head, head_dim]. A
         # block of one layer is contiguous, which is what KV transfer ships.
         self.kv_cache = torch.zeros(mcfg.num_layers, 2, self.num_blocks, self.block_size,
-                                    mcfg.num_kv_heads, mcfg.head_dim, device=device, dtype=dtype)
+                                    mcfg.num_kv_heads, mcfg.head_dim, device=device, dtype=self.kv_cache_dtype)
         self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(mcfg.num_layers)]
+        # Decode steps replay CUDA graphs on the GPU with the Triton kernels (the torch
+        # reference kernels sync the host, so they cannot be captured).
+        self.decode_graphs: DecodeGraphs | None = None
+        self.greedy_ids: torch.Tensor | None = None   # see execute()
+        if cfg.enable_cuda_graphs and device.type == "cuda" and backend == "triton":
+            # Buckets past the largest batch the scheduler can form would never be used.
+            sizes = sorted(cfg.cuda_graph_batch_sizes)
+            sizes = [b for b in sizes if b < cfg.max_num_seqs] + [b for b in sizes if b >= cfg.max_num_seqs][:1]
+            self.decode_graphs = DecodeGraphs(self.model, self.kv_caches, sizes,
+                                              -(-max_model_len // self.block_size), device)
+            self.decode_graphs.capture()
         log.info("model %s on %s/%s, kernels=%s, %d KV blocks of %d tokens",
                  source.name, device, dtype, backend, self.num_blocks, self.block_size)
 
@@ -66,10 +84,13 @@ class ModelRunner:
             model.load_weights(loader.hf_weights(source.path))
         else:
             model.load_weights(loader.gguf_weights(loader.open_gguf(source.path), self.mcfg))
+        # Weight quantization and the fp8 KV cache (engine/quant), once the weights are final.
+        backend = self.cfg.kernel_backend or default_backend(self.device)
+        self.kv_cache_dtype = quant.prepare_model(model, self.cfg, backend, self.dtype)
         return model.eval()
 
     def _decide_num_blocks(self, max_model_len: int) -> int:
-        per_block = kv_bytes_per_token(self.mcfg, self.dtype) * self.block_size
+        per_block = kv_bytes_per_token(self.mcfg, self.kv_cache_dtype) * self.block_size
         cfg = self.cfg
         if cfg.num_kv_blocks is not None:
             n = cfg.num_kv_blocks
@@ -94,22 +115,32 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSeq], on_layer_done=None) -> torch.Tensor | None:
         """Run the forward for this step. Returns logits [N, V] for the scheduled entries
-        whose `samples` is true, in scheduled order (None if there are none)."""
+        whose `samples` is true, in scheduled order (None if there are none); a speculative
+        verify entry (num_spec > 0) has 1 + num_spec consecutive rows."""
         bs = self.block_size
+        # The argmax of the returned logits' rows when the decode graph computed it (the
+        # sampler then need not), else None.
+        self.greedy_ids: torch.Tensor | None = None
         decodes = [s for s in scheduled if s.num_new_tokens == 1]
         prefills = [s for s in scheduled if s.num_new_tokens > 1]
+        graphs = self.decode_graphs
+        if (graphs is not None and decodes and not prefills and on_layer_done is None
+                and graphs.can_run(len(decodes), max(len(s.seq.block_table) for s in decodes))):
+            return self._execute_decode_graph(decodes)
         ordered = decodes + prefills
         ids, pos, slots, sample_idx = [], [], [], []
         for s in ordered:
             seq, start = s.seq, s.seq.num_computed_tokens
             end = start + s.num_new_tokens
             ids.extend(seq.token_ids[start:end])
+            if s.num_spec:  # speculative verify chunk: the draft tokens follow the last token
+                ids.extend(seq.spec_token_ids[:s.num_spec])
             table = seq.block_table
             for p in range(start, end):
                 pos.append(p)
                 slots.append(table[p // bs] * bs + p % bs)
-            if s.samples:
-                sample_idx.append(len(ids) - 1)
+            if s.samples:  # a verify chunk wants logits at all of its 1 + num_spec positions
+                sample_idx.extend(range(len(ids) - 1 - s.num_spec, len(ids)))
         dev = self.device
 
         def as_tensor(x, dtype=torch.int64):
@@ -140,11 +171,37 @@ class ModelRunner:
             return None
         logits = self.model.compute_logits(hidden[as_tensor(sample_idx)])
         # Back to the caller's order (decodes were moved first).
-        order = [s for s in ordered if s.samples]
-        rank = {id(s): i for i, s in enumerate(order)}
-        want = [rank[id(s)] for s in scheduled if s.samples]
+        # (A verify chunk owns 1 + num_spec consecutive rows.)
+        first, row = {}, 0
+        for s in ordered:
+            if s.samples:
+                first[id(s)], row = row, row + 1 + s.num_spec
+        want = [r for s in scheduled if s.samples for r in range(first[id(s)], first[id(s)] + 1 + s.num_spec)]
         if want != list(range(len(want))):
             logits = logits[torch.tensor(want, device=logits.device)]
+        return logits
+
+    def _execute_decode_graph(self, decodes: list[ScheduledSeq]) -> torch.Tensor | None:
+        bs = self.block_size
+        ids, pos, slots, tables, ctx, sample_rows = [], [], [], [], [], []
+        for i, s in enumerate(decodes):
+            seq = s.seq
+            p = seq.num_computed_tokens
+            ids.append(seq.token_ids[p])
+            pos.append(p)
+            slots.append(seq.block_table[p // bs] * bs + p % bs)
+            tables.append(seq.block_table)
+            ctx.append(p + 1)
+            if s.samples:
+                sample_rows.append(i)
+        # Run even when nothing samples: a 1-token prefill chunk must still write its KV.
+        logits, greedy = self.decode_graphs.run(ids, pos, slots, tables, ctx)
+        if not sample_rows:
+            return None
+        if len(sample_rows) != len(decodes):
+            rows = torch.tensor(sample_rows, device=logits.device)
+            logits, greedy = logits[rows], greedy[rows]
+        self.greedy_ids = greedy
         return logits
 
     # ---- KV block access (disaggregation) -------------------------------------------------------
@@ -153,4 +210,4 @@ class ModelRunner:
         return self.kv_cache[layer][:, torch.tensor(block_ids, device=self.device)]
 
     def write_kv_blocks(self, layer: int, block_ids: list[int], data: torch.Tensor) -> None:
-        self.kv_cache[layer][:, torch.tensor(block_ids, device=self.device)] = data.to(self.device, self.dtype)
+        self.kv_cache[layer][:, torch.tensor(block_ids, device=self.device)] = data.to(self.device, self.kv_cache.dtype)

@@ -27,10 +27,13 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams],
-           generators: list[torch.Generator | None]) -> tuple[list[int], list[float] | None]:
+           generators: list[torch.Generator | None],
+           greedy_ids: torch.Tensor | None = None) -> tuple[list[int], list[float] | None]:
     """logits: [N, V] fp32, one row per sampling sequence. Returns (token ids, logprobs of
-    the chosen tokens under the model's unmodified distribution, or None if nobody asked)."""
-    tokens = logits.argmax(dim=-1)
+    the chosen tokens under the model's unmodified distribution, or None if nobody asked).
+    greedy_ids: logits.argmax(-1) when the caller already has it (the decode CUDA graph
+    computes it in the graph), saving a launch and a pass over the logits."""
+    tokens = logits.argmax(dim=-1) if greedy_ids is None else greedy_ids
     sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
     if sampled_rows:
         tokens = tokens.clone()

@@ -16,11 +16,14 @@ from engine.sequence import FinishReason, Sequence, SeqStatus
 class ScheduledSeq:
     seq: Sequence
     num_new_tokens: int    # tokens computed for it this step (1 for a decode)
+    # Speculative verify: the chunk is the last token plus this many draft tokens
+    # (seq.spec_token_ids), and logits are wanted at every one of its positions.
+    num_spec: int = 0
 
     @property
     def samples(self) -> bool:
         """The step reaches the end of the sequence's tokens, so its last logits are sampled."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+        return self.seq.num_computed_tokens + self.num_new_tokens - self.num_spec == self.seq.num_tokens
 
 
 class Scheduler:
@@ -126,6 +129,7 @@ class Scheduler:
         self.running.remove(seq)
         self._free_blocks(seq)
         seq.num_computed_tokens = 0
+        seq.spec_token_ids = []
         seq.status = SeqStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
@@ -140,6 +144,19 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.spec_token_ids:
+                # A verify chunk only if it fits whole, in budget and in free blocks:
+                # speculation never preempts anyone. Otherwise a plain decode.
+                k = len(seq.spec_token_ids)
+                need = self.blocks.blocks_for(seq.num_tokens + k) - len(seq.block_table)
+                spare = self.blocks.num_free_blocks - (len(self.running) - i - 1)  # a block per later decode
+                if 1 + k <= budget and seq.num_computed_tokens + 1 == seq.num_tokens and \
+                        need <= max(spare, 0) and self._grow(seq, seq.num_tokens + k):
+                    out.append(ScheduledSeq(seq, 1 + k, num_spec=k))
+                    budget -= 1 + k
+                    i += 1
+                    continue
+                seq.spec_token_ids = []
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not self._grow(seq, seq.num_computed_tokens + n):
                 victim = self.running[-1]
@@ -175,6 +192,18 @@ class Scheduler:
             out.append(ScheduledSeq(seq, n))
             budget -= n
         return out
+
+    def rollback_spec(self, seq: Sequence, num_valid: int) -> None:
+        """After a verify step: only the first `num_valid` tokens have KV worth keeping
+        (rejected drafts' slots are garbage). Register the blocks that are full of valid
+        tokens, and give back trailing blocks past what the sequence's tokens need, so
+        the accounting is as if the rejected tokens had never been scheduled."""
+        seq.num_computed_tokens = num_valid
+        self.commit_full_blocks(seq)
+        keep = max(self.blocks.blocks_for(seq.num_tokens), len(seq.block_hashes))
+        if len(seq.block_table) > keep:
+            self.blocks.release(list(reversed(seq.block_table[keep:])))
+            del seq.block_table[keep:]
 
     # ---- disaggregation ---------------------------------------------------------------------------
     def reserve_for_remote(self, seq: Sequence) -> bool:

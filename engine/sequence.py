@@ -40,6 +40,9 @@ class Sequence:
     logprobs: list[float] = field(default_factory=list)
     generator: torch.Generator | None = None
     num_preemptions: int = 0
+    # Draft tokens proposed for this step (speculative decoding); never part of token_ids:
+    # the verify step keeps the accepted ones by appending them like sampled tokens.
+    spec_token_ids: list[int] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:

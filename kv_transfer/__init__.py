@@ -1,8 +1,10 @@
 """Moving KV blocks between workers, layer by layer, block-granular.
 
 Backends: ``"zmq"`` -- host-staged over ZeroMQ (tcp:// across hosts, ipc:// on one host;
-what CPU CI runs). ``"nccl"`` -- GPU to GPU -- is future work: the factories name it and
-raise NotImplementedError until it exists.
+what CPU CI runs). ``"nccl"`` -- torch.distributed point-to-point on a two-rank process
+group per (prefill, decode) pair: ProcessGroupNCCL GPU to GPU, ProcessGroupGloo when the
+receiving cache is on the CPU (how CI tests it); control headers still go over ZeroMQ
+(:mod:`kv_transfer.p2p_backend`). :func:`backend_of` tells an endpoint's backend.
 
 See :mod:`kv_transfer.base` for how the prefill and decode workers use the interface and
 :mod:`kv_transfer.wire` for the message format.
@@ -15,18 +17,22 @@ from kv_transfer.wire import (PROTOCOL_VERSION, AbortHeader, DoneHeader, KVHeade
 
 BACKENDS = ("zmq", "nccl")
 
-_NCCL_TODO = ("the NCCL KV transfer backend (GPU to GPU, no host staging) is not implemented yet; "
-              "it is planned future work. Use backend='zmq' (tcp:// or ipc://) meanwhile.")
+
+def backend_of(endpoint: str) -> str:
+    """The backend a receiver endpoint belongs to: ``nccl://...`` -> "nccl", else "zmq"."""
+    return "nccl" if isinstance(endpoint, str) and endpoint.startswith("nccl://") else "zmq"
 
 
 def make_sender(backend: str, endpoint: str, **kwargs) -> KVSender:
     """A sender to one receiver endpoint. zmq kwargs: context, sndhwm, send_timeout_s,
-    max_message_bytes, linger_s (see ZmqKVSender)."""
+    max_message_bytes, linger_s (see ZmqKVSender). nccl kwargs: context, send_timeout_s,
+    connect_timeout_s, linger_s, max_in_flight, sndhwm, device (see P2PKVSender)."""
     if backend == "zmq":
         from kv_transfer.zmq_backend import ZmqKVSender
         return ZmqKVSender(endpoint, **kwargs)
     if backend == "nccl":
-        raise NotImplementedError(_NCCL_TODO)
+        from kv_transfer.p2p_backend import P2PKVSender
+        return P2PKVSender(endpoint, **kwargs)
     raise ValueError(f"unknown KV transfer backend {backend!r}; one of {BACKENDS}")
 
 
@@ -34,12 +40,15 @@ def make_receiver(backend: str, layout: KVLayout, write_layer: WriteLayer, **kwa
     """A receiver writing into a cache of ``layout`` through ``write_layer(request_id,
     layer, block_ids, tensor)``. zmq kwargs: bind (default tcp://127.0.0.1:*; "ipc" for a
     fresh ipc:// path), advertise_host, context, rcvhwm, max_message_bytes,
-    default_timeout_s, max_messages_per_poll (see ZmqKVReceiver)."""
+    default_timeout_s, max_messages_per_poll (see ZmqKVReceiver). nccl kwargs: bind_host,
+    advertise_host, device (the cache's: cuda -> NCCL pairs, cpu -> gloo), pg,
+    default_timeout_s, op_timeout_s, connect_timeout_s, max_pairs (see P2PKVReceiver)."""
     if backend == "zmq":
         from kv_transfer.zmq_backend import ZmqKVReceiver
         return ZmqKVReceiver(layout, write_layer, **kwargs)
     if backend == "nccl":
-        raise NotImplementedError(_NCCL_TODO)
+        from kv_transfer.p2p_backend import P2PKVReceiver
+        return P2PKVReceiver(layout, write_layer, **kwargs)
     raise ValueError(f"unknown KV transfer backend {backend!r}; one of {BACKENDS}")
 
 
@@ -53,6 +62,6 @@ def engine_writer(engine) -> WriteLayer:
     return write_layer
 
 
-__all__ = ["make_sender", "make_receiver", "engine_writer", "BACKENDS", "KVSender", "KVReceiver", "PollResult",
+__all__ = ["make_sender", "make_receiver", "engine_writer", "backend_of", "BACKENDS", "KVSender", "KVReceiver", "PollResult",
            "Completed", "Failed", "WriteLayer", "KVLayout", "Reservation", "KVHeader", "DoneHeader", "AbortHeader",
            "KVMessage", "WireError", "UnknownRequestError", "decode_header", "decode_message", "PROTOCOL_VERSION"]

@@ -137,7 +137,8 @@ class KVLayout:
         """The layout of an ``engine.LLMEngine``'s cache (duck-typed: no import of engine)."""
         r = engine.runner
         return cls(num_layers=r.mcfg.num_layers, num_blocks=r.num_blocks, block_size=r.block_size,
-                   num_kv_heads=r.mcfg.num_kv_heads, head_dim=r.mcfg.head_dim, dtype=dtype_name(r.dtype),
+                   num_kv_heads=r.mcfg.num_kv_heads, head_dim=r.mcfg.head_dim,
+                   dtype=dtype_name(r.kv_cache.dtype),  # the cache's own dtype (fp8 KV differs from the model's)
                    vocab_size=engine.model_config.vocab_size)
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import zmq
 
 import kv_transfer as kt
-from decode_worker.worker import PushPool, bind_pull, recv_one
+from decode_worker.worker import PushPool, bind_pull, close_curve_contexts, recv_one
 from engine import CapacityError, InvalidRequestError, LLMEngine
 from router import planes
 
@@ -50,14 +50,22 @@ class _Job:
 class PrefillWorker:
     def __init__(self, worker_id: str, model: str, *, engine_kwargs: dict | None = None, device=None, dtype=None,
                  bind_host: str = "127.0.0.1", advertise_host: str | None = None,
-                 kv_send_timeout_s: float = 10.0, context: zmq.Context | None = None):
+                 kv_send_timeout_s: float = 10.0, context: zmq.Context | None = None, curve=None):
         self.worker_id = worker_id
         self.engine = LLMEngine(model, device=device, dtype=dtype, **(engine_kwargs or {}))
         self.block_size = self.engine.cfg.block_size
         self.num_layers = self.engine.model_config.num_layers
         self.kv_send_timeout_s = float(kv_send_timeout_s)
-        self._ctx = context or zmq.Context.instance()
-        self._req_sock, self._req_ep = bind_pull(self._ctx, bind_host, advertise_host)
+        # CurveZMQ (router/curve.py): connecting sockets come from a context of CURVE clients,
+        # listening ones (request plane, KV plane) from a context of CURVE servers with a ZAP
+        # handler that admits only the cluster's key. Off: one plain context for both.
+        self._curve_zap = None
+        if curve is not None:
+            self._ctx = curve.client_context()
+            self._srv_ctx, self._curve_zap = curve.server_context()
+        else:
+            self._ctx = self._srv_ctx = context or zmq.Context.instance()
+        self._req_sock, self._req_ep = bind_pull(self._srv_ctx, bind_host, advertise_host)
         self._poller = zmq.Poller()
         self._poller.register(self._req_sock, zmq.POLLIN)
         self._senders: dict[str, kt.KVSender] = {}
@@ -124,6 +132,7 @@ class PrefillWorker:
             except Exception:
                 log.exception("prefill worker %s: closing a KV sender failed", self.worker_id)
         self._senders.clear()
+        close_curve_contexts(self)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -175,8 +184,13 @@ class PrefillWorker:
     def _sender(self, endpoint: str) -> kt.KVSender:
         s = self._senders.get(endpoint)
         if s is None:
-            s = self._senders[endpoint] = kt.make_sender("zmq", endpoint, context=self._ctx,
-                                                         send_timeout_s=self.kv_send_timeout_s)
+            if kt.backend_of(endpoint) == "nccl":   # the decode worker's receiver chose NCCL/gloo pairs
+                dev = self.engine.device
+                s = kt.make_sender("nccl", endpoint, send_timeout_s=self.kv_send_timeout_s,
+                                   device=dev if dev.type == "cuda" else None)
+            else:
+                s = kt.make_sender("zmq", endpoint, context=self._ctx, send_timeout_s=self.kv_send_timeout_s)
+            self._senders[endpoint] = s
         return s
 
     def _reply_failed(self, reply_to: str, kv_key: str) -> None:

@@ -6,6 +6,12 @@
 Every message is one msgpack map with `v` (protocol version) and `type`. No pickle.
 Decoders check size, version, type and every field before building anything, and raise
 PlaneError (a ValueError) on anything malformed; receivers log and drop such messages.
+
+Memory: a message is at most MAX_MESSAGE_BYTES (the receiving sockets' ZMQ_MAXMSGSIZE,
+checked again here), and msgpack is unpacked into tuples (maps into tuples of pairs, the
+empty ones shared), so the Python objects one hostile message can make are bounded by
+about 45x its size (lists and dicts would be about 72x: an empty container costs 56-64
+bytes for 1 byte on the wire). tests/test_fuzz_planes.py measures it.
 """
 from __future__ import annotations
 
@@ -33,20 +39,52 @@ def pack(msg: dict) -> bytes:
     return msgpack.packb(msg, use_bin_type=True)
 
 
+def _short(v, n: int = 60) -> str:
+    r = repr(v)
+    return r if len(r) <= n else r[:n] + "..."
+
+
+class _Pairs(tuple):
+    """A msgpack map as unpack decodes it: a tuple of (key, value) pairs."""
+    __slots__ = ()
+
+
+_NO_PAIRS = _Pairs()
+
+
+def _pairs(pairs: list) -> _Pairs:
+    return _Pairs(pairs) if pairs else _NO_PAIRS   # one shared empty map: 1 wire byte costs 8
+
+
+def _map(v, what: str, max_keys: int = 64) -> dict:
+    """A decoded msgpack map (see unpack) -> dict."""
+    if type(v) is dict:          # callers may pass already-built dicts (params_from_wire)
+        pairs = list(v.items())
+    elif type(v) is _Pairs:
+        pairs = list(v)
+    else:
+        raise PlaneError(f"{what}: expected a map, got {type(v).__name__}")
+    if len(pairs) > max_keys or any(type(k) is not str for k, _ in pairs):
+        raise PlaneError(f"{what}: expected a map of at most {max_keys} string keys")
+    return dict(pairs)
+
+
 def unpack(buf: bytes) -> dict:
+    if not isinstance(buf, (bytes, bytearray, memoryview)):
+        raise PlaneError(f"message is not bytes ({type(buf).__name__})")
     if len(buf) > MAX_MESSAGE_BYTES:
         raise PlaneError(f"message of {len(buf)} bytes exceeds {MAX_MESSAGE_BYTES}")
     try:
-        msg = msgpack.unpackb(buf, raw=False, strict_map_key=True, max_bin_len=MAX_MESSAGE_BYTES,
-                             max_str_len=MAX_MESSAGE_BYTES, max_array_len=MAX_PROMPT_TOKENS,
-                             max_map_len=64, max_ext_len=0)
+        # Tuples, and maps as tuples of pairs: see the module docstring (memory bound).
+        msg = msgpack.unpackb(buf, raw=False, strict_map_key=True, use_list=False, object_pairs_hook=_pairs,
+                              max_bin_len=MAX_MESSAGE_BYTES, max_str_len=MAX_MESSAGE_BYTES,
+                              max_array_len=MAX_PROMPT_TOKENS, max_map_len=64, max_ext_len=0)
     except Exception as e:  # msgpack raises several unrelated types on bad input
-        raise PlaneError(f"undecodable message: {type(e).__name__}: {e}") from None
-    if not isinstance(msg, dict):
-        raise PlaneError("message is not a map")
-    if msg.get("v") != VERSION:
-        raise PlaneError(f"unsupported protocol version {msg.get('v')!r}")
-    if not isinstance(msg.get("type"), str):
+        raise PlaneError(f"undecodable message: {type(e).__name__}: {_short(str(e))}") from None
+    msg = _map(msg, "message")
+    if type(msg.get("v")) is not int or msg.get("v") != VERSION:
+        raise PlaneError(f"unsupported protocol version {_short(msg.get('v'))}")
+    if type(msg.get("type")) is not str:
         raise PlaneError("message has no type")
     return msg
 
@@ -55,7 +93,7 @@ def _str(m: dict, key: str, max_len: int = MAX_ID_CHARS, optional: bool = False)
     v = m.get(key)
     if v is None and optional:
         return None
-    if not isinstance(v, str) or not v or len(v) > max_len:
+    if type(v) is not str or not v or len(v) > max_len:
         raise PlaneError(f"{key}: expected a non-empty string of at most {max_len} chars")
     return v
 
@@ -64,19 +102,24 @@ def _int(m: dict, key: str, lo: int, hi: int, optional: bool = False) -> int | N
     v = m.get(key)
     if v is None and optional:
         return None
-    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-        raise PlaneError(f"{key}: expected an integer in [{lo}, {hi}], got {v!r}")
+    if type(v) is not int or not lo <= v <= hi:   # bool is not an int here
+        raise PlaneError(f"{key}: expected an integer in [{lo}, {hi}], got {_short(v)}")
     return v
 
 
 def _ints(m: dict, key: str, max_len: int, lo: int = 0, hi: int = 2**31 - 1) -> list[int]:
     v = m.get(key)
-    if not isinstance(v, list) or len(v) > max_len:
+    if type(v) not in (tuple, list) or len(v) > max_len:
         raise PlaneError(f"{key}: expected a list of at most {max_len} integers")
     for t in v:
-        if isinstance(t, bool) or not isinstance(t, int) or not lo <= t <= hi:
+        if type(t) is not int or not lo <= t <= hi:
             raise PlaneError(f"{key}: expected integers in [{lo}, {hi}]")
-    return v
+    return list(v)
+
+
+# Endpoints are checked where they are used (a worker that cannot connect to one falls
+# back or replies prefill_failed), so a bad one fails that request, not the message.
+MAX_ENDPOINT_CHARS = 1024
 
 
 # ---- sampling params on the wire -----------------------------------------------------------------
@@ -90,12 +133,21 @@ def params_to_wire(p: SamplingParams) -> dict:
 
 
 def params_from_wire(d) -> SamplingParams:
-    if not isinstance(d, dict) or set(d) - set(_PARAM_FIELDS):
-        raise PlaneError("params: expected a map of sampling fields")
+    d = _map(d, "params")
+    if set(d) - set(_PARAM_FIELDS):
+        raise PlaneError(f"params: unknown fields {_short(sorted(set(d) - set(_PARAM_FIELDS)))}")
     for k in ("temperature", "top_p"):
-        if k in d and (not isinstance(d[k], (int, float)) or isinstance(d[k], bool) or not math.isfinite(d[k])):
+        if k in d and (type(d[k]) not in (int, float) or not math.isfinite(d[k])):
             raise PlaneError(f"params.{k}: expected a finite number")
-    if "stop" in d and (not isinstance(d["stop"], list) or not all(isinstance(s, str) for s in d["stop"])):
+    for k in ("logprobs", "ignore_eos"):
+        if k in d and type(d[k]) is not bool:
+            raise PlaneError(f"params.{k}: expected a bool")
+    for k in ("stop", "stop_token_ids"):
+        if k in d:
+            if type(d[k]) not in (tuple, list):
+                raise PlaneError(f"params.{k}: expected a list")
+            d[k] = list(d[k])
+    if "stop" in d and not all(type(s) is str for s in d["stop"]):
         raise PlaneError("params.stop: expected a list of strings")
     try:
         p = SamplingParams(**d)
@@ -164,30 +216,31 @@ def decode_request(buf: bytes):
     if t == "drain":
         return ("drain", None)
     salt = m.get("cache_salt", b"")
-    if not isinstance(salt, bytes) or len(salt) > 64:
+    if type(salt) is not bytes or len(salt) > 64:
         raise PlaneError("cache_salt: expected at most 64 bytes")
     if t == "generate":
         mode = m.get("mode")
         if mode not in ("direct", "disagg"):
             raise PlaneError(f"mode: expected 'direct' or 'disagg', got {mode!r}")
         to = m.get("kv_timeout_s", 30.0)
-        if not isinstance(to, (int, float)) or isinstance(to, bool) or not 0 < to <= 3600:
+        if type(to) not in (int, float) or not 0 < to <= 3600:   # NaN fails the comparison
             raise PlaneError("kv_timeout_s: expected a number in (0, 3600]")
         return GenerateMsg(rid=_str(m, "rid"), prompt_ids=_ints(m, "prompt_ids", MAX_PROMPT_TOKENS),
                            params=params_from_wire(m.get("params")), mode=mode,
-                           prefill_endpoint=_str(m, "prefill_endpoint", 1024, optional=True),
+                           prefill_endpoint=_str(m, "prefill_endpoint", MAX_ENDPOINT_CHARS, optional=True),
                            prefill_worker=_str(m, "prefill_worker", optional=True),
                            cache_salt=salt, kv_timeout_s=float(to))
     if t == "prefill":
         return PrefillMsg(rid=_str(m, "rid"), kv_key=_str(m, "kv_key"),
                           prompt_ids=_ints(m, "prompt_ids", MAX_PROMPT_TOKENS),
-                          params=params_from_wire(m.get("params")), kv_endpoint=_str(m, "kv_endpoint", 1024),
+                          params=params_from_wire(m.get("params")),
+                          kv_endpoint=_str(m, "kv_endpoint", MAX_ENDPOINT_CHARS),
                           dst_block_ids=_ints(m, "dst_block_ids", MAX_PROMPT_TOKENS),
                           first_block=_int(m, "first_block", 0, MAX_PROMPT_TOKENS),
-                          reply_to=_str(m, "reply_to", 1024), cache_salt=salt)
+                          reply_to=_str(m, "reply_to", MAX_ENDPOINT_CHARS), cache_salt=salt)
     if t == "prefill_failed":
         return ("prefill_failed", _str(m, "kv_key"))
-    raise PlaneError(f"unknown request-plane message type {t!r}")
+    raise PlaneError(f"unknown request-plane message type {_short(t)}")
 
 
 def encode_prefill_failed(kv_key: str) -> bytes:
@@ -228,28 +281,72 @@ class TokenBatch:
                      "kv_events": [list(e) for e in self.kv_events], "load": self.load})
 
 
+MAX_TOKENS_PER_ITEM = 4096          # tokens of one request in one engine step
+MAX_TEXT_CHARS = 1 << 20
+MAX_ERROR_CHARS = 1 << 16
+MAX_KV_EVENTS = 1 << 16
+MAX_HASH_BYTES = 64
+MAX_LOAD_KEYS = 32
+_FINISH_REASONS = (None, "stop", "length", "abort")
+_EVENT_KINDS = ("stored", "evicted", "cleared")
+
+
+def _opt_str(v, what: str, max_len: int) -> str | None:
+    if v is not None and (type(v) is not str or len(v) > max_len):
+        raise PlaneError(f"{what}: expected null or a string of at most {max_len} chars")
+    return v
+
+
+def _item(raw) -> TokenItem:
+    """One token item, every field type- and range-checked: what reaches the router's
+    queues (and from there the gRPC response) is exactly what the dataclass declares."""
+    if type(raw) is not tuple or len(raw) != len(_ITEM_FIELDS):
+        raise PlaneError("item: expected a list of the TokenItem fields")
+    d = dict(zip(_ITEM_FIELDS, raw))
+    rid = _str(d, "rid")
+    token_ids = _ints(d, "token_ids", MAX_TOKENS_PER_ITEM)
+    text = d["text"]
+    if type(text) is not str or len(text) > MAX_TEXT_CHARS:
+        raise PlaneError(f"item.text: expected a string of at most {MAX_TEXT_CHARS} chars")
+    if d["finish_reason"] not in _FINISH_REASONS:
+        raise PlaneError(f"item.finish_reason: expected one of {_FINISH_REASONS}, got {_short(d['finish_reason'])}")
+    lp = d["logprobs"]
+    if type(lp) not in (tuple, list) or len(lp) > len(token_ids) or any(type(x) not in (int, float) for x in lp):
+        raise PlaneError("item.logprobs: expected a list of numbers, at most one per token")
+    counts = [_int(d, k, 0, 2**32 - 1) for k in ("prompt_tokens", "cached_tokens", "completion_tokens")]
+    return TokenItem(rid, token_ids, text, d["finish_reason"], [float(x) for x in lp], *counts,
+                     fallback=_opt_str(d["fallback"], "item.fallback", MAX_ID_CHARS),
+                     error=_opt_str(d["error"], "item.error", MAX_ERROR_CHARS),
+                     error_code=_opt_str(d["error_code"], "item.error_code", 64))
+
+
+def _event(e) -> tuple[str, bytes | None, bytes | None]:
+    if type(e) is not tuple or len(e) != 3 or e[0] not in _EVENT_KINDS:
+        raise PlaneError("kv_events: expected [kind, block_hash, parent_hash] events")
+    kind, h, parent = e
+    for x in (h, parent):
+        if x is not None and (type(x) is not bytes or not x or len(x) > MAX_HASH_BYTES):
+            raise PlaneError(f"kv_events: hashes are null or 1..{MAX_HASH_BYTES} bytes")
+    if kind != "cleared" and h is None:
+        raise PlaneError(f"kv_events: a {kind} event needs a block hash")
+    return (kind, h, parent)
+
+
 def decode_tokens(buf: bytes) -> TokenBatch:
     m = unpack(buf)
     if m["type"] != "tokens":
-        raise PlaneError(f"unknown token-plane message type {m['type']!r}")
+        raise PlaneError(f"unknown token-plane message type {_short(m['type'])}")
+    worker = _str(m, "worker")
     items_raw = m.get("items")
-    if not isinstance(items_raw, list) or len(items_raw) > MAX_ITEMS:
-        raise PlaneError("items: expected a bounded list")
-    items = []
-    for raw in items_raw:
-        if not isinstance(raw, list) or len(raw) != len(_ITEM_FIELDS):
-            raise PlaneError("item: wrong shape")
-        it = TokenItem(*raw)
-        if not isinstance(it.rid, str) or not isinstance(it.token_ids, list) or not isinstance(it.text, str):
-            raise PlaneError("item: wrong field types")
-        items.append(it)
-    events = m.get("kv_events", [])
-    if not isinstance(events, list) or len(events) > 1 << 16:
-        raise PlaneError("kv_events: expected a bounded list")
-    for e in events:
-        if not (isinstance(e, list) and len(e) == 3 and e[0] in ("stored", "evicted", "cleared")):
-            raise PlaneError("kv_events: malformed event")
-    load = m.get("load", {})
-    if not isinstance(load, dict):
-        raise PlaneError("load: expected a map")
-    return TokenBatch(worker=_str(m, "worker"), items=items, kv_events=[tuple(e) for e in events], load=load)
+    if type(items_raw) is not tuple or len(items_raw) > MAX_ITEMS:
+        raise PlaneError(f"items: expected a list of at most {MAX_ITEMS}")
+    items = [_item(raw) for raw in items_raw]
+    events = m.get("kv_events", ())
+    if type(events) is not tuple or len(events) > MAX_KV_EVENTS:
+        raise PlaneError(f"kv_events: expected a list of at most {MAX_KV_EVENTS}")
+    kv_events = [_event(e) for e in events]
+    load = _map(m.get("load", _NO_PAIRS), "load", MAX_LOAD_KEYS)
+    if not all(v is None or type(v) in (int, float, bool) or (type(v) is str and len(v) <= MAX_ENDPOINT_CHARS)
+               for v in load.values()):
+        raise PlaneError(f"load: values must be numbers, bools, null or strings of at most {MAX_ENDPOINT_CHARS}")
+    return TokenBatch(worker=worker, items=items, kv_events=kv_events, load=load)

@@ -156,6 +156,51 @@ def test_write_kv_all_skipped():
     assert torch.equal(k_cache, before)
 
 
+def _rope_cache(max_pos: int, D: int) -> torch.Tensor:
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2, dtype=torch.float64) / D))
+    freqs = torch.outer(torch.arange(max_pos, dtype=torch.float64), inv_freq)
+    return torch.cat([freqs.cos(), freqs.sin()], dim=-1).float().to(DEVICE)
+
+
+def _check_rotary_write_kv(T, H, KH, D, block_size, dtype, pos_dtype, skipped=(), seed=20):
+    """The fused op against the reference composition (rotary_embedding, then write_kv):
+    the same rotated q, the same cache contents everywhere (written slots and untouched
+    ones), and q/k/v left as they were."""
+    max_pos, num_blocks = 64, 5
+    cos_sin = _rope_cache(max_pos, D)
+    qkv = _randn(T, (H + 2 * KH) * D, dtype=dtype, seed=seed)
+    q = qkv[:, :H * D].view(T, H, D)              # strided views, as the model passes them
+    k = qkv[:, H * D:(H + KH) * D].view(T, KH, D)
+    v = qkv[:, (H + KH) * D:].view(T, KH, D)
+    positions = torch.randint(0, max_pos, (T,), generator=_gen(seed + 1)).to(DEVICE, pos_dtype)
+    slots = torch.randperm(num_blocks * block_size, generator=_gen(seed + 2))[:T]
+    slots[list(skipped)] = -1
+    slots = slots.to(DEVICE, pos_dtype)
+    k_cache = _randn(num_blocks, block_size, KH, D, dtype=dtype, seed=seed + 3)
+    v_cache = _randn(num_blocks, block_size, KH, D, dtype=dtype, seed=seed + 4)
+    k_exp, v_exp = k_cache.clone(), v_cache.clone()
+    qkv_before = qkv.clone()
+    q_exp = ref.rotary_embedding_write_kv(q, k, v, positions.long(), cos_sin, k_exp, v_exp, slots.long())
+    q_out = tri.rotary_embedding_write_kv(q, k, v, positions, cos_sin, k_cache, v_cache, slots)
+    _close(q_out, q_exp, dtype)
+    _close(k_cache, k_exp, dtype)
+    assert torch.equal(v_cache, v_exp)  # V is only copied
+    assert torch.equal(qkv, qkv_before)
+    return k_cache, k_exp
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,H,KH,D,block_size", [(7, 4, 4, 32, 16), (5, 8, 2, 64, 8), (3, 20, 4, 128, 16)])
+def test_rotary_embedding_write_kv(T, H, KH, D, block_size, dtype):
+    _check_rotary_write_kv(T, H, KH, D, block_size, dtype, torch.int64, skipped=[1] if T > 3 else [])
+
+
+def test_rotary_embedding_write_kv_int32_inputs_and_padding():
+    # The decode graphs feed int32 positions/slots; padded rows (slot -1) write nothing.
+    k_cache, k_exp = _check_rotary_write_kv(6, 8, 2, 32, 16, torch.float32, torch.int32, skipped=[0, 3, 5])
+    assert torch.equal(k_cache, k_exp)
+
+
 # --------------------------------------------------------------------------------------
 # paged decode attention
 # --------------------------------------------------------------------------------------
@@ -186,6 +231,44 @@ def test_paged_decode_attention(H, KH, D, block_size, ctx_lens, partition, dtype
         out = tri._paged_decode_attention(q, k_cache, v_cache, tables, lens, scale,
                                           partition_tokens=partition, config={"BLOCK_N": 16})
     _close(out, expected, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_paged_decode_attention_graph_padding(dtype):
+    """The CUDA-graph layout: a block table far wider than any context (so most split-K
+    partitions start past the end and exit), stale block ids past each sequence's length,
+    and padded entries with context 0. Real rows match the reference; padded rows are
+    zeros, not NaN."""
+    H, KH, D, BS = 8, 2, 32, 16
+    real = [5, 40, 33]
+    k_cache, v_cache, tables, lens = _paged_kv(real, KH, D, BS, dtype, seed=7)
+    width = 16  # 256 tokens of table for contexts of at most 40
+    wide = torch.zeros(len(real) + 2, width, dtype=torch.int32, device=DEVICE)
+    wide[:len(real), :tables.shape[1]] = tables
+    # Stale ids from some earlier, longer sequence: in range, but never to be read.
+    wide[:len(real), tables.shape[1]:] = k_cache.shape[0] - 1
+    wide_lens = torch.tensor(real + [0, 0], dtype=torch.int32, device=DEVICE)
+    q = _randn(len(real) + 2, H, D, dtype=dtype, seed=8)
+    scale = D ** -0.5
+    expected = ref.paged_decode_attention(q[:len(real)], k_cache, v_cache, tables, lens, scale)
+    for partition in (16, 32, 0):
+        out = tri._paged_decode_attention(q, k_cache, v_cache, wide, wide_lens, scale,
+                                          partition_tokens=partition, config={"BLOCK_N": 16})
+        _close(out[:len(real)], expected, dtype)
+        assert torch.equal(out[len(real):], torch.zeros_like(out[len(real):]))
+
+
+def test_decode_reduce_many_partitions():
+    """Split-K with more partitions than one reduce chunk (BLOCK_P=16) holds: a 300-token
+    context in 16-token partitions is 19 partials per head, reduced in two chunks."""
+    H, KH, D, BS = 4, 2, 32, 16
+    k_cache, v_cache, tables, lens = _paged_kv([300, 17], KH, D, BS, torch.float32, seed=9)
+    q = _randn(2, H, D, seed=10)
+    scale = D ** -0.5
+    expected = ref.paged_decode_attention(q, k_cache, v_cache, tables, lens, scale)
+    out = tri._paged_decode_attention(q, k_cache, v_cache, tables, lens, scale,
+                                      partition_tokens=16, config={"BLOCK_N": 16})
+    _close(out, expected, torch.float32)
 
 
 def test_decode_partition_heuristic():
@@ -280,6 +363,10 @@ class TestLargeShapesGPU:
         single = tri._paged_decode_attention(q, k_cache, v_cache, tables, lens, scale,
                                              partition_tokens=0)
         _close(single, expected, dtype)
+
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+    def test_rotary_write_kv_llama3_shape(self, dtype):
+        _check_rotary_write_kv(64, self.H, self.KH, self.D, self.BS, dtype, torch.int32, skipped=[3, 40])
 
     @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
     def test_prefill_2048_after_1024_prefix(self, dtype):

@@ -483,6 +483,37 @@ def test_threaded_workers_heartbeat_and_drain(cluster, expected):
     assert not dw.is_alive() and not pw.is_alive()
 
 
+def test_heartbeats_continue_through_a_long_engine_step(cluster, expected, monkeypatch):
+    # A step that takes seconds (a big prefill chunk on a loaded CPU) must not look like a
+    # dead worker: the heartbeat thread keeps the token plane alive while the loop is busy.
+    router, dw, _ = cluster(prefill=False)
+    real_step = dw.engine.step
+    slow = {"left": 1}
+
+    def slow_step():
+        if slow["left"]:
+            slow["left"] -= 1
+            time.sleep(2.5)
+        return real_step()
+
+    monkeypatch.setattr(dw.engine, "step", slow_step)
+    dw.start()
+    router.send(dw.endpoints()["request"], gen("a"))
+    end = time.monotonic() + 30
+    arrivals = []
+    while "a" not in router.final:
+        n = len(router.batches)
+        router.collect()
+        arrivals += [time.monotonic()] * (len(router.batches) - n)
+        assert time.monotonic() < end
+        time.sleep(0.02)
+    assert router.tokens["a"] == expected()[0]
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
+    assert gaps and max(gaps) < 1.6, f"token plane silent for {max(gaps):.1f}s during a 2.5 s step"
+    beats = [b for b in router.batches if not b.items and b.load.get("running") == 1]
+    assert beats, "no heartbeat reported the running request"
+
+
 # ---- Ray shells -----------------------------------------------------------------------------------------
 def test_actor_shells_import_without_ray_running():
     import decode_worker.actor as da

@@ -27,6 +27,7 @@ import torch
 
 from engine.kernels import reference
 from engine.kernels.reference import paged_prefill_attention, silu_and_mul  # noqa: F401
+from engine.kernels.reference import rotary_embedding_write_kv  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +145,24 @@ if numba is not None:
 
 def available() -> bool:
     return numba is not None
+
+
+def warm_up(dtype: torch.dtype) -> None:
+    """Run every compiled op once at a tiny shape so that its machine code for `dtype` is
+    compiled, or loaded from numba's cache, before the first real step."""
+    if numba is None or dtype not in _COMPILED_DTYPES:
+        return
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 8, generator=g).to(dtype)
+    w = torch.ones(8, dtype=dtype)
+    rms_norm(x, w, 1e-6)
+    add_rms_norm(x, x, w, 1e-6)
+    q, k = torch.randn(2, 2, 4, generator=g).to(dtype), torch.randn(2, 1, 4, generator=g).to(dtype)
+    rotary_embedding(q, k, torch.tensor([0, 1]), torch.zeros(4, 4))
+    cache = torch.zeros(2, 4, 1, 4, dtype=dtype)
+    write_kv(k, k, cache, cache.clone(), torch.tensor([0, 1]))
+    paged_decode_attention(q, cache, cache, torch.zeros(2, 1, dtype=torch.int32),
+                           torch.tensor([1, 2], dtype=torch.int32), 0.5)
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -67,6 +67,16 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     v_cache.view(-1, kh, d).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
 
+def rotary_embedding_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                              cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                              slot_mapping: torch.Tensor) -> torch.Tensor:
+    """rotary_embedding, then write_kv of the rotated K and of V; returns the rotated q.
+    One op so a backend can fuse the two (the GPU decode step is launch-bound there)."""
+    q, k = rotary_embedding(q, k, positions, cos_sin_cache)
+    write_kv(k, v, k_cache, v_cache, slot_mapping)
+    return q
+
+
 def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, n: int) -> torch.Tensor:
     """Contiguous [n, KH, D] view of one sequence's first n cached tokens."""
     bs = cache.shape[1]

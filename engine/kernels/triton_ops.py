@@ -20,9 +20,12 @@ import triton.language as tl
 
 _LOG2E = 1.4426950408889634
 
-# Decode split-K: a partition never gets fewer tokens than this, because below it the cost
-# of writing/reducing partials outweighs the extra parallelism.
-_DECODE_MIN_PARTITION_TOKENS = 256
+# Decode split-K: contexts up to this length are never split (a single pass is about as
+# fast as partials plus a reduce launch), and a partition never gets fewer tokens than
+# _DECODE_MIN_PARTITION_TOKENS. On an H100 (bf16, KH=8, D=128, 512-token context,
+# graph-replayed) batch 1 took 7.0 us with 64-token partitions against 10.5 us with 256.
+_DECODE_MIN_SPLIT_CONTEXT = 256
+_DECODE_MIN_PARTITION_TOKENS = 64
 # Split-K aims at this many (sequence, KV head, partition) programs per SM: a decode program
 # streams K/V with little else to hide memory latency behind, so it needs company. On an
 # H100 (bf16, KH=8, D=128, CUDA-graph timing) 2 was within ~5% of the best of 1/2/4/8 for
@@ -298,6 +301,80 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
 
 # --------------------------------------------------------------------------------------
+# Rotary embedding fused with the KV cache write
+# --------------------------------------------------------------------------------------
+
+@triton.jit
+def _rotary_write_kv_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr,
+                            pos_ptr, slot_ptr, cos_sin_ptr,
+                            stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                            stride_qot, stride_qoh, stride_cs,
+                            stride_kcb, stride_kco, stride_kch,
+                            stride_vcb, stride_vco, stride_vch,
+                            H, KH,
+                            HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_H: tl.constexpr,
+                            BLOCK_SIZE: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_D: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    offs_half = tl.arange(0, BLOCK_HALF)
+    half_mask = offs_half < HALF
+    cs_row = cos_sin_ptr + pos * stride_cs
+    cos = tl.load(cs_row + offs_half, mask=half_mask, other=0.0).to(tl.float32)
+    sin = tl.load(cs_row + HALF + offs_half, mask=half_mask, other=0.0).to(tl.float32)
+    _rope_heads(q_ptr + t * stride_qt, q_out_ptr + t * stride_qot, stride_qh, stride_qoh, H,
+                cos, sin, HALF, BLOCK_HALF, BLOCK_H)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot >= 0:  # slot -1 (padding): the query is still rotated, nothing is cached
+        blk = slot // BLOCK_SIZE
+        off = slot % BLOCK_SIZE
+        # The rotated K goes straight to its cache slot: it is never needed anywhere else
+        # (attention reads K back from the cache), so it is not materialised.
+        _rope_heads(k_ptr + t * stride_kt, k_cache_ptr + blk * stride_kcb + off * stride_kco,
+                    stride_kh, stride_kch, KH, cos, sin, HALF, BLOCK_HALF, BLOCK_H)
+        offs_h = tl.arange(0, BLOCK_KH)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask = (offs_h < KH)[:, None] & (offs_d < 2 * HALF)[None, :]
+        v = tl.load(v_ptr + t * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask)
+        vc = (v_cache_ptr + blk * stride_vcb + off * stride_vco
+              + offs_h[:, None] * stride_vch + offs_d[None, :])
+        tl.store(vc, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+def rotary_embedding_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                              cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                              slot_mapping: torch.Tensor) -> torch.Tensor:
+    """rotary_embedding then write_kv in one launch; returns the rotated q (a new tensor).
+
+    Why fused: in a decode step both ops touch a few KB per token, so each is almost all
+    launch latency; one kernel saves a launch and the round trip of the rotated K.
+    """
+    T, H, D = q.shape
+    KH = k.shape[1]
+    assert D % 2 == 0 and k.shape[2] == D and v.shape == k.shape and cos_sin_cache.shape[-1] == D
+    assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1, "cache must be contiguous in D"
+    q = _last_dim_contiguous(q)
+    k = _last_dim_contiguous(k)
+    v = _last_dim_contiguous(v)
+    cos_sin_cache = _last_dim_contiguous(cos_sin_cache)
+    positions = positions.contiguous()
+    slot_mapping = slot_mapping.contiguous()
+    q_out = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
+    if T > 0:
+        half = D // 2
+        _rotary_write_kv_kernel[(T,)](
+            q, k, v, q_out, k_cache, v_cache, positions, slot_mapping, cos_sin_cache,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            q_out.stride(0), q_out.stride(1), cos_sin_cache.stride(0),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            H, KH,
+            HALF=half, BLOCK_HALF=_next_pow2(half), BLOCK_H=min(_next_pow2(max(H, KH)), 16),
+            BLOCK_SIZE=k_cache.shape[1], BLOCK_KH=_next_pow2(KH), BLOCK_D=_next_pow2(D),
+            num_warps=4)
+    return q_out
+
+
+# --------------------------------------------------------------------------------------
 # Paged attention: shared tile loader
 # --------------------------------------------------------------------------------------
 
@@ -445,7 +522,7 @@ def _decode_partition_tokens(max_len: int, num_seqs: int, num_kv_heads: int, num
     """
     base = num_seqs * num_kv_heads
     target = _DECODE_PROGRAMS_PER_SM * num_sms
-    if base >= target or max_len <= _DECODE_MIN_PARTITION_TOKENS:
+    if base >= target or max_len <= _DECODE_MIN_SPLIT_CONTEXT:
         return 0
     want = triton.cdiv(target, base)
     tokens = max(_DECODE_MIN_PARTITION_TOKENS, triton.cdiv(max_len, want))

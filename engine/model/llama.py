@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import ModelConfig
+from engine.kernels import reference
 from engine.model.rope import build_cos_sin_cache
 
 
@@ -46,6 +47,14 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
 
+    def _fuse_rope_kv(self, k_cache: torch.Tensor, q: torch.Tensor) -> bool:
+        # The fused op only when the backend really fuses (a backend that re-exports the
+        # reference composition keeps calling its own two ops, e.g. the numba rotary on
+        # CPU), and only when the cache stores the activations' dtype: a quantized cache
+        # (fp8) swaps in its own write_kv, which the fused kernel would bypass.
+        return (self.ops.rotary_embedding_write_kv is not reference.rotary_embedding_write_kv
+                and k_cache.dtype == q.dtype)
+
     def forward(self, x: torch.Tensor, batch: ForwardBatch, kv: tuple[torch.Tensor, torch.Tensor],
                 cos_sin: torch.Tensor) -> torch.Tensor:
         T = x.shape[0]
@@ -53,9 +62,13 @@ class Attention(nn.Module):
         q = q.view(T, self.num_heads, self.head_dim)
         k = k.view(T, self.num_kv_heads, self.head_dim)
         v = v.view(T, self.num_kv_heads, self.head_dim)
-        q, k = self.ops.rotary_embedding(q, k, batch.positions, cos_sin)
         k_cache, v_cache = kv
-        self.ops.write_kv(k, v, k_cache, v_cache, batch.slot_mapping)
+        if self._fuse_rope_kv(k_cache, q):
+            q = self.ops.rotary_embedding_write_kv(q, k, v, batch.positions, cos_sin, k_cache, v_cache,
+                                                   batch.slot_mapping)
+        else:
+            q, k = self.ops.rotary_embedding(q, k, batch.positions, cos_sin)
+            self.ops.write_kv(k, v, k_cache, v_cache, batch.slot_mapping)
         nd = batch.num_decodes
         if nd == T:
             out = self.ops.paged_decode_attention(q, k_cache, v_cache, batch.decode_block_tables,

@@ -24,33 +24,33 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18pdserve/v1/pdserve.proto\x12\npdserve.v1\"\xc9\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x14.pdserve.v1.TokenIdsH\x00\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x1b\n\x13\x61pply_chat_template\x18\x05 \x01(\x08\x12\x12\n\ncache_salt\x18\x06 \x01(\x0c\x42\x08\n\x06prompt\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x86\x02\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x10\n\x08logprobs\x18\x08 \x01(\x08\x12\x12\n\nignore_eos\x18\t \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"\xce\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x12\n\nrequest_id\x18\x10 \x01(\t\x12/\n\rfinish_reason\x18\x11 \x01(\x0e\x32\x18.pdserve.v1.FinishReason\x12 \n\x05usage\x18\x12 \x01(\x0b\x32\x11.pdserve.v1.Usage\x12 \n\x05route\x18\x13 \x01(\x0b\x32\x11.pdserve.v1.Route\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x15\n\rcached_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\"{\n\x05Route\x12#\n\x04kind\x18\x01 \x01(\x0e\x32\x15.pdserve.v1.RouteKind\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12\x15\n\rdecode_worker\x18\x04 \x01(\t\x12\x16\n\x0eprefill_worker\x18\x05 \x01(\t\"\x15\n\x13GetModelInfoRequest\"\xa7\x01\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x15\n\reos_token_ids\x18\x05 \x03(\r\x12\x15\n\rhas_tokenizer\x18\x06 \x01(\x08\x12\x19\n\x11has_chat_template\x18\x07 \x01(\x08*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03*\\\n\tRouteKind\x12\x1a\n\x16ROUTE_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11ROUTE_KIND_DIRECT\x10\x01\x12\x1c\n\x18ROUTE_KIND_DISAGGREGATED\x10\x02\x32\x9d\x01\n\nGeneration\x12G\n\x08Generate\x12\x1b.pdserve.v1.GenerateRequest\x1a\x1c.pdserve.v1.GenerateResponse0\x01\x12\x46\n\x0cGetModelInfo\x12\x1f.pdserve.v1.GetModelInfoRequest\x1a\x15.pdserve.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18pdserve/v1/pdserve.proto\x12\npdserve.v1\"\xc9\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x14.pdserve.v1.TokenIdsH\x00\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x1b\n\x13\x61pply_chat_template\x18\x05 \x01(\x08\x12\x12\n\ncache_salt\x18\x06 \x01(\x0c\x42\x08\n\x06prompt\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x9c\x02\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x10\n\x08logprobs\x18\x08 \x01(\x08\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x0e\n\x01n\x18\n \x01(\rH\x05\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x04\n\x02_n\"\xce\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x12\n\nrequest_id\x18\x10 \x01(\t\x12/\n\rfinish_reason\x18\x11 \x01(\x0e\x32\x18.pdserve.v1.FinishReason\x12 \n\x05usage\x18\x12 \x01(\x0b\x32\x11.pdserve.v1.Usage\x12 \n\x05route\x18\x13 \x01(\x0b\x32\x11.pdserve.v1.Route\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x15\n\rcached_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\"{\n\x05Route\x12#\n\x04kind\x18\x01 \x01(\x0e\x32\x15.pdserve.v1.RouteKind\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12\x15\n\rdecode_worker\x18\x04 \x01(\t\x12\x16\n\x0eprefill_worker\x18\x05 \x01(\t\"\x15\n\x13GetModelInfoRequest\"\xa7\x01\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x15\n\reos_token_ids\x18\x05 \x03(\r\x12\x15\n\rhas_tokenizer\x18\x06 \x01(\x08\x12\x19\n\x11has_chat_template\x18\x07 \x01(\x08*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03*\\\n\tRouteKind\x12\x1a\n\x16ROUTE_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11ROUTE_KIND_DIRECT\x10\x01\x12\x1c\n\x18ROUTE_KIND_DISAGGREGATED\x10\x02\x32\x9d\x01\n\nGeneration\x12G\n\x08Generate\x12\x1b.pdserve.v1.GenerateRequest\x1a\x1c.pdserve.v1.GenerateResponse0\x01\x12\x46\n\x0cGetModelInfo\x12\x1f.pdserve.v1.GetModelInfoRequest\x1a\x15.pdserve.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pdserve_api.v1.pdserve_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1143
-  _globals['_FINISHREASON']._serialized_end=1263
-  _globals['_ROUTEKIND']._serialized_start=1265
-  _globals['_ROUTEKIND']._serialized_end=1357
+  _globals['_FINISHREASON']._serialized_start=1165
+  _globals['_FINISHREASON']._serialized_end=1285
+  _globals['_ROUTEKIND']._serialized_start=1287
+  _globals['_ROUTEKIND']._serialized_end=1379
   _globals['_GENERATEREQUEST']._serialized_start=41
   _globals['_GENERATEREQUEST']._serialized_end=242
   _globals['_TOKENIDS']._serialized_start=244
   _globals['_TOKENIDS']._serialized_end=267
   _globals['_SAMPLINGPARAMS']._serialized_start=270
-  _globals['_SAMPLINGPARAMS']._serialized_end=532
-  _globals['_GENERATERESPONSE']._serialized_start=535
-  _globals['_GENERATERESPONSE']._serialized_end=741
-  _globals['_USAGE']._serialized_start=743
-  _globals['_USAGE']._serialized_end=823
-  _globals['_ROUTE']._serialized_start=825
-  _globals['_ROUTE']._serialized_end=948
-  _globals['_GETMODELINFOREQUEST']._serialized_start=950
-  _globals['_GETMODELINFOREQUEST']._serialized_end=971
-  _globals['_MODELINFO']._serialized_start=974
-  _globals['_MODELINFO']._serialized_end=1141
-  _globals['_GENERATION']._serialized_start=1360
-  _globals['_GENERATION']._serialized_end=1517
+  _globals['_SAMPLINGPARAMS']._serialized_end=554
+  _globals['_GENERATERESPONSE']._serialized_start=557
+  _globals['_GENERATERESPONSE']._serialized_end=763
+  _globals['_USAGE']._serialized_start=765
+  _globals['_USAGE']._serialized_end=845
+  _globals['_ROUTE']._serialized_start=847
+  _globals['_ROUTE']._serialized_end=970
+  _globals['_GETMODELINFOREQUEST']._serialized_start=972
+  _globals['_GETMODELINFOREQUEST']._serialized_end=993
+  _globals['_MODELINFO']._serialized_start=996
+  _globals['_MODELINFO']._serialized_end=1163
+  _globals['_GENERATION']._serialized_start=1382
+  _globals['_GENERATION']._serialized_end=1539
 # @@protoc_insertion_point(module_scope)

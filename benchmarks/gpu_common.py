@@ -1,0 +1,82 @@
+"""Shared pieces of the GPU benchmarks: the two ceilings measured in the same run (device
+copy bandwidth, bf16 matmul rate), timing helpers and the model's byte/FLOP counts.
+
+Machines are shared and noisy, so every benchmark measures its ceilings itself and reports
+ratios against them rather than absolute numbers alone.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def cuda_time_ms(fn, iters: int = 20, warmup: int = 3) -> float:
+    """Median of `iters` event-timed calls of fn() (after warm-up), in ms."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbs(nbytes: int = 2 << 30) -> float:
+    """Device-to-device copy, bytes read + written per second (GB/s). Random data."""
+    src = torch.randn(nbytes // 4, device="cuda")
+    dst = torch.empty_like(src)
+    ms = cuda_time_ms(lambda: dst.copy_(src), iters=20)
+    del src, dst
+    return 2 * nbytes / ms / 1e6
+
+
+def matmul_tflops(n: int = 8192) -> float:
+    """bf16 n^3 matrix product on random data, TFLOP/s (median of 10 after 3 warm-ups)."""
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    ms = cuda_time_ms(lambda: a @ b, iters=10)
+    del a, b
+    return 2 * n ** 3 / ms / 1e9
+
+
+def weight_bytes_per_decode_step(model: torch.nn.Module) -> int:
+    """Bytes of weights a decode step must read: every parameter except the embedding
+    table, of which a step reads only its batch's rows (the lm_head is read whole; with
+    tied embeddings it *is* the table, which is then counted)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    if getattr(model, "lm_head", None) is not None:
+        e = model.embed_tokens.weight
+        total -= e.numel() * e.element_size()
+    return total
+
+
+def matmul_params(model: torch.nn.Module) -> tuple[int, int]:
+    """(parameters in the decoder layers' matrices, parameters of the logits projection)."""
+    layer = sum(p.numel() for n, p in model.layers.named_parameters() if p.dim() == 2)
+    head = (model.lm_head.weight if model.lm_head is not None else model.embed_tokens.weight).numel()
+    return layer, head
+
+
+def device_info() -> dict:
+    p = torch.cuda.get_device_properties(0)
+    import triton
+    import transformers
+    return dict(gpu=p.name, sms=p.multi_processor_count, torch=torch.__version__,
+                triton=triton.__version__, transformers=transformers.__version__)
+
+
+def dump(path: str | None, record: dict) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(record, f, indent=2)

@@ -1,0 +1,244 @@
+"""GPU decode benchmark: one decode step of `random:llama3-8b` (bf16) against the memory
+roofline measured in the same run.
+
+For each batch size B, B requests with 512-token prompts are prefilled, then `--steps`
+decode steps are timed with all B sequences decoding (context 513..513+steps):
+
+  engine ms/step   LLMEngine.step() wall time: scheduling, input building, the CUDA-graph
+                   replay, sampling and the one host sync (reading the sampled tokens)
+  graph ms         the replay alone (CUDA events), i.e. the GPU time of the step
+  eager ms/step    the same steps with CUDA graphs switched off
+  matmul ms        a CUDA graph of only the step's matrix products (the weights' share)
+  roofline ms      (weight bytes + KV bytes read) / device copy bandwidth
+
+Weight bytes: every parameter except the input embedding table (a step reads B rows of
+it); KV bytes: K and V of every context token of every layer. The copy bandwidth is a
+device-to-device copy counting bytes read + written. Ratios are roofline / measured.
+
+With --kernels it also times the per-layer small kernels at batch 1 (graph-replayed), the
+decode attention under a few split-K settings, and the batch-1 projections three ways
+(F.linear on [N, K] weights, cuBLASLt preferred, x @ W on [K, N] copies), to show where
+the gap goes.
+
+    python benchmarks/gpu_decode.py [--batches 1,8,32,128] [--ctx 512] [--steps 32]
+                                    [--kernels] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+import gpu_common as gc_
+
+from engine import LLMEngine, SamplingParams  # noqa: E402
+from engine.model_runner import kv_bytes_per_token  # noqa: E402
+
+
+def linear_only_ms(model, B: int) -> float:
+    """GPU time of the step's matrix products alone at batch B, graph-replayed."""
+    cfg = model.cfg
+    dev, dt = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
+    x = torch.randn(B, cfg.hidden_size, device=dev, dtype=dt)
+    a = torch.randn(B, cfg.num_heads * cfg.head_dim, device=dev, dtype=dt)
+    h = torch.randn(B, cfg.intermediate_size, device=dev, dtype=dt)
+    head = model.lm_head.weight if model.lm_head is not None else model.embed_tokens.weight
+
+    def step():
+        for layer in model.layers:
+            F.linear(x, layer.self_attn.qkv_proj.weight)
+            F.linear(a, layer.self_attn.o_proj.weight)
+            F.linear(x, layer.mlp.gate_up_proj.weight)
+            F.linear(h, layer.mlp.down_proj.weight)
+        F.linear(x, head)
+
+    step()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        step()
+    return gc_.cuda_time_ms(g.replay, iters=20)
+
+
+def matmul_path_check(model, n_layers: int = 8) -> dict:
+    """Batch-1 GPU time per layer (us) of the four projections of `n_layers` layers, graph-
+    replayed, three ways: F.linear on the [N, K] weights (what the model runs), the same
+    with cuBLASLt preferred over cuBLAS, and x @ W with the weights copied to [K, N].
+    8 layers hold 3.5 GB of weights, far more than L2, so every product streams from HBM."""
+    cfg = model.cfg
+    dev, dt = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
+    x = torch.randn(1, cfg.hidden_size, device=dev, dtype=dt)
+    a = torch.randn(1, cfg.num_heads * cfg.head_dim, device=dev, dtype=dt)
+    h = torch.randn(1, cfg.intermediate_size, device=dev, dtype=dt)
+    layers = list(model.layers)[:n_layers]
+    mats = [(x, l.self_attn.qkv_proj.weight) for l in layers] + [(a, l.self_attn.o_proj.weight) for l in layers] \
+        + [(x, l.mlp.gate_up_proj.weight) for l in layers] + [(h, l.mlp.down_proj.weight) for l in layers]
+
+    def graph_us(fn) -> float:
+        fn()
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        return gc_.cuda_time_ms(g.replay, iters=20) * 1000 / n_layers
+
+    out = {"linear_nk_us_per_layer": graph_us(lambda: [F.linear(i, w) for i, w in mats])}
+    try:
+        prev = torch.backends.cuda.preferred_blas_library()
+        torch.backends.cuda.preferred_blas_library("cublaslt")
+        try:
+            out["linear_nk_cublaslt_us_per_layer"] = graph_us(lambda: [F.linear(i, w) for i, w in mats])
+        finally:
+            torch.backends.cuda.preferred_blas_library(prev)
+    except Exception as e:  # noqa: BLE001 - report, do not fail the benchmark
+        out["cublaslt_error"] = repr(e)
+    kn = [(i, w.t().contiguous()) for i, w in mats]
+    out["matmul_kn_us_per_layer"] = graph_us(lambda: [torch.mm(i, w) for i, w in kn])
+    wbytes = sum(w.numel() * w.element_size() for _, w in mats) / n_layers
+    out["bytes_per_layer"] = wbytes
+    del kn
+    torch.cuda.empty_cache()
+    return out
+
+
+def kernel_breakdown(engine, ctx: int) -> dict:
+    """Batch-1 graph-replayed times (us) of one layer's non-matmul kernels, and the decode
+    attention under several split-K settings at batch 1 and 8."""
+    import triton.testing as tt
+
+    from engine.kernels import triton_ops as tri
+    r = engine.runner
+    cfg = r.mcfg
+    dev, dt = r.device, r.dtype
+    H, KH, D, BS = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, r.block_size
+    k_cache, v_cache = r.kv_caches[0]
+    # The table width the decode graphs use at this context.
+    width = r.decode_graphs.width_for(-(-(ctx + 64) // BS))
+    out = {}
+
+    def bench(fn):
+        return round(tt.do_bench_cudagraph(fn, rep=20, return_mode="median") * 1000, 2)
+
+    x = torch.randn(1, cfg.hidden_size, device=dev, dtype=dt)
+    w = torch.ones(cfg.hidden_size, device=dev, dtype=dt)
+    q = torch.randn(1, H, D, device=dev, dtype=dt)
+    k = torch.randn(1, KH, D, device=dev, dtype=dt)
+    pos = torch.tensor([ctx], device=dev)
+    gu = torch.randn(1, 2 * cfg.intermediate_size, device=dev, dtype=dt)
+    slots = torch.tensor([-1], device=dev)
+    out["add_rms_norm_us"] = bench(lambda: tri.add_rms_norm(x, x, w, 1e-5))
+    out["rotary_us"] = bench(lambda: tri.rotary_embedding(q, k, pos, r.model.cos_sin_cache))
+    out["write_kv_us"] = bench(lambda: tri.write_kv(k, k, k_cache, v_cache, slots))
+    out["rotary_write_kv_us"] = bench(lambda: tri.rotary_embedding_write_kv(
+        q, k, k, pos, r.model.cos_sin_cache, k_cache, v_cache, slots))
+    out["silu_and_mul_us"] = bench(lambda: tri.silu_and_mul(gu))
+    n_blocks = r.num_blocks
+    for B in (1, 8):
+        qb = torch.randn(B, H, D, device=dev, dtype=dt)
+        tables = torch.randint(0, n_blocks, (B, width), device=dev, dtype=torch.int32)
+        lens = torch.full((B,), ctx, device=dev, dtype=torch.int32)
+        for part in (None, 0, 64, 128, 256):
+            for bn in (32, 64):
+                if part and part % bn:
+                    continue
+                key = f"decode_attn_b{B}_part{'auto' if part is None else part}_bn{bn}_us"
+                out[key] = bench(lambda: tri._paged_decode_attention(
+                    qb, k_cache, v_cache, tables, lens, D ** -0.5, partition_tokens=part,
+                    config={"BLOCK_N": bn}))
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batches", default="1,8,32,128")
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--model", default="random:llama3-8b")
+    ap.add_argument("--kernels", action="store_true")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+
+    bw = gc_.copy_bandwidth_gbs()
+    print(f"device copy bandwidth (read+write): {bw:.0f} GB/s", flush=True)
+    t0 = time.time()
+    engine = LLMEngine(args.model, device="cuda", dtype="bfloat16", enable_prefix_caching=False,
+                       max_num_seqs=max(batches), max_num_batched_tokens=8192)
+    print(f"engine up in {time.time() - t0:.1f}s ({engine.runner.num_blocks} KV blocks)", flush=True)
+    model = engine.runner.model
+    wbytes = gc_.weight_bytes_per_decode_step(model)
+    kv_tok = kv_bytes_per_token(engine.model_config, engine.dtype)
+    rows = []
+    for B in batches:
+        n_steps = args.steps
+        sp = SamplingParams(max_tokens=3 * n_steps + 24, ignore_eos=True)
+        g = torch.Generator().manual_seed(B)
+        for i in range(B):
+            engine.add_request(f"b{B}-{i}", torch.randint(100, 120000, (args.ctx,), generator=g).tolist(), sp)
+        # Prefill everyone (some early ones decode a few tokens meanwhile).
+        first = set()
+        while len(first) < B:
+            first.update(o.request_id for o in engine.step())
+        seqs = list(engine._seqs.values())
+        ctx0 = sum(s.num_tokens for s in seqs) / B
+
+        def timed_steps():
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            for _ in range(n_steps):
+                outs = engine.step()
+                assert len(outs) == B, f"expected {B} decodes per step, got {len(outs)}"
+            return (time.perf_counter() - t) / n_steps * 1000
+
+        graphs = engine.runner.decode_graphs
+        replays = graphs.num_replays
+        timed_steps()  # warm-up of this batch's path
+        engine_ms = timed_steps()
+        assert graphs.num_replays - replays == 2 * n_steps, "decode steps did not replay graphs"
+        key = (graphs.bucket_for(B), graphs.width_for(max(len(s.block_table) for s in seqs)))
+        graph_ms = gc_.cuda_time_ms(graphs.graphs[key].replay, iters=20)
+        engine.runner.decode_graphs = None
+        try:
+            # The eager path's first steps compile Triton specialisations of its own.
+            for _ in range(4):
+                engine.step()
+            eager_ms = timed_steps()
+        finally:
+            engine.runner.decode_graphs = graphs
+        ctx_avg = ctx0 + 1.5 * n_steps  # middle of the graph-timed steps
+        for s in seqs:
+            engine.abort(s.seq_id)
+        mm_ms = linear_only_ms(model, B)
+        nbytes = wbytes + B * ctx_avg * kv_tok
+        roof_ms = nbytes / bw / 1e6
+        row = dict(batch=B, ctx=round(ctx_avg), engine_ms=engine_ms, graph_ms=graph_ms, eager_ms=eager_ms,
+                   matmul_ms=mm_ms, roofline_ms=roof_ms, bytes=nbytes,
+                   engine_ratio=roof_ms / engine_ms, graph_ratio=roof_ms / graph_ms,
+                   host_ms=engine_ms - graph_ms,
+                   tokens_per_s=B / engine_ms * 1000)
+        rows.append(row)
+        print(row, flush=True)
+    rec = dict(device=gc_.device_info(), copy_gbs=bw, weight_bytes=wbytes, kv_bytes_per_token=kv_tok,
+               rows=rows)
+    if args.kernels:
+        rec["kernels"] = kernel_breakdown(engine, args.ctx)
+        print(rec["kernels"], flush=True)
+        mp = matmul_path_check(model)
+        mp["roofline_us_per_layer"] = mp["bytes_per_layer"] / bw / 1e3
+        rec["matmul_path"] = mp
+        print(mp, flush=True)
+    gc_.dump(args.json, rec)
+    print(f"\n{rec['device']['gpu']}: copy {bw:.0f} GB/s, weights {wbytes / 1e9:.2f} GB")
+    print("| batch | ctx | engine ms/step | tok/s | graph ms | eager ms/step | matmul-only ms | roofline ms "
+          "| roofline/engine | roofline/graph |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['batch']} | {r['ctx']} | {r['engine_ms']:.2f} | {r['tokens_per_s']:.0f} | {r['graph_ms']:.2f} "
+              f"| {r['eager_ms']:.2f} | {r['matmul_ms']:.2f} | {r['roofline_ms']:.2f} | {r['engine_ratio']:.1%} "
+              f"| {r['graph_ratio']:.1%} |")
+
+
+if __name__ == "__main__":
+    main()

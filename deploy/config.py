@@ -1,0 +1,386 @@
+"""One YAML file for a deployment: model, pools (resources, min/max, targets, scaling),
+router, KV transfer, engine kwargs, controller. `pdserve serve --config FILE` reads it;
+every `serve` flag maps to one field (CLI_FIELDS) and overrides the file.
+
+The schema is the dataclasses below. Loading checks every key and value and raises
+ConfigError naming the dotted path of the offending field (unknown keys included, with a
+"did you mean" when one is close), so a typo never silently falls back to a default.
+
+    model: smollm2
+    engine: {kv_cache_memory_gb: 4}            # EngineConfig fields, both pools
+    router: {host: 0.0.0.0, port: 50051, disagg_threshold: 256, metrics_port: 9400}
+    transfer: {backend: zmq, timeout_s: 30}
+    pools:
+      prefill: {min_replicas: 1, max_replicas: 4, num_gpus: 1, resources: {pdserve_prefill: 1},
+                targets: {queued_tokens_per_replica: 8192, ttft_s: 2.0}}
+      decode:  {min_replicas: 1, max_replicas: 4, targets: {kv_use: 0.85, running_per_replica: 64}}
+    controller: {interval_s: 1.0, metrics_port: 9401}
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+
+from deploy.autoscale_policy import DecodeTargets, PrefillTargets, ScalingPolicyConfig
+
+DTYPES = ("float32", "float16", "bfloat16", "float64")
+TRANSFER_BACKENDS = ("zmq",)        # "nccl" is in the design, not built yet
+MAX_CONFIG_BYTES = 1 << 20
+
+
+class ConfigError(ValueError):
+    """A bad config file or flag; the message starts with the dotted field path."""
+
+
+# ---- schema -----------------------------------------------------------------------------------
+
+@dataclass
+class RaySection:
+    address: str | None = None          # an existing cluster ("auto", "ray://..."); None starts a local one
+
+
+@dataclass
+class RouterSection:
+    host: str = "127.0.0.1"             # gRPC listen address
+    port: int = 50051
+    disagg_threshold: int = 256
+    metrics_host: str = "127.0.0.1"     # Prometheus /metrics (loopback unless you mean to expose it)
+    metrics_port: int | None = None     # None: no endpoint
+    max_prompt_tokens: int | None = None   # per-request limits at the gRPC edge; None: the context
+    max_tokens_limit: int | None = None
+
+    def validate(self, path: str) -> None:
+        _port(self.port, f"{path}.port")
+        for k in ("max_prompt_tokens", "max_tokens_limit"):
+            if getattr(self, k) is not None and getattr(self, k) < 1:
+                raise ConfigError(f"{path}.{k}: must be >= 1 or null, got {getattr(self, k)}")
+        if self.metrics_port is not None:
+            _port(self.metrics_port, f"{path}.metrics_port")
+        if self.disagg_threshold < 0:
+            raise ConfigError(f"{path}.disagg_threshold: must be >= 0, got {self.disagg_threshold}")
+
+
+@dataclass
+class SecuritySection:
+    """See SECURITY.md. Paths, not secrets: key and certificate files stay out of this file."""
+    api_key_file: str | None = None     # gRPC API keys, one per line (also $PDSERVE_API_KEYS)
+    tls_cert: str | None = None         # gRPC over TLS
+    tls_key: str | None = None
+    tls_client_ca: str | None = None    # mutual TLS: require client certificates from this CA
+    zmq_curve: bool = False             # CurveZMQ on the internal planes
+    internal_host: str | None = None    # the router's token-plane interface (None: loopback / node IP)
+
+    def validate(self, path: str) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError(f"{path}.tls_cert/tls_key: give both or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ConfigError(f"{path}.tls_client_ca: needs tls_cert and tls_key (mutual TLS is TLS)")
+
+
+@dataclass
+class TransferSection:
+    backend: str = "zmq"
+    timeout_s: float = 30.0             # a KV transfer slower than this falls back to in-place prefill
+
+    def validate(self, path: str) -> None:
+        if self.backend not in TRANSFER_BACKENDS:
+            raise ConfigError(f"{path}.backend: {self.backend!r} is not available; choose from {TRANSFER_BACKENDS}")
+        if not 0 < self.timeout_s <= 3600:
+            raise ConfigError(f"{path}.timeout_s: must be in (0, 3600], got {self.timeout_s}")
+
+
+@dataclass
+class ScalingSection:
+    """Hysteresis and cool-downs (see deploy/autoscale_policy.py)."""
+    scale_up_load: float = 1.0
+    scale_down_load: float = 0.5
+    up_stable_s: float = 2.0
+    down_stable_s: float = 10.0
+    up_cooldown_s: float = 10.0
+    down_cooldown_s: float = 30.0
+    max_step_up: int = 1
+
+
+@dataclass
+class PoolSection:
+    min_replicas: int = 1
+    max_replicas: int | None = None     # None: = min_replicas (a fixed pool)
+    num_gpus: float | None = None       # per actor; None: 1 if the Ray cluster has GPUs, else 0
+    num_cpus: float = 1
+    resources: dict[str, float] = field(default_factory=dict)   # custom Ray resources per actor (node steering)
+    engine: dict = field(default_factory=dict)                  # EngineConfig overrides for this pool only
+    scaling: ScalingSection = field(default_factory=ScalingSection)
+
+    def policy_config(self) -> ScalingPolicyConfig:
+        return ScalingPolicyConfig(min_replicas=self.min_replicas, max_replicas=self.max_replicas,
+                                   **dataclasses.asdict(self.scaling))
+
+    def validate(self, path: str) -> None:
+        # A pool at 0 would never see load to grow from (the router sends everything
+        # direct when it has no prefill worker), so both pools keep at least one.
+        if self.min_replicas < 1:
+            raise ConfigError(f"{path}.min_replicas: must be >= 1, got {self.min_replicas}")
+        if self.max_replicas is None:
+            self.max_replicas = self.min_replicas
+        try:
+            self.policy_config().validate(path)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if self.num_gpus is not None and self.num_gpus < 0:
+            raise ConfigError(f"{path}.num_gpus: must be >= 0, got {self.num_gpus}")
+        if self.num_cpus < 0:
+            raise ConfigError(f"{path}.num_cpus: must be >= 0, got {self.num_cpus}")
+        for k, v in self.resources.items():
+            if v < 0:
+                raise ConfigError(f"{path}.resources.{k}: must be >= 0, got {v}")
+        _engine_kwargs(self.engine, f"{path}.engine")
+        targets = getattr(self, "targets", None)
+        for k, v in dataclasses.asdict(targets).items():
+            if v is not None and v <= 0:
+                raise ConfigError(f"{path}.targets.{k}: must be > 0 or null (off), got {v}")
+
+
+@dataclass
+class PrefillPool(PoolSection):
+    targets: PrefillTargets = field(default_factory=PrefillTargets)
+
+
+@dataclass
+class DecodePool(PoolSection):
+    targets: DecodeTargets = field(default_factory=DecodeTargets)
+
+    def validate(self, path: str) -> None:
+        if self.targets.kv_use is not None and self.targets.kv_use > 1:
+            raise ConfigError(f"{path}.targets.kv_use: a fraction in (0, 1], got {self.targets.kv_use}")
+        super().validate(path)
+
+
+@dataclass
+class PoolsSection:
+    prefill: PrefillPool = field(default_factory=PrefillPool)
+    decode: DecodePool = field(default_factory=DecodePool)
+
+
+@dataclass
+class ControllerSection:
+    interval_s: float = 1.0             # policy tick
+    sync_s: float = 0.5                 # router -> controller load report period (and long-poll wait)
+    latency_window_s: float = 20.0      # TTFT/TPOT p90 over this many seconds
+    drain_timeout_s: float = 600.0      # a draining worker is stopped after this even if busy
+    start_timeout_s: float = 900.0      # a replica not ready by then (no node came up) is given up
+    report_stale_s: float = 10.0        # no decisions on a router report older than this
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = None
+
+    def validate(self, path: str) -> None:
+        for k in ("interval_s", "sync_s", "latency_window_s", "drain_timeout_s", "start_timeout_s", "report_stale_s"):
+            if getattr(self, k) <= 0:
+                raise ConfigError(f"{path}.{k}: must be > 0, got {getattr(self, k)}")
+        if self.metrics_port is not None:
+            _port(self.metrics_port, f"{path}.metrics_port")
+
+
+@dataclass
+class ServeConfig:
+    model: str = "smollm2"
+    dtype: str | None = None
+    engine: dict = field(default_factory=dict)       # EngineConfig fields for both pools
+    ray: RaySection = field(default_factory=RaySection)
+    router: RouterSection = field(default_factory=RouterSection)
+    security: SecuritySection = field(default_factory=SecuritySection)
+    transfer: TransferSection = field(default_factory=TransferSection)
+    pools: PoolsSection = field(default_factory=PoolsSection)
+    controller: ControllerSection = field(default_factory=ControllerSection)
+
+    def validate(self, path: str = "") -> None:
+        if not self.model:
+            raise ConfigError("model: must not be empty")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ConfigError(f"dtype: {self.dtype!r} is not one of {DTYPES}")
+        _engine_kwargs(self.engine, "engine")
+        for name in ("prefill", "decode"):
+            pool = getattr(self.pools, name)
+            if pool.engine.get("block_size", self.engine.get("block_size", 16)) != self.engine.get("block_size", 16):
+                raise ConfigError(f"pools.{name}.engine.block_size: must equal engine.block_size "
+                                  "(the router hashes prompts in blocks of that size)")
+
+    def to_cluster_config(self):
+        from deploy.cluster import ClusterConfig
+        return ClusterConfig(model=self.model, num_prefill=self.pools.prefill.min_replicas,
+                             num_decode=self.pools.decode.min_replicas, address=self.ray.address,
+                             host=self.router.host, port=self.router.port,
+                             disagg_threshold=self.router.disagg_threshold, kv_timeout_s=self.transfer.timeout_s,
+                             engine_kwargs=dict(self.engine), dtype=self.dtype, pools=self.pools,
+                             controller=self.controller, metrics_host=self.router.metrics_host,
+                             metrics_port=self.router.metrics_port, max_prompt_tokens=self.router.max_prompt_tokens,
+                             max_tokens_limit=self.router.max_tokens_limit,
+                             **dataclasses.asdict(self.security))
+
+
+# `pdserve serve` flag (argparse dest) -> the field it sets.
+CLI_FIELDS = {
+    "model": "model",
+    "dtype": "dtype",
+    "address": "ray.address",
+    "host": "router.host",
+    "port": "router.port",
+    "disagg_threshold": "router.disagg_threshold",
+    "metrics_port": "router.metrics_port",
+    "kv_timeout": "transfer.timeout_s",
+    "kv_cache_gb": "engine.kv_cache_memory_gb",
+    "prefill": "pools.prefill.min_replicas",
+    "prefill_max": "pools.prefill.max_replicas",
+    "decode": "pools.decode.min_replicas",
+    "decode_max": "pools.decode.max_replicas",
+    "controller_metrics_port": "controller.metrics_port",
+    "max_prompt_tokens": "router.max_prompt_tokens",
+    "max_tokens_limit": "router.max_tokens_limit",
+    "api_key_file": "security.api_key_file",
+    "tls_cert": "security.tls_cert",
+    "tls_key": "security.tls_key",
+    "tls_client_ca": "security.tls_client_ca",
+    "zmq_curve": "security.zmq_curve",
+    "internal_host": "security.internal_host",
+}
+
+
+def config_from_args(args) -> ServeConfig:
+    """`pdserve serve`: the file (args.config, optional) first, then every flag given on the
+    command line. Flag defaults are None, so an absent flag never overrides the file."""
+    # (False is a store_true flag left out, not a request to switch the file's setting off.)
+    overrides = {CLI_FIELDS[k]: v for k, v in vars(args).items()
+                 if k in CLI_FIELDS and v is not None and v is not False}
+    return load_config(getattr(args, "config", None), overrides)
+
+
+# ---- loading ------------------------------------------------------------------------------------------
+
+def load_config(path: str | None = None, overrides: dict[str, object] | None = None) -> ServeConfig:
+    """Read FILE (optional), apply {dotted.path: value} overrides, build and validate."""
+    raw: dict = {}
+    if path is not None:
+        import yaml
+        try:
+            with open(path, "rb") as f:
+                text = f.read(MAX_CONFIG_BYTES + 1)
+        except OSError as e:
+            raise ConfigError(f"config file {path}: {e.strerror or e}") from None
+        if len(text) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config file {path}: larger than {MAX_CONFIG_BYTES} bytes")
+        try:
+            raw = yaml.safe_load(text)     # safe_load: plain data only, no object construction
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path}: not valid YAML: {e}") from None
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path}: the top level must be a mapping, got {type(raw).__name__}")
+    return from_dict(raw, overrides)
+
+
+def from_dict(raw: dict, overrides: dict[str, object] | None = None) -> ServeConfig:
+    raw = _deep_copy(raw)
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            child = node.get(p)
+            if child is None:
+                child = node[p] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"{dotted}: cannot override inside {p!r}, which is not a mapping")
+            node = child
+        node[leaf] = value
+    cfg = _build(ServeConfig, raw, "")
+    return cfg
+
+
+def _deep_copy(x):
+    if isinstance(x, dict):
+        return {k: _deep_copy(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_deep_copy(v) for v in x]
+    return x
+
+
+def _build(cls, data, path: str):
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            near = difflib.get_close_matches(str(key), sorted(fields), n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else f"; known keys: {', '.join(sorted(fields))}"
+            raise ConfigError(f"{_join(path, str(key))}: unknown key{hint}")
+    kwargs = {k: _coerce(v, hints[k], _join(path, k)) for k, v in data.items()}
+    for k in fields - set(data):     # absent sections are built (and so validated) from defaults
+        if dataclasses.is_dataclass(hints[k]):
+            kwargs[k] = _build(hints[k], {}, _join(path, k))
+    obj = cls(**kwargs)
+    if hasattr(obj, "validate"):
+        obj.validate(path)
+    return obj
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _coerce(value, typ, path: str):
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(typ)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(f"{path}: must not be null")
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, path)
+    if dataclasses.is_dataclass(typ):
+        return _build(typ, value, path)
+    if typ is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true/false, got {value!r}")
+        return value
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{path}: expected a finite number, got {value!r}")
+        return float(value)
+    if typ is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    if typ is dict or origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{path}: expected a mapping with string keys, got {value!r}")
+        args = typing.get_args(typ)
+        if args:
+            return {k: _coerce(v, args[1], f"{path}.{k}") for k, v in value.items()}
+        return dict(value)
+    raise TypeError(f"{path}: unsupported schema type {typ!r}")   # a bug in the schema, not the file
+
+
+def _port(port: int, path: str) -> None:
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"{path}: must be a TCP port in [0, 65535], got {port}")
+
+
+def _engine_kwargs(kw: dict, path: str) -> None:
+    from engine.config import EngineConfig
+    known = {f.name for f in dataclasses.fields(EngineConfig)}
+    for k in kw:
+        if k not in known:
+            near = difflib.get_close_matches(k, sorted(known), n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise ConfigError(f"{path}.{k}: not an engine setting{hint}")

@@ -1,0 +1,51 @@
+"""QuantLinear: a drop-in for nn.Linear holding one-byte weights and per-channel scales."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from engine.quant import reference
+
+# Method name -> (weight format, per-channel scales?)
+METHODS = {
+    "int8": ("int8", True),
+    "fp8": ("fp8", True),
+    "fp8_tensor": ("fp8", False),
+}
+
+
+class QuantLinear(nn.Module):
+    """y = x @ (q * scale[:, None]).T + bias. `use_triton` picks the fused Triton kernel
+    (CUDA); otherwise the weight is dequantized per call and multiplied by torch (CPU)."""
+
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                 method: str, use_triton: bool):
+        super().__init__()
+        self.out_features, self.in_features = qweight.shape
+        self.method, self.use_triton = method, use_triton
+        # Buffers, not parameters: nothing trains them, and .to()/state_dict still carry them.
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scale", scale.float().contiguous())
+        self.register_buffer("bias", bias)
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Linear, method: str, use_triton: bool) -> "QuantLinear":
+        if method not in METHODS:
+            raise ValueError(f"quantization must be one of {sorted(METHODS)}, got {method!r}")
+        fmt, per_channel = METHODS[method]
+        w = linear.weight
+        q, scale = reference.quantize_int8(w) if fmt == "int8" else reference.quantize_fp8(w, per_channel)
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        return cls(q.contiguous(), scale, bias, method, use_triton)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.use_triton:
+            return reference.quant_linear(x, self.qweight, self.scale, self.bias)
+        from engine.quant.triton_kernels import quant_linear
+        lead = x.shape[:-1]
+        y = quant_linear(x.reshape(-1, self.in_features), self.qweight, self.scale, self.bias)
+        return y.view(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, method={self.method}, triton={self.use_triton}"

@@ -1,0 +1,76 @@
+"""How many tokens to speculate for each sequence this step (0 = plain decode).
+
+Model: a token proposed at depth i is accepted with probability a**i given the ones before
+it were (a = the sequence's measured per-token acceptance, an EWMA), so k drafts yield
+E[tokens] = (1 - a**(k+1)) / (1 - a) per verify step. Their cost, relative to a plain
+decode step of the same batch: each extra verified token adds `verify_token_cost` per
+sequence in the batch (decode is bandwidth-bound, so a few extra tokens are nearly free
+at batch 1 but not at batch 32), plus `draft_token_cost` per draft token for a draft
+model, plus a fixed `verify_overhead` (a verify step runs eagerly, without the decode
+CUDA graph). The k with the best tokens-per-cost wins; if none beats plain decoding (ratio 1),
+the sequence decodes plainly, with an occasional 1-token probe so its estimate can
+recover when the text turns repetitive."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class SpecTuning:
+    ewma_weight: float = 0.3          # weight of the newest verify step's acceptance rate
+    prior_acceptance: float = 0.7     # before a sequence has been measured
+    verify_token_cost: float = 0.01   # one extra verified token, per sequence in the batch
+    verify_overhead: float = 0.1      # a verify step's fixed extra (eager forward, no decode graph)
+    draft_token_cost: float = 0.0     # one draft-model token (set from the size ratio)
+    probe_every: int = 8              # steps between probes while speculation is off
+
+
+def expected_tokens(a: float, k: int) -> float:
+    if a >= 1.0:
+        return k + 1.0
+    return (1.0 - a ** (k + 1)) / (1.0 - a)
+
+
+class SpecController:
+    def __init__(self, max_k: int, max_batch: int, adaptive: bool = True, tuning: SpecTuning | None = None):
+        self.max_k, self.max_batch, self.adaptive = max_k, max_batch, adaptive
+        self.t = tuning or SpecTuning()
+        self.acceptance: dict[str, float] = {}
+        self._idle_steps: dict[str, int] = {}
+
+    def choose_k(self, a: float, batch_size: int) -> int:
+        """The k in [0, max_k] with the most expected tokens per unit of step cost."""
+        best_k, best = 0, 1.0
+        for k in range(1, self.max_k + 1):
+            cost = 1.0 + self.t.verify_overhead + k * (self.t.verify_token_cost * batch_size
+                                                       + self.t.draft_token_cost)
+            gain = expected_tokens(a, k) / cost
+            if gain > best * 1.02:   # a margin against noise-driven flapping
+                best_k, best = k, gain
+        return best_k
+
+    def num_tokens(self, seq_id: str, batch_size: int) -> int:
+        if batch_size > self.max_batch:
+            return 0
+        if not self.adaptive:
+            return self.max_k
+        a = self.acceptance.get(seq_id, self.t.prior_acceptance)
+        k = self.choose_k(a, batch_size)
+        if k == 0:
+            idle = self._idle_steps.get(seq_id, 0) + 1
+            self._idle_steps[seq_id] = idle
+            if idle >= self.t.probe_every:
+                self._idle_steps[seq_id] = 0
+                return 1
+        return k
+
+    def observe(self, seq_id: str, proposed: int, accepted: int) -> None:
+        if proposed <= 0:
+            return
+        rate = accepted / proposed
+        prev = self.acceptance.get(seq_id, self.t.prior_acceptance)
+        self.acceptance[seq_id] = (1 - self.t.ewma_weight) * prev + self.t.ewma_weight * rate
+
+    def forget(self, seq_id: str) -> None:
+        self.acceptance.pop(seq_id, None)
+        self._idle_steps.pop(seq_id, None)

@@ -1,0 +1,231 @@
+"""The deployment config file (schema, errors, CLI mapping) and the cluster manifests,
+checked offline with Ray's own validation: the `ray up` YAML through Ray's fill-out +
+JSON-schema validation (what `ray up` runs), the KubeRay RayCluster through the
+conversion the KubeRay autoscaler itself runs on the CR (which ends in the same
+validation). No KubeRay CRD schema ships with Ray and CI has no network or kubectl, so the
+CR is checked by that conversion plus explicit assertions on what it must contain."""
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import yaml
+
+from deploy.config import CLI_FIELDS, ConfigError, ServeConfig, config_from_args, from_dict, load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEPLOY = os.path.join(ROOT, "deploy")
+
+
+def _get(cfg, dotted):
+    node = cfg
+    for part in dotted.split("."):
+        node = node[part] if isinstance(node, dict) else getattr(node, part)
+    return node
+
+
+# ---- schema ------------------------------------------------------------------------------------------
+
+def test_defaults_and_examples_load():
+    c = from_dict({"router": None})      # an empty section (`router:`) means its defaults
+    assert c.router.port == 50051
+    c = from_dict({})
+    assert isinstance(c, ServeConfig) and c.pools.prefill.max_replicas == 1 and c.pools.decode.max_replicas == 1
+    for name in ("pdserve-ray.yaml", "pdserve-local.yaml"):
+        c = load_config(os.path.join(DEPLOY, name))
+        assert c.pools.prefill.max_replicas >= c.pools.prefill.min_replicas >= 1
+        assert c.pools.decode.max_replicas > 1
+
+
+BAD = [
+    ({"modle": "x"}, "modle: unknown key; did you mean 'model'?"),
+    ({"pools": {"prefil": {}}}, "pools.prefil: unknown key; did you mean 'prefill'?"),
+    ({"pools": {"decode": {"targets": {"ttft_s": 1}}}}, "pools.decode.targets.ttft_s: unknown key"),
+    ({"pools": {"prefill": {"scaling": {"cooldown": 1}}}}, "pools.prefill.scaling.cooldown: unknown key"),
+    ({"router": {"port": "50051"}}, "router.port: expected an integer"),
+    ({"router": {"port": 70000}}, "router.port: must be a TCP port"),
+    ({"router": {"port": True}}, "router.port: expected an integer"),
+    ({"router": {"disagg_threshold": -1}}, "router.disagg_threshold: must be >= 0"),
+    ({"router": []}, "router: expected a mapping"),
+    ({"transfer": {"backend": "nccl"}}, "transfer.backend: 'nccl' is not available"),
+    ({"transfer": {"timeout_s": 0}}, "transfer.timeout_s: must be in (0, 3600]"),
+    ({"transfer": {"timeout_s": float("nan")}}, "transfer.timeout_s: expected a finite number"),
+    ({"dtype": "fp8"}, "dtype: 'fp8' is not one of"),
+    ({"model": ""}, "model: must not be empty"),
+    ({"model": None}, "model: expected a string, got None"),
+    ({"security": {"tls_cert": "c.pem"}}, "security.tls_cert/tls_key: give both or neither"),
+    ({"security": {"tls_client_ca": "ca.pem"}}, "security.tls_client_ca: needs tls_cert"),
+    ({"security": {"zmq_curve": "yes"}}, "security.zmq_curve: expected true/false"),
+    ({"router": {"max_prompt_tokens": 0}}, "router.max_prompt_tokens: must be >= 1"),
+    ({"engine": {"blok_size": 8}}, "engine.blok_size: not an engine setting; did you mean 'block_size'?"),
+    ({"pools": {"decode": {"engine": {"max_num_seq": 8}}}}, "pools.decode.engine.max_num_seq: not an engine setting"),
+    ({"pools": {"decode": {"engine": {"block_size": 32}}}}, "pools.decode.engine.block_size: must equal"),
+    ({"pools": {"decode": {"min_replicas": 0}}}, "pools.decode.min_replicas: must be >= 1"),
+    ({"pools": {"prefill": {"min_replicas": 3, "max_replicas": 2}}}, "pools.prefill.max_replicas: must be >="),
+    ({"pools": {"prefill": {"num_gpus": -1}}}, "pools.prefill.num_gpus: must be >= 0"),
+    ({"pools": {"prefill": {"resources": {"x": -1}}}}, "pools.prefill.resources.x: must be >= 0"),
+    ({"pools": {"prefill": {"resources": {"x": "1"}}}}, "pools.prefill.resources.x: expected a finite number"),
+    ({"pools": {"decode": {"targets": {"kv_use": 1.5}}}}, "pools.decode.targets.kv_use: a fraction in (0, 1]"),
+    ({"pools": {"decode": {"targets": {"running_per_replica": 0}}}},
+     "pools.decode.targets.running_per_replica: must be > 0 or null"),
+    ({"pools": {"prefill": {"scaling": {"scale_down_load": 1.5}}}}, "need 0 < scale_down_load < scale_up_load"),
+    ({"pools": {"prefill": {"scaling": {"up_cooldown_s": -1}}}}, "up_cooldown_s: must be >= 0"),
+    ({"pools": {"prefill": {"scaling": {"max_step_up": 0}}}}, "max_step_up: must be >= 1"),
+    ({"controller": {"interval_s": 0}}, "controller.interval_s: must be > 0"),
+    ({"controller": {"metrics_port": -5}}, "controller.metrics_port: must be a TCP port"),
+]
+
+
+@pytest.mark.parametrize("raw,message", BAD, ids=[m.split(":")[0] + f"-{i}" for i, (_, m) in enumerate(BAD)])
+def test_bad_config_is_a_clear_error(raw, message):
+    with pytest.raises(ConfigError) as e:
+        from_dict(raw)
+    assert message in str(e.value)
+
+
+def test_bad_files(tmp_path):
+    cases = {"list.yaml": "- a\n- b\n", "broken.yaml": "router: {port: [\n",
+             "object.yaml": "model: !!python/object/apply:os.system ['true']\n"}
+    for name, text in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ConfigError) as e:
+            load_config(str(tmp_path / name))
+        assert name in str(e.value)
+    with pytest.raises(ConfigError, match="no-such.yaml"):
+        load_config(str(tmp_path / "no-such.yaml"))
+    (tmp_path / "empty.yaml").write_text("")
+    assert load_config(str(tmp_path / "empty.yaml")).model == "smollm2"
+
+
+# ---- CLI ---------------------------------------------------------------------------------------------
+
+def _serve_parser():
+    from engine.cli import build_parser
+    ap = build_parser()
+    sub = next(a for a in ap._actions if a.dest == "command")
+    return ap, sub.choices["serve"]
+
+
+def test_every_serve_flag_maps_to_a_field():
+    _, serve = _serve_parser()
+    dests = {a.dest for a in serve._actions if a.dest not in ("help", "func", "config")}
+    assert dests == set(CLI_FIELDS)
+    for a in serve._actions:      # an absent flag must not override the file
+        if a.dest in CLI_FIELDS:
+            assert a.default in (None, False), a.dest
+    base = from_dict({})
+    for dest, path in CLI_FIELDS.items():
+        if not path.startswith("engine."):
+            _get(base, path)      # the path exists in the schema (raises otherwise)
+    # ... and each field reaches the ClusterConfig the server starts from.
+    cc = from_dict({"security": {"tls_cert": "c", "tls_key": "k", "zmq_curve": True, "internal_host": "10.0.0.1"},
+                    "router": {"max_prompt_tokens": 100}}).to_cluster_config()
+    assert (cc.tls_cert, cc.tls_key, cc.zmq_curve, cc.internal_host, cc.max_prompt_tokens) == \
+        ("c", "k", True, "10.0.0.1", 100)
+
+
+def test_flags_override_the_file(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("model: random:tiny\nrouter: {port: 6000, disagg_threshold: 99}\n"
+                 "pools: {prefill: {min_replicas: 1, max_replicas: 4}}\nengine: {num_kv_blocks: 64}\n")
+    ap, _ = _serve_parser()
+    args = ap.parse_args(["serve", "--config", str(f), "--port", "7000", "--prefill", "2", "--decode", "3",
+                          "--kv-cache-gb", "0.5", "--metrics-port", "9400", "--kv-timeout", "5",
+                          "--controller-metrics-port", "9401", "--dtype", "float64", "--host", "0.0.0.0",
+                          "--address", "auto", "--decode-max", "5"])
+    c = config_from_args(args)
+    assert (c.model, c.router.port, c.router.disagg_threshold) == ("random:tiny", 7000, 99)   # file kept where no flag
+    assert (c.pools.prefill.min_replicas, c.pools.prefill.max_replicas) == (2, 4)
+    assert (c.pools.decode.min_replicas, c.pools.decode.max_replicas) == (3, 5)
+    assert c.engine == {"num_kv_blocks": 64, "kv_cache_memory_gb": 0.5}
+    assert (c.router.metrics_port, c.controller.metrics_port, c.transfer.timeout_s) == (9400, 9401, 5.0)
+    assert (c.dtype, c.router.host, c.ray.address) == ("float64", "0.0.0.0", "auto")
+    cc = c.to_cluster_config()
+    assert (cc.model, cc.port, cc.host, cc.address, cc.num_prefill, cc.num_decode, cc.kv_timeout_s) == \
+        ("random:tiny", 7000, "0.0.0.0", "auto", 2, 3, 5.0)
+    assert cc.pools is c.pools and cc.controller is c.controller and cc.metrics_port == 9400
+    # Flags are validated like the file: a bad flag is the same clear error.
+    f2 = tmp_path / "curve.yaml"
+    f2.write_text("security: {zmq_curve: true}\n")
+    assert config_from_args(ap.parse_args(["serve", "--config", str(f2)])).security.zmq_curve is True
+    bad = ap.parse_args(["serve", "--config", str(f), "--prefill", "9"])
+    with pytest.raises(ConfigError, match="pools.prefill.max_replicas"):
+        config_from_args(bad)
+    from engine.cli import main
+    assert main(["serve", "--port", "99999"]) == 2      # printed as one line, no traceback, no server
+
+
+# ---- manifests ----------------------------------------------------------------------------------------
+
+def _pool_resources():
+    c = load_config(os.path.join(DEPLOY, "pdserve-ray.yaml"))
+    return {"prefill": c.pools.prefill, "decode": c.pools.decode}
+
+
+def test_ray_up_yaml_passes_rays_validation_and_steers_each_pool_to_its_gpu_nodes():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+    with open(os.path.join(DEPLOY, "ray-cluster.yaml")) as f:
+        raw = yaml.safe_load(f)
+    cfg = prepare_config(copy.deepcopy(raw))
+    validate_config(cfg)
+    types = cfg["available_node_types"]
+    for pool, spec in _pool_resources().items():
+        (res,) = spec.resources                         # one steering resource per pool
+        offering = [name for name, t in types.items() if t.get("resources", {}).get(res)]
+        assert len(offering) == 1, (pool, offering)
+        node = types[offering[0]]
+        assert node["resources"]["GPU"] >= spec.num_gpus and node["max_workers"] >= spec.max_replicas
+        assert node["min_workers"] == 0                  # GPU nodes only while a pool needs them
+    assert types[cfg["head_node_type"]]["resources"].get("GPU", 0) == 0
+    head = " ".join(cfg["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head
+    assert all("RAY_AUTH_MODE=token" in cmd for cmd in cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"]
+               if "ray start" in cmd)
+    # The validation is real: a misspelt key is rejected.
+    broken = copy.deepcopy(raw)
+    broken["available_node_types"]["prefill_gpu"]["max_worker"] = 4
+    with pytest.raises(Exception, match="max_worker"):
+        validate_config(prepare_config(broken))
+
+
+def test_kuberay_manifest_converts_with_rays_kuberay_autoscaler_config():
+    from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscaling_config_from_ray_cr
+    with open(os.path.join(DEPLOY, "kuberay.yaml")) as f:
+        docs = [d for d in yaml.safe_load_all(f) if d]
+    kinds = {d["kind"]: d for d in docs}
+    assert set(kinds) == {"ConfigMap", "RayCluster", "Service"}
+    cr = kinds["RayCluster"]
+    assert cr["apiVersion"] == "ray.io/v1" and cr["spec"]["enableInTreeAutoscaling"] is True
+    auto = _derive_autoscaling_config_from_ray_cr(copy.deepcopy(cr))     # runs Ray's validate_config too
+    types = auto["available_node_types"]
+    served = load_config_text(kinds["ConfigMap"]["data"]["pdserve.yaml"])
+    for pool, spec in {"prefill": served.pools.prefill, "decode": served.pools.decode}.items():
+        (res,) = spec.resources
+        offering = [n for n, t in types.items() if t["resources"].get(res)]
+        assert len(offering) == 1, (pool, offering)
+        t = types[offering[0]]
+        assert t["resources"]["GPU"] >= spec.num_gpus and t["max_workers"] >= spec.max_replicas
+        assert t["min_workers"] == 0
+    head = cr["spec"]["headGroupSpec"]
+    assert head["rayStartParams"]["dashboard-host"] == "127.0.0.1"
+    assert types["headgroup"]["resources"].get("GPU") is None and types["headgroup"]["resources"]["CPU"] == 0
+    containers = head["template"]["spec"]["containers"] + [c for g in cr["spec"]["workerGroupSpecs"]
+                                                          for c in g["template"]["spec"]["containers"]]
+    for c in containers:
+        env = {e["name"]: e for e in c["env"]}
+        assert env["RAY_AUTH_MODE"]["value"] == "token" and "secretKeyRef" in env["RAY_AUTH_TOKEN"]["valueFrom"]
+    router = next(c for c in head["template"]["spec"]["containers"] if c["name"] == "pdserve-router")
+    assert "pdserve serve --config /etc/pdserve/pdserve.yaml" in router["args"][0]
+    svc = kinds["Service"]["spec"]
+    assert svc["type"] == "ClusterIP" and {p["port"] for p in svc["ports"]} == {served.router.port,
+                                                                              served.router.metrics_port}
+    # The conversion is strict where it matters: a worker group without maxReplicas is refused.
+    broken = copy.deepcopy(cr)
+    del broken["spec"]["workerGroupSpecs"][0]["maxReplicas"]
+    with pytest.raises(KeyError):
+        _derive_autoscaling_config_from_ray_cr(broken)
+
+
+def load_config_text(text: str):
+    return from_dict(yaml.safe_load(text))

@@ -1,0 +1,595 @@
+"""Faults and overload inside the cluster: keep serving, lose nothing.
+
+Three layers, cheapest first:
+  - the Router driven directly against fake decode workers (ZeroMQ sockets this test
+    holds): admission control, heartbeat-silence detection and re-dispatch of prompt +
+    streamed tokens, stale incarnations, deadlines;
+  - a DecodeWorker driven directly: router epochs and orphaned requests;
+  - the whole cluster on a local Ray instance (one cluster shared by every test, in the
+    order the file lists them): a stalled and a killed prefill actor, a decode actor
+    killed while it streams 50 requests, a router restart, admission control over gRPC.
+random:tiny in float64 makes greedy outputs independent of batching, so every completed
+request is compared exactly with a single engine's output.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+import torch
+import zmq
+
+from conftest import assert_no_leaks
+from deploy.client import build_request, collect
+from engine import SamplingParams
+from router import planes
+from router.core import Overloaded, Router, RouterConfig
+
+MODEL = "random:tiny"
+
+
+# ---- the router against fake decode workers ----------------------------------------------------------
+
+class FakeDecode:
+    """A decode worker's two sockets: its request PULL and a PUSH onto the router's token plane."""
+
+    def __init__(self, router: Router, wid: str):
+        ctx = zmq.Context.instance()
+        self.wid = wid
+        self.pull = ctx.socket(zmq.PULL)
+        self.pull.setsockopt(zmq.LINGER, 0)
+        self.pull.bind("tcp://127.0.0.1:*")
+        self.endpoint = self.pull.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self.push = ctx.socket(zmq.PUSH)
+        self.push.setsockopt(zmq.LINGER, 0)
+        self.push.connect(router.token_endpoint)
+
+    def recv(self, timeout_ms=2000):
+        assert self.pull.poll(timeout_ms), f"{self.wid}: nothing received"
+        return planes.decode_request(self.pull.recv())
+
+    def recv_all(self, timeout_ms=300):
+        out = []
+        while self.pull.poll(timeout_ms if not out else 50):
+            out.append(planes.decode_request(self.pull.recv()))
+        return out
+
+    def send(self, *items, endpoint=None):
+        load = dict(running=len(items), endpoint=endpoint or self.endpoint)
+        self.push.send(planes.TokenBatch(self.wid, list(items), load=load).encode())
+
+    def close(self):
+        self.pull.close(0)
+        self.push.close(0)
+
+
+def _drain(q: asyncio.Queue) -> list[planes.TokenItem]:
+    out = []
+    while not q.empty():
+        out.append(q.get_nowait())
+    return out
+
+
+def run_router(body, **cfg):
+    async def main():
+        r = Router(RouterConfig(**cfg))
+        r.start()
+        fakes = []
+
+        def fake(wid):
+            f = FakeDecode(r, wid)
+            fakes.append(f)
+            r.add_worker("decode", wid, f.endpoint)
+            return f
+        try:
+            await body(r, fake)
+        finally:
+            await r.close()
+            for f in fakes:
+                f.close()
+    asyncio.run(main())
+
+
+P = SamplingParams(max_tokens=10)
+PARAMS_LONG = SamplingParams(max_tokens=100, ignore_eos=True)
+
+
+def test_admission_control_refuses_at_once_past_the_bounds():
+    async def body(r, fake):
+        a, b = fake("a"), fake("b")
+        handles = [await r.submit(f"r{i}", [5] * 10, P) for i in range(4)]
+        assert sorted(h.decode_worker for h in handles) == ["a", "a", "b", "b"]
+        t0 = time.monotonic()
+        with pytest.raises(Overloaded, match="limit of 2"):
+            await r.submit("r4", [5] * 10, P)
+        assert time.monotonic() - t0 < 0.1 and "r4" not in r.requests
+        assert len(a.recv_all()) == 2 and len(b.recv_all()) == 2   # nothing was dispatched for r4
+        # a finished request frees its slot
+        on_a = next(h for h in handles if h.decode_worker == "a")
+        a.send(planes.TokenItem(on_a.rid, [7], finish_reason="length"))
+        await asyncio.sleep(0.2)
+        h = await r.submit("r5", [5] * 10, P)
+        assert h.decode_worker == "a"
+        assert r.stats()["overloaded"] == 1
+    run_router(body, max_inflight_per_decode=2)
+
+
+def test_admission_control_bounds_tokens_waiting_for_prefill():
+    async def body(r, fake):
+        a = fake("a")
+        big = await r.submit("big", [5] * 70, P)     # alone, even a prompt past the budget is admitted
+        assert r.queued_prefill_tokens == 70
+        with pytest.raises(Overloaded, match="waiting for prefill"):
+            await r.submit("r1", [5] * 40, P)
+        a.send(planes.TokenItem(big.rid, [9]))         # its first token: the prompt is prefilled
+        await asyncio.sleep(0.2)
+        assert r.queued_prefill_tokens == 0
+        await r.submit("r1", [5] * 40, P)
+        await r.submit("r2", [5] * 20, P)
+        with pytest.raises(Overloaded):
+            await r.submit("r3", [5] * 1, P)
+        assert len(a.recv_all()) == 3
+    run_router(body, max_queued_prefill_tokens=60, policy=_no_disagg())
+
+
+def _no_disagg():
+    from router.policy import PolicyConfig
+    return PolicyConfig(disagg_threshold=10**6)
+
+
+def test_silent_decode_worker_requests_move_with_their_streamed_tokens():
+    async def body(r, fake):
+        a = fake("a")
+        prompt = list(range(100, 120))
+        greedy = await r.submit("greedy", prompt, SamplingParams(max_tokens=10))
+        seeded = await r.submit("seeded", prompt, SamplingParams(max_tokens=10, temperature=0.8, seed=7))
+        stops = await r.submit("stops", prompt, SamplingParams(max_tokens=10, stop=["xyz"]))
+        fresh = await r.submit("fresh", prompt, SamplingParams(max_tokens=10, stop=["xyz"]))
+        assert len(a.recv_all()) == 4
+        a.send(planes.TokenItem("greedy", [1, 2, 3]), planes.TokenItem("seeded", [4]),
+               planes.TokenItem("stops", [5]))
+        b = fake("b")          # joins after the requests were placed on a
+        await asyncio.sleep(0.2)
+        b.send()
+        # a falls silent; b keeps heartbeating; the monitor finds a lost after dead_after_s
+        for _ in range(12):
+            await asyncio.sleep(0.1)
+            b.send()
+        assert "a" not in r.decode and r.counters["workers_lost"] == 1
+        moved = {m.rid: m for m in b.recv_all()}
+        assert set(moved) == {"greedy", "seeded", "fresh"}
+        g = moved["greedy"]
+        assert g.prompt_ids == prompt + [1, 2, 3] and g.params.max_tokens == 7 and g.mode == "direct"
+        s = moved["seeded"]
+        assert s.prompt_ids == prompt + [4] and s.params.max_tokens == 9 and s.params.temperature == 0.8
+        assert s.params.seed != 7   # a derived seed: reproducible, not the original stream
+        f = moved["fresh"]         # nothing streamed yet: re-dispatched exactly as sent
+        assert f.prompt_ids == prompt and f.params.max_tokens == 10 and f.params.stop == ["xyz"]
+        # stop strings + streamed tokens cannot resume exactly: UNAVAILABLE (error_code)
+        items = _drain(stops.queue)
+        assert [i.token_ids for i in items] == [[5], []]
+        assert items[-1].error_code == "unavailable" and "stop strings" in items[-1].error
+        # late tokens from the lost worker are dropped, even if it turns out to be alive
+        a.send(planes.TokenItem("greedy", [99]))
+        # a batch from another incarnation of b (same id, other endpoint) is not b's
+        b.send(planes.TokenItem("greedy", [98]), endpoint="tcp://127.0.0.1:1")
+        await asyncio.sleep(0.2)
+        assert r.counters["stale_batches"] == 1
+        b.send(planes.TokenItem("greedy", [4, 5, 6, 7, 8, 9, 10], finish_reason="length",
+                                prompt_tokens=23, cached_tokens=16, completion_tokens=7))
+        await asyncio.sleep(0.2)
+        items = _drain(greedy.queue)
+        assert sum((i.token_ids for i in items), []) == list(range(1, 11))
+        last = items[-1]
+        assert (last.prompt_tokens, last.completion_tokens, last.fallback) == (20, 10, "redispatched")
+        assert greedy.decode_worker == "b" and "greedy" not in r.requests
+        assert r.counters["redispatched"] == 3
+    run_router(body, dead_after_s=0.6, monitor_interval_s=0.1, policy=_no_disagg())
+
+
+def test_lost_worker_without_a_successor_fails_its_requests_unavailable():
+    async def body(r, fake):
+        fake("a")
+        h = await r.submit("x", [5] * 8, P)
+        n = await r.worker_lost("a", "ray: ActorDiedError")
+        assert n == 1 and await r.worker_lost("a", "again") == 0   # reported twice: handled once
+        (item,) = _drain(h.queue)
+        assert item.error_code == "unavailable" and "no other decode worker" in item.error
+        with pytest.raises(LookupError):
+            await r.submit("y", [5] * 8, P)
+    run_router(body)
+
+
+def test_token_loop_survives_a_batch_it_cannot_handle():
+    """One batch that breaks the router's handling must not stop the token loop: every
+    worker would look silent and be declared lost."""
+    async def body(r, fake):
+        a = fake("a")
+        h = await r.submit("x", [5] * 8, P)
+
+        def broken(worker, events):
+            raise RuntimeError("index bug")
+        r.index.apply = broken
+        a.send(planes.TokenItem("x", [1]))
+        a.push.send(planes.TokenBatch("a", [], kv_events=[("stored", b"h" * 16, None)]).encode())
+        a.push.send(b"\x93not a batch")
+        a.send(planes.TokenItem("x", [2], finish_reason="length"))
+        await asyncio.sleep(0.3)
+        assert [i.token_ids for i in _drain(h.queue)] == [[1], [2]]
+        assert r.bad_messages == 2 and not r._task.done()
+    run_router(body)
+
+
+def test_deadline_is_enforced_by_the_router():
+    async def body(r, fake):
+        a = fake("a")
+        h = await r.submit("late", [5] * 8, P, deadline=time.monotonic() + 0.3)
+        keep = await r.submit("keep", [5] * 8, P)
+        assert [m.rid for m in a.recv_all()] == ["late", "keep"]
+        a.send()
+        await asyncio.sleep(0.6)
+        assert a.recv(1000) == ("abort", "late")      # the worker is told to drop it
+        (item,) = _drain(h.queue)
+        assert item.error_code == "deadline_exceeded"
+        assert "late" not in r.requests and "keep" in r.requests and not keep.done
+    run_router(body, monitor_interval_s=0.1)
+
+
+# ---- a decode worker and its router's epoch ---------------------------------------------------------
+
+@pytest.fixture
+def token_sinks():
+    ctx = zmq.Context.instance()
+    socks = []
+
+    def make():
+        s = ctx.socket(zmq.PULL)
+        s.setsockopt(zmq.LINGER, 0)
+        s.bind("tcp://127.0.0.1:*")
+        socks.append(s)
+        return s, s.getsockopt(zmq.LAST_ENDPOINT).decode()
+    yield make
+    for s in socks:
+        s.close(0)
+
+
+def _batches(sock):
+    out = []
+    while sock.poll(0):
+        out.append(planes.decode_tokens(sock.recv()))
+    return out
+
+
+def test_decode_worker_drops_requests_of_a_silent_or_replaced_router(token_sinks):
+    from decode_worker import DecodeWorker
+    old_sink, old_ep = token_sinks()
+    dw = DecodeWorker("d0", MODEL, old_ep, engine_kwargs=dict(num_kv_blocks=64), kv_bind="ipc",
+                      router_epoch=1, orphan_timeout_s=2.0)
+    ctx = zmq.Context.instance()
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 0)
+    push.connect(dw.endpoints()["request"])
+    try:
+        # Requests that wait for KV from a prefill worker that never answers stay in flight,
+        # holding reserved blocks, as long as the test needs (kv_timeout_s=60).
+        silent_prefill = "tcp://127.0.0.1:9"
+
+        def waiting(rid, tok):
+            return planes.GenerateMsg(rid, [tok] * 40, PARAMS_LONG, mode="disagg", kv_timeout_s=60,
+                                      prefill_endpoint=silent_prefill).encode()
+        push.send(waiting("r1", 5))
+        end = time.monotonic() + 30
+        while not dw.engine.stats()["num_awaiting_kv"]:
+            dw.run_once(5)
+            assert time.monotonic() < end
+        # heartbeats say which incarnation and epoch they come from
+        dw.run_once(0)
+        assert old_sink.poll(5000)
+        loads = [b.load for b in _batches(old_sink)]
+        assert loads and loads[-1]["endpoint"] == dw.endpoints()["request"] and loads[-1]["epoch"] == 1
+        # the router keeps in touch for a while: nothing is dropped
+        t_end = time.monotonic() + 2.5
+        while time.monotonic() < t_end:
+            dw.router_contact(1)
+            dw.run_once(5)
+        assert dw.num_in_flight() == 1
+        # contacts from another epoch do not count; after 2 s of silence r1 is dropped
+        t_end = time.monotonic() + 10
+        while time.monotonic() < t_end and dw.num_in_flight():
+            dw.router_contact(2)
+            dw.run_once(5)
+        assert dw.num_in_flight() == 0 and dw.counters["orphaned"] == 1
+        assert_no_leaks(dw.engine)
+        assert dw.receiver.pending() == []
+        # attached to a new router: a request of the old epoch in flight is dropped at once,
+        # and batches go to the new router, stamped with the new epoch
+        push.send(waiting("r2", 6))
+        end = time.monotonic() + 30
+        while dw.num_in_flight() != 1:
+            dw.router_contact(1)
+            dw.run_once(5)
+            assert time.monotonic() < end
+        new_sink, new_ep = token_sinks()
+        dw.attach_router(new_ep, 2)
+        dw.run_once(0)
+        assert dw.num_in_flight() == 0 and dw.counters["orphaned"] == 2
+        push.send(planes.GenerateMsg("r3", [7] * 10, SamplingParams(max_tokens=4)).encode())
+        final = None
+        end = time.monotonic() + 30
+        while final is None:
+            dw.router_contact(2)
+            dw.run_once(5)
+            for b in _batches(new_sink):
+                assert b.load["epoch"] == 2
+                final = next((i for i in b.items if i.rid == "r3" and i.finish_reason), final)
+            assert time.monotonic() < end
+        assert final.completion_tokens == 4
+        assert_no_leaks(dw.engine)
+        assert dw.receiver.pending() == []
+    finally:
+        push.close(0)
+        dw.stop()
+
+
+# ---- the whole cluster on local Ray -----------------------------------------------------------------
+
+ray = pytest.importorskip("ray")
+
+ENGINE = dict(block_size=16, num_kv_blocks=2048, max_num_batched_tokens=512)
+THRESHOLD = 64
+
+
+class FaultCluster:
+    """A Cluster (1 prefill + 2 decode actors) whose router runs in a background loop;
+    short fault timers so faults are noticed within seconds."""
+
+    def __init__(self):
+        from deploy.cluster import Cluster, ClusterConfig
+        self.loop = asyncio.new_event_loop()
+        self.cluster = Cluster(ClusterConfig(
+            model=MODEL, port=0, disagg_threshold=THRESHOLD, dtype="float64", engine_kwargs=dict(ENGINE),
+            num_prefill=1, num_decode=2, kv_timeout_s=3.0, dead_after_s=3.0, orphan_timeout_s=3.0,
+            monitor_interval_s=0.5, max_inflight_per_decode=64))
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.call(self.cluster.start(), timeout=300)
+        self.connect()
+
+    def connect(self):
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.cluster.port}")
+        from pdserve_api.v1 import pdserve_pb2_grpc as pb_grpc
+        self.stub = pb_grpc.GenerationStub(self.channel)
+
+    def call(self, coro, timeout=60):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def generate(self, prompt, max_tokens, timeout=120, **kw):
+        return collect(self.stub.Generate(build_request(prompt, max_tokens, temperature=0.0, **kw),
+                                          timeout=timeout))
+
+    def actor(self, wid):
+        return {**self.cluster.decode_actors, **self.cluster.prefill_actors}[wid]
+
+    def stats(self, wid):
+        return ray.get(self.actor(wid).stats.remote(), timeout=60)
+
+    def wait_for(self, cond, timeout=60, what="condition"):
+        end = time.monotonic() + timeout
+        while not cond():
+            assert time.monotonic() < end, f"timed out waiting for {what}"
+            time.sleep(0.1)
+
+    def wait_idle(self, timeout=30):
+        """Until every worker holds no request and no referenced block."""
+        def idle():
+            for wid in [*self.cluster.decode_actors, *self.cluster.prefill_actors]:
+                try:
+                    s = self.stats(wid)
+                except (ray.exceptions.ActorUnavailableError, ray.exceptions.RayActorError):
+                    return False     # being restarted by Ray
+                if s["num_running"] or s["num_waiting"] or s["num_awaiting_kv"] or s["in_flight"] \
+                        or s["num_free_blocks"] != s["num_blocks"]:
+                    return False
+            return True
+        self.wait_for(idle, timeout, "idle workers with every block free")
+
+    def registered(self):
+        r = self.cluster.router
+        return {w: r.endpoint_of(w) for w in [*self.cluster.decode_actors, *self.cluster.prefill_actors]}
+
+    def close(self):
+        self.channel.close()
+        self.call(self.cluster.stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+@pytest.fixture(scope="module")
+def fc():
+    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
+    c = FaultCluster()
+    try:
+        yield c
+    finally:
+        c.close()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference():
+    from engine import LLM
+    llm = LLM(MODEL, dtype="float64", **ENGINE)
+
+    def expected(prompts, max_tokens):
+        outs = llm.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0))
+        return [o.token_ids for o in outs]
+    return expected
+
+
+def _prompts(seed, n, lo, hi):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(100, 40000, (lo + (i * (hi - lo)) // max(1, n - 1),), generator=gen).tolist()
+            for i in range(n)]
+
+
+def _pid(c, wid):
+    return ray.get(c.actor(wid).ping.remote(), timeout=60)["pid"]
+
+
+def test_cluster_kv_transfer_stalled_past_its_timeout_falls_back(fc, reference):
+    """The prefill actor's process is frozen (SIGSTOP) while its transfers are due: the
+    decode workers time out, prefill in place, and the outputs are exact; when it thaws,
+    whatever it still sends for those transfers is dropped, and it serves again."""
+    prompts = _prompts(1, 3, 150, 250)
+    pid = _pid(fc, "prefill-0")
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        with ThreadPoolExecutor(3) as ex:
+            results = list(ex.map(lambda p: fc.generate(p, 8), prompts))
+        assert [r["token_ids"] for r in results] == reference(prompts, 8)
+        assert [r["reason"] for r in results] == ["fallback_kv_timeout"] * 3
+        # meanwhile the supervisor took the unresponsive prefill worker out of routing
+        fc.wait_for(lambda: fc.registered()["prefill-0"] is None, 10, "prefill-0 out of routing")
+        fresh = _prompts(7, 1, 150, 150)[0]
+        r = fc.generate(fresh, 4)
+        assert (r["route"], r["reason"]) == ("direct", "no_prefill_workers")
+        assert r["token_ids"] == reference([fresh], 4)[0]
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    fc.wait_for(lambda: fc.registered()["prefill-0"] is not None, 20, "prefill-0 back in routing")
+    fc.wait_idle()
+    kv = [fc.stats(w)["kv"] for w in fc.cluster.decode_actors]
+    assert sum(k["timed_out"] for k in kv) == 3 and sum(k["completed"] for k in kv) == 0
+    p = fc.stats("prefill-0")
+    # the thawed worker saw the 3 prefills and the decode workers' aborts for them: each
+    # was aborted before it ran, or ran and its late KV was dropped by the receiver
+    assert p["requests"] == 3 and p["aborted"] + sum(k["dropped_late"] > 0 for k in kv) >= 1
+    again = _prompts(8, 1, 200, 200)[0]    # cached nowhere yet
+    r = fc.generate(again, 8)
+    assert (r["route"], r["prefill_worker"]) == ("disaggregated", "prefill-0")
+    assert r["token_ids"] == reference([again], 8)[0]
+
+
+def test_cluster_prefill_actor_killed_mid_transfer_falls_back_and_restarts(fc, reference):
+    """Decode workers hold reserved blocks and wait for KV from a prefill actor that is
+    killed (frozen first, so the kill lands while every transfer is in flight)."""
+    prompts = _prompts(2, 4, 120, 300)
+    old_ep = fc.registered()["prefill-0"]
+    os.kill(_pid(fc, "prefill-0"), signal.SIGSTOP)
+    with ThreadPoolExecutor(4) as ex:
+        futs = [ex.submit(fc.generate, p, 8) for p in prompts]
+        time.sleep(1.0)         # every request is dispatched and waiting for its KV
+        ray.kill(fc.actor("prefill-0"), no_restart=False)
+        results = [f.result() for f in futs]
+    assert [r["token_ids"] for r in results] == reference(prompts, 8)
+    assert all(r["reason"].startswith("fallback_") for r in results), [r["reason"] for r in results]
+    fc.wait_idle()          # no block leaked on the decode side (nor on the restarted prefill worker)
+    # Ray restarted it on new ports; the supervisor re-registered it and routing uses it
+    fc.wait_for(lambda: fc.registered()["prefill-0"] not in (None, old_ep), 60, "prefill-0 re-registered")
+    again = _prompts(9, 1, 200, 200)[0]    # cached nowhere yet
+    r = fc.generate(again, 8)
+    assert (r["route"], r["prefill_worker"]) == ("disaggregated", "prefill-0")
+    assert r["token_ids"] == reference([again], 8)[0]
+
+
+def test_cluster_decode_actor_killed_while_streaming_50_requests(fc, reference):
+    """50 greedy streams over two decode workers; decode-0 is killed mid-stream. Its
+    requests continue on decode-1 from prompt + streamed tokens, exactly; decode-1's own
+    requests are untouched; Ray restarts decode-0 and the router uses it again."""
+    n, max_tokens = 50, 120
+    prompts = _prompts(3, n, 12, 40)
+    want = reference(prompts, max_tokens)
+    router = fc.cluster.router
+    old_ep = fc.registered()["decode-0"]
+    streams = [fc.stub.Generate(build_request(p, max_tokens, temperature=0.0), timeout=180) for p in prompts]
+    firsts = [next(s) for s in streams]       # every request is streaming
+    where = {f.request_id: router.requests[f.request_id].decode_worker for f in firsts}
+    assert set(where.values()) == {"decode-0", "decode-1"}
+    ray.kill(fc.actor("decode-0"), no_restart=False)
+
+    def rest(i):
+        out = collect(streams[i])
+        out["token_ids"] = list(firsts[i].token_ids) + out["token_ids"]
+        return out
+    with ThreadPoolExecutor(n) as ex:
+        results = list(ex.map(rest, range(n)))
+    assert [r["token_ids"] for r in results] == want
+    for f, r in zip(firsts, results):
+        assert r["finish_reason"] in ("length", "stop")
+        assert r["decode_worker"] == "decode-1"
+        if where[f.request_id] == "decode-1":
+            assert not r["reason"].startswith("fallback_"), r   # untouched
+        else:
+            assert r["reason"] == "fallback_redispatched"
+    moved = sum(w == "decode-0" for w in where.values())
+    assert router.counters["redispatched"] == moved and router.counters["failed_unavailable"] == 0
+    fc.wait_for(lambda: fc.registered()["decode-0"] not in (None, old_ep), 60, "decode-0 re-registered")
+    more = _prompts(4, 6, 10, 30)
+    with ThreadPoolExecutor(6) as ex:
+        again = list(ex.map(lambda p: fc.generate(p, 40), more))
+    assert [r["token_ids"] for r in again] == reference(more, 40)
+    assert "decode-0" in {r["decode_worker"] for r in again}
+    fc.wait_idle()
+
+
+def test_cluster_admission_control_gives_resource_exhausted_at_once(fc):
+    router = fc.cluster.router
+    fc.wait_for(lambda: all(fc.registered().values()), 60, "every worker registered")
+    router.cfg.max_inflight_per_decode = 1
+    try:
+        prompts = _prompts(5, 3, 10, 20)
+        streams = [fc.stub.Generate(build_request(p, 1500, temperature=0.0), timeout=60) for p in prompts[:2]]
+        for s in streams:
+            next(s)
+        t0 = time.monotonic()
+        with pytest.raises(grpc.RpcError) as e:
+            fc.generate(prompts[2], 4)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "overloaded" in e.value.details()
+        assert time.monotonic() - t0 < 2.0
+        for s in streams:
+            s.cancel()
+    finally:
+        router.cfg.max_inflight_per_decode = 64
+    fc.wait_idle()
+    assert len(fc.generate(prompts[2], 4)["token_ids"]) == 4
+
+
+def test_cluster_router_restart(fc, reference):
+    """The router goes away mid-stream: clients get UNAVAILABLE (no hang), the workers free
+    the orphaned requests' blocks within their orphan timeout, and a new router (new epoch)
+    re-attaches the same actors and serves exactly."""
+    from deploy.supervisor import crash_router, start_router
+    prompts = _prompts(6, 4, 20, 200)
+    streams = [fc.stub.Generate(build_request(p, 1500, temperature=0.0), timeout=60) for p in prompts]
+    for s in streams:
+        next(s)
+    old_epoch = fc.cluster.router.epoch
+    fc.call(crash_router(fc.cluster))
+    t0 = time.monotonic()
+    for s in streams:
+        with pytest.raises(grpc.RpcError) as e:
+            collect(s)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    with pytest.raises(grpc.RpcError) as e:     # nobody listens: fails fast, no hang
+        fc.generate(prompts[0], 4, timeout=10)
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert time.monotonic() - t0 < 10
+    # no router pings or requests any more: orphan_timeout_s (3 s) later the blocks are free
+    fc.wait_idle(timeout=15)
+    assert sum(fc.stats(w)["orphaned"] for w in fc.cluster.decode_actors) == 4
+    fc.call(start_router(fc.cluster))
+    assert fc.cluster.router.epoch != old_epoch
+    fc.channel.close()
+    fc.connect()
+    assert all(fc.registered().values())
+    with ThreadPoolExecutor(4) as ex:
+        results = list(ex.map(lambda p: fc.generate(p, 12), prompts))
+    assert [r["token_ids"] for r in results] == reference(prompts, 12)
+    assert {r["route"] for r in results} == {"direct", "disaggregated"}
+    assert {r["decode_worker"] for r in results} == {"decode-0", "decode-1"}
+    fc.wait_idle()
