@@ -43,6 +43,7 @@ from router import planes
 log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 0.5               # a batch (maybe empty) at least this often, carrying load
+WEDGED_AFTER_S = 60.0           # a loop iteration this long is a hang: the heartbeat thread goes quiet
 MAX_REQUESTS_PER_ITERATION = 512
 MAX_OUTBOX = 4096               # token batches kept while the router is not draining
 KV_KEY_MAX = planes.MAX_ID_CHARS
@@ -205,6 +206,7 @@ class DecodeWorker:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._beat_thread: threading.Thread | None = None
+        self._loop_at = time.monotonic()     # end of the loop's last iteration (read by the heartbeat thread)
         self._closed = False
         self.counters = dict(requests=0, disaggregated=0, fallbacks=0, rejected=0, aborted=0, errors=0,
                              dropped_messages=0, batches_sent=0, orphaned=0)
@@ -299,8 +301,11 @@ class DecodeWorker:
         sock, endpoint = None, None
         try:
             while not self._stop.wait(HEARTBEAT_S):
-                if time.monotonic() - self._last_sent < 2 * HEARTBEAT_S:
+                now = time.monotonic()
+                if now - self._last_sent < 2 * HEARTBEAT_S:
                     continue   # the loop is sending on its own
+                if now - self._loop_at > WEDGED_AFTER_S:
+                    continue   # no iteration for a minute: a hang, let the router's silence watch see it
                 if endpoint != self._token_endpoint:
                     if sock is not None:
                         sock.close(linger=0)
@@ -333,6 +338,7 @@ class DecodeWorker:
         if self.engine.has_unfinished():
             self._step()
         self._send_batch()
+        self._loop_at = time.monotonic()
 
     def _apply_attach(self) -> None:
         endpoint, epoch = self._attach

@@ -24,6 +24,8 @@ class ClusterConfig:
     port: int = 50051
     disagg_threshold: int = 256
     kv_timeout_s: float = 30.0
+    kv_backend: str = "zmq"           # "zmq", "nccl", or "auto": nccl iff both pools' workers have GPUs
+                                      # (nccl is opt-in until measured on two GPUs; CI tests it via gloo)
     engine_kwargs: dict = field(default_factory=dict)
     dtype: str | None = None
     # Faults and overload (see deploy/supervisor.py and router/core.py).
@@ -57,6 +59,24 @@ class ClusterConfig:
 def _gpus_per_worker() -> float:
     import ray
     return 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+
+
+def _resolve_kv_backend(cfg: ClusterConfig, gpus_per_worker: float) -> str:
+    """"auto" -> "nccl" only when the decode and the prefill workers both get a GPU (the
+    decode worker's receiver then advertises an nccl:// endpoint and prefill workers follow
+    it); "zmq" otherwise, which is what every CPU deployment (and CI) runs."""
+    backend = cfg.kv_backend
+    if backend == "auto":
+        if cfg.pools is None:
+            both = gpus_per_worker >= 1
+        else:
+            both = all((gpus_per_worker if p.num_gpus is None else p.num_gpus) >= 1
+                       for p in (cfg.pools.prefill, cfg.pools.decode))
+        backend = "nccl" if both else "zmq"
+    if backend == "nccl" and cfg.zmq_curve:
+        log.warning("pdserve: the nccl KV backend is not covered by CurveZMQ (NCCL/gloo/TCPStore have no "
+                    "authentication): keep the workers on a trusted network")
+    return backend
 
 
 class Cluster:
@@ -113,6 +133,7 @@ class Cluster:
                                           curve=curve))
         self.router.start()
         gpus = _gpus_per_worker()
+        kv_backend = _resolve_kv_backend(cfg, gpus)
         D, P = decode_class(gpus, max_restarts=cfg.max_restarts), prefill_class(gpus, max_restarts=cfg.max_restarts)
         # Internal planes listen on loopback for a local cluster; on a real cluster each actor
         # binds its own node's IP (bind_host=None).
@@ -123,7 +144,8 @@ class Cluster:
         for i in range(cfg.num_decode if cfg.pools is None else 0):   # else: the controller's
             wid = f"decode-{i}"
             self.decode_actors[wid] = D.remote(wid, cfg.model, self.router.token_endpoint, **common,
-                                               router_epoch=self.router.epoch, orphan_timeout_s=cfg.orphan_timeout_s)
+                                               router_epoch=self.router.epoch, orphan_timeout_s=cfg.orphan_timeout_s,
+                                               kv_backend=kv_backend)
         for i in range(cfg.num_prefill if cfg.pools is None else 0):
             wid = f"prefill-{i}"
             self.prefill_actors[wid] = P.remote(wid, cfg.model, **common)
@@ -139,7 +161,7 @@ class Cluster:
         self.metrics = RouterMetrics(lambda: self.router, window_s=window)   # follows a restarted router
         if cfg.pools is not None:
             await self._start_controller(common, dict(router_epoch=self.router.epoch,
-                                                      orphan_timeout_s=cfg.orphan_timeout_s))
+                                                      orphan_timeout_s=cfg.orphan_timeout_s, kv_backend=kv_backend))
         first = next(iter(self.decode_actors.values()))
         self.model_info = await first.model_info.remote()
         if self.model_info["block_size"] != block_size:

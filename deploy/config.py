@@ -9,7 +9,7 @@ ConfigError naming the dotted path of the offending field (unknown keys included
     model: smollm2
     engine: {kv_cache_memory_gb: 4}            # EngineConfig fields, both pools
     router: {host: 0.0.0.0, port: 50051, disagg_threshold: 256, metrics_port: 9400}
-    transfer: {backend: zmq, timeout_s: 30}
+    transfer: {backend: auto, timeout_s: 30}    # auto: nccl when both pools have GPUs, else zmq
     pools:
       prefill: {min_replicas: 1, max_replicas: 4, num_gpus: 1, resources: {pdserve_prefill: 1},
                 targets: {queued_tokens_per_replica: 8192, ttft_s: 2.0}}
@@ -28,7 +28,10 @@ from dataclasses import dataclass, field
 from deploy.autoscale_policy import DecodeTargets, PrefillTargets, ScalingPolicyConfig
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
-TRANSFER_BACKENDS = ("zmq",)        # "nccl" is in the design, not built yet
+# "auto": NCCL pairs (kv_transfer/p2p_backend.py) when both pools' workers have GPUs, else ZeroMQ.
+# The default is "zmq" until the NCCL path has been measured on a real pair of GPUs (it is
+# tested on CPU through gloo only); choose "auto" or "nccl" to opt in.
+TRANSFER_BACKENDS = ("auto", "zmq", "nccl")
 MAX_CONFIG_BYTES = 1 << 20
 
 
@@ -207,6 +210,12 @@ class ServeConfig:
             if pool.engine.get("block_size", self.engine.get("block_size", 16)) != self.engine.get("block_size", 16):
                 raise ConfigError(f"pools.{name}.engine.block_size: must equal engine.block_size "
                                   "(the router hashes prompts in blocks of that size)")
+            # KV shipped from a prefill worker lands as raw bytes in the decode worker's cache:
+            # both pools must store it the same way.
+            for key in ("kv_cache_dtype", "kv_cache_scale", "max_model_len"):
+                if key in pool.engine and pool.engine[key] != self.engine.get(key):
+                    raise ConfigError(f"pools.{name}.engine.{key}: must equal engine.{key} "
+                                      "(the KV cache travels between the pools as is)")
 
     def to_cluster_config(self):
         from deploy.cluster import ClusterConfig
@@ -214,6 +223,7 @@ class ServeConfig:
                              num_decode=self.pools.decode.min_replicas, address=self.ray.address,
                              host=self.router.host, port=self.router.port,
                              disagg_threshold=self.router.disagg_threshold, kv_timeout_s=self.transfer.timeout_s,
+                             kv_backend=self.transfer.backend,
                              engine_kwargs=dict(self.engine), dtype=self.dtype, pools=self.pools,
                              controller=self.controller, metrics_host=self.router.metrics_host,
                              metrics_port=self.router.metrics_port, max_prompt_tokens=self.router.max_prompt_tokens,

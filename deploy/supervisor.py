@@ -99,7 +99,11 @@ class Supervisor:
         endpoint = info["endpoints"]["request"]
         if kind == "decode" and info.get("epoch") != router.epoch:
             # Before it is registered: requests of this router must find it streaming here.
-            await actor.attach_router.remote(router.token_endpoint, router.epoch)
+            try:
+                await actor.attach_router.remote(router.token_endpoint, router.epoch)
+            except Exception as e:   # died in between: the next round sees it dead
+                log.warning("supervisor: attaching %s failed: %s", wid, e)
+                return
             self._note(wid, "attached")
         registered = router.endpoint_of(wid)
         if registered == endpoint:

@@ -73,7 +73,7 @@ import torch
 import zmq
 
 from kv_transfer.base import KVReceiver, KVSender, WriteLayer
-from kv_transfer.wire import (ABORT, DONE, KV, MAX_BLOCKS_PER_MESSAGE, MAX_HEADER_BYTES, MAX_LAYERS, PROTOCOL_VERSION,
+from kv_transfer.wire import (KV, MAX_BLOCKS_PER_MESSAGE, MAX_HEADER_BYTES, MAX_LAYERS, PROTOCOL_VERSION,
                               KVHeader, KVLayout, KVMessage, UnknownRequestError, WireError, check_kv,
                               check_request_id, decode_header, dtype_name, encode_abort, encode_done)
 
@@ -332,6 +332,10 @@ class P2PKVReceiver(KVReceiver):
             log.warning("kv p2p receiver bound to %s: pass advertise_host so remote senders can reach it", host)
         self._endpoint = str(P2PEndpoint(host, ctrl_port, self._store.port, self.pg))
         self._pairs: dict[str, _RxPair] = {}
+        # Every pair thread not yet finished, evicted ones included: a thread blocked in a
+        # rendezvous ignores its bye until connect_timeout_s, so the table alone does not
+        # bound the threads a flood of hellos could start.
+        self._pair_threads: list[threading.Thread] = []
         self._landed: queue.SimpleQueue = queue.SimpleQueue()
         self._closed = False
         log.info("kv p2p receiver (%s) listening on %s", self.pg, self._endpoint)
@@ -393,11 +397,18 @@ class P2PKVReceiver(KVReceiver):
         if pair in self._pairs:
             self._reject(WireError(f"hello: pair {pair!r} exists"))
             return
+        self._pair_threads = [t for t in self._pair_threads if t.is_alive()]
+        if len(self._pair_threads) >= 2 * self.max_pairs:
+            self.stats["pairs_refused"] += 1
+            self._reject(WireError(f"hello: {len(self._pair_threads)} pair threads still running; "
+                                   f"pair {pair!r} refused"))
+            return
         if len(self._pairs) >= self.max_pairs:
             # A sender killed without its bye leaves an idle pair behind: evict the least
             # recently used idle one (if its sender is alive after all, its next send fails
-            # and it builds a new pair). Refuse when every pair is busy.
-            idle = [q for q in self._pairs.values() if q.pending == 0]
+            # and it builds a new pair). Refuse when every pair is busy. A pair still forming
+            # (no group yet) is never idle: evicting it would not stop its thread.
+            idle = [q for q in self._pairs.values() if q.pending == 0 and q.group is not None]
             if not idle:
                 self.stats["pairs_refused"] += 1
                 self._reject(WireError(f"hello: {self.max_pairs} busy pairs already; pair {pair!r} refused"))
@@ -410,6 +421,7 @@ class P2PKVReceiver(KVReceiver):
         p = self._pairs[pair] = _RxPair(pair)
         p.thread = threading.Thread(target=self._pair_main, args=(p,), name=f"kv-pair-{pair}", daemon=True)
         p.thread.start()
+        self._pair_threads.append(p.thread)
 
     def _on_msg(self, env: Envelope, header) -> None:
         try:
@@ -496,6 +508,9 @@ class P2PKVReceiver(KVReceiver):
         try:
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)
+                # Receives (and their staging buffers) on a stream of this thread: NCCL's stream
+                # waits on the caller's current stream, which must not be the engine's compute.
+                torch.cuda.set_stream(torch.cuda.Stream(self.device))
             p.group = make_pair_group(self.pg, "", 0, p.pair, 1, store=self._store,
                                       connect_timeout_s=self.connect_timeout_s, op_timeout_s=self.op_timeout_s)
             hs = torch.zeros(1, dtype=torch.int64, device=self.device)

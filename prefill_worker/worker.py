@@ -33,6 +33,8 @@ from router import planes
 log = logging.getLogger(__name__)
 
 MAX_REQUESTS_PER_ITERATION = 512
+SENDER_IDLE_S = 300.0           # a KV sender unused this long is closed (its decode worker left)
+SENDER_PRUNE_EVERY_S = 10.0
 
 
 @dataclass
@@ -69,6 +71,8 @@ class PrefillWorker:
         self._poller = zmq.Poller()
         self._poller.register(self._req_sock, zmq.POLLIN)
         self._senders: dict[str, kt.KVSender] = {}
+        self._sender_used: dict[str, float] = {}   # endpoint -> last use, to close senders of departed workers
+        self._last_prune = time.monotonic()
         self._replies = PushPool(self._ctx)
         self._jobs: dict[str, _Job] = {}
         self._shipping: list[tuple[_Job, object]] = []
@@ -152,6 +156,8 @@ class PrefillWorker:
         sch = self.engine.scheduler
         self._queued_tokens = sum(s.num_tokens - s.num_computed_tokens
                                   for s in list(sch.waiting) + list(sch.running))
+        if time.monotonic() - self._last_prune > SENDER_PRUNE_EVERY_S:
+            self._prune_senders()
 
     def _drain_requests(self) -> None:
         for _ in range(MAX_REQUESTS_PER_ITERATION):
@@ -182,6 +188,7 @@ class PrefillWorker:
                     self._abort_job(msg.kv_key, f"internal error: {type(e).__name__}: {e}")
 
     def _sender(self, endpoint: str) -> kt.KVSender:
+        self._sender_used[endpoint] = time.monotonic()
         s = self._senders.get(endpoint)
         if s is None:
             if kt.backend_of(endpoint) == "nccl":   # the decode worker's receiver chose NCCL/gloo pairs
@@ -242,6 +249,29 @@ class PrefillWorker:
     def _forget_sender(self, sender: kt.KVSender) -> None:
         if self._senders.get(sender.endpoint) is sender:
             del self._senders[sender.endpoint]
+        if not any(j.sender is sender for j in self._jobs.values()):
+            self._close_sender(sender)
+
+    def _close_sender(self, sender: kt.KVSender) -> None:
+        # A sender holds a socket and an I/O thread (an NCCL one also a communicator).
+        try:
+            sender.close(0)
+        except Exception:
+            log.exception("prefill worker %s: closing a KV sender failed", self.worker_id)
+
+    def _prune_senders(self) -> None:
+        """Close senders to decode workers not used for SENDER_IDLE_S (scaled down or
+        restarted on new ports: their endpoints never come back)."""
+        self._last_prune = now = time.monotonic()
+        busy = {id(j.sender) for j in self._jobs.values()}
+        for ep in [ep for ep, t in self._sender_used.items() if now - t > SENDER_IDLE_S]:
+            s = self._senders.get(ep)
+            if s is not None and id(s) in busy:
+                continue   # a transfer still ships through it
+            del self._sender_used[ep]
+            if s is not None:
+                del self._senders[ep]
+                self._close_sender(s)
 
     def _abort_job(self, key: str, reason: str) -> None:
         job = self._jobs.pop(key, None)

@@ -50,6 +50,7 @@ class RouterConfig:
     dead_after_s: float = 5.0
     monitor_interval_s: float = 0.25
     max_redispatches: int = 2                 # per request, then it fails with "unavailable"
+    send_timeout_s: float = 5.0               # a request-plane send to a worker not reading gives up
     # Security: internal planes bind to bind_host only (never all interfaces by default);
     # curve: router.curve.CurveKeys to encrypt and authenticate them (None: off).
     curve: object | None = None
@@ -256,8 +257,18 @@ class Router:
         dw.inflight.add(rid)
         key = (d.kind, d.reason)
         self.decisions[key] = self.decisions.get(key, 0) + 1
-        await dw.sock.send(msg.encode())
+        try:
+            await self._send(dw, msg.encode())
+        except (zmq.ZMQError, asyncio.TimeoutError) as e:
+            self._finish(h)
+            raise LookupError(f"decode worker {dw.worker_id} is not accepting requests ({e!r})") from None
         return h
+
+    async def _send(self, w: Worker, data: bytes) -> None:
+        """A request-plane send that waits for a connection that is still forming (a PUSH
+        just connected has no peer for a moment) but never hangs on a worker that stopped
+        reading (a full high-water mark): it gives up after send_timeout_s."""
+        await asyncio.wait_for(w.sock.send(data), self.cfg.send_timeout_s)
 
     async def abort(self, rid: str) -> None:
         """Client went away (cancel or deadline): stop the request on every worker."""
@@ -266,8 +277,16 @@ class Router:
             return
         dw = self.decode.get(h.decode_worker)
         if dw is not None:
-            await dw.sock.send(planes.encode_abort(rid))
+            await self._send_abort(dw, rid)
         self._finish(h)
+
+    async def _send_abort(self, w: Worker, rid: str) -> None:
+        """Best effort and never blocking: a worker that is not reading its requests is
+        stalled or dead (its heartbeat watch and orphan timeout free the request then)."""
+        try:
+            await self._send(w, planes.encode_abort(rid))
+        except (zmq.ZMQError, asyncio.TimeoutError) as e:
+            log.warning("router: abort of %s not delivered to %s: %r", rid, w.worker_id, e)
 
     def _finish(self, h: RequestHandle) -> None:
         h.done = True
@@ -304,6 +323,8 @@ class Router:
         bytes straddle the hand-over point (held back by the old worker's detokenizer) may
         come out as U+FFFD.
         """
+        if h.done:
+            return                  # the client went away while other requests were moved
         self._prefill_done(h)       # its prefill worker's queue no longer holds it
         old = self.decode.get(h.decode_worker)
         if old is not None:
@@ -343,13 +364,17 @@ class Router:
         log.info("router: %s re-dispatched to %s with %d streamed tokens (%s)", h.rid, dw.worker_id, n, why)
         msg = planes.GenerateMsg(h.rid, prompt, params, mode="direct", cache_salt=h.cache_salt,
                                  kv_timeout_s=self.cfg.kv_timeout_s)
-        await dw.sock.send(msg.encode())
+        try:
+            await self._send(dw, msg.encode())
+        except (zmq.ZMQError, asyncio.TimeoutError) as e:
+            self._fail(h, "unavailable", f"{why}; {dw.worker_id} is not accepting requests ({e!r})")
 
     def _prefill_done(self, h: RequestHandle) -> None:
         if h.decision.prefill_worker and h.prefill_pending:
             pw = self.prefill.get(h.decision.prefill_worker)
-            if pw is not None:
-                pw.queued_tokens -= h.prefill_pending
+            # Only the worker object that counted it: a re-registered worker starts from 0.
+            if pw is not None and h.rid in pw.inflight:
+                pw.queued_tokens = max(0, pw.queued_tokens - h.prefill_pending)
                 pw.inflight.discard(h.rid)
             h.prefill_pending = 0
 
@@ -396,7 +421,7 @@ class Router:
         for h in [h for h in self.requests.values() if h.deadline is not None and h.deadline <= now]:
             dw = self.decode.get(h.decode_worker)
             if dw is not None:
-                await dw.sock.send(planes.encode_abort(h.rid))
+                await self._send_abort(dw, h.rid)
             self.counters["deadline_exceeded"] += 1
             self._fail(h, "deadline_exceeded", "deadline exceeded")
 

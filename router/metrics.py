@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import time
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
@@ -25,6 +26,15 @@ log = logging.getLogger(__name__)
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 MAX_WINDOW_SAMPLES = 4096          # bounded memory whatever the request rate
 
+
+
+def _num(load: dict, key: str) -> int:
+    """A worker's load field as a non-negative int; anything else (the token plane admits
+    any scalar) counts as 0 rather than breaking a scrape or the autoscaler's report."""
+    v = load.get(key, 0)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+        return 0
+    return int(v)
 
 class LatencyWindow:
     """Samples of the last `window_s` seconds (at most MAX_WINDOW_SAMPLES); p90 on demand."""
@@ -106,9 +116,9 @@ class RouterMetrics:
         for w in list(r.decode.values()):
             ld = w.load or {}
             decode[w.worker_id] = dict(inflight=len(w.inflight), draining=bool(getattr(w, "draining", False)),
-                                       running=int(ld.get("running", 0)) + int(ld.get("waiting", 0)),
-                                       free_blocks=int(ld.get("free_blocks", 0)),
-                                       num_blocks=int(ld.get("num_blocks", 0)))
+                                       running=_num(ld, "running") + _num(ld, "waiting"),
+                                       free_blocks=_num(ld, "free_blocks"),
+                                       num_blocks=_num(ld, "num_blocks"))
         prefill = {w.worker_id: dict(inflight=len(w.inflight), queued_tokens=w.queued_tokens,
                                      draining=bool(getattr(w, "draining", False)))
                    for w in list(r.prefill.values())}
@@ -178,13 +188,13 @@ class _RouterStateCollector:
             ld = w.load or {}
             for state in ("running", "waiting", "awaiting_kv"):
                 if state in ld:
-                    running.add_metric([w.worker_id, state], ld[state])
-            if ld.get("num_blocks"):
-                kv.add_metric([w.worker_id], 1.0 - ld.get("free_blocks", 0) / ld["num_blocks"])
+                    running.add_metric([w.worker_id, state], _num(ld, state))
+            if _num(ld, "num_blocks") > 0:
+                kv.add_metric([w.worker_id], 1.0 - _num(ld, "free_blocks") / _num(ld, "num_blocks"))
             if "kv_bytes" in ld:     # cumulative counters of the worker's KV receiver
-                kv_bytes.add_metric([w.worker_id], ld["kv_bytes"])
+                kv_bytes.add_metric([w.worker_id], _num(ld, "kv_bytes"))
                 for outcome in ("completed", "failed", "timed_out"):
-                    kv_done.add_metric([w.worker_id, outcome], ld.get(f"kv_{outcome}", 0))
+                    kv_done.add_metric([w.worker_id, outcome], _num(ld, f"kv_{outcome}"))
         yield running
         yield kv
         yield kv_bytes

@@ -79,7 +79,7 @@ def test_uncompiled_dtype_falls_back_to_reference():
 def test_empty_context_is_rejected():
     q, kc, vc, bt, lens = _paged_case(2, 4, 2, 16, 4, [6, 3], torch.float32)
     lens[1] = 0
-    with pytest.raises(ValueError, match="context length"):
+    with pytest.raises(ValueError, match="context lengths"):
         cpu_ops.paged_decode_attention(q, kc, vc, bt, lens, 0.25)
 
 
@@ -149,3 +149,17 @@ def test_write_kv_matches_reference_and_skips_padding(dtype):
     assert int((caches[2] != 0).any(-1).any(-1).sum()) == 3       # three slots written, padding skipped
     with pytest.raises(IndexError):
         cpu_ops.write_kv(k, v, caches[2], caches[3], torch.tensor([0, 1, 2, 3, 16]))
+
+
+def test_out_of_range_lengths_and_positions_are_refused():
+    # numba does not bounds-check, so the wrappers must: a length past the block table or a
+    # position past the rotary table would read foreign memory instead of raising.
+    q, kc, vc, bt, lens = _paged_case(2, 4, 2, 16, 4, [6, 3], torch.float32)
+    lens[0] = bt.shape[1] * 4 + 1
+    with pytest.raises(ValueError, match="context lengths"):
+        cpu_ops.paged_decode_attention(q, kc, vc, bt, lens, 0.25)
+    from engine.model.rope import build_cos_sin_cache
+    cache = build_cos_sin_cache(16, 8, 10000.0, None)
+    qr, kr = torch.randn(2, 2, 16), torch.randn(2, 1, 16)
+    with pytest.raises(ValueError, match="positions"):
+        cpu_ops.rotary_embedding(qr, kr, torch.tensor([3, 8]), cache)

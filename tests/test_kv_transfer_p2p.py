@@ -277,6 +277,70 @@ def test_malformed_control_and_a_hello_that_never_rendezvouses():
         raw_sock.close(0)
 
 
+# ---- the workers, backend picked from config ------------------------------------------------------------
+def test_workers_disaggregate_over_the_nccl_backend_and_equal_a_single_engine():
+    """A decode worker built with kv_backend="nccl" (gloo pairs on CPU) advertises an
+    nccl:// KV endpoint; the prefill worker picks the backend from that endpoint; the
+    disaggregated request's greedy tokens equal a single engine's."""
+    from conftest import assert_no_leaks
+    from decode_worker import DecodeWorker
+    from engine import LLM
+    from prefill_worker import PrefillWorker
+    from test_workers import EKW, MODEL, PARAMS, PROMPT, FakeRouter, drive, gen
+
+    want = LLM(MODEL, **EKW).generate([list(PROMPT)], PARAMS)[0].token_ids
+    router = FakeRouter()
+    dw = DecodeWorker("d0", MODEL, router.endpoint, engine_kwargs=EKW, kv_backend="nccl")
+    pw = PrefillWorker("p0", MODEL, engine_kwargs=EKW)
+    try:
+        assert dw.endpoints()["kv"].startswith("nccl://") and "pg=gloo" in dw.endpoints()["kv"]
+        router.send(dw.endpoints()["request"], gen("r1", mode="disagg", prefill_endpoint=pw.endpoints()["request"]))
+        drive(router, dw, pw, lambda: "r1" in router.final, timeout_s=60)
+        fin = router.final["r1"]
+        assert router.tokens["r1"] == want and (fin.error, fin.fallback) == (None, None)
+        kv = dw.stats()["kv"]
+        assert dw.stats()["disaggregated"] == 1 and kv["completed"] == 1 and kv["pairs_formed"] == 1
+        assert kv["layers_written"] == dw.num_layers and pw.stats()["completed"] == 1
+        assert_no_leaks(dw.engine)
+        assert_no_leaks(pw.engine)
+    finally:
+        pw.stop()
+        dw.stop()
+        router.close()
+
+
+def test_cluster_resolves_auto_backend_to_nccl_only_when_both_pools_have_gpus():
+    from deploy.cluster import ClusterConfig, _resolve_kv_backend
+    from deploy.config import PoolsSection
+    assert _resolve_kv_backend(ClusterConfig(), 1) == "zmq"      # opt-in until measured on two GPUs
+    assert _resolve_kv_backend(ClusterConfig(kv_backend="auto"), 0) == "zmq"
+    assert _resolve_kv_backend(ClusterConfig(kv_backend="auto"), 1) == "nccl"
+    assert _resolve_kv_backend(ClusterConfig(kv_backend="zmq"), 1) == "zmq"
+    assert _resolve_kv_backend(ClusterConfig(kv_backend="nccl"), 0) == "nccl"
+    pools = PoolsSection()
+    pools.prefill.num_gpus, pools.decode.num_gpus = 0, 1
+    assert _resolve_kv_backend(ClusterConfig(pools=pools, kv_backend="auto"), 1) == "zmq"
+    pools.prefill.num_gpus = 1
+    assert _resolve_kv_backend(ClusterConfig(pools=pools, kv_backend="auto"), 0) == "nccl"
+    pools.decode.num_gpus = None   # follows the cluster
+    assert _resolve_kv_backend(ClusterConfig(pools=pools, kv_backend="auto"), 0) == "zmq"
+
+
+def test_gpu_benchmark_pieces_run_on_cpu_with_gloo():
+    """benchmarks/gpu_kv_transfer.py --cpu-smoke: the benchmark's own code (raw p2p, the
+    backend's transfer with its bit-exactness check, TTFT both ways) on two CPU processes."""
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_kv_transfer.py"), "--cpu-smoke",
+                          "--json", "--repeat", "1", "--warmup", "1", "--iters", "2", "--decode-tokens", "4"],
+                         capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(r["raw_gbs"]) == 2 and all(v > 0 for v in r["raw_gbs"].values())
+    assert r["transfer"]["bytes"] == 2 * 64 * 2 * 16 * 4 * 2 and r["transfer"]["gbs"] > 0   # K+V, 64 tokens,
+    # random:tiny's 2 KV heads of dim 16, fp32, 2 layers
+    assert r["transfer"]["pairs_formed"] == 1 and r["transfer_vs_raw_whole_prompt"] > 0
+    assert r["ttft"]["tokens_equal"] is True and r["ttft"]["in_place_ms"] > 0 and r["ttft"]["disagg_ms"] > 0
+
+
 # ---- GPU: two GPUs, NCCL --------------------------------------------------------------------------------
 LLAMA3_8B_KV = dict(num_layers=32, block_size=16, num_kv_heads=8, head_dim=128, dtype="bfloat16")
 

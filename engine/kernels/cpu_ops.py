@@ -173,8 +173,12 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             or k_cache.dtype != q.dtype or q.shape[1] % k_cache.shape[2] != 0):
         return reference.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
     n = q.shape[0]
-    if n and int(context_lens.min()) < 1:
-        raise ValueError("paged_decode_attention: every context length must be >= 1")
+    if n:
+        # numba does not bounds-check: a bad length would read outside the block table.
+        lo, hi = (int(x) for x in torch.aminmax(context_lens))
+        if lo < 1 or hi > block_tables.shape[1] * k_cache.shape[1]:
+            raise ValueError(f"paged_decode_attention: context lengths must be in [1, "
+                             f"{block_tables.shape[1] * k_cache.shape[1]}], got [{lo}, {hi}]")
     out = torch.empty_like(q)
     _paged_decode_kernel(q.detach().contiguous().numpy(), k_cache.detach().numpy(), v_cache.detach().numpy(),
                          block_tables.to(torch.int32).contiguous().numpy(),
@@ -211,6 +215,10 @@ def rotary_embedding(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
                      cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if not _compiled(q, k) or cos_sin_cache.dtype != torch.float32 or q.dtype != k.dtype:
         return reference.rotary_embedding(q, k, positions, cos_sin_cache)
+    if positions.numel():
+        lo, hi = (int(x) for x in torch.aminmax(positions))
+        if lo < 0 or hi >= cos_sin_cache.shape[0]:
+            raise ValueError(f"rotary_embedding: positions must be in [0, {cos_sin_cache.shape[0]}), got [{lo}, {hi}]")
     pos = positions.detach().to(torch.int64).contiguous().numpy()
     table = cos_sin_cache.detach().contiguous().numpy()
     outs = []
