@@ -95,8 +95,7 @@ class LLMEngine:
         self.spec = None               # speculative decoding (engine/spec_decode), off by default
         if cfg.speculative is not None:
             from engine.spec_decode import SpecDecoder
-            self.spec = SpecDecoder(cfg, mc, self.runner.num_blocks, self.device, self.dtype, self.max_model_len,
-                                    uses_decode_graphs=self.runner.decode_graphs is not None)
+            self.spec = SpecDecoder(cfg, mc, self.runner.num_blocks, self.device, self.dtype, self.max_model_len)
 
     # ---- requests -----------------------------------------------------------------------------
     def tokenize(self, prompt: str | list[int]) -> list[int]:

@@ -60,7 +60,10 @@ class ModelRunner:
         if cfg.enable_cuda_graphs and device.type == "cuda" and backend == "triton":
             # Buckets past the largest batch the scheduler can form would never be used.
             sizes = sorted(cfg.cuda_graph_batch_sizes)
-            sizes = [b for b in sizes if b < cfg.max_num_seqs] + [b for b in sizes if b >= cfg.max_num_seqs][:1]
+            # (A speculative verify step runs 1 + k decode rows per sequence.)
+            rows = max(cfg.max_num_seqs, min(cfg.max_num_seqs, cfg.spec_max_batch) * (1 + cfg.num_speculative_tokens)
+                       if cfg.speculative else 0)
+            sizes = [b for b in sizes if b < rows] + [b for b in sizes if b >= rows][:1]
             self.decode_graphs = DecodeGraphs(self.model, self.kv_caches, sizes,
                                               -(-max_model_len // self.block_size), device)
             self.decode_graphs.capture()
@@ -121,11 +124,16 @@ class ModelRunner:
         # The argmax of the returned logits' rows when the decode graph computed it (the
         # sampler then need not), else None.
         self.greedy_ids: torch.Tensor | None = None
-        decodes = [s for s in scheduled if s.num_new_tokens == 1]
-        prefills = [s for s in scheduled if s.num_new_tokens > 1]
+        # A speculative verify chunk (num_spec > 0) runs as 1 + num_spec decode rows over the
+        # same block table, row i seeing the context up to its own token: all the chunk's
+        # K/V is written before attention, so this is causal attention, and it stays on the
+        # decode path (and its CUDA graphs).
+        decodes = [s for s in scheduled if s.num_new_tokens == 1 or s.num_spec]
+        prefills = [s for s in scheduled if s.num_new_tokens > 1 and not s.num_spec]
+        dec_rows = [(s, i) for s in decodes for i in range(1 + s.num_spec)]
         graphs = self.decode_graphs
         if (graphs is not None and decodes and not prefills and on_layer_done is None
-                and graphs.can_run(len(decodes), max(len(s.seq.block_table) for s in decodes))):
+                and graphs.can_run(len(dec_rows), max(len(s.seq.block_table) for s in decodes))):
             return self._execute_decode_graph(decodes)
         ordered = decodes + prefills
         ids, pos, slots, sample_idx = [], [], [], []
@@ -152,9 +160,9 @@ class ModelRunner:
                              torch.int32)
 
         batch = ForwardBatch(positions=as_tensor(pos), slot_mapping=as_tensor(slots),
-                             num_decodes=len(decodes),
-                             decode_block_tables=tables(decodes) if decodes else None,
-                             decode_context_lens=as_tensor([s.seq.num_computed_tokens + 1 for s in decodes],
+                             num_decodes=len(dec_rows),
+                             decode_block_tables=tables([s for s, _ in dec_rows]) if decodes else None,
+                             decode_context_lens=as_tensor([s.seq.num_computed_tokens + i + 1 for s, i in dec_rows],
                                                            torch.int32) if decodes else None,
                              prefill_block_tables=tables(prefills) if prefills else None,
                              prefill_query_start_loc=None, prefill_context_lens=None,
@@ -184,21 +192,23 @@ class ModelRunner:
     def _execute_decode_graph(self, decodes: list[ScheduledSeq]) -> torch.Tensor | None:
         bs = self.block_size
         ids, pos, slots, tables, ctx, sample_rows = [], [], [], [], [], []
-        for i, s in enumerate(decodes):
+        for s in decodes:
             seq = s.seq
-            p = seq.num_computed_tokens
-            ids.append(seq.token_ids[p])
-            pos.append(p)
-            slots.append(seq.block_table[p // bs] * bs + p % bs)
-            tables.append(seq.block_table)
-            ctx.append(p + 1)
-            if s.samples:
-                sample_rows.append(i)
+            start = seq.num_computed_tokens
+            for i, tok in enumerate([seq.token_ids[start]] + seq.spec_token_ids[:s.num_spec]):
+                p = start + i
+                ids.append(tok)
+                pos.append(p)
+                slots.append(seq.block_table[p // bs] * bs + p % bs)
+                tables.append(seq.block_table)
+                ctx.append(p + 1)
+                if s.samples:
+                    sample_rows.append(len(ids) - 1)
         # Run even when nothing samples: a 1-token prefill chunk must still write its KV.
         logits, greedy = self.decode_graphs.run(ids, pos, slots, tables, ctx)
         if not sample_rows:
             return None
-        if len(sample_rows) != len(decodes):
+        if len(sample_rows) != len(ids):
             rows = torch.tensor(sample_rows, device=logits.device)
             logits, greedy = logits[rows], greedy[rows]
         self.greedy_ids = greedy

@@ -32,6 +32,23 @@ def test_ngram_proposes_what_followed_the_longest_latest_match():
     assert p.propose_one([1, 2, 1], 0) == []
 
 
+def test_ngram_index_agrees_with_a_full_scan():
+    """The engine's incremental per-sequence index gives what a rescan gives, as the
+    sequence grows one token or several at a time."""
+    from engine.sequence import Sequence
+    rng = random.Random(3)
+    p = NgramProposer()
+    for trial in range(20):
+        tokens = [rng.randrange(6) for _ in range(rng.randrange(1, 30))]
+        seq = Sequence(f"s{trial}", list(tokens), len(tokens), SamplingParams())
+        while len(seq.token_ids) < 120:
+            k = rng.randrange(1, 6)
+            assert p.propose([seq], [k])[0][0] == p.propose_one(seq.token_ids, k)
+            seq.token_ids.extend(rng.randrange(6) for _ in range(rng.randrange(1, 4)))
+        p.forget(seq.seq_id)
+    assert not p._index
+
+
 def test_verify_greedy_keeps_the_matching_run_then_the_target_token():
     logits = torch.full((4, 10), -1.0)
     for pos, tok in enumerate([4, 7, 2, 9]):
@@ -101,6 +118,10 @@ def test_controller_adapts_to_batch_and_acceptance():
         c.observe("s", 5, 0)
     picks = [c.num_tokens("s", 1) for _ in range(8)]
     assert picks == [0, 0, 0, 1, 0, 0, 0, 1]               # off, with a 1-token probe every 4 steps
+    c.observe("s", 1, 0)                                   # a failed probe: the gap doubles
+    assert [c.num_tokens("s", 1) for _ in range(8)] == [0] * 7 + [1]
+    c.observe("s", 1, 1)                                   # a successful one resets it
+    assert c.acceptance["s"] > 0.2 and c.num_tokens("s", 1) >= 1   # and speculation resumes
     assert expected_tokens(0.5, 2) == pytest.approx(1.75) and expected_tokens(1.0, 3) == 4
     assert SpecController(max_k=3, max_batch=4, adaptive=False).num_tokens("x", 4) == 3
 
@@ -120,7 +141,7 @@ TINY_PROMPTS += [_LOOPS[1], _LOOPS[3]]
 TINY = dict(dtype="float64", block_size=4, num_kv_blocks=160)
 
 
-def _run_checked(engine, prompts, params, prefix="r") -> dict[str, list[int]]:
+def _run_checked(engine, prompts, params, prefix="r", steps: list | None = None) -> dict[str, list[int]]:
     """Run to completion, checking after every step that the block accounting is exact:
     each block's ref count is the number of running tables holding it, a table covers
     exactly the computed tokens, and registered hashes are those of the sequence's tokens."""
@@ -133,6 +154,10 @@ def _run_checked(engine, prompts, params, prefix="r") -> dict[str, list[int]]:
             return out
         for o in engine.step():
             out.setdefault(o.request_id, []).extend(o.new_token_ids)
+            if params.logprobs:   # one logprob per emitted token, however many a step emits
+                assert len(o.new_logprobs) == len(o.new_token_ids) and all(lp <= 0 for lp in o.new_logprobs)
+        if steps is not None:
+            steps.append(1)
         bm.check_invariants()
         refs = [0] * bm.num_blocks
         for seq in engine.scheduler.running:
@@ -188,6 +213,23 @@ def test_greedy_equal_under_chunked_prefill_and_preemption(make_engine, tiny_pla
     assert e.scheduler.num_preemptions > 0 and e.spec.stats.num_accepted > 0
 
 
+def test_verify_rows_through_the_decode_graph_path(make_engine, tiny_plain):
+    """On a GPU a verify step replays the decode CUDA graph with 1 + k rows per sequence.
+    DecodeGraphs(use_graphs=False) runs that padded static-buffer forward on the CPU."""
+    from engine.cuda_graphs import DecodeGraphs
+    # The Triton kernels (interpreted on a CPU): the static buffers are int32, as on a GPU.
+    e = make_engine("random:tiny", speculative="ngram", spec_adaptive=False, num_speculative_tokens=3,
+                    kernel_backend="triton", **TINY)
+    r = e.runner
+    r.decode_graphs = DecodeGraphs(r.model, r.kv_caches, (1, 2, 4, 8, 16), -(-r.mcfg.max_position_embeddings
+                                   // r.block_size), r.device, use_graphs=False)
+    steps = []
+    out = _run_checked(e, TINY_PROMPTS[2:], SamplingParams(max_tokens=12, ignore_eos=True), steps=steps)
+    assert out == {f"r{i}": tiny_plain[f"r{i + 2}"][:12] for i in range(3)}
+    # After the first (prefill) step every step, verify steps included, took that path.
+    assert e.spec.stats.num_verify > 0 and r.decode_graphs.num_replays == len(steps) - 1
+
+
 def test_stop_token_and_max_tokens_inside_an_accepted_run(make_engine, tiny_plain):
     # The target as its own draft accepts all 4 drafts: after the first token, tokens
     # 1-5, 6-10, ... each arrive in one step, so a stop at token 2 falls inside a run.
@@ -215,10 +257,13 @@ def test_off_at_large_batches(make_engine):
     assert e.spec.stats.num_verify > 0     # the last one left alone speculates
 
 
-@pytest.mark.parametrize("spec", ["ngram", "random:tiny"])
-def test_sampling_with_speculation_is_seeded_and_complete(spec, make_engine):
+# A random model's logits are nearly flat: its sampled text only loops (giving n-gram
+# matches) at a very low temperature, which still leaves some draws random.
+@pytest.mark.parametrize("spec,temperature", [("ngram", 0.001), ("random:tiny", 0.8)])
+def test_sampling_with_speculation_is_seeded_and_complete(spec, temperature, make_engine):
     e = make_engine("random:tiny", speculative=spec, spec_adaptive=False, **TINY)
-    params = SamplingParams(max_tokens=16, ignore_eos=True, temperature=0.7, top_k=3, seed=5, logprobs=True)
+    params = SamplingParams(max_tokens=16, ignore_eos=True, temperature=temperature, top_k=3, seed=5,
+                            logprobs=True)
     outs = [_run_checked(e, TINY_PROMPTS[2:], params, prefix=f"s{n}") for n in range(2)]
     assert outs[0]["s00"] == outs[1]["s10"] and len(outs[0]["s00"]) == 16
     assert e.spec.stats.num_verify > 0

@@ -23,8 +23,8 @@ from engine.model.rope import build_cos_sin_cache
 class ForwardBatch:
     """What one forward needs besides the tokens. Decode sequences come first in the
     token stream (one token each), prefill chunks after them."""
-    positions: torch.Tensor                  # [T] int64
-    slot_mapping: torch.Tensor               # [T] int64
+    positions: torch.Tensor                  # [T] int64 (int32 from the decode graphs)
+    slot_mapping: torch.Tensor               # [T] int64 (int32 from the decode graphs)
     num_decodes: int
     decode_block_tables: torch.Tensor | None  # [num_decodes, max_blocks] int32
     decode_context_lens: torch.Tensor | None  # [num_decodes] int32

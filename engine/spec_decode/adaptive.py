@@ -6,10 +6,10 @@ E[tokens] = (1 - a**(k+1)) / (1 - a) per verify step. Their cost, relative to a 
 decode step of the same batch: each extra verified token adds `verify_token_cost` per
 sequence in the batch (decode is bandwidth-bound, so a few extra tokens are nearly free
 at batch 1 but not at batch 32), plus `draft_token_cost` per draft token for a draft
-model, plus a fixed `verify_overhead` (a verify step runs eagerly, without the decode
-CUDA graph). The k with the best tokens-per-cost wins; if none beats plain decoding (ratio 1),
-the sequence decodes plainly, with an occasional 1-token probe so its estimate can
-recover when the text turns repetitive."""
+model, plus a fixed `verify_overhead` (the host work of proposing and verifying); the
+engine sets these per device (decoder.py). The k with the best tokens-per-cost wins; if
+none beats plain decoding (ratio 1), the sequence decodes plainly, with an occasional
+1-token probe so its estimate can recover when the text turns repetitive."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,9 +20,10 @@ class SpecTuning:
     ewma_weight: float = 0.3          # weight of the newest verify step's acceptance rate
     prior_acceptance: float = 0.7     # before a sequence has been measured
     verify_token_cost: float = 0.01   # one extra verified token, per sequence in the batch
-    verify_overhead: float = 0.1      # a verify step's fixed extra (eager forward, no decode graph)
+    verify_overhead: float = 0.1      # a verify step's fixed extra (proposing, verifying on the host)
     draft_token_cost: float = 0.0     # one draft-model token (set from the size ratio)
-    probe_every: int = 8              # steps between probes while speculation is off
+    probe_every: int = 8              # steps between probes while speculation is off ...
+    max_probe_every: int = 128        # ... doubled after each failed probe, up to this
 
 
 def expected_tokens(a: float, k: int) -> float:
@@ -37,6 +38,11 @@ class SpecController:
         self.t = tuning or SpecTuning()
         self.acceptance: dict[str, float] = {}
         self._idle_steps: dict[str, int] = {}
+        # A probe is not free (a draft model must first catch up on the tokens it skipped;
+        # on an H100 a hopeless random draft probed every 8 steps cost up to 2x), so the
+        # gap between probes doubles while they keep failing.
+        self._probe_gap: dict[str, int] = {}
+        self._probing: set[str] = set()
 
     def choose_k(self, a: float, batch_size: int) -> int:
         """The k in [0, max_k] with the most expected tokens per unit of step cost."""
@@ -59,8 +65,9 @@ class SpecController:
         if k == 0:
             idle = self._idle_steps.get(seq_id, 0) + 1
             self._idle_steps[seq_id] = idle
-            if idle >= self.t.probe_every:
+            if idle >= self._probe_gap.get(seq_id, self.t.probe_every):
                 self._idle_steps[seq_id] = 0
+                self._probing.add(seq_id)
                 return 1
         return k
 
@@ -68,9 +75,15 @@ class SpecController:
         if proposed <= 0:
             return
         rate = accepted / proposed
+        if seq_id in self._probing:
+            self._probing.discard(seq_id)
+            gap = self._probe_gap.get(seq_id, self.t.probe_every)
+            self._probe_gap[seq_id] = self.t.probe_every if accepted else min(2 * gap, self.t.max_probe_every)
         prev = self.acceptance.get(seq_id, self.t.prior_acceptance)
         self.acceptance[seq_id] = (1 - self.t.ewma_weight) * prev + self.t.ewma_weight * rate
 
     def forget(self, seq_id: str) -> None:
         self.acceptance.pop(seq_id, None)
         self._idle_steps.pop(seq_id, None)
+        self._probe_gap.pop(seq_id, None)
+        self._probing.discard(seq_id)

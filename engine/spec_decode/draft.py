@@ -69,8 +69,9 @@ class DraftModelProposer:
         """Point the shadow at the target's tokens; keep the KV of their common prefix."""
         sh = self.shadows.get(target.seq_id)
         if sh is None:
+            # The target's generator: a seeded request stays reproducible with a draft.
             sh = self.shadows[target.seq_id] = _Shadow(Sequence(target.seq_id, [], target.num_prompt_tokens,
-                                                                target.params))
+                                                                target.params, generator=target.generator))
         s, new = sh.seq, target.token_ids
         valid = min(s.num_computed_tokens, len(new))
         for i in range(sh.synced, valid):
@@ -97,17 +98,30 @@ class DraftModelProposer:
         return True
 
     # ---- proposing ---------------------------------------------------------------------------
-    def _pick(self, logits: torch.Tensor, s: Sequence) -> tuple[int, torch.Tensor | None]:
+    def _pick(self, logits: torch.Tensor, s: Sequence, greedy_tok: int) -> tuple[int, torch.Tensor | None]:
         """Draft token from one row of logits; with its distribution q when sampling."""
         if s.params.greedy:
-            return int(logits.argmax()), None
+            return greedy_tok, None
         q = processed_probs(logits[None], s.params)[0]
-        # Draft draws need no seed of their own: the target's rejection step makes the
-        # output distribution exact whatever q was sampled with.
-        tok = int(torch.multinomial(q, 1)[0])
+        tok = int(torch.multinomial(q, 1, generator=s.generator)[0])
         if q.shape[-1] < self.target_vocab:   # a smaller vocabulary: q is 0 on the rest
             q = torch.nn.functional.pad(q, (0, self.target_vocab - q.shape[-1]))
         return tok, q
+
+    # A short catch-up (the tokens the target produced since the last call: the accepted
+    # run, or the steps a probe skipped) runs as decode rows, like a verify chunk, so on a
+    # GPU it replays the decode graph instead of an eager prefill; a long one (the prompt,
+    # the first time) is a prefill chunk.
+    MAX_CATCHUP_ROWS = 16
+
+    def _schedule(self, s: Sequence) -> ScheduledSeq:
+        n = s.num_tokens - s.num_computed_tokens
+        if not 1 < n <= self.MAX_CATCHUP_ROWS:
+            return ScheduledSeq(s, n)
+        cut = s.num_computed_tokens + 1
+        s.spec_token_ids = s.token_ids[cut:]
+        del s.token_ids[cut:]
+        return ScheduledSeq(s, n, num_spec=n - 1)
 
     @torch.inference_mode()
     def propose(self, seqs: list[Sequence], ks: list[int]) -> list[tuple[list[int], torch.Tensor | None]]:
@@ -128,12 +142,21 @@ class DraftModelProposer:
             out[i] = ([], [] if not t.params.greedy else None)
         for depth in range(max((k for _, _, k in active), default=0)):
             step = [(i, sh) for i, sh, k in active if k > depth]
-            sched = [ScheduledSeq(sh.seq, sh.seq.num_tokens - sh.seq.num_computed_tokens) for _, sh in step]
+            sched = [self._schedule(sh.seq) for _, sh in step]
             logits = self.runner.execute(sched)
-            for row, (i, sh) in enumerate(step):
+            last_rows, row = [], -1
+            for e in sched:
+                row += 1 + e.num_spec
+                last_rows.append(row)
+                if e.num_spec:    # put the catch-up tokens back where they belong
+                    e.seq.token_ids.extend(e.seq.spec_token_ids)
+                    e.seq.spec_token_ids = []
+            # One argmax and one host sync for the whole batch.
+            best = logits[torch.tensor(last_rows, device=logits.device)].argmax(-1).tolist()
+            for (i, sh), row, greedy_tok in zip(step, last_rows, best):
                 s = sh.seq
                 s.num_computed_tokens = s.num_tokens
-                tok, q = self._pick(logits[row], s)
+                tok, q = self._pick(logits[row], s, greedy_tok)
                 s.token_ids.append(tok)
                 out[i][0].append(tok)
                 if q is not None:
