@@ -165,6 +165,10 @@ class Router:
         sock.connect(request_endpoint)
         pool = self.decode if kind == "decode" else self.prefill
         pool[worker_id] = Worker(worker_id, kind, request_endpoint, sock)
+        if kind == "decode" and len(self.decode) == 1:
+            # The plane-wide silence clock starts with the first decode worker, not at router
+            # start (model loading before it registered is not silence).
+            self._last_batch_at = max(self._last_batch_at, time.monotonic())
         log.info("router: %s worker %s joined at %s", kind, worker_id, request_endpoint)
 
     def remove_worker(self, worker_id: str) -> None:
