@@ -98,6 +98,19 @@ def recv_one(sock: zmq.Socket) -> bytes | None:
     return b"" if extra else first
 
 
+def open_contexts(curve, context: zmq.Context | None):
+    """(client context, server context, ZAP handler or None) for a worker's sockets.
+
+    CurveZMQ (router/curve.py): connecting sockets come from a context of CURVE clients,
+    listening ones (request plane, KV plane) from a context of CURVE servers with a ZAP
+    handler that admits only the cluster's key. Off: one plain context for both."""
+    if curve is None:
+        ctx = context or zmq.Context.instance()
+        return ctx, ctx, None
+    srv_ctx, zap = curve.server_context()
+    return curve.client_context(), srv_ctx, zap
+
+
 def close_curve_contexts(worker) -> None:
     """Stop the ZAP handler and end the contexts a worker made for CurveZMQ (none when off)."""
     if worker._curve_zap is not None:
@@ -160,15 +173,7 @@ class DecodeWorker:
         self.engine = LLMEngine(model, device=device, dtype=dtype, **(engine_kwargs or {}))
         self.block_size = self.engine.cfg.block_size
         self.num_layers = self.engine.model_config.num_layers
-        # CurveZMQ (router/curve.py): connecting sockets come from a context of CURVE clients,
-        # listening ones (request plane, KV plane) from a context of CURVE servers with a ZAP
-        # handler that admits only the cluster's key. Off: one plain context for both.
-        self._curve_zap = None
-        if curve is not None:
-            self._ctx = curve.client_context()
-            self._srv_ctx, self._curve_zap = curve.server_context()
-        else:
-            self._ctx = self._srv_ctx = context or zmq.Context.instance()
+        self._ctx, self._srv_ctx, self._curve_zap = open_contexts(curve, context)
         self._req_sock, self._req_ep = bind_pull(self._srv_ctx, bind_host, advertise_host)
         self._tok_sock = self._ctx.socket(zmq.PUSH)
         self._tok_sock.setsockopt(zmq.SNDHWM, 100_000)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import zmq
 
 import kv_transfer as kt
-from decode_worker.worker import PushPool, bind_pull, close_curve_contexts, recv_one
+from decode_worker.worker import PushPool, bind_pull, close_curve_contexts, open_contexts, recv_one
 from engine import CapacityError, InvalidRequestError, LLMEngine
 from router import planes
 
@@ -58,15 +58,7 @@ class PrefillWorker:
         self.block_size = self.engine.cfg.block_size
         self.num_layers = self.engine.model_config.num_layers
         self.kv_send_timeout_s = float(kv_send_timeout_s)
-        # CurveZMQ (router/curve.py): connecting sockets come from a context of CURVE clients,
-        # listening ones (request plane, KV plane) from a context of CURVE servers with a ZAP
-        # handler that admits only the cluster's key. Off: one plain context for both.
-        self._curve_zap = None
-        if curve is not None:
-            self._ctx = curve.client_context()
-            self._srv_ctx, self._curve_zap = curve.server_context()
-        else:
-            self._ctx = self._srv_ctx = context or zmq.Context.instance()
+        self._ctx, self._srv_ctx, self._curve_zap = open_contexts(curve, context)
         self._req_sock, self._req_ep = bind_pull(self._srv_ctx, bind_host, advertise_host)
         self._poller = zmq.Poller()
         self._poller.register(self._req_sock, zmq.POLLIN)
