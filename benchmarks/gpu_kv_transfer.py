@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import statistics
@@ -300,6 +301,15 @@ def rank_main(rank: int, args) -> None:
     result["ttft"] = ttft(rank, board, args, dev, engine)
     if rank == DECODE:
         board.put("result", result)
+    # Tear down in a fixed order while the interpreter is whole: left to interpreter exit,
+    # the TCPStore server (and the engine's pair groups) could be destroyed in an order
+    # that ends the process in std::terminate (SIGABRT) after the work had succeeded.
+    del engine
+    gc.collect()
+    if rank == DECODE:
+        del raw_store
+    del board
+    gc.collect()
 
 
 def main(argv=None) -> dict:
