@@ -604,7 +604,10 @@ class DecodeWorker:
     def _kv_counters(self) -> dict:
         # Flat numbers (the token plane's load map holds scalars only) for the router's metrics.
         st = self.receiver.stats
-        return {f"kv_{k}": int(st.get(k, 0)) for k in ("bytes", "completed", "failed", "timed_out")}
+        out = {f"kv_{k}": int(st.get(k, 0)) for k in ("bytes", "completed", "failed", "timed_out")}
+        # Summed durations of the completed transfers: seconds / completed is the mean.
+        out.update({f"kv_{k}": float(st.get(k, 0.0)) for k in ("seconds", "wire_seconds")})
+        return out
 
     def _send_batch(self) -> None:
         events = [(e.kind, e.block_hash, e.parent_hash) for e in self.engine.take_kv_events()]

@@ -176,13 +176,21 @@ class ControllerSection:
     drain_timeout_s: float = 600.0      # a draining worker is stopped after this even if busy
     start_timeout_s: float = 900.0      # a replica not ready by then (no node came up) is given up
     report_stale_s: float = 10.0        # no decisions on a router report older than this
+    # An active worker absent from the router's reports this long (dead for good, or dropped
+    # and never re-registered by the supervisor) is replaced. Longer than a re-registration,
+    # including a Ray restart's model load, or a worker Ray is bringing back gets replaced.
+    lost_after_s: float = 120.0
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = None
 
     def validate(self, path: str) -> None:
-        for k in ("interval_s", "sync_s", "latency_window_s", "drain_timeout_s", "start_timeout_s", "report_stale_s"):
+        for k in ("interval_s", "sync_s", "latency_window_s", "drain_timeout_s", "start_timeout_s", "report_stale_s",
+                  "lost_after_s"):
             if getattr(self, k) <= 0:
                 raise ConfigError(f"{path}.{k}: must be > 0, got {getattr(self, k)}")
+        if self.lost_after_s <= self.sync_s:
+            # A new worker reaches the router's reports one sync round after it is active.
+            raise ConfigError(f"{path}.lost_after_s: must be > sync_s ({self.sync_s}), got {self.lost_after_s}")
         if self.metrics_port is not None:
             _port(self.metrics_port, f"{path}.metrics_port")
 

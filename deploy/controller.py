@@ -24,6 +24,11 @@ Drain protocol for a scale-down (nothing in flight is lost):
      KV has landed), then asks the worker to drain itself (a second guard) and
   4. drops it from membership (the router forgets it and its prefix-index entries) and
      stops the actor.
+
+A worker that dies for good (Ray's restarts exhausted) or that the router dropped and the
+supervisor never brings back would otherwise count as an active replica forever: an active
+member missing from every router report for `lost_after_s` is declared lost, dropped from
+membership and killed, and the policy replaces it like any missing replica.
 """
 from __future__ import annotations
 
@@ -47,11 +52,12 @@ MAX_HISTORY = 20000
 class Member:
     worker_id: str
     kind: str
-    state: str                      # starting | active | draining | stopping
+    state: str                      # starting | active | draining | stopping (| lost, once removed)
     handle: object = None
     endpoint: str | None = None
     since: float = 0.0              # when it entered `state` (controller clock)
     task: asyncio.Task | None = None
+    absent_since: float | None = None   # active, but missing from the router's reports since then
 
 
 @dataclass
@@ -154,6 +160,8 @@ class PoolController:
         rep = self._report
         fresh = rep is not None and now - self._report_at <= self.cfg.report_stale_s
         self._expire_starting(now)
+        # Before the policies look: a lost worker counts as a missing replica in this tick.
+        self._expire_lost(rep if fresh else None, now)
         sample = dict(time=self.wall())
         for kind in POOLS:
             load = self._pool_load(kind, rep if fresh else None)
@@ -247,6 +255,34 @@ class PoolController:
                 self._record_failure(m, "start_timeout")
                 asyncio.get_running_loop().create_task(self._stop(m))
 
+    def _expire_lost(self, rep: dict | None, now: float) -> None:
+        """Drop active members the router has not listed for lost_after_s in a row."""
+        for m in self.pool_members("prefill", "active") + self.pool_members("decode", "active"):
+            if rep is None:
+                # No current view (the router restarting, say): whether it stayed absent
+                # meanwhile is unknown, so absence counts afresh from the next report, by
+                # which time a restarted router is registering its workers again.
+                m.absent_since = None
+            elif m.worker_id in rep.get(m.kind, {}):
+                m.absent_since = None
+            elif self._report_at > m.since:
+                # Reports from before it became active could not list it, so absence counts
+                # from then at the earliest (and PoolSync registers it one sync round later,
+                # well within lost_after_s).
+                if m.absent_since is None:
+                    m.absent_since = now
+                if now - m.absent_since > self.cfg.lost_after_s:
+                    self._declare_lost(m, now)
+
+    def _declare_lost(self, m: Member, now: float) -> None:
+        log.error("autoscale %s: worker %s missing from the router for %.0fs; replacing it",
+                  m.kind, m.worker_id, now - m.absent_since)
+        self.members.pop(m.worker_id, None)
+        self._bump()                       # PoolSync drops it (and its actor handle) from the router
+        self._record_failure(m, "lost")
+        m.state, m.since = "lost", now     # _stop: dead or unreachable, no graceful call to wait out
+        asyncio.get_running_loop().create_task(self._stop(m))
+
     def _record_failure(self, m: Member, reason: str) -> None:
         self.decisions.append(Decision(self.wall(), m.kind, 0, reason, f"worker {m.worker_id}", 0, [m.worker_id]))
         key = (m.kind, "failed", reason)
@@ -282,9 +318,9 @@ class PoolController:
         if m.handle is None:
             return
         try:
-            # A replica still loading has nothing to wind down: no graceful stop call that
-            # would wait for its constructor.
-            await self.spawner.stop(m.handle, graceful=m.state != "starting")
+            # A replica still loading has nothing to wind down, and a lost one cannot answer:
+            # no graceful stop call that would wait for its constructor or its timeout.
+            await self.spawner.stop(m.handle, graceful=m.state not in ("starting", "lost"))
         except Exception as e:
             log.warning("autoscale %s: stopping %s: %s", m.kind, m.worker_id, e)
 

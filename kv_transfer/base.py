@@ -115,6 +115,8 @@ class _Transfer:
     layers_left: int               # layers with missing blocks
     done: DoneHeader | None = None
     bytes: int = 0
+    expected_at: float = 0.0       # time.monotonic() of expect(): the decode worker's wait starts
+    first_frame_at: float | None = None   # first message of this transfer applied here
 
 
 class KVReceiver(abc.ABC):
@@ -136,8 +138,10 @@ class KVReceiver(abc.ABC):
         self._completed: list[Completed] = []
         self._failed: list[Failed] = []
         self.recent_errors: deque[WireError] = deque(maxlen=64)
+        # seconds / wire_seconds: summed over completed transfers only (a failed one has no
+        # meaningful duration), so that seconds / completed is the mean wait per transfer.
         self.stats = dict(messages=0, bytes=0, layers_written=0, completed=0, failed=0, timed_out=0,
-                          rejected=0, dropped_late=0, dropped_unknown=0)
+                          rejected=0, dropped_late=0, dropped_unknown=0, seconds=0.0, wire_seconds=0.0)
 
     # ---- the decode worker's calls --------------------------------------------------------------
     @property
@@ -170,7 +174,8 @@ class KVReceiver(abc.ABC):
         res = Reservation(ids, n)
         self._tomb.pop(rid, None)
         self._res[rid] = res
-        self._xfers[rid] = _Transfer(res, float(deadline), [set(ids) for _ in range(n)], n if ids else 0)
+        self._xfers[rid] = _Transfer(res, float(deadline), [set(ids) for _ in range(n)], n if ids else 0,
+                                     expected_at=time.monotonic())
 
     def cancel(self, request_id: str) -> bool:
         """Forget a transfer (the request was aborted); later data for it is dropped."""
@@ -238,6 +243,7 @@ class KVReceiver(abc.ABC):
             h = msg.header
             rid = h.request_id
             x = self._xfers[rid]
+            self._mark_first_frame(x)
             try:
                 self._write_layer(rid, h.layer, list(h.block_ids), msg.data)
             except Exception as e:   # the engine refused it: this transfer cannot complete
@@ -255,6 +261,7 @@ class KVReceiver(abc.ABC):
             self._maybe_complete(rid)
         elif isinstance(msg, DoneHeader):
             x = self._xfers[msg.request_id]
+            self._mark_first_frame(x)
             if x.done is not None:
                 self._reject(WireError("done: received twice", msg.request_id))
                 return
@@ -264,12 +271,28 @@ class KVReceiver(abc.ABC):
             self._fail(msg.request_id, f"sender aborted: {msg.reason}")
 
     # ---- internals --------------------------------------------------------------------------------
+    @staticmethod
+    def _mark_first_frame(x: _Transfer) -> None:
+        # Where the wire time starts: the first message of the transfer that reaches this
+        # class (a layer or the done). Before it, the decode worker waits on the prefill
+        # itself; a backend that receives data before handing it over (p2p: the first layer
+        # after it landed) starts this clock that much later.
+        if x.first_frame_at is None:
+            x.first_frame_at = time.monotonic()
+
     def _maybe_complete(self, rid: str) -> None:
         x = self._xfers[rid]
         if x.done is not None and x.layers_left == 0:
             self._forget(rid, "completed")
             self.stats["completed"] += 1
+            self._add_durations(x)
             self._completed.append(Completed(rid, x.done.first_token))
+
+    def _add_durations(self, x: _Transfer) -> None:
+        now = time.monotonic()
+        self.stats["seconds"] += now - x.expected_at
+        # first_frame_at is set by whatever completed the transfer; the fallback is defensive.
+        self.stats["wire_seconds"] += now - (x.first_frame_at if x.first_frame_at is not None else now)
 
     def _fail(self, rid: str, reason: str) -> None:
         if self._forget(rid, "failed") is not None:

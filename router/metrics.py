@@ -28,13 +28,19 @@ MAX_WINDOW_SAMPLES = 4096          # bounded memory whatever the request rate
 
 
 
-def _num(load: dict, key: str) -> int:
-    """A worker's load field as a non-negative int; anything else (the token plane admits
-    any scalar) counts as 0 rather than breaking a scrape or the autoscaler's report."""
+def _real(load: dict, key: str) -> float:
+    """A worker's load field as a non-negative finite number; anything else (the token
+    plane admits any scalar) counts as 0 rather than breaking a scrape or the autoscaler's
+    report."""
     v = load.get(key, 0)
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-        return 0
-    return int(v)
+        return 0.0
+    return float(v)
+
+
+def _num(load: dict, key: str) -> int:
+    """A worker's load field as a non-negative int (see _real)."""
+    return int(_real(load, key))
 
 class LatencyWindow:
     """Samples of the last `window_s` seconds (at most MAX_WINDOW_SAMPLES); p90 on demand."""
@@ -184,6 +190,15 @@ class _RouterStateCollector:
                                        labels=["worker"])
         kv_done = CounterMetricFamily("pdserve_kv_transfers", "KV transfers a decode worker saw end, by outcome",
                                       labels=["worker", "outcome"])
+        # Two names rather than a phase label: wire time is part of the wait, so a sum over
+        # such a label would count it twice. Divided by rate(pdserve_kv_transfers_total
+        # {outcome="completed"}) each gives a mean per completed transfer.
+        kv_wait = CounterMetricFamily("pdserve_kv_transfer_seconds",
+                                      "Seconds from a decode worker announcing a KV transfer to its completion, "
+                                      "summed over completed transfers", labels=["worker"])
+        kv_wire = CounterMetricFamily("pdserve_kv_transfer_wire_seconds",
+                                      "Seconds from a KV transfer's first message to its completion, "
+                                      "summed over completed transfers", labels=["worker"])
         for w in decode:
             ld = w.load or {}
             for state in ("running", "waiting", "awaiting_kv"):
@@ -195,10 +210,15 @@ class _RouterStateCollector:
                 kv_bytes.add_metric([w.worker_id], _num(ld, "kv_bytes"))
                 for outcome in ("completed", "failed", "timed_out"):
                     kv_done.add_metric([w.worker_id, outcome], _num(ld, f"kv_{outcome}"))
+            if "kv_seconds" in ld:   # (a worker of an older version does not send them)
+                kv_wait.add_metric([w.worker_id], _real(ld, "kv_seconds"))
+                kv_wire.add_metric([w.worker_id], _real(ld, "kv_wire_seconds"))
         yield running
         yield kv
         yield kv_bytes
         yield kv_done
+        yield kv_wait
+        yield kv_wire
         d = CounterMetricFamily("pdserve_route_decisions", "Routing decisions, by route and reason",
                                 labels=["route", "reason"])
         for (kind, reason), n in decisions:

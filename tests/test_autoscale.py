@@ -151,7 +151,7 @@ class FakeSpawner:
         return {"drained": True, "in_flight": 0}
 
     async def stop(self, w, graceful=True):
-        w.stopped = True
+        w.stopped, w.graceful = True, graceful
         self.log.append(("stop", w.wid))
 
 
@@ -337,6 +337,115 @@ def test_controller_gives_up_on_a_replica_that_never_starts():
     asyncio.run(scenario())
 
 
+def _ticker(ctl, clock):
+    async def tick(rep, dt=1.0):
+        clock.t += dt
+        if rep is not None:        # None: the router sent nothing
+            ctl.report(rep)
+        await ctl.tick()
+        await asyncio.sleep(0.01)  # let spawned/ready/stop tasks run
+    return tick
+
+
+def test_controller_replaces_a_worker_the_router_lost_for_good():
+    from deploy.controller import ControllerMetrics, PoolController
+
+    async def scenario():
+        clock, spawner = FakeClock(), FakeSpawner()
+        ctl = PoolController(_pools(), ControllerSection(lost_after_s=10), spawner, clock=clock)
+        await ctl.start()
+        tick = _ticker(ctl, clock)
+        both = _report({"prefill-0": _pw()}, {"decode-0": _dw()})
+        gone = _report({"prefill-0": _pw()}, {})        # decode-0 died; its restarts are used up
+        await tick(both)
+        for _ in range(11):                             # absent for 10 s: not yet
+            await tick(gone)
+        assert "decode-0" in ctl.membership()["workers"] and ctl.decision_log() == []
+        v = ctl.version
+        await tick(gone)                                # 11 s > lost_after_s
+        log = [(d["pool"], d["delta"], d["reason"], d["workers"]) for d in ctl.decision_log()]
+        assert log == [("decode", 0, "lost", ["decode-0"]), ("decode", 1, "below_min", ["decode-1"])]
+        assert ctl.version > v and "decode-0" not in ctl.membership()["workers"]
+        dead = spawner.spawned[1]
+        assert dead.wid == "decode-0" and dead.stopped and dead.graceful is False and not dead.drained
+        assert ctl.pool_sizes()["decode"] == dict(starting=0, active=1, draining=0, stopping=0)
+        # The replacement is not judged on reports from before the router could list it: 4 s
+        # with no new report (the last one is still fresh), then 8 s absent: 12 s since it
+        # became active, 8 s of absence.
+        for _ in range(4):
+            await tick(None)
+        for _ in range(8):
+            await tick(gone)
+        assert "decode-1" in ctl.membership()["workers"] and len(ctl.decision_log()) == 2
+        await tick(_report({"prefill-0": _pw()}, {"decode-1": _dw()}))
+        text = ControllerMetrics(ctl).text().decode()
+        assert 'pdserve_controller_scaling_decisions_total{direction="failed",pool="decode",reason="lost"} 1.0' in text
+        await ctl.shutdown()
+
+    asyncio.run(scenario())
+
+
+def test_controller_keeps_a_worker_whose_absence_is_not_continuous():
+    from deploy.controller import PoolController
+
+    async def scenario():
+        clock, spawner = FakeClock(), FakeSpawner()
+        ctl = PoolController(_pools(), ControllerSection(lost_after_s=10, report_stale_s=5), spawner, clock=clock)
+        await ctl.start()
+        tick = _ticker(ctl, clock)
+        both = _report({"prefill-0": _pw()}, {"decode-0": _dw()})
+        gone = _report({"prefill-0": _pw()}, {})        # e.g. dropped while stalled, then re-registered
+        for _ in range(2):
+            for _ in range(9):
+                await tick(gone)
+            await tick(both)
+        # Absent, then no router report at all (stale: nobody knows), then absent again:
+        # 25 s in all, never 10 s seen in a row.
+        for _ in range(8):
+            await tick(gone)
+        await tick(None, 10.0)
+        for _ in range(7):
+            await tick(gone)
+        assert ctl.decision_log() == [] and [w.wid for w in spawner.spawned] == ["prefill-0", "decode-0"]
+        assert ctl.pool_sizes()["decode"]["active"] == 1 and not spawner.spawned[1].stopped
+        await ctl.shutdown()
+
+    asyncio.run(scenario())
+
+
+def test_controller_lost_rule_leaves_draining_workers_to_the_drain_timeout():
+    from deploy.controller import PoolController
+
+    async def scenario():
+        clock, spawner = FakeClock(), FakeSpawner()
+        ctl = PoolController(_pools(), ControllerSection(lost_after_s=10, drain_timeout_s=60), spawner, clock=clock)
+        await ctl.start()
+        tick = _ticker(ctl, clock)
+        busy = _report({"prefill-0": _pw(queued=4500)}, {"decode-0": _dw()})
+        for _ in range(3):
+            await tick(busy, 0.5)
+        idle = _report({"prefill-0": _pw(), "prefill-1": _pw()}, {"decode-0": _dw()})
+        for _ in range(20):
+            await tick(idle, 0.5)
+            if "prefill-1" in ctl.members and ctl.members["prefill-1"].state == "draining":
+                break
+        assert ctl.members["prefill-1"].state == "draining"
+        # The draining worker vanishes from the router's reports: it is not "lost" (the drain
+        # has its own timeout), and the pool is not refilled for it.
+        without = _report({"prefill-0": _pw()}, {"decode-0": _dw()})
+        for _ in range(50):
+            await tick(without)
+        assert ctl.members["prefill-1"].state == "draining" and not spawner.spawned[-1].stopped
+        assert "lost" not in [d["reason"] for d in ctl.decision_log()]
+        for _ in range(15):
+            await tick(without)
+        assert "prefill-1" not in ctl.members and spawner.spawned[-1].stopped
+        assert [d["reason"] for d in ctl.decision_log()] == ["queued_tokens", "idle"]
+        await ctl.shutdown()
+
+    asyncio.run(scenario())
+
+
 # ---- router side (no Ray) ---------------------------------------------------------------------------------
 
 def test_router_skips_draining_workers_and_pool_sync_follows_membership():
@@ -391,6 +500,10 @@ def test_router_skips_draining_workers_and_pool_sync_follows_membership():
 
 
 def test_router_metrics_latency_window_and_http_endpoint():
+    from types import SimpleNamespace
+
+    from decode_worker.worker import DecodeWorker
+    from router import planes
     from router.core import Router, RouterConfig
     from router.metrics import LatencyWindow, RouterMetrics
 
@@ -411,6 +524,13 @@ def test_router_metrics_latency_window_and_http_endpoint():
         t.t0 -= 0.2                                     # the request was sent 200 ms ago
         t.on_tokens(1, False)
         t.on_tokens(4, True)
+        # A decode worker's heartbeat carries its KV receiver's counters, through the token
+        # plane's validation, to the router's exposition.
+        router.add_worker("decode", "decode-0", "tcp://127.0.0.1:9")
+        rx = SimpleNamespace(stats=dict(bytes=4096, completed=3, failed=1, timed_out=1, seconds=1.5,
+                                        wire_seconds=0.25))
+        load = DecodeWorker._kv_counters(SimpleNamespace(receiver=rx))
+        router.handle_batch(planes.decode_tokens(planes.TokenBatch("decode-0", [], [], load).encode()))
         port = m.serve_http("127.0.0.1", 0)
         try:
             body = await asyncio.to_thread(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics",
@@ -423,6 +543,10 @@ def test_router_metrics_latency_window_and_http_endpoint():
         assert 'pdserve_ttft_seconds_bucket{le="0.1",route="disaggregated"} 0.0' in body
         assert "pdserve_tpot_seconds_count 1.0" in body
         assert 'pdserve_route_decisions_total{reason="long_uncached_prompt",route="disaggregated"} 3.0' in body
+        assert 'pdserve_kv_transfer_received_bytes_total{worker="decode-0"} 4096.0' in body
+        assert 'pdserve_kv_transfers_total{outcome="completed",worker="decode-0"} 3.0' in body
+        assert 'pdserve_kv_transfer_seconds_total{worker="decode-0"} 1.5' in body
+        assert 'pdserve_kv_transfer_wire_seconds_total{worker="decode-0"} 0.25' in body
         assert m.load_report()["ttft_disagg_p90_s"] >= 0.2
 
     asyncio.run(scenario())
@@ -582,6 +706,9 @@ def test_pools_scale_independently_under_load_and_lose_nothing(ray_local):
     # KV bytes reach the router's metrics from the decode worker's heartbeats.
     kv = re.search(r'pdserve_kv_transfer_received_bytes_total\{worker="decode-0"\} (\S+)', body1)
     assert kv and float(kv.group(1)) > 0, body1
+    wait = re.search(r'pdserve_kv_transfer_seconds_total\{worker="decode-0"\} (\S+)', body1)
+    wire = re.search(r'pdserve_kv_transfer_wire_seconds_total\{worker="decode-0"\} (\S+)', body1)
+    assert wait and wire and float(wait.group(1)) >= float(wire.group(1)) > 0, body1
     # Greedy tokens equal a single engine's, request by request.
     ref = LLM(MODEL, dtype="float64", **dict(ENGINE, num_kv_blocks=2048))
     got: dict[tuple[int, int], set] = {}

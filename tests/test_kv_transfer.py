@@ -164,6 +164,32 @@ def test_sender_abort_fails_transfer_at_once(pair):
     assert failed[0].request_id == "a" and "prefill worker preempted" in failed[0].reason
 
 
+def test_transfer_time_sums_count_completed_transfers_only(pair):
+    """seconds: expect() to completion (the decode worker's whole wait); wire_seconds: the
+    first message to completion. Failed and timed-out transfers add nothing to either."""
+    layout = small_layout()
+    rx, tx, _ = pair(layout)
+    assert (rx.stats["seconds"], rx.stats["wire_seconds"]) == (0.0, 0.0)
+    rx.expect("t", [2, 3], deadline=time.monotonic() + 10)
+    time.sleep(0.1)                              # the prefill runs: waiting, but nothing on the wire
+    for layer in range(layout.num_layers):
+        tx.send_layer("t", layer, [2, 3], torch.ones(layout.block_shape(2)))
+    tx.send_done("t", 1, layout.num_layers)
+    done, _ = poll_until(rx, lambda d, f: d)
+    assert done == [kt.Completed("t", 1)]
+    secs, wire = rx.stats["seconds"], rx.stats["wire_seconds"]
+    assert secs >= 0.1 and 0.0 <= wire <= secs - 0.1
+    # An aborted transfer and one past its deadline (after some data landed) leave the sums be.
+    rx.expect("a", [4], deadline=time.monotonic() + 10)
+    tx.send_layer("a", 0, [4], torch.ones(layout.block_shape(1)))
+    tx.send_abort("a", "gone")
+    rx.expect("late", [5], deadline=time.monotonic() + 0.3)
+    tx.send_layer("late", 0, [5], torch.ones(layout.block_shape(1)))
+    _, failed = poll_until(rx, lambda d, f: len(f) == 2)
+    assert sorted(f.request_id for f in failed) == ["a", "late"] and rx.stats["timed_out"] == 1
+    assert (rx.stats["seconds"], rx.stats["wire_seconds"], rx.stats["completed"]) == (secs, wire, 1)
+
+
 def test_sender_marks_request_failed_when_receiver_is_gone(tmp_path):
     tx = kt.make_sender("zmq", f"ipc://{tmp_path}/nobody.sock", sndhwm=1, send_timeout_s=0.2)
     try:
