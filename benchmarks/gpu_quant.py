@@ -1,9 +1,11 @@
 """GPU figures for weight quantization: decode tokens/s and memory of `random:llama3-8b`
-in bf16, int8 and fp8 (weight-only, engine/quant), at batch 1 and 32.
+in bf16, int8 and fp8 (weight-only, engine/quant), at batch 1 and 32. A quantized mode uses
+the engine's default for the logits projection (int8: quantized; fp8: bf16) unless suffixed
+":head" (quantize it) or ":nohead" (keep it in bf16), e.g. --modes bf16,int8,int8:nohead.
 
 1. --sweep: times a few launch configurations of the quantized matmul on the model's four
-   projection shapes at M = 1 and M = 32 (weights rotated through > 2x L2 so every call
-   streams from HBM, like a decode step does), next to bf16 F.linear, and installs the
+   projection shapes and its lm_head at M = 1 and M = 32 (weights rotated through > 2x L2
+   so every call streams from HBM, like a decode step does), next to bf16 F.linear, and installs the
    fastest per shape with set_tuned_config() before any engine is built.
 2. For each mode, an LLMEngine (CUDA graphs on, prefix cache off, a fixed KV pool) gets B
    requests with --ctx-token random prompts; after all are prefilled, --steps decode steps
@@ -32,8 +34,9 @@ from engine import LLMEngine, SamplingParams  # noqa: E402
 from engine.quant import reference as qref  # noqa: E402
 from engine.quant import triton_kernels as qtri  # noqa: E402
 
-# Llama-3-8B projections (N, K): qkv, o, gate_up, down.
-SHAPES_8B = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+# Llama-3-8B projections (N, K): qkv, o, gate_up, down, and the logits projection.
+SHAPES_8B = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
+             "lm_head": (128256, 4096)}
 
 
 def graph_time_us(fn, reps: int = 20) -> float:
@@ -98,14 +101,21 @@ def model_bytes(model: torch.nn.Module) -> int:
 
 
 def bench_mode(model: str, mode: str, batches: list[int], ctx: int, steps: int) -> dict:
-    quant = None if mode == "bf16" else mode
+    method, _, head = mode.partition(":")
+    if head not in ("", "head", "nohead"):
+        raise SystemExit(f"mode {mode!r}: the suffix must be :head or :nohead")
+    quant = None if method == "bf16" else method
+    lm_head = None if not head else head == "head"
     torch.cuda.reset_peak_memory_stats()
     blocks = -(-(ctx + 3 * steps + 16) // 16) * max(batches) + 64
     t0 = time.time()
-    engine = LLMEngine(model, device="cuda", dtype="bfloat16", quantization=quant, enable_prefix_caching=False,
-                       max_num_seqs=max(batches), max_num_batched_tokens=8192, num_kv_blocks=blocks,
-                       cuda_graph_batch_sizes=tuple(sorted(set(batches))))
+    engine = LLMEngine(model, device="cuda", dtype="bfloat16", quantization=quant, quantize_lm_head=lm_head,
+                       enable_prefix_caching=False, max_num_seqs=max(batches), max_num_batched_tokens=8192,
+                       num_kv_blocks=blocks, cuda_graph_batch_sizes=tuple(sorted(set(batches))))
     r = engine.runner
+    if quant is not None:
+        quantized_head = type(r.model.lm_head).__name__ == "QuantLinear"
+        mode = f"{method}, {method if quantized_head else 'bf16'} head"
     rec = dict(mode=mode, startup_s=time.time() - t0, weight_gb=model_bytes(r.model) / 1e9,
                kv_gb=r.kv_cache.numel() * r.kv_cache.element_size() / 1e9,
                allocated_gb=torch.cuda.memory_allocated() / 1e9, rows=[])
@@ -148,7 +158,7 @@ def bench_mode(model: str, mode: str, batches: list[int], ctx: int, steps: int) 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="random:llama3-8b")
-    ap.add_argument("--modes", default="bf16,int8,fp8")
+    ap.add_argument("--modes", default="bf16,int8,int8:nohead,fp8")
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--ctx", type=int, default=256)
     ap.add_argument("--steps", type=int, default=24)

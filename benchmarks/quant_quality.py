@@ -1,6 +1,8 @@
 """Quality cost of quantization on SmolLM2-135M (CPU, fp32 activations, reference kernels).
 
-For each configuration an LLMEngine is built with the engine options under test, and:
+For each configuration an LLMEngine is built with the engine options under test (the
+quantized ones with the engine's default for the logits projection, int8: quantized, fp8:
+fp32, and again with the other choice), and:
   perplexity     teacher-forced over tests/data/quant_eval.txt (an original English passage,
                  1284 tokens), in non-overlapping windows of --window tokens (--windows of them)
   teacher-forced top-1 agreement
@@ -36,11 +38,16 @@ PROMPTS = [
     "In 1969, the first humans to walk on the Moon were",
     "A good way to learn a new programming language is to",
 ]
+# The quantized configurations use the engine's default for the logits projection
+# (quantized for int8, full precision for fp8); the "(... head)" rows force the other choice.
 CONFIGS = {
     "fp32": dict(),
     "int8": dict(quantization="int8"),
+    "int8 (fp32 head)": dict(quantization="int8", quantize_lm_head=False),
     "fp8": dict(quantization="fp8"),
+    "fp8 (fp8 head)": dict(quantization="fp8", quantize_lm_head=True),
     "fp8_tensor": dict(quantization="fp8_tensor"),
+    "fp8_tensor (fp8 head)": dict(quantization="fp8_tensor", quantize_lm_head=True),
     "fp32 + fp8 KV": dict(kv_cache_dtype="fp8"),
     "int8 + fp8 KV": dict(quantization="int8", kv_cache_dtype="fp8"),
 }

@@ -126,6 +126,9 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, ops) for _ in range(cfg.num_layers))
         self.norm = nn.Parameter(torch.ones(cfg.hidden_size))
+        # The logits projection. None when the embeddings are tied: the table itself is then
+        # the projection. Weight quantization (engine/quant) may replace it by a QuantLinear,
+        # for tied models one holding a quantized copy of the table.
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.cos_sin_cache: torch.Tensor | None = None  # set by init_rope() once on its device
 
@@ -146,8 +149,10 @@ class LlamaForCausalLM(nn.Module):
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, w).float()
+        """hidden [N, hidden] -> fp32 logits [N, vocab]."""
+        if self.lm_head is None:
+            return F.linear(hidden, self.embed_tokens.weight).float()
+        return self.lm_head(hidden).float()  # nn.Linear, or a QuantLinear once quantized
 
     # ---- weights -------------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -175,7 +180,7 @@ class LlamaForCausalLM(nn.Module):
                 if f".{hf}." in ours:
                     ours, offset = ours.replace(hf, mine), off
                     break
-            if ours == "lm_head.weight" and self.lm_head is None:
+            if ours == "lm_head.weight" and self.cfg.tie_word_embeddings:
                 continue  # tied: some checkpoints store the copy anyway
             if ours not in params:
                 raise ValueError(f"checkpoint tensor {name!r} has no place in the model")

@@ -30,14 +30,21 @@ class QuantLinear(nn.Module):
 
     @classmethod
     @torch.no_grad()
-    def from_linear(cls, linear: nn.Linear, method: str, use_triton: bool) -> "QuantLinear":
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, method: str,
+                    use_triton: bool) -> "QuantLinear":
+        """Quantize a [out_features, in_features] matrix; `weight` itself is left as it is
+        (the tied logits projection quantizes a copy of the embedding table this way)."""
         if method not in METHODS:
             raise ValueError(f"quantization must be one of {sorted(METHODS)}, got {method!r}")
         fmt, per_channel = METHODS[method]
-        w = linear.weight
+        w = weight.detach()
         q, scale = reference.quantize_int8(w) if fmt == "int8" else reference.quantize_fp8(w, per_channel)
-        bias = None if linear.bias is None else linear.bias.detach().clone()
+        bias = None if bias is None else bias.detach().clone()
         return cls(q.contiguous(), scale, bias, method, use_triton)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, method: str, use_triton: bool) -> "QuantLinear":
+        return cls.from_weight(linear.weight, linear.bias, method, use_triton)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.use_triton:
