@@ -17,6 +17,12 @@ Wall time is measured after a warm-up generate on each side. Reported: useful ou
 tokens/s per side, the engine/HF ratio, and how many requests' greedy token sequences match
 exactly (padded fp32 batches can legitimately differ a little; reported, not asserted).
 
+Each side also runs in its own process setting: the engine in this one, after `import
+engine` (which, as in `pdserve`, sets the engine's OpenMP default, engine/__init__.py), and
+transformers in a child process started with the environment this script was launched with,
+so neither side runs under the other's threading settings. The child gets work and returns
+tokens as JSON lines over its stdin/stdout.
+
     python benchmarks/cpu_vs_hf.py [--scenario single|batch|all] [--hf-batch-size 8]
                                    [--seed 0] [--json results.json] [--repeat N]
 
@@ -34,11 +40,15 @@ import logging
 import os
 import platform
 import random
+import subprocess
 import sys
 import time
 import warnings
 
-import torch
+LAUNCH_ENV = dict(os.environ)    # before `import engine` adds its defaults: the HF side's environment
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import engine  # noqa: E402,F401  (first, before torch, as the pdserve CLI imports it)
+import torch  # noqa: E402
 
 # A long, varied English passage; prompts are token slices of it repeated.
 PARAGRAPH = (
@@ -58,6 +68,7 @@ PARAGRAPH = (
 )
 
 
+OPENMP_VARS = ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY", "OMP_NUM_THREADS")
 NOISY = 0.10  # other processes' CPU share above which a timed run is flagged as noisy
 
 
@@ -152,16 +163,24 @@ def run_engine(llm, work, profile_path: str | None = None) -> tuple[float, list[
 
 
 # ---- transformers --------------------------------------------------------------------------------
-def load_hf():
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer():
+    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     from engine.model.loader import smollm2_gguf_path
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     folder, name = os.path.split(smollm2_gguf_path())
+    return AutoTokenizer.from_pretrained(folder, gguf_file=name)
+
+
+def load_hf():
+    from transformers import AutoModelForCausalLM
+
+    from engine.model.loader import smollm2_gguf_path
     t = time.perf_counter()
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    tok = load_tokenizer()
+    folder, name = os.path.split(smollm2_gguf_path())
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
     return tok, model, time.perf_counter() - t
 
@@ -199,6 +218,56 @@ def run_hf(model, pad_id: int, work, batch_size: int) -> tuple[float, list[list[
     return time.perf_counter() - t, outs, computed
 
 
+def hf_worker() -> int:
+    """The child process's loop: one JSON line in (work, batch size), one out (seconds,
+    tokens, tokens computed, other processes' CPU share)."""
+    out, sys.stdout = sys.stdout, sys.stderr     # stdout carries our JSON lines only
+    warnings.filterwarnings("ignore")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    tok, model, load_s = load_hf()
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    out.write(json.dumps(dict(load_seconds=load_s, torch_threads=torch.get_num_threads())) + "\n")
+    out.flush()
+    for line in sys.stdin:
+        req = json.loads(line)
+        work = [(list(p), int(m)) for p, m in req["work"]]
+        gc.collect()
+        with CpuContention() as cc:
+            secs, outs, computed = run_hf(model, pad_id, work, int(req["batch_size"]))
+        out.write(json.dumps(dict(seconds=secs, outs=outs, computed=computed, other_cpu_share=cc.other)) + "\n")
+        out.flush()
+    return 0
+
+
+class HFProcess:
+    """transformers' side, in a child process with the launch environment."""
+
+    def __init__(self):
+        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--hf-worker"], env=LAUNCH_ENV,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        hello = self._read()
+        self.load_s, self.torch_threads = hello["load_seconds"], hello["torch_threads"]
+
+    def run(self, work, batch_size: int) -> tuple[float, list[list[int]], int, float | None]:
+        self.proc.stdin.write(json.dumps(dict(work=work, batch_size=batch_size)) + "\n")
+        self.proc.stdin.flush()
+        r = self._read()
+        return r["seconds"], r["outs"], r["computed"], r["other_cpu_share"]
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the transformers process ended (exit code {self.proc.wait()})")
+        return json.loads(line)
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
 # ---- reporting ----------------------------------------------------------------------------------
 def _git_state() -> dict:
     """Commit and locally modified engine files, so a result can be tied to the code it ran."""
@@ -228,6 +297,8 @@ def first_divergence(a: list[int], b: list[int]) -> int | None:
 
 
 def main() -> int:
+    if sys.argv[1:] == ["--hf-worker"]:
+        return hf_worker()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scenario", choices=["single", "batch", "all"], default="all")
     ap.add_argument("--hf-batch-size", type=int, default=8, help="static batch size for transformers (default 8)")
@@ -254,9 +325,11 @@ def main() -> int:
                                        ("max_num_seqs", args.max_num_seqs)) if v is not None}
 
     log(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
-    tok, hf_model, hf_load = load_hf()
-    log(f"transformers model loaded in {hf_load:.1f}s")
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    tok = load_tokenizer()
+    hf_proc = None
+    if not args.skip_hf:
+        hf_proc = HFProcess()
+        log(f"transformers model loaded in {hf_proc.load_s:.1f}s (own process, {hf_proc.torch_threads} threads)")
     llm, eng_load = load_engine(engine_kwargs)
     log(f"engine loaded in {eng_load:.1f}s ({llm.engine.runner.num_blocks} KV blocks)")
 
@@ -264,8 +337,8 @@ def main() -> int:
     # engine's prefix cache does not get a head start on the measured prompts).
     warm = [(tok.encode("Once upon a time, in a small village by the sea,", add_special_tokens=False), 8)]
     run_engine(llm, warm)
-    if not args.skip_hf:
-        run_hf(hf_model, pad_id, warm, 1)
+    if hf_proc is not None:
+        hf_proc.run(warm, 1)
 
     results = []
     for sc in scenarios:
@@ -288,13 +361,11 @@ def main() -> int:
             e_count = sum(len(o) for o in e_out)
             assert e_count == useful, f"engine produced {e_count} tokens, expected {useful}"
             log(f"[{sc}] engine: {e_s:.2f}s, {useful / e_s:.1f} tok/s{_noise(cc.other)}")
-            if not args.skip_hf:
-                gc.collect()
-                with CpuContention() as cc:
-                    h_s, h_out, computed = run_hf(hf_model, pad_id, work, bs)
-                h_runs.append(dict(seconds=h_s, other_cpu_share=cc.other))
+            if hf_proc is not None:
+                h_s, h_out, computed, other = hf_proc.run(work, bs)
+                h_runs.append(dict(seconds=h_s, other_cpu_share=other))
                 log(f"[{sc}] HF: {h_s:.2f}s, {useful / h_s:.1f} useful tok/s "
-                    f"({computed} tokens computed){_noise(cc.other)}")
+                    f"({computed} tokens computed){_noise(other)}")
         e_s = min(r["seconds"] for r in e_runs)
         rec = dict(scenario=sc, num_requests=len(work), prompt_tokens=prompt_tokens, output_tokens=useful,
                    prompt_lens=[len(p) for p, _ in work], max_tokens=[m for _, m in work],
@@ -308,6 +379,9 @@ def main() -> int:
             rec["ratio_engine_over_hf"] = (useful / e_s) / (useful / h_s)
             rec["greedy_match"] = dict(matching=matches, total=len(work), first_divergence=div)
         results.append(rec)
+
+    if hf_proc is not None:
+        hf_proc.close()
 
     # ---- table -----------------------------------------------------------------------------------
     print()
@@ -342,7 +416,10 @@ def main() -> int:
                       time=time.strftime("%Y-%m-%dT%H:%M:%S"), platform=platform.platform(),
                       cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
                       torch=torch.__version__, git=_git_state(), args=vars(args), engine_kwargs=engine_kwargs,
-                      load_seconds=dict(engine=eng_load, hf=hf_load), results=results)
+                      load_seconds=dict(engine=eng_load, hf=hf_proc.load_s if hf_proc else None),
+                      openmp_env={side: {k: env.get(k) for k in OPENMP_VARS}
+                                  for side, env in (("engine", os.environ), ("hf", LAUNCH_ENV))},
+                      results=results)
         with open(args.json, "w") as f:
             json.dump(record, f, indent=2)
         log(f"wrote {args.json}")

@@ -14,14 +14,16 @@ Workloads (token ids: the tokenizer does not travel to the GPU machine):
                the workload prompt is P + G + P[-8:]. Whether the target then writes G again
                (so that n-gram drafts are accepted) is decided by its own forward pass in the
                verify step, not by the benchmark: nothing is forced.
-Real text is measured on the CPU (`--cpu-acceptance`): SmolLM2-135M (the only real
-checkpoint available) on code-editing and free-form prompts, acceptance and tokens per
-verify step. Its GGUF cannot travel to the GPU machine, so there is no real-text GPU speed.
+Real text: `--real-text GGUF` runs the same off / n-gram comparison on the GPU with a real
+checkpoint (SmolLM2-135M, the only one available; its GGUF reaches the GPU machine in two
+halves, see RESULTS.md) on code-editing and free-form prompts; `--cpu-acceptance` measures
+the same prompts' acceptance on the CPU.
 
 decode tok/s = output tokens generated after every request of the batch has its first
 token / the wall time of those steps (LLMEngine.step, host sync included).
 
     python benchmarks/gpu_spec.py [--batches 1,8,32] [--max-tokens 128] [--k 4] [--json out.json]
+    python benchmarks/gpu_spec.py --real-text SmolLM2-135M-Instruct.Q4_1.gguf [--batches 1,8] [--json out.json]
     python benchmarks/gpu_spec.py --cpu-acceptance [--json out.json]
 """
 from __future__ import annotations
@@ -178,6 +180,43 @@ def cpu_main(args) -> dict:
     return dict(device="cpu", model="smollm2", k=args.k, max_tokens=args.cpu_max_tokens, rows=rows)
 
 
+def real_text_prompts(tokenizer) -> dict[str, list[list[int]]]:
+    return {"repetitive": [tokenizer.encode(t) for t in REPETITIVE_TEXT],
+            "free-form": [tokenizer.apply_chat_template([{"role": "user", "content": t}]) for t in FREE_TEXT]}
+
+
+def real_main(args) -> dict:
+    """Plain vs n-gram decoding of a real checkpoint on the GPU (adaptive k, as the engine's
+    default: the controller may switch speculation off when it does not pay)."""
+    engine = LLMEngine(args.real_text, dtype=args.dtype, speculative="ngram", num_speculative_tokens=args.k,
+                       spec_max_batch=args.spec_max_batch, max_model_len=2048, kv_cache_memory_gb=2.0,
+                       max_num_seqs=max(args.batches) * 2)
+    modes = {"off": None, "ngram": engine.spec}
+    for name, spec in modes.items():   # warm-up: Triton compiles, graphs are captured
+        engine.spec = spec
+        run_batch(engine, [engine.tokenizer.encode("Hello there, how are you today?")], 16, f"warm-{name}")
+    rows = []
+    for workload, texts in real_text_prompts(engine.tokenizer).items():
+        for B in args.batches:
+            # Batch 1: each prompt on its own; larger batches cycle through the prompts.
+            groups = [[t] for t in texts] if B == 1 else [[texts[i % len(texts)] for i in range(B)]]
+            for g, prompts in enumerate(groups):
+                ref = off_tok_s = None
+                for name, spec in modes.items():
+                    engine.spec = spec
+                    rec, outs = run_batch(engine, prompts, args.max_tokens, f"{workload}-{B}-{g}-{name}")
+                    if name == "off":
+                        ref, off_tok_s = outs, rec["decode_tok_s"]
+                    rec.update(workload=workload, mode=name, prompt=g if B == 1 else None,
+                               speedup=round(rec["decode_tok_s"] / off_tok_s, 3),
+                               same_tokens_as_off=sum(o == r for o, r in zip(outs, ref)))
+                    rows.append(rec)
+                    print(rec, flush=True)
+    device = torch.cuda.get_device_properties(0).name if torch.cuda.is_available() else "cpu"
+    return dict(device=device, torch=torch.__version__, target=os.path.basename(args.real_text), k=args.k,
+                dtype=args.dtype, max_tokens=args.max_tokens, rows=rows)
+
+
 def _dump(path: str, rec: dict) -> None:
     import json
     with open(path, "w") as f:
@@ -195,10 +234,11 @@ def main():
     ap.add_argument("--kv-gb", type=float, default=8.0)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--cpu-acceptance", action="store_true")
+    ap.add_argument("--real-text", metavar="GGUF", help="a real checkpoint: plain vs n-gram on real prompts")
     ap.add_argument("--cpu-max-tokens", type=int, default=64)
     ap.add_argument("--json")
     args = ap.parse_args()
-    rec = cpu_main(args) if args.cpu_acceptance else gpu_main(args)
+    rec = cpu_main(args) if args.cpu_acceptance else real_main(args) if args.real_text else gpu_main(args)
     if args.json:
         _dump(args.json, rec)
 

@@ -59,6 +59,39 @@ def test_padding_blocks_are_never_read():
     torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("threads", [2, 3, 8])
+@pytest.mark.parametrize("ctx_lens", [
+    [40, 3, 64, 9, 1, 57, 8, 30, 12],         # uneven lengths
+    [300, 1, 1],                              # one sequence holds almost all the work
+    [7, 7],                                   # fewer sequences than threads
+])
+def test_attention_split_over_threads_equals_one_thread(monkeypatch, threads, ctx_lens):
+    """The batch split over Python threads (ranges of sequences) gives exactly the
+    single-thread result: every row is written once, by one thread, the same way."""
+    q, kc, vc, bt, lens = _paged_case(len(ctx_lens), 6, 2, 16, 8, ctx_lens, torch.float32)
+    monkeypatch.setattr(cpu_ops, "_SPLIT_MIN_WORK", 1 << 62)
+    one = cpu_ops.paged_decode_attention(q, kc, vc, bt, lens, 0.25)
+    monkeypatch.setattr(cpu_ops, "_SPLIT_MIN_WORK", 1)
+    monkeypatch.setattr(cpu_ops, "_attention_threads", lambda: threads)
+    parts = cpu_ops._split_sequences(lens.numpy(), 2 * 16)
+    assert len(parts) == min(threads, len(ctx_lens))
+    assert parts[0][0] == 0 and parts[-1][1] == len(ctx_lens)
+    assert all(a < b for a, b in parts) and all(p[1] == n[0] for p, n in zip(parts, parts[1:]))
+    got = cpu_ops.paged_decode_attention(q, kc, vc, bt, lens, 0.25)
+    torch.testing.assert_close(got, one, atol=0, rtol=0)
+    torch.testing.assert_close(got, ref.paged_decode_attention(q, kc, vc, bt, lens, 0.25), atol=2e-6, rtol=2e-6)
+
+
+def test_split_balances_context_tokens_not_sequences(monkeypatch):
+    monkeypatch.setattr(cpu_ops, "_attention_threads", lambda: 2)
+    monkeypatch.setattr(cpu_ops, "_SPLIT_MIN_WORK", 1)
+    lens = torch.tensor([500, 10, 10, 10, 10, 10, 10, 500], dtype=torch.int32).numpy()
+    (a, b), (c, d) = cpu_ops._split_sequences(lens, 1)
+    assert (a, b, c, d) == (0, 4, 4, 8)     # 530 tokens each side
+    monkeypatch.setattr(cpu_ops, "_SPLIT_MIN_WORK", 10 ** 9)
+    assert cpu_ops._split_sequences(lens, 1) == [(0, 8)]      # too little work to hand off
+
+
 def test_views_of_the_engine_cache_layout():
     # The engine passes kv_cache[layer, 0] / [layer, 1]: views into one [L, 2, NB, BS, KH, D] tensor.
     q, kc, vc, bt, lens = _paged_case(4, 8, 2, 16, 8, [3, 8, 20, 11], torch.float32)

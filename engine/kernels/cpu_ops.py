@@ -8,11 +8,12 @@ overhead per length group. The loop below reads each sequence's blocks where the
 once, with one (sequence, KV head) pair per work item, which is several times faster at
 every batch size (benchmarks/RESULTS.md).
 
-The loops are serial on purpose. numba's parallel regions share OpenMP with torch: on a
-busy host (several workers per node, or CI) their spinning thread pools fight and a
-50 us call took 11 ms in a measurement here; the workqueue layer avoids that but cannot be
-entered from two Python threads at once, which the workers do. Serial loops cost nothing
-at batch 1 and leave the second core to torch's matmuls.
+The loops themselves are serial, without numba's parallel regions: those share OpenMP
+with torch, and on a busy host (several workers per node, or CI) the two spinning thread
+pools fight (a 50 us call took 11 ms in a measurement here); the workqueue layer avoids
+that but cannot be entered from two Python threads at once, which the workers do. Decode
+attention at large batches is instead split by sequence over plain Python threads running
+the nogil kernel (see "threads for decode attention" below).
 
 Only float32/float64 are compiled (numpy has no bfloat16); other dtypes, or a machine
 without numba, use the reference op. The numba functions compile on first use (a few
@@ -20,8 +21,10 @@ seconds) and are cached on disk next to this file.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import math
+import threading
 
 import torch
 
@@ -46,12 +49,15 @@ if numba is not None:
     _FASTMATH = {"reassoc", "contract"}
 
     @njit(fastmath=_FASTMATH, cache=True, nogil=True)
-    def _paged_decode_kernel(q, k_cache, v_cache, block_tables, context_lens, scale, out):  # pragma: no cover
+    def _paged_decode_kernel(q, k_cache, v_cache, block_tables, context_lens, scale, out,
+                             w_lo, w_hi):  # pragma: no cover
+        # Work items w_lo..w_hi-1 of S * KH: disjoint ranges write disjoint rows of `out`,
+        # so several threads may run this at once on one batch.
         S, H, D = q.shape
         BS = k_cache.shape[1]
         KH = k_cache.shape[2]
         G = H // KH
-        for w in range(S * KH):
+        for w in range(w_lo, w_hi):
             s = w // KH
             kh = w - s * KH
             n = context_lens[s]
@@ -180,10 +186,67 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             raise ValueError(f"paged_decode_attention: context lengths must be in [1, "
                              f"{block_tables.shape[1] * k_cache.shape[1]}], got [{lo}, {hi}]")
     out = torch.empty_like(q)
-    _paged_decode_kernel(q.detach().contiguous().numpy(), k_cache.detach().numpy(), v_cache.detach().numpy(),
-                         block_tables.to(torch.int32).contiguous().numpy(),
-                         context_lens.to(torch.int32).contiguous().numpy(), float(scale), out.numpy())
+    args = (q.detach().contiguous().numpy(), k_cache.detach().numpy(), v_cache.detach().numpy(),
+            block_tables.to(torch.int32).contiguous().numpy(), context_lens.to(torch.int32).contiguous().numpy(),
+            float(scale), out.numpy())
+    kv_heads = k_cache.shape[2]
+    parts = _split_sequences(args[4], kv_heads * q.shape[2])
+    if len(parts) == 1:
+        _paged_decode_kernel(*args, 0, n * kv_heads)
+        return out
+    # The first range runs here; the others on the pool, concurrently (nogil kernels).
+    pool = _attention_pool(len(parts) - 1)
+    futures = [pool.submit(_paged_decode_kernel, *args, lo * kv_heads, hi * kv_heads) for lo, hi in parts[1:]]
+    lo, hi = parts[0]
+    _paged_decode_kernel(*args, lo * kv_heads, hi * kv_heads)
+    for f in futures:
+        f.result()
     return out
+
+
+# ---- threads for decode attention ------------------------------------------------------------------------
+# At batch 32 decode attention is a third of a CPU step, and a serial loop leaves every core
+# but one idle while it runs (torch's matmuls, the rest of the step, are multi-threaded).
+# Splitting the sequences over plain Python threads running the nogil kernel uses those
+# cores without OpenMP: a waiting thread blocks in the kernel (futex), it does not spin, so
+# on a busy host this degrades to about the serial speed instead of collapsing. The thread
+# count follows torch.get_num_threads(), the budget an operator already sets per worker.
+_SPLIT_MIN_WORK = 1 << 18     # context tokens x KV width below which one thread is faster
+_pool = None
+_pool_size = 0
+_pool_lock = threading.Lock()
+
+
+def _attention_threads() -> int:
+    return max(1, torch.get_num_threads())
+
+
+def _split_sequences(context_lens, kv_width: int) -> list[tuple[int, int]]:
+    """Contiguous sequence ranges, one per thread, with about equal context tokens each;
+    a single range when the batch is too small to pay for a hand-off."""
+    n_seq = context_lens.shape[0]
+    total = int(context_lens.sum())
+    threads = min(_attention_threads(), n_seq)
+    if threads < 2 or total * kv_width < _SPLIT_MIN_WORK:
+        return [(0, n_seq)]
+    cum = np.cumsum(context_lens)
+    cuts = [0]
+    for i in range(1, threads):
+        cut = int(np.searchsorted(cum, total * i / threads)) + 1
+        cuts.append(min(max(cut, cuts[-1] + 1), n_seq - (threads - i)))
+    cuts.append(n_seq)
+    return [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
+
+
+def _attention_pool(workers: int):
+    global _pool, _pool_size
+    with _pool_lock:
+        if _pool is None or _pool_size < workers:
+            if _pool is not None:
+                _pool.shutdown(wait=False)
+            _pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cpu-attn")
+            _pool_size = workers
+        return _pool
 
 
 def _compiled(*tensors: torch.Tensor) -> bool:
