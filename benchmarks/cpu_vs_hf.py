@@ -46,8 +46,10 @@ import time
 import warnings
 
 LAUNCH_ENV = dict(os.environ)    # before `import engine` adds its defaults: the HF side's environment
+HF_WORKER = sys.argv[1:] == ["--hf-worker"]
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import engine  # noqa: E402,F401  (first, before torch, as the pdserve CLI imports it)
+if not HF_WORKER:   # the transformers child must load torch (libgomp) with the launch environment
+    import engine  # noqa: E402,F401  (first, before torch, as the pdserve CLI imports it)
 import torch  # noqa: E402
 
 # A long, varied English passage; prompts are token slices of it repeated.
@@ -180,7 +182,7 @@ def load_hf():
     from engine.model.loader import smollm2_gguf_path
     t = time.perf_counter()
     tok = load_tokenizer()
-    folder, name = os.path.split(smollm2_gguf_path())
+    folder, name = os.path.split(smollm2_gguf_path())   # the tokenizer's file, for the weights
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
     return tok, model, time.perf_counter() - t
 
@@ -221,12 +223,18 @@ def run_hf(model, pad_id: int, work, batch_size: int) -> tuple[float, list[list[
 def hf_worker() -> int:
     """The child process's loop: one JSON line in (work, batch size), one out (seconds,
     tokens, tokens computed, other processes' CPU share)."""
-    out, sys.stdout = sys.stdout, sys.stderr     # stdout carries our JSON lines only
+    # Our JSON lines get a private copy of fd 1; fd 1 itself (any stray print, Python's or
+    # a native library's) now goes to stderr, so nothing else can reach the parent's reader.
+    out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
     warnings.filterwarnings("ignore")
     logging.getLogger("transformers").setLevel(logging.ERROR)
+    # As torch loaded libgomp here (load_hf imports engine later, which then no longer matters).
+    env = {k: os.environ.get(k) for k in OPENMP_VARS}
     tok, model, load_s = load_hf()
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-    out.write(json.dumps(dict(load_seconds=load_s, torch_threads=torch.get_num_threads())) + "\n")
+    out.write(json.dumps(dict(load_seconds=load_s, torch_threads=torch.get_num_threads(), openmp_env=env)) + "\n")
     out.flush()
     for line in sys.stdin:
         req = json.loads(line)
@@ -246,7 +254,8 @@ class HFProcess:
         self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--hf-worker"], env=LAUNCH_ENV,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         hello = self._read()
-        self.load_s, self.torch_threads = hello["load_seconds"], hello["torch_threads"]
+        self.load_s, self.torch_threads, self.openmp_env = (hello["load_seconds"], hello["torch_threads"],
+                                                            hello["openmp_env"])
 
     def run(self, work, batch_size: int) -> tuple[float, list[list[int]], int, float | None]:
         self.proc.stdin.write(json.dumps(dict(work=work, batch_size=batch_size)) + "\n")
@@ -297,7 +306,7 @@ def first_divergence(a: list[int], b: list[int]) -> int | None:
 
 
 def main() -> int:
-    if sys.argv[1:] == ["--hf-worker"]:
+    if HF_WORKER:
         return hf_worker()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scenario", choices=["single", "batch", "all"], default="all")
@@ -329,7 +338,8 @@ def main() -> int:
     hf_proc = None
     if not args.skip_hf:
         hf_proc = HFProcess()
-        log(f"transformers model loaded in {hf_proc.load_s:.1f}s (own process, {hf_proc.torch_threads} threads)")
+        log(f"transformers model loaded in {hf_proc.load_s:.1f}s (own process, {hf_proc.torch_threads} threads, "
+            f"OpenMP env {hf_proc.openmp_env}; engine: { {k: os.environ.get(k) for k in OPENMP_VARS} })")
     llm, eng_load = load_engine(engine_kwargs)
     log(f"engine loaded in {eng_load:.1f}s ({llm.engine.runner.num_blocks} KV blocks)")
 
@@ -417,8 +427,8 @@ def main() -> int:
                       cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
                       torch=torch.__version__, git=_git_state(), args=vars(args), engine_kwargs=engine_kwargs,
                       load_seconds=dict(engine=eng_load, hf=hf_proc.load_s if hf_proc else None),
-                      openmp_env={side: {k: env.get(k) for k in OPENMP_VARS}
-                                  for side, env in (("engine", os.environ), ("hf", LAUNCH_ENV))},
+                      openmp_env=dict(engine={k: os.environ.get(k) for k in OPENMP_VARS},
+                                      hf=hf_proc.openmp_env if hf_proc else None),
                       results=results)
         with open(args.json, "w") as f:
             json.dump(record, f, indent=2)

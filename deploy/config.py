@@ -179,7 +179,7 @@ class ControllerSection:
     # An active worker absent from the router's reports this long (dead for good, or dropped
     # and never re-registered by the supervisor) is replaced. Longer than a re-registration,
     # including a Ray restart's model load, or a worker Ray is bringing back gets replaced.
-    lost_after_s: float = 120.0
+    lost_after_s: float = 300.0
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = None
 

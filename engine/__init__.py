@@ -10,7 +10,8 @@ import os
 # the run with the default and 13 s with a spin of 3000 iterations (~0.1 ms, still enough to
 # bridge the gaps between a layer's matmuls: batch 1 unchanged). libgomp reads this once,
 # when torch loads it, so it only takes effect when this package is imported before torch
-# (the pdserve CLI and the workers do); an operator's own value is kept.
+# (the pdserve CLI does, and decode_worker/__init__.py makes the workers do); an operator's
+# own value is kept.
 os.environ.setdefault("GOMP_SPINCOUNT", "3000")
 
 from engine.config import EngineConfig, ModelConfig

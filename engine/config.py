@@ -94,7 +94,8 @@ class EngineConfig:
         if self.quantization not in (None, "int8", "fp8", "fp8_tensor"):
             raise ValueError(f"quantization must be 'int8', 'fp8', 'fp8_tensor' or None, got {self.quantization!r}")
         if self.quantize_lm_head is not None and not isinstance(self.quantize_lm_head, bool):
-            raise ValueError(f"quantize_lm_head must be true, false or null (int8 only), got {self.quantize_lm_head!r}")
+            raise ValueError(f"quantize_lm_head must be true, false or null (the default: int8 only), "
+                             f"got {self.quantize_lm_head!r}")
         if self.kv_cache_dtype not in (None, "auto", "fp8"):
             raise ValueError(f"kv_cache_dtype must be 'fp8', 'auto' or None, got {self.kv_cache_dtype!r}")
         if (isinstance(self.kv_cache_scale, bool) or not isinstance(self.kv_cache_scale, (int, float))

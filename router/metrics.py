@@ -198,7 +198,9 @@ class _RouterStateCollector:
                                       "summed over completed transfers", labels=["worker"])
         kv_wire = CounterMetricFamily("pdserve_kv_transfer_wire_seconds",
                                       "Seconds from a KV transfer's first message to its completion, "
-                                      "summed over completed transfers", labels=["worker"])
+                                      "summed over completed transfers (layers stream as the prefill "
+                                      "computes them, so this overlaps the prefill of the later layers)",
+                                      labels=["worker"])
         for w in decode:
             ld = w.load or {}
             for state in ("running", "waiting", "awaiting_kv"):

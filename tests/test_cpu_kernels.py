@@ -196,3 +196,28 @@ def test_out_of_range_lengths_and_positions_are_refused():
     qr, kr = torch.randn(2, 2, 16), torch.randn(2, 1, 16)
     with pytest.raises(ValueError, match="positions"):
         cpu_ops.rotary_embedding(qr, kr, torch.tensor([3, 8]), cache)
+
+
+@pytest.mark.parametrize("package", ["decode_worker", "prefill_worker", "engine"])
+def test_engine_openmp_default_is_set_before_torch_loads(package):
+    """GOMP_SPINCOUNT only counts if it is in the environment when torch loads libgomp:
+    every worker process must import engine before torch (a fresh interpreter checks)."""
+    import os
+    import subprocess
+    import sys
+    code = (
+        "import os, sys\n"
+        "seen = []\n"
+        "class Hook:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'torch' and not seen:\n"
+        "            seen.append(os.environ.get('GOMP_SPINCOUNT'))\n"
+        "sys.meta_path.insert(0, Hook())\n"
+        f"import {package}\n"
+        "print(seen[0])\n")
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "3000"

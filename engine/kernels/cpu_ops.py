@@ -24,6 +24,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import math
+import os
 import threading
 
 import torch
@@ -196,7 +197,12 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         return out
     # The first range runs here; the others on the pool, concurrently (nogil kernels).
     pool = _attention_pool(len(parts) - 1)
-    futures = [pool.submit(_paged_decode_kernel, *args, lo * kv_heads, hi * kv_heads) for lo, hi in parts[1:]]
+    futures = []
+    for lo, hi in parts[1:]:
+        try:
+            futures.append(pool.submit(_paged_decode_kernel, *args, lo * kv_heads, hi * kv_heads))
+        except RuntimeError:   # the interpreter is shutting down: no new threads, run it here
+            _paged_decode_kernel(*args, lo * kv_heads, hi * kv_heads)
     lo, hi = parts[0]
     _paged_decode_kernel(*args, lo * kv_heads, hi * kv_heads)
     for f in futures:
@@ -239,14 +245,25 @@ def _split_sequences(context_lens, kv_width: int) -> list[tuple[int, int]]:
 
 
 def _attention_pool(workers: int):
+    """A pool of at least `workers` threads. A smaller one is replaced, never shut down:
+    another engine thread may be submitting to it right now (it keeps its reference, and
+    the old pool's idle threads exit once it is garbage-collected)."""
     global _pool, _pool_size
     with _pool_lock:
         if _pool is None or _pool_size < workers:
-            if _pool is not None:
-                _pool.shutdown(wait=False)
             _pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cpu-attn")
             _pool_size = workers
         return _pool
+
+
+def _forget_pool_after_fork() -> None:
+    # A forked child inherits the pool object but not its threads: submits would wait forever.
+    global _pool, _pool_size, _pool_lock
+    _pool, _pool_size, _pool_lock = None, 0, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_after_fork)
 
 
 def _compiled(*tensors: torch.Tensor) -> bool:
