@@ -201,6 +201,11 @@ class PoolController:
             active = self.pool_members(kind, "active")
             if len(active) <= 1:
                 return   # never drain the last serving worker (replicas > min counted starting ones)
+            if any(m.worker_id not in view for m in active):
+                # A member missing from the router's report may be dead (the lost rule is
+                # timing it): draining a live one now could leave the pool with none serving,
+                # and the missing one's in-flight count, which picks the victim, is unknown.
+                return
             # The least busy worker drains fastest; among equals, the newest goes first.
             victim = min(active, key=lambda m: (view.get(m.worker_id, {}).get("inflight", 0),
                                                 -int(m.worker_id.rsplit("-", 1)[-1])))

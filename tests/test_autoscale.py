@@ -720,3 +720,34 @@ def test_pools_scale_independently_under_load_and_lose_nothing(ray_local):
         outs = ref.generate([load.prompts[pid] for pid in pids], SamplingParams(max_tokens=m, temperature=0.0))
         for pid, o in zip(pids, outs):
             assert got[(pid, m)] == {tuple(o.token_ids)}, (pid, m)
+
+
+def test_controller_does_not_scale_down_while_a_worker_is_missing_from_the_report():
+    from deploy.controller import PoolController
+
+    async def scenario():
+        clock, spawner = FakeClock(), FakeSpawner()
+        ctl = PoolController(_pools(), ControllerSection(lost_after_s=100), spawner, clock=clock)
+        await ctl.start()
+        tick = _ticker(ctl, clock)
+        busy = _report({"prefill-0": _pw(queued=4500)}, {"decode-0": _dw()})
+        for _ in range(3):
+            await tick(busy, 0.5)
+        assert ctl.pool_sizes()["prefill"]["active"] == 2
+        # Idle, but prefill-1 is missing from the router's reports (maybe dead): the pool is
+        # not shrunk meanwhile (before this rule it would drain prefill-0, the only one seen).
+        partial = _report({"prefill-0": _pw()}, {"decode-0": _dw()})
+        for _ in range(40):
+            await tick(partial, 0.5)
+        assert [m.state for m in ctl.pool_members("prefill")] == ["active", "active"]
+        assert [d["delta"] for d in ctl.decision_log() if d["pool"] == "prefill"] == [1]
+        # Both listed again: the idle pool shrinks as usual.
+        idle = _report({"prefill-0": _pw(), "prefill-1": _pw()}, {"decode-0": _dw()})
+        for _ in range(40):
+            await tick(idle, 0.5)
+            if any(m.state != "active" for m in ctl.pool_members("prefill")):
+                break
+        assert any(m.state in ("draining", "stopping") for m in ctl.pool_members("prefill"))
+        await ctl.shutdown()
+
+    asyncio.run(scenario())
