@@ -214,7 +214,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 # At batch 32 decode attention is a third of a CPU step, and a serial loop leaves every core
 # but one idle while it runs (torch's matmuls, the rest of the step, are multi-threaded).
 # Splitting the sequences over plain Python threads running the nogil kernel uses those
-# cores without OpenMP: a waiting thread blocks in the kernel (futex), it does not spin, so
+# cores without OpenMP: an idle or waiting thread sleeps on a lock (futex), it does not spin, so
 # on a busy host this degrades to about the serial speed instead of collapsing. The thread
 # count follows torch.get_num_threads(), the budget an operator already sets per worker.
 _SPLIT_MIN_WORK = 1 << 18     # context tokens x KV width below which one thread is faster
