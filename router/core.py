@@ -286,10 +286,12 @@ class Router:
 
     async def _send_abort(self, w: Worker, rid: str) -> None:
         """Best effort and never blocking: a worker that is not reading its requests is
-        stalled or dead (its heartbeat watch and orphan timeout free the request then)."""
+        stalled or dead (its heartbeat watch and orphan timeout free the request then).
+        No send timeout here: the deadline sweep aborts many requests in one pass, and a
+        wait per request on a stalled worker would hold up the health monitor."""
         try:
-            await self._send(w, planes.encode_abort(rid))
-        except (zmq.ZMQError, asyncio.TimeoutError) as e:
+            await w.sock.send(planes.encode_abort(rid), flags=zmq.NOBLOCK)
+        except zmq.ZMQError as e:
             log.warning("router: abort of %s not delivered to %s: %r", rid, w.worker_id, e)
 
     def _finish(self, h: RequestHandle) -> None:
