@@ -347,14 +347,28 @@ def _ticker(ctl, clock):
     return tick
 
 
+async def _started_controller(**section):
+    """A started PoolController (1 prefill + 1 decode) on a fake clock and spawner, and
+    tick(report, dt) to drive it."""
+    from deploy.controller import PoolController
+    clock, spawner = FakeClock(), FakeSpawner()
+    ctl = PoolController(_pools(), ControllerSection(**section), spawner, clock=clock)
+    await ctl.start()
+    return ctl, spawner, _ticker(ctl, clock)
+
+
+async def _grow_prefill_to_two(tick) -> None:
+    """A prefill queue past the policy's threshold: the controller adds prefill-1."""
+    busy = _report({"prefill-0": _pw(queued=4500)}, {"decode-0": _dw()})
+    for _ in range(3):
+        await tick(busy, 0.5)
+
+
 def test_controller_replaces_a_worker_the_router_lost_for_good():
-    from deploy.controller import ControllerMetrics, PoolController
+    from deploy.controller import ControllerMetrics
 
     async def scenario():
-        clock, spawner = FakeClock(), FakeSpawner()
-        ctl = PoolController(_pools(), ControllerSection(lost_after_s=10), spawner, clock=clock)
-        await ctl.start()
-        tick = _ticker(ctl, clock)
+        ctl, spawner, tick = await _started_controller(lost_after_s=10)
         both = _report({"prefill-0": _pw()}, {"decode-0": _dw()})
         gone = _report({"prefill-0": _pw()}, {})        # decode-0 died; its restarts are used up
         await tick(both)
@@ -386,13 +400,8 @@ def test_controller_replaces_a_worker_the_router_lost_for_good():
 
 
 def test_controller_keeps_a_worker_whose_absence_is_not_continuous():
-    from deploy.controller import PoolController
-
     async def scenario():
-        clock, spawner = FakeClock(), FakeSpawner()
-        ctl = PoolController(_pools(), ControllerSection(lost_after_s=10, report_stale_s=5), spawner, clock=clock)
-        await ctl.start()
-        tick = _ticker(ctl, clock)
+        ctl, spawner, tick = await _started_controller(lost_after_s=10, report_stale_s=5)
         both = _report({"prefill-0": _pw()}, {"decode-0": _dw()})
         gone = _report({"prefill-0": _pw()}, {})        # e.g. dropped while stalled, then re-registered
         for _ in range(2):
@@ -414,16 +423,9 @@ def test_controller_keeps_a_worker_whose_absence_is_not_continuous():
 
 
 def test_controller_lost_rule_leaves_draining_workers_to_the_drain_timeout():
-    from deploy.controller import PoolController
-
     async def scenario():
-        clock, spawner = FakeClock(), FakeSpawner()
-        ctl = PoolController(_pools(), ControllerSection(lost_after_s=10, drain_timeout_s=60), spawner, clock=clock)
-        await ctl.start()
-        tick = _ticker(ctl, clock)
-        busy = _report({"prefill-0": _pw(queued=4500)}, {"decode-0": _dw()})
-        for _ in range(3):
-            await tick(busy, 0.5)
+        ctl, spawner, tick = await _started_controller(lost_after_s=10, drain_timeout_s=60)
+        await _grow_prefill_to_two(tick)
         idle = _report({"prefill-0": _pw(), "prefill-1": _pw()}, {"decode-0": _dw()})
         for _ in range(20):
             await tick(idle, 0.5)
@@ -723,16 +725,9 @@ def test_pools_scale_independently_under_load_and_lose_nothing(ray_local):
 
 
 def test_controller_does_not_scale_down_while_a_worker_is_missing_from_the_report():
-    from deploy.controller import PoolController
-
     async def scenario():
-        clock, spawner = FakeClock(), FakeSpawner()
-        ctl = PoolController(_pools(), ControllerSection(lost_after_s=100), spawner, clock=clock)
-        await ctl.start()
-        tick = _ticker(ctl, clock)
-        busy = _report({"prefill-0": _pw(queued=4500)}, {"decode-0": _dw()})
-        for _ in range(3):
-            await tick(busy, 0.5)
+        ctl, spawner, tick = await _started_controller(lost_after_s=100)
+        await _grow_prefill_to_two(tick)
         assert ctl.pool_sizes()["prefill"]["active"] == 2
         # Idle, but prefill-1 is missing from the router's reports (maybe dead): the pool is
         # not shrunk meanwhile (before this rule it would drain prefill-0, the only one seen).
