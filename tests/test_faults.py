@@ -362,7 +362,13 @@ class FaultCluster:
         self.connect()
 
     def connect(self):
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.cluster.port}")
+        # gRPC shares subchannels between channels to one target by default, so a fresh
+        # channel after a router restart would inherit the old one's reconnect backoff
+        # (seconds of "connection refused" from a port that listens again); a client of
+        # a restarted router reconnects on its own, and waits until it is through.
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.cluster.port}",
+                                             options=[("grpc.use_local_subchannel_pool", 1)])
+        grpc.channel_ready_future(self.channel).result(timeout=30)
         from pdserve_api.v1 import pdserve_pb2_grpc as pb_grpc
         self.stub = pb_grpc.GenerationStub(self.channel)
 
