@@ -221,3 +221,71 @@ def test_engine_openmp_default_is_set_before_torch_loads(package):
                          timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "3000"
+
+
+# ---- linear ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("lead", [(1,), (3,), (8,), (2, 3)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_matches_f_linear(dtype, lead, with_bias):
+    g = torch.Generator().manual_seed(len(lead) * 10 + lead[-1])
+    x = torch.randn(*lead, 40, generator=g).to(dtype)
+    w = torch.randn(33, 40, generator=g).to(dtype)
+    b = torch.randn(33, generator=g).to(dtype) if with_bias else None
+    got = cpu_ops.linear(x, w, b)
+    want = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
+    assert got.dtype == dtype and got.shape == (*lead, 33)
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("threads", [2, 3, 5])
+def test_linear_split_over_threads_equals_one_thread(monkeypatch, threads):
+    g = torch.Generator().manual_seed(threads)
+    x, w, b = torch.randn(4, 64, generator=g), torch.randn(37, 64, generator=g), torch.randn(37, generator=g)
+    monkeypatch.setattr(cpu_ops, "_LINEAR_SPLIT_MIN_MACS", 1 << 62)
+    one = cpu_ops.linear(x, w, b)
+    monkeypatch.setattr(cpu_ops, "_LINEAR_SPLIT_MIN_MACS", 1)
+    monkeypatch.setattr(cpu_ops, "_attention_threads", lambda: threads)
+    calls = []
+    real = cpu_ops._run_ranges
+    monkeypatch.setattr(cpu_ops, "_run_ranges", lambda k, a, r: (calls.append(r), real(k, a, r)))
+    got = cpu_ops.linear(x, w, b)
+    assert len(calls) == 1 and len(calls[0]) == threads          # it really was split
+    assert calls[0][0][0] == 0 and calls[0][-1][1] == 37
+    torch.testing.assert_close(got, one, atol=0, rtol=0)          # each output column once, same arithmetic
+
+
+def test_linear_falls_back_and_keeps_f_linear_errors():
+    x, w = torch.randn(20, 16), torch.randn(8, 16)
+    # More rows than a decode-sized batch: torch's GEMM (bit-identical to F.linear).
+    torch.testing.assert_close(cpu_ops.linear(x, w), torch.nn.functional.linear(x, w), atol=0, rtol=0)
+    wt = torch.randn(16, 8).t()        # a non-contiguous weight: F.linear too
+    torch.testing.assert_close(cpu_ops.linear(x[:2], wt), torch.nn.functional.linear(x[:2], wt), atol=0, rtol=0)
+    assert cpu_ops.linear(torch.randn(0, 16), w).shape == (0, 8)
+    with pytest.raises(RuntimeError):
+        cpu_ops.linear(torch.randn(1, 15), w)       # wrong inner size: F.linear's own error
+    xb = torch.randn(2, 16, dtype=torch.bfloat16)   # not compiled: F.linear
+    assert cpu_ops.linear(xb, w.bfloat16()).dtype == torch.bfloat16
+
+
+def test_model_linears_go_through_the_backend_op():
+    """Every projection of the model (qkv, o, gate_up, down, the tied logits) calls ops.linear,
+    so the CPU backend's loop is what runs at decode."""
+    import types
+
+    from engine.config import ModelConfig
+    from engine.model.llama import LlamaForCausalLM
+    seen = []
+    ops = get_ops("torch")
+    spy = types.SimpleNamespace(**{**vars(ops), "linear": lambda x, w, b=None: (seen.append(tuple(w.shape)),
+                                                                               ref.linear(x, w, b))[1]})
+    cfg = ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_layers=1, num_heads=2,
+                      num_kv_heads=1, head_dim=8, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg, spy)
+    model.compute_logits(torch.randn(1, 16))
+    model.layers[0].self_attn.qkv_proj(torch.randn(1, 16))
+    model.layers[0].self_attn.o_proj(torch.randn(1, 16))
+    model.layers[0].mlp(torch.randn(1, 16))
+    assert seen == [(64, 16), (32, 16), (16, 16), (48, 16), (16, 24)]

@@ -24,6 +24,7 @@ from engine.config import EngineConfig  # noqa: E402
 from engine.kernels import reference as kref  # noqa: E402
 from engine.quant import QuantLinear, apply_fp8_kv_cache, prepare_model, quantize_model  # noqa: E402
 from engine.quant import reference as qref  # noqa: E402
+from engine.model.llama import Linear  # noqa: E402
 from engine.quant import triton_kernels as qtri  # noqa: E402
 from engine.quant.kv_cache import fp8_kv_ops  # noqa: E402
 from engine.quant.quality import perplexity, top1_agreement, window_logits  # noqa: E402
@@ -207,7 +208,7 @@ def test_engine_quantization_option_on_random_model(make_engine, method, lm_head
         assert isinstance(model.lm_head, QuantLinear) and model.lm_head.method == method
         assert model.lm_head.qweight.dtype == (torch.int8 if method == "int8" else torch.float8_e4m3fn)
     else:
-        assert type(model.lm_head) is torch.nn.Linear and model.lm_head.weight.dtype == torch.float32
+        assert type(model.lm_head) is Linear and model.lm_head.weight.dtype == torch.float32
     # Quantized after the random init: the same seed's float model, with each of those
     # weights replaced by its dequantized copy, gives the same logits.
     ref_model = copy.deepcopy(plain.runner.model)
@@ -263,7 +264,7 @@ def test_prepare_model_quantizes_lm_head_only_when_asked(tied, on):
     elif tied:
         assert model.lm_head is None
     else:
-        assert type(model.lm_head) is torch.nn.Linear and torch.equal(model.lm_head.weight, head)
+        assert type(model.lm_head) is Linear and torch.equal(model.lm_head.weight, head)
     with pytest.raises(TypeError, match="quantized twice"):
         quantize_model(model, "int8", use_triton=False)
 

@@ -2,8 +2,8 @@
 
 `torch` (reference.py) runs anywhere and is the test oracle; `triton` (triton_ops.py)
 is the fast path on CUDA; `cpu` (cpu_ops.py) is the reference with numba loops where the
-reference is slow on a CPU (decode attention). All expose the same functions with the
-same signatures.
+reference is slow on a CPU (decode attention, linear layers at decode-sized batches). All
+expose the same functions with the same signatures.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 
 from engine.kernels import reference
 
-OP_NAMES = ("rms_norm", "add_rms_norm", "silu_and_mul", "rotary_embedding", "write_kv",
+OP_NAMES = ("linear", "rms_norm", "add_rms_norm", "silu_and_mul", "rotary_embedding", "write_kv",
             "rotary_embedding_write_kv", "paged_decode_attention", "paged_prefill_attention")
 
 

@@ -28,6 +28,7 @@ import os
 import threading
 
 import torch
+import torch.nn.functional as F
 
 from engine.kernels import reference
 from engine.kernels.reference import paged_prefill_attention, silu_and_mul  # noqa: F401
@@ -146,6 +147,19 @@ if numba is not None:
             k_cache[b, o] = k[t]
             v_cache[b, o] = v[t]
 
+    @njit(fastmath=_FASTMATH, cache=True, nogil=True)
+    def _linear_kernel(x, w, bias, has_bias, zero, out, n_lo, n_hi):  # pragma: no cover
+        # out[:, n_lo:n_hi] = x @ w[n_lo:n_hi].T (+ bias): each weight row is read once from
+        # memory and dotted with every input row while it sits in cache. Disjoint n ranges
+        # write disjoint columns, so several threads may run this at once.
+        M, K = x.shape
+        for n in range(n_lo, n_hi):
+            for m in range(M):
+                acc = zero
+                for k in range(K):
+                    acc += x[m, k] * w[n, k]
+                out[m, n] = acc + bias[n] if has_bias else acc
+
     _rms_norm_kernel = njit(cache=True, nogil=True)(_rms_norm_loop)
     _rotary_kernel = njit(cache=True, nogil=True)(_rotary_loop)
 
@@ -162,6 +176,8 @@ def warm_up(dtype: torch.dtype) -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 8, generator=g).to(dtype)
     w = torch.ones(8, dtype=dtype)
+    linear(x, x, w[:2])
+    linear(x, x)
     rms_norm(x, w, 1e-6)
     add_rms_norm(x, x, w, 1e-6)
     q, k = torch.randn(2, 2, 4, generator=g).to(dtype), torch.randn(2, 1, 4, generator=g).to(dtype)
@@ -170,6 +186,59 @@ def warm_up(dtype: torch.dtype) -> None:
     write_kv(k, k, cache, cache.clone(), torch.tensor([0, 1]))
     paged_decode_attention(q, cache, cache, torch.zeros(2, 1, dtype=torch.int32),
                            torch.tensor([1, 2], dtype=torch.int32), 0.5)
+
+
+# ---- linear layers with few rows ----------------------------------------------------------------------
+# At a decode step of a few sequences every linear layer is a matrix-vector product: it
+# streams the weights once and does two flops per weight, so its speed is the memory
+# bandwidth its loop reaches. torch's CPU GEMM (MKL) reaches far less than the machine's
+# bandwidth there; on the 2-core AMD EPYC machine of benchmarks/RESULTS.md, SmolLM2-135M's
+# 538 MB of fp32 weights took 52 ms per token through F.linear at one row (91 ms at two)
+# against 26 ms through the loop below, where a plain sum over the same bytes takes 17 ms.
+# Above _LINEAR_MAX_ROWS rows (prefill chunks, large decode batches) the GEMM's cache
+# blocking pays off and F.linear is used.
+_LINEAR_MAX_ROWS = 8
+_LINEAR_SPLIT_MIN_MACS = 1 << 21   # below this a hand-off to a second thread costs more than it saves
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Same contract as :func:`engine.kernels.reference.linear` (F.linear)."""
+    K = x.shape[-1] if x.dim() else 0
+    rows = x.numel() // K if K else 0
+    if (rows == 0 or rows > _LINEAR_MAX_ROWS or not _compiled(x, weight) or x.dtype != weight.dtype
+            or weight.dim() != 2 or weight.shape[1] != K or not weight.is_contiguous()
+            or (bias is not None and (bias.dtype != x.dtype or bias.shape != weight.shape[:1]))):
+        return F.linear(x, weight, bias)   # also raises F.linear's own errors on bad shapes
+    N = weight.shape[0]
+    x2 = x.detach().reshape(rows, K).contiguous()
+    out = torch.empty((rows, N), dtype=x.dtype)
+    b = bias.detach().contiguous() if bias is not None else out[0]   # unread when has_bias is False
+    args = (x2.numpy(), weight.detach().numpy(), b.numpy(), bias is not None,
+            np.zeros(1, dtype=x2.numpy().dtype)[0], out.numpy())
+    threads = min(_attention_threads(), N)
+    if rows == 1 or threads < 2 or rows * N * K < _LINEAR_SPLIT_MIN_MACS:
+        # One row: one thread streams the weights about as fast as two here (measured), and
+        # needs no hand-off.
+        _linear_kernel(*args, 0, N)
+    else:
+        cuts = [N * i // threads for i in range(threads + 1)]
+        _run_ranges(_linear_kernel, args, list(zip(cuts, cuts[1:])))
+    return out.view(*x.shape[:-1], N)
+
+
+def _run_ranges(kernel, args, ranges) -> None:
+    """kernel(*args, lo, hi) for every range: the first on this thread, the others on the
+    pool at the same time (the kernels are nogil and write disjoint outputs)."""
+    pool = _attention_pool(len(ranges) - 1)
+    futures = []
+    for lo, hi in ranges[1:]:
+        try:
+            futures.append(pool.submit(kernel, *args, lo, hi))
+        except RuntimeError:   # the interpreter is shutting down: no new threads, run it here
+            kernel(*args, lo, hi)
+    kernel(*args, *ranges[0])
+    for f in futures:
+        f.result()
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -195,18 +264,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if len(parts) == 1:
         _paged_decode_kernel(*args, 0, n * kv_heads)
         return out
-    # The first range runs here; the others on the pool, concurrently (nogil kernels).
-    pool = _attention_pool(len(parts) - 1)
-    futures = []
-    for lo, hi in parts[1:]:
-        try:
-            futures.append(pool.submit(_paged_decode_kernel, *args, lo * kv_heads, hi * kv_heads))
-        except RuntimeError:   # the interpreter is shutting down: no new threads, run it here
-            _paged_decode_kernel(*args, lo * kv_heads, hi * kv_heads)
-    lo, hi = parts[0]
-    _paged_decode_kernel(*args, lo * kv_heads, hi * kv_heads)
-    for f in futures:
-        f.result()
+    _run_ranges(_paged_decode_kernel, args, [(lo * kv_heads, hi * kv_heads) for lo, hi in parts])
     return out
 
 

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels.reference import linear  # noqa: F401  (cuBLAS: the GEMMs stay torch's)
+
 _LOG2E = 1.4426950408889634
 
 # Decode split-K: contexts up to this length are never split (a single pass is about as

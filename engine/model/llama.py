@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from engine.config import ModelConfig
@@ -36,6 +35,19 @@ class ForwardBatch:
     on_layer_done: Callable[[int], None] | None = None
 
 
+class Linear(nn.Linear):
+    """nn.Linear whose product goes through the kernel backend's `linear` op (on a CPU, a
+    weight-streaming loop for decode-sized batches; elsewhere F.linear). Weight quantization
+    swaps these for QuantLinear modules like any nn.Linear."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, ops):
+        super().__init__(in_features, out_features, bias=bias)
+        self.ops = ops
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ops.linear(x, self.weight, self.bias)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, ops):
         super().__init__()
@@ -44,8 +56,8 @@ class Attention(nn.Module):
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
         self.scale = cfg.head_dim ** -0.5
-        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, cfg.attention_bias, ops)
+        self.o_proj = Linear(self.q_size, cfg.hidden_size, False, ops)
 
     def _fuse_rope_kv(self, k_cache: torch.Tensor, q: torch.Tensor) -> bool:
         # The fused op only when the backend really fuses (a backend that re-exports the
@@ -91,8 +103,8 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, ops):
         super().__init__()
         self.ops = ops
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, False, ops)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, False, ops)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
@@ -129,7 +141,7 @@ class LlamaForCausalLM(nn.Module):
         # The logits projection. None when the embeddings are tied: the table itself is then
         # the projection. Weight quantization (engine/quant) may replace it by a QuantLinear,
         # for tied models one holding a quantized copy of the table.
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, False, ops)
         self.cos_sin_cache: torch.Tensor | None = None  # set by init_rope() once on its device
 
     def init_rope(self, max_positions: int, device: torch.device) -> None:
@@ -151,7 +163,7 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> fp32 logits [N, vocab]."""
         if self.lm_head is None:
-            return F.linear(hidden, self.embed_tokens.weight).float()
+            return self.ops.linear(hidden, self.embed_tokens.weight).float()
         return self.lm_head(hidden).float()  # nn.Linear, or a QuantLinear once quantized
 
     # ---- weights -------------------------------------------------------------------
