@@ -289,3 +289,50 @@ def test_model_linears_go_through_the_backend_op():
     model.layers[0].self_attn.o_proj(torch.randn(1, 16))
     model.layers[0].mlp(torch.randn(1, 16))
     assert seen == [(64, 16), (32, 16), (16, 16), (48, 16), (16, 24)]
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 40])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_int8_linear_matches_the_quant_reference(rows, with_bias):
+    from engine.quant import reference as qref
+    g = torch.Generator().manual_seed(rows)
+    q, scale = qref.quantize_int8(torch.randn(45, 64, generator=g))
+    x = torch.randn(rows, 64, generator=g)
+    b = torch.randn(45, generator=g) if with_bias else None
+    got = cpu_ops.quant_linear(x, q, scale, b)
+    want = qref.quant_linear(x.double(), q, scale, None if b is None else b.double())
+    assert got.dtype == torch.float32 and got.shape == (rows, 45)
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)
+
+
+def test_int8_linear_split_equals_one_thread_and_falls_back(monkeypatch):
+    from engine.quant import reference as qref
+    g = torch.Generator().manual_seed(5)
+    q, scale = qref.quantize_int8(torch.randn(37, 64, generator=g))
+    x = torch.randn(4, 64, generator=g)
+    one = cpu_ops.quant_linear(x, q, scale)
+    monkeypatch.setattr(cpu_ops, "_LINEAR_SPLIT_MIN_MACS", 1)
+    monkeypatch.setattr(cpu_ops, "_attention_threads", lambda: 3)
+    torch.testing.assert_close(cpu_ops.quant_linear(x, q, scale), one, atol=0, rtol=0)
+    # fp8 weights (numba has no e4m3) and long prefill chunks: the reference, bit for bit.
+    q8, s8 = qref.quantize_fp8(torch.randn(37, 64, generator=g))
+    torch.testing.assert_close(cpu_ops.quant_linear(x, q8, s8), qref.quant_linear(x, q8, s8), atol=0, rtol=0)
+    xl = torch.randn(cpu_ops._INT8_LINEAR_MAX_ROWS + 1, 64, generator=g)
+    torch.testing.assert_close(cpu_ops.quant_linear(xl, q, scale), qref.quant_linear(xl, q, scale), atol=0, rtol=0)
+
+
+def test_cpu_backend_quantized_model_uses_the_int8_loop(monkeypatch):
+    from engine.config import EngineConfig, ModelConfig
+    from engine.model.llama import LlamaForCausalLM
+    from engine.quant import QuantLinear, prepare_model
+    cfg = ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_layers=1, num_heads=2,
+                      num_kv_heads=1, head_dim=8)
+    model = LlamaForCausalLM(cfg, get_ops("cpu"))
+    prepare_model(model, EngineConfig(quantization="int8"), "cpu", torch.float32)
+    quant = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert len(quant) == 5 and all(m.cpu_loop for m in quant)       # 4 projections + the logits
+    calls = []
+    real = cpu_ops.quant_linear
+    monkeypatch.setattr(cpu_ops, "quant_linear", lambda *a: (calls.append(1), real(*a))[1])
+    model.compute_logits(torch.randn(1, 16))
+    assert calls == [1]

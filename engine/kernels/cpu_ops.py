@@ -160,6 +160,20 @@ if numba is not None:
                     acc += x[m, k] * w[n, k]
                 out[m, n] = acc + bias[n] if has_bias else acc
 
+    @njit(fastmath=_FASTMATH, cache=True, nogil=True)
+    def _int8_linear_kernel(x, q, scale, bias, has_bias, zero, out, n_lo, n_hi):  # pragma: no cover
+        # As _linear_kernel over int8 weights with one scale per output row: the row's dot
+        # product runs on the int8 values (converted in registers) and is scaled once, so
+        # memory carries one byte per weight.
+        M, K = x.shape
+        for n in range(n_lo, n_hi):
+            s = scale[n]
+            for m in range(M):
+                acc = zero
+                for k in range(K):
+                    acc += x[m, k] * q[n, k]
+                out[m, n] = acc * s + bias[n] if has_bias else acc * s
+
     _rms_norm_kernel = njit(cache=True, nogil=True)(_rms_norm_loop)
     _rotary_kernel = njit(cache=True, nogil=True)(_rotary_loop)
 
@@ -223,6 +237,37 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     else:
         cuts = [N * i // threads for i in range(threads + 1)]
         _run_ranges(_linear_kernel, args, list(zip(cuts, cuts[1:])))
+    return out.view(*x.shape[:-1], N)
+
+
+_INT8_LINEAR_MAX_ROWS = 64   # the fallback dequantizes the whole matrix per call: the loop wins longer
+
+
+def quant_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
+                 bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Same contract as :func:`engine.quant.reference.quant_linear` for int8 weights with
+    per-row fp32 scales (the reference, which dequantizes the whole matrix and calls
+    F.linear, for anything else)."""
+    from engine.quant import reference as qref
+    K = x.shape[-1] if x.dim() else 0
+    rows = x.numel() // K if K else 0
+    if (rows == 0 or rows > _INT8_LINEAR_MAX_ROWS or not _compiled(x) or q.dtype != torch.int8
+            or q.device.type != "cpu" or q.dim() != 2 or q.shape[1] != K or not q.is_contiguous()
+            or scale.dtype != torch.float32 or scale.shape != q.shape[:1]
+            or (bias is not None and (bias.dtype != x.dtype or bias.shape != q.shape[:1]))):
+        return qref.quant_linear(x, q, scale, bias)
+    N = q.shape[0]
+    x2 = x.detach().reshape(rows, K).contiguous()
+    out = torch.empty((rows, N), dtype=x.dtype)
+    b = bias.detach().contiguous() if bias is not None else out[0]
+    args = (x2.numpy(), q.numpy(), scale.contiguous().numpy(), b.numpy(), bias is not None,
+            np.zeros(1, dtype=x2.numpy().dtype)[0], out.numpy())
+    threads = min(_attention_threads(), N)
+    if rows == 1 or threads < 2 or rows * N * K < _LINEAR_SPLIT_MIN_MACS:
+        _int8_linear_kernel(*args, 0, N)
+    else:
+        cuts = [N * i // threads for i in range(threads + 1)]
+        _run_ranges(_int8_linear_kernel, args, list(zip(cuts, cuts[1:])))
     return out.view(*x.shape[:-1], N)
 
 

@@ -42,7 +42,8 @@ __all__ = ["QUANTIZATION_METHODS", "KV_CACHE_DTYPES", "QuantLinear", "quantize_m
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, method: str, use_triton: bool, lm_head: bool = True) -> nn.Module:
+def quantize_model(model: nn.Module, method: str, use_triton: bool, lm_head: bool = True,
+                   cpu_loop: bool = False) -> nn.Module:
     """Replace the decoder layers' linears of a LlamaForCausalLM by QuantLinears, in place,
     and (`lm_head`) its logits projection. One matrix at a time, so the full-precision copy
     of only one is alive at once."""
@@ -55,15 +56,15 @@ def quantize_model(model: nn.Module, method: str, use_triton: bool, lm_head: boo
             if not isinstance(linear, nn.Linear):
                 raise TypeError(f"{owner_name}.{attr} is {type(linear).__name__}, not nn.Linear "
                                 "(quantized twice?)")
-            setattr(owner, attr, QuantLinear.from_linear(linear, method, use_triton))
+            setattr(owner, attr, QuantLinear.from_linear(linear, method, use_triton, cpu_loop))
             del linear
     if lm_head:
-        quantize_lm_head(model, method, use_triton)
+        quantize_lm_head(model, method, use_triton, cpu_loop)
     return model
 
 
 @torch.no_grad()
-def quantize_lm_head(model: nn.Module, method: str, use_triton: bool) -> None:
+def quantize_lm_head(model: nn.Module, method: str, use_triton: bool, cpu_loop: bool = False) -> None:
     """Make the logits projection a QuantLinear. Untied: it replaces the lm_head Linear,
     whose full-precision weight is then freed. Tied: embed_tokens keeps the full-precision
     table (its lookup is a gather, not a matmul) and lm_head becomes a quantized copy of it,
@@ -72,7 +73,7 @@ def quantize_lm_head(model: nn.Module, method: str, use_triton: bool) -> None:
     if isinstance(head, QuantLinear):
         raise TypeError("lm_head is already a QuantLinear (quantized twice?)")
     weight, bias = (model.embed_tokens.weight, None) if head is None else (head.weight, head.bias)
-    model.lm_head = QuantLinear.from_weight(weight, bias, method, use_triton)
+    model.lm_head = QuantLinear.from_weight(weight, bias, method, use_triton, cpu_loop)
 
 
 def apply_fp8_kv_cache(model: nn.Module, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
@@ -87,7 +88,8 @@ def prepare_model(model: nn.Module, cfg, backend: str, model_dtype: torch.dtype)
     Returns the dtype the KV cache must be allocated in."""
     if cfg.quantization is not None:
         head = cfg.quantize_lm_head if cfg.quantize_lm_head is not None else cfg.quantization == "int8"
-        quantize_model(model, cfg.quantization, use_triton=(backend == "triton"), lm_head=head)
+        quantize_model(model, cfg.quantization, use_triton=(backend == "triton"), lm_head=head,
+                       cpu_loop=(backend == "cpu"))
         device = next(model.buffers()).device
         if device.type == "cuda":
             # Hand the freed full-precision weights back to the driver: the KV pool is sized
