@@ -17,7 +17,8 @@ Workloads (token ids: the tokenizer does not travel to the GPU machine):
 Real text: `--real-text GGUF` runs the same off / n-gram comparison on the GPU with a real
 checkpoint (SmolLM2-135M, the only one available; its GGUF reaches the GPU machine in two
 halves, see RESULTS.md) on code-editing and free-form prompts; `--cpu-acceptance` measures
-the same prompts' acceptance on the CPU.
+the same prompts' acceptance on the CPU, `--cpu-speed` their batch-1 decode speed on the CPU,
+plain against n-gram with the engine's defaults (adaptive k), alternating, best of two.
 
 decode tok/s = output tokens generated after every request of the batch has its first
 token / the wall time of those steps (LLMEngine.step, host sync included).
@@ -25,6 +26,7 @@ token / the wall time of those steps (LLMEngine.step, host sync included).
     python benchmarks/gpu_spec.py [--batches 1,8,32] [--max-tokens 128] [--k 4] [--json out.json]
     python benchmarks/gpu_spec.py --real-text SmolLM2-135M-Instruct.Q4_1.gguf [--batches 1,8] [--json out.json]
     python benchmarks/gpu_spec.py --cpu-acceptance [--json out.json]
+    python benchmarks/gpu_spec.py --cpu-speed [--max-tokens 128] [--json out.json]
 """
 from __future__ import annotations
 
@@ -180,6 +182,35 @@ def cpu_main(args) -> dict:
     return dict(device="cpu", model="smollm2", k=args.k, max_tokens=args.cpu_max_tokens, rows=rows)
 
 
+def cpu_speed_main(args) -> dict:
+    """Batch 1 on the CPU, SmolLM2 fp32: plain vs n-gram (adaptive, the engine's CPU costs)."""
+    engine = LLMEngine("smollm2", speculative="ngram", num_speculative_tokens=args.k)
+    modes = {"off": None, "ngram": engine.spec}
+    for name, spec in modes.items():   # warm-up (numba compiles or loads its cache)
+        engine.spec = spec
+        run_batch(engine, [engine.tokenizer.encode("Hello there, how are you today?")], 8, f"warm-{name}")
+    rows = []
+    for workload, prompts in real_text_prompts(engine.tokenizer).items():
+        for i, prompt in enumerate(prompts):
+            best: dict[str, dict] = {}
+            outs: dict[str, list[int]] = {}
+            for rep in range(2):
+                for name, spec in modes.items():
+                    engine.spec = spec
+                    rec, out = run_batch(engine, [prompt], args.max_tokens, f"{workload}-{i}-{name}-{rep}")
+                    outs[name] = out[0]
+                    if name not in best or rec["seconds"] < best[name]["seconds"]:
+                        best[name] = rec
+            row = dict(workload=workload, prompt=i, off_tok_s=best["off"]["decode_tok_s"],
+                       ngram_tok_s=best["ngram"]["decode_tok_s"],
+                       speedup=round(best["off"]["seconds"] / best["ngram"]["seconds"], 2),
+                       acceptance=best["ngram"].get("acceptance"), tokens_per_step=best["ngram"]["tokens_per_step"],
+                       same_tokens_as_off=outs["ngram"] == outs["off"])
+            rows.append(row)
+            print(row, flush=True)
+    return dict(device="cpu", model="smollm2", k=args.k, max_tokens=args.max_tokens, rows=rows)
+
+
 def real_text_prompts(tokenizer) -> dict[str, list[list[int]]]:
     return {"repetitive": [tokenizer.encode(t) for t in REPETITIVE_TEXT],
             "free-form": [tokenizer.apply_chat_template([{"role": "user", "content": t}]) for t in FREE_TEXT]}
@@ -234,11 +265,13 @@ def main():
     ap.add_argument("--kv-gb", type=float, default=8.0)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--cpu-acceptance", action="store_true")
+    ap.add_argument("--cpu-speed", action="store_true")
     ap.add_argument("--real-text", metavar="GGUF", help="a real checkpoint: plain vs n-gram on real prompts")
     ap.add_argument("--cpu-max-tokens", type=int, default=64)
     ap.add_argument("--json")
     args = ap.parse_args()
-    rec = cpu_main(args) if args.cpu_acceptance else real_main(args) if args.real_text else gpu_main(args)
+    rec = cpu_main(args) if args.cpu_acceptance else cpu_speed_main(args) if args.cpu_speed \
+        else real_main(args) if args.real_text else gpu_main(args)
     if args.json:
         _dump(args.json, rec)
 
