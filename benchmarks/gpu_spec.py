@@ -18,7 +18,10 @@ Real text: `--real-text GGUF` runs the same off / n-gram comparison on the GPU w
 checkpoint (SmolLM2-135M, the only one available; its GGUF reaches the GPU machine in two
 halves, see RESULTS.md) on code-editing and free-form prompts; `--cpu-acceptance` measures
 the same prompts' acceptance on the CPU, `--cpu-speed` their batch-1 decode speed on the CPU,
-plain against n-gram with the engine's defaults (adaptive k), alternating, best of two.
+plain against n-gram with the engine's defaults (adaptive k), alternating, best of two;
+`--ngram-ceiling` replays each prompt's plain greedy output through n-gram proposers of
+several settings (fixed k, every draft verified against that output, which is exactly what
+greedy speculation accepts) to show how many tokens per step prompt lookup can give there.
 
 decode tok/s = output tokens generated after every request of the batch has its first
 token / the wall time of those steps (LLMEngine.step, host sync included).
@@ -27,6 +30,7 @@ token / the wall time of those steps (LLMEngine.step, host sync included).
     python benchmarks/gpu_spec.py --real-text SmolLM2-135M-Instruct.Q4_1.gguf [--batches 1,8] [--json out.json]
     python benchmarks/gpu_spec.py --cpu-acceptance [--json out.json]
     python benchmarks/gpu_spec.py --cpu-speed [--max-tokens 128] [--json out.json]
+    python benchmarks/gpu_spec.py --ngram-ceiling [--max-tokens 128] [--json out.json]
 """
 from __future__ import annotations
 
@@ -211,6 +215,41 @@ def cpu_speed_main(args) -> dict:
     return dict(device="cpu", model="smollm2", k=args.k, max_tokens=args.max_tokens, rows=rows)
 
 
+def replay_ngram(prompt: list[int], output: list[int], proposer, k: int) -> dict:
+    """Greedy speculation against a known greedy output: each step proposes k tokens from
+    prompt + output so far, keeps the matching prefix plus the target's own next token."""
+    tokens, i, steps, verifies, proposed, accepted = list(prompt), 0, 0, 0, 0, 0
+    while i < len(output):
+        drafts = proposer.propose_one(tokens, k)
+        n_ok = 0
+        while n_ok < len(drafts) and i + n_ok < len(output) and drafts[n_ok] == output[i + n_ok]:
+            n_ok += 1
+        steps += 1
+        verifies += bool(drafts)
+        proposed, accepted = proposed + len(drafts), accepted + n_ok
+        take = min(n_ok + 1, len(output) - i)
+        tokens += output[i:i + take]
+        i += take
+    return dict(tokens_per_step=round(len(output) / steps, 2), verify_steps=verifies,
+                acceptance=round(accepted / proposed, 2) if proposed else None)
+
+
+def ngram_ceiling_main(args) -> dict:
+    from engine.spec_decode.ngram import NgramProposer
+    engine = LLMEngine("smollm2")
+    rows = []
+    for workload, prompts in real_text_prompts(engine.tokenizer).items():
+        for i, prompt in enumerate(prompts):
+            _, out = run_batch(engine, [prompt], args.max_tokens, f"{workload}-{i}")
+            for lo, hi in ((2, 4), (1, 4), (3, 8)):
+                for k in (4, 8):
+                    row = dict(workload=workload, prompt=i, ngram=f"{lo}..{hi}", k=k,
+                               **replay_ngram(prompt, out[0], NgramProposer(hi, lo), k))
+                    rows.append(row)
+                    print(row, flush=True)
+    return dict(device="cpu", model="smollm2", max_tokens=args.max_tokens, rows=rows)
+
+
 def real_text_prompts(tokenizer) -> dict[str, list[list[int]]]:
     return {"repetitive": [tokenizer.encode(t) for t in REPETITIVE_TEXT],
             "free-form": [tokenizer.apply_chat_template([{"role": "user", "content": t}]) for t in FREE_TEXT]}
@@ -266,12 +305,13 @@ def main():
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--cpu-acceptance", action="store_true")
     ap.add_argument("--cpu-speed", action="store_true")
+    ap.add_argument("--ngram-ceiling", action="store_true")
     ap.add_argument("--real-text", metavar="GGUF", help="a real checkpoint: plain vs n-gram on real prompts")
     ap.add_argument("--cpu-max-tokens", type=int, default=64)
     ap.add_argument("--json")
     args = ap.parse_args()
     rec = cpu_main(args) if args.cpu_acceptance else cpu_speed_main(args) if args.cpu_speed \
-        else real_main(args) if args.real_text else gpu_main(args)
+        else ngram_ceiling_main(args) if args.ngram_ceiling else real_main(args) if args.real_text else gpu_main(args)
     if args.json:
         _dump(args.json, rec)
 
