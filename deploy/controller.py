@@ -289,7 +289,12 @@ class PoolController:
         asyncio.get_running_loop().create_task(self._stop(m))
 
     def _record_failure(self, m: Member, reason: str) -> None:
-        self.decisions.append(Decision(self.wall(), m.kind, 0, reason, f"worker {m.worker_id}", 0, [m.worker_id]))
+        # Not a scaling decision (delta 0), but a change of the pool: replicas_before counts
+        # its starting + active members with the failed one (the caller may have removed it).
+        live = self.pool_members(m.kind, "starting") + self.pool_members(m.kind, "active")
+        before = len(live) + all(x is not m for x in live)
+        self.decisions.append(Decision(self.wall(), m.kind, 0, reason, f"worker {m.worker_id}", before,
+                                       [m.worker_id]))
         key = (m.kind, "failed", reason)
         self.counts[key] = self.counts.get(key, 0) + 1
 

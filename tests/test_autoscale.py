@@ -271,6 +271,7 @@ def test_controller_decode_grows_on_batch_and_failed_start_is_recorded():
         log = ctl.decision_log()
         assert [(d["pool"], d["delta"], d["reason"]) for d in log] == [("decode", 1, "running"),
                                                                        ("decode", 0, "start_failed")]
+        assert log[1]["replicas_before"] == 2     # decode-0 active + decode-1, which failed to start
         assert spawner.spawned[-1].stopped and "decode-1" not in ctl.members
         await ctl.shutdown()
 
@@ -377,8 +378,8 @@ def test_controller_replaces_a_worker_the_router_lost_for_good():
         assert "decode-0" in ctl.membership()["workers"] and ctl.decision_log() == []
         v = ctl.version
         await tick(gone)                                # 11 s > lost_after_s
-        log = [(d["pool"], d["delta"], d["reason"], d["workers"]) for d in ctl.decision_log()]
-        assert log == [("decode", 0, "lost", ["decode-0"]), ("decode", 1, "below_min", ["decode-1"])]
+        log = [(d["pool"], d["delta"], d["reason"], d["workers"], d["replicas_before"]) for d in ctl.decision_log()]
+        assert log == [("decode", 0, "lost", ["decode-0"], 1), ("decode", 1, "below_min", ["decode-1"], 0)]
         assert ctl.version > v and "decode-0" not in ctl.membership()["workers"]
         dead = spawner.spawned[1]
         assert dead.wid == "decode-0" and dead.stopped and dead.graceful is False and not dead.drained
