@@ -257,8 +257,14 @@ def test_linear_split_over_threads_equals_one_thread(monkeypatch, threads):
     torch.testing.assert_close(got, one, atol=0, rtol=0)          # each output column once, same arithmetic
 
 
-def test_linear_falls_back_and_keeps_f_linear_errors():
+def test_linear_falls_back_and_keeps_f_linear_errors(monkeypatch):
     x, w = torch.randn(20, 16), torch.randn(8, 16)
+    used = _spy_kernels(monkeypatch)
+    wg = torch.randn(8, 16, requires_grad=True)     # gradients: torch's path, which carries them
+    assert cpu_ops.linear(x[:1], wg).requires_grad and used == []
+    with torch.no_grad():
+        assert not cpu_ops.linear(x[:1], wg).requires_grad and used == [cpu_ops._linear_kernel]
+    used.clear()
     # More rows than a decode-sized batch: torch's GEMM (bit-identical to F.linear).
     torch.testing.assert_close(cpu_ops.linear(x, w), torch.nn.functional.linear(x, w), atol=0, rtol=0)
     wt = torch.randn(16, 8).t()        # a non-contiguous weight: F.linear too
@@ -268,6 +274,7 @@ def test_linear_falls_back_and_keeps_f_linear_errors():
         cpu_ops.linear(torch.randn(1, 15), w)       # wrong inner size: F.linear's own error
     xb = torch.randn(2, 16, dtype=torch.bfloat16)   # not compiled: F.linear
     assert cpu_ops.linear(xb, w.bfloat16()).dtype == torch.bfloat16
+    assert used == []
 
 
 def test_model_linears_go_through_the_backend_op():
@@ -291,15 +298,25 @@ def test_model_linears_go_through_the_backend_op():
     assert seen == [(64, 16), (32, 16), (16, 16), (48, 16), (16, 24)]
 
 
+def _spy_kernels(monkeypatch) -> list:
+    """Records the kernel of every call that took a loop (not the torch fallback)."""
+    used = []
+    real = cpu_ops._run_linear
+    monkeypatch.setattr(cpu_ops, "_run_linear", lambda kernel, *a: (used.append(kernel), real(kernel, *a))[1])
+    return used
+
+
 @pytest.mark.parametrize("rows", [1, 3, 8, 40])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_int8_linear_matches_the_quant_reference(rows, with_bias):
+def test_int8_linear_matches_the_quant_reference(monkeypatch, rows, with_bias):
     from engine.quant import reference as qref
     g = torch.Generator().manual_seed(rows)
     q, scale = qref.quantize_int8(torch.randn(45, 64, generator=g))
     x = torch.randn(rows, 64, generator=g)
     b = torch.randn(45, generator=g) if with_bias else None
+    used = _spy_kernels(monkeypatch)
     got = cpu_ops.quant_linear(x, q, scale, b)
+    assert used == [cpu_ops._int8_linear_kernel]          # the loop ran, not the fallback
     want = qref.quant_linear(x.double(), q, scale, None if b is None else b.double())
     assert got.dtype == torch.float32 and got.shape == (rows, 45)
     torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)
@@ -314,11 +331,16 @@ def test_int8_linear_split_equals_one_thread_and_falls_back(monkeypatch):
     monkeypatch.setattr(cpu_ops, "_LINEAR_SPLIT_MIN_MACS", 1)
     monkeypatch.setattr(cpu_ops, "_attention_threads", lambda: 3)
     torch.testing.assert_close(cpu_ops.quant_linear(x, q, scale), one, atol=0, rtol=0)
-    # fp8 weights (numba has no e4m3) and long prefill chunks: the reference, bit for bit.
+    # fp8 weights (numba has no e4m3), long prefill chunks and fp64 activations: the
+    # reference, bit for bit.
+    used = _spy_kernels(monkeypatch)
     q8, s8 = qref.quantize_fp8(torch.randn(37, 64, generator=g))
     torch.testing.assert_close(cpu_ops.quant_linear(x, q8, s8), qref.quant_linear(x, q8, s8), atol=0, rtol=0)
     xl = torch.randn(cpu_ops._INT8_LINEAR_MAX_ROWS + 1, 64, generator=g)
     torch.testing.assert_close(cpu_ops.quant_linear(xl, q, scale), qref.quant_linear(xl, q, scale), atol=0, rtol=0)
+    xd = x.double()
+    torch.testing.assert_close(cpu_ops.quant_linear(xd, q, scale), qref.quant_linear(xd, q, scale), atol=0, rtol=0)
+    assert used == []
 
 
 def test_cpu_backend_quantized_model_uses_the_int8_loop(monkeypatch):
@@ -331,8 +353,8 @@ def test_cpu_backend_quantized_model_uses_the_int8_loop(monkeypatch):
     prepare_model(model, EngineConfig(quantization="int8"), "cpu", torch.float32)
     quant = [m for m in model.modules() if isinstance(m, QuantLinear)]
     assert len(quant) == 5 and all(m.cpu_loop for m in quant)       # 4 projections + the logits
-    calls = []
-    real = cpu_ops.quant_linear
-    monkeypatch.setattr(cpu_ops, "quant_linear", lambda *a: (calls.append(1), real(*a))[1])
-    model.compute_logits(torch.randn(1, 16))
-    assert calls == [1]
+    used = _spy_kernels(monkeypatch)
+    with torch.inference_mode():     # as the engine runs it (the loops never carry gradients)
+        model.compute_logits(torch.randn(1, 16))
+        model.layers[0].mlp(torch.randn(2, 16))
+    assert used == [cpu_ops._int8_linear_kernel] * 3

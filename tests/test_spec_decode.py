@@ -126,6 +126,30 @@ def test_controller_adapts_to_batch_and_acceptance():
     assert SpecController(max_k=3, max_batch=4, adaptive=False).num_tokens("x", 4) == 3
 
 
+def test_controller_keeps_verify_steps_within_the_cheap_row_limit():
+    cheap = SpecTuning(verify_token_cost=0.0, verify_overhead=0.0, max_verify_rows=8)
+    c = SpecController(max_k=6, max_batch=16, tuning=cheap)
+    for _ in range(20):
+        c.observe("s", 6, 6)                               # everything accepted: k as large as allowed
+    assert [c.num_tokens("s", b) for b in (1, 2, 3, 4, 5, 8)] == [6, 3, 1, 1, 0, 0]
+    assert SpecController(max_k=6, max_batch=16, tuning=SpecTuning(verify_token_cost=0.0, verify_overhead=0.0)
+                          ).choose_k(1.0, 8) == 6          # no limit: k is the cost model's alone
+
+
+def test_cpu_backend_cost_model_is_the_linear_loops():
+    from engine.config import EngineConfig, ModelConfig
+    from engine.kernels import cpu_ops
+    from engine.spec_decode import SpecDecoder
+    mc = ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_layers=1, num_heads=2, num_kv_heads=1)
+    tunings = {}
+    for backend in ("cpu", "torch"):
+        d = SpecDecoder(EngineConfig(speculative="ngram", kernel_backend=backend), mc, 16, torch.device("cpu"),
+                        torch.float32, 64)
+        tunings[backend] = d.controller.t
+    assert tunings["cpu"].max_verify_rows == cpu_ops._LINEAR_MAX_ROWS and tunings["cpu"].verify_token_cost < 0.2
+    assert tunings["torch"].max_verify_rows is None and tunings["torch"].verify_token_cost > 0.5
+
+
 # ---- the engine ----------------------------------------------------------------------------------
 
 _rng = random.Random(0)

@@ -6,14 +6,18 @@ a padded contiguous copy and then runs SDPA over it, so every decode step reads 
 KV cache three times (gather read, gather write, attention read) and pays SDPA's per-call
 overhead per length group. The loop below reads each sequence's blocks where they lie,
 once, with one (sequence, KV head) pair per work item, which is several times faster at
-every batch size (benchmarks/RESULTS.md).
+every batch size (benchmarks/RESULTS.md). Likewise the linear layers at decode-sized
+batches (fp32 weights, and int8 weights for the quantized QuantLinear): torch's GEMM
+reaches a fraction of the memory bandwidth there, a plain loop over the weight rows most
+of it (see "linear layers with few rows" below).
 
 The loops themselves are serial, without numba's parallel regions: those share OpenMP
 with torch, and on a busy host (several workers per node, or CI) the two spinning thread
 pools fight (a 50 us call took 11 ms in a measurement here); the workqueue layer avoids
 that but cannot be entered from two Python threads at once, which the workers do. Decode
-attention at large batches is instead split by sequence over plain Python threads running
-the nogil kernel (see "threads for decode attention" below).
+attention at large batches is instead split by sequence, and a large linear layer by output
+rows, over plain Python threads running the nogil kernels (see "threads for decode
+attention" below; the pool serves both).
 
 Only float32/float64 are compiled (numpy has no bfloat16); other dtypes, or a machine
 without numba, use the reference op. The numba functions compile on first use (a few
@@ -192,6 +196,10 @@ def warm_up(dtype: torch.dtype) -> None:
     w = torch.ones(8, dtype=dtype)
     linear(x, x, w[:2])
     linear(x, x)
+    if dtype == torch.float32:
+        q = torch.ones(2, 8, dtype=torch.int8)
+        quant_linear(x, q, torch.ones(2), w[:2])
+        quant_linear(x, q, torch.ones(2))
     rms_norm(x, w, 1e-6)
     add_rms_norm(x, x, w, 1e-6)
     q, k = torch.randn(2, 2, 4, generator=g).to(dtype), torch.randn(2, 1, 4, generator=g).to(dtype)
@@ -206,69 +214,70 @@ def warm_up(dtype: torch.dtype) -> None:
 # At a decode step of a few sequences every linear layer is a matrix-vector product: it
 # streams the weights once and does two flops per weight, so its speed is the memory
 # bandwidth its loop reaches. torch's CPU GEMM (MKL) reaches far less than the machine's
-# bandwidth there; on the 2-core AMD EPYC machine of benchmarks/RESULTS.md, SmolLM2-135M's
-# 538 MB of fp32 weights took 52 ms per token through F.linear at one row (91 ms at two)
-# against 26 ms through the loop below, where a plain sum over the same bytes takes 17 ms.
-# Above _LINEAR_MAX_ROWS rows (prefill chunks, large decode batches) the GEMM's cache
-# blocking pays off and F.linear is used.
+# bandwidth there; on the 2-core AMD EPYC machine of benchmarks/RESULTS.md (one run of
+# benchmarks/cpu_linear.py), SmolLM2-135M's 538 MB of fp32 weights took 45 ms per token
+# through F.linear at one row (85 ms at two) against 30 ms through the loop below, where a
+# plain sum over the same bytes takes 18 ms. Above _LINEAR_MAX_ROWS rows (prefill chunks,
+# large decode batches) the GEMM's cache blocking pays off and F.linear is used.
 _LINEAR_MAX_ROWS = 8
-_LINEAR_SPLIT_MIN_MACS = 1 << 21   # below this a hand-off to a second thread costs more than it saves
+_INT8_LINEAR_MAX_ROWS = 64   # the int8 fallback dequantizes the whole matrix per call: the loop wins longer
+# Work (rows x N x K multiply-adds) per thread below which a hand-off costs more than it
+# saves: a matrix is split over at most work // this many threads, so small projections
+# stay on the calling thread and only large ones (a logits table, or any layer of a big
+# model) use every thread, as F.linear would.
+_LINEAR_SPLIT_MIN_MACS = 1 << 21
+
+
+def _linear_args_ok(x: torch.Tensor, rows: int, max_rows: int, weight: torch.Tensor,
+                    bias: torch.Tensor | None) -> bool:
+    K = x.shape[-1]
+    return (0 < rows <= max_rows and _compiled(x) and weight.device.type == "cpu" and weight.dim() == 2
+            and weight.shape[1] == K and weight.is_contiguous()
+            # the loops detach: anything that must carry gradients takes torch's path
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                                  or (bias is not None and bias.requires_grad)))
+            and (bias is None or (bias.device.type == "cpu" and bias.dtype == x.dtype
+                                  and bias.shape == weight.shape[:1])))
+
+
+def _run_linear(kernel, x: torch.Tensor, rows: int, weight_args: tuple, N: int,
+                bias: torch.Tensor | None) -> torch.Tensor:
+    K = x.shape[-1]
+    x2 = x.detach().reshape(rows, K).contiguous()
+    out = torch.empty((rows, N), dtype=x.dtype)
+    b = bias.detach().contiguous() if bias is not None else out[0]   # unread when has_bias is False
+    args = (x2.numpy(), *weight_args, b.numpy(), bias is not None, np.zeros(1, dtype=x2.numpy().dtype)[0],
+            out.numpy())
+    parts = min(_attention_threads(), N, rows * N * K // _LINEAR_SPLIT_MIN_MACS)
+    if parts < 2:
+        kernel(*args, 0, N)
+    else:
+        cuts = [N * i // parts for i in range(parts + 1)]
+        _run_ranges(kernel, args, list(zip(cuts, cuts[1:])))
+    return out.view(*x.shape[:-1], N)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Same contract as :func:`engine.kernels.reference.linear` (F.linear)."""
-    K = x.shape[-1] if x.dim() else 0
-    rows = x.numel() // K if K else 0
-    if (rows == 0 or rows > _LINEAR_MAX_ROWS or not _compiled(x, weight) or x.dtype != weight.dtype
-            or weight.dim() != 2 or weight.shape[1] != K or not weight.is_contiguous()
-            or (bias is not None and (bias.dtype != x.dtype or bias.shape != weight.shape[:1]))):
+    rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
+    if not (_linear_args_ok(x, rows, _LINEAR_MAX_ROWS, weight, bias) and weight.dtype == x.dtype):
         return F.linear(x, weight, bias)   # also raises F.linear's own errors on bad shapes
-    N = weight.shape[0]
-    x2 = x.detach().reshape(rows, K).contiguous()
-    out = torch.empty((rows, N), dtype=x.dtype)
-    b = bias.detach().contiguous() if bias is not None else out[0]   # unread when has_bias is False
-    args = (x2.numpy(), weight.detach().numpy(), b.numpy(), bias is not None,
-            np.zeros(1, dtype=x2.numpy().dtype)[0], out.numpy())
-    threads = min(_attention_threads(), N)
-    if rows == 1 or threads < 2 or rows * N * K < _LINEAR_SPLIT_MIN_MACS:
-        # One row: one thread streams the weights about as fast as two here (measured), and
-        # needs no hand-off.
-        _linear_kernel(*args, 0, N)
-    else:
-        cuts = [N * i // threads for i in range(threads + 1)]
-        _run_ranges(_linear_kernel, args, list(zip(cuts, cuts[1:])))
-    return out.view(*x.shape[:-1], N)
-
-
-_INT8_LINEAR_MAX_ROWS = 64   # the fallback dequantizes the whole matrix per call: the loop wins longer
+    return _run_linear(_linear_kernel, x, rows, (weight.detach().numpy(),), weight.shape[0], bias)
 
 
 def quant_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
                  bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Same contract as :func:`engine.quant.reference.quant_linear` for int8 weights with
-    per-row fp32 scales (the reference, which dequantizes the whole matrix and calls
-    F.linear, for anything else)."""
+    """Same contract as :func:`engine.quant.reference.quant_linear` for fp32 activations and
+    int8 weights with per-row fp32 scales; the reference (dequantize the whole matrix, then
+    F.linear) for anything else. The loop scales each row's sum once instead of each weight,
+    so results differ from the reference by fp32 rounding."""
     from engine.quant import reference as qref
-    K = x.shape[-1] if x.dim() else 0
-    rows = x.numel() // K if K else 0
-    if (rows == 0 or rows > _INT8_LINEAR_MAX_ROWS or not _compiled(x) or q.dtype != torch.int8
-            or q.device.type != "cpu" or q.dim() != 2 or q.shape[1] != K or not q.is_contiguous()
-            or scale.dtype != torch.float32 or scale.shape != q.shape[:1]
-            or (bias is not None and (bias.dtype != x.dtype or bias.shape != q.shape[:1]))):
+    rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
+    if not (_linear_args_ok(x, rows, _INT8_LINEAR_MAX_ROWS, q, bias) and x.dtype == torch.float32
+            and q.dtype == torch.int8 and scale.device.type == "cpu" and scale.dtype == torch.float32
+            and scale.shape == q.shape[:1]):
         return qref.quant_linear(x, q, scale, bias)
-    N = q.shape[0]
-    x2 = x.detach().reshape(rows, K).contiguous()
-    out = torch.empty((rows, N), dtype=x.dtype)
-    b = bias.detach().contiguous() if bias is not None else out[0]
-    args = (x2.numpy(), q.numpy(), scale.contiguous().numpy(), b.numpy(), bias is not None,
-            np.zeros(1, dtype=x2.numpy().dtype)[0], out.numpy())
-    threads = min(_attention_threads(), N)
-    if rows == 1 or threads < 2 or rows * N * K < _LINEAR_SPLIT_MIN_MACS:
-        _int8_linear_kernel(*args, 0, N)
-    else:
-        cuts = [N * i // threads for i in range(threads + 1)]
-        _run_ranges(_int8_linear_kernel, args, list(zip(cuts, cuts[1:])))
-    return out.view(*x.shape[:-1], N)
+    return _run_linear(_int8_linear_kernel, x, rows, (q.numpy(), scale.contiguous().numpy()), q.shape[0], bias)
 
 
 def _run_ranges(kernel, args, ranges) -> None:

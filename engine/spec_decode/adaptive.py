@@ -22,6 +22,9 @@ class SpecTuning:
     verify_token_cost: float = 0.01   # one extra verified token, per sequence in the batch
     verify_overhead: float = 0.1      # a verify step's fixed extra (proposing, verifying on the host)
     draft_token_cost: float = 0.0     # one draft-model token (set from the size ratio)
+    # Rows per verify step (batch x (1 + k)) past which a row stops being cheap (the CPU
+    # linear loop's limit, beyond which torch's GEMM runs): k is capped to stay within it.
+    max_verify_rows: int | None = None
     probe_every: int = 8              # steps between probes while speculation is off ...
     max_probe_every: int = 128        # ... doubled after each failed probe, up to this
 
@@ -47,7 +50,10 @@ class SpecController:
     def choose_k(self, a: float, batch_size: int) -> int:
         """The k in [0, max_k] with the most expected tokens per unit of step cost."""
         best_k, best = 0, 1.0
-        for k in range(1, self.max_k + 1):
+        max_k = self.max_k
+        if self.t.max_verify_rows is not None:
+            max_k = min(max_k, self.t.max_verify_rows // max(batch_size, 1) - 1)
+        for k in range(1, max_k + 1):
             cost = 1.0 + self.t.verify_overhead + k * (self.t.verify_token_cost * batch_size
                                                        + self.t.draft_token_cost)
             gain = expected_tokens(a, k) / cost

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.config import EngineConfig, ModelConfig
+from engine.kernels import default_backend
 from engine.sequence import Sequence
 from engine.spec_decode.adaptive import SpecController, SpecTuning
 from engine.spec_decode.ngram import NgramProposer
@@ -37,11 +38,17 @@ class SpecDecoder:
             # rows costs 1.7x one of 1 row (benchmarks/RESULTS.md), ~0.6% per extra row;
             # the fixed part is the host work of proposing and verifying.
             tuning.verify_token_cost, tuning.verify_overhead = 0.006, 0.05
-        else:
-            # On a CPU the linear layers of up to 8 rows stream the weights once (cpu_ops.linear):
-            # SmolLM2 fp32, 4 rows cost ~1.35x one row, ~12% per extra row; past 8 rows torch's
-            # GEMM takes over and a row costs more, which the batch-size factor roughly follows.
+        elif (cfg.kernel_backend or default_backend(device)) == "cpu":
+            # The cpu backend's linear loop reads the weights once for up to 8 rows
+            # (cpu_ops.linear): SmolLM2 fp32, 4 rows cost ~1.35x one row, ~12% per extra row.
+            # Past 8 rows torch's GEMM takes over and rows cost several times more, so k is
+            # capped to keep a verify step within 8 rows.
+            from engine.kernels import cpu_ops
             tuning.verify_token_cost, tuning.verify_overhead = 0.12, 0.1
+            tuning.max_verify_rows = cpu_ops._LINEAR_MAX_ROWS
+        else:
+            # torch's CPU GEMM: a small model's step is compute-bound, 5 rows cost ~4-5x one row.
+            tuning.verify_token_cost, tuning.verify_overhead = 0.8, 0.1
         if cfg.speculative == "ngram":
             self.proposer = NgramProposer()
         else:
