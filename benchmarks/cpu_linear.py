@@ -8,7 +8,11 @@ of bytes as the machine's read-bandwidth reference. `--int8` also times the int8
 (per-row scales) through the quant reference (dequantize, F.linear) and the cpu op.
 Results in benchmarks/RESULTS.md.
 
+`--split-ab N` instead alternates, N times in this process, one row with the large
+matrices split over the kernel threads (the default) against everything on one thread.
+
     python benchmarks/cpu_linear.py [--rows 1,2,4,8,16,32] [--iters 6] [--int8] [--json out.json]
+    python benchmarks/cpu_linear.py --split-ab 3
 """
 from __future__ import annotations
 
@@ -36,11 +40,23 @@ def timed(fn, iters: int) -> float:
     return (time.perf_counter() - t) / iters
 
 
+def split_ab(weights, reps: int, iters: int, g) -> None:
+    xs = {k: torch.randn(1, k, generator=g) for k in (576, 1536)}
+    default = cpu_ops._LINEAR_SPLIT_MIN_MACS
+    for rep in range(reps):
+        for name, min_macs in (("split large matrices", default), ("one thread", 1 << 62)):
+            cpu_ops._LINEAR_SPLIT_MIN_MACS = min_macs
+            ms = timed(lambda: [cpu_ops.linear(xs[w.shape[1]], w) for w in weights], iters) * 1e3
+            print(f"rep {rep}: one row, {name}: {ms:.1f} ms")
+    cpu_ops._LINEAR_SPLIT_MIN_MACS = default
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", default="1,2,4,8,16,32")
     ap.add_argument("--iters", type=int, default=6)
     ap.add_argument("--int8", action="store_true")
+    ap.add_argument("--split-ab", type=int, default=0, metavar="N")
     ap.add_argument("--json")
     args = ap.parse_args()
     g = torch.Generator().manual_seed(0)
@@ -52,6 +68,9 @@ def main() -> None:
     sum_s = timed(lambda: flat.sum(), args.iters)
     print(f"{nbytes / 1e6:.0f} MB of weights; a plain sum over as many bytes: {sum_s * 1e3:.1f} ms "
           f"({nbytes / sum_s / 1e9:.1f} GB/s), torch threads {torch.get_num_threads()}")
+    if args.split_ab:
+        split_ab(weights, args.split_ab, args.iters, g)
+        return
     rows_out = []
     for m in (int(r) for r in args.rows.split(",")):
         xs = {k: torch.randn(m, k, generator=g) for k in (576, 1536)}

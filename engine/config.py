@@ -60,14 +60,8 @@ class EngineConfig:
     # "int8" | "fp8" (e4m3, per-channel scales) | "fp8_tensor" (one scale per matrix).
     quantization: str | None = None
     # With `quantization` set, quantize the logits projection (lm_head) the same way; no
-    # effect without it. None (default) = yes for int8, no for fp8/fp8_tensor. The head is
-    # read whole every decode step (Llama-3-8B: 1.05 GB in bf16, 13% of a step's bytes once
-    # the layers are int8), and int8 with one scale per vocabulary row costs nothing
-    # measurable (SmolLM2 perplexity -0.3% vs fp32 either way). e4m3 is coarser: the head
-    # doubles fp8's cost (+2.2% vs +0.8%) and fp8_tensor's (+4.5% vs +2.1%,
-    # benchmarks/quant_quality.py), so fp8 quantizes it only when asked (True). Tied
-    # embeddings: the table stays in the model dtype for the lookup and the head becomes a
-    # quantized copy (vocab x hidden more bytes of weights).
+    # effect without it. None (default) = yes for int8, no for fp8/fp8_tensor, whose e4m3
+    # head costs perplexity that int8's does not (why, and the figures: engine/quant).
     quantize_lm_head: bool | None = None
     # KV cache storage: None = the model dtype; "fp8" = e4m3 holding K/V / kv_cache_scale.
     kv_cache_dtype: str | None = None

@@ -291,8 +291,8 @@ class KVReceiver(abc.ABC):
     def _add_durations(self, x: _Transfer) -> None:
         now = time.monotonic()
         self.stats["seconds"] += now - x.expected_at
-        # first_frame_at is set by whatever completed the transfer; the fallback is defensive.
-        self.stats["wire_seconds"] += now - (x.first_frame_at if x.first_frame_at is not None else now)
+        # Completion needs the done message, which marked first_frame_at if no layer had.
+        self.stats["wire_seconds"] += now - x.first_frame_at
 
     def _fail(self, rid: str, reason: str) -> None:
         if self._forget(rid, "failed") is not None:

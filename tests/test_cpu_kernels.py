@@ -72,7 +72,7 @@ def test_attention_split_over_threads_equals_one_thread(monkeypatch, threads, ct
     monkeypatch.setattr(cpu_ops, "_SPLIT_MIN_WORK", 1 << 62)
     one = cpu_ops.paged_decode_attention(q, kc, vc, bt, lens, 0.25)
     monkeypatch.setattr(cpu_ops, "_SPLIT_MIN_WORK", 1)
-    monkeypatch.setattr(cpu_ops, "_attention_threads", lambda: threads)
+    monkeypatch.setattr(cpu_ops, "_kernel_threads", lambda: threads)
     parts = cpu_ops._split_sequences(lens.numpy(), 2 * 16)
     assert len(parts) == min(threads, len(ctx_lens))
     assert parts[0][0] == 0 and parts[-1][1] == len(ctx_lens)
@@ -83,7 +83,7 @@ def test_attention_split_over_threads_equals_one_thread(monkeypatch, threads, ct
 
 
 def test_split_balances_context_tokens_not_sequences(monkeypatch):
-    monkeypatch.setattr(cpu_ops, "_attention_threads", lambda: 2)
+    monkeypatch.setattr(cpu_ops, "_kernel_threads", lambda: 2)
     monkeypatch.setattr(cpu_ops, "_SPLIT_MIN_WORK", 1)
     lens = torch.tensor([500, 10, 10, 10, 10, 10, 10, 500], dtype=torch.int32).numpy()
     (a, b), (c, d) = cpu_ops._split_sequences(lens, 1)
@@ -247,7 +247,7 @@ def test_linear_split_over_threads_equals_one_thread(monkeypatch, threads):
     monkeypatch.setattr(cpu_ops, "_LINEAR_SPLIT_MIN_MACS", 1 << 62)
     one = cpu_ops.linear(x, w, b)
     monkeypatch.setattr(cpu_ops, "_LINEAR_SPLIT_MIN_MACS", 1)
-    monkeypatch.setattr(cpu_ops, "_attention_threads", lambda: threads)
+    monkeypatch.setattr(cpu_ops, "_kernel_threads", lambda: threads)
     calls = []
     real = cpu_ops._run_ranges
     monkeypatch.setattr(cpu_ops, "_run_ranges", lambda k, a, r: (calls.append(r), real(k, a, r)))
@@ -329,7 +329,7 @@ def test_int8_linear_split_equals_one_thread_and_falls_back(monkeypatch):
     x = torch.randn(4, 64, generator=g)
     one = cpu_ops.quant_linear(x, q, scale)
     monkeypatch.setattr(cpu_ops, "_LINEAR_SPLIT_MIN_MACS", 1)
-    monkeypatch.setattr(cpu_ops, "_attention_threads", lambda: 3)
+    monkeypatch.setattr(cpu_ops, "_kernel_threads", lambda: 3)
     torch.testing.assert_close(cpu_ops.quant_linear(x, q, scale), one, atol=0, rtol=0)
     # fp8 weights (numba has no e4m3), long prefill chunks and fp64 activations: the
     # reference, bit for bit.

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.kernels import reference
+from engine.quant import reference as qref
 from engine.kernels.reference import paged_prefill_attention, silu_and_mul  # noqa: F401
 from engine.kernels.reference import rotary_embedding_write_kv  # noqa: F401
 
@@ -246,14 +247,12 @@ def _run_linear(kernel, x: torch.Tensor, rows: int, weight_args: tuple, N: int,
     x2 = x.detach().reshape(rows, K).contiguous()
     out = torch.empty((rows, N), dtype=x.dtype)
     b = bias.detach().contiguous() if bias is not None else out[0]   # unread when has_bias is False
-    args = (x2.numpy(), *weight_args, b.numpy(), bias is not None, np.zeros(1, dtype=x2.numpy().dtype)[0],
-            out.numpy())
-    parts = min(_attention_threads(), N, rows * N * K // _LINEAR_SPLIT_MIN_MACS)
-    if parts < 2:
-        kernel(*args, 0, N)
-    else:
-        cuts = [N * i // parts for i in range(parts + 1)]
-        _run_ranges(kernel, args, list(zip(cuts, cuts[1:])))
+    xn = x2.numpy()
+    # `zero` types the accumulator: numba compiles one version per activation dtype.
+    args = (xn, *weight_args, b.numpy(), bias is not None, xn.dtype.type(0), out.numpy())
+    parts = max(1, min(_kernel_threads(), N, rows * N * K // _LINEAR_SPLIT_MIN_MACS))
+    cuts = [N * i // parts for i in range(parts + 1)]
+    _run_ranges(kernel, args, list(zip(cuts, cuts[1:])))
     return out.view(*x.shape[:-1], N)
 
 
@@ -271,7 +270,6 @@ def quant_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
     int8 weights with per-row fp32 scales; the reference (dequantize the whole matrix, then
     F.linear) for anything else. The loop scales each row's sum once instead of each weight,
     so results differ from the reference by fp32 rounding."""
-    from engine.quant import reference as qref
     rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
     if not (_linear_args_ok(x, rows, _INT8_LINEAR_MAX_ROWS, q, bias) and x.dtype == torch.float32
             and q.dtype == torch.int8 and scale.device.type == "cpu" and scale.dtype == torch.float32
@@ -283,7 +281,10 @@ def quant_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
 def _run_ranges(kernel, args, ranges) -> None:
     """kernel(*args, lo, hi) for every range: the first on this thread, the others on the
     pool at the same time (the kernels are nogil and write disjoint outputs)."""
-    pool = _attention_pool(len(ranges) - 1)
+    if len(ranges) == 1:
+        kernel(*args, *ranges[0])
+        return
+    pool = _thread_pool(len(ranges) - 1)
     futures = []
     for lo, hi in ranges[1:]:
         try:
@@ -315,27 +316,25 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             float(scale), out.numpy())
     kv_heads = k_cache.shape[2]
     parts = _split_sequences(args[4], kv_heads * q.shape[2])
-    if len(parts) == 1:
-        _paged_decode_kernel(*args, 0, n * kv_heads)
-        return out
     _run_ranges(_paged_decode_kernel, args, [(lo * kv_heads, hi * kv_heads) for lo, hi in parts])
     return out
 
 
-# ---- threads for decode attention ------------------------------------------------------------------------
+# ---- threads for decode attention (and large linear layers) ------------------------------------------------------------------------
 # At batch 32 decode attention is a third of a CPU step, and a serial loop leaves every core
 # but one idle while it runs (torch's matmuls, the rest of the step, are multi-threaded).
 # Splitting the sequences over plain Python threads running the nogil kernel uses those
 # cores without OpenMP: an idle or waiting thread sleeps on a lock (futex), it does not spin, so
 # on a busy host this degrades to about the serial speed instead of collapsing. The thread
 # count follows torch.get_num_threads(), the budget an operator already sets per worker.
+# The linear loops above split a large matrix over the same pool.
 _SPLIT_MIN_WORK = 1 << 18     # context tokens x KV width below which one thread is faster
 _pool = None
 _pool_size = 0
 _pool_lock = threading.Lock()
 
 
-def _attention_threads() -> int:
+def _kernel_threads() -> int:
     return max(1, torch.get_num_threads())
 
 
@@ -344,7 +343,7 @@ def _split_sequences(context_lens, kv_width: int) -> list[tuple[int, int]]:
     a single range when the batch is too small to pay for a hand-off."""
     n_seq = context_lens.shape[0]
     total = int(context_lens.sum())
-    threads = min(_attention_threads(), n_seq)
+    threads = min(_kernel_threads(), n_seq)
     if threads < 2 or total * kv_width < _SPLIT_MIN_WORK:
         return [(0, n_seq)]
     cum = np.cumsum(context_lens)
@@ -356,14 +355,14 @@ def _split_sequences(context_lens, kv_width: int) -> list[tuple[int, int]]:
     return [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
 
 
-def _attention_pool(workers: int):
+def _thread_pool(workers: int):
     """A pool of at least `workers` threads. A smaller one is replaced, never shut down:
     another engine thread may be submitting to it right now (it keeps its reference, and
     the old pool's idle threads exit once it is garbage-collected)."""
     global _pool, _pool_size
     with _pool_lock:
         if _pool is None or _pool_size < workers:
-            _pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cpu-attn")
+            _pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cpu-kernels")
             _pool_size = workers
         return _pool
 

@@ -13,12 +13,12 @@ registers): torch._scaled_mm would also need the activations in fp8, adding thei
 error, and decode, bound by reading the weights, gains nothing from fp8 tensor cores.
 
 The decoder layers' projections (qkv, o, gate_up, down) are quantized, and so is the logits
-projection for int8 (EngineConfig.quantize_lm_head, which can also force it on or off): a decode step reads it whole (Llama-3-8B: 1.05 GB
-in bf16, 13% of the step's bytes once the layers are int8). int8 with one scale per
-vocabulary row moves SmolLM2's perplexity by under 0.4% (it is -0.3%); e4m3's 3-bit
-mantissa does cost there (fp8 +2.2% vs +0.8% with the head in fp32), so fp8 keeps it unless
-asked, see EngineConfig. The
-embedding table stays in the model dtype: the lookup gathers a step's few rows, so a
+projection for int8 (EngineConfig.quantize_lm_head, which can also force it on or off): a
+decode step reads it whole (Llama-3-8B: 1.05 GB in bf16, 13% of the step's bytes once the
+layers are int8). int8 with one scale per vocabulary row moves SmolLM2's perplexity by
+under 0.4% (it is -0.3%); e4m3's 3-bit mantissa does cost there (fp8 +2.2% against +0.8%
+with the head in fp32; fp8_tensor +4.5% against +2.1%; benchmarks/quant_quality.py), so
+fp8 keeps it in the model dtype unless asked. The embedding table stays in the model dtype: the lookup gathers a step's few rows, so a
 smaller table would save no time. With tied embeddings (SmolLM2, Llama-3.2) the quantized
 head is therefore a separate copy of the table: vocab x hidden more bytes of weights
 (SmolLM2-135M: 28 MB; Llama-3.2-1B: 263 MB), in exchange for a step reading half the bytes

@@ -25,6 +25,9 @@ class QuantLinear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = qweight.shape
         self.method, self.use_triton, self.cpu_loop = method, use_triton, cpu_loop
+        if cpu_loop:   # resolved once, not per call (engine.kernels imports engine.quant)
+            from engine.kernels.cpu_ops import quant_linear as cpu_quant_linear
+            self._cpu_quant_linear = cpu_quant_linear
         # Buffers, not parameters: nothing trains them, and .to()/state_dict still carry them.
         self.register_buffer("qweight", qweight)
         self.register_buffer("scale", scale.float().contiguous())
@@ -50,9 +53,8 @@ class QuantLinear(nn.Module):
         return cls.from_weight(linear.weight, linear.bias, method, use_triton, cpu_loop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.cpu_loop:
-            from engine.kernels import cpu_ops   # falls back to the reference where it cannot run
-            return cpu_ops.quant_linear(x, self.qweight, self.scale, self.bias)
+        if self.cpu_loop:   # falls back to the reference where it cannot run
+            return self._cpu_quant_linear(x, self.qweight, self.scale, self.bias)
         if not self.use_triton:
             return reference.quant_linear(x, self.qweight, self.scale, self.bias)
         from engine.quant.triton_kernels import quant_linear

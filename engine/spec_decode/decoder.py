@@ -67,10 +67,10 @@ class SpecDecoder:
         cands, ks = [], []
         batch = len(running)
         if batch > self.controller.max_batch:
-            # Off at this batch size: skip the per-sequence walk, which at a small model's
-            # ~2 ms steps cost a measurable share of each one (benchmarks/RESULTS.md). No
-            # sequence keeps drafts between steps (the verify step clears them); this only
-            # guards against a stale list.
+            # Off at this batch size: skip proposing, which at a small model's ~2 ms steps
+            # cost a measurable share of each one (benchmarks/RESULTS.md). Drafts the last
+            # step's token budget did not reach are still set: cleared, so the scheduler
+            # does not verify stale ones.
             for seq in running:
                 if seq.spec_token_ids:
                     seq.spec_token_ids = []
