@@ -13,6 +13,12 @@ Sockets (all ZeroMQ, msgpack messages from :mod:`router.planes`, never pickle)::
     [PUSH] ──► prefill worker PULL   PrefillMsg, abort(kv_key)       (one socket per endpoint)
     prefill worker ──► [PULL kv]     KV layers + done/abort          (kv_transfer receiver)
 
+KV backends (``kv_backend``): "zmq", "nccl", "cuda_ipc", or "auto": on a GPU, cuda_ipc for
+prefill workers on this host (their request endpoint's host is this worker's) and NCCL
+pairs for the others; ZeroMQ on the CPU. A prefill worker that cannot open this worker's
+cache (a GPU it cannot see) makes its transfers fail at once; with "auto" later transfers
+from it then go over NCCL.
+
 Every socket is used only by the thread that runs the loop.
 
 Router faults: the worker belongs to one router *epoch* at a time. Heartbeats carry the
@@ -156,6 +162,7 @@ class _Req:
     deadline: float = 0.0
     fallback: str | None = None
     disaggregated: bool = False     # its prompt KV came from a prefill worker
+    rx: object = None               # the kv_transfer receiver of the current transfer
 
 
 class DecodeWorker:
@@ -182,27 +189,21 @@ class DecodeWorker:
         self._token_endpoint = token_endpoint   # read by the heartbeat thread
         if kv_bind == "tcp":
             kv_bind = f"tcp://{bind_host}:*"
-        if kv_backend == "auto":   # NCCL pairs when this cache is on a GPU (the cluster decides for both ends)
-            kv_backend = "nccl" if self.engine.device.type == "cuda" else "zmq"
-        if kv_backend == "nccl":   # kv_transfer/p2p_backend.py: its endpoint carries the pair store's address
-            self.receiver = kt.make_receiver(
-                "nccl", KVLayout.from_engine(self.engine), kt.engine_writer(self.engine), bind_host=bind_host,
-                advertise_host=advertised_host(bind_host, advertise_host), device=self.engine.device,
-                default_timeout_s=self.kv_timeout_s)
-        else:
-            self.receiver = kt.make_receiver(
-                "zmq", KVLayout.from_engine(self.engine), kt.engine_writer(self.engine), bind=kv_bind,
-                advertise_host=advertised_host(bind_host, advertise_host) if kv_bind.startswith("tcp://") else None,
-                context=self._srv_ctx, default_timeout_s=self.kv_timeout_s)
-        self._prefill = PushPool(self._ctx)
+        self._kv_bind, self._bind_host = kv_bind, bind_host
+        self._host = advertised_host(bind_host, advertise_host)
         self._poller = zmq.Poller()
         self._poller.register(self._req_sock, zmq.POLLIN)
-        kv_sock = getattr(self.receiver, "_sock", None)   # to sleep on both planes at once
-        if kv_sock is not None:
-            self._poller.register(kv_sock, zmq.POLLIN)
-        self._kv_waitable = kv_sock is not None
+        self._kv_waitable = True
+        self._receivers: dict[str, kt.KVReceiver] = {}
+        self._auto = kv_backend == "auto" and self.engine.device.type == "cuda"
+        if kv_backend == "auto":
+            kv_backend = "cuda_ipc" if self._auto else "zmq"
+        self.receiver = self._make_receiver(kv_backend)   # the primary one (same-host peers under "auto")
+        self._ipc_unusable: set[str] = set()   # prefill endpoints that could not open this cache
+        self._prefill = PushPool(self._ctx)
         self._reqs: dict[str, _Req] = {}
         self._by_key: dict[str, str] = {}      # kv_key -> rid, while awaiting KV
+        self._held: dict[str, tuple[str, object]] = {}   # kv_key -> (rid, receiver): aborted, blocks held until released
         self._attempts = itertools.count(1)
         self._items: list[planes.TokenItem] = []
         self._outbox: list[bytes] = []
@@ -215,6 +216,41 @@ class DecodeWorker:
         self._closed = False
         self.counters = dict(requests=0, disaggregated=0, fallbacks=0, rejected=0, aborted=0, errors=0,
                              dropped_messages=0, batches_sent=0, orphaned=0)
+
+    def _make_receiver(self, backend: str) -> kt.KVReceiver:
+        rx = self._receivers.get(backend)
+        if rx is not None:
+            return rx
+        layout, writer = KVLayout.from_engine(self.engine), kt.engine_writer(self.engine)
+        if backend == "nccl":   # kv_transfer/p2p_backend.py: its endpoint carries the pair store's address
+            rx = kt.make_receiver("nccl", layout, writer, bind_host=self._bind_host, advertise_host=self._host,
+                                  device=self.engine.device, default_timeout_s=self.kv_timeout_s)
+        elif backend == "cuda_ipc":   # kv_transfer/ipc_backend.py: senders copy into this cache themselves
+            rx = kt.make_receiver("cuda_ipc", layout, writer, cache=self.engine.runner.kv_cache,
+                                  bind_host=self._bind_host, advertise_host=self._host, context=self._srv_ctx,
+                                  default_timeout_s=self.kv_timeout_s)
+        else:
+            bind = self._kv_bind
+            rx = kt.make_receiver("zmq", layout, writer, bind=bind,
+                                  advertise_host=self._host if bind.startswith("tcp://") else None,
+                                  context=self._srv_ctx, default_timeout_s=self.kv_timeout_s)
+        kv_sock = getattr(rx, "_sock", None)   # to sleep on every plane at once
+        if kv_sock is not None:
+            self._poller.register(kv_sock, zmq.POLLIN)
+        else:
+            self._kv_waitable = False
+        self._receivers[backend] = rx
+        return rx
+
+    def _receiver_for(self, prefill_endpoint: str) -> kt.KVReceiver:
+        """Under "auto": cuda_ipc for a prefill worker on this host that could open this
+        cache, NCCL pairs otherwise; else the one configured receiver."""
+        if not self._auto:
+            return self.receiver
+        host = prefill_endpoint.rpartition(":")[0].removeprefix("tcp://")
+        if host == self._host and prefill_endpoint not in self._ipc_unusable:
+            return self.receiver
+        return self._make_receiver("nccl")
 
     # ---- API -----------------------------------------------------------------------------------
     def endpoints(self) -> dict:
@@ -229,7 +265,16 @@ class DecodeWorker:
 
     def stats(self) -> dict:
         return {**self.engine.stats(), **self.counters, "in_flight": len(self._reqs),
-                "draining": self._draining, "kv": dict(self.receiver.stats), "router_epoch": self.router_epoch}
+                "draining": self._draining, "kv": self._kv_stats(), "router_epoch": self.router_epoch,
+                "kv_blocks_held": len(self._held)}
+
+    def _kv_stats(self) -> dict:
+        """Every receiver's counters, summed (one receiver unless "auto" added NCCL)."""
+        out: dict = {}
+        for rx in self._receivers.values():
+            for k, v in rx.stats.items():
+                out[k] = out.get(k, 0) + v
+        return out
 
     def num_in_flight(self) -> int:
         return len(self._reqs)
@@ -285,7 +330,8 @@ class DecodeWorker:
         for s in (self._req_sock, self._tok_sock):
             s.close()
         self._prefill.close()
-        self.receiver.close()
+        for rx in self._receivers.values():
+            rx.close()
         close_curve_contexts(self)
 
     def _run(self) -> None:
@@ -426,7 +472,8 @@ class DecodeWorker:
         elif msg[0] == "prefill_failed":
             rid = self._by_key.get(msg[1])
             if rid is not None:
-                self.receiver.cancel(msg[1])
+                # The prefill worker never took it, so nothing of it was written: no fence.
+                self._reqs[rid].rx.cancel(msg[1])
                 self._kv_failed(rid, "prefill_failed")
 
     def _on_generate(self, msg: planes.GenerateMsg) -> None:
@@ -480,9 +527,10 @@ class DecodeWorker:
         key = self._new_kv_key(msg.rid)
         req.deadline = time.monotonic() + min(self.kv_timeout_s, msg.kv_timeout_s)
         req.kv_key, req.prefill_endpoint = key, msg.prefill_endpoint
-        self.receiver.expect(key, dst, self.num_layers, deadline=req.deadline)
+        req.rx = self._receiver_for(msg.prefill_endpoint)
+        req.rx.expect(key, dst, self.num_layers, deadline=req.deadline)
         self._by_key[key] = msg.rid
-        pm = planes.PrefillMsg(msg.rid, key, msg.prompt_ids, msg.params, kv_endpoint=self.receiver.endpoint,
+        pm = planes.PrefillMsg(msg.rid, key, msg.prompt_ids, msg.params, kv_endpoint=req.rx.endpoint,
                                dst_block_ids=dst, first_block=first_block, reply_to=self._req_ep,
                                cache_salt=msg.cache_salt)
         try:
@@ -490,7 +538,7 @@ class DecodeWorker:
         except zmq.ZMQError as e:
             log.warning("decode worker %s: cannot reach prefill worker %s: %s", self.worker_id,
                         msg.prefill_endpoint, e)
-            self.receiver.cancel(key)
+            req.rx.cancel(key)
             self._kv_failed(msg.rid, f"prefill_unreachable: {e}")
         return True
 
@@ -510,13 +558,21 @@ class DecodeWorker:
             req.fallback = reason
             self.counters["fallbacks"] += 1
 
+    def _cancel_kv(self, req: _Req) -> bool:
+        """Stop req's transfer; True when a sender may still write its blocks, so the
+        engine must keep them until the receiver releases them (see _poll_kv)."""
+        self._by_key.pop(req.kv_key)
+        req.rx.cancel(req.kv_key)
+        self._forward_abort(req)
+        if req.rx.write_pending(req.kv_key):
+            self._held[req.kv_key] = (req.rid, req.rx)
+            return True
+        return False
+
     def _on_abort(self, rid: str) -> None:
         req = self._reqs.pop(rid, None)
-        if req is not None and req.kv_key in self._by_key:
-            self._by_key.pop(req.kv_key)
-            self.receiver.cancel(req.kv_key)
-            self._forward_abort(req)
-        known = self.engine.abort(rid)
+        held = req is not None and req.kv_key in self._by_key and self._cancel_kv(req)
+        known = True if held else self.engine.abort(rid)
         if req is not None or known:
             self.counters["aborted"] += 1
             self._items.append(planes.TokenItem(rid, [], finish_reason="abort"))
@@ -526,21 +582,27 @@ class DecodeWorker:
         self.counters["errors"] += 1
         req = self._reqs.pop(rid, None)
         try:
-            if req is not None and req.kv_key in self._by_key:
-                self._by_key.pop(req.kv_key)
-                self.receiver.cancel(req.kv_key)
-                self._forward_abort(req)
-            self.engine.abort(rid)
+            held = req is not None and req.kv_key in self._by_key and self._cancel_kv(req)
+            if not held:
+                self.engine.abort(rid)
         except Exception:
             log.exception("decode worker %s: cleaning up %s failed", self.worker_id, rid)
         self._items.append(planes.TokenItem(rid, [], finish_reason="abort", error=error, error_code=code))
 
     def _poll_kv(self) -> None:
-        try:
-            res = self.receiver.poll(0)
-        except Exception:
-            log.exception("decode worker %s: kv receiver poll failed", self.worker_id)
-            return
+        for rx in list(self._receivers.values()):
+            try:
+                res = rx.poll(0)
+            except Exception:
+                log.exception("decode worker %s: kv receiver poll failed", self.worker_id)
+                continue
+            self._on_kv_results(res)
+
+    def _on_kv_results(self, res: kt.PollResult) -> None:
+        for key in res.released:   # no sender writes them any more: now the aborted request's blocks go
+            rid, _ = self._held.pop(key, (None, None))
+            if rid is not None:
+                self.engine.abort(rid)
         for c in res.completed:
             rid = self._by_key.pop(c.request_id, None)
             if rid is None:
@@ -560,6 +622,8 @@ class DecodeWorker:
                 continue
             reason = "kv_timeout" if f.reason.startswith("deadline") else f"kv_error: {f.reason}"
             req = self._reqs.get(rid)
+            if self._auto and req is not None and "cannot use the receiver's cache" in f.reason:
+                self._ipc_unusable.add(req.prefill_endpoint)   # e.g. a GPU it cannot see: NCCL from now on
             if req is not None and reason == "kv_timeout":
                 self._forward_abort(req)    # stop the prefill worker wasting work on it
             try:
@@ -603,7 +667,7 @@ class DecodeWorker:
 
     def _kv_counters(self) -> dict:
         # Flat numbers (the token plane's load map holds scalars only) for the router's metrics.
-        st = self.receiver.stats
+        st = self._kv_stats()
         out = {f"kv_{k}": int(st.get(k, 0)) for k in ("bytes", "completed", "failed", "timed_out")}
         # Summed durations of the completed transfers: seconds / completed is the mean.
         out.update({f"kv_{k}": float(st.get(k, 0.0)) for k in ("seconds", "wire_seconds")})

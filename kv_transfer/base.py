@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kv_transfer.wire import (AbortHeader, DoneHeader, KVLayout, KVMessage, Reservation, UnknownRequestError,
+from kv_transfer.wire import (AbortHeader, DoneHeader, KVHeader, KVLayout, KVMessage, Reservation, UnknownRequestError,
                               WireError, check_request_id, decode_message, MAX_LAYERS)
 
 log = logging.getLogger(__name__)
@@ -63,9 +63,13 @@ class Failed:
 class PollResult:
     completed: list[Completed] = field(default_factory=list)
     failed: list[Failed] = field(default_factory=list)
+    # Cancelled transfers whose reserved blocks no sender can write any more (see
+    # KVReceiver.write_pending): only backends that write into the cache from another
+    # process (cuda_ipc) ever hold a cancelled transfer's blocks past cancel().
+    released: list[str] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.completed or self.failed)
+        return bool(self.completed or self.failed or self.released)
 
 
 class KVSender(abc.ABC):
@@ -87,6 +91,21 @@ class KVSender(abc.ABC):
     @abc.abstractmethod
     def send_abort(self, request_id: str, reason: str = "") -> None:
         """Give the transfer up; the receiver reports it failed without waiting its deadline."""
+
+    def begin(self, request_id: str) -> None:
+        """A transfer for ``request_id`` will follow (called when the prefill is accepted).
+        Backends that must be granted a request before writing ask for it here, ahead
+        of the first layer; the others need nothing."""
+
+    def send_layer_blocks(self, request_id: str, layer: int, dst_block_ids: Sequence[int],
+                          src_layer: torch.Tensor, src_block_ids: Sequence[int]) -> None:
+        """Like :meth:`send_layer`, for blocks ``src_block_ids`` of one layer of the sender's
+        own cache (``src_layer`` is ``[2, num_blocks, ...]``). The default gathers them into
+        a new tensor (so the sender's blocks are free to reuse at once); a backend that can
+        copy block to block without it overrides this and keeps the sender's blocks
+        ordered on the current stream behind its reads (see :meth:`send_done`)."""
+        idx = torch.tensor(list(src_block_ids), dtype=torch.long, device=src_layer.device)
+        self.send_layer(request_id, layer, dst_block_ids, src_layer[:, idx])
 
     @abc.abstractmethod
     def flush(self, timeout_s: float | None = None) -> bool:
@@ -137,6 +156,7 @@ class KVReceiver(abc.ABC):
         self._tomb: OrderedDict[str, str] = OrderedDict()
         self._completed: list[Completed] = []
         self._failed: list[Failed] = []
+        self._released: list[str] = []
         self.recent_errors: deque[WireError] = deque(maxlen=64)
         # seconds / wire_seconds: summed over completed transfers only (a failed one has no
         # meaningful duration), so that seconds / completed is the mean wait per transfer.
@@ -183,6 +203,12 @@ class KVReceiver(abc.ABC):
             return False
         return True
 
+    def write_pending(self, request_id: str) -> bool:
+        """After :meth:`cancel`: whether a sender may still write into the transfer's
+        blocks, so the caller must not reuse them until a poll lists ``request_id`` in
+        ``released``. Backends that copy through this class's ``write_layer`` never do."""
+        return False
+
     def pending(self) -> list[str]:
         return list(self._res)
 
@@ -199,14 +225,14 @@ class KVReceiver(abc.ABC):
         less if a deadline is nearer), write landed layers, expire overdue transfers, and
         return the transfers that completed or failed since the last poll."""
         self._expire()
-        wait = 0 if (self._completed or self._failed) else max(0, int(timeout_ms))
+        wait = 0 if (self._completed or self._failed or self._released) else max(0, int(timeout_ms))
         if wait and self._xfers:
             nearest = min(x.deadline for x in self._xfers.values()) - time.monotonic()
             wait = max(0, min(wait, math.ceil(nearest * 1000)))
         self._receive(wait)
         self._expire()
-        out = PollResult(self._completed, self._failed)
-        self._completed, self._failed = [], []
+        out = PollResult(self._completed, self._failed, self._released)
+        self._completed, self._failed, self._released = [], [], []
         return out
 
     @abc.abstractmethod
@@ -242,23 +268,14 @@ class KVReceiver(abc.ABC):
         if isinstance(msg, KVMessage):
             h = msg.header
             rid = h.request_id
-            x = self._xfers[rid]
-            self._mark_first_frame(x)
+            self._mark_first_frame(self._xfers[rid])
             try:
                 self._write_layer(rid, h.layer, list(h.block_ids), msg.data)
             except Exception as e:   # the engine refused it: this transfer cannot complete
                 log.exception("kv %s: writing layer %d failed", rid, h.layer)
                 self._fail(rid, f"write_layer failed: {type(e).__name__}: {e}")
                 return
-            self.stats["layers_written"] += 1
-            self.stats["bytes"] += h.nbytes
-            x.bytes += h.nbytes
-            missing = x.missing[h.layer]
-            if missing:
-                missing.difference_update(h.block_ids)
-                if not missing:
-                    x.layers_left -= 1
-            self._maybe_complete(rid)
+            self._landed(h)
         elif isinstance(msg, DoneHeader):
             x = self._xfers[msg.request_id]
             self._mark_first_frame(x)
@@ -269,6 +286,22 @@ class KVReceiver(abc.ABC):
             self._maybe_complete(msg.request_id)
         else:
             self._fail(msg.request_id, f"sender aborted: {msg.reason}")
+
+    def _landed(self, h: KVHeader) -> None:
+        """Blocks ``h.block_ids`` of layer ``h.layer`` are in the cache (written by
+        ``write_layer``, or by the sender itself on backends that copy directly)."""
+        rid = h.request_id
+        x = self._xfers[rid]
+        self._mark_first_frame(x)
+        self.stats["layers_written"] += 1
+        self.stats["bytes"] += h.nbytes
+        x.bytes += h.nbytes
+        missing = x.missing[h.layer]
+        if missing:
+            missing.difference_update(h.block_ids)
+            if not missing:
+                x.layers_left -= 1
+        self._maybe_complete(rid)
 
     # ---- internals --------------------------------------------------------------------------------
     @staticmethod

@@ -14,7 +14,11 @@ A prompt's last chunk is computed in some engine step; during that step, as each
 finishes (``on_layer_done``), the layer's blocks [first_block:] of that sequence are read
 and queued to the sender (whose I/O thread stages and sends them), so shipping overlaps
 the following layers. When the step's output for the sequence arrives (its first token),
-``done`` is sent and the engine's blocks are released (read_kv_blocks returned copies).
+``done`` is sent and the engine's blocks are released: the zmq and nccl senders gathered
+copies of them; the cuda_ipc sender copies block to block and orders the engine's stream
+behind those copies before the release (see kv_transfer/ipc_backend.py).
+
+The engine captures no decode CUDA graphs: a prefill-only engine never runs a decode step.
 """
 from __future__ import annotations
 
@@ -54,7 +58,8 @@ class PrefillWorker:
                  bind_host: str = "127.0.0.1", advertise_host: str | None = None,
                  kv_send_timeout_s: float = 10.0, context: zmq.Context | None = None, curve=None):
         self.worker_id = worker_id
-        self.engine = LLMEngine(model, device=device, dtype=dtype, **(engine_kwargs or {}))
+        self.engine = LLMEngine(model, device=device, dtype=dtype,
+                                **{**(engine_kwargs or {}), "enable_cuda_graphs": False})
         self.block_size = self.engine.cfg.block_size
         self.num_layers = self.engine.model_config.num_layers
         self.kv_send_timeout_s = float(kv_send_timeout_s)
@@ -183,10 +188,14 @@ class PrefillWorker:
         self._sender_used[endpoint] = time.monotonic()
         s = self._senders.get(endpoint)
         if s is None:
-            if kt.backend_of(endpoint) == "nccl":   # the decode worker's receiver chose NCCL/gloo pairs
-                dev = self.engine.device
+            backend = kt.backend_of(endpoint)   # the decode worker's receiver chose it
+            dev = self.engine.device
+            if backend == "nccl":
                 s = kt.make_sender("nccl", endpoint, send_timeout_s=self.kv_send_timeout_s,
                                    device=dev if dev.type == "cuda" else None)
+            elif backend == "cuda_ipc":
+                s = kt.make_sender("cuda_ipc", endpoint, context=self._ctx, send_timeout_s=self.kv_send_timeout_s,
+                                   device=dev)
             else:
                 s = kt.make_sender("zmq", endpoint, context=self._ctx, send_timeout_s=self.kv_send_timeout_s)
             self._senders[endpoint] = s
@@ -229,6 +238,10 @@ class PrefillWorker:
             self._send_abort(sender, key, str(e))
             return
         self._jobs[key] = _Job(msg.rid, key, sender, list(msg.dst_block_ids), msg.first_block, msg.reply_to)
+        try:
+            sender.begin(key)   # a cuda_ipc sender is granted the transfer while the prefill runs
+        except Exception as e:
+            self._jobs[key].error = f"begin failed: {type(e).__name__}: {e}"
 
     def _send_abort(self, sender: kt.KVSender, key: str, reason: str) -> None:
         try:
@@ -267,9 +280,9 @@ class PrefillWorker:
 
     def _abort_job(self, key: str, reason: str) -> None:
         job = self._jobs.pop(key, None)
-        self.engine.abort(key)
-        if job is not None:
+        if job is not None:   # first: a cuda_ipc sender orders the stream behind its copies of these blocks
             self._send_abort(job.sender, key, reason)
+        self.engine.abort(key)
 
     def _on_abort(self, ident: str) -> None:
         """ident is a kv_key (from the decode worker) or a request id (all its transfers)."""
@@ -288,8 +301,7 @@ class PrefillWorker:
                 continue
             try:
                 src = seq.block_table[job.first_block:job.first_block + len(job.dst)]
-                job.sender.send_layer(job.kv_key, layer, job.dst,
-                                      self.engine.runner.read_kv_blocks(layer, src))
+                job.sender.send_layer_blocks(job.kv_key, layer, job.dst, self.engine.runner.kv_cache[layer], src)
                 job.layers_sent += 1
             except Exception as e:
                 self.counters["send_errors"] += 1

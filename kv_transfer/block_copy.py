@@ -1,0 +1,78 @@
+"""Copy KV blocks of one layer from one paged cache into another, block id to block id.
+
+``src`` and ``dst`` are one layer of two caches, ``[2, num_blocks, block_size, heads,
+head_dim]`` (K and V), of one dtype; block ``src_ids[i]`` of ``src`` goes to block
+``dst_ids[i]`` of ``dst``. On one CUDA device this is one Triton kernel that reads each
+source block once and writes it once (a torch gather + scatter would move every byte
+twice and allocate the gathered copy); anywhere else it is the torch reference.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:   # the reference path needs no Triton
+    triton = None
+
+_CHUNK = 4096   # elements of one block one program copies
+
+
+def copy_blocks_reference(src: torch.Tensor, dst: torch.Tensor, src_ids: torch.Tensor, dst_ids: torch.Tensor) -> None:
+    dst[:, dst_ids.to(dst.device)] = src[:, src_ids.to(src.device)].to(dst.device)
+
+
+if triton is not None:
+    @triton.jit
+    def _copy_blocks_kernel(src_ptr, dst_ptr, src_ids_ptr, dst_ids_ptr, src_kv_stride, dst_kv_stride,
+                            block_numel, CHUNK: tl.constexpr):
+        i = tl.program_id(0)
+        kv = tl.program_id(1)
+        part = tl.program_id(2)
+        s = tl.load(src_ids_ptr + i).to(tl.int64)
+        d = tl.load(dst_ids_ptr + i).to(tl.int64)
+        offs = part * CHUNK + tl.arange(0, CHUNK)
+        mask = offs < block_numel
+        x = tl.load(src_ptr + kv * src_kv_stride + s * block_numel + offs, mask=mask)
+        tl.store(dst_ptr + kv * dst_kv_stride + d * block_numel + offs, x, mask=mask)
+
+
+def _words(t: torch.Tensor) -> torch.Tensor:
+    """The same bytes as the widest integer type that divides a block (the kernel copies
+    bits, so fp8 and bf16 need no Triton dtype of their own)."""
+    flat = t.reshape(t.shape[0], t.shape[1], -1).view(torch.uint8)   # [2, blocks, bytes of a block]
+    for dt, size in ((torch.int32, 4), (torch.int16, 2)):
+        if flat.shape[2] % size == 0:
+            return flat.view(dt)
+    return flat
+
+
+def _kernel_ok(src: torch.Tensor, dst: torch.Tensor) -> bool:
+    if triton is None or not (src.is_contiguous() and dst.is_contiguous()):
+        return False
+    if src.device.type == "cuda":
+        return dst.device == src.device
+    return os.environ.get("TRITON_INTERPRET") == "1" and dst.device.type == "cpu"
+
+
+def copy_blocks(src: torch.Tensor, dst: torch.Tensor, src_ids: torch.Tensor, dst_ids: torch.Tensor) -> None:
+    """``dst[:, dst_ids[i]] = src[:, src_ids[i]]`` for every i, on the current stream.
+    ``src_ids``/``dst_ids`` are int64 tensors on the caches' device (the caller checks
+    that they are in range: the kernel does not)."""
+    if src.dtype != dst.dtype or src.shape[0] != 2 or src.shape[2:] != dst.shape[2:]:
+        raise ValueError(f"copy_blocks: {tuple(src.shape)} {src.dtype} -> {tuple(dst.shape)} {dst.dtype}")
+    n = src_ids.numel()
+    if n != dst_ids.numel():
+        raise ValueError("copy_blocks: src_ids and dst_ids differ in length")
+    if n == 0:
+        return
+    if not _kernel_ok(src, dst):
+        copy_blocks_reference(src, dst, src_ids, dst_ids)
+        return
+    s, d = _words(src), _words(dst)
+    block_numel = s[0, 0].numel()
+    grid = (n, 2, triton.cdiv(block_numel, _CHUNK))
+    _copy_blocks_kernel[grid](s, d, src_ids, dst_ids, s.stride(0), d.stride(0), block_numel, CHUNK=_CHUNK)

@@ -1,0 +1,989 @@
+"""KV transfer on one host through shared device memory: CUDA IPC between GPUs (or two
+processes on one GPU), POSIX shared memory between CPU processes.
+
+The ``"cuda_ipc"`` backend of :mod:`kv_transfer`. No host staging: the decode worker's
+receiver exports its whole paged cache once, and a prefill worker's sender opens it and
+copies the prompt's blocks, layer by layer as the prefill computes them, straight from
+its own cache into the blocks the decode worker reserved (push). Control travels over
+one ZeroMQ DEALER (sender) -> ROUTER (receiver) connection, msgpack only.
+
+Endpoint: ``cudaipc://HOST:PORT?inst=INSTANCE`` -- the receiver's ROUTER socket and a
+random id of this receiver incarnation (a decode worker that restarts has a new one).
+
+Per pair (one sender, one receiver)::
+
+    sender                                   receiver (decode worker's engine loop)
+    hello(inst)                    ------>   inst must be this incarnation's, else refuse
+                                   <------   welcome(cache handle, layout)   [once]
+    claim(rid)                     ------>   rid expected and unclaimed -> grant, else deny
+                                   <------   grant(rid, ok)
+    [copy blocks of layer l into the decode cache on a side stream, wait for it]
+    kv header(rid, l, blocks)      ------>   validated against the reservation; marked landed
+    done(rid, first token)         ------>   complete when every layer landed
+    ping                           ------>   liveness; answered with pong (the sender's lease)
+                                   <------   revoke(rid): the transfer failed or was cancelled
+    fenced(rid)                    ------>   every copy of rid has finished; none will follow
+
+Why claims and fences. The sender writes into memory the receiver owns, so "late data is
+dropped" cannot be done by the receiver ignoring a message: the bytes are already there.
+Instead, the receiver never lets a transfer's blocks go (to in-place prefill or back to the
+engine) while a sender may still write them. A sender writes only requests it was granted;
+when the receiver fails or cancels a granted transfer it sends ``revoke`` and holds the
+blocks until ``fenced`` (the sender stops launching copies for it and waits for the ones in
+flight) or until the pair is declared lost: silent for ``peer_timeout_s``. A sender only
+launches copies while it holds a lease (a pong within ``lease_s`` of the ping that asked for
+it, ``lease_s`` < ``peer_timeout_s``), so a sender the receiver gave up on has stopped
+writing by then. A transfer that was never granted needs no fence: its tombstone makes any
+later claim fail. Cancelled transfers appear in ``PollResult.released`` once their blocks
+are safe to reuse (:meth:`KVReceiver.write_pending` says whether to wait).
+
+Ordering with the engines' streams. The sender records an event on the prefill engine's
+stream after a layer's attention wrote its KV; a side stream waits on it and runs the block
+copy (one Triton kernel: :mod:`kv_transfer.block_copy`), so the copy overlaps the next
+layers. Before the prefill worker releases the request's blocks (after ``send_done`` or
+``send_abort``), the engine's stream is made to wait for the last copy, so a later step that
+reuses those blocks cannot overwrite them under the copy. The receiver learns of a layer only
+after the sender's I/O thread saw the copy complete, so the decode engine reads finished data.
+
+Faults. A prefill worker killed mid-transfer goes silent: after ``peer_timeout_s`` its
+transfers fail (the decode worker prefills in place) without waiting for their deadlines. A
+decode worker that restarts has a new endpoint and instance: old handles are never reused,
+and a hello for an old instance is refused. Handles that cannot be opened (another host, a
+GPU this process cannot see) make the sender abort its transfers at once (in-place prefill).
+
+Trust: as with NCCL, a sender writes into the receiver's memory; bind to loopback or a
+trusted host network only. The receiver checks every message (sizes bounded, msgpack only)
+and never lets a sender write blocks it did not grant, but it cannot stop a malicious
+process that holds the handle.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+import urllib.parse
+from collections import OrderedDict, deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import msgpack
+import torch
+import zmq
+
+from kv_transfer.base import KVReceiver, KVSender, WriteLayer
+from kv_transfer.block_copy import copy_blocks
+from kv_transfer.wire import (MAX_BLOCKS_PER_MESSAGE, MAX_HEADER_BYTES, MAX_LAYERS, MAX_REASON_LEN, PROTOCOL_VERSION,
+                              DoneHeader, KVHeader, KVLayout, UnknownRequestError, WireError, check_kv,
+                              check_request_id, decode_header, decode_message, dtype_name, encode_abort, encode_done)
+
+log = logging.getLogger(__name__)
+
+SCHEME = "cudaipc://"
+MAX_CONTROL_BYTES = 4096
+_INST_LEN = 16
+_CTRL, _WIRE = b"c", b"w"          # first payload frame: a control map, or a kv_transfer.wire header
+_FROM_SENDER = {"hello": {"inst"}, "claim": {"request_id"}, "fenced": {"request_id"}, "ping": set(), "bye": set()}
+_FROM_RECEIVER = {"welcome": {"cache", "layout"}, "refuse": {"reason"}, "grant": {"request_id", "ok", "reason"},
+                  "revoke": {"request_id"}, "pong": set()}
+
+
+# ---- endpoints -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class IpcEndpoint:
+    host: str
+    port: int
+    inst: str
+
+    def __str__(self) -> str:
+        return f"{SCHEME}{self.host}:{self.port}?inst={self.inst}"
+
+    @property
+    def ctrl(self) -> str:
+        return f"tcp://{self.host}:{self.port}"
+
+
+def parse_endpoint(ep: str) -> IpcEndpoint:
+    if not isinstance(ep, str):
+        raise TypeError(f"endpoint must be a str, got {type(ep).__name__}")
+    want = f"endpoint {ep!r}: want {SCHEME}HOST:PORT?inst=HEX"
+    if not ep.startswith(SCHEME) or len(ep) > 512:
+        raise ValueError(want)
+    u = urllib.parse.urlsplit(ep)
+    try:
+        q = urllib.parse.parse_qs(u.query, strict_parsing=True, max_num_fields=2)
+        host, port = u.hostname, u.port
+    except ValueError:
+        raise ValueError(want) from None
+    if not host or port is None or u.path or u.fragment or u.username or set(q) != {"inst"} or len(q["inst"]) != 1:
+        raise ValueError(want)
+    inst = q["inst"][0]
+    if len(inst) != _INST_LEN or any(c not in "0123456789abcdef" for c in inst) or not 0 < port < 65536:
+        raise ValueError(want)
+    return IpcEndpoint(host, port, inst)
+
+
+# ---- control messages ----------------------------------------------------------------------------------
+def encode_control(kind: str, **fields) -> bytes:
+    return msgpack.packb(dict(v=PROTOCOL_VERSION, type=kind, **fields), use_bin_type=True)
+
+
+def decode_control(buf, allowed: dict, max_bytes: int = MAX_CONTROL_BYTES) -> dict:
+    """Schema-check one control map: size, msgpack, version, type, exact keys, the
+    request id. WireError on anything else (values beyond those are checked by the user)."""
+    try:
+        n = len(buf)
+    except TypeError:
+        raise WireError("control: not a buffer") from None
+    if not 0 < n <= max_bytes:
+        raise WireError(f"control: {n} bytes outside [1, {max_bytes}]")
+    try:
+        d = msgpack.unpackb(buf, raw=False, strict_map_key=True, max_str_len=max_bytes, max_bin_len=max_bytes,
+                            max_ext_len=0, max_array_len=64, max_map_len=32)
+    except Exception as e:
+        raise WireError(f"control: not valid msgpack ({type(e).__name__})") from None
+    if type(d) is not dict or type(d.get("type")) is not str or d["type"] not in allowed:
+        raise WireError("control: not a map with a known type")
+    if d.get("v") != PROTOCOL_VERSION or type(d["v"]) is not int or set(d) != allowed[d["type"]] | {"v", "type"}:
+        raise WireError(f"control: wrong keys or version for {d['type']}")
+    if "request_id" in d:
+        check_request_id(d["request_id"])
+    return d
+
+
+# ---- sharing a cache between processes -------------------------------------------------------------------
+def host_id() -> str:
+    """This machine (this boot of it): shared memory handles mean nothing elsewhere."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = ""
+    return f"{socket.gethostname()}/{boot}"[:256]
+
+
+def device_uuid(device: torch.device) -> str:
+    return str(torch.cuda.get_device_properties(device).uuid)
+
+
+def export_cache(cache: torch.Tensor) -> dict:
+    """A msgpack-able description of ``cache`` that another process on this host can open
+    with :func:`open_cache`. A CPU cache is moved into shared memory in place (its views
+    stay valid); a CUDA cache is shared through a CUDA IPC handle of its allocation."""
+    if not cache.is_contiguous():
+        raise ValueError("the cache must be contiguous to be shared")
+    st = cache.untyped_storage()
+    desc = dict(host=host_id(), dtype=dtype_name(cache.dtype), shape=list(cache.shape),
+                offset=int(cache.storage_offset()))
+    if cache.is_cuda:
+        _dev, handle, size, off, ref_h, ref_off, ev_h, ev_sync = st._share_cuda_()
+        desc.update(kind="cuda", device_uuid=device_uuid(cache.device), handle=bytes(handle), size=int(size),
+                    storage_offset=int(off), ref_handle=bytes(ref_h or b""), ref_offset=int(ref_off),
+                    event_handle=bytes(ev_h or b""), event_sync=bool(ev_sync))
+    elif cache.device.type == "cpu":
+        manager, name, size = st._share_filename_cpu_()
+        desc.update(kind="cpu", manager=bytes(manager), name=bytes(name), size=int(size))
+    else:
+        raise ValueError(f"cannot share a cache on {cache.device}")
+    return desc
+
+
+_DESC_KEYS = {"cuda": {"host", "dtype", "shape", "offset", "kind", "device_uuid", "handle", "size", "storage_offset",
+                       "ref_handle", "ref_offset", "event_handle", "event_sync"},
+              "cpu": {"host", "dtype", "shape", "offset", "kind", "manager", "name", "size"}}
+
+
+def _local_cuda_index(uuid: str) -> int | None:
+    for i in range(torch.cuda.device_count()):
+        if device_uuid(torch.device("cuda", i)) == uuid:
+            return i
+    return None
+
+
+def open_cache(desc) -> torch.Tensor:
+    """The tensor a peer exported with :func:`export_cache`; ValueError naming what is
+    wrong (a bad description, another host, a GPU this process cannot see)."""
+    if type(desc) is not dict or desc.get("kind") not in _DESC_KEYS or set(desc) != _DESC_KEYS[desc["kind"]]:
+        raise ValueError("cache description: wrong keys")
+    if desc["host"] != host_id():
+        raise ValueError(f"the cache is on another host ({desc['host']!r}); cuda_ipc works on one host only")
+    dtype = torch.empty(0, dtype=_dtype(desc["dtype"])).dtype
+    shape = desc["shape"]
+    if (type(shape) is not list or len(shape) != 6 or any(type(s) is not int or s < 1 for s in shape)
+            or type(desc["offset"]) is not int or desc["offset"] < 0):
+        raise ValueError("cache description: shape must be 6 positive ints, offset an int >= 0")
+    numel = 1
+    for s in shape:
+        numel *= s
+    need = (desc["offset"] + numel) * torch.empty((), dtype=dtype).element_size()
+    if type(desc["size"]) is not int or desc["size"] < need:
+        raise ValueError(f"cache description: {desc['size']} bytes cannot hold {shape}")
+    if desc["kind"] == "cpu":
+        st = torch.UntypedStorage._new_shared_filename_cpu(desc["manager"], desc["name"], desc["size"])
+    else:
+        if not torch.cuda.is_available():
+            raise ValueError("the cache is on a GPU and this process has no CUDA device")
+        idx = _local_cuda_index(desc["device_uuid"])
+        if idx is None:
+            raise ValueError(f"GPU {desc['device_uuid']} is not visible to this process "
+                             f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
+        torch.cuda._lazy_init()
+        st = torch.UntypedStorage._new_shared_cuda(
+            idx, desc["handle"], desc["size"], desc["storage_offset"], desc["ref_handle"] or None,
+            desc["ref_offset"], desc["event_handle"] or None, desc["event_sync"])
+    t = torch.empty(0, dtype=dtype, device=st.device)
+    t.set_(st, desc["offset"], shape)
+    return t
+
+
+def _dtype(name) -> torch.dtype:
+    from kv_transfer.wire import DTYPES
+    if name not in DTYPES:
+        raise ValueError(f"cache description: dtype {name!r}")
+    return DTYPES[name]
+
+
+def _layout_dict(layout: KVLayout) -> dict:
+    return dict(num_layers=layout.num_layers, num_blocks=layout.num_blocks, block_size=layout.block_size,
+                num_kv_heads=layout.num_kv_heads, head_dim=layout.head_dim, dtype=layout.dtype)
+
+
+def _kv_header(request_id: str, layer: int, block_ids: Sequence[int], dtype: str, block_shape) -> bytes:
+    """A wire ``kv`` header whose data is already in the receiver's cache."""
+    ids = [int(b) for b in block_ids]
+    h = dict(version=PROTOCOL_VERSION, type="kv", request_id=request_id, layer=int(layer), block_ids=ids,
+             dtype=dtype, shape=[2, len(ids), *[int(s) for s in block_shape]])
+    b = msgpack.packb(h, use_bin_type=True)
+    if len(b) > MAX_HEADER_BYTES:
+        raise WireError(f"header: {len(b)} bytes > {MAX_HEADER_BYTES}", request_id)
+    decode_header(b)
+    return b
+
+
+# ---- decode side -----------------------------------------------------------------------------------------
+@dataclass
+class _Pair:
+    ident: bytes
+    last_seen: float
+    claims: set = field(default_factory=set)
+
+
+@dataclass
+class _Fence:
+    pair: bytes
+    kind: str           # "failed" (report Failed once fenced) or "cancelled" (report released)
+    reason: str
+    since: float
+
+
+class IpcKVReceiver(KVReceiver):
+    """See the module docstring and :class:`kv_transfer.base.KVReceiver`. ``cache`` is the
+    engine's whole paged cache, ``[num_layers, 2, num_blocks, block_size, heads, head_dim]``;
+    senders write it directly (``write_layer`` is never called)."""
+
+    FENCE_CAP_S = 120.0   # a live pair that never answers a revoke (a bug) cannot hold blocks forever
+
+    def __init__(self, layout: KVLayout, write_layer: WriteLayer | None = None, *, cache: torch.Tensor,
+                 bind_host: str = "127.0.0.1", advertise_host: str | None = None, context=None,
+                 default_timeout_s: float = 30.0, peer_timeout_s: float = 5.0, max_pairs: int = 64,
+                 max_messages_per_poll: int = 1024):
+        super().__init__(layout, write_layer or _no_write, default_timeout_s)
+        want = (layout.num_layers, 2, layout.num_blocks, layout.block_size, layout.num_kv_heads, layout.head_dim)
+        if tuple(cache.shape) != want or dtype_name(cache.dtype) != layout.dtype:
+            raise ValueError(f"cache {tuple(cache.shape)} {cache.dtype} does not match the layout {want} {layout.dtype}")
+        self.peer_timeout_s = float(peer_timeout_s)
+        self.max_pairs = int(max_pairs)
+        self.max_messages_per_poll = int(max_messages_per_poll)
+        self._desc = export_cache(cache)
+        self._inst = secrets.token_hex(_INST_LEN // 2)
+        self._ctx = context or zmq.Context.instance()
+        sock = self._ctx.socket(zmq.ROUTER)
+        try:
+            sock.setsockopt(zmq.MAXMSGSIZE, MAX_HEADER_BYTES)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            sock.setsockopt(zmq.SNDHWM, 10_000)
+            sock.bind(f"tcp://{bind_host}:*")
+            port = int(sock.getsockopt_string(zmq.LAST_ENDPOINT).rpartition(":")[2])
+        except Exception:
+            sock.close(0)
+            raise
+        self._sock = sock   # the decode worker polls it to sleep on both planes
+        self._endpoint = str(IpcEndpoint(advertise_host or bind_host, port, self._inst))
+        self._pairs: dict[bytes, _Pair] = {}
+        self._claims: dict[str, bytes] = {}        # request id -> the pair granted it
+        self._fences: dict[str, _Fence] = {}       # revoked, waiting for fenced
+        self._closed = False
+        self.stats.update(pairs_formed=0, pairs_lost=0, pairs_refused=0, grants=0, denials=0, revokes=0,
+                          fenced=0, fence_timeouts=0)
+        log.info("kv cuda_ipc receiver (%s cache) listening on %s", self._desc["kind"], self._endpoint)
+
+    @property
+    def endpoint(self) -> str:
+        return self._endpoint
+
+    def num_pairs(self) -> int:
+        return len(self._pairs)
+
+    def cancel(self, request_id: str) -> bool:
+        pair = self._claims.pop(request_id, None)
+        if self._forget(request_id, "cancelled") is None:
+            return False
+        if pair is not None:
+            self._fence(request_id, pair, "cancelled", "cancelled")
+        return True
+
+    def write_pending(self, request_id: str) -> bool:
+        return request_id in self._fences
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._sock.close(0)
+
+    # ---- the loop thread -------------------------------------------------------------------------------
+    def _receive(self, timeout_ms: int) -> None:
+        if self._closed:
+            raise RuntimeError("receiver is closed")
+        if timeout_ms > 0:
+            self._sock.poll(timeout_ms, zmq.POLLIN)
+        for _ in range(self.max_messages_per_poll):
+            try:
+                frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                break
+            self._on_frames_from(frames)
+        self._check_pairs()
+
+    def _send(self, ident: bytes, kind: str, **fields) -> None:
+        try:
+            self._sock.send_multipart([ident, _CTRL, encode_control(kind, **fields)], zmq.NOBLOCK)
+        except zmq.ZMQError as e:   # the peer is gone (ROUTER_MANDATORY) or not draining
+            log.info("kv cuda_ipc: %s to a sender not delivered: %s", kind, e)
+
+    def _on_frames_from(self, frames: list) -> None:
+        self.stats["messages"] += 1
+        if len(frames) != 3 or frames[1] not in (_CTRL, _WIRE):
+            self._reject(WireError(f"message: {len(frames)} frames, want [identity, kind, body]"))
+            return
+        ident, kind, body = frames
+        pair = self._pairs.get(ident)
+        if pair is not None:
+            pair.last_seen = time.monotonic()
+        if kind == _WIRE:
+            if pair is None:
+                self.stats["dropped_unknown"] += 1   # a pair this receiver gave up on
+                return
+            self._on_wire(pair, body)
+            return
+        try:
+            d = decode_control(body, _FROM_SENDER)
+        except WireError as e:
+            self._reject(e)
+            return
+        t = d["type"]
+        if t == "hello":
+            self._on_hello(ident, d["inst"])
+        elif pair is None:
+            self._send(ident, "refuse", reason="unknown pair: say hello first")
+        elif t == "claim":
+            self._on_claim(pair, d["request_id"])
+        elif t == "fenced":
+            self._on_fenced(pair, d["request_id"])
+        elif t == "ping":
+            self._send(ident, "pong")
+        elif t == "bye":   # the sender's copies are all finished
+            self._drop_pair(pair, "said bye", lost=False)
+
+    def _on_hello(self, ident: bytes, inst) -> None:
+        if inst != self._inst:
+            self.stats["pairs_refused"] += 1
+            self._send(ident, "refuse", reason=f"stale endpoint: instance {str(inst)[:32]!r} is gone "
+                                              f"(this receiver is {self._inst})")
+            return
+        if ident in self._pairs:
+            self._reject(WireError("hello: pair exists"))
+            return
+        if len(self._pairs) >= self.max_pairs:
+            self.stats["pairs_refused"] += 1
+            self._send(ident, "refuse", reason=f"{len(self._pairs)} pairs already")
+            return
+        self._pairs[ident] = _Pair(ident, time.monotonic())
+        self.stats["pairs_formed"] += 1
+        self._send(ident, "welcome", cache=self._desc, layout=_layout_dict(self.layout))
+
+    def _on_claim(self, pair: _Pair, rid: str) -> None:
+        if rid not in self._xfers:
+            why = self._tomb.get(rid)
+            ok, reason = False, f"transfer {why}" if why else "transfer not expected here"
+        elif rid in self._claims:
+            ok, reason = False, "claimed by another sender"
+        else:
+            ok, reason = True, ""
+            self._claims[rid] = pair.ident
+            pair.claims.add(rid)
+        self.stats["grants" if ok else "denials"] += 1
+        self._send(pair.ident, "grant", request_id=rid, ok=ok, reason=reason)
+
+    def _on_wire(self, pair: _Pair, body) -> None:
+        try:
+            h = decode_header(body)
+            if isinstance(h, KVHeader):
+                res = self._res.get(h.request_id)
+                if res is None:
+                    raise UnknownRequestError(f"request {h.request_id!r} is not expected here", h.request_id)
+                check_kv(h, self.layout, res)
+            else:
+                h = decode_message([body], self.layout, self._res)
+        except UnknownRequestError as e:
+            self._drop_unknown(e)
+            return
+        except WireError as e:
+            self._reject(e)
+            return
+        rid = h.request_id
+        if self._claims.get(rid) != pair.ident and not (type(h).__name__ == "AbortHeader" and rid not in self._claims):
+            # Only the granted sender writes a transfer; an abort may come from a sender that
+            # refused the prefill before claiming it.
+            self._reject(WireError(f"{type(h).__name__}: {rid!r} was not granted to this sender", rid))
+            return
+        if isinstance(h, KVHeader):
+            self._landed(h)
+        elif isinstance(h, DoneHeader):
+            self._on_message(h)
+        else:
+            # The sender waits for its copies before it aborts: no fence needed.
+            self._release_claim(rid)
+            self._on_message(h)
+
+    def _maybe_complete(self, rid: str) -> None:
+        super()._maybe_complete(rid)
+        if rid not in self._xfers:           # completed: done follows the last copy
+            self._release_claim(rid)
+
+    def _release_claim(self, rid: str) -> None:
+        ident = self._claims.pop(rid, None)
+        p = self._pairs.get(ident) if ident is not None else None
+        if p is not None:
+            p.claims.discard(rid)
+
+    def _fail(self, rid: str, reason: str) -> None:
+        pair = self._claims.pop(rid, None)
+        if pair is None or rid not in self._xfers:
+            super()._fail(rid, reason)
+            return
+        # Granted: the blocks stay out of use (and the failure unreported) until the sender
+        # is fenced; a late kv header is dropped as late data meanwhile.
+        self._forget(rid, "failed")
+        self._fence(rid, pair, "failed", reason)
+
+    def _fence(self, rid: str, ident: bytes, kind: str, reason: str) -> None:
+        p = self._pairs.get(ident)
+        if p is None:   # the pair is gone: nothing can write any more
+            self._finish_fence(rid, _Fence(ident, kind, reason, time.monotonic()))
+            return
+        self._fences[rid] = _Fence(ident, kind, reason, time.monotonic())
+        self.stats["revokes"] += 1
+        self._send(ident, "revoke", request_id=rid)
+
+    def _on_fenced(self, pair: _Pair, rid: str) -> None:
+        f = self._fences.get(rid)
+        if f is None or f.pair != pair.ident:
+            return   # nothing revoked there (a fence after the pair was dropped, say)
+        self.stats["fenced"] += 1
+        self._finish_fence(rid, self._fences.pop(rid))
+
+    def _finish_fence(self, rid: str, f: _Fence) -> None:
+        p = self._pairs.get(f.pair)
+        if p is not None:
+            p.claims.discard(rid)
+        self._fences.pop(rid, None)
+        if f.kind == "failed":
+            log.warning("kv %s: transfer failed: %s", rid, f.reason)
+            self.stats["failed"] += 1
+            self._failed.append(_failed(rid, f.reason))
+        else:
+            self._released.append(rid)
+
+    def _drop_pair(self, pair: _Pair, why: str, lost: bool) -> None:
+        self._pairs.pop(pair.ident, None)
+        if lost:
+            self.stats["pairs_lost"] += 1
+            log.warning("kv cuda_ipc: sender pair lost (%s); failing its %d transfers", why, len(pair.claims))
+        for rid in list(pair.claims):
+            self._claims.pop(rid, None)
+            f = self._fences.get(rid)
+            if f is not None:
+                self._finish_fence(rid, f)
+            elif rid in self._xfers:
+                super()._fail(rid, f"sender {why}")
+        pair.claims.clear()
+
+    def _check_pairs(self) -> None:
+        now = time.monotonic()
+        for p in [p for p in self._pairs.values() if now - p.last_seen > self.peer_timeout_s]:
+            self._drop_pair(p, f"silent for {now - p.last_seen:.1f}s", lost=True)
+        for rid, f in list(self._fences.items()):
+            if now - f.since > self.FENCE_CAP_S:
+                self.stats["fence_timeouts"] += 1
+                log.error("kv %s: sender answered no revoke in %.0fs; releasing its blocks", rid, self.FENCE_CAP_S)
+                self._finish_fence(rid, f)
+
+
+def _no_write(request_id, layer, block_ids, tensor) -> None:
+    raise RuntimeError("cuda_ipc senders write the cache themselves")
+
+
+def _failed(rid: str, reason: str):
+    from kv_transfer.base import Failed
+    return Failed(rid, reason)
+
+
+# ---- prefill side ----------------------------------------------------------------------------------------
+@dataclass
+class _Item:
+    kind: str                        # "claim", "copy" (data to copy once granted), "landed", "done", "abort", "stop"
+    rid: str = ""
+    layer: int = 0
+    dst: list = field(default_factory=list)
+    tensor: torch.Tensor | None = None   # "copy": the gathered blocks [2, n, ...]
+    event: object = None                 # "copy": its data is ready; "landed": its copy finished
+    body: bytes = b""                    # "done"/"abort": the wire header
+    queued_at: float = field(default_factory=time.monotonic)
+
+
+class IpcKVSender(KVSender):
+    """Copies into one receiver's cache. The caller's thread (the prefill engine loop)
+    launches a copy itself when it may (pair up, request granted, lease held), else it
+    gathers the blocks into a private tensor that the I/O thread copies once it may. One
+    I/O thread owns the socket: it forms the pair, claims requests, waits for copies to
+    finish and reports them, in the order the caller queued them."""
+
+    KEPT = 4096   # failed / begun request ids remembered
+
+    def __init__(self, endpoint: str, *, context=None, send_timeout_s: float = 10.0, connect_timeout_s: float = 30.0,
+                 linger_s: float = 10.0, ping_s: float = 0.5, lease_s: float = 2.5, device=None):
+        self._ep = parse_endpoint(endpoint)
+        self.endpoint = endpoint
+        self.send_timeout_s = float(send_timeout_s)
+        self.connect_timeout_s = float(connect_timeout_s)
+        self.linger_s = float(linger_s)
+        self.ping_s = float(ping_s)
+        self.lease_s = float(lease_s)
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self._ctx = context or zmq.Context.instance()
+        pair = secrets.token_hex(12).encode()
+        sock = self._ctx.socket(zmq.DEALER)
+        try:
+            sock.setsockopt(zmq.ROUTING_ID, pair)
+            sock.setsockopt(zmq.MAXMSGSIZE, MAX_CONTROL_BYTES)
+            sock.setsockopt(zmq.SNDHWM, 10_000)
+            sock.setsockopt(zmq.LINGER, int(self.linger_s * 1000))
+            sock.connect(self._ep.ctrl)
+        except Exception:
+            sock.close(0)
+            raise
+        self._sock = sock
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        # Shared by the caller and the I/O thread; a copy is launched only while holding it,
+        # so a revoke sees every copy launched before it.
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._queue: deque[_Item] = deque()
+        self._busy = 0
+        self._remote: torch.Tensor | None = None   # the receiver's cache, opened
+        self.broken: str | None = None             # why the pair cannot be used, once it cannot
+        self._lease_until = 0.0
+        self._ping_sent = 0.0
+        self._begun: OrderedDict[str, None] = OrderedDict()
+        self._granted: set[str] = set()
+        self._revoked: set[str] = set()
+        self._last_copy: dict[str, torch.cuda.Event] = {}   # rid -> its last copy's event (CUDA)
+        self._failed: OrderedDict[str, str] = OrderedDict()
+        self._side = None
+        self._closed = False
+        self._drop_after: float | None = None
+        self.stats = dict(messages=0, bytes=0, copies=0, deferred_copies=0, dropped=0, revoked=0)
+        self._thread = threading.Thread(target=self._run, name=f"kv-ipc-sender->{endpoint}", daemon=True)
+        self._thread.start()
+
+    # ---- API (the caller's thread) -----------------------------------------------------------------------
+    def begin(self, request_id: str) -> None:
+        rid = check_request_id(request_id)
+        with self._lock:
+            if rid in self._begun:
+                return
+            self._begun[rid] = None
+            while len(self._begun) > self.KEPT:
+                self._begun.popitem(last=False)
+        self._put(_Item("claim", rid))
+
+    def send_layer(self, request_id: str, layer: int, dst_block_ids: Sequence[int], tensor: torch.Tensor) -> None:
+        rid, ids = self._check(request_id, layer, dst_block_ids)
+        if not isinstance(tensor, torch.Tensor) or tensor.dim() < 2 or tensor.shape[1] != len(ids):
+            raise ValueError(f"tensor must be [2, {len(ids)}, ...] (one entry per destination block on dim 1)")
+        if ids:
+            self.begin(rid)
+            self._queue_copy(rid, layer, ids, tensor.detach())
+
+    def send_layer_blocks(self, request_id: str, layer: int, dst_block_ids: Sequence[int],
+                          src_layer: torch.Tensor, src_block_ids: Sequence[int]) -> None:
+        rid, ids = self._check(request_id, layer, dst_block_ids)
+        src_ids = [int(b) for b in src_block_ids]
+        if len(src_ids) != len(ids):
+            raise ValueError(f"{len(src_ids)} source blocks for {len(ids)} destination blocks")
+        if not ids:
+            return
+        self.begin(rid)
+        with self._lock:
+            if self._can_write(rid) and src_layer.device == self._remote.device:
+                self._launch(rid, src_layer, self._remote[layer], ids, src_ids=src_ids)
+                self._queue.append(_Item("landed", rid, layer, ids, event=self._last_copy.get(rid)))
+                self._busy += 1
+                queued = True
+            else:
+                queued = False
+        if queued:
+            self._wake()
+            return
+        idx = torch.tensor(src_ids, dtype=torch.long, device=src_layer.device)
+        self._queue_copy(rid, layer, ids, src_layer[:, idx])
+
+    def send_done(self, request_id: str, first_token: int, num_layers: int) -> None:
+        body = encode_done(request_id, first_token, num_layers)[0]
+        self._order_after_copies(request_id)
+        self._put(_Item("done", request_id, body=body))
+
+    def send_abort(self, request_id: str, reason: str = "") -> None:
+        body = encode_abort(request_id, reason)[0]
+        self._order_after_copies(request_id)
+        self._put(_Item("abort", request_id, body=body))
+
+    def flush(self, timeout_s: float | None = None) -> bool:
+        with self._idle:
+            return self._idle.wait_for(lambda: self._busy == 0, timeout_s)
+
+    def failed_requests(self) -> set[str]:
+        with self._lock:
+            return set(self._failed)
+
+    def close(self, linger_s: float | None = None) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            linger = self.linger_s if linger_s is None else float(linger_s)
+            self._drop_after = time.monotonic() + linger
+            self._queue.append(_Item("stop"))
+            self._busy += 1
+        self._wake()
+        self._thread.join(linger + self.send_timeout_s + 5.0)
+        if self._thread.is_alive():
+            log.warning("kv cuda_ipc sender to %s: I/O thread did not stop", self.endpoint)
+            return
+        with self._lock:   # no caller writes to the pipe once it is closed (its fds may be reused)
+            fds, self._wake_r, self._wake_w = (self._wake_r, self._wake_w), None, None
+        for fd in fds:
+            os.close(fd)
+
+    # ---- internals: the caller's side ----------------------------------------------------------------------
+    def _check(self, request_id, layer, dst_block_ids) -> tuple[str, list[int]]:
+        rid = check_request_id(request_id)
+        if type(layer) is not int or not 0 <= layer < MAX_LAYERS:
+            raise ValueError(f"layer must be an int in [0, {MAX_LAYERS}), got {layer!r}")
+        ids = [int(b) for b in dst_block_ids]
+        if len(ids) > MAX_BLOCKS_PER_MESSAGE:
+            raise ValueError(f"at most {MAX_BLOCKS_PER_MESSAGE} blocks per layer")
+        if self._closed:
+            raise RuntimeError("sender is closed")
+        return rid, ids
+
+    def _can_write(self, rid: str) -> bool:
+        """Holding the lock: may a copy for rid be launched now?"""
+        return (self._remote is not None and self.broken is None and rid in self._granted
+                and rid not in self._revoked and rid not in self._failed and time.monotonic() < self._lease_until)
+
+    def _launch(self, rid: str, src: torch.Tensor, dst: torch.Tensor, dst_ids: list[int], *,
+                src_ids: list[int] | None = None, ready=None) -> None:
+        """Holding the lock: copy one layer's blocks into the receiver's cache ``dst``, from
+        blocks ``src_ids`` of the caller's cache layer ``src``, or (``src_ids`` None) from
+        the gathered tensor ``src``. On CUDA on the side stream, after the current stream's
+        work (or the event ``ready``), recording the copy's event as rid's last."""
+        if min(dst_ids) < 0 or max(dst_ids) >= dst.shape[1]:
+            raise ValueError(f"block ids outside the receiver's cache of {dst.shape[1]} blocks")
+        self.stats["copies"] += 1
+        if not dst.is_cuda:
+            d_idx = torch.tensor(dst_ids, dtype=torch.long)
+            if src_ids is not None:
+                copy_blocks(src, dst, torch.tensor(src_ids, dtype=torch.long), d_idx)
+            else:
+                dst[:, d_idx] = src.to("cpu", dst.dtype)
+            return
+        dev = dst.device
+        if ready is None:
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(src.device))
+        if self._side is None:
+            self._side = torch.cuda.Stream(dev)
+        self._side.wait_event(ready)
+        with torch.cuda.stream(self._side):
+            d_idx = torch.tensor(dst_ids, dtype=torch.long, device=dev)
+            if src_ids is not None:
+                copy_blocks(src, dst, torch.tensor(src_ids, dtype=torch.long, device=dev), d_idx)
+            else:
+                dst[:, d_idx] = src.to(dev, dst.dtype, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self._side)
+        if src_ids is None and src.is_cuda:
+            src.record_stream(self._side)   # the gathered tensor is read there, not on its own stream
+        self._last_copy[rid] = done
+
+    def _queue_copy(self, rid: str, layer: int, ids: list[int], tensor: torch.Tensor) -> None:
+        ready = None
+        if tensor.is_cuda:
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(tensor.device))
+        self.stats["deferred_copies"] += 1
+        self._put(_Item("copy", rid, layer, ids, tensor=tensor, event=ready))
+
+    def _order_after_copies(self, rid: str) -> None:
+        # The prefill worker releases the request's blocks next: later work on its stream
+        # (which may reuse them) must wait for the copies that read them.
+        with self._lock:
+            ev = self._last_copy.get(rid)
+        if ev is not None:
+            torch.cuda.current_stream().wait_event(ev)
+
+    def _put(self, it: _Item) -> None:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("sender is closed")
+            self._queue.append(it)
+            self._busy += 1
+        self._wake()
+
+    def _wake(self) -> None:
+        with self._lock:
+            if self._wake_w is None:
+                return
+            try:
+                os.write(self._wake_w, b"x")
+            except OSError:
+                pass   # the pipe is full: the I/O thread is awake anyway
+
+    def _mark_failed(self, rid: str, why: str) -> None:
+        """Holding the lock."""
+        if rid not in self._failed:
+            log.error("kv cuda_ipc sender to %s: request %s failed: %s", self.endpoint, rid, why)
+        self._failed[rid] = why
+        self._failed.move_to_end(rid)
+        while len(self._failed) > self.KEPT:
+            self._failed.popitem(last=False)
+
+    # ---- internals: the I/O thread ------------------------------------------------------------------------
+    def _send(self, kind: bytes, body: bytes) -> None:
+        self._sock.send_multipart([kind, body], zmq.NOBLOCK)
+        self.stats["messages"] += 1
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        hello_at = ping_at = self._ping_sent = time.monotonic()
+        try:
+            self._send(_CTRL, encode_control("hello", inst=self._ep.inst))
+            while True:
+                for sock, _ in poller.poll(max(1, int(self.ping_s * 1000))):
+                    if sock == self._wake_r:
+                        os.read(self._wake_r, 4096)
+                self._read_replies()
+                now = time.monotonic()
+                if self._remote is None and self.broken is None and now - hello_at > self.connect_timeout_s:
+                    self._break(f"no welcome from the receiver in {self.connect_timeout_s:.0f}s")
+                if now - ping_at >= self.ping_s and self.broken is None:
+                    self._ping_sent = ping_at = now
+                    self._send(_CTRL, encode_control("ping"))
+                if self._process_queue():
+                    return
+        except Exception:
+            log.exception("kv cuda_ipc sender to %s: I/O thread failed", self.endpoint)
+        finally:
+            self._shutdown()
+
+    def _read_replies(self) -> None:
+        while True:
+            try:
+                frames = self._sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                if len(frames) != 2 or frames[0] != _CTRL:
+                    raise WireError(f"reply: {len(frames)} frames, want [kind, body]")
+                d = decode_control(frames[1], _FROM_RECEIVER)
+                self._on_reply(d)
+            except (WireError, KeyError, TypeError) as e:
+                log.warning("kv cuda_ipc sender to %s: dropped a malformed reply: %s", self.endpoint, e)
+
+    def _on_reply(self, d: dict) -> None:
+        t = d["type"]
+        if t == "welcome":
+            try:
+                remote = open_cache(d["cache"])
+                lay = d["layout"]
+                want = (lay["num_layers"], 2, lay["num_blocks"], lay["block_size"], lay["num_kv_heads"],
+                        lay["head_dim"])
+                if tuple(remote.shape) != want:
+                    raise ValueError(f"cache shape {tuple(remote.shape)} is not the layout's {want}")
+                if remote.device.type != self.device.type:
+                    raise ValueError(f"the receiver's cache is on {remote.device.type}, this sender's on "
+                                     f"{self.device.type}: both must be on GPUs or both on the CPU")
+            except Exception as e:
+                self._break(f"cannot use the receiver's cache: {type(e).__name__}: {e}")
+                return
+            with self._lock:
+                self._remote = remote
+                self._lease_until = self._ping_sent + self.lease_s
+            log.info("kv cuda_ipc sender to %s: pair formed (%s)", self.endpoint, remote.device)
+        elif t == "refuse":
+            self._break(f"receiver refused: {str(d['reason'])[:MAX_REASON_LEN]}")
+        elif t == "pong":
+            with self._lock:
+                self._lease_until = max(self._lease_until, self._ping_sent + self.lease_s)
+        elif t == "grant":
+            rid = d["request_id"]
+            with self._lock:
+                if d["ok"] is True:
+                    self._granted.add(rid)
+                else:
+                    self._mark_failed(rid, f"not granted: {str(d['reason'])[:MAX_REASON_LEN]}")
+        elif t == "revoke":
+            self._on_revoke(d["request_id"])
+
+    def _on_revoke(self, rid: str) -> None:
+        with self._lock:
+            self._revoked.add(rid)
+            self._granted.discard(rid)
+            ev = self._last_copy.pop(rid, None)
+        self.stats["revoked"] += 1
+        if ev is not None:
+            ev.synchronize()   # every copy of rid launched before the revoke has finished
+        self._send(_CTRL, encode_control("fenced", request_id=rid))
+
+    def _break(self, why: str) -> None:
+        """The pair is unusable: abort every transfer this sender knows of, so the receiver
+        falls back at once instead of at its deadlines."""
+        with self._lock:
+            if self.broken is not None:
+                return
+            self.broken = why
+            rids = list(self._begun)
+            for rid in rids:
+                self._mark_failed(rid, why)
+        log.error("kv cuda_ipc sender to %s: %s", self.endpoint, why)
+        for rid in rids:
+            try:
+                self._send(_WIRE, encode_abort(rid, why)[0])
+            except zmq.ZMQError:
+                pass
+
+    def _process_queue(self) -> bool:
+        """Handle queued items in order while they can go; True once told to stop."""
+        while True:
+            with self._lock:
+                if not self._queue:
+                    return False
+                it = self._queue[0]
+            if it.kind == "stop":
+                return True
+            if not self._handle(it):
+                return False   # it cannot go yet: the next reply or wake-up tries again
+            with self._idle:
+                self._queue.popleft()
+                self._busy -= 1
+                self._idle.notify_all()
+
+    def _handle(self, it: _Item) -> bool:
+        """Handle one item; False leaves it at the head of the queue (it cannot go yet)."""
+        rid = it.rid
+        now = time.monotonic()
+        closing = self._drop_after is not None and now > self._drop_after
+        if it.kind == "claim":
+            if self._remote is None and self.broken is None and not closing:
+                return False   # the pair is forming
+            if self._remote is None or self.broken is not None or closing:
+                with self._lock:
+                    self._mark_failed(rid, self.broken or "sender closed")
+                return True
+            self._send(_CTRL, encode_control("claim", request_id=rid))
+            return True
+        if it.kind == "landed":
+            if it.event is not None:
+                it.event.synchronize()
+            self._report(it)
+            return True
+        if it.kind == "copy":
+            with self._lock:
+                settled = rid in self._failed or rid in self._revoked or self.broken is not None or closing
+                if not settled and not self._can_write(rid):
+                    if now - it.queued_at < self.send_timeout_s:
+                        return False   # waiting for the grant (or a lease renewal)
+                    self._mark_failed(rid, f"no grant or lease in {self.send_timeout_s:.0f}s")
+                    settled = True
+                if settled:
+                    self.stats["dropped"] += 1
+                    return True
+                self._launch(rid, it.tensor, self._remote[it.layer], it.dst, ready=it.event)
+                ev = self._last_copy.get(rid)
+            if ev is not None:
+                ev.synchronize()
+            self._report(it)
+            return True
+        # done / abort: every earlier item of rid has been handled (the queue is in order)
+        with self._lock:
+            failed = rid in self._failed or rid in self._revoked
+            self._granted.discard(rid)
+            self._revoked.discard(rid)
+            self._last_copy.pop(rid, None)
+            self._begun.pop(rid, None)
+        if it.kind == "done" and failed:
+            return True   # the receiver fails it anyway (revoked, denied, or aborted by _break)
+        try:
+            self._send(_WIRE, it.body)
+        except zmq.ZMQError as e:
+            with self._lock:
+                self._mark_failed(rid, f"control send failed: {e}")
+        return True
+
+    def _report(self, it: _Item) -> None:
+        """Tell the receiver that a layer's copy has landed (unless rid was revoked)."""
+        with self._lock:
+            skip = it.rid in self._revoked or it.rid in self._failed
+            remote = self._remote
+        if skip or remote is None:
+            return
+        self._send(_WIRE, _kv_header(it.rid, it.layer, it.dst, dtype_name(remote.dtype), tuple(remote.shape[3:])))
+        self.stats["bytes"] += 2 * remote[0, 0, 0].numel() * remote.element_size() * len(it.dst)
+
+    def _shutdown(self) -> None:
+        with self._idle:
+            for it in self._queue:
+                if it.rid:
+                    self._failed.setdefault(it.rid, "sender closed before it was sent")
+            self._busy = 0
+            self._queue.clear()
+            self._closed = True
+            events = list(self._last_copy.values())
+            self._last_copy.clear()
+            self._idle.notify_all()
+        for ev in events:
+            ev.synchronize()   # bye promises that nothing of ours still writes
+        try:
+            self._send(_CTRL, encode_control("bye"))
+        except zmq.ZMQError:
+            pass
+        self._sock.close(linger=int(max(0.0, self.linger_s) * 1000))
+        self._remote = None

@@ -1,0 +1,378 @@
+"""The "cuda_ipc" KV transfer backend (kv_transfer/ipc_backend.py). On CPU the same code
+shares the decode cache through POSIX shared memory instead of a CUDA IPC handle, so the
+protocol (claims, grants, revokes, fences, leases, stale instances, lost senders) and the
+block copies run here, between this process and sender processes started from this file
+(``python tests/test_kv_transfer_ipc.py sender ENDPOINT SEED``). GPU tests are marked
+``gpu``: two processes on one GPU, the workers in fp32 against in-place prefill."""
+from __future__ import annotations
+
+import os
+
+if not os.environ.get("CUDA_VISIBLE_DEVICES") and "TRITON_INTERPRET" not in os.environ:
+    os.environ["TRITON_INTERPRET"] = "1"   # before Triton loads: the block-copy kernel runs interpreted on CPU
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import msgpack
+import pytest
+import torch
+import zmq
+
+import kv_transfer as kt
+from kv_transfer import ipc_backend as ipc
+from kv_transfer.block_copy import copy_blocks, copy_blocks_reference
+from kv_transfer.wire import KVLayout, WireError
+
+HERE = os.path.abspath(__file__)
+ROOT = os.path.dirname(os.path.dirname(HERE))
+LAYOUT = dict(num_layers=3, num_blocks=32, block_size=4, num_kv_heads=2, head_dim=8, dtype="float32", vocab_size=1000)
+
+
+def src_cache(seed: int, layout: KVLayout, num_blocks: int = 48) -> torch.Tensor:
+    """The prefill side's cache: both processes build it the same way."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(layout.num_layers, *layout.block_shape(num_blocks), generator=g).to(layout.torch_dtype)
+
+
+def new_rx(layout: KVLayout, **kw):
+    cache = torch.zeros(layout.num_layers, *layout.block_shape(layout.num_blocks), dtype=layout.torch_dtype)
+    rx = kt.make_receiver("cuda_ipc", layout, None, cache=cache, **kw)
+    return rx, cache
+
+
+def poll_until(rx, cond, timeout_s: float = 20.0, out=None):
+    out = out if out is not None else kt.PollResult()
+    end = time.monotonic() + timeout_s
+    while not cond(out):
+        r = rx.poll(10)
+        out.completed += r.completed
+        out.failed += r.failed
+        out.released += r.released
+        assert time.monotonic() < end, f"timed out: {out} {rx.stats}"
+    return out
+
+
+@pytest.fixture
+def pair():
+    layout = KVLayout(**LAYOUT)
+    made = []
+
+    def make(rx_kw=None, tx_kw=None):
+        rx, cache = new_rx(layout, **(rx_kw or {}))
+        tx = kt.make_sender("cuda_ipc", rx.endpoint, **{**dict(send_timeout_s=5.0), **(tx_kw or {})})
+        made.append((rx, tx))
+        poll_until(rx, lambda _: rx.num_pairs() == 1)
+        return layout, rx, cache, tx
+
+    yield make
+    for rx, tx in made:
+        tx.close(1.0)
+        rx.close()
+
+
+def granted(rx, tx, rid):
+    poll_until(rx, lambda _: rid in rx._claims)
+    end = time.monotonic() + 10
+    while rid not in tx._granted:
+        rx.poll(5)
+        assert time.monotonic() < end
+
+
+# ---- the block copy ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_block_copy_kernel_equals_the_torch_reference(dtype):
+    import kv_transfer.block_copy as bc
+    assert bc._kernel_ok(torch.empty(1), torch.empty(1)), "the kernel would not run (TRITON_INTERPRET unset?)"
+    g = torch.Generator().manual_seed(1)
+    src = torch.randn(2, 40, 4, 2, 6, generator=g).to(dtype)
+    dst = torch.randn(2, 30, 4, 2, 6, generator=g).to(dtype)
+    want = dst.clone()
+    s = torch.tensor([3, 39, 0, 17], dtype=torch.long)
+    d = torch.tensor([29, 1, 7, 2], dtype=torch.long)
+    copy_blocks_reference(src, want, s, d)
+    copy_blocks(src, dst, s, d)
+    assert torch.equal(dst.view(torch.uint8), want.view(torch.uint8))
+    assert torch.equal(dst[:, 29], src[:, 3]) and not torch.equal(dst[:, 0], src[:, 0])
+    with pytest.raises(ValueError):
+        copy_blocks(src, dst.to(torch.float64), s, d)
+
+
+# ---- endpoints, control messages, handles ---------------------------------------------------------------
+def test_endpoints_control_messages_and_cache_descriptions():
+    ep = ipc.parse_endpoint("cudaipc://10.0.0.2:5555?inst=0123456789abcdef")
+    assert ep == ipc.IpcEndpoint("10.0.0.2", 5555, "0123456789abcdef") and str(ep).startswith("cudaipc://10.0.0.2:5555")
+    for bad in ["tcp://h:1", "cudaipc://h:1", "cudaipc://h?inst=0123456789abcdef", "cudaipc://h:1?inst=xyz",
+                "cudaipc://h:1?inst=0123456789abcdef&x=1", "cudaipc://h:99999?inst=0123456789abcdef",
+                "cudaipc://h:1/p?inst=0123456789abcdef", "cudaipc://h:1?inst=0123456789ABCDEF"]:
+        with pytest.raises(ValueError):
+            ipc.parse_endpoint(bad)
+    assert kt.backend_of(str(ep)) == "cuda_ipc" and kt.backend_of("tcp://h:1") == "zmq"
+    ok = ipc.encode_control("claim", request_id="r1")
+    assert ipc.decode_control(ok, ipc._FROM_SENDER)["request_id"] == "r1"
+    for bad in [b"", b"\xc1", msgpack.packb([1, 2]), msgpack.packb(dict(v=1, type="nope")),
+                msgpack.packb(dict(v=99, type="ping")), msgpack.packb(dict(v=1, type="claim")),
+                msgpack.packb(dict(v=1, type="claim", request_id=7)), msgpack.packb(dict(v=1, type="ping", x=1)),
+                b"x" * (ipc.MAX_CONTROL_BYTES + 1), ipc.encode_control("welcome", cache={}, layout={})]:
+        with pytest.raises(WireError):
+            ipc.decode_control(bad, ipc._FROM_SENDER)
+    t = torch.arange(2 * 3 * 4 * 1 * 2 * 2, dtype=torch.float32).reshape(2, 3, 4, 1, 2, 2)
+    desc = ipc.export_cache(t)
+    assert desc["kind"] == "cpu" and t.untyped_storage().is_shared()
+    opened = ipc.open_cache(msgpack.unpackb(msgpack.packb(desc, use_bin_type=True), raw=False))
+    opened[1, 0, 2] = -1.0
+    assert torch.equal(t, opened) and t[1, 0, 2].eq(-1).all()   # one memory, two tensors
+    for change in [dict(host="elsewhere/boot"), dict(shape=[2, 3]), dict(size=8), dict(kind="tpu"),
+                   dict(dtype="int8"), dict(extra=1)]:
+        with pytest.raises(ValueError):
+            ipc.open_cache({**desc, **change})
+
+
+# ---- one process: the protocol -------------------------------------------------------------------------------
+def test_exact_transfer_block_to_block_and_from_gathered_tensors(pair):
+    layout, rx, cache, tx = pair()
+    src = src_cache(1, layout)
+    rx.expect("a", [3, 5, 7], deadline=time.monotonic() + 20)
+    tx.begin("a")
+    granted(rx, tx, "a")
+    for layer in range(layout.num_layers):
+        tx.send_layer_blocks("a", layer, [3, 5, 7], src[layer], [10, 0, 47])
+    tx.send_done("a", 42, layout.num_layers)
+    out = poll_until(rx, lambda o: o.completed)
+    assert [(c.request_id, c.first_token) for c in out.completed] == [("a", 42)]
+    assert torch.equal(cache[:, :, [3, 5, 7]], src[:, :, [10, 0, 47]])
+    assert tx.stats["copies"] == layout.num_layers and tx.stats["deferred_copies"] == 0
+    # The generic send_layer (data already gathered), without begin(): claimed on first use.
+    rx.expect("b", [8, 9], deadline=time.monotonic() + 20)
+    for layer in range(layout.num_layers):
+        tx.send_layer("b", layer, [8, 9], src[layer][:, [1, 2]])
+    tx.send_done("b", 7, layout.num_layers)
+    out = poll_until(rx, lambda o: o.completed)
+    assert out.completed[0].request_id == "b" and torch.equal(cache[:, :, [8, 9]], src[:, :, [1, 2]])
+    assert rx.stats["completed"] == 2 and not rx._claims and cache[:, :, 0].eq(0).all()
+
+
+def test_a_cancelled_granted_transfer_holds_its_blocks_until_the_sender_is_fenced(pair):
+    layout, rx, cache, tx = pair()
+    src = src_cache(2, layout)
+    rx.expect("c", [1, 2], deadline=time.monotonic() + 20)
+    tx.begin("c")
+    granted(rx, tx, "c")
+    tx.send_layer_blocks("c", 0, [1, 2], src[0], [4, 5])
+    assert rx.cancel("c") and rx.write_pending("c")
+    out = poll_until(rx, lambda o: o.released)
+    assert out.released == ["c"] and not rx.write_pending("c") and rx.stats["fenced"] == 1
+    # Once fenced, the sender writes nothing more of "c": later layers are dropped.
+    before = cache.clone()
+    tx.send_layer_blocks("c", 1, [1, 2], src[1], [4, 5])
+    tx.send_layer("c", 2, [1, 2], src[2][:, [4, 5]])
+    tx.send_done("c", 1, layout.num_layers)
+    assert tx.flush(10)
+    poll_until(rx, lambda o: True)
+    assert torch.equal(cache, before) and rx.stats["completed"] == 0
+    # An ungranted transfer needs no fence, and a claim after its cancel is denied.
+    rx.expect("d", [3], deadline=time.monotonic() + 20)
+    assert rx.cancel("d") and not rx.write_pending("d")
+    tx.send_layer("d", 0, [3], src[0][:, [9]])
+    poll_until(rx, lambda o: "d" in tx.failed_requests(), timeout_s=3)
+    assert tx.flush(10)
+    assert cache[:, :, 3].eq(0).all() and rx.stats["denials"] == 1
+
+
+def test_a_deadline_on_a_granted_transfer_reports_failure_after_the_fence(pair):
+    layout, rx, cache, tx = pair()
+    rx.expect("e", [4], deadline=time.monotonic() + 0.5)
+    tx.begin("e")
+    granted(rx, tx, "e")
+    out = poll_until(rx, lambda o: o.failed)
+    assert out.failed[0].request_id == "e" and out.failed[0].reason.startswith("deadline")
+    assert rx.stats["revokes"] == 1 and rx.stats["fenced"] == 1 and not rx._fences
+
+
+def test_malformed_and_unauthorised_messages_fail_only_what_they_name(pair):
+    layout, rx, cache, tx = pair()
+    rx.expect("f", [6, 7], deadline=time.monotonic() + 20)
+    tx.begin("f")
+    granted(rx, tx, "f")
+    ctx = zmq.Context.instance()
+    rogue = ctx.socket(zmq.DEALER)
+    rogue.setsockopt(zmq.LINGER, 0)
+    rogue.connect(ipc.parse_endpoint(rx.endpoint).ctrl)
+    try:
+        # Garbage of every shape: counted and dropped; the receiver keeps serving.
+        for frames in ([b"junk"], [b"c", b"\xc1"], [b"w", b"x", b"y"], [b"q", b"z"]):
+            rogue.send_multipart(frames)
+        rogue.send_multipart([b"c", ipc.encode_control("hello", inst="f" * 16)])   # a stale instance
+        poll_until(rx, lambda _: rx.stats["rejected"] >= 3 and rx.stats["pairs_refused"] == 1)
+        reply = rogue.recv_multipart()
+        assert ipc.decode_control(reply[1], ipc._FROM_RECEIVER)["type"] == "refuse"
+        # A pair that was not granted "f" cannot report its layers.
+        rogue.send_multipart([b"c", ipc.encode_control("hello", inst=ipc.parse_endpoint(rx.endpoint).inst)])
+        poll_until(rx, lambda _: rx.num_pairs() == 2)
+        rogue.send_multipart([b"c", ipc.encode_control("claim", request_id="f")])
+        rogue.send_multipart([b"w", ipc._kv_header("f", 0, [6, 7], "float32", (4, 2, 8))])
+        out = poll_until(rx, lambda o: o.failed)
+        assert out.failed[0].request_id == "f" and "not granted to this sender" in out.failed[0].reason
+        assert rx.stats["denials"] == 1   # "claimed by another sender"
+        # The granted sender was fenced before the failure was reported.
+        assert rx.stats["fenced"] == 1
+        # A header for blocks outside the reservation fails that transfer.
+        rx.expect("g", [10], deadline=time.monotonic() + 20)
+        rogue.send_multipart([b"c", ipc.encode_control("claim", request_id="g")])
+        poll_until(rx, lambda _: "g" in rx._claims)
+        rogue.send_multipart([b"w", ipc._kv_header("g", 0, [11], "float32", (4, 2, 8))])
+        out = poll_until(rx, lambda o: o.failed)
+        assert "not reserved" in out.failed[0].reason
+    finally:
+        rogue.close(0)
+
+
+def test_a_refused_sender_aborts_its_transfers_at_once():
+    """A sender whose endpoint names a gone incarnation (the decode worker restarted on the
+    same port) is refused; it aborts what it began instead of letting it time out."""
+    layout = KVLayout(**LAYOUT)
+    rx, cache = new_rx(layout)
+    ep = ipc.parse_endpoint(rx.endpoint)
+    stale = str(ipc.IpcEndpoint(ep.host, ep.port, "0" * 16))
+    tx = kt.make_sender("cuda_ipc", stale, send_timeout_s=5.0)
+    try:
+        tx.begin("h")
+        poll_until(rx, lambda _: tx.broken is not None)
+        assert "stale endpoint" in tx.broken and "h" in tx.failed_requests()
+        assert rx.num_pairs() == 0 and rx.stats["pairs_refused"] == 1 and cache.eq(0).all()
+    finally:
+        tx.close(1.0)
+        rx.close()
+
+
+# ---- two processes ----------------------------------------------------------------------------------------
+def sender_main(endpoint: str, seed: int) -> None:
+    """Copy blocks as told on stdin (JSON lines); "hang" stops answering (a wedged worker)."""
+    layout = KVLayout(**LAYOUT)
+    src = src_cache(seed, layout)
+    tx = kt.make_sender("cuda_ipc", endpoint, send_timeout_s=5.0, lease_s=0.5, ping_s=0.1)
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        if cmd["op"] == "send":
+            tx.begin(cmd["rid"])
+            end = time.monotonic() + 20
+            while cmd["rid"] not in tx._granted and time.monotonic() < end:
+                time.sleep(0.005)
+            for layer in cmd["layers"]:
+                tx.send_layer_blocks(cmd["rid"], layer, cmd["dst"], src[layer], cmd["src"])
+            if cmd.get("first_token") is not None:
+                tx.send_done(cmd["rid"], cmd["first_token"], layout.num_layers)
+            print(json.dumps(dict(flushed=tx.flush(20), failed=sorted(tx.failed_requests()))), flush=True)
+        elif cmd["op"] == "close":
+            tx.close()
+            print(json.dumps(dict(closed=True)), flush=True)
+            return
+
+
+class SenderProc:
+    def __init__(self, endpoint: str, seed: int):
+        env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        self.proc = subprocess.Popen([sys.executable, HERE, "sender", endpoint, str(seed)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+
+    def send(self, cmd: dict) -> None:
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+
+    def reply(self, rx, out: kt.PollResult) -> dict:
+        """The sender's answer, polling the receiver meanwhile (its results go to out)."""
+        import select
+        end = time.monotonic() + 60
+        while not select.select([self.proc.stdout], [], [], 0)[0]:
+            poll_until(rx, lambda _: True, out=out)
+            rx_result = rx.poll(10)
+            out.completed += rx_result.completed
+            out.failed += rx_result.failed
+            assert time.monotonic() < end and self.proc.poll() is None
+        return json.loads(self.proc.stdout.readline())
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+
+def test_another_process_writes_the_cache_and_a_killed_one_is_declared_lost():
+    layout = KVLayout(**LAYOUT)
+    rx, cache = new_rx(layout, peer_timeout_s=1.0)
+    p = SenderProc(rx.endpoint, seed=5)
+    try:
+        rx.expect("x", [2, 30], deadline=time.monotonic() + 60)
+        p.send(dict(op="send", rid="x", layers=[0, 1, 2], dst=[2, 30], src=[7, 8], first_token=3))
+        out = kt.PollResult()
+        assert p.reply(rx, out)["flushed"]
+        poll_until(rx, lambda o: o.completed, out=out)
+        assert out.completed[0].request_id == "x"
+        assert torch.equal(cache[:, :, [2, 30]], src_cache(5, layout)[:, :, [7, 8]])
+        # Mid-transfer: one layer landed, then the process dies. The receiver fails the
+        # transfer once the pair has been silent for peer_timeout_s, long before its deadline.
+        rx.expect("y", [4], deadline=time.monotonic() + 60)
+        p.send(dict(op="send", rid="y", layers=[0], dst=[4], src=[1]))
+        assert p.reply(rx, out)["flushed"]
+        poll_until(rx, lambda _: rx.progress("y")["layers_landed"] == [0])
+        p.kill()
+        t0 = time.monotonic()
+        out = poll_until(rx, lambda o: o.failed)
+        assert out.failed[0].request_id == "y" and "silent" in out.failed[0].reason
+        assert time.monotonic() - t0 < 5 and rx.num_pairs() == 0 and rx.stats["pairs_lost"] == 1
+    finally:
+        p.kill()
+        rx.close()
+
+
+# ---- the workers ---------------------------------------------------------------------------------------------
+def test_workers_disaggregate_over_cuda_ipc_and_abort_mid_transfer_without_leaks():
+    """A decode worker with kv_backend="cuda_ipc" (shared memory on CPU) advertises a
+    cudaipc:// endpoint; the prefill worker copies straight into its cache; greedy tokens
+    equal a single engine's; a request aborted while its transfer is granted keeps its
+    blocks until the sender is fenced, then frees them."""
+    from conftest import assert_no_leaks
+    from decode_worker import DecodeWorker
+    from engine import LLM
+    from prefill_worker import PrefillWorker
+    from test_workers import EKW, MODEL, PARAMS, PROMPT, FakeRouter, drive, gen
+    from router import planes
+
+    want = LLM(MODEL, **EKW).generate([list(PROMPT)], PARAMS)[0].token_ids
+    router = FakeRouter()
+    dw = DecodeWorker("d0", MODEL, router.endpoint, engine_kwargs=EKW, kv_backend="cuda_ipc")
+    pw = PrefillWorker("p0", MODEL, engine_kwargs=EKW)
+    try:
+        assert dw.endpoints()["kv"].startswith("cudaipc://")
+        assert pw.engine.runner.decode_graphs is None
+        router.send(dw.endpoints()["request"], gen("r1", mode="disagg", prefill_endpoint=pw.endpoints()["request"]))
+        drive(router, dw, pw, lambda: "r1" in router.final, timeout_s=60)
+        fin = router.final["r1"]
+        assert router.tokens["r1"] == want and (fin.error, fin.fallback) == (None, None)
+        kv = dw.stats()["kv"]
+        assert kv["completed"] == 1 and kv["grants"] == 1 and kv["layers_written"] == dw.num_layers
+        # Abort once granted but before the prefill ran: blocks held, then released.
+        router.send(dw.endpoints()["request"], gen("r2", mode="disagg", prefill_endpoint=pw.endpoints()["request"]))
+        end = time.monotonic() + 30
+        while not dw.receiver._claims:
+            dw.run_once(5)
+            pw._drain_requests()   # takes the prefill and claims it, without computing it
+            assert time.monotonic() < end
+        router.send(dw.endpoints()["request"], planes.encode_abort("r2"))
+        drive(router, dw, pw, lambda: "r2" in router.final and not dw._held and pw.num_in_flight() == 0,
+              timeout_s=30)
+        assert router.final["r2"].finish_reason == "abort" and dw.stats()["kv"]["fenced"] == 1
+        assert_no_leaks(dw.engine)
+        assert_no_leaks(pw.engine)
+    finally:
+        pw.stop()
+        dw.stop()
+        router.close()
+
+
+if __name__ == "__main__" and len(sys.argv) >= 2 and sys.argv[1] == "sender":
+    sender_main(sys.argv[2], int(sys.argv[3]))
