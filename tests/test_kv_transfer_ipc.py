@@ -374,5 +374,97 @@ def test_workers_disaggregate_over_cuda_ipc_and_abort_mid_transfer_without_leaks
         router.close()
 
 
+# ---- GPU: two processes on one GPU -------------------------------------------------------------------------
+GPU_MODEL = "random:llama3-1b"
+GPU_EKW = dict(num_kv_blocks=256)
+
+
+def prefill_main(model: str, ekw_json: str) -> None:
+    """A prefill worker on the GPU in its own process; stdin: "stats" or "stop"."""
+    from prefill_worker import PrefillWorker
+    pw = PrefillWorker("p-gpu", model, engine_kwargs=json.loads(ekw_json), device="cuda", dtype="float32")
+    pw.start()
+    print(json.dumps(pw.endpoints()), flush=True)
+    for line in sys.stdin:
+        if line.strip() == "stats":
+            e = pw.engine
+            sch = e.scheduler
+            idle = not (sch.running or sch.waiting or sch.awaiting_kv or sch.held)
+            used = sum(1 for b in range(e.blocks.num_blocks) if e.blocks.ref_count[b] != 0)
+            print(json.dumps(dict(in_flight=pw.num_in_flight(), idle=idle, blocks_in_use=used,
+                                  completed=pw.counters["completed"])), flush=True)
+        else:
+            break
+    pw.stop()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("stall", [False, True], ids=["exact", "stalled-sender"])
+def test_gpu_two_processes_on_one_gpu_equal_in_place_prefill(stall):
+    """fp32 on one GPU: the decode worker here, the prefill worker in another process.
+    Over cuda_ipc the disaggregated request's greedy tokens equal the in-place ones; a
+    sender stopped (SIGSTOP) after its grant is declared lost and the decode worker
+    prefills in place, with the same tokens; no block leaks on either side."""
+    from conftest import assert_no_leaks
+    from decode_worker import DecodeWorker
+    from engine import LLM, SamplingParams
+    from test_workers import FakeRouter, drive, gen
+
+    params = SamplingParams(max_tokens=16, ignore_eos=True)
+    prompt = [(i * 7919) % 30000 + 10 for i in range(700)]
+    ref = LLM(GPU_MODEL, device="cuda", dtype="float32", **GPU_EKW)
+    want = ref.generate([prompt], params)[0].token_ids
+    del ref
+    torch.cuda.empty_cache()
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, HERE, "prefill", GPU_MODEL, json.dumps(GPU_EKW)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    router = FakeRouter()
+    dw = DecodeWorker("d-gpu", GPU_MODEL, router.endpoint, engine_kwargs=GPU_EKW, device="cuda", dtype="float32",
+                      kv_backend="auto")
+    try:
+        eps = json.loads(proc.stdout.readline())
+        assert dw.endpoints()["kv"].startswith("cudaipc://")   # auto on a GPU, peer on this host
+        router.send(dw.endpoints()["request"], gen("g1", prompt, params, mode="disagg",
+                                                   prefill_endpoint=eps["request"]))
+        if stall:
+            drive(router, dw, None, lambda: bool(dw.receiver._claims), timeout_s=120)
+            proc.send_signal(signal.SIGSTOP)
+        drive(router, dw, None, lambda: "g1" in router.final, timeout_s=120)
+        fin = router.final["g1"]
+        assert router.tokens["g1"] == want and fin.error is None
+        kv = dw.stats()["kv"]
+        if stall:
+            assert fin.fallback.startswith("kv_error") and "silent" in fin.fallback and kv["pairs_lost"] == 1
+            proc.send_signal(signal.SIGCONT)
+        else:
+            assert fin.fallback is None and kv["completed"] == 1 and dw.stats()["disaggregated"] == 1
+        assert_no_leaks(dw.engine)
+        end = time.monotonic() + 60
+        while True:   # the prefill side lets go of its blocks too (after its done or its abort)
+            proc.stdin.write("stats\n")
+            proc.stdin.flush()
+            st = json.loads(proc.stdout.readline())
+            if st["idle"] and st["in_flight"] == 0 and st["blocks_in_use"] == 0:
+                break
+            assert time.monotonic() < end, st
+            time.sleep(0.2)
+        assert st["completed"] == (0 if stall else 1)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)
+            proc.stdin.write("stop\n")
+            proc.stdin.flush()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        dw.stop()
+        router.close()
+
+
 if __name__ == "__main__" and len(sys.argv) >= 2 and sys.argv[1] == "sender":
     sender_main(sys.argv[2], int(sys.argv[3]))
+if __name__ == "__main__" and len(sys.argv) >= 2 and sys.argv[1] == "prefill":
+    prefill_main(sys.argv[2], sys.argv[3])

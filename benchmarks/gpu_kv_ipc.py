@@ -1,0 +1,333 @@
+"""KV transfer on one host over the "cuda_ipc" backend (kv_transfer/ipc_backend.py) and over
+ZeroMQ (host-staged), against a plain device-to-device copy of the same bytes measured in
+the same run; then TTFT of prompts disaggregated over each backend against prefilled in
+place on the decode side.
+
+    python benchmarks/gpu_kv_ipc.py --json                 # one GPU, two processes: random:llama3-8b
+    python benchmarks/gpu_kv_ipc.py --two-gpus --json      # prefill on cuda:0, decode on cuda:1
+    python benchmarks/gpu_kv_ipc.py --cpu-smoke --json     # same code on CPU (shared memory, random:tiny)
+
+Two processes (torch.multiprocessing spawn; the harness board of gpu_kv_transfer.py, JSON
+over a TCPStore, no pickle): rank 0 the prefill side, rank 1 the decode side (the receivers).
+Timestamps cross processes as time.monotonic() values (one system-wide clock on one host).
+
+1. plain copy: the decode rank copies `prompt_tokens` worth of KV (every layer) from one
+   buffer to another on its device (`Tensor.copy_`), and the same blocks scattered through
+   the block-copy kernel the backend uses; median of `repeat`.
+2. transfer: the prompt's KV, already in the prefill rank's cache, sent layer by layer
+   (cuda_ipc: send_layer_blocks, block to block; zmq: the gathered layer through
+   send_layer) into scattered reserved blocks of the decode rank's cache; time from the
+   first send call to the receiver's Completed. Checked byte-exact once per backend.
+3. TTFT: both ranks load the model (prefix caching off). In place: the decode rank
+   prefills and samples the first token. Disaggregated: the decode rank reserves blocks and
+   announces them; the prefill rank computes the prompt, shipping each layer from
+   on_layer_done as the prefill worker does; TTFT ends when remote_kv_landed returns the
+   first token. Both then decode `--decode-tokens` greedy tokens; the JSON says whether
+   they are equal. The router and the token plane are left out on both sides.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+from gpu_kv_transfer import TIMEOUT, Board, kv_layout, prompt_ids  # noqa: E402
+
+PREFILL, DECODE = 0, 1
+BACKENDS = ("cuda_ipc", "zmq")
+
+
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def make_rx(backend: str, layout, cache, write):
+    import kv_transfer as kt
+    if backend == "cuda_ipc":
+        return kt.make_receiver("cuda_ipc", layout, write, cache=cache, default_timeout_s=300)
+    return kt.make_receiver("zmq", layout, write, bind="ipc", default_timeout_s=300)
+
+
+def make_tx(backend: str, endpoint: str, dev: torch.device):
+    import kv_transfer as kt
+    if backend == "cuda_ipc":
+        return kt.make_sender("cuda_ipc", endpoint, send_timeout_s=300, device=dev)
+    return kt.make_sender("zmq", endpoint, send_timeout_s=300)
+
+
+def wait_completed(rx) -> list:
+    while True:
+        r = rx.poll(1)
+        assert not r.failed, r.failed
+        if r.completed:
+            return r.completed
+
+
+# ---- 1. plain copy ---------------------------------------------------------------------------------------
+def plain_copy(args, dev: torch.device, layout, n: int) -> dict:
+    from kv_transfer.block_copy import copy_blocks
+    src = torch.randn(layout.num_layers, *layout.block_shape(layout.num_blocks), device=dev).to(layout.torch_dtype)
+    dst = torch.empty_like(src)
+    nbytes = layout.bytes_per_block * n * layout.num_layers
+    flat_s, flat_d = src[:, :, :n].contiguous(), torch.empty(layout.num_layers, *layout.block_shape(n),
+                                                              dtype=src.dtype, device=dev)
+    s_ids = torch.arange(n, device=dev)
+    d_ids = torch.arange(layout.num_blocks - 1, layout.num_blocks - 1 - n, -1, device=dev)
+    times, kern = [], []
+    for rep in range(args.warmup + args.repeat):
+        sync(dev)
+        t0 = time.perf_counter()
+        flat_d.copy_(flat_s)
+        sync(dev)
+        t1 = time.perf_counter()
+        for layer in range(layout.num_layers):
+            copy_blocks(src[layer], dst[layer], s_ids, d_ids)
+        sync(dev)
+        t2 = time.perf_counter()
+        if rep >= args.warmup:
+            times.append(t1 - t0)
+            kern.append(t2 - t1)
+    assert torch.equal(dst[:, :, d_ids.cpu()].cpu(), src[:, :, :n].cpu())
+    return dict(bytes=nbytes, copy_ms=1e3 * statistics.median(times), block_kernel_ms=1e3 * statistics.median(kern),
+                copy_gbs=nbytes / statistics.median(times) / 1e9)
+
+
+# ---- 2. transfer --------------------------------------------------------------------------------------------
+def transfer(rank: int, board: Board, args, dev: torch.device, layout, backend: str) -> dict:
+    n = -(-args.prompt_tokens // layout.block_size)
+    cache = torch.zeros(layout.num_layers, *layout.block_shape(layout.num_blocks), dtype=layout.torch_dtype,
+                        device=dev)
+    g = torch.Generator().manual_seed(7)
+    if rank == DECODE:
+        def write(rid, layer, block_ids, t):   # the zmq path's host-staged copy into the cache
+            cache[layer][:, torch.tensor(block_ids, device=dev)] = t.to(dev, non_blocking=True)
+
+        rx = make_rx(backend, layout, cache, write)
+        board.put(f"ep/{backend}", rx.endpoint)
+        secs = []
+        for rep in range(args.warmup + args.repeat):
+            dst = list(range(layout.num_blocks - 1, layout.num_blocks - 1 - n, -1))   # scattered order
+            rid = f"{backend}{rep}"
+            rx.expect(rid, dst, layout.num_layers, time.monotonic() + 300)
+            board.put(f"x/{backend}/{rep}", dst)
+            wait_completed(rx)
+            sync(dev)
+            t_end = time.monotonic()
+            if rep >= args.warmup:
+                secs.append(t_end - board.get(f"x/{backend}/{rep}/start"))
+        src = torch.randn(layout.num_layers, *layout.block_shape(n), generator=g).to(layout.torch_dtype)
+        assert torch.equal(cache[:, :, dst].cpu(), src), f"{backend}: the landed KV differs"
+        board.get(f"x/{backend}/closed")
+        rx.close()
+        nbytes = layout.bytes_per_block * n * layout.num_layers
+        return dict(bytes=nbytes, ms=1e3 * statistics.median(secs), gbs=nbytes / statistics.median(secs) / 1e9)
+    src = torch.randn(layout.num_layers, *layout.block_shape(n), generator=g).to(layout.torch_dtype)
+    cache[:, :, :n] = src.to(dev)
+    tx = make_tx(backend, board.get(f"ep/{backend}"), dev)
+    src_ids = list(range(n))
+    for rep in range(args.warmup + args.repeat):
+        dst = board.get(f"x/{backend}/{rep}")
+        rid = f"{backend}{rep}"
+        tx.begin(rid)
+        if backend == "cuda_ipc":   # the prefill worker begins at admission, well before its last layer
+            while rid not in tx._granted:
+                time.sleep(1e-4)
+        sync(dev)
+        t_start = time.monotonic()
+        for layer in range(layout.num_layers):
+            tx.send_layer_blocks(rid, layer, dst, cache[layer], src_ids)
+        tx.send_done(rid, 1, layout.num_layers)
+        board.put(f"x/{backend}/{rep}/start", t_start)
+        assert tx.flush(300) and not tx.failed_requests()
+    tx.close()
+    board.put(f"x/{backend}/closed", True)
+    return {}
+
+
+# ---- 3. TTFT --------------------------------------------------------------------------------------------------
+def ttft(rank: int, board: Board, args, dev: torch.device, engine, tokens: int) -> dict:
+    import kv_transfer as kt
+    from engine import SamplingParams
+    params = SamplingParams(max_tokens=args.decode_tokens, ignore_eos=True)
+    vocab = engine.model_config.vocab_size
+    layers = engine.model_config.num_layers
+    res: dict = {}
+    rxs = {}
+    if rank == DECODE:
+        for b in BACKENDS:
+            cache = engine.runner.kv_cache
+            rxs[b] = make_rx(b, kt.KVLayout.from_engine(engine), cache, kt.engine_writer(engine))
+            board.put(f"ttft-ep/{tokens}/{b}", rxs[b].endpoint)
+    txs = {} if rank == DECODE else {b: make_tx(b, board.get(f"ttft-ep/{tokens}/{b}"), dev) for b in BACKENDS}
+    for rep in range(args.warmup + args.repeat):
+        for b in BACKENDS:
+            prompt = prompt_ids(tokens, vocab)
+            prompt[0] = 5 + rep + 100 * BACKENDS.index(b)   # a new prompt each time: no prefix reuse
+            key = f"{tokens}/{b}/{rep}"
+            rid = f"d{tokens}{b}{rep}"
+            if rank == DECODE:
+                sync(dev)
+                t0 = time.monotonic()
+                engine.add_request(f"in{key}", prompt, params)
+                first_at, toks_in = None, []
+                while engine.has_unfinished():
+                    for o in engine.step():
+                        if o.new_token_ids and first_at is None:
+                            first_at = time.monotonic()
+                        toks_in += o.new_token_ids
+                t_in = first_at - t0
+                sync(dev)
+                t0 = time.monotonic()
+                seq = engine.add_remote_prefill(rid, prompt, params)
+                first = seq.num_computed_tokens // engine.cfg.block_size
+                dst = list(seq.block_table[first:])
+                rxs[b].expect(rid, dst, layers, time.monotonic() + 300)
+                board.put(f"t/{key}", dict(prompt=prompt, dst=dst, first=first))
+                done = wait_completed(rxs[b])
+                o = engine.remote_kv_landed(rid, done[0].first_token)
+                t_dis = time.monotonic() - t0
+                toks = list(o.new_token_ids)
+                while engine.has_unfinished():
+                    for o in engine.step():
+                        toks += o.new_token_ids
+                board.get(f"t/{key}/released")
+                if rep >= args.warmup:
+                    res.setdefault(f"{b}_s", []).append(t_dis)
+                    res.setdefault("in_place_s", []).append(t_in)
+                res.setdefault(f"{b}_equal", []).append(toks_in == toks)
+            else:
+                job = board.get(f"t/{key}")
+                tx = txs[b]
+                engine.add_request(rid, job["prompt"], params, prefill_only=True)
+                tx.begin(rid)
+                first, dst = job["first"], job["dst"]
+
+                def on_layer_done(layer):
+                    for s in engine.current_step:
+                        if s.samples and s.seq.seq_id == rid:
+                            src = s.seq.block_table[first:first + len(dst)]
+                            tx.send_layer_blocks(rid, layer, dst, engine.runner.kv_cache[layer], src)
+
+                token = None
+                while engine.has_unfinished():
+                    engine.current_step = []
+                    for o in engine.step(on_layer_done=on_layer_done):
+                        if o.request_id == rid and o.new_token_ids:
+                            token = o.new_token_ids[0]
+                tx.send_done(rid, token, layers)
+                assert tx.flush(300) and not tx.failed_requests()
+                engine.release(rid)
+                board.put(f"t/{key}/released", True)
+    for x in list(rxs.values()) + list(txs.values()):
+        x.close()
+    return res
+
+
+# ---- the two ranks ------------------------------------------------------------------------------------------
+def rank_main(rank: int, args) -> None:
+    from engine import LLMEngine
+    from engine.model.loader import random_config
+    cpu = args.cpu_smoke
+    dev = torch.device("cpu") if cpu else torch.device("cuda", rank if args.two_gpus else 0)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    board = Board(args.board_port, master=False)
+    dtype = torch.float32 if cpu else torch.bfloat16
+    mcfg = random_config(args.model.split(":", 1)[1])
+    block_size = 16
+    n = -(-args.prompt_tokens // block_size)
+    layout = kv_layout(mcfg, 2 * n + 8, block_size, dtype)
+    result = {}
+    if rank == DECODE:
+        result["plain_copy"] = plain_copy(args, dev, layout, n)
+    for b in BACKENDS:
+        r = transfer(rank, board, args, dev, layout, b)
+        gc.collect()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        if rank == DECODE:
+            result[f"transfer_{b}"] = r
+    max_tokens = max(args.ttft_tokens)
+    engine = LLMEngine(args.model, device=dev, dtype=dtype, enable_prefix_caching=False, enable_cuda_graphs=False,
+                       max_num_batched_tokens=max(8192, max_tokens),
+                       num_kv_blocks=2 * (-(-max_tokens // block_size)) + 64)
+    for tokens in args.ttft_tokens:
+        r = ttft(rank, board, args, dev, engine, tokens)
+        if rank == DECODE:
+            row = dict(in_place_ms=1e3 * statistics.median(r["in_place_s"]))
+            for b in BACKENDS:
+                row[f"{b}_ms"] = 1e3 * statistics.median(r[f"{b}_s"])
+                row[f"{b}_vs_in_place"] = row[f"{b}_ms"] / row["in_place_ms"]
+                row[f"{b}_tokens_equal"] = all(r[f"{b}_equal"])
+            result[f"ttft_{tokens}"] = row
+    if rank == DECODE:
+        board.put("result", result)
+    del engine
+    gc.collect()
+    del board
+    gc.collect()
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None, help="random:<shape> (default random:llama3-8b; tiny with --cpu-smoke)")
+    ap.add_argument("--prompt-tokens", type=int, default=None, help="KV of this many tokens for the transfer phase")
+    ap.add_argument("--ttft-tokens", type=int, nargs="+", default=None)
+    ap.add_argument("--decode-tokens", type=int, default=16)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--two-gpus", action="store_true", help="prefill on cuda:0, decode on cuda:1")
+    ap.add_argument("--cpu-smoke", action="store_true", help="the same code on CPU (shared memory, tiny sizes)")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    if args.cpu_smoke:
+        args.model = args.model or "random:tiny"
+        args.prompt_tokens = args.prompt_tokens or 64
+        args.ttft_tokens = args.ttft_tokens or [48]
+    else:
+        args.model = args.model or "random:llama3-8b"
+        args.prompt_tokens = args.prompt_tokens or 4096
+        args.ttft_tokens = args.ttft_tokens or [1024, 4096, 8192]
+        if args.two_gpus and torch.cuda.device_count() < 2:
+            sys.exit("--two-gpus needs 2 CUDA GPUs")
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+    board_store = dist.TCPStore("127.0.0.1", 0, is_master=True, timeout=TIMEOUT, wait_for_workers=False)
+    args.board_port = board_store.port
+    mp.spawn(rank_main, args=(args,), nprocs=2, join=True)
+    result = json.loads(board_store.get("result").decode())
+    dev = "cpu" if args.cpu_smoke else torch.cuda.get_device_name(0) + (" x2" if args.two_gpus else " (both ranks)")
+    result.update(model=args.model, prompt_tokens=args.prompt_tokens, device=dev, repeat=args.repeat)
+    pc = result["plain_copy"]
+    for b in BACKENDS:
+        result[f"transfer_{b}"]["vs_plain_copy"] = result[f"transfer_{b}"]["ms"] / pc["copy_ms"]
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{dev}  {args.model}  KV of {args.prompt_tokens} tokens = {pc['bytes'] / 2**20:.0f} MiB")
+        print(f"  plain copy {pc['copy_ms']:.3f} ms ({pc['copy_gbs']:.0f} GB/s); block-copy kernel "
+              f"{pc['block_kernel_ms']:.3f} ms")
+        for b in BACKENDS:
+            t = result[f"transfer_{b}"]
+            print(f"  {b:8s} lands in {t['ms']:.3f} ms = {t['vs_plain_copy']:.2f}x the plain copy")
+        for tokens in args.ttft_tokens:
+            r = result[f"ttft_{tokens}"]
+            print(f"  TTFT {tokens:5d} tokens: in place {r['in_place_ms']:.1f} ms; " + "; ".join(
+                f"{b} {r[f'{b}_ms']:.1f} ms ({r[f'{b}_vs_in_place']:.3f}x, tokens equal {r[f'{b}_tokens_equal']})"
+                for b in BACKENDS))
+    return result
+
+
+if __name__ == "__main__":
+    main()
