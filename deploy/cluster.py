@@ -3,9 +3,12 @@ actors, the router and its gRPC server in this process."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import sys
 from dataclasses import dataclass, field
 
+from deploy import placement
 from deploy.supervisor import Supervisor
 from router.core import Router, RouterConfig
 from router.policy import PolicyConfig
@@ -54,11 +57,34 @@ class ClusterConfig:
     # Per-request limits at the gRPC edge (router/server.py ServerLimits); None: the context.
     max_prompt_tokens: int | None = None
     max_tokens_limit: int | None = None
+    # A worker Ray has not placed after this long fails the start (deploy/placement.py).
+    # None: 30 s on a local cluster; controller.start_timeout_s with an address (nodes may be starting).
+    placement_timeout_s: float | None = None
 
 
-def _gpus_per_worker() -> float:
-    import ray
-    return 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+@dataclass
+class PoolPlan:
+    """Per pool: what each actor asks Ray for, and engine settings placement adds (a KV size
+    when engines share a GPU)."""
+    asks: dict                  # pool -> placement.PoolAsk (pools with replicas at start only)
+    engine: dict                # pool -> {EngineConfig field: value}
+    timeout_s: float            # placement timeout
+
+
+def _cuda_mem_get_info() -> tuple[int, int]:
+    import torch
+    return tuple(torch.cuda.mem_get_info())
+
+
+def _model_config(model: str):
+    """The model's shape without its weights."""
+    from engine.model import loader
+    source = loader.resolve(model)
+    if source.kind == "hf":
+        return loader.hf_config(source.path)
+    if source.kind == "gguf":
+        return loader.gguf_config(loader.open_gguf(source.path))
+    return loader.random_config(source.path)
 
 
 def _resolve_kv_backend(cfg: ClusterConfig, gpus_per_worker: float) -> str:
@@ -123,6 +149,7 @@ class Cluster:
                 ray.init(address=cfg.address, logging_level=logging.WARNING)
             else:
                 ray.init(include_dashboard=False, logging_level=logging.WARNING)
+        plan = await self._plan_placement()    # PlacementError (a ValueError) if the pools cannot fit
         bind_host = cfg.internal_host or ("127.0.0.1" if not cfg.address else ray.util.get_node_ip_address())
         block_size = cfg.engine_kwargs.get("block_size", 16)
         self.router = Router(RouterConfig(PolicyConfig(disagg_threshold=cfg.disagg_threshold),
@@ -132,36 +159,45 @@ class Cluster:
                                           max_queued_prefill_tokens=cfg.max_queued_prefill_tokens,
                                           curve=curve))
         self.router.start()
-        gpus = _gpus_per_worker()
+        # (Pools whose num_gpus is unset all get the same ask: that is what "auto" compares.)
+        gpus = min((a.num_gpus for a in plan.asks.values()), default=0)
         kv_backend = _resolve_kv_backend(cfg, gpus)
-        D, P = decode_class(gpus, max_restarts=cfg.max_restarts), prefill_class(gpus, max_restarts=cfg.max_restarts)
         # Internal planes listen on loopback for a local cluster; on a real cluster each actor
         # binds its own node's IP (bind_host=None).
         common = dict(engine_kwargs=cfg.engine_kwargs, dtype=cfg.dtype,
                       bind_host="127.0.0.1" if not cfg.address else None)
         if curve is not None:
             common["curve"] = curve   # reaches the actors through Ray (token-authenticated)
-        for i in range(cfg.num_decode if cfg.pools is None else 0):   # else: the controller's
-            wid = f"decode-{i}"
-            self.decode_actors[wid] = D.remote(wid, cfg.model, self.router.token_endpoint, **common,
-                                               router_epoch=self.router.epoch, orphan_timeout_s=cfg.orphan_timeout_s,
-                                               kv_backend=kv_backend)
-        for i in range(cfg.num_prefill if cfg.pools is None else 0):
-            wid = f"prefill-{i}"
-            self.prefill_actors[wid] = P.remote(wid, cfg.model, **common)
-        # Wait for every worker (model load) and register its endpoints with the router.
-        for wid, a in self.decode_actors.items():
-            eps = await a.endpoints.remote()
-            self.router.add_worker("decode", wid, eps["request"])
-        for wid, a in self.prefill_actors.items():
-            eps = await a.endpoints.remote()
-            self.router.add_worker("prefill", wid, eps["request"])
-        from router.metrics import RouterMetrics
-        window = cfg.controller.latency_window_s if cfg.controller is not None else 20.0
-        self.metrics = RouterMetrics(lambda: self.router, window_s=window)   # follows a restarted router
-        if cfg.pools is not None:
-            await self._start_controller(common, dict(router_epoch=self.router.epoch,
-                                                      orphan_timeout_s=cfg.orphan_timeout_s, kv_backend=kv_backend))
+        try:
+            classes = {k: (decode_class if k == "decode" else prefill_class)(
+                a.num_gpus, num_cpus=a.num_cpus, max_restarts=cfg.max_restarts) for k, a in plan.asks.items()}
+            per_pool = {k: dict(common, engine_kwargs={**cfg.engine_kwargs, **plan.engine.get(k, {})})
+                        for k in plan.asks}
+            for i in range(cfg.num_decode if cfg.pools is None else 0):   # else: the controller's
+                wid = f"decode-{i}"
+                self.decode_actors[wid] = classes["decode"].remote(
+                    wid, cfg.model, self.router.token_endpoint, **per_pool["decode"], router_epoch=self.router.epoch,
+                    orphan_timeout_s=cfg.orphan_timeout_s, kv_backend=kv_backend)
+            for i in range(cfg.num_prefill if cfg.pools is None else 0):
+                wid = f"prefill-{i}"
+                self.prefill_actors[wid] = classes["prefill"].remote(wid, cfg.model, **per_pool["prefill"])
+            # Wait for every worker (model load; bounded while Ray has not placed it) and
+            # register its endpoints with the router.
+            started = [(k, wid, a) for k, actors in (("decode", self.decode_actors), ("prefill", self.prefill_actors))
+                       for wid, a in actors.items()]
+            eps = await asyncio.gather(*(self._started(wid, a, plan.asks[k], plan.timeout_s) for k, wid, a in started))
+            for (k, wid, _), e in zip(started, eps):
+                self.router.add_worker(k, wid, e["request"])
+            from router.metrics import RouterMetrics
+            window = cfg.controller.latency_window_s if cfg.controller is not None else 20.0
+            self.metrics = RouterMetrics(lambda: self.router, window_s=window)   # follows a restarted router
+            if cfg.pools is not None:
+                await self._start_controller(common, dict(router_epoch=self.router.epoch,
+                                                          orphan_timeout_s=cfg.orphan_timeout_s, kv_backend=kv_backend),
+                                             plan)
+        except BaseException:
+            await self._abandon_start()
+            raise
         first = next(iter(self.decode_actors.values()))
         self.model_info = await first.model_info.remote()
         if self.model_info["block_size"] != block_size:
@@ -180,18 +216,119 @@ class Cluster:
         log.info("pdserve: serving %s on %s:%d with %d prefill + %d decode workers",
                  cfg.model, cfg.host, self.port, cfg.num_prefill, cfg.num_decode)
 
-    async def _start_controller(self, common: dict, decode_extra: dict) -> None:
+    async def _plan_placement(self) -> PoolPlan:
+        """Each pool's per-actor ask, checked against the cluster before any actor exists; on
+        a local cluster, shares of a GPU (with each engine's KV size) or of the cores when the
+        pools ask more than there is. See deploy/placement.py."""
+        from engine.config import EngineConfig
+        cfg = self.cfg
+        local = not cfg.address
+        if cfg.pools is None:
+            specs = {"prefill": placement.PoolSpec(cfg.num_prefill), "decode": placement.PoolSpec(cfg.num_decode)}
+            engines = {k: dict(cfg.engine_kwargs) for k in specs}
+        else:
+            pools = {"prefill": cfg.pools.prefill, "decode": cfg.pools.decode}
+            specs = {k: placement.PoolSpec(p.min_replicas, p.max_replicas, p.num_gpus, p.num_cpus, dict(p.resources))
+                     for k, p in pools.items()}
+            engines = {k: {**cfg.engine_kwargs, **p.engine} for k, p in pools.items()}
+        timeout_s = cfg.placement_timeout_s
+        if timeout_s is None:
+            timeout_s = 30.0 if local else (cfg.controller.start_timeout_s if cfg.controller is not None else 900.0)
+        total, nodes, _ = placement.cluster_view()
+        asks, notes = placement.resolve_asks(specs, total, local)
+        for line in notes:
+            self._tell(f"pdserve: {line}")
+        problems = placement.fit_problems(asks, total, nodes)
+        if problems:
+            msg = placement.unplaceable_message(problems, asks, total, nodes)
+            if local:       # a local Ray instance never grows: waiting would be a silent hang
+                raise placement.PlacementError(msg)
+            log.warning("pdserve: %s; waiting up to %.0f s for Ray to place them (its autoscaler may add nodes)",
+                        msg, timeout_s)
+        shared = placement.kv_split_pools(asks, engines, local)   # engines on a shared GPU: explicit KV sizes
+        extra: dict[str, dict] = {}
+        if shared:
+            free, total_mem = await self._gpu_memory(min(asks[k].num_gpus for k in shared), timeout_s)
+            mcfg = _model_config(cfg.model)
+            dtype_bytes = {"float32": 4, "float64": 8}.get(cfg.dtype, 2)   # the GPU default is bfloat16
+            kv, weights = {}, 0
+            for k in shared:
+                tokens = engines[k].get("max_num_batched_tokens") or EngineConfig().max_num_batched_tokens
+                weights, act = placement.engine_memory(mcfg, dtype_bytes, tokens)
+                kv[k] = placement.kv_split_gib(free, total_mem, asks[k].num_gpus, weights, act, pool=k)
+                extra[k] = {"kv_cache_memory_gb": kv[k]}
+            self._tell(placement.split_line(asks, kv, free, total_mem, weights))
+        return PoolPlan(asks, extra, timeout_s)
+
+    @staticmethod
+    def _tell(line: str) -> None:
+        # Logged, and printed to stderr: the CLI logs at WARNING only, and stdout may carry JSON lines.
+        log.info("%s", line)
+        print(line, file=sys.stderr, flush=True)
+
+    async def _gpu_memory(self, num_gpus: float, timeout_s: float) -> tuple[int, int]:
+        """(free, total) bytes of a GPU Ray hands out, measured by a short task with the same
+        GPU ask: this process never initialises CUDA (its context would hold GPU memory for
+        the server's life), and max_calls=1 makes the task's process exit, releasing its
+        own context, before the engines start."""
+        import ray
+        probe = ray.remote(num_gpus=num_gpus, num_cpus=0, max_calls=1)(_cuda_mem_get_info)
+        ref = probe.remote()
+        try:
+            return tuple(await asyncio.wait_for(ref, timeout_s))
+        except asyncio.TimeoutError:
+            ray.cancel(ref, force=True)
+            raise placement.PlacementError(f"a task asking num_gpus={num_gpus:g} (to measure the GPU's free memory) "
+                                           f"was not placed within {timeout_s:g} s") from None
+
+    async def _started(self, wid: str, actor, ask, timeout_s: float) -> dict:
+        return await placement.wait_started(
+            actor.endpoints.remote(), wid, timeout_s, lambda: placement.actor_placed(actor),
+            lambda: placement.pending_message(ask, *placement.cluster_view(available=True)))
+
+    async def _abandon_start(self) -> None:
+        """A start that failed (a worker Ray could not place, a model that did not load):
+        kill what was created and close the router, so no actor stays pending. stop() after
+        this finds nothing of it left to stop."""
+        import ray
+        for a in [self.controller, *self.decode_actors.values(), *self.prefill_actors.values()]:
+            if a is not None:
+                try:
+                    ray.kill(a)
+                except Exception:   # already gone
+                    pass
+        self.controller = None
+        self.decode_actors.clear()
+        self.prefill_actors.clear()
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
+        if self.router is not None:
+            await self.router.close()
+            self.router = None
+
+    async def _start_controller(self, common: dict, decode_extra: dict, plan: PoolPlan) -> None:
         """The controller actor starts the pools at their min size; PoolSync then keeps the
         router's registry equal to its membership (see deploy/controller.py)."""
         from deploy.config import ControllerSection
         from deploy.controller import PoolSync, remote_controller
         cfg = self.cfg
         ctl_cfg = cfg.controller or ControllerSection()
-        pools = {"prefill": cfg.pools.prefill, "decode": cfg.pools.decode}
+        # The pools as placed: concrete asks and the KV size chosen for a shared GPU (cfg.pools
+        # stays as the user gave it).
+        pools = {k: dataclasses.replace(p, num_gpus=plan.asks[k].num_gpus, num_cpus=plan.asks[k].num_cpus,
+                                        engine={**p.engine, **plan.engine.get(k, {})})
+                 for k, p in (("prefill", cfg.pools.prefill), ("decode", cfg.pools.decode))}
         self.controller = remote_controller().remote(
             pools, ctl_cfg, cfg.model, self.router.token_endpoint,
-            dict(common, max_restarts=cfg.max_restarts), decode_extra)
-        membership = await self.controller.start.remote()
+            dict(common, max_restarts=cfg.max_restarts), decode_extra, plan.timeout_s)
+        try:
+            membership = await self.controller.start.remote()
+        except Exception as e:
+            cause = getattr(e, "cause", None)    # Ray wraps the controller's exception
+            if isinstance(cause, placement.PlacementError):
+                raise placement.PlacementError(str(cause)) from None
+            raise
         self.pool_sync = PoolSync(self, self.metrics, self.controller, ctl_cfg.sync_s)
         self.pool_sync.apply(membership)
         self.pool_sync.start()

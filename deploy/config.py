@@ -15,6 +15,16 @@ ConfigError naming the dotted path of the offending field (unknown keys included
                 targets: {queued_tokens_per_replica: 8192, ttft_s: 2.0}}
       decode:  {min_replicas: 1, max_replicas: 4, targets: {kv_use: 0.85, running_per_replica: 64}}
     controller: {interval_s: 1.0, metrics_port: 9401}
+
+Placement (deploy/placement.py). Before any worker starts, the pools' per-actor asks
+(num_gpus, num_cpus, resources, times min_replicas) are checked against the Ray cluster's
+nodes. On a local cluster (no ray.address), pools that leave num_gpus / num_cpus unset share
+what the machine has: one GPU for 1 prefill + 1 decode gives each num_gpus 0.5 and a KV
+cache size computed from the model's shape (engine.kv_cache_memory_gb, shared or the pool's
+own, wins), logged and printed; a shortfall left after that fails at once with a
+PlacementError naming the pool, each actor's ask and what the cluster offers. A worker Ray
+has not placed after ray.placement_timeout_s fails the start the same way (a scale-up is
+logged and counted as `unplaceable`) instead of waiting forever.
 """
 from __future__ import annotations
 
@@ -44,6 +54,15 @@ class ConfigError(ValueError):
 @dataclass
 class RaySection:
     address: str | None = None          # an existing cluster ("auto", "ray://..."); None starts a local one
+    # A worker actor Ray has not placed after this long fails the start (or the scale-up) with
+    # what it asks and what the cluster offers. None: 30 s on a local cluster (it cannot
+    # grow); controller.start_timeout_s with an address (the autoscaler may be adding a node).
+    placement_timeout_s: float | None = None
+
+    def validate(self, path: str) -> None:
+        if self.placement_timeout_s is not None and not 0 < self.placement_timeout_s <= 86400:
+            raise ConfigError(f"{path}.placement_timeout_s: must be in (0, 86400] or null, "
+                              f"got {self.placement_timeout_s}")
 
 
 @dataclass
@@ -112,8 +131,10 @@ class ScalingSection:
 class PoolSection:
     min_replicas: int = 1
     max_replicas: int | None = None     # None: = min_replicas (a fixed pool)
-    num_gpus: float | None = None       # per actor; None: 1 if the Ray cluster has GPUs, else 0
-    num_cpus: float = 1
+    # Per actor. None: 1 GPU if the Ray cluster has GPUs (else 0) and 1 CPU, except on a local
+    # cluster that has fewer than the pools ask, where they share (deploy/placement.py).
+    num_gpus: float | None = None
+    num_cpus: float | None = None
     resources: dict[str, float] = field(default_factory=dict)   # custom Ray resources per actor (node steering)
     engine: dict = field(default_factory=dict)                  # EngineConfig overrides for this pool only
     scaling: ScalingSection = field(default_factory=ScalingSection)
@@ -135,7 +156,7 @@ class PoolSection:
             raise ConfigError(str(e)) from None
         if self.num_gpus is not None and self.num_gpus < 0:
             raise ConfigError(f"{path}.num_gpus: must be >= 0, got {self.num_gpus}")
-        if self.num_cpus < 0:
+        if self.num_cpus is not None and self.num_cpus < 0:
             raise ConfigError(f"{path}.num_cpus: must be >= 0, got {self.num_cpus}")
         for k, v in self.resources.items():
             if v < 0:
@@ -236,6 +257,7 @@ class ServeConfig:
                              controller=self.controller, metrics_host=self.router.metrics_host,
                              metrics_port=self.router.metrics_port, max_prompt_tokens=self.router.max_prompt_tokens,
                              max_tokens_limit=self.router.max_tokens_limit,
+                             placement_timeout_s=self.ray.placement_timeout_s,
                              **dataclasses.asdict(self.security))
 
 

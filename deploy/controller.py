@@ -40,6 +40,8 @@ import time
 from dataclasses import dataclass, field
 
 from deploy.autoscale_policy import PoolLoad, PoolPolicy, ScaleDecision, decode_load, prefill_load
+from deploy import placement
+from deploy.placement import PlacementError
 
 log = logging.getLogger("pdserve.autoscale")
 
@@ -87,6 +89,7 @@ class PoolController:
         self.history: collections.deque[dict] = collections.deque(maxlen=MAX_HISTORY)
         self.last_load: dict[str, PoolLoad] = {}
         self.counts: dict[tuple[str, str, str], int] = {}   # (pool, direction, reason) -> n, for metrics
+        self.placement_errors: list[str] = []                # why a replica could not be placed (start)
         self._task: asyncio.Task | None = None
 
     # ---- membership ---------------------------------------------------------------------------
@@ -128,6 +131,8 @@ class PoolController:
         failed = [k for k in POOLS if len(self.pool_members(k, "active")) < self.pools[k].min_replicas]
         if failed:
             await self.shutdown()
+            if self.placement_errors:   # the message names the pool, its ask and the cluster's offer
+                raise PlacementError(self.placement_errors[0])
             raise RuntimeError(f"autoscale: could not start the minimum {', '.join(failed)} pool(s)")
         return self.membership()
 
@@ -235,8 +240,13 @@ class PoolController:
         except asyncio.CancelledError:
             raise
         except Exception as e:
+            # Unplaceable (PlacementError, after the spawner's bounded wait): counted apart from
+            # a worker that crashed while starting; the policy may try again after its cool-down.
+            reason = "unplaceable" if isinstance(e, PlacementError) else "start_failed"
+            if reason == "unplaceable":
+                self.placement_errors.append(str(e))
             log.error("autoscale %s: worker %s failed to start: %s: %s", m.kind, m.worker_id, type(e).__name__, e)
-            self._record_failure(m, "start_failed")
+            self._record_failure(m, reason)
             await self._stop(m)
             self.members.pop(m.worker_id, None)
             return
@@ -348,8 +358,12 @@ class PoolController:
 class RaySpawner:
     """Workers as Ray actors with each pool's resources; Ray places them."""
 
-    def __init__(self, pools, model: str, token_endpoint: str, worker_kwargs: dict, decode_extra: dict | None = None):
+    def __init__(self, pools, model: str, token_endpoint: str, worker_kwargs: dict, decode_extra: dict | None = None,
+                 placement_timeout_s: float = 30.0):
         self.pools, self.model, self.token_endpoint = pools, model, token_endpoint
+        self.placement_timeout_s = placement_timeout_s   # see ready()
+        self._names: dict[int, tuple[str, str]] = {}     # id(handle) -> (pool, worker id)
+        self._asks = {}                                  # pool -> placement.PoolAsk (what ready() reports)
         kw = dict(worker_kwargs)                  # engine_kwargs, dtype, bind_host, ...
         self.max_restarts = kw.pop("max_restarts", 2)   # an actor option, not a constructor argument
         self.worker_kwargs, self.decode_extra = kw, dict(decode_extra or {})
@@ -362,9 +376,10 @@ class RaySpawner:
             gpus = pool.num_gpus
             if gpus is None:
                 gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-            options = dict(num_cpus=pool.num_cpus, max_restarts=self.max_restarts)
+            options = dict(num_cpus=1 if pool.num_cpus is None else pool.num_cpus, max_restarts=self.max_restarts)
             if pool.resources:
                 options["resources"] = dict(pool.resources)
+            self._asks[kind] = placement.PoolAsk(kind, 1, gpus, options["num_cpus"], dict(pool.resources))
             if kind == "decode":
                 from decode_worker.actor import remote_class
             else:
@@ -376,11 +391,23 @@ class RaySpawner:
         kw = dict(self.worker_kwargs)
         kw["engine_kwargs"] = {**kw.get("engine_kwargs", {}), **self.pools[kind].engine}
         if kind == "decode":
-            return self._class(kind).remote(worker_id, self.model, self.token_endpoint, **kw, **self.decode_extra)
-        return self._class(kind).remote(worker_id, self.model, **kw)
+            h = self._class(kind).remote(worker_id, self.model, self.token_endpoint, **kw, **self.decode_extra)
+        else:
+            h = self._class(kind).remote(worker_id, self.model, **kw)
+        self._names[id(h)] = (kind, worker_id)
+        return h
 
     async def ready(self, handle) -> dict:
-        return await handle.endpoints.remote()
+        """The worker's endpoints once it has started; PlacementError if Ray has not placed it
+        within placement_timeout_s (a scale-up past what the cluster has must not stay
+        pending forever: the controller logs and counts it)."""
+        kind, wid = self._names.get(id(handle), ("?", "worker"))
+
+        def describe():
+            return placement.pending_message(self._asks[kind], *placement.cluster_view(available=True))
+
+        return await placement.wait_started(handle.endpoints.remote(), wid, self.placement_timeout_s,
+                                            lambda: placement.actor_placed(handle), describe)
 
     async def drain(self, handle, timeout_s: float) -> dict:
         return await handle.drain.remote(timeout_s)
@@ -392,6 +419,7 @@ class RaySpawner:
                 await asyncio.wait_for(handle.stop.remote(), 30)
             except Exception:      # gone already, or stuck: the kill below settles it
                 pass
+        self._names.pop(id(handle), None)
         ray.kill(handle, no_restart=True)
 
 
@@ -448,10 +476,11 @@ class ControllerActor:
     no locks). Created by :func:`remote_controller`."""
 
     def __init__(self, pools, cfg, model: str, token_endpoint: str, worker_kwargs: dict,
-                 decode_extra: dict | None = None):
+                 decode_extra: dict | None = None, placement_timeout_s: float = 30.0):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.cfg = cfg
-        self.ctl = PoolController(pools, cfg, RaySpawner(pools, model, token_endpoint, worker_kwargs, decode_extra))
+        self.ctl = PoolController(pools, cfg, RaySpawner(pools, model, token_endpoint, worker_kwargs, decode_extra,
+                                                         placement_timeout_s))
         self.metrics = ControllerMetrics(self.ctl)
         self.metrics_port = None
 
