@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import signal
 import sys
+import time
 from dataclasses import dataclass, field
 
 from deploy import placement
@@ -44,6 +46,10 @@ class ClusterConfig:
     controller: object | None = None       # deploy.config.ControllerSection
     metrics_host: str = "127.0.0.1"        # the router's Prometheus /metrics
     metrics_port: int | None = None        # None: no endpoint
+    # The OpenAI-compatible HTTP API (router/openai_api.py), same keys, TLS and limits as gRPC.
+    http_host: str = "127.0.0.1"
+    http_port: int | None = None           # None: no HTTP API
+    shutdown_grace_s: float = 30.0         # serve_forever: in-flight requests get this long after SIGTERM
     # Security (SECURITY.md). gRPC port: API keys (file and/or $PDSERVE_API_KEYS), TLS and,
     # with tls_client_ca, mutual TLS. Internal planes: bound to internal_host (None: loopback
     # for a local cluster, the node's Ray IP otherwise; never 0.0.0.0 by default), CurveZMQ
@@ -122,6 +128,8 @@ class Cluster:
         self.metrics_port = None
         self.controller = None             # the autoscaling controller actor (cfg.pools set)
         self.pool_sync = None
+        self.http = None                   # router/http_server.HTTPServer (cfg.http_port set)
+        self.http_port = None
 
     async def start(self) -> None:
         import ray
@@ -209,6 +217,8 @@ class Cluster:
                                                    limits=limits)
         self.server, self.port = await start_grpc_server(service, cfg.host, cfg.port, tls=tls, api_keys=api_keys)
         self.grpc_options = dict(tls=tls, api_keys=api_keys)   # for a router restart (deploy/supervisor.py)
+        if cfg.http_port is not None:
+            await self._start_http(tls, api_keys, limits)
         if cfg.metrics_port is not None:
             self.metrics_port = self.metrics.serve_http(cfg.metrics_host, cfg.metrics_port)
         self.supervisor = Supervisor(self, interval_s=cfg.monitor_interval_s)
@@ -333,6 +343,28 @@ class Cluster:
         self.pool_sync.apply(membership)
         self.pool_sync.start()
 
+    async def _start_http(self, tls, api_keys, limits) -> None:
+        """The OpenAI API answers through whatever GenerationService is current (a router
+        restart replaces it), so both doors always share one router."""
+        from router.http_server import HTTPServer
+        from router.openai_api import OpenAIAPI
+        api = OpenAIAPI(lambda: self.service, self.cfg.model, api_keys=api_keys, limits=limits)
+        self.http = HTTPServer(api.app(), self.cfg.http_host, self.cfg.http_port, tls=tls, api_keys=api_keys)
+        self.http_port = await self.http.start()
+
+    async def drain(self, grace_s: float) -> int:
+        """Stop taking requests (gRPC health NOT_SERVING, HTTP /health 503, new requests
+        refused as unavailable) and give those in flight up to grace_s to finish. Returns
+        how many were still running at the deadline (stop() fails them)."""
+        from router.server import set_health
+        if self.service is not None:
+            self.service.draining = True
+            await set_health(self.service, False)
+        deadline = time.monotonic() + grace_s
+        while self.router is not None and self.router.requests and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return len(self.router.requests) if self.router is not None else 0
+
     async def worker_stats(self) -> dict:
         out = {}
         for wid, a in {**self.decode_actors, **self.prefill_actors}.items():
@@ -341,6 +373,8 @@ class Cluster:
 
     async def stop(self) -> None:
         import ray
+        if self.http is not None:
+            await self.http.stop()
         if self.supervisor is not None:
             await self.supervisor.stop()
         if self.router is not None:
@@ -367,15 +401,64 @@ class Cluster:
 
 
 async def serve_forever(cfg: ClusterConfig) -> None:
+    """Serve until SIGTERM or SIGINT, then drain (cfg.shutdown_grace_s), stop the workers and
+    the controller, and shut down the local Ray instance, so nothing is left running."""
     try:
         import uvloop  # noqa: F401  (the policy is installed by the caller)
     except ImportError:
         pass
+    import ray
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
     cluster = Cluster(cfg)
-    await cluster.start()
-    print(f"pdserve: serving {cfg.model} on {cfg.host}:{cluster.port} "
-          f"({cfg.num_prefill} prefill + {cfg.num_decode} decode workers); Ctrl-C to stop", flush=True)
+    _on_signals(loop, stop)
+    # ray.init (inside start) installs a SIGTERM handler that calls sys.exit from whatever
+    # frame the signal interrupts, which crashes inside the event loop: take the signals
+    # back as soon as it has run, and again after start.
+    watch = loop.create_task(_reclaim_signals_after_ray_init(loop, stop))
+    starting = loop.create_task(cluster.start())
     try:
-        await asyncio.Event().wait()
+        await asyncio.wait({starting, loop.create_task(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():         # a signal while the models load: stop what started
+            starting.cancel()
+        try:
+            await starting
+        except asyncio.CancelledError:
+            if not stop.is_set():
+                raise
+            print("pdserve: stopped while starting", flush=True)
+            return
+        _on_signals(loop, stop)
+        http = f", OpenAI API on http://{cfg.http_host}:{cluster.http_port}/v1" if cluster.http is not None else ""
+        print(f"pdserve: serving {cfg.model} on {cfg.host}:{cluster.port}{http} "
+              f"({cfg.num_prefill} prefill + {cfg.num_decode} decode workers); Ctrl-C or SIGTERM to stop",
+              flush=True)
+        await stop.wait()
+        print(f"pdserve: draining ({len(cluster.router.requests)} requests in flight, "
+              f"grace {cfg.shutdown_grace_s:g}s)", flush=True)
+        left = await cluster.drain(cfg.shutdown_grace_s)
+        if left:
+            log.warning("pdserve: %d requests still running after the %gs grace period are failed",
+                        left, cfg.shutdown_grace_s)
     finally:
-        await cluster.stop()
+        watch.cancel()
+        try:
+            await cluster.stop()
+        finally:
+            ray.shutdown()     # a local instance: its raylet, GCS and agents exit with it
+        print("pdserve: stopped", flush=True)
+
+
+def _on_signals(loop, stop: asyncio.Event) -> None:
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):   # not the main thread (tests) or no signals
+            return
+
+
+async def _reclaim_signals_after_ray_init(loop, stop: asyncio.Event) -> None:
+    import ray
+    while not ray.is_initialized():
+        await asyncio.sleep(0.05)
+    _on_signals(loop, stop)

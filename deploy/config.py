@@ -74,9 +74,16 @@ class RouterSection:
     metrics_port: int | None = None     # None: no endpoint
     max_prompt_tokens: int | None = None   # per-request limits at the gRPC edge; None: the context
     max_tokens_limit: int | None = None
+    http_host: str = "127.0.0.1"        # the OpenAI-compatible HTTP API (router/openai_api.py)
+    http_port: int | None = None        # None: no HTTP API
+    shutdown_grace_s: float = 30.0      # on SIGTERM, in-flight requests get this long to finish
 
     def validate(self, path: str) -> None:
         _port(self.port, f"{path}.port")
+        if self.http_port is not None:
+            _port(self.http_port, f"{path}.http_port")
+        if not 0 <= self.shutdown_grace_s <= 3600:
+            raise ConfigError(f"{path}.shutdown_grace_s: must be in [0, 3600], got {self.shutdown_grace_s}")
         for k in ("max_prompt_tokens", "max_tokens_limit"):
             if getattr(self, k) is not None and getattr(self, k) < 1:
                 raise ConfigError(f"{path}.{k}: must be >= 1 or null, got {getattr(self, k)}")
@@ -253,6 +260,8 @@ class ServeConfig:
                              host=self.router.host, port=self.router.port,
                              disagg_threshold=self.router.disagg_threshold, kv_timeout_s=self.transfer.timeout_s,
                              kv_backend=self.transfer.backend,
+                             http_host=self.router.http_host, http_port=self.router.http_port,
+                             shutdown_grace_s=self.router.shutdown_grace_s,
                              engine_kwargs=dict(self.engine), dtype=self.dtype, pools=self.pools,
                              controller=self.controller, metrics_host=self.router.metrics_host,
                              metrics_port=self.router.metrics_port, max_prompt_tokens=self.router.max_prompt_tokens,
@@ -270,6 +279,9 @@ CLI_FIELDS = {
     "port": "router.port",
     "disagg_threshold": "router.disagg_threshold",
     "metrics_port": "router.metrics_port",
+    "http_host": "router.http_host",
+    "http_port": "router.http_port",
+    "shutdown_grace": "router.shutdown_grace_s",
     "kv_timeout": "transfer.timeout_s",
     "kv_cache_gb": "engine.kv_cache_memory_gb",
     "prefill": "pools.prefill.min_replicas",

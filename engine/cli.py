@@ -137,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--kv-timeout", type=float, default=None, help="seconds before a KV transfer falls back (default 30)")
     s.add_argument("--kv-cache-gb", type=float, default=None)
     s.add_argument("--dtype", default=None)
+    s.add_argument("--http-port", type=int, default=None,
+                   help="serve the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions) on this port "
+                        "(default off; same API keys, TLS and limits as gRPC)")
+    s.add_argument("--http-host", default=None, help="HTTP API listen address (default 127.0.0.1)")
+    s.add_argument("--shutdown-grace", type=float, default=None, metavar="SECONDS",
+                   help="on SIGTERM/SIGINT, in-flight requests get this long to finish (default 30)")
     s.add_argument("--metrics-port", type=int, default=None, help="router Prometheus /metrics port (default off)")
     s.add_argument("--controller-metrics-port", type=int, default=None,
                    help="autoscaling controller Prometheus /metrics port (default off)")
