@@ -29,8 +29,8 @@ class ClusterConfig:
     port: int = 50051
     disagg_threshold: int = 256
     kv_timeout_s: float = 30.0
-    kv_backend: str = "zmq"           # "zmq", "nccl", or "auto": nccl iff both pools' workers have GPUs
-                                      # (nccl is opt-in until measured on two GPUs; CI tests it via gloo)
+    kv_backend: str = "auto"          # "auto": cuda_ipc on one host, nccl across hosts when both pools have
+                                      # GPUs, zmq otherwise; or one of "zmq", "nccl", "cuda_ipc" everywhere
     engine_kwargs: dict = field(default_factory=dict)
     dtype: str | None = None
     # Faults and overload (see deploy/supervisor.py and router/core.py).
@@ -94,20 +94,22 @@ def _model_config(model: str):
 
 
 def _resolve_kv_backend(cfg: ClusterConfig, gpus_per_worker: float) -> str:
-    """"auto" -> "nccl" only when the decode and the prefill workers both get a GPU (the
-    decode worker's receiver then advertises an nccl:// endpoint and prefill workers follow
-    it); "zmq" otherwise, which is what every CPU deployment (and CI) runs."""
+    """"auto" stays "auto" when the decode and the prefill workers both get a GPU (whole or a
+    share): each decode worker then receives over cuda_ipc from prefill workers on its own
+    host and over NCCL pairs from the others (decode_worker/worker.py), and prefill workers
+    follow the endpoint they are handed. "zmq" otherwise, which is what every CPU deployment
+    (and CI) runs."""
     backend = cfg.kv_backend
     if backend == "auto":
         if cfg.pools is None:
-            both = gpus_per_worker >= 1
+            both = gpus_per_worker > 0
         else:
-            both = all((gpus_per_worker if p.num_gpus is None else p.num_gpus) >= 1
+            both = all((gpus_per_worker if p.num_gpus is None else p.num_gpus) > 0
                        for p in (cfg.pools.prefill, cfg.pools.decode))
-        backend = "nccl" if both else "zmq"
-    if backend == "nccl" and cfg.zmq_curve:
-        log.warning("pdserve: the nccl KV backend is not covered by CurveZMQ (NCCL/gloo/TCPStore have no "
-                    "authentication): keep the workers on a trusted network")
+        backend = "auto" if both else "zmq"
+    if backend in ("nccl", "cuda_ipc", "auto") and cfg.zmq_curve:
+        log.warning("pdserve: the %s KV backend is not covered by CurveZMQ (NCCL, TCPStore and shared device "
+                    "memory have no authentication): keep the workers on a trusted network", backend)
     return backend
 
 

@@ -9,7 +9,7 @@ ConfigError naming the dotted path of the offending field (unknown keys included
     model: smollm2
     engine: {kv_cache_memory_gb: 4}            # EngineConfig fields, both pools
     router: {host: 0.0.0.0, port: 50051, disagg_threshold: 256, metrics_port: 9400}
-    transfer: {backend: auto, timeout_s: 30}    # auto: nccl when both pools have GPUs, else zmq
+    transfer: {backend: auto, timeout_s: 30}    # auto: cuda_ipc on a host, nccl across hosts, zmq on CPU
     pools:
       prefill: {min_replicas: 1, max_replicas: 4, num_gpus: 1, resources: {pdserve_prefill: 1},
                 targets: {queued_tokens_per_replica: 8192, ttft_s: 2.0}}
@@ -38,10 +38,10 @@ from dataclasses import dataclass, field
 from deploy.autoscale_policy import DecodeTargets, PrefillTargets, ScalingPolicyConfig
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
-# "auto": NCCL pairs (kv_transfer/p2p_backend.py) when both pools' workers have GPUs, else ZeroMQ.
-# The default is "zmq" until the NCCL path has been measured on a real pair of GPUs (it is
-# tested on CPU through gloo only); choose "auto" or "nccl" to opt in.
-TRANSFER_BACKENDS = ("auto", "zmq", "nccl")
+# "auto": when both pools' workers have GPUs, CUDA IPC between workers of one host
+# (kv_transfer/ipc_backend.py) and NCCL pairs across hosts (kv_transfer/p2p_backend.py);
+# ZeroMQ, host-staged, otherwise. One name forces that backend for every pair.
+TRANSFER_BACKENDS = ("auto", "zmq", "nccl", "cuda_ipc")
 MAX_CONFIG_BYTES = 1 << 20
 
 
@@ -112,7 +112,7 @@ class SecuritySection:
 
 @dataclass
 class TransferSection:
-    backend: str = "zmq"
+    backend: str = "auto"
     timeout_s: float = 30.0             # a KV transfer slower than this falls back to in-place prefill
 
     def validate(self, path: str) -> None:

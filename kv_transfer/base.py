@@ -275,7 +275,7 @@ class KVReceiver(abc.ABC):
                 log.exception("kv %s: writing layer %d failed", rid, h.layer)
                 self._fail(rid, f"write_layer failed: {type(e).__name__}: {e}")
                 return
-            self._landed(h)
+            self._mark_landed(h)
         elif isinstance(msg, DoneHeader):
             x = self._xfers[msg.request_id]
             self._mark_first_frame(x)
@@ -287,7 +287,7 @@ class KVReceiver(abc.ABC):
         else:
             self._fail(msg.request_id, f"sender aborted: {msg.reason}")
 
-    def _landed(self, h: KVHeader) -> None:
+    def _mark_landed(self, h: KVHeader) -> None:
         """Blocks ``h.block_ids`` of layer ``h.layer`` are in the cache (written by
         ``write_layer``, or by the sender itself on backends that copy directly)."""
         rid = h.request_id

@@ -451,7 +451,7 @@ class IpcKVReceiver(KVReceiver):
             self._reject(WireError(f"{type(h).__name__}: {rid!r} was not granted to this sender", rid))
             return
         if isinstance(h, KVHeader):
-            self._landed(h)
+            self._mark_landed(h)
         elif isinstance(h, DoneHeader):
             self._on_message(h)
         else:

@@ -532,7 +532,7 @@ def test_router_metrics_latency_window_and_http_endpoint():
         router.add_worker("decode", "decode-0", "tcp://127.0.0.1:9")
         rx = SimpleNamespace(stats=dict(bytes=4096, completed=3, failed=1, timed_out=1, seconds=1.5,
                                         wire_seconds=0.25))
-        load = DecodeWorker._kv_counters(SimpleNamespace(receiver=rx))
+        load = DecodeWorker._kv_counters(SimpleNamespace(_kv_stats=lambda: dict(rx.stats)))
         router.handle_batch(planes.decode_tokens(planes.TokenBatch("decode-0", [], [], load).encode()))
         port = m.serve_http("127.0.0.1", 0)
         try:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import os
 
-if not os.environ.get("CUDA_VISIBLE_DEVICES") and "TRITON_INTERPRET" not in os.environ:
-    os.environ["TRITON_INTERPRET"] = "1"   # before Triton loads: the block-copy kernel runs interpreted on CPU
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")   # before Triton loads: the block-copy kernel runs interpreted
 
 import json
 import os
