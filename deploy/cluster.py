@@ -410,6 +410,7 @@ async def serve_forever(cfg: ClusterConfig) -> None:
     except ImportError:
         pass
     import ray
+    quiet_ray_auth_notice()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     cluster = Cluster(cfg)
@@ -449,6 +450,13 @@ async def serve_forever(cfg: ClusterConfig) -> None:
         finally:
             ray.shutdown()     # a local instance: its raylet, GCS and agents exit with it
         print("pdserve: stopped", flush=True)
+
+
+def quiet_ray_auth_notice() -> None:
+    """Ray warns on every local start that it turned token authentication on (its default,
+    and what SECURITY.md asks for): drop that one notice, keep its other warnings."""
+    logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
+        lambda r: not r.getMessage().startswith("Token authentication is enabled"))
 
 
 def _on_signals(loop, stop: asyncio.Event) -> None:

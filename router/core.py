@@ -122,7 +122,9 @@ class Router:
         self.epoch = secrets.randbits(48)
         self.queued_prefill_tokens = 0
         self._starved_since: float | None = None
-        self._last_batch_at = time.monotonic()
+        # The plane-wide silence clock starts with the first token batch: before it, workers
+        # are still loading their models (their own registration-time clocks cover them).
+        self._last_batch_at: float | None = None
         self._plane_silent_logged = False
         self.counters = dict(overloaded=0, workers_lost=0, redispatched=0, failed_unavailable=0,
                              deadline_exceeded=0, stale_batches=0)
@@ -165,9 +167,9 @@ class Router:
         sock.connect(request_endpoint)
         pool = self.decode if kind == "decode" else self.prefill
         pool[worker_id] = Worker(worker_id, kind, request_endpoint, sock)
-        if kind == "decode" and len(self.decode) == 1:
-            # The plane-wide silence clock starts with the first decode worker, not at router
-            # start (model loading before it registered is not silence).
+        if kind == "decode" and len(self.decode) == 1 and self._last_batch_at is not None:
+            # The plane-wide silence clock restarts with the first decode worker (batches
+            # seen before were heartbeats of workers not registered yet).
             self._last_batch_at = max(self._last_batch_at, time.monotonic())
         log.info("router: %s worker %s joined at %s", kind, worker_id, request_endpoint)
 
@@ -413,9 +415,11 @@ class Router:
         # wait three times as long, so a real loss is still handled (Ray-reported deaths
         # reach worker_lost through the supervisor within seconds anyway).
         limit = self.cfg.dead_after_s
-        if now - self._last_batch_at > limit and self.decode:
-            if not self._plane_silent_logged:
-                log.error("router: no token batch from any decode worker for %.1fs", now - self._last_batch_at)
+        silent = now - self._last_batch_at if self._last_batch_at is not None else 0.0
+        if silent > limit and self.decode:
+            # (Not while this loop was starved: the batches are likely waiting unread.)
+            if not self._plane_silent_logged and not defer:
+                log.error("router: no token batch from any decode worker for %.1fs", silent)
                 self._plane_silent_logged = True
             limit *= 3
         else:
@@ -423,7 +427,7 @@ class Router:
         for w in list(self.decode.values()) if not defer else []:
             if now - w.last_seen > limit:
                 await self.worker_lost(w.worker_id, f"no heartbeat for {now - w.last_seen:.1f}s; last token batch "
-                                                    f"from any worker {now - self._last_batch_at:.1f}s ago")
+                                                    f"from any worker {silent:.1f}s ago")
         for h in [h for h in self.requests.values() if h.deadline is not None and h.deadline <= now]:
             dw = self.decode.get(h.decode_worker)
             if dw is not None:
