@@ -86,6 +86,12 @@ def _serve(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    from deploy.bench import run
+    run(args)
+    return 0
+
+
 def _demo(args) -> int:
     from deploy.demo import run_demo
     return run_demo(args.model, args.max_tokens, args.json)
@@ -159,6 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-prompt-tokens", type=int, default=None, help="per-request prompt limit (default: context)")
     s.add_argument("--max-tokens-limit", type=int, default=None, help="per-request max_tokens limit (default: context)")
     s.set_defaults(func=_serve)
+
+    b = sub.add_parser("bench", help="serving benchmark: TTFT/TPOT/ITL/E2E percentiles and goodput under SLOs, "
+                                     "against --address (gRPC), --http URL (any OpenAI API) or local clusters")
+    from deploy.bench import add_arguments   # argparse only; the load generator's imports wait for the run
+    add_arguments(b)
+    b.set_defaults(func=_bench)
 
     d = sub.add_parser("demo", help="start a local 1+1 cluster, send a short and a long prompt, show their routes")
     d.add_argument("--model", default="smollm2")
