@@ -264,3 +264,17 @@ def test_bench_against_the_cluster(cluster, target, tmp_path):
     if target == "http":
         assert record["model"] == MODEL     # found through /v1/models
     cluster.wait_idle()
+
+
+def test_readme_openai_snippet_runs_as_written(cluster, capsys):
+    """The README's "Use it from the OpenAI client" block, with only the port changed."""
+    import os
+    import re
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    section = readme.split("### Use it from the OpenAI client", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert "http://127.0.0.1:8000/v1" in code
+    exec(compile(code.replace("http://127.0.0.1:8000/v1", cluster.base_url), "README.md", "exec"), {})
+    out = capsys.readouterr().out
+    first, _, rest = out.partition("\n")
+    assert "Paris" in first and rest.strip(), out      # the chat answer, then the streamed completion
