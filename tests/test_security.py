@@ -168,6 +168,41 @@ def test_cli_generate_flags_reach_a_secure_server(secure_server, pki, tmp_path, 
     assert main(base + ["Hi"]) == 0
 
 
+def test_http_api_takes_the_same_tls_and_keys(secure_server, pki):
+    """The OpenAI HTTP API with the gRPC port's files: mutual TLS and API keys."""
+    import http.client
+    import ssl
+
+    from router.http_server import HTTPServer
+    from router.openai_api import OpenAIAPI
+    keys = APIKeys.from_keys([KEY])
+    app = OpenAIAPI(lambda: secure_server.service, "random:tiny", api_keys=keys).app()
+    server = HTTPServer(app, "127.0.0.1", 0, tls=TLSConfig(*pki["server"], client_ca_file=pki["ca"]), api_keys=keys)
+    port = secure_server.call(server.start())
+
+    def post(client, key):
+        ctx = ssl.create_default_context(cafile=pki["ca"])
+        if client:
+            ctx.load_cert_chain(*pki[client])
+        conn = http.client.HTTPSConnection("localhost", port, context=ctx, timeout=30)
+        try:
+            conn.request("POST", "/v1/completions", body=json.dumps({"prompt": PROMPT, "max_tokens": 2}),
+                         headers={"Authorization": f"Bearer {key}"})
+            r = conn.getresponse()
+            return r.status, json.loads(r.read())
+        finally:
+            conn.close()
+    try:
+        status, body = post("client", KEY)
+        assert status == 200 and body["usage"]["completion_tokens"] == 2, body
+        assert post("client", "wrong-key-" + "y" * 10)[0] == 401
+        for client in (None, "intruder"):     # no certificate, or one from another CA
+            with pytest.raises(OSError):      # ssl.SSLError or the connection cut
+                post(client, KEY)
+    finally:
+        secure_server.call(server.stop())
+
+
 def test_tls_config_checks_its_inputs(pki, tmp_path):
     assert TLSConfig.from_paths(None, None) is None
     with pytest.raises(ValueError, match="both"):
