@@ -7,9 +7,11 @@ The class is not decorated at import time (importing needs no running Ray); use
     h = Decode.options(name="decode-0").remote("decode-0", "smollm2", router_token_endpoint)
     eps = ray.get(h.endpoints.remote())       # {"request": tcp://..., "kv": tcp://...}
 
-The engine picks CUDA when the process sees a GPU (Ray sets CUDA_VISIBLE_DEVICES for the
-actor's num_gpus), the CPU otherwise; nothing here reads ray.get_gpu_ids(). Hot-path traffic
-never goes through Ray: only control calls (endpoints, stats, ping, drain, stop) do.
+The engine picks CUDA when the process sees a GPU, the CPU otherwise. A GPU actor sees
+every GPU of its node, its own first (:func:`own_gpu_first`): the engine's "cuda" is its
+own GPU, and a cuda_ipc sender can open a decode cache on another GPU of the host, which
+CUDA IPC needs visible. Hot-path traffic never goes through Ray: only control calls
+(endpoints, stats, ping, drain, stop) do.
 After a restart (max_restarts) the actor binds fresh ports: callers re-read endpoints().
 """
 from __future__ import annotations
@@ -39,11 +41,38 @@ def wait_drained(worker, timeout_s: float | None, poll_s: float = 0.05) -> dict:
     return dict(drained=n == 0, in_flight=n)
 
 
+# Ray masks a GPU actor's devices with CUDA_VISIBLE_DEVICES unless this is set in the
+# actor's environment (make_remote sets it for GPU actors; own_gpu_first then orders them).
+NOSET_CUDA_VISIBLE_DEVICES = "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"
+
+
+def visible_order(own: list[str], node_gpus: list[str]) -> str:
+    """CUDA_VISIBLE_DEVICES listing the actor's own GPUs first, then the node's others."""
+    return ",".join(own + [g for g in node_gpus if g not in own])
+
+
+def own_gpu_first() -> None:
+    """Before CUDA starts in this process: show every GPU of the node, the actor's own first."""
+    if os.environ.get(NOSET_CUDA_VISIBLE_DEVICES) != "1":
+        return
+    import ray
+    own = [str(g) for g in ray.get_gpu_ids()]
+    inherited = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if inherited:   # the node's raylet was started with a mask: Ray's ids are entries of it
+        node_gpus = [g.strip() for g in inherited.split(",") if g.strip()]
+    else:
+        me = ray.get_runtime_context().get_node_id()
+        count = next((int(n["Resources"].get("GPU", 0)) for n in ray.nodes() if n["NodeID"] == me), 0)
+        node_gpus = [str(i) for i in range(count)]
+    os.environ["CUDA_VISIBLE_DEVICES"] = visible_order(own, node_gpus) if own else ""
+
+
 class WorkerActorBase:
     """Control calls shared by both pools' actors; subclasses build and start `self.worker`."""
     worker = None
 
     def __init__(self):
+        own_gpu_first()
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def endpoints(self) -> dict:
@@ -81,6 +110,8 @@ class WorkerActorBase:
 
 def make_remote(actor_cls, num_gpus: float, num_cpus: float, max_restarts: int, max_concurrency: int, **options):
     import ray
+    if num_gpus and "runtime_env" not in options:
+        options["runtime_env"] = {"env_vars": {NOSET_CUDA_VISIBLE_DEVICES: "1"}}
     return ray.remote(num_gpus=num_gpus, num_cpus=num_cpus, max_restarts=max_restarts,
                       max_concurrency=max_concurrency, **options)(actor_cls)
 

@@ -134,6 +134,26 @@ def test_endpoints_control_messages_and_cache_descriptions():
             ipc.open_cache({**desc, **change})
 
 
+def test_gpu_actors_see_their_own_gpu_first_and_the_hosts_others(monkeypatch):
+    """CUDA IPC needs the peer GPU visible: GPU actors ask Ray not to mask devices and list
+    their own first (so the engine's "cuda" is still their own)."""
+    from decode_worker.actor import NOSET_CUDA_VISIBLE_DEVICES, make_remote, own_gpu_first, visible_order
+    assert visible_order(["1"], ["0", "1", "2", "3"]) == "1,0,2,3"
+    assert visible_order(["2", "3"], ["2", "3", "4"]) == "2,3,4"
+    assert visible_order(["0"], ["0"]) == "0"
+    monkeypatch.delenv(NOSET_CUDA_VISIBLE_DEVICES, raising=False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "7")
+    own_gpu_first()   # Ray masked this process itself: nothing to do
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "7"
+    ray = pytest.importorskip("ray")
+
+    class A:
+        pass
+    opts = make_remote(A, 1, 1, 0, 1)._default_options
+    assert opts["runtime_env"]["env_vars"][NOSET_CUDA_VISIBLE_DEVICES] == "1"
+    assert "runtime_env" not in make_remote(A, 0, 1, 0, 1)._default_options
+
+
 # ---- one process: the protocol -------------------------------------------------------------------------------
 def test_exact_transfer_block_to_block_and_from_gathered_tensors(pair):
     layout, rx, cache, tx = pair()
