@@ -186,7 +186,7 @@ def _progress(total: int, desc: str, enabled: bool):
     if not enabled:
         return None
     from tqdm import tqdm
-    return tqdm(total=total, desc=desc, unit="req", leave=False, dynamic_ncols=True)
+    return tqdm(total=total, desc=desc, unit="req", leave=False, dynamic_ncols=True, disable=None)  # None: TTY only
 
 
 def _pcts(xs: list[float]) -> dict:
@@ -354,7 +354,7 @@ def run(args) -> dict:
     modes = ["external"] if external else [m.strip() for m in args.modes.split(",")]
     model = args.served_model or args.model if not args.http else args.served_model
     record = dict(model=model, workload=args.workload, target=args.http or args.address or "local",
-                  args=vars(args), modes={})
+                  args={k: v for k, v in vars(args).items() if not callable(v)}, modes={})
     if not external:
         import ray
 

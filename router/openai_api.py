@@ -283,7 +283,7 @@ class OpenAIAPI:
         if opts is not None:
             if not stream:
                 raise invalid("stream_options", "only allowed when stream is true")
-            if not isinstance(opts, dict) or set(opts) - {"include_usage", "continuous_usage_stats"}:
+            if not isinstance(opts, dict) or set(opts) - {"include_usage"}:
                 raise invalid("stream_options", "expected {\"include_usage\": true|false}")
             include_usage = _bool(opts, "include_usage")
         if chat:

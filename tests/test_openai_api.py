@@ -244,23 +244,18 @@ def test_overload_429_and_draining_503(cluster):
 def test_bench_against_the_cluster(cluster, target, tmp_path):
     """`pdserve bench` with a handful of requests over either API: every request completes
     with its output length, percentiles and goodput are reported, the JSON is written."""
-    import argparse
-
-    from deploy.bench import add_arguments, run
-    ap = argparse.ArgumentParser()
-    add_arguments(ap)
+    from engine.cli import main
     where = ["--http", cluster.base_url] if target == "http" else ["--address", f"127.0.0.1:{cluster.cluster.port}"]
     out = tmp_path / "bench.json"
-    args = ap.parse_args(where + ["--rates", "20", "--requests", "4", "--warmup", "1", "--prompt-min", "8",
-                                  "--prompt-max", "40", "--output-min", "4", "--output-max", "8", "--no-progress",
-                                  "--json", str(out)])
-    record = run(args)
+    assert main(["bench"] + where + ["--rates", "20", "--requests", "4", "--warmup", "1", "--prompt-min", "8",
+                                     "--prompt-max", "40", "--output-min", "4", "--output-max", "8",
+                                     "--json", str(out)]) == 0
+    record = json.loads(out.read_text())
     s = record["modes"]["external"][0]["summary"]
     assert s["completed"] == 4 and s["errors"] == 0 and s["wrong_token_count"] == 0, s
     for key in ("ttft_s", "tpot_s", "itl_s", "e2e_s"):
         assert 0 < s[key]["p50"] <= s[key]["p99"], (key, s[key])
     assert 0 <= s["slo_attainment"] <= 1 and s["goodput_rps"] >= 0
-    assert json.loads(out.read_text())["modes"]["external"][0]["summary"]["completed"] == 4
     if target == "http":
         assert record["model"] == MODEL     # found through /v1/models
     cluster.wait_idle()
