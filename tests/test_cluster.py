@@ -1,4 +1,4 @@
-"""The whole cluster on a local Ray instance with ZeroMQ KV transfer: gRPC in, routing by
+"""The whole cluster on a local Ray instance with ZeroMQ KV transfer (and cuda_ipc in the 1+2 test): gRPC in, routing by
 conditional disaggregation, prefill and decode actors, tokens out. float64 random weights
 make greedy outputs independent of batching, so every output can be compared exactly with
 a single engine's."""
@@ -204,14 +204,19 @@ def test_model_info_and_health(cluster):
     assert h.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def test_one_prefill_two_decode(ray_local, cluster, reference):
-    c2 = ClusterThread(num_prefill=1, num_decode=2)
+def test_one_prefill_two_decode_over_cuda_ipc(ray_local, cluster, reference):
+    """1+2 workers with KV over the cuda_ipc backend (shared memory between the actors'
+    processes on CPU): the prefill worker copies straight into each decode cache."""
+    c2 = ClusterThread(num_prefill=1, num_decode=2, kv_backend="cuda_ipc")
     try:
         results = run_burst(c2, reference, n_long=4, n_short=6, n_shared=4)
         used = {r["decode_worker"] for r in results}
         assert used == {"decode-0", "decode-1"}
         # prefix-cache hits go to the worker that holds the prefix
         assert len({r["decode_worker"] for r in results[10:]}) == 1
-        c2.wait_idle()
+        stats = c2.wait_idle()
+        kv = [stats[w]["kv"] for w in ("decode-0", "decode-1")]
+        assert sum(k["completed"] for k in kv) == sum(k["grants"] for k in kv) >= 5, kv   # warm-up + 4 long
+        assert all(stats[w]["fallbacks"] == 0 for w in ("decode-0", "decode-1"))
     finally:
         c2.close()
