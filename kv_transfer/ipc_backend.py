@@ -85,9 +85,9 @@ SCHEME = "cudaipc://"
 MAX_CONTROL_BYTES = 4096
 _INST_LEN = 16
 _CTRL, _WIRE = b"c", b"w"          # first payload frame: a control map, or a kv_transfer.wire header
-_FROM_SENDER = {"hello": {"inst"}, "claim": {"request_id"}, "fenced": {"request_id"}, "ping": set(), "bye": set()}
+_FROM_SENDER = {"hello": {"inst"}, "claim": {"request_id"}, "fenced": {"request_id"}, "ping": {"t"}, "bye": set()}
 _FROM_RECEIVER = {"welcome": {"cache", "layout"}, "refuse": {"reason"}, "grant": {"request_id", "ok", "reason"},
-                  "revoke": {"request_id"}, "pong": set()}
+                  "revoke": {"request_id"}, "pong": {"t"}}
 
 
 # ---- endpoints -----------------------------------------------------------------------------------------
@@ -393,8 +393,8 @@ class IpcKVReceiver(KVReceiver):
             self._on_claim(pair, d["request_id"])
         elif t == "fenced":
             self._on_fenced(pair, d["request_id"])
-        elif t == "ping":
-            self._send(ident, "pong")
+        elif t == "ping":   # echo the sender's clock: its lease runs from when it asked
+            self._send(ident, "pong", t=d["t"])
         elif t == "bye":   # the sender's copies are all finished
             self._drop_pair(pair, "said bye", lost=False)
 
@@ -806,7 +806,7 @@ class IpcKVSender(KVSender):
                     self._break(f"no welcome from the receiver in {self.connect_timeout_s:.0f}s")
                 if now - ping_at >= self.ping_s and self.broken is None:
                     self._ping_sent = ping_at = now
-                    self._send(_CTRL, encode_control("ping"))
+                    self._send(_CTRL, encode_control("ping", t=now))
                 if self._process_queue():
                     return
         except Exception:
@@ -851,8 +851,10 @@ class IpcKVSender(KVSender):
         elif t == "refuse":
             self._break(f"receiver refused: {str(d['reason'])[:MAX_REASON_LEN]}")
         elif t == "pong":
-            with self._lock:
-                self._lease_until = max(self._lease_until, self._ping_sent + self.lease_s)
+            asked = d["t"]
+            if type(asked) is float and asked <= time.monotonic():
+                with self._lock:
+                    self._lease_until = max(self._lease_until, asked + self.lease_s)
         elif t == "grant":
             rid = d["request_id"]
             with self._lock:
@@ -949,10 +951,13 @@ class IpcKVSender(KVSender):
             self._revoked.discard(rid)
             self._last_copy.pop(rid, None)
             self._begun.pop(rid, None)
-        if it.kind == "done" and failed:
-            return True   # the receiver fails it anyway (revoked, denied, or aborted by _break)
+        body = it.body
+        if it.kind == "done" and failed:   # not all of it landed: let the receiver fall back now
+            with self._lock:
+                why = self._failed.get(rid, "revoked")
+            body = encode_abort(rid, why)[0]
         try:
-            self._send(_WIRE, it.body)
+            self._send(_WIRE, body)
         except zmq.ZMQError as e:
             with self._lock:
                 self._mark_failed(rid, f"control send failed: {e}")

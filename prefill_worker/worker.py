@@ -187,6 +187,9 @@ class PrefillWorker:
     def _sender(self, endpoint: str) -> kt.KVSender:
         self._sender_used[endpoint] = time.monotonic()
         s = self._senders.get(endpoint)
+        if s is not None and getattr(s, "broken", None):   # a cuda_ipc pair that failed: try a fresh one
+            self._forget_sender(s)
+            s = None
         if s is None:
             backend = kt.backend_of(endpoint)   # the decode worker's receiver chose it
             dev = self.engine.device
