@@ -75,6 +75,21 @@ class WorkerActorBase:
         own_gpu_first()
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    def _start(self, worker_id: str, model: str, build) -> None:
+        """Build the worker (the model load is the long part) and start its loop, with a
+        line before and after: Ray forwards them, so whoever waits sees each stage's time."""
+        log = logging.getLogger("pdserve.worker")
+        t0 = time.monotonic()
+        log.info("%s: loading %s (CUDA_VISIBLE_DEVICES=%s)", worker_id, model,
+                 os.environ.get("CUDA_VISIBLE_DEVICES", "unset"))
+        self.worker = build()
+        t1 = time.monotonic()
+        self.worker.start()
+        info = self.worker.model_info()
+        log.info("%s: ready in %.1fs (engine %.1fs): %s %s on %s, %d KV blocks of %d tokens", worker_id,
+                 time.monotonic() - t0, t1 - t0, info["model"], info["dtype"], info["device"], info["num_blocks"],
+                 info["block_size"])
+
     def endpoints(self) -> dict:
         return self.worker.endpoints()
 
@@ -121,8 +136,7 @@ class DecodeWorkerActor(WorkerActorBase):
         super().__init__()
         if kwargs.get("bind_host") is None:
             kwargs["bind_host"] = node_ip()
-        self.worker = DecodeWorker(worker_id, model, token_endpoint, **kwargs)
-        self.worker.start()
+        self._start(worker_id, model, lambda: DecodeWorker(worker_id, model, token_endpoint, **kwargs))
 
     def attach_router(self, token_endpoint: str, epoch: int) -> None:
         self.worker.attach_router(token_endpoint, epoch)

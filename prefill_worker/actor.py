@@ -12,8 +12,7 @@ class PrefillWorkerActor(WorkerActorBase):
         super().__init__()
         if kwargs.get("bind_host") is None:
             kwargs["bind_host"] = node_ip()
-        self.worker = PrefillWorker(worker_id, model, **kwargs)
-        self.worker.start()
+        self._start(worker_id, model, lambda: PrefillWorker(worker_id, model, **kwargs))
 
 
 def remote_class(num_gpus: float = 1, *, num_cpus: float = 1, max_restarts: int = 2, max_concurrency: int = 4,
