@@ -122,6 +122,8 @@ def main(argv=None) -> int:
             return cluster.metrics.load_report()
         return asyncio.run_coroutine_threadsafe(get(), loop).result(30)
 
+    from tqdm import tqdm
+    bar = tqdm(total=sum(x[0] for x in SCHEDULE), desc="ramp", unit="s", dynamic_ncols=True, disable=None)
     t0 = time.time()
     try:
         for seconds, n_long, n_short in SCHEDULE:
@@ -136,7 +138,10 @@ def main(argv=None) -> int:
                     queued_prefill_tokens=sum(w["queued_tokens"] for w in rep["prefill"].values()),
                     decode_running=sum(w["running"] for w in rep["decode"].values()),
                     prefill=sizes["prefill"], decode=sizes["decode"], completed=clients.completed))
+                bar.n = min(bar.total, int(samples[-1]["t"]))
+                bar.set_postfix(prefill=sizes["prefill"]["active"], decode=sizes["decode"]["active"], refresh=True)
                 time.sleep(args.sample_s)
+        bar.close()
         clients.stop_all()
         decisions = ray.get(ctl.decisions.remote())
     finally:

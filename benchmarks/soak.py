@@ -173,9 +173,14 @@ def main(argv=None) -> int:
     samples: list[dict] = []
     duration = args.minutes * 60
 
+    from tqdm import tqdm
+    bar = tqdm(total=round(duration), desc="soak", unit="s", dynamic_ncols=True, disable=None)   # None: TTY only
+
     def sample(t0):
         samples.append(dict(t=round(time.monotonic() - t0, 2), rss_mb={k: rss_mb(p) for k, p in pids.items()},
                             inflight=len(cluster.router.requests)))
+        bar.n = min(round(duration), int(samples[-1]["t"]))
+        bar.set_postfix(sent=load.sent, inflight=samples[-1]["inflight"], refresh=True)
 
     pool = ThreadPoolExecutor(args.max_concurrency)
     t0 = time.monotonic()
@@ -186,6 +191,7 @@ def main(argv=None) -> int:
     while True:
         now = time.monotonic()
         if now - t0 >= duration:
+            bar.close()
             break
         if now >= next_sample:
             sample(t0)
