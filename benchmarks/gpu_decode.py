@@ -4,8 +4,10 @@ roofline measured in the same run.
 For each batch size B, B requests with 512-token prompts are prefilled, then `--steps`
 decode steps are timed with all B sequences decoding (context 513..513+steps):
 
-  engine ms/step   LLMEngine.step() wall time: scheduling, input building, the CUDA-graph
-                   replay, sampling and the one host sync (reading the sampled tokens)
+  engine ms/step   LLMEngine.step() wall time with overlapped scheduling (the default on a
+                   GPU): the host schedules and stages step n+1 while the GPU runs step n
+  sync ms/step     the same with overlap off (async_scheduling=False): scheduling, input
+                   building, the CUDA-graph replay, sampling and the one host sync in a row
   graph ms         the replay alone (CUDA events), i.e. the GPU time of the step
   eager ms/step    the same steps with CUDA graphs switched off
   matmul ms        a CUDA graph of only the step's matrix products (the weights' share)
@@ -21,7 +23,10 @@ decode attention under a few split-K settings, and the batch-1 projections three
 the gap goes.
 
     python benchmarks/gpu_decode.py [--batches 1,8,32,128] [--ctx 512] [--steps 32]
-                                    [--kernels] [--json out.json]
+                                    [--overlap both|on|off] [--kernels] [--json out.json]
+
+--overlap picks which of the two engine timings run (both by default; the one left out
+is reported as None). host ms is engine ms minus graph ms for each.
 """
 from __future__ import annotations
 
@@ -157,6 +162,8 @@ def main():
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--model", default="random:llama3-8b")
     ap.add_argument("--kernels", action="store_true")
+    ap.add_argument("--overlap", choices=("both", "on", "off"), default="both",
+                    help="time steps with overlapped scheduling on, off, or both (one engine, switched)")
     ap.add_argument("--json")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
@@ -173,7 +180,7 @@ def main():
     rows = []
     for B in batches:
         n_steps = args.steps
-        sp = SamplingParams(max_tokens=3 * n_steps + 24, ignore_eos=True)
+        sp = SamplingParams(max_tokens=4 * n_steps + 40, ignore_eos=True)
         g = torch.Generator().manual_seed(B)
         for i in range(B):
             engine.add_request(f"b{B}-{i}", torch.randint(100, 120000, (args.ctx,), generator=g).tolist(), sp)
@@ -184,7 +191,12 @@ def main():
         seqs = list(engine._seqs.values())
         ctx0 = sum(s.num_tokens for s in seqs) / B
 
-        def timed_steps():
+        def timed_steps(overlap: bool = False):
+            # Switching drains (off) or primes (on) the pipeline: a few untimed steps first,
+            # so every timed step returns one token per sequence.
+            engine.overlap = overlap
+            for _ in range(3):
+                engine.step()
             torch.cuda.synchronize()
             t = time.perf_counter()
             for _ in range(n_steps):
@@ -195,8 +207,10 @@ def main():
         graphs = engine.runner.decode_graphs
         replays = graphs.num_replays
         timed_steps()  # warm-up of this batch's path
-        engine_ms = timed_steps()
-        assert graphs.num_replays - replays == 2 * n_steps, "decode steps did not replay graphs"
+        engine_ms = timed_steps(True) if args.overlap != "off" else None
+        sync_ms = timed_steps(False) if args.overlap != "on" else None
+        timed = sum(x is not None for x in (engine_ms, sync_ms))
+        assert graphs.num_replays - replays == (1 + timed) * (n_steps + 3), "decode steps did not replay graphs"
         key = (graphs.bucket_for(B), graphs.width_for(max(len(s.block_table) for s in seqs)))
         graph_ms = gc_.cuda_time_ms(graphs.graphs[key].replay, iters=20)
         engine.runner.decode_graphs = None
@@ -207,17 +221,20 @@ def main():
             eager_ms = timed_steps()
         finally:
             engine.runner.decode_graphs = graphs
-        ctx_avg = ctx0 + 1.5 * n_steps  # middle of the graph-timed steps
+        ctx_avg = ctx0 + 2 * n_steps + 7  # middle of the overlap-on and -off timed steps
         for s in seqs:
             engine.abort(s.seq_id)
         mm_ms = linear_only_ms(model, B)
         nbytes = wbytes + B * ctx_avg * kv_tok
         roof_ms = nbytes / bw / 1e6
-        row = dict(batch=B, ctx=round(ctx_avg), engine_ms=engine_ms, graph_ms=graph_ms, eager_ms=eager_ms,
-                   matmul_ms=mm_ms, roofline_ms=roof_ms, bytes=nbytes,
-                   engine_ratio=roof_ms / engine_ms, graph_ratio=roof_ms / graph_ms,
-                   host_ms=engine_ms - graph_ms,
-                   tokens_per_s=B / engine_ms * 1000)
+        best = engine_ms if engine_ms is not None else sync_ms
+        row = dict(batch=B, ctx=round(ctx_avg), engine_ms=engine_ms, sync_ms=sync_ms, graph_ms=graph_ms,
+                   eager_ms=eager_ms, matmul_ms=mm_ms, roofline_ms=roof_ms, bytes=nbytes,
+                   engine_ratio=roof_ms / best, graph_ratio=roof_ms / graph_ms,
+                   host_ms=None if engine_ms is None else engine_ms - graph_ms,
+                   sync_host_ms=None if sync_ms is None else sync_ms - graph_ms,
+                   overlap_speedup=None if None in (engine_ms, sync_ms) else sync_ms / engine_ms,
+                   tokens_per_s=B / best * 1000)
         rows.append(row)
         print(row, flush=True)
     rec = dict(device=gc_.device_info(), copy_gbs=bw, weight_bytes=wbytes, kv_bytes_per_token=kv_tok,
@@ -231,11 +248,16 @@ def main():
         print(mp, flush=True)
     gc_.dump(args.json, rec)
     print(f"\n{rec['device']['gpu']}: copy {bw:.0f} GB/s, weights {wbytes / 1e9:.2f} GB")
-    print("| batch | ctx | engine ms/step | tok/s | graph ms | eager ms/step | matmul-only ms | roofline ms "
-          "| roofline/engine | roofline/graph |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    def ms(x):
+        return "-" if x is None else f"{x:.2f}"
+
+    print("| batch | ctx | engine ms/step (overlap) | sync ms/step | overlap speed-up | tok/s | graph ms "
+          "| host ms overlap / sync | eager ms/step | matmul-only ms | roofline ms | roofline/engine | roofline/graph |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['batch']} | {r['ctx']} | {r['engine_ms']:.2f} | {r['tokens_per_s']:.0f} | {r['graph_ms']:.2f} "
+        gain = "-" if r["overlap_speedup"] is None else f"{r['overlap_speedup']:.2f}x"
+        print(f"| {r['batch']} | {r['ctx']} | {ms(r['engine_ms'])} | {ms(r['sync_ms'])} | {gain} "
+              f"| {r['tokens_per_s']:.0f} | {r['graph_ms']:.2f} | {ms(r['host_ms'])} / {ms(r['sync_host_ms'])} "
               f"| {r['eager_ms']:.2f} | {r['matmul_ms']:.2f} | {r['roofline_ms']:.2f} | {r['engine_ratio']:.1%} "
               f"| {r['graph_ratio']:.1%} |")
 

@@ -77,6 +77,11 @@ class EngineConfig:
     num_speculative_tokens: int = 4       # most draft tokens verified per sequence per step
     spec_max_batch: int = 16              # no speculation while more sequences are running
     spec_adaptive: bool = True            # pick k (or 0) per sequence from measured acceptance
+    # Overlapped scheduling (engine/overlap.py): the host schedules and prepares step n+1
+    # while the device runs step n. None = auto (on with a CUDA device, off on CPU, where
+    # the forward runs on the host anyway); True/False forces it. Steps with a per-layer
+    # callback (the prefill worker) and engines with speculative decoding run synchronously.
+    async_scheduling: bool | None = None
 
     def validate(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -104,5 +109,8 @@ class EngineConfig:
             raise ValueError(f"num_speculative_tokens must be an integer in [1, 16], got {self.num_speculative_tokens!r}")
         if isinstance(self.spec_max_batch, bool) or not isinstance(self.spec_max_batch, int) or self.spec_max_batch < 1:
             raise ValueError(f"spec_max_batch must be a positive integer, got {self.spec_max_batch!r}")
+        if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):
+            raise ValueError(f"async_scheduling must be true, false or null (auto: on with CUDA), "
+                             f"got {self.async_scheduling!r}")
         if self.kernel_backend not in (None, "torch", "triton", "cpu"):
             raise ValueError(f"kernel_backend must be 'torch', 'triton' or 'cpu', got {self.kernel_backend!r}")

@@ -14,7 +14,8 @@ from engine.config import EngineConfig
 from engine.errors import CapacityError, InvalidRequestError
 from engine.model import loader
 from engine.model_runner import ModelRunner
-from engine.sampler import sample
+from engine.overlap import PLACEHOLDER, LaunchedStep
+from engine.sampler import sample, sample_on_device
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import FinishReason, Sequence, SeqStatus
@@ -96,6 +97,13 @@ class LLMEngine:
         if cfg.speculative is not None:
             from engine.spec_decode import SpecDecoder
             self.spec = SpecDecoder(cfg, mc, self.runner.num_blocks, self.device, self.dtype, self.max_model_len)
+        # Overlapped scheduling (engine/overlap.py). Auto: on with CUDA, where the device
+        # runs a step while the host prepares the next; on CPU the host runs the forward
+        # itself, so there is nothing to overlap. Speculative steps stay synchronous (the
+        # proposer needs the tokens on the host before it can schedule a verify).
+        want = cfg.async_scheduling if cfg.async_scheduling is not None else self.device.type == "cuda"
+        self.overlap = bool(want) and self.spec is None
+        self._launched: LaunchedStep | None = None   # the step on the device, outputs not processed
 
     # ---- requests -----------------------------------------------------------------------------
     def tokenize(self, prompt: str | list[int]) -> list[int]:
@@ -164,13 +172,102 @@ class LLMEngine:
             self.scheduler.finish(seq, FinishReason.ABORT)
         else:
             self.scheduler.release_held(request_id)
+        if seq.in_flight:
+            # A launched step still uses its blocks: wait for the device (at most one
+            # step), so they are free when abort returns, as without overlap.
+            self._settle_launched()
         return True
 
+    def _settle_launched(self) -> None:
+        """Wait for the launched step on the device; then every deferred free is safe. If
+        none of its sequences is still unfinished, its outputs are not wanted: drop it."""
+        launched = self._launched
+        if launched is None:
+            return
+        launched.wait()
+        self.scheduler.release_deferred()
+        if not launched.live():
+            self._launched = None
+            self.scheduler.step_done([s.seq for s in launched.scheduled])
+
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._launched is not None
 
     # ---- the step -------------------------------------------------------------------------------
     def step(self, on_layer_done=None) -> list[RequestOutput]:
+        """Run one step; returns the outputs (at most one new token per request, several
+        for an accepted speculative run) that became known. With overlapped scheduling
+        these are the previous launch's: a request's outputs come in the same sequence as
+        without overlap, one step() later."""
+        if self.overlap and on_layer_done is None:
+            return self._step_overlapped()
+        outputs = self._drain_launched()
+        return outputs + self._step_sync(on_layer_done)
+
+    # ---- overlapped steps (engine/overlap.py) --------------------------------------------------------
+    def _step_overlapped(self) -> list[RequestOutput]:
+        prev = self._launched
+        scheduled = self.scheduler.schedule()
+        if scheduled:
+            self.current_step = scheduled
+            self._launched = self._launch(scheduled, prev)
+        else:
+            self._launched = None
+        outputs = self._process(prev) if prev is not None else []
+        if self._launched is not None:
+            # The new step's tokens are all known now (its inputs' placeholders were prev's):
+            # register the blocks it fills, as a synchronous step would at its end.
+            for s in self._launched.scheduled:
+                if s.seq.status == SeqStatus.RUNNING:
+                    self.scheduler.commit_full_blocks(s.seq)
+        return outputs
+
+    def _launch(self, scheduled, prev: LaunchedStep | None) -> LaunchedStep:
+        """Queue the forward and sampling of `scheduled` on the device and advance the
+        sequences as if their tokens were known (placeholders stand in for them)."""
+        sampling = [s for s in scheduled if s.samples]
+        logits = self.runner.execute(scheduled, None, prev)
+        tokens = logprobs = None
+        if sampling:
+            tokens, logprobs = sample_on_device(logits, [s.seq.params for s in sampling],
+                                                [s.seq.generator for s in sampling], self.runner.greedy_ids)
+        for s in scheduled:
+            s.seq.num_computed_tokens += s.num_new_tokens
+            s.seq.in_flight += 1
+        positions, rows = [], {}
+        for i, s in enumerate(sampling):
+            seq = s.seq
+            rows[id(seq)] = i
+            positions.append(seq.num_tokens)
+            seq.token_ids.append(PLACEHOLDER)
+            # Set only here and never cleared: the placeholder that makes it certain is the
+            # last one this sequence gets, and processing it finishes the sequence.
+            p = seq.params
+            seq.finishing = (seq.prefill_only or seq.num_output_tokens >= p.max_tokens
+                             or seq.num_tokens >= self.max_model_len)
+        return LaunchedStep.start(scheduled, sampling, positions, rows, tokens, logprobs, self.device)
+
+    def _process(self, launched: LaunchedStep) -> list[RequestOutput]:
+        """Read back a launched step's tokens, put them in place of the placeholders and
+        run the stop checks. Sequences finished (or aborted) meanwhile are skipped: what
+        was computed for them past their end is discarded."""
+        tokens, logprobs = launched.results()
+        self.scheduler.step_done([s.seq for s in launched.scheduled])
+        outputs = []
+        for i, s in enumerate(launched.sampling):
+            seq = s.seq
+            if seq.is_finished:
+                continue
+            seq.token_ids[launched.positions[i]] = tokens[i]
+            outputs.append(self._check_token(seq, launched.positions[i], logprobs[i] if logprobs else None))
+        return outputs
+
+    def _drain_launched(self) -> list[RequestOutput]:
+        launched, self._launched = self._launched, None
+        return self._process(launched) if launched is not None else []
+
+    # ---- synchronous steps ------------------------------------------------------------------------------
+    def _step_sync(self, on_layer_done=None) -> list[RequestOutput]:
         if self.spec is not None:
             self.spec.propose(self.scheduler.running)
         scheduled = self.scheduler.schedule()
@@ -251,20 +348,29 @@ class LLMEngine:
 
     def _append_token(self, seq: Sequence, token: int, logprob: float | None) -> RequestOutput:
         seq.token_ids.append(token)
+        return self._check_token(seq, seq.num_tokens - 1, logprob)
+
+    def _check_token(self, seq: Sequence, index: int, logprob: float | None) -> RequestOutput:
+        """The token at token_ids[index] is new: stop checks, text, the output. Anything
+        after it is a placeholder of an overlapped step; if the token ends the sequence
+        that goes (the step's result for it is discarded)."""
+        token = seq.token_ids[index]
+        num_tokens = index + 1
+        num_output = num_tokens - seq.num_prompt_tokens
         if logprob is not None and seq.params.logprobs:
             seq.logprobs.append(logprob)
         p = seq.params
         reason = None
         if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
             reason = FinishReason.STOP
-        elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+        elif num_output >= p.max_tokens or num_tokens >= self.max_model_len:
             reason = FinishReason.LENGTH
         elif seq.prefill_only:
             reason = FinishReason.LENGTH
         delta = ""
         ts = self._text.get(seq.seq_id)
         if ts is not None:
-            ts.text += ts.detok.step(seq.output_token_ids)
+            ts.text += ts.detok.step(seq.token_ids[seq.num_prompt_tokens:num_tokens])
             if p.stop and self._truncate_at_stop(ts, p.stop):
                 reason = FinishReason.STOP
             # With stop strings, hold back a tail that could still turn into one, so no
@@ -273,6 +379,7 @@ class LLMEngine:
             upto = max(ts.emitted, len(ts.text) - hold)
             delta, ts.emitted = ts.text[ts.emitted:upto], upto
         if reason is not None:
+            del seq.token_ids[num_tokens:]
             self.scheduler.finish(seq, reason)
             if self.spec is not None:
                 self.spec.forget(seq.seq_id)
@@ -281,7 +388,7 @@ class LLMEngine:
                 self._text.pop(seq.seq_id, None)
         return RequestOutput(seq.seq_id, [token], delta, reason is not None,
                              reason.value if reason else None, seq.num_prompt_tokens,
-                             seq.num_cached_tokens, seq.num_output_tokens,
+                             seq.num_cached_tokens, num_output,
                              [logprob] if (logprob is not None and p.logprobs) else [])
 
     @staticmethod

@@ -12,6 +12,7 @@ from engine.kernels import default_backend, get_ops
 from engine import quant
 from engine.model import loader
 from engine.model.llama import ForwardBatch, LlamaForCausalLM
+from engine.overlap import LaunchedStep, placeholder_source
 from engine.scheduler import ScheduledSeq
 
 log = logging.getLogger(__name__)
@@ -116,10 +117,13 @@ class ModelRunner:
 
     # ---- one step --------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, scheduled: list[ScheduledSeq], on_layer_done=None) -> torch.Tensor | None:
+    def execute(self, scheduled: list[ScheduledSeq], on_layer_done=None,
+                prev: LaunchedStep | None = None) -> torch.Tensor | None:
         """Run the forward for this step. Returns logits [N, V] for the scheduled entries
         whose `samples` is true, in scheduled order (None if there are none); a speculative
-        verify entry (num_spec > 0) has 1 + num_spec consecutive rows."""
+        verify entry (num_spec > 0) has 1 + num_spec consecutive rows. With overlapped
+        scheduling, `prev` is the launched step whose sampled tokens some inputs still
+        are (placeholders): those are taken from its token tensor on the device."""
         bs = self.block_size
         # The argmax of the returned logits' rows when the decode graph computed it (the
         # sampler then need not), else None.
@@ -134,13 +138,19 @@ class ModelRunner:
         graphs = self.decode_graphs
         if (graphs is not None and decodes and not prefills and on_layer_done is None
                 and graphs.can_run(len(dec_rows), max(len(s.seq.block_table) for s in decodes))):
-            return self._execute_decode_graph(decodes)
+            return self._execute_decode_graph(decodes, prev)
         ordered = decodes + prefills
         ids, pos, slots, sample_idx = [], [], [], []
+        fill_rows, fill_src = [], []   # input rows still placeholders, and their source rows in prev
         for s in ordered:
             seq, start = s.seq, s.seq.num_computed_tokens
             end = start + s.num_new_tokens
             ids.extend(seq.token_ids[start:end])
+            src = placeholder_source(seq, end - 1, prev) if end == seq.num_tokens else -1
+            if src >= 0:
+                fill_rows.append(len(ids) - 1)
+                fill_src.append(src)
+                ids[-1] = 0
             if s.num_spec:  # speculative verify chunk: the draft tokens follow the last token
                 ids.extend(seq.spec_token_ids[:s.num_spec])
             table = seq.block_table
@@ -174,7 +184,10 @@ class ModelRunner:
             batch.prefill_query_start_loc = as_tensor(qsl, torch.int32)
             batch.prefill_context_lens = as_tensor(
                 [s.seq.num_computed_tokens + s.num_new_tokens for s in prefills], torch.int32)
-        hidden = self.model(as_tensor(ids), batch)
+        input_ids = as_tensor(ids)
+        if fill_rows:
+            input_ids[as_tensor(fill_rows)] = prev.tokens[as_tensor(fill_src)]
+        hidden = self.model(input_ids, batch)
         if not sample_idx:
             return None
         logits = self.model.compute_logits(hidden[as_tensor(sample_idx)])
@@ -189,14 +202,15 @@ class ModelRunner:
             logits = logits[torch.tensor(want, device=logits.device)]
         return logits
 
-    def _execute_decode_graph(self, decodes: list[ScheduledSeq]) -> torch.Tensor | None:
+    def _execute_decode_graph(self, decodes: list[ScheduledSeq], prev: LaunchedStep | None) -> torch.Tensor | None:
         bs = self.block_size
-        ids, pos, slots, tables, ctx, sample_rows = [], [], [], [], [], []
+        ids, pos, slots, tables, ctx, sample_rows, src = [], [], [], [], [], [], []
         for s in decodes:
             seq = s.seq
             start = seq.num_computed_tokens
             for i, tok in enumerate([seq.token_ids[start]] + seq.spec_token_ids[:s.num_spec]):
                 p = start + i
+                src.append(placeholder_source(seq, start, prev) if i == 0 and start == seq.num_tokens - 1 else -1)
                 ids.append(tok)
                 pos.append(p)
                 slots.append(seq.block_table[p // bs] * bs + p % bs)
@@ -205,7 +219,9 @@ class ModelRunner:
                 if s.samples:
                     sample_rows.append(len(ids) - 1)
         # Run even when nothing samples: a 1-token prefill chunk must still write its KV.
-        logits, greedy = self.decode_graphs.run(ids, pos, slots, tables, ctx)
+        fill = any(r >= 0 for r in src)
+        logits, greedy = self.decode_graphs.run(ids, pos, slots, tables, ctx, src if fill else None,
+                                                prev.tokens if fill else None)
         if not sample_rows:
             return None
         if len(sample_rows) != len(ids):

@@ -33,6 +33,16 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
     the chosen tokens under the model's unmodified distribution, or None if nobody asked).
     greedy_ids: logits.argmax(-1) when the caller already has it (the decode CUDA graph
     computes it in the graph), saving a launch and a pass over the logits."""
+    tokens, logprobs = sample_on_device(logits, params, generators, greedy_ids)
+    return tokens.tolist(), None if logprobs is None else logprobs.tolist()
+
+
+def sample_on_device(logits: torch.Tensor, params: list[SamplingParams],
+                     generators: list[torch.Generator | None],
+                     greedy_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """sample() without reading anything back: token ids [N] int64 and the logprobs [N]
+    (or None) stay on the logits' device, so the host can go on to the next step while
+    they are computed (overlapped scheduling)."""
     tokens = logits.argmax(dim=-1) if greedy_ids is None else greedy_ids
     sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
     if sampled_rows:
@@ -44,6 +54,5 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
             tokens[i] = torch.multinomial(probs, 1, generator=generators[i])[0]
     logprobs = None
     if any(p.logprobs for p in params):
-        lp = torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
-        logprobs = lp.tolist()
-    return tokens.tolist(), logprobs
+        logprobs = torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
+    return tokens, logprobs

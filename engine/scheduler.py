@@ -34,6 +34,9 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.awaiting_kv: dict[str, Sequence] = {}
         self.held: dict[str, Sequence] = {}   # finished prefill-only seqs whose KV is still needed
+        # Finished sequences whose blocks a launched, not yet processed step still reads or
+        # writes (overlapped scheduling): freed once no such step is left (step_done).
+        self.deferred: list[Sequence] = []
         self.num_preemptions = 0
 
     # ---- queue management ------------------------------------------------------------------
@@ -57,9 +60,35 @@ class Scheduler:
         seq.block_table = []
         seq.block_hashes = []
 
+    def _free_when_idle(self, seq: Sequence) -> None:
+        if seq.in_flight:
+            self.deferred.append(seq)
+        else:
+            self._free_blocks(seq)
+
+    def step_done(self, seqs: list[Sequence]) -> None:
+        """A launched step's outputs are processed: free what was waiting only for it."""
+        for seq in seqs:
+            seq.in_flight -= 1
+        if self.deferred:
+            waiting = []
+            for seq in self.deferred:
+                if seq.in_flight:
+                    waiting.append(seq)
+                else:
+                    self._free_blocks(seq)
+            self.deferred = waiting
+
+    def release_deferred(self) -> None:
+        """The device has finished every launched step (the caller waited): free them all."""
+        for seq in self.deferred:
+            self._free_blocks(seq)
+        self.deferred = []
+
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
         """Remove from whichever queue holds it; free its blocks unless a prefill-only
-        sequence finished normally (its KV must outlive it until released)."""
+        sequence finished normally (its KV must outlive it until released). The blocks
+        of a sequence still in a launched step are freed once that step is processed."""
         if seq in self.running:
             self.running.remove(seq)
         elif seq.status == SeqStatus.WAITING and seq in self.waiting:
@@ -70,13 +99,13 @@ class Scheduler:
             self.held[seq.seq_id] = seq
         else:
             self.held.pop(seq.seq_id, None)
-            self._free_blocks(seq)
+            self._free_when_idle(seq)
 
     def release_held(self, seq_id: str) -> bool:
         seq = self.held.pop(seq_id, None)
         if seq is None:
             return False
-        self._free_blocks(seq)
+        self._free_when_idle(seq)
         return True
 
     # ---- prefix cache -------------------------------------------------------------------------
@@ -144,6 +173,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.finishing:   # overlapped: its last token is being sampled; it runs no more
+                i += 1
+                continue
             if seq.spec_token_ids:
                 # A verify chunk only if it fits whole, in budget and in free blocks:
                 # speculation never preempts anyone. Otherwise a plain decode.

@@ -43,6 +43,12 @@ class Sequence:
     # Draft tokens proposed for this step (speculative decoding); never part of token_ids:
     # the verify step keeps the accepted ones by appending them like sampled tokens.
     spec_token_ids: list[int] = field(default_factory=list)
+    # Overlapped scheduling (engine/overlap.py): how many launched steps that include this
+    # sequence have not had their outputs processed yet (its blocks must outlive them), and
+    # whether the token being sampled for it is certain to end it (max_tokens, the context,
+    # prefill-only), so it is not scheduled again meanwhile.
+    in_flight: int = 0
+    finishing: bool = False
 
     @property
     def num_tokens(self) -> int:
