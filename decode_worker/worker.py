@@ -6,7 +6,7 @@ No Ray in here: :class:`DecodeWorker` is a plain object that tests drive with
 :meth:`DecodeWorker.run_once` (or :meth:`DecodeWorker.start` for a background thread);
 :mod:`decode_worker.actor` wraps it in a Ray actor.
 
-Sockets (all ZeroMQ, msgpack messages from :mod:`router.planes`, never pickle)::
+Sockets (all ZeroMQ, msgpack messages from :mod:`planes.messages`, never pickle)::
 
     router ──PUSH──► [PULL request]  GenerateMsg, abort, drain, prefill_failed
     [PUSH token] ──► router PULL     one TokenBatch per loop iteration (+ heartbeats)
@@ -34,7 +34,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
-import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -44,7 +43,8 @@ import zmq
 import kv_transfer as kt
 from engine import CapacityError, InvalidRequestError, LLMEngine, RequestOutput
 from kv_transfer.wire import KVLayout
-from router import planes
+from planes import messages
+from planes.sockets import PushPool, advertised_host, bind_pull, close_curve_contexts, open_contexts, recv_one
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ HEARTBEAT_S = 0.5               # a batch (maybe empty) at least this often, car
 WEDGED_AFTER_S = 60.0           # a loop iteration this long is a hang: the heartbeat thread goes quiet
 MAX_REQUESTS_PER_ITERATION = 512
 MAX_OUTBOX = 4096               # token batches kept while the router is not draining
-KV_KEY_MAX = planes.MAX_ID_CHARS
+KV_KEY_MAX = messages.MAX_ID_CHARS
 
 
 def _error_code(e: BaseException) -> str:
@@ -61,96 +61,6 @@ def _error_code(e: BaseException) -> str:
     if isinstance(e, InvalidRequestError):
         return "invalid_argument"
     return "internal"
-
-
-def advertised_host(bind_host: str, advertise_host: str | None) -> str:
-    if advertise_host:
-        return advertise_host
-    if bind_host in ("0.0.0.0", "*", "::", "[::]"):
-        try:
-            return socket.gethostbyname(socket.gethostname())
-        except OSError:
-            return "127.0.0.1"
-    return bind_host
-
-
-def bind_pull(ctx: zmq.Context, bind_host: str, advertise_host: str | None) -> tuple[zmq.Socket, str]:
-    """A PULL socket on a random tcp port of bind_host; returns it and its advertised endpoint."""
-    sock = ctx.socket(zmq.PULL)
-    try:
-        sock.setsockopt(zmq.MAXMSGSIZE, planes.MAX_MESSAGE_BYTES)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.bind(f"tcp://{bind_host}:*")
-    except Exception:
-        sock.close(0)
-        raise
-    ep = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
-    port = ep.rpartition(":")[2]
-    return sock, f"tcp://{advertised_host(bind_host, advertise_host)}:{port}"
-
-
-def recv_one(sock: zmq.Socket) -> bytes | None:
-    """One single-frame message without blocking; None if there is none. A multipart
-    message (never sent by a well-behaved peer) is consumed whole and returned as b"" so
-    the decoder rejects it."""
-    try:
-        first = sock.recv(zmq.NOBLOCK)
-    except zmq.Again:
-        return None
-    extra = False
-    while sock.getsockopt(zmq.RCVMORE):
-        sock.recv()
-        extra = True
-    return b"" if extra else first
-
-
-def open_contexts(curve, context: zmq.Context | None):
-    """(client context, server context, ZAP handler or None) for a worker's sockets.
-
-    CurveZMQ (router/curve.py): connecting sockets come from a context of CURVE clients,
-    listening ones (request plane, KV plane) from a context of CURVE servers with a ZAP
-    handler that admits only the cluster's key. Off: one plain context for both."""
-    if curve is None:
-        ctx = context or zmq.Context.instance()
-        return ctx, ctx, None
-    srv_ctx, zap = curve.server_context()
-    return curve.client_context(), srv_ctx, zap
-
-
-def close_curve_contexts(worker) -> None:
-    """Stop the ZAP handler and end the contexts a worker made for CurveZMQ (none when off)."""
-    if worker._curve_zap is not None:
-        worker._curve_zap.stop()
-        for c in (worker._ctx, worker._srv_ctx):
-            c.destroy(linger=0)
-
-
-class PushPool:
-    """Lazily connected PUSH sockets, one per endpoint; sends never block."""
-
-    def __init__(self, ctx: zmq.Context, sndhwm: int = 10_000):
-        self._ctx, self._hwm = ctx, sndhwm
-        self._socks: dict[str, zmq.Socket] = {}
-
-    def send(self, endpoint: str, data: bytes) -> None:
-        """Raises zmq.ZMQError (zmq.Again when the peer's queue is full)."""
-        sock = self._socks.get(endpoint)
-        if sock is None:
-            sock = self._ctx.socket(zmq.PUSH)
-            try:
-                sock.setsockopt(zmq.SNDHWM, self._hwm)
-                sock.setsockopt(zmq.LINGER, 1000)
-                sock.connect(endpoint)
-            except Exception:
-                sock.close(0)
-                raise
-            self._socks[endpoint] = sock
-        sock.send(data, zmq.NOBLOCK)
-
-    def close(self) -> None:
-        for s in self._socks.values():
-            s.close()
-        self._socks.clear()
 
 
 @dataclass
@@ -205,7 +115,7 @@ class DecodeWorker:
         self._by_key: dict[str, str] = {}      # kv_key -> rid, while awaiting KV
         self._held: dict[str, tuple[str, object]] = {}   # kv_key -> (rid, receiver): aborted, blocks held until released
         self._attempts = itertools.count(1)
-        self._items: list[planes.TokenItem] = []
+        self._items: list[messages.TokenItem] = []
         self._outbox: list[bytes] = []
         self._last_sent = 0.0
         self._draining = False
@@ -366,7 +276,7 @@ class DecodeWorker:
                     sock.setsockopt(zmq.LINGER, 0)
                     sock.connect(endpoint)
                 try:
-                    sock.send(planes.TokenBatch(self.worker_id, [], [], self._load()).encode(), zmq.NOBLOCK)
+                    sock.send(messages.TokenBatch(self.worker_id, [], [], self._load()).encode(), zmq.NOBLOCK)
                 except zmq.ZMQError:
                     pass   # router away or slow: the next beat tries again
                 except Exception:   # a load snapshot taken mid-update; never kill the thread
@@ -444,8 +354,8 @@ class DecodeWorker:
             if buf is None:
                 return
             try:
-                msg = planes.decode_request(buf)
-            except planes.PlaneError as e:
+                msg = messages.decode_request(buf)
+            except messages.PlaneError as e:
                 self.counters["dropped_messages"] += 1
                 log.warning("decode worker %s: dropped a malformed request-plane message: %s", self.worker_id, e)
                 continue
@@ -455,13 +365,13 @@ class DecodeWorker:
                 self._handle(msg)
             except Exception as e:
                 log.exception("decode worker %s: handling %s failed", self.worker_id, type(msg).__name__)
-                if rid is not None and isinstance(msg, planes.GenerateMsg):
+                if rid is not None and isinstance(msg, messages.GenerateMsg):
                     self._fail_request(rid, f"internal error: {type(e).__name__}: {e}", "internal")
 
     def _handle(self, msg) -> None:
-        if isinstance(msg, planes.GenerateMsg):
+        if isinstance(msg, messages.GenerateMsg):
             self._on_generate(msg)
-        elif isinstance(msg, planes.PrefillMsg):
+        elif isinstance(msg, messages.PrefillMsg):
             self.counters["dropped_messages"] += 1
             log.warning("decode worker %s: dropped a prefill message (wrong plane)", self.worker_id)
         elif msg[0] == "abort":
@@ -476,7 +386,7 @@ class DecodeWorker:
                 self._reqs[rid].rx.cancel(msg[1])
                 self._kv_failed(rid, "prefill_failed")
 
-    def _on_generate(self, msg: planes.GenerateMsg) -> None:
+    def _on_generate(self, msg: messages.GenerateMsg) -> None:
         rid = msg.rid
         if rid in self._reqs:
             self.counters["dropped_messages"] += 1
@@ -485,7 +395,7 @@ class DecodeWorker:
         self.counters["requests"] += 1
         if self._draining:
             self.counters["rejected"] += 1
-            self._items.append(planes.TokenItem(rid, [], finish_reason="abort", error="worker is draining",
+            self._items.append(messages.TokenItem(rid, [], finish_reason="abort", error="worker is draining",
                                                 error_code="unavailable"))
             return
         req = self._reqs[rid] = _Req(rid, msg.mode)
@@ -499,7 +409,7 @@ class DecodeWorker:
         except (InvalidRequestError, CapacityError) as e:
             del self._reqs[rid]
             self.counters["rejected"] += 1
-            self._items.append(planes.TokenItem(rid, [], finish_reason="abort", error=str(e),
+            self._items.append(messages.TokenItem(rid, [], finish_reason="abort", error=str(e),
                                                 error_code=_error_code(e)))
             return
         if req.fallback:
@@ -512,7 +422,7 @@ class DecodeWorker:
             key = f"{hashlib.sha256(rid.encode()).hexdigest()[:32]}#{n}"
         return key
 
-    def _start_disagg(self, req: _Req, msg: planes.GenerateMsg) -> bool:
+    def _start_disagg(self, req: _Req, msg: messages.GenerateMsg) -> bool:
         """Reserve blocks and ask the prefill worker; False (with req.fallback set) means
         "prefill in place" and nothing is left reserved."""
         seq = self.engine.add_remote_prefill(msg.rid, msg.prompt_ids, msg.params, cache_salt=msg.cache_salt)
@@ -530,7 +440,7 @@ class DecodeWorker:
         req.rx = self._receiver_for(msg.prefill_endpoint)
         req.rx.expect(key, dst, self.num_layers, deadline=req.deadline)
         self._by_key[key] = msg.rid
-        pm = planes.PrefillMsg(msg.rid, key, msg.prompt_ids, msg.params, kv_endpoint=req.rx.endpoint,
+        pm = messages.PrefillMsg(msg.rid, key, msg.prompt_ids, msg.params, kv_endpoint=req.rx.endpoint,
                                dst_block_ids=dst, first_block=first_block, reply_to=self._req_ep,
                                cache_salt=msg.cache_salt)
         try:
@@ -545,7 +455,7 @@ class DecodeWorker:
     def _forward_abort(self, req: _Req) -> None:
         if req.kv_key and req.prefill_endpoint:
             try:
-                self._prefill.send(req.prefill_endpoint, planes.encode_abort(req.kv_key))
+                self._prefill.send(req.prefill_endpoint, messages.encode_abort(req.kv_key))
             except zmq.ZMQError as e:
                 log.info("decode worker %s: abort for %s not forwarded: %s", self.worker_id, req.kv_key, e)
 
@@ -575,7 +485,7 @@ class DecodeWorker:
         known = True if held else self.engine.abort(rid)
         if req is not None or known:
             self.counters["aborted"] += 1
-            self._items.append(planes.TokenItem(rid, [], finish_reason="abort"))
+            self._items.append(messages.TokenItem(rid, [], finish_reason="abort"))
 
     def _fail_request(self, rid: str, error: str, code: str) -> None:
         """End one request with an error, whatever state it is in."""
@@ -587,7 +497,7 @@ class DecodeWorker:
                 self.engine.abort(rid)
         except Exception:
             log.exception("decode worker %s: cleaning up %s failed", self.worker_id, rid)
-        self._items.append(planes.TokenItem(rid, [], finish_reason="abort", error=error, error_code=code))
+        self._items.append(messages.TokenItem(rid, [], finish_reason="abort", error=error, error_code=code))
 
     def _poll_kv(self) -> None:
         for rx in list(self._receivers.values()):
@@ -648,7 +558,7 @@ class DecodeWorker:
             self._emit(out)
 
     def _emit(self, out: RequestOutput) -> None:
-        item = planes.TokenItem(out.request_id, list(out.new_token_ids), out.text_delta, out.finish_reason,
+        item = messages.TokenItem(out.request_id, list(out.new_token_ids), out.text_delta, out.finish_reason,
                                 list(out.new_logprobs))
         if out.finished:
             req = self._reqs.pop(out.request_id, None)
@@ -678,8 +588,8 @@ class DecodeWorker:
         now = time.monotonic()
         items, self._items = self._items, []
         if items or events or now - self._last_sent >= HEARTBEAT_S:
-            for i in range(0, max(1, len(items)), planes.MAX_ITEMS):
-                batch = planes.TokenBatch(self.worker_id, items[i:i + planes.MAX_ITEMS],
+            for i in range(0, max(1, len(items)), messages.MAX_ITEMS):
+                batch = messages.TokenBatch(self.worker_id, items[i:i + messages.MAX_ITEMS],
                                           events if i == 0 else [], self._load())
                 if not batch.items and not batch.kv_events and self._outbox:
                     continue   # a heartbeat behind a backlog says nothing new
@@ -700,7 +610,7 @@ class DecodeWorker:
                       self.worker_id, len(self._outbox) - MAX_OUTBOX)
             del self._outbox[:len(self._outbox) - MAX_OUTBOX]
 
-    def _encode(self, batch: planes.TokenBatch) -> bytes:
+    def _encode(self, batch: messages.TokenBatch) -> bytes:
         try:
             return batch.encode()
         except Exception:
@@ -708,16 +618,16 @@ class DecodeWorker:
         ok = []
         for it in batch.items:
             try:
-                planes.TokenBatch(self.worker_id, [it]).encode()
+                messages.TokenBatch(self.worker_id, [it]).encode()
                 ok.append(it)
             except Exception as e:
                 self._reqs.pop(it.rid, None)
                 self.engine.abort(it.rid)
                 self.counters["errors"] += 1
-                ok.append(planes.TokenItem(it.rid, [], finish_reason="abort", error_code="internal",
+                ok.append(messages.TokenItem(it.rid, [], finish_reason="abort", error_code="internal",
                                            error=f"internal error: output not encodable ({type(e).__name__})"))
         try:
-            return planes.TokenBatch(self.worker_id, ok, batch.kv_events, batch.load).encode()
+            return messages.TokenBatch(self.worker_id, ok, batch.kv_events, batch.load).encode()
         except Exception:
             log.exception("decode worker %s: kv events did not encode; dropped", self.worker_id)
-            return planes.TokenBatch(self.worker_id, ok, [], batch.load).encode()
+            return messages.TokenBatch(self.worker_id, ok, [], batch.load).encode()

@@ -9,32 +9,13 @@ exactly one of three states, which keeps the accounting exact:
 """
 from __future__ import annotations
 
-import hashlib
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
-
-ROOT_HASH = b"\x00" * 16
-
-
-def hash_block(parent: bytes, token_ids, salt: bytes = b"") -> bytes:
-    """Hash of one full block, chained on its parent's so equal hashes mean equal prefixes.
-    128-bit blake2b: collisions are not a practical concern. Shared with the router."""
-    h = hashlib.blake2b(parent, digest_size=16, key=salt[:64])
-    h.update(np.asarray(token_ids, dtype=np.int64).tobytes())
-    return h.digest()
-
-
-def hash_prefix_blocks(token_ids: list[int], block_size: int, salt: bytes = b"",
-                       start: int = 0, parent: bytes = ROOT_HASH) -> list[bytes]:
-    """Chained hashes of the full blocks of token_ids, from block index `start` on."""
-    out = []
-    for b in range(start, len(token_ids) // block_size):
-        parent = hash_block(parent, token_ids[b * block_size:(b + 1) * block_size], salt)
-        out.append(parent)
-    return out
+# The chained block hash is defined in planes/prefix_hash.py, where the router uses it too
+# (its prefix index must key blocks exactly as this cache does); re-exported here.
+from planes.prefix_hash import ROOT_HASH, hash_block, hash_prefix_blocks  # noqa: F401
 
 
 @dataclass

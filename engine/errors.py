@@ -1,13 +1,7 @@
 """Typed errors raised by the engine. All are ValueError subclasses so that callers that
 only know "bad input" can catch ValueError; the serving layer maps them to gRPC statuses."""
 
-
-class InvalidRequestError(ValueError):
-    """A request field is out of range. `field` names it so the message can be mapped 1:1."""
-
-    def __init__(self, field: str, message: str):
-        self.field = field
-        super().__init__(f"{field}: {message}")
+from planes.errors import InvalidRequestError  # noqa: F401  (defined there: the router raises it without the engine)
 
 
 class ModelLoadError(ValueError):

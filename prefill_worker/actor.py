@@ -1,10 +1,10 @@
-"""Ray shell around :class:`prefill_worker.PrefillWorker` (see :mod:`decode_worker.actor`
+"""Ray shell around :class:`prefill_worker.PrefillWorker` (see :mod:`worker_base.actor`
 for the conventions: not decorated at import time; :func:`remote_class` makes the actor
 class; the engine picks CUDA if the process sees a GPU)."""
 from __future__ import annotations
 
-from decode_worker.actor import WorkerActorBase, make_remote, node_ip
 from prefill_worker.worker import PrefillWorker
+from worker_base.actor import WorkerActorBase, make_remote, node_ip
 
 
 class PrefillWorkerActor(WorkerActorBase):

@@ -30,9 +30,9 @@ from dataclasses import dataclass
 import zmq
 
 import kv_transfer as kt
-from decode_worker.worker import PushPool, bind_pull, close_curve_contexts, open_contexts, recv_one
 from engine import CapacityError, InvalidRequestError, LLMEngine
-from router import planes
+from planes import messages
+from planes.sockets import PushPool, bind_pull, close_curve_contexts, open_contexts, recv_one
 
 log = logging.getLogger(__name__)
 
@@ -162,13 +162,13 @@ class PrefillWorker:
             if buf is None:
                 return
             try:
-                msg = planes.decode_request(buf)
-            except planes.PlaneError as e:
+                msg = messages.decode_request(buf)
+            except messages.PlaneError as e:
                 self.counters["dropped_messages"] += 1
                 log.warning("prefill worker %s: dropped a malformed request-plane message: %s", self.worker_id, e)
                 continue
             try:
-                if isinstance(msg, planes.PrefillMsg):
+                if isinstance(msg, messages.PrefillMsg):
                     self._on_prefill(msg)
                 elif isinstance(msg, tuple) and msg[0] == "abort":
                     self._on_abort(msg[1])
@@ -181,7 +181,7 @@ class PrefillWorker:
                                 type(msg).__name__ if not isinstance(msg, tuple) else msg[0])
             except Exception as e:
                 log.exception("prefill worker %s: handling a request-plane message failed", self.worker_id)
-                if isinstance(msg, planes.PrefillMsg):
+                if isinstance(msg, messages.PrefillMsg):
                     self._abort_job(msg.kv_key, f"internal error: {type(e).__name__}: {e}")
 
     def _sender(self, endpoint: str) -> kt.KVSender:
@@ -206,11 +206,11 @@ class PrefillWorker:
 
     def _reply_failed(self, reply_to: str, kv_key: str) -> None:
         try:
-            self._replies.send(reply_to, planes.encode_prefill_failed(kv_key))
+            self._replies.send(reply_to, messages.encode_prefill_failed(kv_key))
         except Exception as e:
             log.warning("prefill worker %s: cannot tell %s that %s failed: %s", self.worker_id, reply_to, kv_key, e)
 
-    def _on_prefill(self, msg: planes.PrefillMsg) -> None:
+    def _on_prefill(self, msg: messages.PrefillMsg) -> None:
         key = msg.kv_key
         if key in self._jobs:
             self.counters["dropped_messages"] += 1

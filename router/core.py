@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 import zmq
 import zmq.asyncio
 
-from engine.block_manager import hash_prefix_blocks
-from engine.sampling_params import SamplingParams
-from router import planes
+from planes import messages
+from planes.prefix_hash import hash_prefix_blocks
+from planes.sampling_params import SamplingParams
 from router.policy import Decision, PolicyConfig, WorkerLoad, decide
 from router.prefix_index import PrefixIndex
 
@@ -100,7 +100,7 @@ class Router:
         self.cfg = cfg
         self.ctx = zmq.asyncio.Context()
         self.token_sock = self.ctx.socket(zmq.PULL)
-        self.token_sock.setsockopt(zmq.MAXMSGSIZE, planes.MAX_MESSAGE_BYTES)
+        self.token_sock.setsockopt(zmq.MAXMSGSIZE, messages.MAX_MESSAGE_BYTES)
         self._zap = None
         if cfg.curve is not None:   # a CURVE server, and a ZAP handler that admits only cluster peers
             from router.curve import ZapHandler
@@ -201,7 +201,7 @@ class Router:
         # If it is only stalled, not dead, stop it wasting work on requests that move.
         for h in moved:
             try:
-                await w.sock.send(planes.encode_abort(h.rid), flags=zmq.NOBLOCK)
+                await w.sock.send(messages.encode_abort(h.rid), flags=zmq.NOBLOCK)
             except zmq.ZMQError:
                 break
         w.sock.close(linger=100 if moved else 0)
@@ -251,7 +251,7 @@ class Router:
                           unprefilled=d.uncached_tokens)
         self.queued_prefill_tokens += d.uncached_tokens
         dw = self.decode[d.decode_worker]
-        msg = planes.GenerateMsg(rid, prompt_ids, params, mode="direct", cache_salt=cache_salt,
+        msg = messages.GenerateMsg(rid, prompt_ids, params, mode="direct", cache_salt=cache_salt,
                                  kv_timeout_s=self.cfg.kv_timeout_s)
         if d.kind == "disaggregated":
             pw = self.prefill[d.prefill_worker]
@@ -292,7 +292,7 @@ class Router:
         No send timeout here: the deadline sweep aborts many requests in one pass, and a
         wait per request on a stalled worker would hold up the health monitor."""
         try:
-            await w.sock.send(planes.encode_abort(rid), flags=zmq.NOBLOCK)
+            await w.sock.send(messages.encode_abort(rid), flags=zmq.NOBLOCK)
         except zmq.ZMQError as e:
             log.warning("router: abort of %s not delivered to %s: %r", rid, w.worker_id, e)
 
@@ -314,7 +314,7 @@ class Router:
             return
         if code == "unavailable":
             self.counters["failed_unavailable"] += 1
-        h.queue.put_nowait(planes.TokenItem(h.rid, [], finish_reason="abort", error=message, error_code=code))
+        h.queue.put_nowait(messages.TokenItem(h.rid, [], finish_reason="abort", error=message, error_code=code))
         self._finish(h)
 
     async def _redispatch(self, h: RequestHandle, why: str) -> None:
@@ -351,7 +351,7 @@ class Router:
             return
         if n >= p.max_tokens:   # its last token was streamed; only the final marker was lost
             h.resume_offset = 0
-            self._deliver(h, planes.TokenItem(h.rid, [], finish_reason="length", prompt_tokens=h.prompt_len,
+            self._deliver(h, messages.TokenItem(h.rid, [], finish_reason="length", prompt_tokens=h.prompt_len,
                                               completion_tokens=n, fallback="redispatched"))
             return
         prompt = h.prompt_ids + h.emitted
@@ -370,7 +370,7 @@ class Router:
         dw.inflight.add(h.rid)
         self.counters["redispatched"] += 1
         log.info("router: %s re-dispatched to %s with %d streamed tokens (%s)", h.rid, dw.worker_id, n, why)
-        msg = planes.GenerateMsg(h.rid, prompt, params, mode="direct", cache_salt=h.cache_salt,
+        msg = messages.GenerateMsg(h.rid, prompt, params, mode="direct", cache_salt=h.cache_salt,
                                  kv_timeout_s=self.cfg.kv_timeout_s)
         try:
             await self._send(dw, msg.encode())
@@ -442,7 +442,7 @@ class Router:
         # a lost edge costs at most TOKEN_POLL_MS.
         while True:
             await self.token_sock.poll(TOKEN_POLL_MS, zmq.POLLIN)
-            for _ in range(planes.MAX_ITEMS):   # then yield to the rest of the loop
+            for _ in range(messages.MAX_ITEMS):   # then yield to the rest of the loop
                 try:
                     buf = await self.token_sock.recv(zmq.NOBLOCK)
                 except zmq.Again:
@@ -452,8 +452,8 @@ class Router:
 
     def _on_token_message(self, buf: bytes) -> None:
         try:
-            batch = planes.decode_tokens(buf)
-        except planes.PlaneError as e:
+            batch = messages.decode_tokens(buf)
+        except messages.PlaneError as e:
             self.bad_messages += 1
             log.warning("router: dropped a malformed token batch: %s", e)
             return
@@ -467,7 +467,7 @@ class Router:
             self.bad_messages += 1
             log.exception("router: handling a token batch from %r failed", batch.worker)
 
-    def handle_batch(self, batch: planes.TokenBatch) -> None:
+    def handle_batch(self, batch: messages.TokenBatch) -> None:
         w = self.decode.get(batch.worker)
         if w is None:
             # Heartbeats can arrive before a new worker is registered (or after it left).
@@ -491,7 +491,7 @@ class Router:
             self._prefill_done(h)
             self._deliver(h, item)
 
-    def _deliver(self, h: RequestHandle, item: planes.TokenItem) -> None:
+    def _deliver(self, h: RequestHandle, item: messages.TokenItem) -> None:
         if item.token_ids:
             self._prompt_done(h)
         if h.redispatches and item.finish_reason is not None and item.error is None:

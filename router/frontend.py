@@ -12,8 +12,8 @@ import math
 import time
 from dataclasses import dataclass
 
-from engine.errors import InvalidRequestError
-from engine.sampling_params import SamplingParams
+from planes.errors import InvalidRequestError
+from planes.sampling_params import SamplingParams
 from router.core import Overloaded, Router
 
 MAX_MESSAGE_BYTES = 8 << 20

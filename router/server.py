@@ -17,7 +17,7 @@ from google.protobuf import unknown_fields
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from engine.sampling_params import SamplingParams
+from planes.sampling_params import SamplingParams
 from pdserve_api.v1 import pdserve_pb2 as pb
 from pdserve_api.v1 import pdserve_pb2_grpc as pb_grpc
 from router.core import Router

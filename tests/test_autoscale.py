@@ -506,7 +506,7 @@ def test_router_metrics_latency_window_and_http_endpoint():
     from types import SimpleNamespace
 
     from decode_worker.worker import DecodeWorker
-    from router import planes
+    from planes import messages
     from router.core import Router, RouterConfig
     from router.metrics import LatencyWindow, RouterMetrics
 
@@ -533,7 +533,7 @@ def test_router_metrics_latency_window_and_http_endpoint():
         rx = SimpleNamespace(stats=dict(bytes=4096, completed=3, failed=1, timed_out=1, seconds=1.5,
                                         wire_seconds=0.25))
         load = DecodeWorker._kv_counters(SimpleNamespace(_kv_stats=lambda: dict(rx.stats)))
-        router.handle_batch(planes.decode_tokens(planes.TokenBatch("decode-0", [], [], load).encode()))
+        router.handle_batch(messages.decode_tokens(messages.TokenBatch("decode-0", [], [], load).encode()))
         port = m.serve_http("127.0.0.1", 0)
         try:
             body = await asyncio.to_thread(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics",

@@ -28,7 +28,7 @@ import zmq
 from conftest import assert_no_leaks
 from deploy.client import build_request, collect
 from engine import SamplingParams
-from router import planes
+from planes import messages
 from router.core import Overloaded, Router, RouterConfig
 
 MODEL = "random:tiny"
@@ -52,24 +52,24 @@ class FakeDecode:
 
     def recv(self, timeout_ms=2000):
         assert self.pull.poll(timeout_ms), f"{self.wid}: nothing received"
-        return planes.decode_request(self.pull.recv())
+        return messages.decode_request(self.pull.recv())
 
     def recv_all(self, timeout_ms=300):
         out = []
         while self.pull.poll(timeout_ms if not out else 50):
-            out.append(planes.decode_request(self.pull.recv()))
+            out.append(messages.decode_request(self.pull.recv()))
         return out
 
     def send(self, *items, endpoint=None):
         load = dict(running=len(items), endpoint=endpoint or self.endpoint)
-        self.push.send(planes.TokenBatch(self.wid, list(items), load=load).encode())
+        self.push.send(messages.TokenBatch(self.wid, list(items), load=load).encode())
 
     def close(self):
         self.pull.close(0)
         self.push.close(0)
 
 
-def _drain(q: asyncio.Queue) -> list[planes.TokenItem]:
+def _drain(q: asyncio.Queue) -> list[messages.TokenItem]:
     out = []
     while not q.empty():
         out.append(q.get_nowait())
@@ -112,7 +112,7 @@ def test_admission_control_refuses_at_once_past_the_bounds():
         assert len(a.recv_all()) == 2 and len(b.recv_all()) == 2   # nothing was dispatched for r4
         # a finished request frees its slot
         on_a = next(h for h in handles if h.decode_worker == "a")
-        a.send(planes.TokenItem(on_a.rid, [7], finish_reason="length"))
+        a.send(messages.TokenItem(on_a.rid, [7], finish_reason="length"))
         await asyncio.sleep(0.2)
         h = await r.submit("r5", [5] * 10, P)
         assert h.decode_worker == "a"
@@ -127,7 +127,7 @@ def test_admission_control_bounds_tokens_waiting_for_prefill():
         assert r.queued_prefill_tokens == 70
         with pytest.raises(Overloaded, match="waiting for prefill"):
             await r.submit("r1", [5] * 40, P)
-        a.send(planes.TokenItem(big.rid, [9]))         # its first token: the prompt is prefilled
+        a.send(messages.TokenItem(big.rid, [9]))         # its first token: the prompt is prefilled
         await asyncio.sleep(0.2)
         assert r.queued_prefill_tokens == 0
         await r.submit("r1", [5] * 40, P)
@@ -152,8 +152,8 @@ def test_silent_decode_worker_requests_move_with_their_streamed_tokens():
         stops = await r.submit("stops", prompt, SamplingParams(max_tokens=10, stop=["xyz"]))
         fresh = await r.submit("fresh", prompt, SamplingParams(max_tokens=10, stop=["xyz"]))
         assert len(a.recv_all()) == 4
-        a.send(planes.TokenItem("greedy", [1, 2, 3]), planes.TokenItem("seeded", [4]),
-               planes.TokenItem("stops", [5]))
+        a.send(messages.TokenItem("greedy", [1, 2, 3]), messages.TokenItem("seeded", [4]),
+               messages.TokenItem("stops", [5]))
         b = fake("b")          # joins after the requests were placed on a
         await asyncio.sleep(0.2)
         b.send()
@@ -176,12 +176,12 @@ def test_silent_decode_worker_requests_move_with_their_streamed_tokens():
         assert [i.token_ids for i in items] == [[5], []]
         assert items[-1].error_code == "unavailable" and "stop strings" in items[-1].error
         # late tokens from the lost worker are dropped, even if it turns out to be alive
-        a.send(planes.TokenItem("greedy", [99]))
+        a.send(messages.TokenItem("greedy", [99]))
         # a batch from another incarnation of b (same id, other endpoint) is not b's
-        b.send(planes.TokenItem("greedy", [98]), endpoint="tcp://127.0.0.1:1")
+        b.send(messages.TokenItem("greedy", [98]), endpoint="tcp://127.0.0.1:1")
         await asyncio.sleep(0.2)
         assert r.counters["stale_batches"] == 1
-        b.send(planes.TokenItem("greedy", [4, 5, 6, 7, 8, 9, 10], finish_reason="length",
+        b.send(messages.TokenItem("greedy", [4, 5, 6, 7, 8, 9, 10], finish_reason="length",
                                 prompt_tokens=23, cached_tokens=16, completion_tokens=7))
         await asyncio.sleep(0.2)
         items = _drain(greedy.queue)
@@ -216,10 +216,10 @@ def test_token_loop_survives_a_batch_it_cannot_handle():
         def broken(worker, events):
             raise RuntimeError("index bug")
         r.index.apply = broken
-        a.send(planes.TokenItem("x", [1]))
-        a.push.send(planes.TokenBatch("a", [], kv_events=[("stored", b"h" * 16, None)]).encode())
+        a.send(messages.TokenItem("x", [1]))
+        a.push.send(messages.TokenBatch("a", [], kv_events=[("stored", b"h" * 16, None)]).encode())
         a.push.send(b"\x93not a batch")
-        a.send(planes.TokenItem("x", [2], finish_reason="length"))
+        a.send(messages.TokenItem("x", [2], finish_reason="length"))
         await asyncio.sleep(0.3)
         assert [i.token_ids for i in _drain(h.queue)] == [[1], [2]]
         assert r.bad_messages == 2 and not r._task.done()
@@ -262,7 +262,7 @@ def token_sinks():
 def _batches(sock):
     out = []
     while sock.poll(0):
-        out.append(planes.decode_tokens(sock.recv()))
+        out.append(messages.decode_tokens(sock.recv()))
     return out
 
 
@@ -281,7 +281,7 @@ def test_decode_worker_drops_requests_of_a_silent_or_replaced_router(token_sinks
         silent_prefill = "tcp://127.0.0.1:9"
 
         def waiting(rid, tok):
-            return planes.GenerateMsg(rid, [tok] * 40, PARAMS_LONG, mode="disagg", kv_timeout_s=60,
+            return messages.GenerateMsg(rid, [tok] * 40, PARAMS_LONG, mode="disagg", kv_timeout_s=60,
                                       prefill_endpoint=silent_prefill).encode()
         push.send(waiting("r1", 5))
         end = time.monotonic() + 30
@@ -319,7 +319,7 @@ def test_decode_worker_drops_requests_of_a_silent_or_replaced_router(token_sinks
         dw.attach_router(new_ep, 2)
         dw.run_once(0)
         assert dw.num_in_flight() == 0 and dw.counters["orphaned"] == 2
-        push.send(planes.GenerateMsg("r3", [7] * 10, SamplingParams(max_tokens=4)).encode())
+        push.send(messages.GenerateMsg("r3", [7] * 10, SamplingParams(max_tokens=4)).encode())
         final = None
         end = time.monotonic() + 30
         while final is None:

@@ -1,4 +1,4 @@
-"""Property-based fuzzing of the ZeroMQ plane decoders (router/planes.py: request plane and
+"""Property-based fuzzing of the ZeroMQ plane decoders (planes/messages.py: request plane and
 token plane; kv_transfer/wire.py: KV headers). For random bytes, random msgpack values,
 truncations and one-field mutations of valid messages, a decoder either returns a message
 whose every field has the declared type and range, or raises its own error type
@@ -15,10 +15,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.sampling_params import SamplingParams
 from kv_transfer import wire
 from pdserve_api.v1 import pdserve_pb2 as pb
-from router import planes
+from planes import messages
+from planes.sampling_params import SamplingParams
 from router.prefix_index import PrefixIndex
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -26,20 +26,20 @@ FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCh
 PARAMS = SamplingParams(max_tokens=8, temperature=0.5, top_p=0.9, top_k=20, seed=3, stop=["\n\n"],
                         stop_token_ids=[2], logprobs=True)
 VALID_REQUESTS = [
-    planes.GenerateMsg("r1", [1, 2, 3, 4], PARAMS).encode(),
-    planes.GenerateMsg("r2", list(range(40)), SamplingParams(), mode="disagg", prefill_endpoint="tcp://10.0.0.2:5000",
+    messages.GenerateMsg("r1", [1, 2, 3, 4], PARAMS).encode(),
+    messages.GenerateMsg("r2", list(range(40)), SamplingParams(), mode="disagg", prefill_endpoint="tcp://10.0.0.2:5000",
                        prefill_worker="prefill-0", cache_salt=b"tenant", kv_timeout_s=5.0).encode(),
-    planes.PrefillMsg("r3", "r3#1", list(range(50)), PARAMS, "ipc:///tmp/kv.sock", [4, 5, 6, 7], 0,
+    messages.PrefillMsg("r3", "r3#1", list(range(50)), PARAMS, "ipc:///tmp/kv.sock", [4, 5, 6, 7], 0,
                       "tcp://127.0.0.1:6000", b"s").encode(),
-    planes.encode_abort("r4"),
-    planes.encode_shutdown(),
-    planes.encode_prefill_failed("r5#2"),
+    messages.encode_abort("r4"),
+    messages.encode_shutdown(),
+    messages.encode_prefill_failed("r5#2"),
 ]
-VALID_BATCH = planes.TokenBatch(
+VALID_BATCH = messages.TokenBatch(
     "decode-0",
-    [planes.TokenItem("a", [5, 6], "hi", logprobs=[-0.5, -1.0]),
-     planes.TokenItem("b", [7], "", "length", [], 10, 0, 3, fallback="kv_timeout"),
-     planes.TokenItem("c", [], "", "abort", error="bad", error_code="invalid_argument")],
+    [messages.TokenItem("a", [5, 6], "hi", logprobs=[-0.5, -1.0]),
+     messages.TokenItem("b", [7], "", "length", [], 10, 0, 3, fallback="kv_timeout"),
+     messages.TokenItem("c", [], "", "abort", error="bad", error_code="invalid_argument")],
     [("stored", b"\x01" * 16, None), ("stored", b"\x02" * 16, b"\x01" * 16), ("evicted", b"\x01" * 16, None),
      ("cleared", None, None)],
     {"running": 2, "waiting": 0, "free_blocks": 10, "num_blocks": 64, "draining": False,
@@ -61,23 +61,23 @@ def _check_request(msg) -> None:
     if isinstance(msg, tuple):
         kind, arg = msg
         assert kind in ("abort", "drain", "prefill_failed")
-        assert arg is None if kind == "drain" else (type(arg) is str and 0 < len(arg) <= planes.MAX_ID_CHARS)
+        assert arg is None if kind == "drain" else (type(arg) is str and 0 < len(arg) <= messages.MAX_ID_CHARS)
         return
-    assert isinstance(msg, (planes.GenerateMsg, planes.PrefillMsg))
-    assert type(msg.rid) is str and 0 < len(msg.rid) <= planes.MAX_ID_CHARS
+    assert isinstance(msg, (messages.GenerateMsg, messages.PrefillMsg))
+    assert type(msg.rid) is str and 0 < len(msg.rid) <= messages.MAX_ID_CHARS
     assert type(msg.prompt_ids) is list and all(type(t) is int and 0 <= t < 2**31 for t in msg.prompt_ids)
     assert type(msg.cache_salt) is bytes and len(msg.cache_salt) <= 64
     p = msg.params
     p.validate()   # already valid: must not raise
     assert type(p.logprobs) is bool and type(p.ignore_eos) is bool
     assert type(p.stop) is list and type(p.stop_token_ids) is list
-    if isinstance(msg, planes.GenerateMsg):
+    if isinstance(msg, messages.GenerateMsg):
         assert msg.mode in ("direct", "disagg") and 0 < msg.kv_timeout_s <= 3600
     else:
         assert type(msg.dst_block_ids) is list and type(msg.first_block) is int
 
 
-def _check_batch(b: planes.TokenBatch) -> None:
+def _check_batch(b: messages.TokenBatch) -> None:
     """An accepted batch goes through the router's consumers without an exception."""
     assert type(b.worker) is str and b.worker
     idx = PrefixIndex()
@@ -97,16 +97,16 @@ def _check_batch(b: planes.TokenBatch) -> None:
 
 def _request_or_error(buf) -> None:
     try:
-        msg = planes.decode_request(buf)
-    except planes.PlaneError:
+        msg = messages.decode_request(buf)
+    except messages.PlaneError:
         return
     _check_request(msg)
 
 
 def _tokens_or_error(buf) -> None:
     try:
-        b = planes.decode_tokens(buf)
-    except planes.PlaneError:
+        b = messages.decode_tokens(buf)
+    except messages.PlaneError:
         return
     _check_batch(b)
 
@@ -125,19 +125,19 @@ DECODERS = [_request_or_error, _tokens_or_error, _header_or_error]
 # ---- properties -------------------------------------------------------------------------------------
 
 def test_valid_messages_round_trip():
-    g = planes.decode_request(VALID_REQUESTS[1])
+    g = messages.decode_request(VALID_REQUESTS[1])
     assert (g.rid, g.prompt_ids, g.mode, g.prefill_endpoint, g.cache_salt, g.kv_timeout_s) == \
         ("r2", list(range(40)), "disagg", "tcp://10.0.0.2:5000", b"tenant", 5.0)
-    p = planes.decode_request(VALID_REQUESTS[2])
+    p = messages.decode_request(VALID_REQUESTS[2])
     assert (p.kv_key, p.dst_block_ids, p.reply_to, p.params) == ("r3#1", [4, 5, 6, 7], "tcp://127.0.0.1:6000", PARAMS)
-    assert [planes.decode_request(b) for b in VALID_REQUESTS[3:]] == \
+    assert [messages.decode_request(b) for b in VALID_REQUESTS[3:]] == \
         [("abort", "r4"), ("drain", None), ("prefill_failed", "r5#2")]
-    b = planes.decode_tokens(VALID_BATCH)
+    b = messages.decode_tokens(VALID_BATCH)
     assert [it.rid for it in b.items] == ["a", "b", "c"] and b.items[1].fallback == "kv_timeout"
     assert b.items[0].logprobs == [-0.5, -1.0] and b.kv_events[1] == ("stored", b"\x02" * 16, b"\x01" * 16)
     _check_batch(b)
     for buf in VALID_REQUESTS:
-        _check_request(planes.decode_request(buf))
+        _check_request(messages.decode_request(buf))
 
 
 @FUZZ
@@ -162,7 +162,7 @@ def test_random_msgpack_values_only_raise_decoder_errors(v):
 @pytest.mark.parametrize("buf", VALID_REQUESTS + [VALID_BATCH], ids=lambda b: str(len(b)))
 def test_every_truncation_is_rejected(buf):
     for n in range(len(buf)):
-        for decode, err in ((planes.decode_request, planes.PlaneError), (planes.decode_tokens, planes.PlaneError)):
+        for decode, err in ((messages.decode_request, messages.PlaneError), (messages.decode_tokens, messages.PlaneError)):
             with pytest.raises(err):
                 decode(buf[:n])
 
@@ -215,9 +215,9 @@ def test_wrong_typed_fields_are_named():
     for (key, row, col), bad in cases.items():
         d = msgpack.unpackb(VALID_BATCH, raw=False)
         d[key][row][col] = bad
-        with pytest.raises(planes.PlaneError):
-            planes.decode_tokens(_pack(d))
-    assert planes.decode_tokens(_pack(base)).worker == "decode-0"
+        with pytest.raises(messages.PlaneError):
+            messages.decode_tokens(_pack(d))
+    assert messages.decode_tokens(_pack(base)).worker == "decode-0"
     gen = msgpack.unpackb(VALID_REQUESTS[0], raw=False)
     for field, bad, msg in [("params", {"logprobs": "yes"}, "params.logprobs"),
                             ("params", {"temperature": math.nan}, "params.temperature"),
@@ -225,23 +225,23 @@ def test_wrong_typed_fields_are_named():
                             ("prompt_ids", [1, True], "prompt_ids"), ("cache_salt", "text", "cache_salt"),
                             ("kv_timeout_s", math.inf, "kv_timeout_s"), ("rid", "", "rid")]:
         d = dict(gen, **{field: bad})
-        with pytest.raises(planes.PlaneError, match=msg):
-            planes.decode_request(_pack(d))
+        with pytest.raises(messages.PlaneError, match=msg):
+            messages.decode_request(_pack(d))
 
 
 def test_oversized_messages_are_rejected_before_unpacking():
-    big = b"\x00" * (planes.MAX_MESSAGE_BYTES + 1)
-    for decode in (planes.decode_request, planes.decode_tokens):
-        with pytest.raises(planes.PlaneError, match="exceeds"):
+    big = b"\x00" * (messages.MAX_MESSAGE_BYTES + 1)
+    for decode in (messages.decode_request, messages.decode_tokens):
+        with pytest.raises(messages.PlaneError, match="exceeds"):
             decode(big)
     with pytest.raises(wire.WireError, match="bytes >"):
         wire.decode_header(b"\x00" * (wire.MAX_HEADER_BYTES + 1))
     # a list longer than any message may carry is refused by msgpack's length limits
-    with pytest.raises(planes.PlaneError):
-        planes.decode_request(b"\xdf\x00\x00\x10\x00")   # a map claiming 4096 entries
-    huge = _pack({"v": 1, "type": "tokens", "worker": "w", "items": [[]] * (planes.MAX_ITEMS + 1)})
-    with pytest.raises(planes.PlaneError, match="items"):
-        planes.decode_tokens(huge)
+    with pytest.raises(messages.PlaneError):
+        messages.decode_request(b"\xdf\x00\x00\x10\x00")   # a map claiming 4096 entries
+    huge = _pack({"v": 1, "type": "tokens", "worker": "w", "items": [[]] * (messages.MAX_ITEMS + 1)})
+    with pytest.raises(messages.PlaneError, match="items"):
+        messages.decode_tokens(huge)
 
 
 def _peak_bytes(fn, buf) -> int:
@@ -249,7 +249,7 @@ def _peak_bytes(fn, buf) -> int:
     try:
         try:
             fn(buf)
-        except (planes.PlaneError, wire.WireError):
+        except (messages.PlaneError, wire.WireError):
             pass
         return tracemalloc.get_traced_memory()[1]
     finally:
@@ -265,7 +265,7 @@ def test_hostile_buffers_stay_within_the_memory_bound(filler):
     n = (1 << 20) // len(filler)
     arr = b"\xdd" + n.to_bytes(4, "big") + filler * n          # [filler, filler, ...]
     buf = b"\x83\xa1v\x01\xa4type\xa6tokens\xa5items" + arr     # {"v": 1, "type": "tokens", "items": [...]}
-    for fn in (planes.decode_tokens, planes.decode_request):
+    for fn in (messages.decode_tokens, messages.decode_request):
         peak = _peak_bytes(fn, buf)
         assert peak < 48 * len(buf), (filler, fn.__name__, peak / len(buf))
     h = b"\x81\xa1x\xdc" + (len(filler) and (wire.MAX_BLOCKS_PER_MESSAGE - 1).to_bytes(2, "big")) + \

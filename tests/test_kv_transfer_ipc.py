@@ -137,7 +137,7 @@ def test_endpoints_control_messages_and_cache_descriptions():
 def test_gpu_actors_see_their_own_gpu_first_and_the_hosts_others(monkeypatch):
     """CUDA IPC needs the peer GPU visible: GPU actors ask Ray not to mask devices and list
     their own first (so the engine's "cuda" is still their own)."""
-    from decode_worker.actor import NOSET_CUDA_VISIBLE_DEVICES, make_remote, own_gpu_first, visible_order
+    from worker_base.actor import NOSET_CUDA_VISIBLE_DEVICES, make_remote, own_gpu_first, visible_order
     assert visible_order(["1"], ["0", "1", "2", "3"]) == "1,0,2,3"
     assert visible_order(["2", "3"], ["2", "3", "4"]) == "2,3,4"
     assert visible_order(["0"], ["0"]) == "0"
@@ -362,7 +362,7 @@ def test_workers_disaggregate_over_cuda_ipc_and_abort_mid_transfer_without_leaks
     from engine import LLM
     from prefill_worker import PrefillWorker
     from test_workers import EKW, MODEL, PARAMS, PROMPT, FakeRouter, drive, gen
-    from router import planes
+    from planes import messages
 
     want = LLM(MODEL, **EKW).generate([list(PROMPT)], PARAMS)[0].token_ids
     router = FakeRouter()
@@ -384,7 +384,7 @@ def test_workers_disaggregate_over_cuda_ipc_and_abort_mid_transfer_without_leaks
             dw.run_once(5)
             pw._drain_requests()   # takes the prefill and claims it, without computing it
             assert time.monotonic() < end
-        router.send(dw.endpoints()["request"], planes.encode_abort("r2"))
+        router.send(dw.endpoints()["request"], messages.encode_abort("r2"))
         drive(router, dw, pw, lambda: "r2" in router.final and not dw._held and pw.num_in_flight() == 0,
               timeout_s=30)
         assert router.final["r2"].finish_reason == "abort" and dw.stats()["kv"]["fenced"] == 1

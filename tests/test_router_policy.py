@@ -1,7 +1,7 @@
 """Conditional disaggregation decisions and the prefix index, without any sockets."""
 import pytest
 
-from engine.block_manager import hash_prefix_blocks
+from planes.prefix_hash import hash_prefix_blocks
 from router.policy import PolicyConfig, WorkerLoad, decide
 from router.prefix_index import PrefixIndex
 

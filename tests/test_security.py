@@ -18,7 +18,7 @@ import zmq
 from deploy.client import auth_metadata, build_request, collect
 from inproc import InProcessServer
 from pdserve_api.v1 import pdserve_pb2 as pb
-from router import planes
+from planes import messages
 from router.auth import APIKeys, bearer_token
 from router.curve import CurveKeys
 from router.tls import TLSConfig, channel_credentials
@@ -288,8 +288,8 @@ def test_curve_peers_without_the_key_cannot_inject(curve_server):
     dec, pre = s.decode, s.prefill
     targets = {"decode request plane": dec.endpoints()["request"], "prefill request plane": pre.endpoints()["request"],
                "router token plane": s.router.token_endpoint, "decode KV plane": dec.endpoints()["kv"]}
-    forged_gen = planes.GenerateMsg("evil", [5, 6, 7], planes.SamplingParams(max_tokens=2)).encode()
-    forged_batch = planes.TokenBatch("decode-0", [], [("cleared", None, None)], {"running": 999}).encode()
+    forged_gen = messages.GenerateMsg("evil", [5, 6, 7], messages.SamplingParams(max_tokens=2)).encode()
+    forged_batch = messages.TokenBatch("decode-0", [], [("cleared", None, None)], {"running": 999}).encode()
     before = (dec.stats()["requests"], pre.stats()["dropped_messages"], dict(dec.stats()["kv"]),
               s.router.bad_messages)
     zap_before = dec._curve_zap.denied + pre._curve_zap.denied + s.router._zap.denied

@@ -20,7 +20,7 @@ from decode_worker import DecodeWorker
 from engine import LLM, SamplingParams
 from kv_transfer.wire import KVLayout
 from prefill_worker import PrefillWorker
-from router import planes
+from planes import messages
 
 MODEL = "random:tiny"
 EKW = dict(num_kv_blocks=64)            # 64 blocks of 16 tokens
@@ -53,10 +53,10 @@ class FakeRouter:
         self.pull.bind("tcp://127.0.0.1:*")
         self.endpoint = self.pull.getsockopt(zmq.LAST_ENDPOINT).decode()
         self.pushes = {}
-        self.batches: list[planes.TokenBatch] = []
+        self.batches: list[messages.TokenBatch] = []
         self.tokens = defaultdict(list)
         self.text = defaultdict(str)
-        self.final: dict[str, planes.TokenItem] = {}
+        self.final: dict[str, messages.TokenItem] = {}
 
     def send(self, endpoint, data, *more):
         s = self.pushes.get(endpoint)
@@ -72,7 +72,7 @@ class FakeRouter:
                 buf = self.pull.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            b = planes.decode_tokens(buf)
+            b = messages.decode_tokens(buf)
             self.batches.append(b)
             for it in b.items:
                 assert it.rid not in self.final, f"item after the final one for {it.rid}"
@@ -92,7 +92,7 @@ class FakeRouter:
 
 
 def gen(rid, prompt=PROMPT, params=PARAMS, **kw) -> bytes:
-    return planes.GenerateMsg(rid, list(prompt), params, **kw).encode()
+    return messages.GenerateMsg(rid, list(prompt), params, **kw).encode()
 
 
 @pytest.fixture
@@ -220,11 +220,11 @@ def test_prefill_that_never_answers_falls_back_to_in_place_prefill(cluster, expe
         s = dw.stats()
         assert (s["disaggregated"], s["fallbacks"]) == (0, 1) and s["kv"]["timed_out"] == 1
         # What the prefill worker would have been asked, then told to drop.
-        pm = planes.decode_request(dead.recv())
-        assert isinstance(pm, planes.PrefillMsg) and pm.rid == "r1" and pm.kv_key.startswith("r1#")
+        pm = messages.decode_request(dead.recv())
+        assert isinstance(pm, messages.PrefillMsg) and pm.rid == "r1" and pm.kv_key.startswith("r1#")
         assert pm.first_block == 0 and len(pm.dst_block_ids) == 5 and pm.kv_endpoint == dw.endpoints()["kv"]
         assert pm.reply_to == dw.endpoints()["request"] and pm.prompt_ids == PROMPT
-        assert planes.decode_request(dead.recv()) == ("abort", pm.kv_key)
+        assert messages.decode_request(dead.recv()) == ("abort", pm.kv_key)
     finally:
         dead.close(0)
 
@@ -237,8 +237,8 @@ def test_prefill_failed_message_falls_back_at_once(cluster, expected, tmp_path):
     try:
         router.send(dw.endpoints()["request"], gen("r1", mode="disagg", prefill_endpoint=f"ipc://{tmp_path}/p.sock"))
         drive(router, dw, None, lambda: dead.poll(0))
-        pm = planes.decode_request(dead.recv())
-        router.send(pm.reply_to, planes.encode_prefill_failed(pm.kv_key))
+        pm = messages.decode_request(dead.recv())
+        router.send(pm.reply_to, messages.encode_prefill_failed(pm.kv_key))
         drive(router, dw, None, lambda: "r1" in router.final, timeout_s=10)
         assert router.final["r1"].fallback == "prefill_failed"
         assert router.tokens["r1"] == expected()[0]
@@ -262,14 +262,14 @@ def test_abort_mid_stream_frees_blocks_on_both_workers(cluster):
     router.send(req_ep, gen("r2", params=long))
     drive(router, dw, pw, lambda: len(router.tokens["r1"]) >= 3 and len(router.tokens["r2"]) >= 3)
     assert dw.engine.num_free_blocks() < 64
-    router.send(req_ep, planes.encode_abort("r1"))
-    router.send(req_ep, planes.encode_abort("r2"))
+    router.send(req_ep, messages.encode_abort("r1"))
+    router.send(req_ep, messages.encode_abort("r2"))
     drive(router, dw, pw, lambda: {"r1", "r2"} <= set(router.final))
     assert router.final["r1"].finish_reason == router.final["r2"].finish_reason == "abort"
     assert router.final["r1"].error is None
     n = len(router.tokens["r1"])
-    router.send(req_ep, planes.encode_abort("r1"))    # aborting again, or an unknown id: nothing happens
-    router.send(req_ep, planes.encode_abort("nope"))
+    router.send(req_ep, messages.encode_abort("r1"))    # aborting again, or an unknown id: nothing happens
+    router.send(req_ep, messages.encode_abort("nope"))
     settle(router, dw, pw)
     assert len(router.tokens["r1"]) == n and set(router.final) == {"r1", "r2"}
     assert dw.stats()["aborted"] == 2
@@ -290,7 +290,7 @@ def test_abort_while_prefill_worker_is_mid_prompt(cluster):
     seq = pw.engine.scheduler.running[0]
     assert 0 < seq.num_computed_tokens < 75 and pw.stats()["queued_tokens"] == 75 - seq.num_computed_tokens
     assert dw.engine.scheduler.awaiting_kv
-    router.send(req_ep, planes.encode_abort("r1"))
+    router.send(req_ep, messages.encode_abort("r1"))
     drive(router, dw, pw, lambda: "r1" in router.final and pw.num_in_flight() == 0)
     settle(router, dw, pw)
     assert router.final["r1"].finish_reason == "abort" and router.tokens["r1"] == []
@@ -326,16 +326,16 @@ def test_malformed_request_plane_messages_are_dropped(cluster, expected):
     req_ep, pf_ep = dw.endpoints()["request"], pw.endpoints()["request"]
     junk = [b"", b"\xc1\xc1garbage", msgpack.packb([1, 2, 3]), msgpack.packb({"v": 2, "type": "generate"}),
             msgpack.packb({"v": 1, "type": "generate", "rid": "x"}), msgpack.packb({"v": 1, "type": "nope"}),
-            planes.pack({"v": 1, "type": "generate", "rid": "y", "prompt_ids": [1, "a"], "mode": "direct",
+            messages.pack({"v": 1, "type": "generate", "rid": "y", "prompt_ids": [1, "a"], "mode": "direct",
                          "params": {}}),
-            planes.pack({"v": 1, "type": "generate", "rid": "z", "prompt_ids": [1, 2], "mode": "direct",
+            messages.pack({"v": 1, "type": "generate", "rid": "z", "prompt_ids": [1, 2], "mode": "direct",
                          "params": {"max_tokens": -1}})]
     for ep in (req_ep, pf_ep):
         for j in junk:
             router.send(ep, j)
         router.send(ep, gen("multi"), b"extra frame")
     # A prefill message sent to a decode worker (wrong plane) is dropped too.
-    router.send(req_ep, planes.PrefillMsg("p", "p#1", [1, 2], PARAMS, "tcp://127.0.0.1:1", [0], 0,
+    router.send(req_ep, messages.PrefillMsg("p", "p#1", [1, 2], PARAMS, "tcp://127.0.0.1:1", [0], 0,
                                           req_ep).encode())
     router.send(req_ep, gen("ok", mode="disagg", prefill_endpoint=pf_ep))
     drive(router, dw, pw, lambda: "ok" in router.final)
@@ -361,7 +361,7 @@ def test_prefill_worker_refusals_reach_the_receiver(cluster, expected, tmp_path)
     try:
         def ask(key, prompt=PROMPT, dst=(1, 2, 3, 4, 5), first=0, kv_ep=rx.endpoint, params=PARAMS):
             rx.expect(key, list(dst), deadline=time.monotonic() + 30) if kv_ep == rx.endpoint else None
-            router.send(pf_ep, planes.PrefillMsg(key.split("#")[0], key, list(prompt), params, kv_ep, list(dst),
+            router.send(pf_ep, messages.PrefillMsg(key.split("#")[0], key, list(prompt), params, kv_ep, list(dst),
                                                  first, reply_ep).encode())
 
         ask("tok#1", prompt=[1, 49152 + 1, 2], dst=[1])
@@ -382,7 +382,7 @@ def test_prefill_worker_refusals_reach_the_receiver(cluster, expected, tmp_path)
         assert "dst_block_ids" in reasons["cover#1"]
         assert done == [kt.Completed("good#1", expected()[0][0])]
         assert sorted({(layer, tuple(ids)) for _, layer, ids in writes}) == [(0, (9, 8, 7, 6)), (1, (9, 8, 7, 6))]
-        assert planes.decode_request(reply.recv()) == ("prefill_failed", "bogus#1")
+        assert messages.decode_request(reply.recv()) == ("prefill_failed", "bogus#1")
         s = pw.stats()
         assert (s["requests"], s["rejected"], s["completed"]) == (4, 3, 1)
     finally:
@@ -473,7 +473,7 @@ def test_threaded_workers_heartbeat_and_drain(cluster, expected):
     wait(lambda: len(router.batches) >= n + 2)     # idle heartbeats, about every 0.5 s
     hb = router.batches[-1]
     assert hb.items == [] and hb.load["free_blocks"] == 64 and hb.load["running"] == 0
-    router.send(req_ep, planes.encode_shutdown())
+    router.send(req_ep, messages.encode_shutdown())
     router.send(req_ep, gen("c"))
     wait(lambda: "c" in router.final)
     assert router.final["c"].error_code == "unavailable"

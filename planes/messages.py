@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 
 import msgpack
 
-from engine.sampling_params import SamplingParams
+from planes.sampling_params import SamplingParams
 
 VERSION = 1
 MAX_MESSAGE_BYTES = 16 << 20      # a token batch or a request; prompts are bounded far below
