@@ -252,7 +252,7 @@ class Router:
         self.queued_prefill_tokens += d.uncached_tokens
         dw = self.decode[d.decode_worker]
         msg = messages.GenerateMsg(rid, prompt_ids, params, mode="direct", cache_salt=cache_salt,
-                                 kv_timeout_s=self.cfg.kv_timeout_s)
+                                   kv_timeout_s=self.cfg.kv_timeout_s)
         if d.kind == "disaggregated":
             pw = self.prefill[d.prefill_worker]
             msg.mode, msg.prefill_endpoint, msg.prefill_worker = "disagg", pw.request_endpoint, pw.worker_id
@@ -352,7 +352,7 @@ class Router:
         if n >= p.max_tokens:   # its last token was streamed; only the final marker was lost
             h.resume_offset = 0
             self._deliver(h, messages.TokenItem(h.rid, [], finish_reason="length", prompt_tokens=h.prompt_len,
-                                              completion_tokens=n, fallback="redispatched"))
+                                                completion_tokens=n, fallback="redispatched"))
             return
         prompt = h.prompt_ids + h.emitted
         params = dataclasses.replace(p, max_tokens=p.max_tokens - n, stop=list(p.stop),
@@ -371,7 +371,7 @@ class Router:
         self.counters["redispatched"] += 1
         log.info("router: %s re-dispatched to %s with %d streamed tokens (%s)", h.rid, dw.worker_id, n, why)
         msg = messages.GenerateMsg(h.rid, prompt, params, mode="direct", cache_salt=h.cache_salt,
-                                 kv_timeout_s=self.cfg.kv_timeout_s)
+                                   kv_timeout_s=self.cfg.kv_timeout_s)
         try:
             await self._send(dw, msg.encode())
         except (zmq.ZMQError, asyncio.TimeoutError) as e:

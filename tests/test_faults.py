@@ -182,7 +182,7 @@ def test_silent_decode_worker_requests_move_with_their_streamed_tokens():
         await asyncio.sleep(0.2)
         assert r.counters["stale_batches"] == 1
         b.send(messages.TokenItem("greedy", [4, 5, 6, 7, 8, 9, 10], finish_reason="length",
-                                prompt_tokens=23, cached_tokens=16, completion_tokens=7))
+                                  prompt_tokens=23, cached_tokens=16, completion_tokens=7))
         await asyncio.sleep(0.2)
         items = _drain(greedy.queue)
         assert sum((i.token_ids for i in items), []) == list(range(1, 11))
@@ -282,7 +282,7 @@ def test_decode_worker_drops_requests_of_a_silent_or_replaced_router(token_sinks
 
         def waiting(rid, tok):
             return messages.GenerateMsg(rid, [tok] * 40, PARAMS_LONG, mode="disagg", kv_timeout_s=60,
-                                      prefill_endpoint=silent_prefill).encode()
+                                        prefill_endpoint=silent_prefill).encode()
         push.send(waiting("r1", 5))
         end = time.monotonic() + 30
         while not dw.engine.stats()["num_awaiting_kv"]:

@@ -28,9 +28,9 @@ PARAMS = SamplingParams(max_tokens=8, temperature=0.5, top_p=0.9, top_k=20, seed
 VALID_REQUESTS = [
     messages.GenerateMsg("r1", [1, 2, 3, 4], PARAMS).encode(),
     messages.GenerateMsg("r2", list(range(40)), SamplingParams(), mode="disagg", prefill_endpoint="tcp://10.0.0.2:5000",
-                       prefill_worker="prefill-0", cache_salt=b"tenant", kv_timeout_s=5.0).encode(),
+                         prefill_worker="prefill-0", cache_salt=b"tenant", kv_timeout_s=5.0).encode(),
     messages.PrefillMsg("r3", "r3#1", list(range(50)), PARAMS, "ipc:///tmp/kv.sock", [4, 5, 6, 7], 0,
-                      "tcp://127.0.0.1:6000", b"s").encode(),
+                        "tcp://127.0.0.1:6000", b"s").encode(),
     messages.encode_abort("r4"),
     messages.encode_shutdown(),
     messages.encode_prefill_failed("r5#2"),

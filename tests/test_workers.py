@@ -327,16 +327,16 @@ def test_malformed_request_plane_messages_are_dropped(cluster, expected):
     junk = [b"", b"\xc1\xc1garbage", msgpack.packb([1, 2, 3]), msgpack.packb({"v": 2, "type": "generate"}),
             msgpack.packb({"v": 1, "type": "generate", "rid": "x"}), msgpack.packb({"v": 1, "type": "nope"}),
             messages.pack({"v": 1, "type": "generate", "rid": "y", "prompt_ids": [1, "a"], "mode": "direct",
-                         "params": {}}),
+                           "params": {}}),
             messages.pack({"v": 1, "type": "generate", "rid": "z", "prompt_ids": [1, 2], "mode": "direct",
-                         "params": {"max_tokens": -1}})]
+                           "params": {"max_tokens": -1}})]
     for ep in (req_ep, pf_ep):
         for j in junk:
             router.send(ep, j)
         router.send(ep, gen("multi"), b"extra frame")
     # A prefill message sent to a decode worker (wrong plane) is dropped too.
     router.send(req_ep, messages.PrefillMsg("p", "p#1", [1, 2], PARAMS, "tcp://127.0.0.1:1", [0], 0,
-                                          req_ep).encode())
+                                            req_ep).encode())
     router.send(req_ep, gen("ok", mode="disagg", prefill_endpoint=pf_ep))
     drive(router, dw, pw, lambda: "ok" in router.final)
     assert set(router.final) == {"ok"} and router.final["ok"].fallback is None
@@ -362,7 +362,7 @@ def test_prefill_worker_refusals_reach_the_receiver(cluster, expected, tmp_path)
         def ask(key, prompt=PROMPT, dst=(1, 2, 3, 4, 5), first=0, kv_ep=rx.endpoint, params=PARAMS):
             rx.expect(key, list(dst), deadline=time.monotonic() + 30) if kv_ep == rx.endpoint else None
             router.send(pf_ep, messages.PrefillMsg(key.split("#")[0], key, list(prompt), params, kv_ep, list(dst),
-                                                 first, reply_ep).encode())
+                                                   first, reply_ep).encode())
 
         ask("tok#1", prompt=[1, 49152 + 1, 2], dst=[1])
         ask("cover#1", dst=[1, 2, 3])                  # 75 tokens need 5 blocks
