@@ -102,7 +102,7 @@ def test_bad_files(tmp_path):
 # ---- CLI ---------------------------------------------------------------------------------------------
 
 def _serve_parser():
-    from engine.cli import build_parser
+    from deploy.cli import build_parser
     ap = build_parser()
     sub = next(a for a in ap._actions if a.dest == "command")
     return ap, sub.choices["serve"]
@@ -153,7 +153,7 @@ def test_flags_override_the_file(tmp_path):
     bad = ap.parse_args(["serve", "--config", str(f), "--prefill", "9"])
     with pytest.raises(ConfigError, match="pools.prefill.max_replicas"):
         config_from_args(bad)
-    from engine.cli import main
+    from deploy.cli import main
     assert main(["serve", "--port", "99999"]) == 2      # printed as one line, no traceback, no server
 
 

@@ -175,7 +175,7 @@ def run_to_completion_prompt(engine, prompt):
 
 
 def test_cli_generate_json():
-    r = subprocess.run([sys.executable, "-m", "engine.cli", "generate", "--model", "smollm2", "--max-tokens", "6",
+    r = subprocess.run([sys.executable, "-m", "deploy.cli", "generate", "--model", "smollm2", "--max-tokens", "6",
                         "--json", "The capital of France is", "def add(a, b):"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -185,6 +185,6 @@ def test_cli_generate_json():
 
 
 def test_cli_bad_input_is_one_clear_line():
-    r = subprocess.run([sys.executable, "-m", "engine.cli", "generate", "--max-tokens", "0", "x"],
+    r = subprocess.run([sys.executable, "-m", "deploy.cli", "generate", "--max-tokens", "0", "x"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "max_tokens" in r.stderr and "Traceback" not in r.stderr

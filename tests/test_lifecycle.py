@@ -58,7 +58,7 @@ def _health(port: int) -> str:
 def test_sigterm_drains_streams_and_stops_everything(tmp_path):
     err_path = tmp_path / "stderr.log"
     with open(err_path, "w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--model", MODEL, "--port", "0",
+        proc = subprocess.Popen([sys.executable, "-m", "deploy.cli", "serve", "--model", MODEL, "--port", "0",
                                  "--http-port", "0", "--kv-cache-gb", "0.2", "--shutdown-grace", "30"],
                                 cwd=REPO, stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True)
     ray_procs = []

@@ -244,7 +244,7 @@ def test_overload_429_and_draining_503(cluster):
 def test_bench_against_the_cluster(cluster, target, tmp_path):
     """`pdserve bench` with a handful of requests over either API: every request completes
     with its output length, percentiles and goodput are reported, the JSON is written."""
-    from engine.cli import main
+    from deploy.cli import main
     where = ["--http", cluster.base_url] if target == "http" else ["--address", f"127.0.0.1:{cluster.cluster.port}"]
     out = tmp_path / "bench.json"
     assert main(["bench"] + where + ["--rates", "20", "--requests", "4", "--warmup", "1", "--prompt-min", "8",

@@ -153,7 +153,7 @@ def test_mutual_tls_refuses_clients_without_a_certificate_from_the_ca(secure_ser
 
 
 def test_cli_generate_flags_reach_a_secure_server(secure_server, pki, tmp_path, capsys, monkeypatch):
-    from engine.cli import main
+    from deploy.cli import main
     keyfile = tmp_path / "client-key"
     keyfile.write_text(KEY + "\n")
     monkeypatch.delenv("PDSERVE_API_KEY", raising=False)
@@ -238,7 +238,7 @@ def _host(endpoint: str) -> str:
 
 def test_internal_sockets_bind_to_loopback_by_default(secure_server):
     from deploy.cluster import ClusterConfig
-    from engine.cli import build_parser
+    from deploy.cli import build_parser
     from kv_transfer.zmq_backend import DEFAULT_BIND
     from router.core import RouterConfig
     s = secure_server

@@ -1,4 +1,6 @@
-"""`pdserve` command line. `generate` runs offline on a local engine."""
+"""`pdserve` command line (the `pdserve` entry point in pyproject.toml): `serve`, `demo`
+and `bench` assemble a cluster from deploy/; `generate` runs offline on a local engine, or
+against a server with --address."""
 from __future__ import annotations
 
 import argparse
@@ -6,6 +8,10 @@ import json
 import logging
 import os
 import sys
+
+# engine first, before anything imports torch: its CPU OpenMP default (engine/__init__.py)
+# is read once, when torch loads libgomp (as when this module lived in engine/).
+import engine  # noqa: F401,I001  isort: skip
 
 
 def _generate(args) -> int:
