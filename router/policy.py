@@ -1,8 +1,9 @@
 """Conditional disaggregation: where each request goes, and why.
 
-Baseline rule (as in DESIGN.md and Dynamo): prefill remotely iff the prompt's uncached
-tokens on the chosen decode worker exceed a threshold and the prefill pool is not
-saturated. The decision and its reason are returned so they can be recorded per request.
+Baseline rule (as in Dynamo; see docs/ARCHITECTURE.md, "A request's life"): prefill
+remotely iff the prompt's uncached tokens on the chosen decode worker exceed a threshold
+and the prefill pool is not saturated. The decision and its reason are returned so they
+can be recorded per request.
 """
 from __future__ import annotations
 
