@@ -4,7 +4,8 @@ prompt KV from prefill workers over the KV plane.
 
 No Ray in here: :class:`DecodeWorker` is a plain object that tests drive with
 :meth:`DecodeWorker.run_once` (or :meth:`DecodeWorker.start` for a background thread);
-:mod:`decode_worker.actor` wraps it in a Ray actor.
+:mod:`decode_worker.actor` wraps it in a Ray actor. The loop thread, the request-plane drain,
+the step-failure cleanup and the shutdown are :class:`worker_base.worker.WorkerBase`'s.
 
 Sockets (all ZeroMQ, msgpack messages from :mod:`planes.messages`, never pickle)::
 
@@ -34,23 +35,22 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
-import threading
 import time
 from dataclasses import dataclass
 
 import zmq
 
 import kv_transfer as kt
-from engine import CapacityError, InvalidRequestError, LLMEngine, RequestOutput
+from engine import CapacityError, InvalidRequestError, RequestOutput
 from kv_transfer.wire import KVLayout
 from planes import messages
-from planes.sockets import PushPool, advertised_host, bind_pull, close_curve_contexts, open_contexts, recv_one
+from planes.sockets import PushPool, advertised_host
+from worker_base.worker import WorkerBase
 
 log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 0.5               # a batch (maybe empty) at least this often, carrying load
 WEDGED_AFTER_S = 60.0           # a loop iteration this long is a hang: the heartbeat thread goes quiet
-MAX_REQUESTS_PER_ITERATION = 512
 MAX_OUTBOX = 4096               # token batches kept while the router is not draining
 KV_KEY_MAX = messages.MAX_ID_CHARS
 
@@ -75,23 +75,22 @@ class _Req:
     rx: object = None               # the kv_transfer receiver of the current transfer
 
 
-class DecodeWorker:
+class DecodeWorker(WorkerBase):
+    KIND = "decode"
+    WORK = messages.GenerateMsg
+
     def __init__(self, worker_id: str, model: str, token_endpoint: str, *, engine_kwargs: dict | None = None,
                  device=None, dtype=None, bind_host: str = "127.0.0.1", kv_bind: str = "tcp",
                  kv_timeout_s: float = 30.0, advertise_host: str | None = None,
                  context: zmq.Context | None = None, router_epoch: int | None = None,
                  orphan_timeout_s: float | None = None, curve=None, kv_backend: str = "zmq"):
-        self.worker_id = worker_id
+        super().__init__(worker_id, model, engine_kwargs=engine_kwargs, device=device, dtype=dtype,
+                         bind_host=bind_host, advertise_host=advertise_host, context=context, curve=curve)
         self.router_epoch = router_epoch
         self.orphan_timeout_s = orphan_timeout_s
         self._router_seen = time.monotonic()
         self._attach: tuple[str, int] | None = None   # set by attach_router, applied by the loop thread
         self.kv_timeout_s = float(kv_timeout_s)
-        self.engine = LLMEngine(model, device=device, dtype=dtype, **(engine_kwargs or {}))
-        self.block_size = self.engine.cfg.block_size
-        self.num_layers = self.engine.model_config.num_layers
-        self._ctx, self._srv_ctx, self._curve_zap = open_contexts(curve, context)
-        self._req_sock, self._req_ep = bind_pull(self._srv_ctx, bind_host, advertise_host)
         self._tok_sock = self._ctx.socket(zmq.PUSH)
         self._tok_sock.setsockopt(zmq.SNDHWM, 100_000)
         self._tok_sock.setsockopt(zmq.LINGER, 2000)
@@ -101,8 +100,6 @@ class DecodeWorker:
             kv_bind = f"tcp://{bind_host}:*"
         self._kv_bind, self._bind_host = kv_bind, bind_host
         self._host = advertised_host(bind_host, advertise_host)
-        self._poller = zmq.Poller()
-        self._poller.register(self._req_sock, zmq.POLLIN)
         self._kv_waitable = True
         self._receivers: dict[str, kt.KVReceiver] = {}
         self._auto = kv_backend == "auto" and self.engine.device.type == "cuda"
@@ -118,12 +115,7 @@ class DecodeWorker:
         self._items: list[messages.TokenItem] = []
         self._outbox: list[bytes] = []
         self._last_sent = 0.0
-        self._draining = False
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._beat_thread: threading.Thread | None = None
         self._loop_at = time.monotonic()     # end of the loop's last iteration (read by the heartbeat thread)
-        self._closed = False
         self.counters = dict(requests=0, disaggregated=0, fallbacks=0, rejected=0, aborted=0, errors=0,
                              dropped_messages=0, batches_sent=0, orphaned=0)
 
@@ -166,13 +158,6 @@ class DecodeWorker:
     def endpoints(self) -> dict:
         return {"request": self._req_ep, "kv": self.receiver.endpoint}
 
-    def model_info(self) -> dict:
-        e = self.engine
-        return dict(model=e.model_name, vocab_size=e.model_config.vocab_size, max_model_len=e.max_model_len,
-                    block_size=self.block_size, num_blocks=e.blocks.num_blocks,
-                    eos_token_ids=sorted(e.eos_token_ids), has_tokenizer=e.tokenizer is not None,
-                    num_layers=self.num_layers, device=str(e.device), dtype=str(e.dtype).replace("torch.", ""))
-
     def stats(self) -> dict:
         return {**self.engine.stats(), **self.counters, "in_flight": len(self._reqs),
                 "draining": self._draining, "kv": self._kv_stats(), "router_epoch": self.router_epoch,
@@ -207,50 +192,15 @@ class DecodeWorker:
         self._attach = (token_endpoint, epoch)
         self._router_seen = time.monotonic()
 
-    def drain(self) -> None:
-        """Stop accepting new requests (they get error_code "unavailable"); in-flight ones finish."""
-        self._draining = True
-
     def start(self) -> None:
-        if self._thread is not None:
-            raise RuntimeError("already started")
-        self._thread = threading.Thread(target=self._run, name=f"decode-worker-{self.worker_id}", daemon=True)
-        self._thread.start()
-        self._beat_thread = threading.Thread(target=self._beat, name=f"decode-beat-{self.worker_id}", daemon=True)
-        self._beat_thread.start()
+        super().start()
+        self._start_side_thread(self._beat, "beat")
 
-    def is_alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    def stop(self, timeout_s: float = 10.0) -> None:
-        self._stop.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout_s)
-            if self._thread.is_alive():
-                log.error("decode worker %s: loop did not stop", self.worker_id)
-                return
-        if self._beat_thread is not None and self._beat_thread is not threading.current_thread():
-            self._beat_thread.join(timeout_s)
-        self._close()
-
-    def _close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        for s in (self._req_sock, self._tok_sock):
-            s.close()
+    def _close_sockets(self) -> None:
+        self._tok_sock.close()
         self._prefill.close()
         for rx in self._receivers.values():
             rx.close()
-        close_curve_contexts(self)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.run_once(50)
-            except Exception:   # run_once guards itself; this is the last line of defence
-                log.exception("decode worker %s: loop iteration failed", self.worker_id)
-                time.sleep(0.05)
 
     def _beat(self) -> None:
         """Heartbeats while the loop thread is busy in one long engine step (a big prefill
@@ -348,45 +298,24 @@ class DecodeWorker:
         if wait_s > 0:
             self._poller.poll(max(1, int(wait_s * 1000)))
 
-    def _drain_requests(self) -> None:
-        for _ in range(MAX_REQUESTS_PER_ITERATION):
-            buf = recv_one(self._req_sock)
-            if buf is None:
-                return
-            try:
-                msg = messages.decode_request(buf)
-            except messages.PlaneError as e:
-                self.counters["dropped_messages"] += 1
-                log.warning("decode worker %s: dropped a malformed request-plane message: %s", self.worker_id, e)
-                continue
-            self._router_seen = time.monotonic()
-            rid = getattr(msg, "rid", None)
-            try:
-                self._handle(msg)
-            except Exception as e:
-                log.exception("decode worker %s: handling %s failed", self.worker_id, type(msg).__name__)
-                if rid is not None and isinstance(msg, messages.GenerateMsg):
-                    self._fail_request(rid, f"internal error: {type(e).__name__}: {e}", "internal")
+    def _heard_from_peer(self) -> None:
+        self._router_seen = time.monotonic()
 
-    def _handle(self, msg) -> None:
+    def _on_control(self, msg) -> bool:
+        if msg[0] != "prefill_failed":
+            return False
+        rid = self._by_key.get(msg[1])
+        if rid is not None:
+            # The prefill worker never took it, so nothing of it was written: no fence.
+            self._reqs[rid].rx.cancel(msg[1])
+            self._kv_failed(rid, "prefill_failed")
+        return True
+
+    def _handling_failed(self, msg, error: str) -> None:
         if isinstance(msg, messages.GenerateMsg):
-            self._on_generate(msg)
-        elif isinstance(msg, messages.PrefillMsg):
-            self.counters["dropped_messages"] += 1
-            log.warning("decode worker %s: dropped a prefill message (wrong plane)", self.worker_id)
-        elif msg[0] == "abort":
-            self._on_abort(msg[1])
-        elif msg[0] == "drain":
-            log.info("decode worker %s: draining", self.worker_id)
-            self._draining = True
-        elif msg[0] == "prefill_failed":
-            rid = self._by_key.get(msg[1])
-            if rid is not None:
-                # The prefill worker never took it, so nothing of it was written: no fence.
-                self._reqs[rid].rx.cancel(msg[1])
-                self._kv_failed(rid, "prefill_failed")
+            self._fail_request(msg.rid, error, "internal")
 
-    def _on_generate(self, msg: messages.GenerateMsg) -> None:
+    def _on_work(self, msg: messages.GenerateMsg) -> None:
         rid = msg.rid
         if rid in self._reqs:
             self.counters["dropped_messages"] += 1
@@ -396,7 +325,7 @@ class DecodeWorker:
         if self._draining:
             self.counters["rejected"] += 1
             self._items.append(messages.TokenItem(rid, [], finish_reason="abort", error="worker is draining",
-                                                error_code="unavailable"))
+                                                  error_code="unavailable"))
             return
         req = self._reqs[rid] = _Req(rid, msg.mode)
         try:
@@ -410,7 +339,7 @@ class DecodeWorker:
             del self._reqs[rid]
             self.counters["rejected"] += 1
             self._items.append(messages.TokenItem(rid, [], finish_reason="abort", error=str(e),
-                                                error_code=_error_code(e)))
+                                                  error_code=_error_code(e)))
             return
         if req.fallback:
             self.counters["fallbacks"] += 1
@@ -441,8 +370,8 @@ class DecodeWorker:
         req.rx.expect(key, dst, self.num_layers, deadline=req.deadline)
         self._by_key[key] = msg.rid
         pm = messages.PrefillMsg(msg.rid, key, msg.prompt_ids, msg.params, kv_endpoint=req.rx.endpoint,
-                               dst_block_ids=dst, first_block=first_block, reply_to=self._req_ep,
-                               cache_salt=msg.cache_salt)
+                                 dst_block_ids=dst, first_block=first_block, reply_to=self._req_ep,
+                                 cache_salt=msg.cache_salt)
         try:
             self._prefill.send(msg.prefill_endpoint, pm.encode())
         except zmq.ZMQError as e:
@@ -543,23 +472,15 @@ class DecodeWorker:
                 self._fail_request(rid, f"internal error: {type(e).__name__}: {e}", "internal")
 
     def _step(self) -> None:
-        self.engine.current_step = []
-        try:
-            outputs = self.engine.step()
-        except Exception as e:
-            log.exception("decode worker %s: engine step failed", self.worker_id)
-            sch = self.engine.scheduler
-            victims = [s.seq.seq_id for s in self.engine.current_step] or \
-                [s.seq_id for s in list(sch.running) + list(sch.waiting)]
-            for rid in victims:
-                self._fail_request(rid, f"internal error: {type(e).__name__}: {e}", "internal")
-            return
-        for out in outputs:
+        for out in self._engine_step() or ():
             self._emit(out)
+
+    def _fail_victim(self, rid: str, error: str) -> None:
+        self._fail_request(rid, error, "internal")
 
     def _emit(self, out: RequestOutput) -> None:
         item = messages.TokenItem(out.request_id, list(out.new_token_ids), out.text_delta, out.finish_reason,
-                                list(out.new_logprobs))
+                                  list(out.new_logprobs))
         if out.finished:
             req = self._reqs.pop(out.request_id, None)
             item.prompt_tokens = out.num_prompt_tokens
@@ -590,7 +511,7 @@ class DecodeWorker:
         if items or events or now - self._last_sent >= HEARTBEAT_S:
             for i in range(0, max(1, len(items)), messages.MAX_ITEMS):
                 batch = messages.TokenBatch(self.worker_id, items[i:i + messages.MAX_ITEMS],
-                                          events if i == 0 else [], self._load())
+                                            events if i == 0 else [], self._load())
                 if not batch.items and not batch.kv_events and self._outbox:
                     continue   # a heartbeat behind a backlog says nothing new
                 self._outbox.append(self._encode(batch))
@@ -625,7 +546,7 @@ class DecodeWorker:
                 self.engine.abort(it.rid)
                 self.counters["errors"] += 1
                 ok.append(messages.TokenItem(it.rid, [], finish_reason="abort", error_code="internal",
-                                           error=f"internal error: output not encodable ({type(e).__name__})"))
+                                             error=f"internal error: output not encodable ({type(e).__name__})"))
         try:
             return messages.TokenBatch(self.worker_id, ok, batch.kv_events, batch.load).encode()
         except Exception:

@@ -3,7 +3,8 @@ workers and ships each prompt's KV to them layer by layer while the prefill runs
 
 No Ray in here: :class:`PrefillWorker` is a plain object that tests drive with
 :meth:`PrefillWorker.run_once` (or :meth:`PrefillWorker.start`); :mod:`prefill_worker.actor`
-wraps it in a Ray actor.
+wraps it in a Ray actor. The loop thread, the request-plane drain, the step-failure cleanup
+and the shutdown are :class:`worker_base.worker.WorkerBase`'s.
 
     decode worker ──PUSH──► [PULL request]   PrefillMsg, abort(kv_key or rid), drain
     [KV sender] ──► decode worker's KV PULL  layers, then done(first_token) or abort(reason)
@@ -23,20 +24,19 @@ The engine captures no decode CUDA graphs: a prefill-only engine never runs a de
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from dataclasses import dataclass
 
 import zmq
 
 import kv_transfer as kt
-from engine import CapacityError, InvalidRequestError, LLMEngine
+from engine import CapacityError, InvalidRequestError
 from planes import messages
-from planes.sockets import PushPool, bind_pull, close_curve_contexts, open_contexts, recv_one
+from planes.sockets import PushPool
+from worker_base.worker import WorkerBase
 
 log = logging.getLogger(__name__)
 
-MAX_REQUESTS_PER_ITERATION = 512
 SENDER_IDLE_S = 300.0           # a KV sender unused this long is closed (its decode worker left)
 SENDER_PRUNE_EVERY_S = 10.0
 
@@ -53,20 +53,17 @@ class _Job:
     error: str | None = None
 
 
-class PrefillWorker:
+class PrefillWorker(WorkerBase):
+    KIND = "prefill"
+    WORK = messages.PrefillMsg
+
     def __init__(self, worker_id: str, model: str, *, engine_kwargs: dict | None = None, device=None, dtype=None,
                  bind_host: str = "127.0.0.1", advertise_host: str | None = None,
                  kv_send_timeout_s: float = 10.0, context: zmq.Context | None = None, curve=None):
-        self.worker_id = worker_id
-        self.engine = LLMEngine(model, device=device, dtype=dtype,
-                                **{**(engine_kwargs or {}), "enable_cuda_graphs": False})
-        self.block_size = self.engine.cfg.block_size
-        self.num_layers = self.engine.model_config.num_layers
+        super().__init__(worker_id, model, engine_kwargs={**(engine_kwargs or {}), "enable_cuda_graphs": False},
+                         device=device, dtype=dtype, bind_host=bind_host, advertise_host=advertise_host,
+                         context=context, curve=curve)
         self.kv_send_timeout_s = float(kv_send_timeout_s)
-        self._ctx, self._srv_ctx, self._curve_zap = open_contexts(curve, context)
-        self._req_sock, self._req_ep = bind_pull(self._srv_ctx, bind_host, advertise_host)
-        self._poller = zmq.Poller()
-        self._poller.register(self._req_sock, zmq.POLLIN)
         self._senders: dict[str, kt.KVSender] = {}
         self._sender_used: dict[str, float] = {}   # endpoint -> last use, to close senders of departed workers
         self._last_prune = time.monotonic()
@@ -74,23 +71,12 @@ class PrefillWorker:
         self._jobs: dict[str, _Job] = {}
         self._shipping: list[tuple[_Job, object]] = []
         self._queued_tokens = 0
-        self._draining = False
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._closed = False
         self.counters = dict(requests=0, completed=0, aborted=0, rejected=0, send_errors=0, dropped_messages=0,
                              prompt_tokens=0, cached_tokens=0)
 
     # ---- API -----------------------------------------------------------------------------------
     def endpoints(self) -> dict:
         return {"request": self._req_ep}
-
-    def model_info(self) -> dict:
-        e = self.engine
-        return dict(model=e.model_name, vocab_size=e.model_config.vocab_size, max_model_len=e.max_model_len,
-                    block_size=self.block_size, num_blocks=e.blocks.num_blocks,
-                    eos_token_ids=sorted(e.eos_token_ids), has_tokenizer=e.tokenizer is not None,
-                    num_layers=self.num_layers, device=str(e.device), dtype=str(e.dtype).replace("torch.", ""))
 
     def stats(self) -> dict:
         return {**self.engine.stats(), **self.counters, "queued_tokens": self._queued_tokens,
@@ -99,33 +85,7 @@ class PrefillWorker:
     def num_in_flight(self) -> int:
         return len(self._jobs)
 
-    def drain(self) -> None:
-        """Refuse new prefills (the decode worker falls back at once); in-flight ones finish."""
-        self._draining = True
-
-    def start(self) -> None:
-        if self._thread is not None:
-            raise RuntimeError("already started")
-        self._thread = threading.Thread(target=self._run, name=f"prefill-worker-{self.worker_id}", daemon=True)
-        self._thread.start()
-
-    def is_alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    def stop(self, timeout_s: float = 10.0) -> None:
-        self._stop.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout_s)
-            if self._thread.is_alive():
-                log.error("prefill worker %s: loop did not stop", self.worker_id)
-                return
-        self._close()
-
-    def _close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._req_sock.close()
+    def _close_sockets(self) -> None:
         self._replies.close()
         for s in self._senders.values():
             try:
@@ -133,15 +93,6 @@ class PrefillWorker:
             except Exception:
                 log.exception("prefill worker %s: closing a KV sender failed", self.worker_id)
         self._senders.clear()
-        close_curve_contexts(self)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.run_once(50)
-            except Exception:
-                log.exception("prefill worker %s: loop iteration failed", self.worker_id)
-                time.sleep(0.05)
 
     # ---- one loop iteration ------------------------------------------------------------------------
     def run_once(self, timeout_ms: int = 0) -> None:
@@ -156,33 +107,9 @@ class PrefillWorker:
         if time.monotonic() - self._last_prune > SENDER_PRUNE_EVERY_S:
             self._prune_senders()
 
-    def _drain_requests(self) -> None:
-        for _ in range(MAX_REQUESTS_PER_ITERATION):
-            buf = recv_one(self._req_sock)
-            if buf is None:
-                return
-            try:
-                msg = messages.decode_request(buf)
-            except messages.PlaneError as e:
-                self.counters["dropped_messages"] += 1
-                log.warning("prefill worker %s: dropped a malformed request-plane message: %s", self.worker_id, e)
-                continue
-            try:
-                if isinstance(msg, messages.PrefillMsg):
-                    self._on_prefill(msg)
-                elif isinstance(msg, tuple) and msg[0] == "abort":
-                    self._on_abort(msg[1])
-                elif isinstance(msg, tuple) and msg[0] == "drain":
-                    log.info("prefill worker %s: draining", self.worker_id)
-                    self._draining = True
-                else:
-                    self.counters["dropped_messages"] += 1
-                    log.warning("prefill worker %s: dropped a %s message (wrong plane)", self.worker_id,
-                                type(msg).__name__ if not isinstance(msg, tuple) else msg[0])
-            except Exception as e:
-                log.exception("prefill worker %s: handling a request-plane message failed", self.worker_id)
-                if isinstance(msg, messages.PrefillMsg):
-                    self._abort_job(msg.kv_key, f"internal error: {type(e).__name__}: {e}")
+    def _handling_failed(self, msg, error: str) -> None:
+        if isinstance(msg, messages.PrefillMsg):
+            self._abort_job(msg.kv_key, error)
 
     def _sender(self, endpoint: str) -> kt.KVSender:
         self._sender_used[endpoint] = time.monotonic()
@@ -210,7 +137,7 @@ class PrefillWorker:
         except Exception as e:
             log.warning("prefill worker %s: cannot tell %s that %s failed: %s", self.worker_id, reply_to, kv_key, e)
 
-    def _on_prefill(self, msg: messages.PrefillMsg) -> None:
+    def _on_work(self, msg: messages.PrefillMsg) -> None:
         key = msg.kv_key
         if key in self._jobs:
             self.counters["dropped_messages"] += 1
@@ -311,22 +238,16 @@ class PrefillWorker:
                 job.error = f"sending layer {layer} failed: {type(e).__name__}: {e}"
                 log.warning("prefill worker %s: %s: %s", self.worker_id, job.kv_key, job.error)
 
+    def _fail_victim(self, key: str, error: str) -> None:
+        self._abort_job(key, error)
+
     def _step(self) -> None:
-        self.engine.current_step = []
         self._shipping = []
         try:
-            outputs = self.engine.step(on_layer_done=self._on_layer_done)
-        except Exception as e:
-            log.exception("prefill worker %s: engine step failed", self.worker_id)
-            sch = self.engine.scheduler
-            victims = [s.seq.seq_id for s in self.engine.current_step] or \
-                [s.seq_id for s in list(sch.running) + list(sch.waiting)]
-            for key in victims:
-                self._abort_job(key, f"internal error: {type(e).__name__}: {e}")
-            return
+            outputs = self._engine_step(on_layer_done=self._on_layer_done)
         finally:
             self._shipping = []
-        for out in outputs:
+        for out in outputs or ():
             job = self._jobs.pop(out.request_id, None)
             if job is None:
                 continue
