@@ -258,6 +258,10 @@ def rank_main(rank: int, args) -> None:
             torch.cuda.empty_cache()
         if rank == DECODE:
             result[f"transfer_{b}"] = r
+    if not args.ttft_tokens:
+        if rank == DECODE:
+            board.put("result", result)
+        return
     max_tokens = max(args.ttft_tokens)
     engine = LLMEngine(args.model, device=dev, dtype=dtype, enable_prefix_caching=False, enable_cuda_graphs=False,
                        max_num_batched_tokens=max(8192, max_tokens),
@@ -283,7 +287,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="random:<shape> (default random:llama3-8b; tiny with --cpu-smoke)")
     ap.add_argument("--prompt-tokens", type=int, default=None, help="KV of this many tokens for the transfer phase")
-    ap.add_argument("--ttft-tokens", type=int, nargs="+", default=None)
+    ap.add_argument("--ttft-tokens", type=int, nargs="*", default=None, help="prompt sizes (none: skip TTFT)")
     ap.add_argument("--decode-tokens", type=int, default=16)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
@@ -294,11 +298,11 @@ def main(argv=None) -> dict:
     if args.cpu_smoke:
         args.model = args.model or "random:tiny"
         args.prompt_tokens = args.prompt_tokens or 64
-        args.ttft_tokens = args.ttft_tokens or [48]
+        args.ttft_tokens = [48] if args.ttft_tokens is None else args.ttft_tokens
     else:
         args.model = args.model or "random:llama3-8b"
         args.prompt_tokens = args.prompt_tokens or 4096
-        args.ttft_tokens = args.ttft_tokens or [1024, 4096, 8192]
+        args.ttft_tokens = [1024, 4096, 8192] if args.ttft_tokens is None else args.ttft_tokens
         if args.two_gpus and torch.cuda.device_count() < 2:
             sys.exit("--two-gpus needs 2 CUDA GPUs")
     import torch.distributed as dist
