@@ -128,7 +128,7 @@ class DecodeWorker(WorkerBase):
             rx = kt.make_receiver("nccl", layout, writer, bind_host=self._bind_host, advertise_host=self._host,
                                   device=self.engine.device, default_timeout_s=self.kv_timeout_s)
         elif backend == "cuda_ipc":   # kv_transfer/ipc_backend.py: senders copy into this cache themselves
-            rx = kt.make_receiver("cuda_ipc", layout, writer, cache=self.engine.runner.kv_cache,
+            rx = kt.make_receiver("cuda_ipc", layout, writer, cache=self.engine.kv_cache,
                                   bind_host=self._bind_host, advertise_host=self._host, context=self._srv_ctx,
                                   default_timeout_s=self.kv_timeout_s)
         else:
@@ -136,7 +136,7 @@ class DecodeWorker(WorkerBase):
             rx = kt.make_receiver("zmq", layout, writer, bind=bind,
                                   advertise_host=self._host if bind.startswith("tcp://") else None,
                                   context=self._srv_ctx, default_timeout_s=self.kv_timeout_s)
-        kv_sock = getattr(rx, "_sock", None)   # to sleep on every plane at once
+        kv_sock = rx.waitable_socket   # to sleep on every plane at once
         if kv_sock is not None:
             self._poller.register(kv_sock, zmq.POLLIN)
         else:
@@ -490,9 +490,9 @@ class DecodeWorker(WorkerBase):
         self._items.append(item)
 
     def _load(self) -> dict:
-        sch = self.engine.scheduler
-        return dict(running=len(sch.running), waiting=len(sch.waiting), free_blocks=self.engine.num_free_blocks(),
-                    num_blocks=self.engine.blocks.num_blocks, awaiting_kv=len(sch.awaiting_kv),
+        q = self.engine.queue_stats()
+        return dict(running=q["running"], waiting=q["waiting"], free_blocks=self.engine.num_free_blocks(),
+                    num_blocks=self.engine.num_blocks, awaiting_kv=q["awaiting_kv"],
                     draining=self._draining, endpoint=self._req_ep, epoch=self.router_epoch,
                     **self._kv_counters())
 

@@ -42,7 +42,7 @@ class LLM:
         # Validate every prompt before queueing any, so a bad one leaves nothing behind.
         ids = [self.engine.tokenize(p) for p in prompts]
         for i, p in zip(ids, params):
-            self.engine._validate_prompt(i, p)
+            self.engine.validate_prompt(i, p)
         rids = []
         for i, p in zip(ids, params):
             self._ids += 1

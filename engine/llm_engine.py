@@ -115,7 +115,8 @@ class LLMEngine:
             return self.tokenizer.encode(prompt)
         return list(prompt)
 
-    def _validate_prompt(self, ids: list[int], params: SamplingParams) -> None:
+    def validate_prompt(self, ids: list[int], params: SamplingParams) -> None:
+        """InvalidRequestError naming the field if ids/params cannot be served here."""
         if not ids:
             raise InvalidRequestError("prompt", "must not be empty")
         V = self.model_config.vocab_size
@@ -142,7 +143,7 @@ class LLMEngine:
             raise InvalidRequestError("request_id", f"{request_id!r} is already in flight")
         params = params or SamplingParams()
         ids = self.tokenize(prompt)
-        self._validate_prompt(ids, params)
+        self.validate_prompt(ids, params)
         gen = None
         if params.seed is not None:
             gen = torch.Generator(device=self.device).manual_seed(params.seed)
@@ -199,6 +200,7 @@ class LLMEngine:
         for an accepted speculative run) that became known. With overlapped scheduling
         these are the previous launch's: a request's outputs come in the same sequence as
         without overlap, one step() later."""
+        self.current_step = []   # set once this step has scheduled (see step_request_ids)
         if self.overlap and on_layer_done is None:
             return self._step_overlapped()
         outputs = self._drain_launched()
@@ -429,6 +431,43 @@ class LLMEngine:
         return self.scheduler.release_held(request_id)
 
     # ---- introspection --------------------------------------------------------------------------------
+    # What the workers read of the engine: these, never the scheduler or runner directly.
+    def step_request_ids(self) -> list[str]:
+        """The requests the current (or last) step scheduled; empty if it failed before."""
+        return [s.seq.seq_id for s in self.current_step]
+
+    def step_finishing_prompts(self) -> list[tuple[str, list[int]]]:
+        """During a step (e.g. from on_layer_done): the requests whose prompt this step
+        completes (they sample), with their block tables, whose KV the layer just wrote."""
+        return [(s.seq.seq_id, s.seq.block_table) for s in self.current_step if s.samples]
+
+    def unfinished_request_ids(self) -> list[str]:
+        sch = self.scheduler
+        return [s.seq_id for s in list(sch.running) + list(sch.waiting)]
+
+    def queue_stats(self) -> dict:
+        """Running / waiting / awaiting-KV sequences and the prompt tokens not computed yet."""
+        sch = self.scheduler
+        return dict(running=len(sch.running), waiting=len(sch.waiting), awaiting_kv=len(sch.awaiting_kv),
+                    queued_prompt_tokens=sum(s.num_tokens - s.num_computed_tokens
+                                             for s in list(sch.waiting) + list(sch.running)))
+
+    @property
+    def kv_cache(self):
+        """The whole paged KV cache: [layer, k/v, block, slot, kv_head, head_dim]."""
+        return self.runner.kv_cache
+
+    @property
+    def num_blocks(self) -> int:
+        return self.blocks.num_blocks
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return self.blocks.blocks_for(num_tokens)
+
+    def write_kv_blocks(self, layer: int, block_ids: list[int], data) -> None:
+        """Write KV that arrived from elsewhere ([2, len(block_ids), ...]) into blocks of one layer."""
+        self.runner.write_kv_blocks(layer, block_ids, data)
+
     def take_kv_events(self) -> list[KVEvent]:
         return self.blocks.take_events()
 

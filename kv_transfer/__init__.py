@@ -73,10 +73,8 @@ def make_receiver(backend: str, layout: KVLayout, write_layer: WriteLayer, **kwa
 
 def engine_writer(engine) -> WriteLayer:
     """write_layer for an ``engine.LLMEngine``: copies into its paged cache."""
-    runner = engine.runner
-
     def write_layer(request_id: str, layer: int, block_ids: list, tensor) -> None:
-        runner.write_kv_blocks(layer, block_ids, tensor)
+        engine.write_kv_blocks(layer, block_ids, tensor)
 
     return write_layer
 

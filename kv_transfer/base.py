@@ -235,6 +235,12 @@ class KVReceiver(abc.ABC):
         self._completed, self._failed, self._released = [], [], []
         return out
 
+    @property
+    def waitable_socket(self):
+        """A ZeroMQ socket that turns readable when there is something to receive (to sleep
+        on it with the caller's other sockets), or None if there is none to wait on."""
+        return getattr(self, "_sock", None)
+
     @abc.abstractmethod
     def close(self) -> None:
         ...

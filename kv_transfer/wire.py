@@ -135,10 +135,10 @@ class KVLayout:
     @classmethod
     def from_engine(cls, engine) -> "KVLayout":
         """The layout of an ``engine.LLMEngine``'s cache (duck-typed: no import of engine)."""
-        r = engine.runner
-        return cls(num_layers=r.mcfg.num_layers, num_blocks=r.num_blocks, block_size=r.block_size,
-                   num_kv_heads=r.mcfg.num_kv_heads, head_dim=r.mcfg.head_dim,
-                   dtype=dtype_name(r.kv_cache.dtype),  # the cache's own dtype (fp8 KV differs from the model's)
+        cache = engine.kv_cache   # [layer, k/v, block, slot, kv_head, head_dim]
+        layers, _, blocks, block_size, heads, head_dim = cache.shape
+        return cls(num_layers=layers, num_blocks=blocks, block_size=block_size, num_kv_heads=heads,
+                   head_dim=head_dim, dtype=dtype_name(cache.dtype),  # the cache's own (fp8 KV differs)
                    vocab_size=engine.model_config.vocab_size)
 
 

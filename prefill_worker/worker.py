@@ -101,9 +101,7 @@ class PrefillWorker(WorkerBase):
         self._drain_requests()
         if self.engine.has_unfinished():
             self._step()
-        sch = self.engine.scheduler
-        self._queued_tokens = sum(s.num_tokens - s.num_computed_tokens
-                                  for s in list(sch.waiting) + list(sch.running))
+        self._queued_tokens = self.engine.queue_stats()["queued_prompt_tokens"]
         if time.monotonic() - self._last_prune > SENDER_PRUNE_EVERY_S:
             self._prune_senders()
 
@@ -155,7 +153,7 @@ class PrefillWorker(WorkerBase):
             if self._draining:
                 raise _Refused("prefill worker is draining")
             n = len(msg.prompt_ids)
-            want = self.engine.blocks.blocks_for(n) - msg.first_block
+            want = self.engine.blocks_for(n) - msg.first_block
             if msg.first_block * self.block_size >= n or want != len(msg.dst_block_ids):
                 raise _Refused(f"dst_block_ids: {len(msg.dst_block_ids)} blocks from block {msg.first_block} "
                                f"do not cover a {n}-token prompt in blocks of {self.block_size}")
@@ -224,14 +222,14 @@ class PrefillWorker(WorkerBase):
     # ---- the step -----------------------------------------------------------------------------------
     def _on_layer_done(self, layer: int) -> None:
         if layer == 0:   # which sequences finish their prompt in this step
-            self._shipping = [(self._jobs[s.seq.seq_id], s.seq) for s in self.engine.current_step
-                              if s.samples and s.seq.seq_id in self._jobs]
-        for job, seq in self._shipping:
+            self._shipping = [(self._jobs[rid], table) for rid, table in self.engine.step_finishing_prompts()
+                              if rid in self._jobs]
+        for job, table in self._shipping:
             if job.error:
                 continue
             try:
-                src = seq.block_table[job.first_block:job.first_block + len(job.dst)]
-                job.sender.send_layer_blocks(job.kv_key, layer, job.dst, self.engine.runner.kv_cache[layer], src)
+                src = table[job.first_block:job.first_block + len(job.dst)]
+                job.sender.send_layer_blocks(job.kv_key, layer, job.dst, self.engine.kv_cache[layer], src)
                 job.layers_sent += 1
             except Exception as e:
                 self.counters["send_errors"] += 1

@@ -168,14 +168,11 @@ class WorkerBase:
     def _engine_step(self, **kwargs) -> list | None:
         """One engine step; None when it failed, after ending the sequences it ran (if it got
         that far; else every scheduled one) through :meth:`_fail_victim`."""
-        self.engine.current_step = []
         try:
             return self.engine.step(**kwargs)
         except Exception as e:
             log.exception("%s worker %s: engine step failed", self.KIND, self.worker_id)
-            sch = self.engine.scheduler
-            victims = [s.seq.seq_id for s in self.engine.current_step] or \
-                [s.seq_id for s in list(sch.running) + list(sch.waiting)]
+            victims = self.engine.step_request_ids() or self.engine.unfinished_request_ids()
             for seq_id in victims:
                 self._fail_victim(seq_id, f"internal error: {type(e).__name__}: {e}")
             return None
