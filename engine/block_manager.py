@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 from dataclasses import dataclass
-from typing import Callable
 
 # The chained block hash is defined in planes/prefix_hash.py, where the router uses it too
 # (its prefix index must key blocks exactly as this cache does); re-exported here.
@@ -26,8 +25,7 @@ class KVEvent:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
-                 on_event: Callable[[KVEvent], None] | None = None):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
         self.num_blocks, self.block_size = num_blocks, block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.ref_count = [0] * num_blocks
@@ -36,7 +34,6 @@ class BlockManager:
         self._free: deque[int] = deque(range(num_blocks))
         self._evictable: OrderedDict[int, None] = OrderedDict()
         self.events: list[KVEvent] = []
-        self.on_event = on_event
 
     # ---- queries ---------------------------------------------------------------------
     @property
@@ -70,8 +67,6 @@ class BlockManager:
     # ---- mutation ----------------------------------------------------------------------
     def _emit(self, ev: KVEvent):
         self.events.append(ev)
-        if self.on_event is not None:
-            self.on_event(ev)
 
     def take_events(self) -> list[KVEvent]:
         ev, self.events = self.events, []

@@ -13,7 +13,7 @@ of it (see "linear layers with few rows" below).
 
 The loops themselves are serial, without numba's parallel regions: those share OpenMP
 with torch, and on a busy host (several workers per node, or CI) the two spinning thread
-pools fight (a 50 us call took 11 ms in a measurement here); the workqueue layer avoids
+pools fight (a short call can take orders of magnitude longer); the workqueue layer avoids
 that but cannot be entered from two Python threads at once, which the workers do. Decode
 attention at large batches is instead split by sequence, and a large linear layer by output
 rows, over plain Python threads running the nogil kernels (see "threads for decode
@@ -215,11 +215,10 @@ def warm_up(dtype: torch.dtype) -> None:
 # At a decode step of a few sequences every linear layer is a matrix-vector product: it
 # streams the weights once and does two flops per weight, so its speed is the memory
 # bandwidth its loop reaches. torch's CPU GEMM (MKL) reaches far less than the machine's
-# bandwidth there; on the 2-core AMD EPYC machine of benchmarks/RESULTS.md (one run of
-# benchmarks/cpu_linear.py), SmolLM2-135M's 538 MB of fp32 weights took 45 ms per token
-# through F.linear at one row (85 ms at two) against 30 ms through the loop below, where a
-# plain sum over the same bytes takes 18 ms. Above _LINEAR_MAX_ROWS rows (prefill chunks,
-# large decode batches) the GEMM's cache blocking pays off and F.linear is used.
+# bandwidth at one to a few rows, a plain loop over the weight rows most of it (figures:
+# benchmarks/cpu_linear.py and its section in benchmarks/RESULTS.md). Above
+# _LINEAR_MAX_ROWS rows (prefill chunks, large decode batches) the GEMM's cache blocking
+# pays off and F.linear is used.
 _LINEAR_MAX_ROWS = 8
 _INT8_LINEAR_MAX_ROWS = 64   # the int8 fallback dequantizes the whole matrix per call: the loop wins longer
 # Work (rows x N x K multiply-adds) per thread below which a hand-off costs more than it
