@@ -107,7 +107,7 @@ def main(argv=None) -> int:
                                 targets=dict(queued_tokens_per_replica=1000, ttft_s=None)),
                    decode=dict(min_replicas=1, max_replicas=args.max_replicas, scaling=fast,
                                targets=dict(kv_use=0.9, running_per_replica=14, tpot_s=None))),
-        controller=dict(interval_s=0.25, sync_s=0.2))).to_cluster_config()
+        controller=dict(interval_s=0.25, sync_s=0.2)))
     ray.init(num_cpus=2 + 2 * args.max_replicas, include_dashboard=False, log_to_driver=False)
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, daemon=True).start()

@@ -146,7 +146,8 @@ def main(argv=None) -> int:
 
     import ray
 
-    from deploy.cluster import Cluster, ClusterConfig
+    from deploy.cluster import Cluster
+    from deploy.config import ServeConfig
 
     ray.init(num_cpus=max(4, args.prefill + args.decode + 1), include_dashboard=False, log_to_driver=False,
              logging_level=logging.WARNING)
@@ -156,9 +157,9 @@ def main(argv=None) -> int:
     def call(coro, timeout=300):
         return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)
 
-    cluster = Cluster(ClusterConfig(model=args.model, num_prefill=args.prefill, num_decode=args.decode, port=0,
-                                    disagg_threshold=args.threshold, dtype=args.dtype,
-                                    engine_kwargs=dict(num_kv_blocks=args.num_kv_blocks)))
+    cluster = Cluster(ServeConfig.simple(args.model, num_prefill=args.prefill, num_decode=args.decode,
+                                         dtype=args.dtype, router=dict(port=0, disagg_threshold=args.threshold),
+                                         engine=dict(num_kv_blocks=args.num_kv_blocks)))
     t_start = time.monotonic()
     call(cluster.start())
     print(f"soak: cluster up in {time.monotonic() - t_start:.1f}s; {args.rate} req/s for {args.minutes} min",

@@ -237,12 +237,13 @@ class ClusterThread:
 
 
 def cluster_config(args, mode: str):
-    from deploy.cluster import ClusterConfig
+    from deploy.config import ServeConfig
     prefill, decode, threshold = MODES[mode]
-    return ClusterConfig(model=args.model, num_prefill=prefill,
-                         num_decode=args.decode_replicas if decode is None else decode,
-                         port=0, disagg_threshold=args.disagg_threshold if threshold is None else threshold,
-                         engine_kwargs=json.loads(args.engine_kwargs), dtype=args.dtype)
+    return ServeConfig.simple(args.model, num_prefill=prefill,
+                              num_decode=args.decode_replicas if decode is None else decode, dtype=args.dtype,
+                              router={"port": 0,
+                                      "disagg_threshold": args.disagg_threshold if threshold is None else threshold},
+                              engine=json.loads(args.engine_kwargs))
 
 
 # ---- plot ------------------------------------------------------------------------------------

@@ -70,16 +70,9 @@ def _serve(args) -> int:
 
     from deploy.cluster import serve_forever
     from deploy.config import config_from_args
-    # --config FILE, then the flags given; ConfigError is a ValueError: main() prints it.
-    cfg = config_from_args(args).to_cluster_config()
-    # Security and edge limits (SECURITY.md): flags only, never in a shared config file's defaults.
-    for flag, attr in (("api_key_file", "api_key_file"), ("tls_cert", "tls_cert"), ("tls_key", "tls_key"),
-                       ("tls_client_ca", "tls_client_ca"), ("internal_host", "internal_host"),
-                       ("max_prompt_tokens", "max_prompt_tokens"), ("max_tokens_limit", "max_tokens_limit")):
-        if getattr(args, flag) is not None:
-            setattr(cfg, attr, getattr(args, flag))
-    if args.zmq_curve:
-        cfg.zmq_curve = True
+    # --config FILE, then the flags given (security and edge limits included: CLI_FIELDS);
+    # ConfigError is a ValueError: main() prints it.
+    cfg = config_from_args(args)
     try:
         import uvloop
         runner = uvloop.run

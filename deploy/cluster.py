@@ -1,5 +1,6 @@
 """Start the cluster: Ray (local or an existing one), the decode and prefill pools as Ray
-actors, the router and its gRPC server in this process."""
+actors, the router and its gRPC server in this process. `Cluster` takes the deployment
+config as loaded (deploy/config.py ServeConfig: the one schema, every default there)."""
 from __future__ import annotations
 
 import asyncio
@@ -8,64 +9,16 @@ import logging
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from deploy import placement
+from deploy.config import ServeConfig
 from deploy.supervisor import Supervisor
 from router.core import Router, RouterConfig
 from router.policy import PolicyConfig
 from router.server import GenerationService, start_grpc_server
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ClusterConfig:
-    model: str = "smollm2"
-    num_prefill: int = 1
-    num_decode: int = 1
-    address: str | None = None        # existing Ray cluster; None starts a local instance
-    host: str = "127.0.0.1"           # gRPC listen address
-    port: int = 50051
-    disagg_threshold: int = 256
-    kv_timeout_s: float = 30.0
-    kv_backend: str = "auto"          # "auto": cuda_ipc on one host, nccl across hosts when both pools have
-                                      # GPUs, zmq otherwise; or one of "zmq", "nccl", "cuda_ipc" everywhere
-    engine_kwargs: dict = field(default_factory=dict)
-    dtype: str | None = None
-    # Faults and overload (see deploy/supervisor.py and router/core.py).
-    max_restarts: int = 4                  # Ray restarts a dead worker actor this many times
-    dead_after_s: float = 5.0              # decode worker heartbeat silence -> lost
-    orphan_timeout_s: float = 15.0         # decode workers drop requests of a router silent this long
-    monitor_interval_s: float = 1.0        # supervisor ping period
-    max_inflight_per_decode: int = 256
-    max_queued_prefill_tokens: int = 1 << 20
-    # Autoscaling (deploy/controller.py; schema in deploy/config.py). pools=None: fixed pools
-    # of num_prefill/num_decode started here. Otherwise a controller actor owns both pools.
-    pools: object | None = None            # deploy.config.PoolsSection
-    controller: object | None = None       # deploy.config.ControllerSection
-    metrics_host: str = "127.0.0.1"        # the router's Prometheus /metrics
-    metrics_port: int | None = None        # None: no endpoint
-    # The OpenAI-compatible HTTP API (router/openai_api.py), same keys, TLS and limits as gRPC.
-    http_host: str = "127.0.0.1"
-    http_port: int | None = None           # None: no HTTP API
-    shutdown_grace_s: float = 30.0         # serve_forever: in-flight requests get this long after SIGTERM
-    # Security (SECURITY.md). gRPC port: API keys (file and/or $PDSERVE_API_KEYS), TLS and,
-    # with tls_client_ca, mutual TLS. Internal planes: bound to internal_host (None: loopback
-    # for a local cluster, the node's Ray IP otherwise; never 0.0.0.0 by default), CurveZMQ
-    # encryption + authentication with zmq_curve.
-    api_key_file: str | None = None
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    tls_client_ca: str | None = None
-    zmq_curve: bool = False
-    internal_host: str | None = None       # the router's token-plane interface
-    # Per-request limits at the gRPC edge (router/server.py ServerLimits); None: the context.
-    max_prompt_tokens: int | None = None
-    max_tokens_limit: int | None = None
-    # A worker Ray has not placed after this long fails the start (deploy/placement.py).
-    # None: 30 s on a local cluster; controller.start_timeout_s with an address (nodes may be starting).
-    placement_timeout_s: float | None = None
 
 
 @dataclass
@@ -93,21 +46,18 @@ def _model_config(model: str):
     return loader.random_config(source.path)
 
 
-def _resolve_kv_backend(cfg: ClusterConfig, gpus_per_worker: float) -> str:
+def _resolve_kv_backend(cfg: ServeConfig, gpus_per_worker: float) -> str:
     """"auto" stays "auto" when the decode and the prefill workers both get a GPU (whole or a
     share): each decode worker then receives over cuda_ipc from prefill workers on its own
     host and over NCCL pairs from the others (decode_worker/worker.py), and prefill workers
     follow the endpoint they are handed. "zmq" otherwise, which is what every CPU deployment
     (and CI) runs."""
-    backend = cfg.kv_backend
+    backend = cfg.transfer.backend
     if backend == "auto":
-        if cfg.pools is None:
-            both = gpus_per_worker > 0
-        else:
-            both = all((gpus_per_worker if p.num_gpus is None else p.num_gpus) > 0
-                       for p in (cfg.pools.prefill, cfg.pools.decode))
+        both = all((gpus_per_worker if p.num_gpus is None else p.num_gpus) > 0
+                   for p in (cfg.pools.prefill, cfg.pools.decode))
         backend = "auto" if both else "zmq"
-    if backend in ("nccl", "cuda_ipc", "auto") and cfg.zmq_curve:
+    if backend in ("nccl", "cuda_ipc", "auto") and cfg.security.zmq_curve:
         log.warning("pdserve: the %s KV backend is not covered by CurveZMQ (NCCL, TCPStore and shared device "
                     "memory have no authentication): keep the workers on a trusted network", backend)
     return backend
@@ -116,7 +66,7 @@ def _resolve_kv_backend(cfg: ClusterConfig, gpus_per_worker: float) -> str:
 class Cluster:
     """Owns the actors and the router. `await start()`, then serve until `await stop()`."""
 
-    def __init__(self, cfg: ClusterConfig):
+    def __init__(self, cfg: ServeConfig):
         self.cfg = cfg
         self.decode_actors: dict[str, object] = {}
         self.prefill_actors: dict[str, object] = {}
@@ -128,9 +78,9 @@ class Cluster:
         self.model_info: dict | None = None
         self.metrics = None                # router/metrics.py
         self.metrics_port = None
-        self.controller = None             # the autoscaling controller actor (cfg.pools set)
+        self.controller = None             # the autoscaling controller actor (cfg.controller.enabled)
         self.pool_sync = None
-        self.http = None                   # router/http_server.HTTPServer (cfg.http_port set)
+        self.http = None                   # router/http_server.HTTPServer (cfg.router.http_port set)
         self.http_port = None
 
     async def start(self) -> None:
@@ -143,30 +93,34 @@ class Cluster:
         from prefill_worker.actor import remote_class as prefill_class
 
         cfg = self.cfg
+        sec, rt, faults, pools = cfg.security, cfg.router, cfg.faults, cfg.pools
+        autoscaled = cfg.controller.enabled     # else fixed pools at min_replicas, started here
         # Security settings are read before anything starts: a bad file fails fast.
         from router.auth import APIKeys
         from router.curve import CurveKeys
         from router.server import ServerLimits
         from router.tls import TLSConfig
-        api_keys = APIKeys.load(cfg.api_key_file)
-        tls = TLSConfig.from_paths(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
+        api_keys = APIKeys.load(sec.api_key_file)
+        tls = TLSConfig.from_paths(sec.tls_cert, sec.tls_key, sec.tls_client_ca)
         if tls is not None:
             tls.server_credentials()
-        limits = ServerLimits(max_prompt_tokens=cfg.max_prompt_tokens, max_tokens=cfg.max_tokens_limit)
-        curve = CurveKeys.generate() if cfg.zmq_curve else None
+        limits = ServerLimits(max_prompt_tokens=rt.max_prompt_tokens, max_tokens=rt.max_tokens_limit)
+        curve = CurveKeys.generate() if sec.zmq_curve else None
+        address = cfg.ray.address
         if not ray.is_initialized():
-            if cfg.address:
-                ray.init(address=cfg.address, logging_level=logging.WARNING)
+            if address:
+                ray.init(address=address, logging_level=logging.WARNING)
             else:
                 ray.init(include_dashboard=False, logging_level=logging.WARNING)
         plan = await self._plan_placement()    # PlacementError (a ValueError) if the pools cannot fit
-        bind_host = cfg.internal_host or ("127.0.0.1" if not cfg.address else ray.util.get_node_ip_address())
-        block_size = cfg.engine_kwargs.get("block_size", 16)
-        self.router = Router(RouterConfig(PolicyConfig(disagg_threshold=cfg.disagg_threshold),
-                                          block_size=block_size, kv_timeout_s=cfg.kv_timeout_s, bind_host=bind_host,
-                                          dead_after_s=cfg.dead_after_s,
-                                          max_inflight_per_decode=cfg.max_inflight_per_decode,
-                                          max_queued_prefill_tokens=cfg.max_queued_prefill_tokens,
+        bind_host = sec.internal_host or ("127.0.0.1" if not address else ray.util.get_node_ip_address())
+        block_size = cfg.block_size
+        # Every setting is passed: RouterConfig's and PolicyConfig's own defaults are not used.
+        self.router = Router(RouterConfig(PolicyConfig(disagg_threshold=rt.disagg_threshold),
+                                          block_size=block_size, kv_timeout_s=cfg.transfer.timeout_s,
+                                          bind_host=bind_host, dead_after_s=faults.dead_after_s,
+                                          max_inflight_per_decode=rt.max_inflight_per_decode,
+                                          max_queued_prefill_tokens=rt.max_queued_prefill_tokens,
                                           curve=curve))
         self.router.start()
         # (Pools whose num_gpus is unset all get the same ask: that is what "auto" compares.)
@@ -174,21 +128,25 @@ class Cluster:
         kv_backend = _resolve_kv_backend(cfg, gpus)
         # Internal planes listen on loopback for a local cluster; on a real cluster each actor
         # binds its own node's IP (bind_host=None).
-        common = dict(engine_kwargs=cfg.engine_kwargs, dtype=cfg.dtype,
-                      bind_host="127.0.0.1" if not cfg.address else None)
+        common = dict(engine_kwargs=dict(cfg.engine), dtype=cfg.dtype,
+                      bind_host="127.0.0.1" if not address else None)
         if curve is not None:
             common["curve"] = curve   # reaches the actors through Ray (token-authenticated)
+        # The decode worker's own settings (decode_worker/worker.py has defaults of its own
+        # for kv_timeout_s and orphan_timeout_s: the schema's values are passed instead).
+        decode_extra = dict(router_epoch=self.router.epoch, orphan_timeout_s=faults.orphan_timeout_s,
+                            kv_timeout_s=cfg.transfer.timeout_s, kv_backend=kv_backend)
         try:
             classes = {k: (decode_class if k == "decode" else prefill_class)(
-                a.num_gpus, num_cpus=a.num_cpus, max_restarts=cfg.max_restarts) for k, a in plan.asks.items()}
-            per_pool = {k: dict(common, engine_kwargs={**cfg.engine_kwargs, **plan.engine.get(k, {})})
+                a.num_gpus, num_cpus=a.num_cpus, max_restarts=faults.max_restarts) for k, a in plan.asks.items()}
+            per_pool = {k: dict(common, engine_kwargs={**cfg.engine, **getattr(pools, k).engine,
+                                                       **plan.engine.get(k, {})})
                         for k in plan.asks}
-            for i in range(cfg.num_decode if cfg.pools is None else 0):   # else: the controller's
+            for i in range(0 if autoscaled else pools.decode.min_replicas):   # autoscaled: the controller's
                 wid = f"decode-{i}"
                 self.decode_actors[wid] = classes["decode"].remote(
-                    wid, cfg.model, self.router.token_endpoint, **per_pool["decode"], router_epoch=self.router.epoch,
-                    orphan_timeout_s=cfg.orphan_timeout_s, kv_backend=kv_backend)
-            for i in range(cfg.num_prefill if cfg.pools is None else 0):
+                    wid, cfg.model, self.router.token_endpoint, **per_pool["decode"], **decode_extra)
+            for i in range(0 if autoscaled else pools.prefill.min_replicas):
                 wid = f"prefill-{i}"
                 self.prefill_actors[wid] = classes["prefill"].remote(wid, cfg.model, **per_pool["prefill"])
             # Wait for every worker (model load; bounded while Ray has not placed it) and
@@ -199,12 +157,10 @@ class Cluster:
             for (k, wid, _), e in zip(started, eps):
                 self.router.add_worker(k, wid, e["request"])
             from router.metrics import RouterMetrics
-            window = cfg.controller.latency_window_s if cfg.controller is not None else 20.0
-            self.metrics = RouterMetrics(lambda: self.router, window_s=window)   # follows a restarted router
-            if cfg.pools is not None:
-                await self._start_controller(common, dict(router_epoch=self.router.epoch,
-                                                          orphan_timeout_s=cfg.orphan_timeout_s, kv_backend=kv_backend),
-                                             plan)
+            self.metrics = RouterMetrics(lambda: self.router,                # follows a restarted router
+                                         window_s=cfg.controller.latency_window_s)
+            if autoscaled:
+                await self._start_controller(common, decode_extra, plan)
         except BaseException:
             await self._abandon_start()
             raise
@@ -217,16 +173,16 @@ class Cluster:
         tok = default_tokenizer_or_none() if source.kind == "random" else load_tokenizer(source.kind, source.path)
         service = self.service = GenerationService(self.router, self.model_info, tok, metrics=self.metrics,
                                                    limits=limits)
-        self.server, self.port = await start_grpc_server(service, cfg.host, cfg.port, tls=tls, api_keys=api_keys)
+        self.server, self.port = await start_grpc_server(service, rt.host, rt.port, tls=tls, api_keys=api_keys)
         self.grpc_options = dict(tls=tls, api_keys=api_keys)   # for a router restart (deploy/supervisor.py)
-        if cfg.http_port is not None:
+        if rt.http_port is not None:
             await self._start_http(tls, api_keys, limits)
-        if cfg.metrics_port is not None:
-            self.metrics_port = self.metrics.serve_http(cfg.metrics_host, cfg.metrics_port)
-        self.supervisor = Supervisor(self, interval_s=cfg.monitor_interval_s)
+        if rt.metrics_port is not None:
+            self.metrics_port = self.metrics.serve_http(rt.metrics_host, rt.metrics_port)
+        self.supervisor = Supervisor(self, interval_s=faults.monitor_interval_s)
         self.supervisor.start()
         log.info("pdserve: serving %s on %s:%d with %d prefill + %d decode workers",
-                 cfg.model, cfg.host, self.port, cfg.num_prefill, cfg.num_decode)
+                 cfg.model, rt.host, self.port, pools.prefill.min_replicas, pools.decode.min_replicas)
 
     async def _plan_placement(self) -> PoolPlan:
         """Each pool's per-actor ask, checked against the cluster before any actor exists; on
@@ -234,18 +190,16 @@ class Cluster:
         pools ask more than there is. See deploy/placement.py."""
         from engine.config import EngineConfig
         cfg = self.cfg
-        local = not cfg.address
-        if cfg.pools is None:
-            specs = {"prefill": placement.PoolSpec(cfg.num_prefill), "decode": placement.PoolSpec(cfg.num_decode)}
-            engines = {k: dict(cfg.engine_kwargs) for k in specs}
-        else:
-            pools = {"prefill": cfg.pools.prefill, "decode": cfg.pools.decode}
-            specs = {k: placement.PoolSpec(p.min_replicas, p.max_replicas, p.num_gpus, p.num_cpus, dict(p.resources))
-                     for k, p in pools.items()}
-            engines = {k: {**cfg.engine_kwargs, **p.engine} for k, p in pools.items()}
-        timeout_s = cfg.placement_timeout_s
-        if timeout_s is None:
-            timeout_s = 30.0 if local else (cfg.controller.start_timeout_s if cfg.controller is not None else 900.0)
+        local = not cfg.ray.address
+        pools = {"prefill": cfg.pools.prefill, "decode": cfg.pools.decode}
+        # Fixed pools (no controller) never grow past min_replicas.
+        specs = {k: placement.PoolSpec(p.min_replicas, p.max_replicas if cfg.controller.enabled else p.min_replicas,
+                                       p.num_gpus, p.num_cpus, dict(p.resources))
+                 for k, p in pools.items()}
+        engines = {k: {**cfg.engine, **p.engine} for k, p in pools.items()}
+        timeout_s = cfg.ray.placement_timeout_s
+        if timeout_s is None:     # the meaning of null (deploy/config.py RaySection)
+            timeout_s = 30.0 if local else cfg.controller.start_timeout_s
         total, nodes, _ = placement.cluster_view()
         asks, notes = placement.resolve_asks(specs, total, local)
         for line in notes:
@@ -322,10 +276,9 @@ class Cluster:
     async def _start_controller(self, common: dict, decode_extra: dict, plan: PoolPlan) -> None:
         """The controller actor starts the pools at their min size; PoolSync then keeps the
         router's registry equal to its membership (see deploy/controller.py)."""
-        from deploy.config import ControllerSection
         from deploy.controller import PoolSync, remote_controller
         cfg = self.cfg
-        ctl_cfg = cfg.controller or ControllerSection()
+        ctl_cfg = cfg.controller
         # The pools as placed: concrete asks and the KV size chosen for a shared GPU (cfg.pools
         # stays as the user gave it).
         pools = {k: dataclasses.replace(p, num_gpus=plan.asks[k].num_gpus, num_cpus=plan.asks[k].num_cpus,
@@ -333,7 +286,7 @@ class Cluster:
                  for k, p in (("prefill", cfg.pools.prefill), ("decode", cfg.pools.decode))}
         self.controller = remote_controller().remote(
             pools, ctl_cfg, cfg.model, self.router.token_endpoint,
-            dict(common, max_restarts=cfg.max_restarts), decode_extra, plan.timeout_s)
+            dict(common, max_restarts=cfg.faults.max_restarts), decode_extra, plan.timeout_s)
         try:
             membership = await self.controller.start.remote()
         except Exception as e:
@@ -351,7 +304,8 @@ class Cluster:
         from router.http_server import HTTPServer
         from router.openai_api import OpenAIAPI
         api = OpenAIAPI(lambda: self.service, self.cfg.model, api_keys=api_keys, limits=limits)
-        self.http = HTTPServer(api.app(), self.cfg.http_host, self.cfg.http_port, tls=tls, api_keys=api_keys)
+        self.http = HTTPServer(api.app(), self.cfg.router.http_host, self.cfg.router.http_port, tls=tls,
+                               api_keys=api_keys)
         self.http_port = await self.http.start()
 
     async def drain(self, grace_s: float) -> int:
@@ -402,8 +356,8 @@ class Cluster:
             await self.router.close()
 
 
-async def serve_forever(cfg: ClusterConfig) -> None:
-    """Serve until SIGTERM or SIGINT, then drain (cfg.shutdown_grace_s), stop the workers and
+async def serve_forever(cfg: ServeConfig) -> None:
+    """Serve until SIGTERM or SIGINT, then drain (cfg.router.shutdown_grace_s), stop the workers and
     the controller, and shut down the local Ray instance, so nothing is left running."""
     try:
         import uvloop  # noqa: F401  (the policy is installed by the caller)
@@ -432,17 +386,17 @@ async def serve_forever(cfg: ClusterConfig) -> None:
             print("pdserve: stopped while starting", flush=True)
             return
         _on_signals(loop, stop)
-        http = f", OpenAI API on http://{cfg.http_host}:{cluster.http_port}/v1" if cluster.http is not None else ""
-        print(f"pdserve: serving {cfg.model} on {cfg.host}:{cluster.port}{http} "
-              f"({cfg.num_prefill} prefill + {cfg.num_decode} decode workers); Ctrl-C or SIGTERM to stop",
-              flush=True)
+        rt, grace = cfg.router, cfg.router.shutdown_grace_s
+        http = f", OpenAI API on http://{rt.http_host}:{cluster.http_port}/v1" if cluster.http is not None else ""
+        print(f"pdserve: serving {cfg.model} on {rt.host}:{cluster.port}{http} "
+              f"({cfg.pools.prefill.min_replicas} prefill + {cfg.pools.decode.min_replicas} decode workers); "
+              "Ctrl-C or SIGTERM to stop", flush=True)
         await stop.wait()
         print(f"pdserve: draining ({len(cluster.router.requests)} requests in flight, "
-              f"grace {cfg.shutdown_grace_s:g}s)", flush=True)
-        left = await cluster.drain(cfg.shutdown_grace_s)
+              f"grace {grace:g}s)", flush=True)
+        left = await cluster.drain(grace)
         if left:
-            log.warning("pdserve: %d requests still running after the %gs grace period are failed",
-                        left, cfg.shutdown_grace_s)
+            log.warning("pdserve: %d requests still running after the %gs grace period are failed", left, grace)
     finally:
         watch.cancel()
         try:

@@ -2,7 +2,10 @@
 router, KV transfer, engine kwargs, controller. `pdserve serve --config FILE` reads it;
 every `serve` flag maps to one field (CLI_FIELDS) and overrides the file.
 
-The schema is the dataclasses below. Loading checks every key and value and raises
+The schema is the dataclasses below, the only one: `deploy.cluster.Cluster` takes a
+ServeConfig as loaded, and every default is defined here once (CLI flag defaults are None).
+In code (tests, benchmarks, the demo) build one with `ServeConfig.simple(...)` or
+`from_dict({...})`. Loading checks every key and value and raises
 ConfigError naming the dotted path of the offending field (unknown keys included, with a
 "did you mean" when one is close), so a typo never silently falls back to a default.
 
@@ -10,11 +13,12 @@ ConfigError naming the dotted path of the offending field (unknown keys included
     engine: {kv_cache_memory_gb: 4}            # EngineConfig fields, both pools
     router: {host: 0.0.0.0, port: 50051, disagg_threshold: 256, metrics_port: 9400}
     transfer: {backend: auto, timeout_s: 30}    # auto: cuda_ipc on a host, nccl across hosts, zmq on CPU
+    faults: {max_restarts: 4, dead_after_s: 5, orphan_timeout_s: 15, monitor_interval_s: 1}
     pools:
       prefill: {min_replicas: 1, max_replicas: 4, num_gpus: 1, resources: {pdserve_prefill: 1},
                 targets: {queued_tokens_per_replica: 8192, ttft_s: 2.0}}
       decode:  {min_replicas: 1, max_replicas: 4, targets: {kv_use: 0.85, running_per_replica: 64}}
-    controller: {interval_s: 1.0, metrics_port: 9401}
+    controller: {interval_s: 1.0, metrics_port: 9401}   # enabled: false -> fixed pools, no controller
 
 Placement (deploy/placement.py). Before any worker starts, the pools' per-actor asks
 (num_gpus, num_cpus, resources, times min_replicas) are checked against the Ray cluster's
@@ -77,9 +81,15 @@ class RouterSection:
     http_host: str = "127.0.0.1"        # the OpenAI-compatible HTTP API (router/openai_api.py)
     http_port: int | None = None        # None: no HTTP API
     shutdown_grace_s: float = 30.0      # on SIGTERM, in-flight requests get this long to finish
+    # Overload (router/core.py): requests beyond these are refused as resource-exhausted.
+    max_inflight_per_decode: int = 256          # requests held by one decode worker
+    max_queued_prefill_tokens: int = 1 << 20    # admitted prompt tokens not yet prefilled, all pools
 
     def validate(self, path: str) -> None:
         _port(self.port, f"{path}.port")
+        for k in ("max_inflight_per_decode", "max_queued_prefill_tokens"):
+            if getattr(self, k) < 1:
+                raise ConfigError(f"{path}.{k}: must be >= 1, got {getattr(self, k)}")
         if self.http_port is not None:
             _port(self.http_port, f"{path}.http_port")
         if not 0 <= self.shutdown_grace_s <= 3600:
@@ -123,15 +133,32 @@ class TransferSection:
 
 
 @dataclass
+class FaultsSection:
+    """Worker failures (deploy/supervisor.py, router/core.py; docs/ARCHITECTURE.md, the fault model)."""
+    max_restarts: int = 4               # Ray restarts a dead worker actor this many times
+    dead_after_s: float = 5.0           # decode worker heartbeat silence -> lost
+    orphan_timeout_s: float = 15.0      # decode workers drop requests of a router silent this long
+    monitor_interval_s: float = 1.0     # supervisor ping period
+
+    def validate(self, path: str) -> None:
+        if self.max_restarts < -1:
+            raise ConfigError(f"{path}.max_restarts: must be >= 0 (or -1: without limit), got {self.max_restarts}")
+        for k in ("dead_after_s", "orphan_timeout_s", "monitor_interval_s"):
+            if getattr(self, k) <= 0:
+                raise ConfigError(f"{path}.{k}: must be > 0, got {getattr(self, k)}")
+
+
+@dataclass
 class ScalingSection:
-    """Hysteresis and cool-downs (see deploy/autoscale_policy.py)."""
-    scale_up_load: float = 1.0
-    scale_down_load: float = 0.5
-    up_stable_s: float = 2.0
-    down_stable_s: float = 10.0
-    up_cooldown_s: float = 10.0
-    down_cooldown_s: float = 30.0
-    max_step_up: int = 1
+    """Hysteresis and cool-downs (see deploy/autoscale_policy.py, whose ScalingPolicyConfig
+    holds the defaults: the policy is also built without a file, in tests)."""
+    scale_up_load: float = ScalingPolicyConfig.scale_up_load
+    scale_down_load: float = ScalingPolicyConfig.scale_down_load
+    up_stable_s: float = ScalingPolicyConfig.up_stable_s
+    down_stable_s: float = ScalingPolicyConfig.down_stable_s
+    up_cooldown_s: float = ScalingPolicyConfig.up_cooldown_s
+    down_cooldown_s: float = ScalingPolicyConfig.down_cooldown_s
+    max_step_up: int = ScalingPolicyConfig.max_step_up
 
 
 @dataclass
@@ -151,12 +178,10 @@ class PoolSection:
                                    **dataclasses.asdict(self.scaling))
 
     def validate(self, path: str) -> None:
-        # A pool at 0 would never see load to grow from (the router sends everything
-        # direct when it has no prefill worker), so both pools keep at least one.
-        if self.min_replicas < 1:
-            raise ConfigError(f"{path}.min_replicas: must be >= 1, got {self.min_replicas}")
+        # (min_replicas >= 1 is checked by ServeConfig.validate: 0 prefill workers is a fixed
+        # deployment's choice, never an autoscaled one's.)
         if self.max_replicas is None:
-            self.max_replicas = self.min_replicas
+            self.max_replicas = max(1, self.min_replicas)
         try:
             self.policy_config().validate(path)
         except ValueError as e:
@@ -198,6 +223,9 @@ class PoolsSection:
 
 @dataclass
 class ControllerSection:
+    # false: no controller actor; the pools stay at min_replicas, started by the router's
+    # process (what tests, benchmarks and the demo run: ServeConfig.simple).
+    enabled: bool = True
     interval_s: float = 1.0             # policy tick
     sync_s: float = 0.5                 # router -> controller load report period (and long-poll wait)
     latency_window_s: float = 20.0      # TTFT/TPOT p90 over this many seconds
@@ -232,6 +260,7 @@ class ServeConfig:
     router: RouterSection = field(default_factory=RouterSection)
     security: SecuritySection = field(default_factory=SecuritySection)
     transfer: TransferSection = field(default_factory=TransferSection)
+    faults: FaultsSection = field(default_factory=FaultsSection)
     pools: PoolsSection = field(default_factory=PoolsSection)
     controller: ControllerSection = field(default_factory=ControllerSection)
 
@@ -243,7 +272,12 @@ class ServeConfig:
         _engine_kwargs(self.engine, "engine")
         for name in ("prefill", "decode"):
             pool = getattr(self.pools, name)
-            if pool.engine.get("block_size", self.engine.get("block_size", 16)) != self.engine.get("block_size", 16):
+            # A pool at 0 would never see load to grow from (the router sends everything
+            # direct when it has no prefill worker), so an autoscaled pool keeps at least one;
+            # a fixed deployment may run without a prefill pool, never without a decode one.
+            if pool.min_replicas < 1 and (name == "decode" or self.controller.enabled):
+                raise ConfigError(f"pools.{name}.min_replicas: must be >= 1, got {pool.min_replicas}")
+            if pool.engine.get("block_size", self.block_size) != self.block_size:
                 raise ConfigError(f"pools.{name}.engine.block_size: must equal engine.block_size "
                                   "(the router hashes prompts in blocks of that size)")
             # KV shipped from a prefill worker lands as raw bytes in the decode worker's cache:
@@ -253,21 +287,39 @@ class ServeConfig:
                     raise ConfigError(f"pools.{name}.engine.{key}: must equal engine.{key} "
                                       "(the KV cache travels between the pools as is)")
 
-    def to_cluster_config(self):
-        from deploy.cluster import ClusterConfig
-        return ClusterConfig(model=self.model, num_prefill=self.pools.prefill.min_replicas,
-                             num_decode=self.pools.decode.min_replicas, address=self.ray.address,
-                             host=self.router.host, port=self.router.port,
-                             disagg_threshold=self.router.disagg_threshold, kv_timeout_s=self.transfer.timeout_s,
-                             kv_backend=self.transfer.backend,
-                             http_host=self.router.http_host, http_port=self.router.http_port,
-                             shutdown_grace_s=self.router.shutdown_grace_s,
-                             engine_kwargs=dict(self.engine), dtype=self.dtype, pools=self.pools,
-                             controller=self.controller, metrics_host=self.router.metrics_host,
-                             metrics_port=self.router.metrics_port, max_prompt_tokens=self.router.max_prompt_tokens,
-                             max_tokens_limit=self.router.max_tokens_limit,
-                             placement_timeout_s=self.ray.placement_timeout_s,
-                             **dataclasses.asdict(self.security))
+    @property
+    def block_size(self) -> int:
+        """The KV block size both pools and the router use (engine.block_size, else the engine's default)."""
+        from engine.config import EngineConfig
+        return self.engine.get("block_size", EngineConfig.block_size)
+
+    @classmethod
+    def simple(cls, model: str = "smollm2", num_prefill: int = 1, num_decode: int = 1, **sections) -> ServeConfig:
+        """A config in code (tests, benchmarks, the demo): fixed pools of num_prefill +
+        num_decode workers (controller.enabled false: no autoscaling controller), and any
+        other top-level field or section as a file would give it (a mapping, or the section's
+        dataclass), e.g. simple("random:tiny", 1, 2, router={"port": 0}, faults={"dead_after_s": 3}).
+        Built and validated like a file."""
+        raw = _merge({"model": model, "controller": {"enabled": False},
+                      "pools": {"prefill": {"min_replicas": num_prefill}, "decode": {"min_replicas": num_decode}}},
+                     _plain(sections))
+        return from_dict(raw)
+
+
+def _plain(x):
+    """Dataclasses (sections) as the mappings a file would hold."""
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return dataclasses.asdict(x)
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    return x
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 # `pdserve serve` flag (argparse dest) -> the field it sets.

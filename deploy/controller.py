@@ -359,13 +359,13 @@ class RaySpawner:
     """Workers as Ray actors with each pool's resources; Ray places them."""
 
     def __init__(self, pools, model: str, token_endpoint: str, worker_kwargs: dict, decode_extra: dict | None = None,
-                 placement_timeout_s: float = 30.0):
+                 *, placement_timeout_s: float):
         self.pools, self.model, self.token_endpoint = pools, model, token_endpoint
         self.placement_timeout_s = placement_timeout_s   # see ready()
         self._names: dict[int, tuple[str, str]] = {}     # id(handle) -> (pool, worker id)
         self._asks = {}                                  # pool -> placement.PoolAsk (what ready() reports)
         kw = dict(worker_kwargs)                  # engine_kwargs, dtype, bind_host, ...
-        self.max_restarts = kw.pop("max_restarts", 2)   # an actor option, not a constructor argument
+        self.max_restarts = kw.pop("max_restarts")   # faults.max_restarts: an actor option, not a constructor argument
         self.worker_kwargs, self.decode_extra = kw, dict(decode_extra or {})
         self._classes = {}
 
@@ -476,11 +476,11 @@ class ControllerActor:
     no locks). Created by :func:`remote_controller`."""
 
     def __init__(self, pools, cfg, model: str, token_endpoint: str, worker_kwargs: dict,
-                 decode_extra: dict | None = None, placement_timeout_s: float = 30.0):
+                 decode_extra: dict | None, placement_timeout_s: float):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.cfg = cfg
         self.ctl = PoolController(pools, cfg, RaySpawner(pools, model, token_endpoint, worker_kwargs, decode_extra,
-                                                         placement_timeout_s))
+                                                         placement_timeout_s=placement_timeout_s))
         self.metrics = ControllerMetrics(self.ctl)
         self.metrics_port = None
 

@@ -8,7 +8,8 @@ import asyncio
 import json
 import time
 
-from deploy.cluster import Cluster, ClusterConfig, quiet_ray_auth_notice
+from deploy.cluster import Cluster, quiet_ray_auth_notice
+from deploy.config import ServeConfig
 
 SHORT = "What is the capital of France?"
 LONG = ("Pdserve splits LLM serving into two pools. Prefill workers run the prompt through the "
@@ -37,7 +38,7 @@ def _timed(responses) -> dict:
     return out
 
 
-async def _demo(cfg: ClusterConfig, max_tokens: int) -> list[dict]:
+async def _demo(cfg: ServeConfig, max_tokens: int) -> list[dict]:
     from deploy.client import build_request
     import grpc
     from pdserve_api.v1 import pdserve_pb2_grpc as pb_grpc
@@ -45,7 +46,7 @@ async def _demo(cfg: ClusterConfig, max_tokens: int) -> list[dict]:
     cluster = Cluster(cfg)
     await cluster.start()
     try:
-        address = f"{cfg.host}:{cluster.port}"
+        address = f"{cfg.router.host}:{cluster.port}"
         loop = asyncio.get_running_loop()
         chat = cluster.service.has_chat_template
 
@@ -67,8 +68,8 @@ async def _demo(cfg: ClusterConfig, max_tokens: int) -> list[dict]:
 
 def run_demo(model: str = "smollm2", max_tokens: int = 24, as_json: bool = False) -> int:
     quiet_ray_auth_notice()
-    cfg = ClusterConfig(model=model, num_prefill=1, num_decode=1, port=0, disagg_threshold=64,
-                        engine_kwargs={"kv_cache_memory_gb": 0.5})
+    cfg = ServeConfig.simple(model, num_prefill=1, num_decode=1, router={"port": 0, "disagg_threshold": 64},
+                             engine={"kv_cache_memory_gb": 0.5})
     results = asyncio.run(_demo(cfg, max_tokens))
     for r in results:
         if as_json:

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 
 class Supervisor:
-    def __init__(self, cluster, interval_s: float = 1.0, ping_timeout_s: float = 2.0):
+    def __init__(self, cluster, interval_s: float, ping_timeout_s: float = 2.0):
         self.cluster = cluster
         self.interval_s = interval_s
         self.ping_timeout_s = ping_timeout_s
@@ -147,9 +147,9 @@ async def start_router(cluster) -> None:
     cluster.router, cluster.service = router, service
     prev = cluster.supervisor
     sup = cluster.supervisor = Supervisor(cluster, prev.interval_s, prev.ping_timeout_s) if prev is not None \
-        else Supervisor(cluster, cluster.cfg.monitor_interval_s)
+        else Supervisor(cluster, cluster.cfg.faults.monitor_interval_s)
     await sup.check_once()     # attach and register every live worker before serving
-    cluster.server, _ = await start_grpc_server(service, cluster.cfg.host, cluster.port,
+    cluster.server, _ = await start_grpc_server(service, cluster.cfg.router.host, cluster.port,
                                                 **getattr(cluster, "grpc_options", {}))
     sup.start()
     log.info("pdserve: router restarted (epoch %s) with %d decode + %d prefill workers", router.epoch,

@@ -299,7 +299,8 @@ def test_ray_spawner_gives_each_pool_its_resources(monkeypatch):
     pools = {"prefill": PrefillPool(num_gpus=1, num_cpus=4, resources={"pdserve_prefill": 1}, engine={"max_num_seqs": 8}),
              "decode": DecodePool(num_gpus=0.5, num_cpus=2, resources={"pdserve_decode": 1})}
     sp = RaySpawner(pools, "m", "tcp://router:1", dict(engine_kwargs={"block_size": 16}, dtype="bfloat16",
-                                                       max_restarts=3), decode_extra={"router_epoch": 7})
+                                                       max_restarts=3), decode_extra={"router_epoch": 7},
+                    placement_timeout_s=30.0)
     sp.spawn("prefill", "prefill-4")
     sp.spawn("decode", "decode-2")
     (pk, pg, po, pa, pkw), (dk, dg, do, da, dkw) = made
@@ -645,8 +646,8 @@ def test_pools_scale_independently_under_load_and_lose_nothing(ray_local):
                             targets=PrefillTargets(queued_tokens_per_replica=600, ttft_s=None)),
         decode=DecodePool(min_replicas=1, max_replicas=2, scaling=fast, engine=engine,
                           targets=DecodeTargets(kv_use=0.9, running_per_replica=16, tpot_s=None)))
-    c = ClusterThread(num_prefill=1, num_decode=1, pools=pools, metrics_port=0,
-                      controller=ControllerSection(interval_s=0.25, sync_s=0.2))
+    c = ClusterThread(pools=pools, router={"metrics_port": 0},
+                      controller=ControllerSection(enabled=True, interval_s=0.25, sync_s=0.2))
     ctl = c.cluster.controller
     sizes = lambda: ray_local.get(ctl.pool_sizes.remote())          # noqa: E731
     history = lambda: ray_local.get(ctl.history.remote())           # noqa: E731

@@ -27,11 +27,14 @@ THRESHOLD = 64
 class ClusterThread:
     """Runs a Cluster's asyncio loop (router + gRPC server) in a background thread."""
 
-    def __init__(self, **cfg):
-        from deploy.cluster import Cluster, ClusterConfig
+    def __init__(self, num_prefill=1, num_decode=1, router=None, **sections):
+        """Fixed pools unless controller.enabled; other config sections as a file gives them."""
+        from deploy.cluster import Cluster
+        from deploy.config import ServeConfig
         self.loop = asyncio.new_event_loop()
-        self.cluster = Cluster(ClusterConfig(model=MODEL, port=0, disagg_threshold=THRESHOLD, dtype="float64",
-                                             engine_kwargs=dict(ENGINE), **cfg))
+        self.cluster = Cluster(ServeConfig.simple(
+            MODEL, num_prefill, num_decode, dtype="float64", engine=dict(ENGINE),
+            router={"port": 0, "disagg_threshold": THRESHOLD, **(router or {})}, **sections))
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.call(self.cluster.start(), timeout=300)
@@ -207,7 +210,7 @@ def test_model_info_and_health(cluster):
 def test_one_prefill_two_decode_over_cuda_ipc(ray_local, cluster, reference):
     """1+2 workers with KV over the cuda_ipc backend (shared memory between the actors'
     processes on CPU): the prefill worker copies straight into each decode cache."""
-    c2 = ClusterThread(num_prefill=1, num_decode=2, kv_backend="cuda_ipc")
+    c2 = ClusterThread(num_prefill=1, num_decode=2, transfer={"backend": "cuda_ipc"})
     try:
         results = run_burst(c2, reference, n_long=4, n_short=6, n_shared=4)
         used = {r["decode_worker"] for r in results}

@@ -119,11 +119,14 @@ def test_every_serve_flag_maps_to_a_field():
     for dest, path in CLI_FIELDS.items():
         if not path.startswith("engine."):
             _get(base, path)      # the path exists in the schema (raises otherwise)
-    # ... and each field reaches the ClusterConfig the server starts from.
-    cc = from_dict({"security": {"tls_cert": "c", "tls_key": "k", "zmq_curve": True, "internal_host": "10.0.0.1"},
-                    "router": {"max_prompt_tokens": 100}}).to_cluster_config()
-    assert (cc.tls_cert, cc.tls_key, cc.zmq_curve, cc.internal_host, cc.max_prompt_tokens) == \
-        ("c", "k", True, "10.0.0.1", 100)
+    # ... and the security flags reach the config the server starts from (no second pass in the CLI).
+    ap, _ = _serve_parser()
+    c = config_from_args(ap.parse_args(["serve", "--tls-cert", "c", "--tls-key", "k", "--zmq-curve",
+                                        "--internal-host", "10.0.0.1", "--api-key-file", "keys",
+                                        "--max-prompt-tokens", "100", "--max-tokens-limit", "7"]))
+    assert (c.security.tls_cert, c.security.tls_key, c.security.zmq_curve, c.security.internal_host,
+            c.security.api_key_file, c.router.max_prompt_tokens, c.router.max_tokens_limit) == \
+        ("c", "k", True, "10.0.0.1", "keys", 100, 7)
 
 
 def test_flags_override_the_file(tmp_path):
@@ -142,10 +145,7 @@ def test_flags_override_the_file(tmp_path):
     assert c.engine == {"num_kv_blocks": 64, "kv_cache_memory_gb": 0.5}
     assert (c.router.metrics_port, c.controller.metrics_port, c.transfer.timeout_s) == (9400, 9401, 5.0)
     assert (c.dtype, c.router.host, c.ray.address) == ("float64", "0.0.0.0", "auto")
-    cc = c.to_cluster_config()
-    assert (cc.model, cc.port, cc.host, cc.address, cc.num_prefill, cc.num_decode, cc.kv_timeout_s) == \
-        ("random:tiny", 7000, "0.0.0.0", "auto", 2, 3, 5.0)
-    assert cc.pools is c.pools and cc.controller is c.controller and cc.metrics_port == 9400
+    assert c.controller.enabled      # `serve` always runs the autoscaling controller
     # Flags are validated like the file: a bad flag is the same clear error.
     f2 = tmp_path / "curve.yaml"
     f2.write_text("security: {zmq_curve: true}\n")
@@ -155,6 +155,71 @@ def test_flags_override_the_file(tmp_path):
         config_from_args(bad)
     from deploy.cli import main
     assert main(["serve", "--port", "99999"]) == 2      # printed as one line, no traceback, no server
+
+
+def test_every_fault_setting_is_settable_from_a_file(tmp_path):
+    f = tmp_path / "faults.yaml"
+    f.write_text("faults: {max_restarts: 1, dead_after_s: 2.5, orphan_timeout_s: 7, monitor_interval_s: 0.25}\n"
+                 "router: {max_inflight_per_decode: 8, max_queued_prefill_tokens: 4096}\n"
+                 "transfer: {timeout_s: 4}\ncontroller: {enabled: false}\n")
+    c = load_config(str(f))
+    assert (c.faults.max_restarts, c.faults.dead_after_s, c.faults.orphan_timeout_s, c.faults.monitor_interval_s) \
+        == (1, 2.5, 7.0, 0.25)
+    assert (c.router.max_inflight_per_decode, c.router.max_queued_prefill_tokens, c.transfer.timeout_s) == \
+        (8, 4096, 4.0)
+    assert not c.controller.enabled
+    for bad, msg in (({"faults": {"dead_after_s": 0}}, "faults.dead_after_s: must be > 0"),
+                     ({"faults": {"max_restarts": "2"}}, "faults.max_restarts: expected an integer"),
+                     ({"router": {"max_inflight_per_decode": 0}}, "router.max_inflight_per_decode: must be >= 1")):
+        with pytest.raises(ConfigError, match=msg):
+            from_dict(bad)
+
+
+def test_fixed_pools_in_code():
+    """ServeConfig.simple: what tests and benchmarks start (no controller); validated like a file."""
+    from deploy.config import FaultsSection
+    c = ServeConfig.simple("random:tiny", 0, 2, router={"port": 0}, faults=FaultsSection(dead_after_s=3))
+    assert (c.model, c.pools.prefill.min_replicas, c.pools.decode.min_replicas) == ("random:tiny", 0, 2)
+    assert (c.router.port, c.router.disagg_threshold, c.faults.dead_after_s) == (0, 256, 3.0)
+    assert not c.controller.enabled
+    with pytest.raises(ConfigError, match="pools.decode.min_replicas: must be >= 1"):
+        ServeConfig.simple("random:tiny", 1, 0)
+    with pytest.raises(ConfigError, match="pools.prefill.min_replicas: must be >= 1"):   # autoscaled: >= 1
+        ServeConfig.simple("random:tiny", 0, 1, controller={"enabled": True})
+
+
+def test_every_default_is_defined_once():
+    """The schema holds each deployment default: the serve flags default to None (the file or
+    the schema decides), the Cluster passes every setting it has to the router and the
+    workers, and nothing in deploy/ falls back to a number of its own."""
+    import ast
+    import inspect
+
+    from deploy import cluster, controller, supervisor
+    _, serve = _serve_parser()
+    assert all(a.default in (None, False) for a in serve._actions if a.dest in CLI_FIELDS)
+    # No second schema and no cycle: config does not import cluster; cluster imports config.
+    import deploy.config as config_mod
+    tree = ast.parse(inspect.getsource(config_mod))
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | \
+        {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert "deploy.cluster" not in imported
+    assert cluster.ServeConfig is ServeConfig and not hasattr(cluster, "ClusterConfig")
+    # The settings with a default elsewhere in deploy/ before (max_restarts 2 and 4, the
+    # placement timeout, the supervisor period, a latency window and start timeout) are required there now.
+    for fn, name in ((controller.RaySpawner.__init__, "placement_timeout_s"),
+                     (controller.ControllerActor.__init__, "placement_timeout_s"),
+                     (supervisor.Supervisor.__init__, "interval_s")):
+        assert inspect.signature(fn).parameters[name].default is inspect.Parameter.empty, (fn, name)
+    src = inspect.getsource(cluster) + inspect.getsource(controller)
+    for literal in ('pop("max_restarts", ', "else 20.0", "else 900.0", 'get("block_size", 16)'):
+        assert literal not in src, literal
+    # The router's own defaults (router/core.py RouterConfig, router/policy.py PolicyConfig) are
+    # never used by a deployment: Cluster.start passes each of them from the schema.
+    start = inspect.getsource(cluster.Cluster.start)
+    for kw in ("disagg_threshold=", "kv_timeout_s=", "dead_after_s=", "max_inflight_per_decode=",
+               "max_queued_prefill_tokens=", "block_size=", "orphan_timeout_s=", "max_restarts="):
+        assert kw in start, kw
 
 
 # ---- manifests ----------------------------------------------------------------------------------------

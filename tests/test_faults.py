@@ -350,12 +350,13 @@ class FaultCluster:
     short fault timers so faults are noticed within seconds."""
 
     def __init__(self):
-        from deploy.cluster import Cluster, ClusterConfig
+        from deploy.cluster import Cluster
+        from deploy.config import ServeConfig
         self.loop = asyncio.new_event_loop()
-        self.cluster = Cluster(ClusterConfig(
-            model=MODEL, port=0, disagg_threshold=THRESHOLD, dtype="float64", engine_kwargs=dict(ENGINE),
-            num_prefill=1, num_decode=2, kv_timeout_s=3.0, dead_after_s=3.0, orphan_timeout_s=3.0,
-            monitor_interval_s=0.5, max_inflight_per_decode=64))
+        self.cluster = Cluster(ServeConfig.simple(
+            MODEL, num_prefill=1, num_decode=2, dtype="float64", engine=dict(ENGINE),
+            router=dict(port=0, disagg_threshold=THRESHOLD, max_inflight_per_decode=64), transfer=dict(timeout_s=3.0),
+            faults=dict(dead_after_s=3.0, orphan_timeout_s=3.0, monitor_interval_s=0.5)))
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.call(self.cluster.start(), timeout=300)

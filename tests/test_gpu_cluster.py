@@ -22,7 +22,8 @@ LONG = [(i * 7919) % 30000 + 10 for i in range(900)]
 def test_one_gpu_cluster_serves_direct_and_disaggregated_over_cuda_ipc():
     ray = pytest.importorskip("ray")
     from deploy.client import build_request, collect
-    from deploy.cluster import Cluster, ClusterConfig
+    from deploy.cluster import Cluster
+    from deploy.config import ServeConfig
     from engine import LLM, SamplingParams
     from pdserve_api.v1 import pdserve_pb2_grpc as pb_grpc
 
@@ -39,7 +40,7 @@ def test_one_gpu_cluster_serves_direct_and_disaggregated_over_cuda_ipc():
     def call(coro, timeout=600):
         return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)
 
-    cluster = Cluster(ClusterConfig(model=MODEL, port=0, dtype="float32", disagg_threshold=256))
+    cluster = Cluster(ServeConfig.simple(MODEL, dtype="float32", router=dict(port=0, disagg_threshold=256)))
     try:
         call(cluster.start())
         with grpc.insecure_channel(f"127.0.0.1:{cluster.port}") as ch:

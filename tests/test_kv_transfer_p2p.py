@@ -312,21 +312,24 @@ def test_workers_disaggregate_over_the_nccl_backend_and_equal_a_single_engine():
 def test_cluster_resolves_auto_backend_only_when_both_pools_have_gpus():
     """"auto" reaches the decode workers (cuda_ipc same host, nccl across) only when both
     pools get a GPU or a share of one; otherwise zmq."""
-    from deploy.cluster import ClusterConfig, _resolve_kv_backend
-    from deploy.config import PoolsSection
-    assert _resolve_kv_backend(ClusterConfig(), 0) == "zmq"      # the default is auto
-    assert _resolve_kv_backend(ClusterConfig(), 1) == "auto"
-    assert _resolve_kv_backend(ClusterConfig(kv_backend="auto"), 0.5) == "auto"   # one GPU shared by both pools
-    assert _resolve_kv_backend(ClusterConfig(kv_backend="zmq"), 1) == "zmq"
-    assert _resolve_kv_backend(ClusterConfig(kv_backend="nccl"), 0) == "nccl"
-    assert _resolve_kv_backend(ClusterConfig(kv_backend="cuda_ipc"), 0) == "cuda_ipc"
+    from deploy.cluster import _resolve_kv_backend
+    from deploy.config import PoolsSection, ServeConfig, TransferSection
+
+    def cfg(backend="auto", pools=None):
+        return ServeConfig(transfer=TransferSection(backend=backend), pools=pools or PoolsSection())
+    assert _resolve_kv_backend(ServeConfig(), 0) == "zmq"      # the default is auto
+    assert _resolve_kv_backend(ServeConfig(), 1) == "auto"
+    assert _resolve_kv_backend(cfg("auto"), 0.5) == "auto"   # one GPU shared by both pools
+    assert _resolve_kv_backend(cfg("zmq"), 1) == "zmq"
+    assert _resolve_kv_backend(cfg("nccl"), 0) == "nccl"
+    assert _resolve_kv_backend(cfg("cuda_ipc"), 0) == "cuda_ipc"
     pools = PoolsSection()
     pools.prefill.num_gpus, pools.decode.num_gpus = 0, 1
-    assert _resolve_kv_backend(ClusterConfig(pools=pools, kv_backend="auto"), 1) == "zmq"
+    assert _resolve_kv_backend(cfg("auto", pools), 1) == "zmq"
     pools.prefill.num_gpus = 1
-    assert _resolve_kv_backend(ClusterConfig(pools=pools, kv_backend="auto"), 0) == "auto"
+    assert _resolve_kv_backend(cfg("auto", pools), 0) == "auto"
     pools.decode.num_gpus = None   # follows the cluster
-    assert _resolve_kv_backend(ClusterConfig(pools=pools, kv_backend="auto"), 0) == "zmq"
+    assert _resolve_kv_backend(cfg("auto", pools), 0) == "zmq"
 
 
 def test_gpu_benchmark_pieces_run_on_cpu_with_gloo():

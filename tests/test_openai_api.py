@@ -30,12 +30,14 @@ class ClusterThread:
     """A Cluster (router, gRPC and HTTP servers) on its own event loop in a thread."""
 
     def __init__(self):
-        from deploy.cluster import Cluster, ClusterConfig
+        from deploy.cluster import Cluster
+        from deploy.config import ServeConfig
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.cluster = Cluster(ClusterConfig(model=MODEL, num_prefill=0, num_decode=1, port=0, http_port=0,
-                                             engine_kwargs=dict(kv_cache_memory_gb=0.25)))
+        self.cluster = Cluster(ServeConfig.simple(MODEL, num_prefill=0, num_decode=1,
+                                                  router={"port": 0, "http_port": 0},
+                                                  engine=dict(kv_cache_memory_gb=0.25)))
         self.call(self.cluster.start(), timeout=300)
         self.grpc = grpc.insecure_channel(f"127.0.0.1:{self.cluster.port}")
         self.stub = pb_grpc.GenerationStub(self.grpc)

@@ -218,7 +218,7 @@ def test_cluster_plan_on_a_one_gpu_host(monkeypatch, capsys):
         return int(78.6 * GIB), int(79.2 * GIB)
     monkeypatch.setattr(cl.Cluster, "_gpu_memory", gpu_memory)
 
-    plan = asyncio.run(cl.Cluster(cl.ClusterConfig(model="random:llama3-8b"))._plan_placement())
+    plan = asyncio.run(cl.Cluster(from_dict({"model": "random:llama3-8b"}))._plan_placement())
     assert {k: a.num_gpus for k, a in plan.asks.items()} == {"prefill": 0.5, "decode": 0.5}
     kv = plan.engine["decode"]["kv_cache_memory_gb"]
     assert plan.engine == {"prefill": {"kv_cache_memory_gb": kv}, "decode": {"kv_cache_memory_gb": kv}}
@@ -230,10 +230,10 @@ def test_cluster_plan_on_a_one_gpu_host(monkeypatch, capsys):
                    "to choose)"]
     # --config: the user's per-pool KV size wins; the other pool is still sized.
     cfg = from_dict({"model": "random:llama3-8b", "pools": {"decode": {"engine": {"kv_cache_memory_gb": 12}}}})
-    plan = asyncio.run(cl.Cluster(cfg.to_cluster_config())._plan_placement())
+    plan = asyncio.run(cl.Cluster(cfg)._plan_placement())
     assert list(plan.engine) == ["prefill"] and plan.asks["decode"].num_gpus == 0.5
     # An --address cluster: whole GPUs, no split; a shortfall waits (an autoscaler may add a node).
-    far = cl.ClusterConfig(model="random:llama3-8b", address="ray://head:10001")
+    far = from_dict({"model": "random:llama3-8b", "ray": {"address": "ray://head:10001"}})
     plan = asyncio.run(cl.Cluster(far)._plan_placement())
     assert {a.num_gpus for a in plan.asks.values()} == {1.0} and plan.engine == {} and plan.timeout_s == 900
 
@@ -270,7 +270,7 @@ def test_unplaceable_deployments_fail_fast_with_the_message(ray_slot):
     from deploy.config import from_dict
     base = {"model": "random:tiny", "dtype": "float32", "engine": {"num_kv_blocks": 64},
             "router": {"port": 0}}
-    missing = from_dict({**base, "pools": {"prefill": {"resources": {"pdserve_missing": 1}}}}).to_cluster_config()
+    missing = from_dict({**base, "pools": {"prefill": {"resources": {"pdserve_missing": 1}}}})
     t0 = time.monotonic()
     with pytest.raises(PlacementError) as e:
         _start(Cluster(missing), 60)
@@ -279,7 +279,7 @@ def test_unplaceable_deployments_fail_fast_with_the_message(ray_slot):
     assert "the cluster offers {CPU 2, slot 1} in all (1 node)" in str(e.value)
 
     held = from_dict({**base, "ray": {"placement_timeout_s": 3},
-                      "pools": {"prefill": {"resources": {"slot": 1}}}}).to_cluster_config()
+                      "pools": {"prefill": {"resources": {"slot": 1}}}})
     t0 = time.monotonic()
     cluster = Cluster(held)
     with pytest.raises(PlacementError) as e:

@@ -237,8 +237,8 @@ def _host(endpoint: str) -> str:
 
 
 def test_internal_sockets_bind_to_loopback_by_default(secure_server):
-    from deploy.cluster import ClusterConfig
     from deploy.cli import build_parser
+    from deploy.config import ServeConfig
     from kv_transfer.zmq_backend import DEFAULT_BIND
     from router.core import RouterConfig
     s = secure_server
@@ -248,8 +248,8 @@ def test_internal_sockets_bind_to_loopback_by_default(secure_server):
              s.decode.receiver._sock.getsockopt(zmq.LAST_ENDPOINT).decode()]
     assert all(_host(e) == "127.0.0.1" for e in eps + bound), eps + bound
     assert RouterConfig().bind_host == "127.0.0.1" and DEFAULT_BIND.startswith("tcp://127.0.0.1:")
-    cfg = ClusterConfig()
-    assert cfg.host == "127.0.0.1" and cfg.internal_host is None and not cfg.zmq_curve
+    cfg = ServeConfig()
+    assert cfg.router.host == "127.0.0.1" and cfg.security.internal_host is None and not cfg.security.zmq_curve
     serve = build_parser().parse_args(["serve"])
     assert serve.host in (None, "127.0.0.1") and serve.internal_host is None
 
