@@ -1,5 +1,5 @@
 """Optional CurveZMQ encryption and authentication of the internal ZeroMQ planes (request,
-token and KV planes). Off by default; `ClusterConfig.zmq_curve` turns it on.
+token and KV planes). Off by default; `security.zmq_curve` in the deployment config (`--zmq-curve`) turns it on.
 
 One keypair per cluster, made when the cluster starts and handed to the router and to
 every worker through Ray (actor arguments; Ray's own token authentication protects that
