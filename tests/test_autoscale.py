@@ -15,6 +15,13 @@ import torch
 from deploy.autoscale_policy import (DecodeTargets, PoolLoad, PoolPolicy, PrefillTargets, ScalingPolicyConfig,
                                      decode_load, prefill_load)
 from deploy.config import ControllerSection, DecodePool, PoolsSection, PrefillPool, ScalingSection
+# (test_placement.py imports these fakes through this module)
+from helpers import (CLUSTER_ENGINE, MODEL, ClusterThread, FakeClock, FakeSpawner,  # noqa: F401
+                     await_until, wait_until)
+from helpers import decode_entry as _dw
+from helpers import pool_report as _report
+from helpers import pools_config as _pools
+from helpers import prefill_entry as _pw
 
 FAST = dict(up_stable_s=1.0, down_stable_s=2.0, up_cooldown_s=3.0, down_cooldown_s=5.0)
 
@@ -120,70 +127,6 @@ def test_signals_prefill_and_decode_and_latency_targets():
 
 # ---- controller (no Ray) ------------------------------------------------------------------------------
 
-class FakeWorker:
-    def __init__(self, kind, wid):
-        self.kind, self.wid = kind, wid
-        self.drained = self.stopped = False
-
-
-class FakeSpawner:
-    def __init__(self, fail=(), hang=()):
-        self.spawned: list[FakeWorker] = []
-        self.fail, self.hang = set(fail), set(hang)
-        self.log: list[tuple[str, str]] = []
-
-    def spawn(self, kind, wid):
-        w = FakeWorker(kind, wid)
-        self.spawned.append(w)
-        return w
-
-    async def ready(self, w):
-        await asyncio.sleep(0)
-        if w.wid in self.hang:
-            await asyncio.Event().wait()    # a node that never comes
-        if w.wid in self.fail:
-            raise RuntimeError("no node")
-        return {"request": f"tcp://127.0.0.1:1/{w.wid}"}
-
-    async def drain(self, w, timeout_s):
-        w.drained = True
-        self.log.append(("drain", w.wid))
-        return {"drained": True, "in_flight": 0}
-
-    async def stop(self, w, graceful=True):
-        w.stopped, w.graceful = True, graceful
-        self.log.append(("stop", w.wid))
-
-
-class FakeClock:
-    def __init__(self):
-        self.t = 1000.0
-
-    def __call__(self):
-        return self.t
-
-
-def _pools(pmax=3, dmax=2):
-    fast = ScalingSection(up_stable_s=1, down_stable_s=2, up_cooldown_s=3, down_cooldown_s=4)
-    return {"prefill": PrefillPool(min_replicas=1, max_replicas=pmax, scaling=fast,
-                                   targets=PrefillTargets(queued_tokens_per_replica=1000, ttft_s=None)),
-            "decode": DecodePool(min_replicas=1, max_replicas=dmax, scaling=fast,
-                                 targets=DecodeTargets(kv_use=0.9, running_per_replica=8, tpot_s=None))}
-
-
-def _report(prefill: dict, decode: dict, **lat):
-    return dict(time=0.0, prefill=prefill, decode=decode, ttft_disagg_p90_s=lat.get("ttft"),
-                tpot_p90_s=lat.get("tpot"))
-
-
-def _pw(queued=0, inflight=0, draining=False):
-    return dict(queued_tokens=queued, inflight=inflight, draining=draining)
-
-
-def _dw(running=0, inflight=0, draining=False, free=100, total=100):
-    return dict(running=running, inflight=inflight, draining=draining, free_blocks=free, num_blocks=total)
-
-
 def test_controller_scale_up_drain_protocol_and_decision_log(caplog):
     from deploy.controller import ControllerMetrics, PoolController
     caplog.set_level("INFO", logger="pdserve.autoscale")
@@ -233,8 +176,8 @@ def test_controller_scale_up_drain_protocol_and_decision_log(caplog):
         assert w1.wid == "prefill-1" and not w1.drained and not w1.stopped and "prefill-1" in ctl.membership()["workers"]
         # Nothing in flight any more: drained by the worker itself, then forgotten, then stopped.
         await tick(_report({"prefill-0": _pw(), "prefill-1": _pw(draining=True)}, {"decode-0": _dw()}))
-        await asyncio.sleep(0.05)
-        assert spawner.log[-2:] == [("drain", "prefill-1"), ("stop", "prefill-1")]
+        await await_until(lambda: spawner.log[-2:] == [("drain", "prefill-1"), ("stop", "prefill-1")], 5,
+                          "prefill-1 drained, then stopped")
         assert "prefill-1" not in ctl.membership()["workers"]
         assert ctl.pool_sizes()["prefill"]["active"] == 1 and ctl.pool_sizes()["decode"]["active"] == 1
         # No decode decision at any point: only the prefill signal moved.
@@ -267,7 +210,7 @@ def test_controller_decode_grows_on_batch_and_failed_start_is_recorded():
             clock.t += 0.5
             ctl.report(rep)
             await ctl.tick()
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01)   # (kept) let the tasks this tick spawned run: the fake clock is the time
         log = ctl.decision_log()
         assert [(d["pool"], d["delta"], d["reason"]) for d in log] == [("decode", 1, "running"),
                                                                        ("decode", 0, "start_failed")]
@@ -323,7 +266,7 @@ def test_controller_gives_up_on_a_replica_that_never_starts():
             clock.t += 0.5
             ctl.report(busy)
             await ctl.tick()
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01)   # (kept) let the tasks this tick spawned run: the fake clock is the time
         assert ctl.pool_sizes()["prefill"]["starting"] == 1
         for _ in range(15):                      # still loaded, but waiting on the pending replica (75 s)
             clock.t += 5
@@ -331,8 +274,8 @@ def test_controller_gives_up_on_a_replica_that_never_starts():
             await ctl.tick()
         reasons = [d["reason"] for d in ctl.decision_log()]
         assert reasons[:2] == ["queued_tokens", "start_timeout"], reasons
-        await asyncio.sleep(0.01)
-        assert spawner.spawned[2].wid == "prefill-1" and spawner.spawned[2].stopped
+        assert spawner.spawned[2].wid == "prefill-1"
+        await await_until(lambda: spawner.spawned[2].stopped, 5, "the replica that never started to be stopped")
         assert "prefill-1" not in ctl.members and ctl.pool_sizes()["prefill"]["starting"] in (0, 1)
         await ctl.shutdown()
 
@@ -620,11 +563,10 @@ class LoadGen:
 
 
 def _wait_for(cond, what: str, timeout: float, history):
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}; controller history tail: {history()[-8:]}")
-        time.sleep(0.2)
+    try:
+        wait_until(cond, timeout, what, interval_s=0.2)
+    except AssertionError as e:
+        raise AssertionError(f"{e}; controller history tail: {history()[-8:]}") from None
 
 
 def test_pools_scale_independently_under_load_and_lose_nothing(ray_local):
@@ -635,7 +577,6 @@ def test_pools_scale_independently_under_load_and_lose_nothing(ray_local):
     engine's greedy tokens. Latency targets are off here (on a shared 2-core box they would
     make the test depend on the machine); the policy tests cover them."""
     from engine import LLM, SamplingParams
-    from test_cluster import ENGINE, MODEL, ClusterThread
 
     fast = ScalingSection(up_stable_s=1.0, down_stable_s=2.0, up_cooldown_s=2.0, down_cooldown_s=3.0)
     engine = {"num_kv_blocks": 2048}
@@ -662,7 +603,7 @@ def test_pools_scale_independently_under_load_and_lose_nothing(ray_local):
         t1 = time.time()
         stop1, th1 = load.start(12, long_ids, max_tokens=3)
         _wait_for(lambda: sizes()["prefill"]["active"] == 2, "the prefill pool to grow", 90, history)
-        time.sleep(2.0)                                 # keep loading the grown pool
+        time.sleep(2.0)     # (kept: time under load is the point) keep loading the grown pool
         stop1.set()
         [t.join() for t in th1]
         _wait_for(lambda: sizes()["prefill"] == dict(starting=0, active=1, draining=0, stopping=0),
@@ -673,7 +614,7 @@ def test_pools_scale_independently_under_load_and_lose_nothing(ray_local):
         t2 = time.time()
         stop2, th2 = load.start(28, short_ids, max_tokens=48)
         _wait_for(lambda: sizes()["decode"]["active"] == 2, "the decode pool to grow", 90, history)
-        time.sleep(2.0)
+        time.sleep(2.0)     # (kept: time under load is the point) keep loading the grown pool
         stop2.set()
         [t.join() for t in th2]
         _wait_for(lambda: sizes()["decode"] == dict(starting=0, active=1, draining=0, stopping=0),
@@ -714,7 +655,7 @@ def test_pools_scale_independently_under_load_and_lose_nothing(ray_local):
     wire = re.search(r'pdserve_kv_transfer_wire_seconds_total\{worker="decode-0"\} (\S+)', body1)
     assert wait and wire and float(wait.group(1)) >= float(wire.group(1)) > 0, body1
     # Greedy tokens equal a single engine's, request by request.
-    ref = LLM(MODEL, dtype="float64", **dict(ENGINE, num_kv_blocks=2048))
+    ref = LLM(MODEL, dtype="float64", **dict(CLUSTER_ENGINE, num_kv_blocks=2048))
     got: dict[tuple[int, int], set] = {}
     for pid, m, r in load.results:
         got.setdefault((pid, m), set()).add(tuple(r["token_ids"]))

@@ -8,6 +8,7 @@ import grpc
 import pytest
 
 from deploy.client import build_request, collect
+from helpers import wait_until
 from inproc import InProcessServer
 from pdserve_api.v1 import pdserve_pb2 as pb
 from router.server import ServerLimits
@@ -151,13 +152,9 @@ def test_bad_request_is_refused_with_a_status_naming_the_field(server, name, req
 
 def test_worker_survives_the_table_and_holds_no_blocks(server):
     """Runs after the table (same module server): nothing leaked, nothing stuck."""
-    import time
-    deadline = time.monotonic() + 10
-    while True:
+    def idle():
         s = server.decode.stats()
-        if s["in_flight"] == 0 and s["num_free_blocks"] == s["num_blocks"]:
-            break
-        assert time.monotonic() < deadline, s
-        time.sleep(0.05)
+        return s["in_flight"] == 0 and s["num_free_blocks"] == s["num_blocks"]
+    wait_until(idle, 10, f"an idle decode worker with every block free (now {server.decode.stats()})")
     assert server.router.stats()["inflight"] == 0
     assert server.router.bad_messages == 0          # no garbage reached the internal planes

@@ -4,9 +4,6 @@ make greedy outputs independent of batching, so every output can be compared exa
 a single engine's."""
 from __future__ import annotations
 
-import asyncio
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -14,61 +11,12 @@ import pytest
 import torch
 
 from deploy.client import build_request, collect
+from helpers import CLUSTER_ENGINE, MODEL, ClusterThread, wait_until
 from pdserve_api.v1 import pdserve_pb2 as pb
-from pdserve_api.v1 import pdserve_pb2_grpc as pb_grpc
 
 ray = pytest.importorskip("ray")
 
-MODEL = "random:tiny"
-ENGINE = dict(block_size=16, num_kv_blocks=512, max_num_batched_tokens=512)
-THRESHOLD = 64
-
-
-class ClusterThread:
-    """Runs a Cluster's asyncio loop (router + gRPC server) in a background thread."""
-
-    def __init__(self, num_prefill=1, num_decode=1, router=None, **sections):
-        """Fixed pools unless controller.enabled; other config sections as a file gives them."""
-        from deploy.cluster import Cluster
-        from deploy.config import ServeConfig
-        self.loop = asyncio.new_event_loop()
-        self.cluster = Cluster(ServeConfig.simple(
-            MODEL, num_prefill, num_decode, dtype="float64", engine=dict(ENGINE),
-            router={"port": 0, "disagg_threshold": THRESHOLD, **(router or {})}, **sections))
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.call(self.cluster.start(), timeout=300)
-        self.address = f"127.0.0.1:{self.cluster.port}"
-        self.channel = grpc.insecure_channel(self.address)
-        self.stub = pb_grpc.GenerationStub(self.channel)
-
-    def call(self, coro, timeout=60):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def generate(self, prompt, max_tokens=8, **kw):
-        return collect(self.stub.Generate(build_request(prompt, max_tokens, **kw), timeout=120))
-
-    def worker_stats(self):
-        return self.call(self.cluster.worker_stats())
-
-    def wait_idle(self, timeout=30):
-        """Until every worker holds no request and no referenced block."""
-        deadline = time.monotonic() + timeout
-        while True:
-            stats = self.worker_stats()
-            busy = {w: s for w, s in stats.items()
-                    if s["num_running"] or s["num_waiting"] or s["num_awaiting_kv"]
-                    or s["num_free_blocks"] != s["num_blocks"]}
-            if not busy:
-                return stats
-            if time.monotonic() > deadline:
-                raise AssertionError(f"workers still busy: {busy}")
-            time.sleep(0.2)
-
-    def close(self):
-        self.channel.close()
-        self.call(self.cluster.stop())
-        self.loop.call_soon_threadsafe(self.loop.stop)
+ENGINE = CLUSTER_ENGINE
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +55,13 @@ def run_burst(c: ClusterThread, reference, n_long=6, n_short=8, n_shared=6):
     # Warm one decode worker's prefix cache with the shared prefix (itself a long prompt).
     warm = c.generate(shared + _rand_prompt(gen, 8), max_tokens=2)
     assert warm["route"] == "disaggregated"
-    time.sleep(0.5)  # let the worker's KV events reach the router's prefix index
+    # the worker's KV events reach the router's prefix index: a prompt on the shared
+    # prefix would now be routed to the worker that holds it
+    probe = shared + _rand_prompt(torch.Generator().manual_seed(0), 4)
+
+    async def cached_tokens():
+        return c.cluster.router.route(probe).cached_tokens
+    wait_until(lambda: c.call(cached_tokens()) >= 240, 10, "the shared prefix in the router's prefix index")
     longs = [_rand_prompt(gen, 100 + 30 * i) for i in range(n_long)]
     shorts = [_rand_prompt(gen, 5 + 7 * i) for i in range(n_short)]
     shareds = [shared + _rand_prompt(gen, 4 + 3 * i) for i in range(n_shared)]

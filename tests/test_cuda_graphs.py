@@ -18,7 +18,7 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton")
 
-from conftest import assert_no_leaks  # noqa: E402
+from helpers import assert_no_leaks  # noqa: E402
 from engine import LLMEngine, SamplingParams  # noqa: E402
 from engine.cuda_graphs import DecodeGraphs  # noqa: E402
 from engine.kernels import triton_ops as tri  # noqa: E402

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import run_to_completion
+from helpers import run_to_completion
 from engine import LLM, CapacityError, InvalidRequestError, ModelLoadError, SamplingParams
 
 
@@ -16,7 +16,7 @@ from engine import LLM, CapacityError, InvalidRequestError, ModelLoadError, Samp
 def smol():
     llm = LLM("smollm2")
     yield llm
-    from conftest import assert_no_leaks
+    from helpers import assert_no_leaks
     assert_no_leaks(llm.engine)
 
 

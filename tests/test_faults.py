@@ -5,9 +5,12 @@ Three layers, cheapest first:
     holds): admission control, heartbeat-silence detection and re-dispatch of prompt +
     streamed tokens, stale incarnations, deadlines;
   - a DecodeWorker driven directly: router epochs and orphaned requests;
-  - the whole cluster on a local Ray instance (one cluster shared by every test, in the
-    order the file lists them): a stalled and a killed prefill actor, a decode actor
-    killed while it streams 50 requests, a router restart, admission control over gRPC.
+  - the whole cluster on a local Ray instance: a stalled and a killed prefill actor, a
+    decode actor killed while it streams 50 requests, a router restart, admission control
+    over gRPC. One cluster serves the module; the fc fixture brings it back to a known
+    state before each test (no process frozen, router up, every worker registered and
+    idle, default limits), and each test counts only what changed during it: any test
+    passes alone and in any order.
 random:tiny in float64 makes greedy outputs independent of batching, so every completed
 request is compared exactly with a single engine's output.
 """
@@ -25,7 +28,7 @@ import pytest
 import torch
 import zmq
 
-from conftest import assert_no_leaks
+from helpers import assert_no_leaks, await_until, wait_until
 from deploy.client import build_request, collect
 from engine import SamplingParams
 from planes import messages
@@ -113,7 +116,7 @@ def test_admission_control_refuses_at_once_past_the_bounds():
         # a finished request frees its slot
         on_a = next(h for h in handles if h.decode_worker == "a")
         a.send(messages.TokenItem(on_a.rid, [7], finish_reason="length"))
-        await asyncio.sleep(0.2)
+        await await_until(lambda: on_a.rid not in r.requests, 5, f"{on_a.rid} to finish")
         h = await r.submit("r5", [5] * 10, P)
         assert h.decode_worker == "a"
         assert r.stats()["overloaded"] == 1
@@ -128,8 +131,7 @@ def test_admission_control_bounds_tokens_waiting_for_prefill():
         with pytest.raises(Overloaded, match="waiting for prefill"):
             await r.submit("r1", [5] * 40, P)
         a.send(messages.TokenItem(big.rid, [9]))         # its first token: the prompt is prefilled
-        await asyncio.sleep(0.2)
-        assert r.queued_prefill_tokens == 0
+        await await_until(lambda: r.queued_prefill_tokens == 0, 5, "the prefill queue to empty")
         await r.submit("r1", [5] * 40, P)
         await r.submit("r2", [5] * 20, P)
         with pytest.raises(Overloaded):
@@ -155,13 +157,16 @@ def test_silent_decode_worker_requests_move_with_their_streamed_tokens():
         a.send(messages.TokenItem("greedy", [1, 2, 3]), messages.TokenItem("seeded", [4]),
                messages.TokenItem("stops", [5]))
         b = fake("b")          # joins after the requests were placed on a
-        await asyncio.sleep(0.2)
+        await await_until(lambda: not (greedy.queue.empty() or seeded.queue.empty() or stops.queue.empty()),
+                          5, "a's streamed tokens at the router")
         b.send()
         # a falls silent; b keeps heartbeating; the monitor finds a lost after dead_after_s
-        for _ in range(12):
-            await asyncio.sleep(0.1)
+        end = time.monotonic() + 10
+        while "a" in r.decode:
+            await asyncio.sleep(0.1)    # b's heartbeat period (well under dead_after_s): time must pass
             b.send()
-        assert "a" not in r.decode and r.counters["workers_lost"] == 1
+            assert time.monotonic() < end, "a was never declared lost"
+        assert r.counters["workers_lost"] == 1 and "b" in r.decode
         moved = {m.rid: m for m in b.recv_all()}
         assert set(moved) == {"greedy", "seeded", "fresh"}
         g = moved["greedy"]
@@ -176,14 +181,22 @@ def test_silent_decode_worker_requests_move_with_their_streamed_tokens():
         assert [i.token_ids for i in items] == [[5], []]
         assert items[-1].error_code == "unavailable" and "stop strings" in items[-1].error
         # late tokens from the lost worker are dropped, even if it turns out to be alive
+        handled = []
+        real_handle = r.handle_batch
+
+        def spy(batch):
+            real_handle(batch)
+            handled.append(batch)
+        r.handle_batch = spy
         a.send(messages.TokenItem("greedy", [99]))
         # a batch from another incarnation of b (same id, other endpoint) is not b's
         b.send(messages.TokenItem("greedy", [98]), endpoint="tcp://127.0.0.1:1")
-        await asyncio.sleep(0.2)
+        await await_until(lambda: any(x.worker == "a" for x in handled) and r.counters["stale_batches"] >= 1,
+                          5, "a's late batch and b's stale one handled")
         assert r.counters["stale_batches"] == 1
         b.send(messages.TokenItem("greedy", [4, 5, 6, 7, 8, 9, 10], finish_reason="length",
                                   prompt_tokens=23, cached_tokens=16, completion_tokens=7))
-        await asyncio.sleep(0.2)
+        await await_until(lambda: "greedy" not in r.requests, 5, "greedy to finish")
         items = _drain(greedy.queue)
         assert sum((i.token_ids for i in items), []) == list(range(1, 11))
         last = items[-1]
@@ -220,7 +233,7 @@ def test_token_loop_survives_a_batch_it_cannot_handle():
         a.push.send(messages.TokenBatch("a", [], kv_events=[("stored", b"h" * 16, None)]).encode())
         a.push.send(b"\x93not a batch")
         a.send(messages.TokenItem("x", [2], finish_reason="length"))
-        await asyncio.sleep(0.3)
+        await await_until(lambda: h.queue.qsize() >= 2 and r.bad_messages >= 2, 5, "both batches and both bad ones")
         assert [i.token_ids for i in _drain(h.queue)] == [[1], [2]]
         assert r.bad_messages == 2 and not r._task.done()
     run_router(body)
@@ -229,11 +242,13 @@ def test_token_loop_survives_a_batch_it_cannot_handle():
 def test_deadline_is_enforced_by_the_router():
     async def body(r, fake):
         a = fake("a")
-        h = await r.submit("late", [5] * 8, P, deadline=time.monotonic() + 0.3)
+        h_deadline = time.monotonic() + 0.3
+        h = await r.submit("late", [5] * 8, P, deadline=h_deadline)
         keep = await r.submit("keep", [5] * 8, P)
         assert [m.rid for m in a.recv_all()] == ["late", "keep"]
         a.send()
-        await asyncio.sleep(0.6)
+        await await_until(lambda: "late" not in r.requests, 5, "the router to end the late request")
+        assert time.monotonic() >= h_deadline
         assert a.recv(1000) == ("abort", "late")      # the worker is told to drop it
         (item,) = _drain(h.queue)
         assert item.error_code == "deadline_exceeded"
@@ -349,14 +364,17 @@ class FaultCluster:
     """A Cluster (1 prefill + 2 decode actors) whose router runs in a background loop;
     short fault timers so faults are noticed within seconds."""
 
+    MAX_INFLIGHT_PER_DECODE = 64     # as configured below; restore() puts it back
+
     def __init__(self):
-        from deploy.cluster import Cluster
-        from deploy.config import ServeConfig
+        from deploy.cluster import Cluster, ClusterConfig
+        self.frozen: set[int] = set()     # pids a test stopped (SIGSTOP); restore() thaws them
+        self.router_down = False
         self.loop = asyncio.new_event_loop()
-        self.cluster = Cluster(ServeConfig.simple(
-            MODEL, num_prefill=1, num_decode=2, dtype="float64", engine=dict(ENGINE),
-            router=dict(port=0, disagg_threshold=THRESHOLD, max_inflight_per_decode=64), transfer=dict(timeout_s=3.0),
-            faults=dict(dead_after_s=3.0, orphan_timeout_s=3.0, monitor_interval_s=0.5)))
+        self.cluster = Cluster(ClusterConfig(
+            model=MODEL, port=0, disagg_threshold=THRESHOLD, dtype="float64", engine_kwargs=dict(ENGINE),
+            num_prefill=1, num_decode=2, kv_timeout_s=3.0, dead_after_s=3.0, orphan_timeout_s=3.0,
+            monitor_interval_s=0.5, max_inflight_per_decode=64))
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.call(self.cluster.start(), timeout=300)
@@ -387,10 +405,53 @@ class FaultCluster:
         return ray.get(self.actor(wid).stats.remote(), timeout=60)
 
     def wait_for(self, cond, timeout=60, what="condition"):
-        end = time.monotonic() + timeout
-        while not cond():
-            assert time.monotonic() < end, f"timed out waiting for {what}"
-            time.sleep(0.1)
+        wait_until(cond, timeout, what, interval_s=0.1)
+
+    def workers(self):
+        return [*self.cluster.decode_actors, *self.cluster.prefill_actors]
+
+    def all_stats(self):
+        return {w: self.stats(w) for w in self.workers()}
+
+    def freeze(self, wid):
+        pid = _pid(self, wid)
+        os.kill(pid, signal.SIGSTOP)
+        self.frozen.add(pid)
+        return pid
+
+    def thaw(self, pid):
+        self.frozen.discard(pid)
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:      # killed meanwhile (Ray restarts it as a new process)
+            pass
+
+    def crash_router(self):
+        from deploy.supervisor import crash_router
+        self.router_down = True
+        self.call(crash_router(self.cluster))
+
+    def restart_router(self):
+        from deploy.supervisor import start_router
+        self.call(start_router(self.cluster))
+        self.router_down = False
+        self.channel.close()
+        self.connect()
+
+    def restore(self):
+        """The known state every cluster test starts from, whatever the previous test left:
+        no process frozen, a router serving (restarted if a test left it down), the default
+        in-flight limit, a fresh channel, every worker registered, idle, every block free."""
+        for pid in list(self.frozen):
+            self.thaw(pid)
+        if self.router_down:
+            self.restart_router()
+        else:
+            self.channel.close()
+            self.connect()
+        self.cluster.router.cfg.max_inflight_per_decode = self.MAX_INFLIGHT_PER_DECODE
+        self.wait_for(lambda: all(self.registered().values()), 90, "every worker registered")
+        self.wait_idle(timeout=60)
 
     def wait_idle(self, timeout=30):
         """Until every worker holds no request and no referenced block."""
@@ -417,14 +478,23 @@ class FaultCluster:
 
 
 @pytest.fixture(scope="module")
-def fc():
+def fault_cluster():
     ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
     c = FaultCluster()
     try:
         yield c
     finally:
+        for pid in list(c.frozen):
+            c.thaw(pid)
         c.close()
         ray.shutdown()
+
+
+@pytest.fixture
+def fc(fault_cluster):
+    """The module's cluster, brought back to a known state before the test (restore())."""
+    fault_cluster.restore()
+    return fault_cluster
 
 
 @pytest.fixture(scope="module")
@@ -448,13 +518,18 @@ def _pid(c, wid):
     return ray.get(c.actor(wid).ping.remote(), timeout=60)["pid"]
 
 
+def _grown(after: dict, before: dict, key: str) -> int:
+    """How much a worker's cumulative counter grew during the test."""
+    return after[key] - before[key]
+
+
 def test_cluster_kv_transfer_stalled_past_its_timeout_falls_back(fc, reference):
     """The prefill actor's process is frozen (SIGSTOP) while its transfers are due: the
     decode workers time out, prefill in place, and the outputs are exact; when it thaws,
     whatever it still sends for those transfers is dropped, and it serves again."""
     prompts = _prompts(1, 3, 150, 250)
-    pid = _pid(fc, "prefill-0")
-    os.kill(pid, signal.SIGSTOP)
+    before = fc.all_stats()
+    pid = fc.freeze("prefill-0")
     try:
         with ThreadPoolExecutor(3) as ex:
             results = list(ex.map(lambda p: fc.generate(p, 8), prompts))
@@ -467,15 +542,17 @@ def test_cluster_kv_transfer_stalled_past_its_timeout_falls_back(fc, reference):
         assert (r["route"], r["reason"]) == ("direct", "no_prefill_workers")
         assert r["token_ids"] == reference([fresh], 4)[0]
     finally:
-        os.kill(pid, signal.SIGCONT)
+        fc.thaw(pid)
     fc.wait_for(lambda: fc.registered()["prefill-0"] is not None, 20, "prefill-0 back in routing")
     fc.wait_idle()
-    kv = [fc.stats(w)["kv"] for w in fc.cluster.decode_actors]
-    assert sum(k["timed_out"] for k in kv) == 3 and sum(k["completed"] for k in kv) == 0
-    p = fc.stats("prefill-0")
+    after = fc.all_stats()
+    kv = [(after[w]["kv"], before[w]["kv"]) for w in fc.cluster.decode_actors]
+    assert sum(_grown(a, b, "timed_out") for a, b in kv) == 3 and sum(_grown(a, b, "completed") for a, b in kv) == 0
+    p, p0 = after["prefill-0"], before["prefill-0"]
     # the thawed worker saw the 3 prefills and the decode workers' aborts for them: each
     # was aborted before it ran, or ran and its late KV was dropped by the receiver
-    assert p["requests"] == 3 and p["aborted"] + sum(k["dropped_late"] > 0 for k in kv) >= 1
+    assert _grown(p, p0, "requests") == 3
+    assert _grown(p, p0, "aborted") + sum(_grown(a, b, "dropped_late") > 0 for a, b in kv) >= 1
     again = _prompts(8, 1, 200, 200)[0]    # cached nowhere yet
     r = fc.generate(again, 8)
     assert (r["route"], r["prefill_worker"]) == ("disaggregated", "prefill-0")
@@ -487,10 +564,11 @@ def test_cluster_prefill_actor_killed_mid_transfer_falls_back_and_restarts(fc, r
     killed (frozen first, so the kill lands while every transfer is in flight)."""
     prompts = _prompts(2, 4, 120, 300)
     old_ep = fc.registered()["prefill-0"]
-    os.kill(_pid(fc, "prefill-0"), signal.SIGSTOP)
+    fc.freeze("prefill-0")
     with ThreadPoolExecutor(4) as ex:
         futs = [ex.submit(fc.generate, p, 8) for p in prompts]
-        time.sleep(1.0)         # every request is dispatched and waiting for its KV
+        fc.wait_for(lambda: sum(fc.stats(w)["num_awaiting_kv"] for w in fc.cluster.decode_actors) == len(prompts),
+                    10, "every request dispatched and waiting for its KV")
         ray.kill(fc.actor("prefill-0"), no_restart=False)
         results = [f.result() for f in futs]
     assert [r["token_ids"] for r in results] == reference(prompts, 8)
@@ -512,6 +590,7 @@ def test_cluster_decode_actor_killed_while_streaming_50_requests(fc, reference):
     prompts = _prompts(3, n, 12, 40)
     want = reference(prompts, max_tokens)
     router = fc.cluster.router
+    counters0 = dict(router.counters)
     old_ep = fc.registered()["decode-0"]
     streams = [fc.stub.Generate(build_request(p, max_tokens, temperature=0.0), timeout=180) for p in prompts]
     firsts = [next(s) for s in streams]       # every request is streaming
@@ -534,7 +613,8 @@ def test_cluster_decode_actor_killed_while_streaming_50_requests(fc, reference):
         else:
             assert r["reason"] == "fallback_redispatched"
     moved = sum(w == "decode-0" for w in where.values())
-    assert router.counters["redispatched"] == moved and router.counters["failed_unavailable"] == 0
+    assert router.counters["redispatched"] - counters0["redispatched"] == moved
+    assert router.counters["failed_unavailable"] == counters0["failed_unavailable"]
     fc.wait_for(lambda: fc.registered()["decode-0"] not in (None, old_ep), 60, "decode-0 re-registered")
     more = _prompts(4, 6, 10, 30)
     with ThreadPoolExecutor(6) as ex:
@@ -561,7 +641,7 @@ def test_cluster_admission_control_gives_resource_exhausted_at_once(fc):
         for s in streams:
             s.cancel()
     finally:
-        router.cfg.max_inflight_per_decode = 64
+        router.cfg.max_inflight_per_decode = fc.MAX_INFLIGHT_PER_DECODE
     fc.wait_idle()
     assert len(fc.generate(prompts[2], 4)["token_ids"]) == 4
 
@@ -570,13 +650,13 @@ def test_cluster_router_restart(fc, reference):
     """The router goes away mid-stream: clients get UNAVAILABLE (no hang), the workers free
     the orphaned requests' blocks within their orphan timeout, and a new router (new epoch)
     re-attaches the same actors and serves exactly."""
-    from deploy.supervisor import crash_router, start_router
     prompts = _prompts(6, 4, 20, 200)
+    before = fc.all_stats()
     streams = [fc.stub.Generate(build_request(p, 1500, temperature=0.0), timeout=60) for p in prompts]
     for s in streams:
         next(s)
     old_epoch = fc.cluster.router.epoch
-    fc.call(crash_router(fc.cluster))
+    fc.crash_router()
     t0 = time.monotonic()
     for s in streams:
         with pytest.raises(grpc.RpcError) as e:
@@ -588,11 +668,9 @@ def test_cluster_router_restart(fc, reference):
     assert time.monotonic() - t0 < 10
     # no router pings or requests any more: orphan_timeout_s (3 s) later the blocks are free
     fc.wait_idle(timeout=15)
-    assert sum(fc.stats(w)["orphaned"] for w in fc.cluster.decode_actors) == 4
-    fc.call(start_router(fc.cluster))
+    assert sum(_grown(fc.stats(w), before[w], "orphaned") for w in fc.cluster.decode_actors) == 4
+    fc.restart_router()
     assert fc.cluster.router.epoch != old_epoch
-    fc.channel.close()
-    fc.connect()
     assert all(fc.registered().values())
     with ThreadPoolExecutor(4) as ex:
         results = list(ex.map(lambda p: fc.generate(p, 12), prompts))

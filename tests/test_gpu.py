@@ -6,7 +6,7 @@ import importlib.util
 import pytest
 import torch
 
-from conftest import assert_no_leaks
+from helpers import assert_no_leaks
 from engine import LLM, SamplingParams
 
 pytestmark = [pytest.mark.gpu,

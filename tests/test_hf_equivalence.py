@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import hf_greedy, run_to_completion
+from helpers import hf_greedy, run_to_completion
 from engine import SamplingParams
 
 PARAGRAPH = ("The history of the printing press begins in the fifteenth century, when movable type "

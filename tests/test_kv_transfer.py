@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import kv_transfer as kt
-from conftest import run_to_completion
+from helpers import run_to_completion
 from engine import SamplingParams
 from kv_transfer import wire
 from kv_transfer.wire import KVLayout, Reservation, UnknownRequestError, WireError
@@ -171,7 +171,7 @@ def test_transfer_time_sums_count_completed_transfers_only(pair):
     rx, tx, _ = pair(layout)
     assert (rx.stats["seconds"], rx.stats["wire_seconds"]) == (0.0, 0.0)
     rx.expect("t", [2, 3], deadline=time.monotonic() + 10)
-    time.sleep(0.1)                              # the prefill runs: waiting, but nothing on the wire
+    time.sleep(0.1)     # (kept: the time is what is measured) the prefill runs: waiting, nothing on the wire
     for layer in range(layout.num_layers):
         tx.send_layer("t", layer, [2, 3], torch.ones(layout.block_shape(2)))
     tx.send_done("t", 1, layout.num_layers)

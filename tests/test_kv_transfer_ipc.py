@@ -357,11 +357,10 @@ def test_workers_disaggregate_over_cuda_ipc_and_abort_mid_transfer_without_leaks
     cudaipc:// endpoint; the prefill worker copies straight into its cache; greedy tokens
     equal a single engine's; a request aborted while its transfer is granted keeps its
     blocks until the sender is fenced, then frees them."""
-    from conftest import assert_no_leaks
     from decode_worker import DecodeWorker
     from engine import LLM
+    from helpers import EKW, MODEL, PARAMS, PROMPT, FakeRouter, assert_no_leaks, drive, gen
     from prefill_worker import PrefillWorker
-    from test_workers import EKW, MODEL, PARAMS, PROMPT, FakeRouter, drive, gen
     from planes import messages
 
     want = LLM(MODEL, **EKW).generate([list(PROMPT)], PARAMS)[0].token_ids
@@ -428,10 +427,9 @@ def test_gpu_two_processes_on_one_gpu_equal_in_place_prefill(stall):
     Over cuda_ipc the disaggregated request's greedy tokens equal the in-place ones; a
     sender stopped (SIGSTOP) after its grant is declared lost and the decode worker
     prefills in place, with the same tokens; no block leaks on either side."""
-    from conftest import assert_no_leaks
     from decode_worker import DecodeWorker
     from engine import LLM, SamplingParams
-    from test_workers import FakeRouter, drive, gen
+    from helpers import FakeRouter, assert_no_leaks, drive, gen, wait_until
 
     params = SamplingParams(max_tokens=16, ignore_eos=True)
     prompt = [(i * 7919) % 30000 + 10 for i in range(700)]
@@ -463,15 +461,15 @@ def test_gpu_two_processes_on_one_gpu_equal_in_place_prefill(stall):
         else:
             assert fin.fallback is None and kv["completed"] == 1 and dw.stats()["disaggregated"] == 1
         assert_no_leaks(dw.engine)
-        end = time.monotonic() + 60
-        while True:   # the prefill side lets go of its blocks too (after its done or its abort)
+        last = {}
+
+        def prefill_idle():     # the prefill side lets go of its blocks too (after its done or its abort)
             proc.stdin.write("stats\n")
             proc.stdin.flush()
-            st = json.loads(proc.stdout.readline())
-            if st["idle"] and st["in_flight"] == 0 and st["blocks_in_use"] == 0:
-                break
-            assert time.monotonic() < end, st
-            time.sleep(0.2)
+            st = last["st"] = json.loads(proc.stdout.readline())
+            return st["idle"] and st["in_flight"] == 0 and st["blocks_in_use"] == 0
+        wait_until(prefill_idle, 60, "the prefill process idle with no block in use", interval_s=0.2)
+        st = last["st"]
         assert st["completed"] == (0 if stall else 1)
     finally:
         if proc.poll() is None:

@@ -282,11 +282,10 @@ def test_workers_disaggregate_over_the_nccl_backend_and_equal_a_single_engine():
     """A decode worker built with kv_backend="nccl" (gloo pairs on CPU) advertises an
     nccl:// KV endpoint; the prefill worker picks the backend from that endpoint; the
     disaggregated request's greedy tokens equal a single engine's."""
-    from conftest import assert_no_leaks
     from decode_worker import DecodeWorker
     from engine import LLM
+    from helpers import EKW, MODEL, PARAMS, PROMPT, FakeRouter, assert_no_leaks, drive, gen
     from prefill_worker import PrefillWorker
-    from test_workers import EKW, MODEL, PARAMS, PROMPT, FakeRouter, drive, gen
 
     want = LLM(MODEL, **EKW).generate([list(PROMPT)], PARAMS)[0].token_ids
     router = FakeRouter()

@@ -11,12 +11,12 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 import grpc
 import pytest
 
 from deploy.client import build_request
+from helpers import wait_until
 from pdserve_api.v1 import pdserve_pb2_grpc as pb_grpc
 
 psutil = pytest.importorskip("psutil")
@@ -108,10 +108,7 @@ def test_sigterm_drains_streams_and_stops_everything(tmp_path):
         start_log = err_path.read_text()
         proc.send_signal(signal.SIGTERM)
 
-        deadline = time.monotonic() + 10
-        while _health(grpc_port) != "NOT_SERVING":
-            assert time.monotonic() < deadline, "health did not turn NOT_SERVING"
-            time.sleep(0.1)
+        wait_until(lambda: _health(grpc_port) == "NOT_SERVING", 10, "health to turn NOT_SERVING", interval_s=0.1)
         c = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0)
         with pytest.raises(openai.APIStatusError) as e:
             c.completions.create(model=MODEL, prompt="late", max_tokens=2)

@@ -9,12 +9,12 @@ import asyncio
 import http.client
 import json
 import threading
-import time
 
 import grpc
 import pytest
 
 from deploy.client import build_request, collect
+from helpers import wait_until
 from pdserve_api.v1 import pdserve_pb2_grpc as pb_grpc
 
 openai = pytest.importorskip("openai")
@@ -62,17 +62,20 @@ class ClusterThread:
 
     def wait_idle(self, timeout=30):
         """Until the router and every worker hold no request and no referenced block."""
-        deadline = time.monotonic() + timeout
-        while True:
-            stats = self.call(self.cluster.worker_stats())
-            busy = {w: s for w, s in stats.items()
-                    if s["num_running"] or s["num_waiting"] or s["num_awaiting_kv"]
-                    or s["num_free_blocks"] != s["num_blocks"]}
-            if not busy and not self.cluster.router.requests:
-                return stats
-            if time.monotonic() > deadline:
-                raise AssertionError(f"still busy: {busy}, router: {list(self.cluster.router.requests)}")
-            time.sleep(0.2)
+        last = {}
+
+        def idle():
+            last["stats"] = stats = self.call(self.cluster.worker_stats())
+            last["busy"] = {w: s for w, s in stats.items()
+                            if s["num_running"] or s["num_waiting"] or s["num_awaiting_kv"]
+                            or s["num_free_blocks"] != s["num_blocks"]}
+            return not last["busy"] and not self.cluster.router.requests
+        try:
+            wait_until(idle, timeout, "idle router and workers", interval_s=0.2)
+        except AssertionError as e:
+            raise AssertionError(f"{e}; still busy: {last.get('busy')}, router: {list(self.cluster.router.requests)}") \
+                from None
+        return last["stats"]
 
     def close(self):
         self.grpc.close()

@@ -17,7 +17,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from conftest import assert_no_leaks, run_to_completion  # noqa: E402
+from helpers import assert_no_leaks, run_to_completion  # noqa: E402
 from engine import LLMEngine, SamplingParams  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
 

@@ -190,7 +190,7 @@ def test_config_rejects_bad_quant_options(bad):
 
 @pytest.mark.parametrize("method,lm_head", [("int8", None), ("fp8", None), ("fp8", True), ("int8", False)])
 def test_engine_quantization_option_on_random_model(make_engine, method, lm_head):
-    from conftest import run_to_completion
+    from helpers import run_to_completion
 
     from engine import SamplingParams
 
@@ -291,7 +291,7 @@ def test_quantized_lm_head_logits_equal_dequantized_matmul(tied, method, use_tri
 
 
 def test_engine_fp8_kv_cache_option(make_engine):
-    from conftest import run_to_completion
+    from helpers import run_to_completion
 
     from engine import SamplingParams
 

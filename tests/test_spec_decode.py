@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from conftest import run_to_completion
+from helpers import run_to_completion
 from engine import LLMEngine, SamplingParams
 from engine.block_manager import hash_prefix_blocks
 from engine.spec_decode import (NgramProposer, SpecController, SpecTuning, expected_tokens, rejection_sample,

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import sys
 import time
-from collections import defaultdict
 
 import msgpack
 import pytest
@@ -15,17 +14,12 @@ import torch
 import zmq
 
 import kv_transfer as kt
-from conftest import assert_no_leaks
 from decode_worker import DecodeWorker
 from engine import LLM, SamplingParams
+from helpers import EKW, MODEL, PARAMS, PROMPT, FakeRouter, assert_no_leaks, drive, gen, settle, wait_until
 from kv_transfer.wire import KVLayout
-from prefill_worker import PrefillWorker
 from planes import messages
-
-MODEL = "random:tiny"
-EKW = dict(num_kv_blocks=64)            # 64 blocks of 16 tokens
-PROMPT = [(i * 7919) % 49000 + 10 for i in range(75)]
-PARAMS = SamplingParams(max_tokens=12, ignore_eos=True)
+from prefill_worker import PrefillWorker
 
 
 @pytest.fixture(scope="module")
@@ -41,58 +35,6 @@ def expected():
             cache[key] = (out.token_ids, out.text)
         return cache[key]
     return get
-
-
-class FakeRouter:
-    """The router's side of the planes: a PULL for token batches, a PUSH per worker."""
-
-    def __init__(self):
-        ctx = zmq.Context.instance()
-        self.pull = ctx.socket(zmq.PULL)
-        self.pull.setsockopt(zmq.LINGER, 0)
-        self.pull.bind("tcp://127.0.0.1:*")
-        self.endpoint = self.pull.getsockopt(zmq.LAST_ENDPOINT).decode()
-        self.pushes = {}
-        self.batches: list[messages.TokenBatch] = []
-        self.tokens = defaultdict(list)
-        self.text = defaultdict(str)
-        self.final: dict[str, messages.TokenItem] = {}
-
-    def send(self, endpoint, data, *more):
-        s = self.pushes.get(endpoint)
-        if s is None:
-            s = self.pushes[endpoint] = zmq.Context.instance().socket(zmq.PUSH)
-            s.setsockopt(zmq.LINGER, 0)
-            s.connect(endpoint)
-        s.send_multipart([data, *more]) if more else s.send(data)
-
-    def collect(self):
-        while True:
-            try:
-                buf = self.pull.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            b = messages.decode_tokens(buf)
-            self.batches.append(b)
-            for it in b.items:
-                assert it.rid not in self.final, f"item after the final one for {it.rid}"
-                self.tokens[it.rid] += it.token_ids
-                self.text[it.rid] += it.text
-                if it.finish_reason is not None:
-                    self.final[it.rid] = it
-
-    @property
-    def kv_events(self):
-        return [e for b in self.batches for e in b.kv_events]
-
-    def close(self):
-        for s in self.pushes.values():
-            s.close(0)
-        self.pull.close(0)
-
-
-def gen(rid, prompt=PROMPT, params=PARAMS, **kw) -> bytes:
-    return messages.GenerateMsg(rid, list(prompt), params, **kw).encode()
 
 
 @pytest.fixture
@@ -123,28 +65,6 @@ def cluster():
         for w in made:
             w.stop()
         router.close()
-
-
-def drive(router, dw, pw, until, timeout_s=15.0):
-    """Run both loops synchronously until until() holds."""
-    end = time.monotonic() + timeout_s
-    while True:
-        dw.run_once(5)
-        if pw is not None:
-            pw.run_once(0)
-        router.collect()
-        if until():
-            return
-        assert time.monotonic() < end, f"timed out; decode={dw.stats()} final={router.final}"
-
-
-def settle(router, dw, pw, n=20):
-    """A few idle iterations, so in-flight messages (aborts, late KV) are processed."""
-    for _ in range(n):
-        dw.run_once(2)
-        if pw is not None:
-            pw.run_once(2)
-        router.collect()
 
 
 # ---- serving -------------------------------------------------------------------------------------
@@ -459,11 +379,7 @@ def test_threaded_workers_heartbeat_and_drain(cluster, expected):
     pw.start()
 
     def wait(cond, timeout_s=15):
-        end = time.monotonic() + timeout_s
-        while not cond():
-            router.collect()
-            assert time.monotonic() < end
-            time.sleep(0.01)
+        wait_until(lambda: router.collect() or cond(), timeout_s, "the workers' token batches", interval_s=0.01)
 
     router.send(req_ep, gen("a", mode="disagg", prefill_endpoint=pf_ep))
     router.send(req_ep, gen("b"))
@@ -493,7 +409,7 @@ def test_heartbeats_continue_through_a_long_engine_step(cluster, expected, monke
     def slow_step():
         if slow["left"]:
             slow["left"] -= 1
-            time.sleep(2.5)
+            time.sleep(2.5)     # (kept) the long step is what the test is about
         return real_step()
 
     monkeypatch.setattr(dw.engine, "step", slow_step)
@@ -506,7 +422,7 @@ def test_heartbeats_continue_through_a_long_engine_step(cluster, expected, monke
         router.collect()
         arrivals += [time.monotonic()] * (len(router.batches) - n)
         assert time.monotonic() < end
-        time.sleep(0.02)
+        time.sleep(0.02)    # (kept) the sampling period of the arrival times measured here
     assert router.tokens["a"] == expected()[0]
     gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
     assert gaps and max(gaps) < 1.6, f"token plane silent for {max(gaps):.1f}s during a 2.5 s step"
