@@ -210,14 +210,17 @@ CLUSTER_THRESHOLD = 64
 class ClusterThread:
     """Runs a Cluster's asyncio loop (router + gRPC server) in a background thread."""
 
-    def __init__(self, **cfg):
+    def __init__(self, num_prefill=1, num_decode=1, router=None, **sections):
         import grpc
 
-        from deploy.cluster import Cluster, ClusterConfig
+        from deploy.cluster import Cluster
+        from deploy.config import ServeConfig
         from pdserve_api.v1 import pdserve_pb2_grpc as pb_grpc
         self.loop = asyncio.new_event_loop()
-        self.cluster = Cluster(ClusterConfig(model=MODEL, port=0, disagg_threshold=CLUSTER_THRESHOLD,
-                                             dtype="float64", engine_kwargs=dict(CLUSTER_ENGINE), **cfg))
+        # Fixed pools unless controller.enabled; config sections as a file gives them.
+        self.cluster = Cluster(ServeConfig.simple(
+            MODEL, num_prefill, num_decode, dtype="float64", engine=dict(CLUSTER_ENGINE),
+            router={"port": 0, "disagg_threshold": CLUSTER_THRESHOLD, **(router or {})}, **sections))
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.call(self.cluster.start(), timeout=300)

@@ -367,14 +367,15 @@ class FaultCluster:
     MAX_INFLIGHT_PER_DECODE = 64     # as configured below; restore() puts it back
 
     def __init__(self):
-        from deploy.cluster import Cluster, ClusterConfig
+        from deploy.cluster import Cluster
+        from deploy.config import ServeConfig
         self.frozen: set[int] = set()     # pids a test stopped (SIGSTOP); restore() thaws them
         self.router_down = False
         self.loop = asyncio.new_event_loop()
-        self.cluster = Cluster(ClusterConfig(
-            model=MODEL, port=0, disagg_threshold=THRESHOLD, dtype="float64", engine_kwargs=dict(ENGINE),
-            num_prefill=1, num_decode=2, kv_timeout_s=3.0, dead_after_s=3.0, orphan_timeout_s=3.0,
-            monitor_interval_s=0.5, max_inflight_per_decode=64))
+        self.cluster = Cluster(ServeConfig.simple(
+            MODEL, num_prefill=1, num_decode=2, dtype="float64", engine=dict(ENGINE),
+            router=dict(port=0, disagg_threshold=THRESHOLD, max_inflight_per_decode=64), transfer=dict(timeout_s=3.0),
+            faults=dict(dead_after_s=3.0, orphan_timeout_s=3.0, monitor_interval_s=0.5)))
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.call(self.cluster.start(), timeout=300)
