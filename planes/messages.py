@@ -203,7 +203,7 @@ def encode_abort(rid: str) -> bytes:
     return pack({"v": VERSION, "type": "abort", "rid": rid})
 
 
-def encode_shutdown() -> bytes:
+def encode_drain() -> bytes:
     return pack({"v": VERSION, "type": "drain"})
 
 

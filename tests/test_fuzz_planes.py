@@ -32,7 +32,7 @@ VALID_REQUESTS = [
     messages.PrefillMsg("r3", "r3#1", list(range(50)), PARAMS, "ipc:///tmp/kv.sock", [4, 5, 6, 7], 0,
                         "tcp://127.0.0.1:6000", b"s").encode(),
     messages.encode_abort("r4"),
-    messages.encode_shutdown(),
+    messages.encode_drain(),
     messages.encode_prefill_failed("r5#2"),
 ]
 VALID_BATCH = messages.TokenBatch(

@@ -389,7 +389,7 @@ def test_threaded_workers_heartbeat_and_drain(cluster, expected):
     wait(lambda: len(router.batches) >= n + 2)     # idle heartbeats, about every 0.5 s
     hb = router.batches[-1]
     assert hb.items == [] and hb.load["free_blocks"] == 64 and hb.load["running"] == 0
-    router.send(req_ep, messages.encode_shutdown())
+    router.send(req_ep, messages.encode_drain())
     router.send(req_ep, gen("c"))
     wait(lambda: "c" in router.final)
     assert router.final["c"].error_code == "unavailable"
