@@ -66,7 +66,7 @@ def _error_code(e: BaseException) -> str:
 @dataclass
 class _Req:
     rid: str
-    mode: str                       # "direct" | "disagg" (as asked; fallback says what happened)
+    mode: str                       # "direct" | "disaggregated" (as asked; fallback says what happened)
     kv_key: str | None = None       # current transfer, while awaiting KV
     prefill_endpoint: str | None = None
     deadline: float = 0.0
@@ -329,7 +329,7 @@ class DecodeWorker(WorkerBase):
             return
         req = self._reqs[rid] = _Req(rid, msg.mode)
         try:
-            if msg.mode == "disagg":
+            if msg.mode == "disaggregated":
                 if not msg.prefill_endpoint:
                     req.fallback = "no_prefill_endpoint"
                 elif self._start_disagg(req, msg):

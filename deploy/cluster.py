@@ -359,10 +359,6 @@ class Cluster:
 async def serve_forever(cfg: ServeConfig) -> None:
     """Serve until SIGTERM or SIGINT, then drain (cfg.router.shutdown_grace_s), stop the workers and
     the controller, and shut down the local Ray instance, so nothing is left running."""
-    try:
-        import uvloop  # noqa: F401  (the policy is installed by the caller)
-    except ImportError:
-        pass
     import ray
     quiet_ray_auth_notice()
     loop = asyncio.get_running_loop()

@@ -63,7 +63,8 @@ class Member:
 
 
 @dataclass
-class Decision:
+class ScalingEvent:
+    """One scaling decision or pool event, as logged and reported (decision_log)."""
     time: float                     # wall clock, for logs and plots
     pool: str
     delta: int
@@ -85,7 +86,7 @@ class PoolController:
         self._ids = {k: itertools.count() for k in POOLS}
         self._report: dict | None = None
         self._report_at = -1e18
-        self.decisions: collections.deque[Decision] = collections.deque(maxlen=MAX_DECISIONS)
+        self.decisions: collections.deque[ScalingEvent] = collections.deque(maxlen=MAX_DECISIONS)
         self.history: collections.deque[dict] = collections.deque(maxlen=MAX_HISTORY)
         self.last_load: dict[str, PoolLoad] = {}
         self.counts: dict[tuple[str, str, str], int] = {}   # (pool, direction, reason) -> n, for metrics
@@ -217,7 +218,7 @@ class PoolController:
             victim.state, victim.since = "draining", self.clock()
             self._bump()
             workers = [victim.worker_id]
-        rec = Decision(self.wall(), kind, d.delta, d.reason, d.detail, before, workers)
+        rec = ScalingEvent(self.wall(), kind, d.delta, d.reason, d.detail, before, workers)
         self.decisions.append(rec)
         direction = "up" if d.delta > 0 else "down"
         key = (kind, direction, d.reason)
@@ -303,7 +304,7 @@ class PoolController:
         # its starting + active members with the failed one (the caller may have removed it).
         live = self.pool_members(m.kind, "starting") + self.pool_members(m.kind, "active")
         before = len(live) + all(x is not m for x in live)
-        self.decisions.append(Decision(self.wall(), m.kind, 0, reason, f"worker {m.worker_id}", before,
+        self.decisions.append(ScalingEvent(self.wall(), m.kind, 0, reason, f"worker {m.worker_id}", before,
                                        [m.worker_id]))
         key = (m.kind, "failed", reason)
         self.counts[key] = self.counts.get(key, 0) + 1

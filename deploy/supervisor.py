@@ -19,8 +19,8 @@ actor over Ray's control plane (never per token) and, per actor:
 The pings double as the router's sign of life to decode workers, which drop their
 requests after ``orphan_timeout_s`` without one (DecodeWorker.router_contact).
 
-:func:`restart_router` replaces the router and its gRPC server in place, keeping the
-actors: what a restarted router process looks like to the workers (new epoch).
+:func:`start_router` builds a new router and gRPC server in place of a dead one, keeping
+the actors: what a restarted router process looks like to the workers (new epoch).
 """
 from __future__ import annotations
 
@@ -116,26 +116,9 @@ class Supervisor:
         log.info("supervisor: %s %s registered at %s (token plane: %s)", kind, wid, endpoint, info.get("token_plane"))
 
 
-async def restart_router(cluster) -> None:
-    """Replace the router and its gRPC server (same port), keeping the worker actors.
-    Streams of the old router end with UNAVAILABLE; the workers drop its requests when
-    they are attached to the new epoch (or, if no new router comes, after their orphan
-    timeout). Use crash_router + start_router to observe the gap in between."""
-    await crash_router(cluster)
-    await start_router(cluster)
-
-
-async def crash_router(cluster) -> None:
-    """Stop the router as a dying router process would look to everyone else: no more
-    pings or requests to the workers, no gRPC port; its clients get UNAVAILABLE."""
-    if cluster.supervisor is not None:
-        await cluster.supervisor.stop()
-    cluster.router.fail_all("unavailable", "router restarting")
-    await cluster.server.stop(0)
-    await cluster.router.close()
-
-
 async def start_router(cluster) -> None:
+    """A new router (new epoch) and gRPC server on the same port, after the old one died;
+    the supervisor attaches and registers every live worker before it serves."""
     from router.core import Router
     from router.server import start_grpc_server
 

@@ -161,7 +161,7 @@ def params_from_wire(d) -> SamplingParams:
 
 @dataclass
 class GenerateMsg:
-    """router -> decode worker. mode "direct": prefill in place; "disagg": reserve blocks
+    """router -> decode worker. mode "direct": prefill in place; "disaggregated": reserve blocks
     and have `prefill_endpoint` compute the prompt and ship its KV here."""
     rid: str
     prompt_ids: list[int]
@@ -220,8 +220,8 @@ def decode_request(buf: bytes):
         raise PlaneError("cache_salt: expected at most 64 bytes")
     if t == "generate":
         mode = m.get("mode")
-        if mode not in ("direct", "disagg"):
-            raise PlaneError(f"mode: expected 'direct' or 'disagg', got {mode!r}")
+        if mode not in ("direct", "disaggregated"):
+            raise PlaneError(f"mode: expected 'direct' or 'disaggregated', got {mode!r}")
         to = m.get("kv_timeout_s", 30.0)
         if type(to) not in (int, float) or not 0 < to <= 3600:   # NaN fails the comparison
             raise PlaneError("kv_timeout_s: expected a number in (0, 3600]")

@@ -255,7 +255,7 @@ class Router:
                                    kv_timeout_s=self.cfg.kv_timeout_s)
         if d.kind == "disaggregated":
             pw = self.prefill[d.prefill_worker]
-            msg.mode, msg.prefill_endpoint, msg.prefill_worker = "disagg", pw.request_endpoint, pw.worker_id
+            msg.mode, msg.prefill_endpoint, msg.prefill_worker = "disaggregated", pw.request_endpoint, pw.worker_id
             h.prefill_pending = d.uncached_tokens
             pw.queued_tokens += d.uncached_tokens
             pw.inflight.add(rid)

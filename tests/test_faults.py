@@ -296,7 +296,7 @@ def test_decode_worker_drops_requests_of_a_silent_or_replaced_router(token_sinks
         silent_prefill = "tcp://127.0.0.1:9"
 
         def waiting(rid, tok):
-            return messages.GenerateMsg(rid, [tok] * 40, PARAMS_LONG, mode="disagg", kv_timeout_s=60,
+            return messages.GenerateMsg(rid, [tok] * 40, PARAMS_LONG, mode="disaggregated", kv_timeout_s=60,
                                         prefill_endpoint=silent_prefill).encode()
         push.send(waiting("r1", 5))
         end = time.monotonic() + 30
@@ -428,9 +428,15 @@ class FaultCluster:
             pass
 
     def crash_router(self):
-        from deploy.supervisor import crash_router
+        """Stop the router as a dying router process looks to everyone else: no more pings
+        or requests to the workers, no gRPC port; its clients get UNAVAILABLE."""
+        async def crash(cluster):
+            await cluster.supervisor.stop()
+            cluster.router.fail_all("unavailable", "router restarting")
+            await cluster.server.stop(0)
+            await cluster.router.close()
         self.router_down = True
-        self.call(crash_router(self.cluster))
+        self.call(crash(self.cluster))
 
     def restart_router(self):
         from deploy.supervisor import start_router

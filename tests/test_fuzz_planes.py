@@ -27,7 +27,7 @@ PARAMS = SamplingParams(max_tokens=8, temperature=0.5, top_p=0.9, top_k=20, seed
                         stop_token_ids=[2], logprobs=True)
 VALID_REQUESTS = [
     messages.GenerateMsg("r1", [1, 2, 3, 4], PARAMS).encode(),
-    messages.GenerateMsg("r2", list(range(40)), SamplingParams(), mode="disagg", prefill_endpoint="tcp://10.0.0.2:5000",
+    messages.GenerateMsg("r2", list(range(40)), SamplingParams(), mode="disaggregated", prefill_endpoint="tcp://10.0.0.2:5000",
                          prefill_worker="prefill-0", cache_salt=b"tenant", kv_timeout_s=5.0).encode(),
     messages.PrefillMsg("r3", "r3#1", list(range(50)), PARAMS, "ipc:///tmp/kv.sock", [4, 5, 6, 7], 0,
                         "tcp://127.0.0.1:6000", b"s").encode(),
@@ -72,7 +72,7 @@ def _check_request(msg) -> None:
     assert type(p.logprobs) is bool and type(p.ignore_eos) is bool
     assert type(p.stop) is list and type(p.stop_token_ids) is list
     if isinstance(msg, messages.GenerateMsg):
-        assert msg.mode in ("direct", "disagg") and 0 < msg.kv_timeout_s <= 3600
+        assert msg.mode in ("direct", "disaggregated") and 0 < msg.kv_timeout_s <= 3600
     else:
         assert type(msg.dst_block_ids) is list and type(msg.first_block) is int
 
@@ -127,7 +127,7 @@ DECODERS = [_request_or_error, _tokens_or_error, _header_or_error]
 def test_valid_messages_round_trip():
     g = messages.decode_request(VALID_REQUESTS[1])
     assert (g.rid, g.prompt_ids, g.mode, g.prefill_endpoint, g.cache_salt, g.kv_timeout_s) == \
-        ("r2", list(range(40)), "disagg", "tcp://10.0.0.2:5000", b"tenant", 5.0)
+        ("r2", list(range(40)), "disaggregated", "tcp://10.0.0.2:5000", b"tenant", 5.0)
     p = messages.decode_request(VALID_REQUESTS[2])
     assert (p.kv_key, p.dst_block_ids, p.reply_to, p.params) == ("r3#1", [4, 5, 6, 7], "tcp://127.0.0.1:6000", PARAMS)
     assert [messages.decode_request(b) for b in VALID_REQUESTS[3:]] == \

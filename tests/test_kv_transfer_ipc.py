@@ -370,14 +370,14 @@ def test_workers_disaggregate_over_cuda_ipc_and_abort_mid_transfer_without_leaks
     try:
         assert dw.endpoints()["kv"].startswith("cudaipc://")
         assert pw.engine.runner.decode_graphs is None
-        router.send(dw.endpoints()["request"], gen("r1", mode="disagg", prefill_endpoint=pw.endpoints()["request"]))
+        router.send(dw.endpoints()["request"], gen("r1", mode="disaggregated", prefill_endpoint=pw.endpoints()["request"]))
         drive(router, dw, pw, lambda: "r1" in router.final, timeout_s=60)
         fin = router.final["r1"]
         assert router.tokens["r1"] == want and (fin.error, fin.fallback) == (None, None)
         kv = dw.stats()["kv"]
         assert kv["completed"] == 1 and kv["grants"] == 1 and kv["layers_written"] == dw.num_layers
         # Abort once granted but before the prefill ran: blocks held, then released.
-        router.send(dw.endpoints()["request"], gen("r2", mode="disagg", prefill_endpoint=pw.endpoints()["request"]))
+        router.send(dw.endpoints()["request"], gen("r2", mode="disaggregated", prefill_endpoint=pw.endpoints()["request"]))
         end = time.monotonic() + 30
         while not dw.receiver._claims:
             dw.run_once(5)
@@ -446,7 +446,7 @@ def test_gpu_two_processes_on_one_gpu_equal_in_place_prefill(stall):
     try:
         eps = json.loads(proc.stdout.readline())
         assert dw.endpoints()["kv"].startswith("cudaipc://")   # auto on a GPU, peer on this host
-        router.send(dw.endpoints()["request"], gen("g1", prompt, params, mode="disagg",
+        router.send(dw.endpoints()["request"], gen("g1", prompt, params, mode="disaggregated",
                                                    prefill_endpoint=eps["request"]))
         if stall:
             drive(router, dw, None, lambda: bool(dw.receiver._claims), timeout_s=120)

@@ -293,7 +293,7 @@ def test_workers_disaggregate_over_the_nccl_backend_and_equal_a_single_engine():
     pw = PrefillWorker("p0", MODEL, engine_kwargs=EKW)
     try:
         assert dw.endpoints()["kv"].startswith("nccl://") and "pg=gloo" in dw.endpoints()["kv"]
-        router.send(dw.endpoints()["request"], gen("r1", mode="disagg", prefill_endpoint=pw.endpoints()["request"]))
+        router.send(dw.endpoints()["request"], gen("r1", mode="disaggregated", prefill_endpoint=pw.endpoints()["request"]))
         drive(router, dw, pw, lambda: "r1" in router.final, timeout_s=60)
         fin = router.final["r1"]
         assert router.tokens["r1"] == want and (fin.error, fin.fallback) == (None, None)

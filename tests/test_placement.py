@@ -172,7 +172,7 @@ def test_wait_started_fails_only_an_actor_that_is_not_placed():
 def test_controller_counts_an_unplaceable_scale_up_and_fails_an_unplaceable_start():
     from deploy.config import ControllerSection
     from deploy.controller import PoolController
-    from test_autoscale import FakeClock, FakeSpawner, _dw, _pools, _pw, _report
+    from helpers import FakeClock, FakeSpawner, decode_entry as _dw, pools_config as _pools, prefill_entry as _pw, pool_report as _report
 
     class Spawner(FakeSpawner):
         async def ready(self, w):

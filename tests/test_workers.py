@@ -92,7 +92,7 @@ def test_disaggregated_request_equals_single_engine(cluster, expected, prefill_c
     # Warm the decode worker's prefix cache with 2 full blocks of the prompt.
     router.send(req_ep, gen("warm", PROMPT[:40], SamplingParams(max_tokens=1)))
     drive(router, dw, pw, lambda: "warm" in router.final)
-    router.send(req_ep, gen("r1", mode="disagg", prefill_endpoint=pw.endpoints()["request"]))
+    router.send(req_ep, gen("r1", mode="disaggregated", prefill_endpoint=pw.endpoints()["request"]))
     drive(router, dw, pw, lambda: "r1" in router.final)
     fin = router.final["r1"]
     assert router.tokens["r1"] == expected()[0]
@@ -110,11 +110,11 @@ def test_mixed_batch_direct_and_disaggregated(cluster, expected):
     router, dw, pw = cluster()
     req_ep, pf_ep = dw.endpoints()["request"], pw.endpoints()["request"]
     other = [(i * 104729) % 40000 + 7 for i in range(50)]
-    router.send(req_ep, gen("a", mode="disagg", prefill_endpoint=pf_ep))
+    router.send(req_ep, gen("a", mode="disaggregated", prefill_endpoint=pf_ep))
     router.send(req_ep, gen("b", other))
     router.send(req_ep, gen("c", other[:20], SamplingParams(max_tokens=5, ignore_eos=True),
-                            mode="disagg", prefill_endpoint=pf_ep))
-    router.send(req_ep, gen("one", params=SamplingParams(max_tokens=1), mode="disagg", prefill_endpoint=pf_ep))
+                            mode="disaggregated", prefill_endpoint=pf_ep))
+    router.send(req_ep, gen("one", params=SamplingParams(max_tokens=1), mode="disaggregated", prefill_endpoint=pf_ep))
     drive(router, dw, pw, lambda: len(router.final) == 4)
     assert router.tokens["one"] == expected()[0][:1] and router.final["one"].completion_tokens == 1
     assert router.tokens["a"] == expected()[0]
@@ -130,7 +130,7 @@ def test_prefill_that_never_answers_falls_back_to_in_place_prefill(cluster, expe
     dead.bind(f"ipc://{tmp_path}/dead.sock")
     try:
         t0 = time.monotonic()
-        router.send(dw.endpoints()["request"], gen("r1", mode="disagg", prefill_endpoint=f"ipc://{tmp_path}/dead.sock"))
+        router.send(dw.endpoints()["request"], gen("r1", mode="disaggregated", prefill_endpoint=f"ipc://{tmp_path}/dead.sock"))
         drive(router, dw, None, lambda: "r1" in router.final)
         assert time.monotonic() - t0 >= 0.5
         fin = router.final["r1"]
@@ -155,15 +155,15 @@ def test_prefill_failed_message_falls_back_at_once(cluster, expected, tmp_path):
     dead.setsockopt(zmq.LINGER, 0)
     dead.bind(f"ipc://{tmp_path}/p.sock")
     try:
-        router.send(dw.endpoints()["request"], gen("r1", mode="disagg", prefill_endpoint=f"ipc://{tmp_path}/p.sock"))
+        router.send(dw.endpoints()["request"], gen("r1", mode="disaggregated", prefill_endpoint=f"ipc://{tmp_path}/p.sock"))
         drive(router, dw, None, lambda: dead.poll(0))
         pm = messages.decode_request(dead.recv())
         router.send(pm.reply_to, messages.encode_prefill_failed(pm.kv_key))
         drive(router, dw, None, lambda: "r1" in router.final, timeout_s=10)
         assert router.final["r1"].fallback == "prefill_failed"
         assert router.tokens["r1"] == expected()[0]
-        router.send(pm.reply_to, gen("r2", mode="disagg", prefill_endpoint="bogus://nowhere"))
-        router.send(pm.reply_to, gen("r3", mode="disagg"))       # no prefill endpoint at all
+        router.send(pm.reply_to, gen("r2", mode="disaggregated", prefill_endpoint="bogus://nowhere"))
+        router.send(pm.reply_to, gen("r3", mode="disaggregated"))       # no prefill endpoint at all
         drive(router, dw, None, lambda: {"r2", "r3"} <= set(router.final), timeout_s=10)
         assert router.final["r2"].fallback.startswith("prefill_unreachable")
         assert router.final["r3"].fallback == "no_prefill_endpoint"
@@ -178,7 +178,7 @@ def test_abort_mid_stream_frees_blocks_on_both_workers(cluster):
     router, dw, pw = cluster()
     req_ep = dw.endpoints()["request"]
     long = SamplingParams(max_tokens=500, ignore_eos=True)
-    router.send(req_ep, gen("r1", params=long, mode="disagg", prefill_endpoint=pw.endpoints()["request"]))
+    router.send(req_ep, gen("r1", params=long, mode="disaggregated", prefill_endpoint=pw.endpoints()["request"]))
     router.send(req_ep, gen("r2", params=long))
     drive(router, dw, pw, lambda: len(router.tokens["r1"]) >= 3 and len(router.tokens["r2"]) >= 3)
     assert dw.engine.num_free_blocks() < 64
@@ -201,7 +201,7 @@ def test_abort_while_prefill_worker_is_mid_prompt(cluster):
     """The prompt is chunked on the prefill worker; the abort reaches it between chunks."""
     router, dw, pw = cluster(prefill_kw=dict(engine_kwargs={**EKW, "max_num_batched_tokens": 16}))
     req_ep = dw.endpoints()["request"]
-    router.send(req_ep, gen("r1", mode="disagg", prefill_endpoint=pw.endpoints()["request"]))
+    router.send(req_ep, gen("r1", mode="disaggregated", prefill_endpoint=pw.endpoints()["request"]))
     end = time.monotonic() + 10
     while not pw.engine.scheduler.running:        # the prefill worker has computed a chunk
         dw.run_once(5)
@@ -225,9 +225,9 @@ def test_invalid_requests_get_error_items_and_the_worker_keeps_serving(cluster, 
     req_ep, pf_ep = dw.endpoints()["request"], pw.endpoints()["request"]
     router.send(req_ep, gen("bad-token", [5, 49152 + 7, 9]))
     router.send(req_ep, gen("too-long", params=SamplingParams(max_tokens=2000)))
-    router.send(req_ep, gen("too-long-disagg", params=SamplingParams(max_tokens=2000), mode="disagg",
+    router.send(req_ep, gen("too-long-disagg", params=SamplingParams(max_tokens=2000), mode="disaggregated",
                             prefill_endpoint=pf_ep))
-    router.send(req_ep, gen("bad-stop", params=SamplingParams(stop_token_ids=[10**6]), mode="disagg",
+    router.send(req_ep, gen("bad-stop", params=SamplingParams(stop_token_ids=[10**6]), mode="disaggregated",
                             prefill_endpoint=pf_ep))
     router.send(req_ep, gen("ok"))
     drive(router, dw, pw, lambda: len(router.final) == 5)
@@ -257,7 +257,7 @@ def test_malformed_request_plane_messages_are_dropped(cluster, expected):
     # A prefill message sent to a decode worker (wrong plane) is dropped too.
     router.send(req_ep, messages.PrefillMsg("p", "p#1", [1, 2], PARAMS, "tcp://127.0.0.1:1", [0], 0,
                                             req_ep).encode())
-    router.send(req_ep, gen("ok", mode="disagg", prefill_endpoint=pf_ep))
+    router.send(req_ep, gen("ok", mode="disaggregated", prefill_endpoint=pf_ep))
     drive(router, dw, pw, lambda: "ok" in router.final)
     assert set(router.final) == {"ok"} and router.final["ok"].fallback is None
     assert router.tokens["ok"] == expected()[0]
@@ -344,7 +344,7 @@ def test_internal_errors_end_only_the_affected_requests(cluster, expected, monke
         monkeypatch.setattr(s, "send_layer", lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("wire cut")))
         return s
     monkeypatch.setattr(pw, "_sender", broken_sender)
-    router.send(req_ep, gen("s2", mode="disagg", prefill_endpoint=pf_ep))
+    router.send(req_ep, gen("s2", mode="disaggregated", prefill_endpoint=pf_ep))
     drive(router, dw, pw, lambda: "s2" in router.final)
     fin = router.final["s2"]
     assert fin.error is None and fin.fallback.startswith("kv_error: sender aborted") and "wire cut" in fin.fallback
@@ -381,7 +381,7 @@ def test_threaded_workers_heartbeat_and_drain(cluster, expected):
     def wait(cond, timeout_s=15):
         wait_until(lambda: router.collect() or cond(), timeout_s, "the workers' token batches", interval_s=0.01)
 
-    router.send(req_ep, gen("a", mode="disagg", prefill_endpoint=pf_ep))
+    router.send(req_ep, gen("a", mode="disaggregated", prefill_endpoint=pf_ep))
     router.send(req_ep, gen("b"))
     wait(lambda: {"a", "b"} <= set(router.final))
     assert router.tokens["a"] == router.tokens["b"] == expected()[0]
