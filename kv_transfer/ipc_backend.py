@@ -328,6 +328,10 @@ class IpcKVReceiver(KVReceiver):
         return len(self._pairs)
 
     def cancel(self, request_id: str) -> bool:
+        f = self._fences.get(request_id)
+        if f is not None:   # failed and revoked, not reported yet: now it ends as a cancel (released)
+            f.kind = "cancelled"
+            return True
         pair = self._claims.pop(request_id, None)
         if self._forget(request_id, "cancelled") is None:
             return False
@@ -789,6 +793,18 @@ class IpcKVSender(KVSender):
         self._sock.send_multipart([kind, body], zmq.NOBLOCK)
         self.stats["messages"] += 1
 
+    def _try_send(self, kind: bytes, body: bytes, rid: str | None = None) -> bool:
+        """Send without letting a full or dead peer end the I/O thread; a message of rid
+        that cannot go fails rid (the receiver then fails it too, by deadline or loss)."""
+        try:
+            self._send(kind, body)
+            return True
+        except zmq.ZMQError as e:
+            if rid is not None:
+                with self._lock:
+                    self._mark_failed(rid, f"control send failed: {e}")
+            return False
+
     def _run(self) -> None:
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
@@ -806,7 +822,7 @@ class IpcKVSender(KVSender):
                     self._break(f"no welcome from the receiver in {self.connect_timeout_s:.0f}s")
                 if now - ping_at >= self.ping_s and self.broken is None:
                     self._ping_sent = ping_at = now
-                    self._send(_CTRL, encode_control("ping", t=now))
+                    self._try_send(_CTRL, encode_control("ping", t=now))
                 if self._process_queue():
                     return
         except Exception:
@@ -873,7 +889,7 @@ class IpcKVSender(KVSender):
         self.stats["revoked"] += 1
         if ev is not None:
             ev.synchronize()   # every copy of rid launched before the revoke has finished
-        self._send(_CTRL, encode_control("fenced", request_id=rid))
+        self._try_send(_CTRL, encode_control("fenced", request_id=rid))
 
     def _break(self, why: str) -> None:
         """The pair is unusable: abort every transfer this sender knows of, so the receiver
@@ -920,7 +936,7 @@ class IpcKVSender(KVSender):
                 with self._lock:
                     self._mark_failed(rid, self.broken or "sender closed")
                 return True
-            self._send(_CTRL, encode_control("claim", request_id=rid))
+            self._try_send(_CTRL, encode_control("claim", request_id=rid), rid)
             return True
         if it.kind == "landed":
             if it.event is not None:
@@ -936,6 +952,8 @@ class IpcKVSender(KVSender):
                     self._mark_failed(rid, f"no grant or lease in {self.send_timeout_s:.0f}s")
                     settled = True
                 if settled:
+                    if closing:   # so its done goes out as an abort: the receiver falls back now
+                        self._mark_failed(rid, "sender closed before the copy")
                     self.stats["dropped"] += 1
                     return True
                 self._launch(rid, it.tensor, self._remote[it.layer], it.dst, ready=it.event)
@@ -970,7 +988,9 @@ class IpcKVSender(KVSender):
             remote = self._remote
         if skip or remote is None:
             return
-        self._send(_WIRE, _kv_header(it.rid, it.layer, it.dst, dtype_name(remote.dtype), tuple(remote.shape[3:])))
+        if not self._try_send(_WIRE, _kv_header(it.rid, it.layer, it.dst, dtype_name(remote.dtype),
+                                                tuple(remote.shape[3:])), it.rid):
+            return
         self.stats["bytes"] += 2 * remote[0, 0, 0].numel() * remote.element_size() * len(it.dst)
 
     def _shutdown(self) -> None:

@@ -253,6 +253,32 @@ def test_malformed_and_unauthorised_messages_fail_only_what_they_name(pair):
         rogue.close(0)
 
 
+def test_a_cancel_while_a_failed_transfer_is_being_fenced_releases_its_blocks():
+    """A granted transfer fails (deadline) and is revoked; the request is then aborted
+    before the sender's fence arrives: the blocks must come back as released (the decode
+    worker frees them then), not be reported as a failure nobody reads."""
+    layout = KVLayout(**LAYOUT)
+    rx, _ = new_rx(layout)
+    sender = zmq.Context.instance().socket(zmq.DEALER)   # a sender that answers only when told
+    sender.setsockopt(zmq.LINGER, 0)
+    sender.connect(ipc.parse_endpoint(rx.endpoint).ctrl)
+    try:
+        sender.send_multipart([b"c", ipc.encode_control("hello", inst=ipc.parse_endpoint(rx.endpoint).inst)])
+        poll_until(rx, lambda _: rx.num_pairs() == 1)
+        rx.expect("k", [5], deadline=time.monotonic() + 0.3)
+        sender.send_multipart([b"c", ipc.encode_control("claim", request_id="k")])
+        poll_until(rx, lambda _: "k" in rx._claims)
+        out = poll_until(rx, lambda _: rx.write_pending("k"))   # the deadline passed: revoked
+        assert not out.failed
+        assert rx.cancel("k") and rx.write_pending("k")
+        sender.send_multipart([b"c", ipc.encode_control("fenced", request_id="k")])
+        out = poll_until(rx, lambda o: o.released or o.failed)
+        assert out.released == ["k"] and not out.failed and not rx.write_pending("k")
+    finally:
+        sender.close(0)
+        rx.close()
+
+
 def test_a_refused_sender_aborts_its_transfers_at_once():
     """A sender whose endpoint names a gone incarnation (the decode worker restarted on the
     same port) is refused; it aborts what it began instead of letting it time out."""
