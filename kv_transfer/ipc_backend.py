@@ -64,7 +64,6 @@ import secrets
 import socket
 import threading
 import time
-import urllib.parse
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -73,11 +72,12 @@ import msgpack
 import torch
 import zmq
 
-from kv_transfer.base import KVReceiver, KVSender, WriteLayer
+from kv_transfer.base import Failed, KVReceiver, KVSender, WriteLayer
 from kv_transfer.block_copy import copy_blocks
-from kv_transfer.wire import (MAX_BLOCKS_PER_MESSAGE, MAX_HEADER_BYTES, MAX_LAYERS, MAX_REASON_LEN, PROTOCOL_VERSION,
-                              DoneHeader, KVHeader, KVLayout, UnknownRequestError, WireError, check_kv,
-                              check_request_id, decode_header, decode_message, dtype_name, encode_abort, encode_done)
+from kv_transfer.wire import (DTYPES, ITEMSIZE, MAX_BLOCKS_PER_MESSAGE, MAX_HEADER_BYTES, MAX_LAYERS, MAX_REASON_LEN,
+                              PROTOCOL_VERSION, AbortHeader, DoneHeader, KVHeader, KVLayout, UnknownRequestError,
+                              WireError, check_kv, check_request_id, decode_header, decode_message, dtype_name,
+                              encode_abort, encode_done, split_endpoint)
 
 log = logging.getLogger(__name__)
 
@@ -106,21 +106,10 @@ class IpcEndpoint:
 
 
 def parse_endpoint(ep: str) -> IpcEndpoint:
-    if not isinstance(ep, str):
-        raise TypeError(f"endpoint must be a str, got {type(ep).__name__}")
     want = f"endpoint {ep!r}: want {SCHEME}HOST:PORT?inst=HEX"
-    if not ep.startswith(SCHEME) or len(ep) > 512:
-        raise ValueError(want)
-    u = urllib.parse.urlsplit(ep)
-    try:
-        q = urllib.parse.parse_qs(u.query, strict_parsing=True, max_num_fields=2)
-        host, port = u.hostname, u.port
-    except ValueError:
-        raise ValueError(want) from None
-    if not host or port is None or u.path or u.fragment or u.username or set(q) != {"inst"} or len(q["inst"]) != 1:
-        raise ValueError(want)
-    inst = q["inst"][0]
-    if len(inst) != _INST_LEN or any(c not in "0123456789abcdef" for c in inst) or not 0 < port < 65536:
+    host, port, q = split_endpoint(ep, SCHEME, {"inst"}, want)
+    inst = q["inst"]
+    if len(inst) != _INST_LEN or any(c not in "0123456789abcdef" for c in inst):
         raise ValueError(want)
     return IpcEndpoint(host, port, inst)
 
@@ -209,7 +198,9 @@ def open_cache(desc) -> torch.Tensor:
         raise ValueError("cache description: wrong keys")
     if desc["host"] != host_id():
         raise ValueError(f"the cache is on another host ({desc['host']!r}); cuda_ipc works on one host only")
-    dtype = torch.empty(0, dtype=_dtype(desc["dtype"])).dtype
+    if type(desc["dtype"]) is not str or desc["dtype"] not in DTYPES:
+        raise ValueError(f"cache description: dtype {desc['dtype']!r}")
+    dtype = DTYPES[desc["dtype"]]
     shape = desc["shape"]
     if (type(shape) is not list or len(shape) != 6 or any(type(s) is not int or s < 1 for s in shape)
             or type(desc["offset"]) is not int or desc["offset"] < 0):
@@ -217,7 +208,7 @@ def open_cache(desc) -> torch.Tensor:
     numel = 1
     for s in shape:
         numel *= s
-    need = (desc["offset"] + numel) * torch.empty((), dtype=dtype).element_size()
+    need = (desc["offset"] + numel) * ITEMSIZE[desc["dtype"]]
     if type(desc["size"]) is not int or desc["size"] < need:
         raise ValueError(f"cache description: {desc['size']} bytes cannot hold {shape}")
     if desc["kind"] == "cpu":
@@ -236,13 +227,6 @@ def open_cache(desc) -> torch.Tensor:
     t = torch.empty(0, dtype=dtype, device=st.device)
     t.set_(st, desc["offset"], shape)
     return t
-
-
-def _dtype(name) -> torch.dtype:
-    from kv_transfer.wire import DTYPES
-    if name not in DTYPES:
-        raise ValueError(f"cache description: dtype {name!r}")
-    return DTYPES[name]
 
 
 def _layout_dict(layout: KVLayout) -> dict:
@@ -449,7 +433,7 @@ class IpcKVReceiver(KVReceiver):
             self._reject(e)
             return
         rid = h.request_id
-        if self._claims.get(rid) != pair.ident and not (type(h).__name__ == "AbortHeader" and rid not in self._claims):
+        if self._claims.get(rid) != pair.ident and not (isinstance(h, AbortHeader) and rid not in self._claims):
             # Only the granted sender writes a transfer; an abort may come from a sender that
             # refused the prefill before claiming it.
             self._reject(WireError(f"{type(h).__name__}: {rid!r} was not granted to this sender", rid))
@@ -508,7 +492,7 @@ class IpcKVReceiver(KVReceiver):
         if f.kind == "failed":
             log.warning("kv %s: transfer failed: %s", rid, f.reason)
             self.stats["failed"] += 1
-            self._failed.append(_failed(rid, f.reason))
+            self._failed.append(Failed(rid, f.reason))
         else:
             self._released.append(rid)
 
@@ -539,11 +523,6 @@ class IpcKVReceiver(KVReceiver):
 
 def _no_write(request_id, layer, block_ids, tensor) -> None:
     raise RuntimeError("cuda_ipc senders write the cache themselves")
-
-
-def _failed(rid: str, reason: str):
-    from kv_transfer.base import Failed
-    return Failed(rid, reason)
 
 
 # ---- prefill side ----------------------------------------------------------------------------------------

@@ -63,7 +63,6 @@ import re
 import secrets
 import threading
 import time
-import urllib.parse
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -75,7 +74,8 @@ import zmq
 from kv_transfer.base import KVReceiver, KVSender, WriteLayer
 from kv_transfer.wire import (KV, MAX_BLOCKS_PER_MESSAGE, MAX_HEADER_BYTES, MAX_LAYERS, PROTOCOL_VERSION,
                               KVHeader, KVLayout, KVMessage, UnknownRequestError, WireError, check_kv,
-                              check_request_id, decode_header, dtype_name, encode_abort, encode_done)
+                              check_request_id, decode_header, dtype_name, encode_abort, encode_done,
+                              split_endpoint)
 
 log = logging.getLogger(__name__)
 
@@ -112,22 +112,10 @@ class P2PEndpoint:
 
 def parse_endpoint(ep: str) -> P2PEndpoint:
     """``nccl://HOST:CTRL_PORT?store=STORE_PORT&pg=nccl|gloo`` -> its parts (ValueError if not)."""
-    if not isinstance(ep, str):
-        raise TypeError(f"endpoint must be a str, got {type(ep).__name__}")
     want = f"endpoint {ep!r}: want {SCHEME}HOST:CTRL_PORT?store=STORE_PORT&pg=nccl|gloo"
-    if not ep.startswith(SCHEME) or len(ep) > 512:
-        raise ValueError(want)
-    u = urllib.parse.urlsplit(ep)
-    try:
-        q = urllib.parse.parse_qs(u.query, strict_parsing=True, max_num_fields=4)
-        host, ctrl = u.hostname, u.port
-    except ValueError:
-        raise ValueError(want) from None
-    if (not host or ctrl is None or u.path or u.fragment or u.username or set(q) != {"store", "pg"}
-            or any(len(v) != 1 for v in q.values())):
-        raise ValueError(want)
-    store, pg = q["store"][0], q["pg"][0]
-    if not store.isdigit() or not 0 < int(store) < 65536 or not 0 < ctrl < 65536 or pg not in PG_BACKENDS:
+    host, ctrl, q = split_endpoint(ep, SCHEME, {"store", "pg"}, want)
+    store, pg = q["store"], q["pg"]
+    if not store.isdigit() or not 0 < int(store) < 65536 or pg not in PG_BACKENDS:
         raise ValueError(want)
     return P2PEndpoint(host, ctrl, int(store), pg)
 

@@ -23,6 +23,7 @@ wrong raises :class:`WireError` (a ``ValueError``); nothing else escapes the dec
 from __future__ import annotations
 
 import math
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -90,6 +91,26 @@ def dtype_name(dtype: torch.dtype | str) -> str:
         return _DTYPE_NAMES[dtype]
     except KeyError:
         raise ValueError(f"dtype {dtype} cannot travel as KV; one of {sorted(DTYPES)}") from None
+
+
+# ---- endpoints ------------------------------------------------------------------------------------
+def split_endpoint(ep, scheme: str, keys: set[str], want: str) -> tuple[str, int, dict[str, str]]:
+    """``SCHEME://HOST:PORT?k=v&...`` with exactly the query ``keys``, each once -> (host,
+    port, {key: value}); ValueError(want) for anything else (the backends' endpoint strings)."""
+    if not isinstance(ep, str):
+        raise TypeError(f"endpoint must be a str, got {type(ep).__name__}")
+    if not ep.startswith(scheme) or len(ep) > 512:
+        raise ValueError(want)
+    u = urllib.parse.urlsplit(ep)
+    try:
+        q = urllib.parse.parse_qs(u.query, strict_parsing=True, max_num_fields=len(keys) + 1)
+        host, port = u.hostname, u.port
+    except ValueError:
+        raise ValueError(want) from None
+    if (not host or port is None or not 0 < port < 65536 or u.path or u.fragment or u.username
+            or set(q) != keys or any(len(v) != 1 for v in q.values())):
+        raise ValueError(want)
+    return host, port, {k: v[0] for k, v in q.items()}
 
 
 # ---- the receiving cache's geometry ------------------------------------------------------------
