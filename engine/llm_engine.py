@@ -15,6 +15,7 @@ from engine.errors import CapacityError, InvalidRequestError
 from engine.model import loader
 from engine.model_runner import ModelRunner
 from engine.overlap import PLACEHOLDER, LaunchedStep
+from engine.runner_output import RunnerOutput
 from engine.sampler import sample, sample_on_device
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
@@ -227,14 +228,15 @@ class LLMEngine:
     def _launch(self, scheduled, prev: LaunchedStep | None) -> LaunchedStep:
         """Queue the forward and sampling of `scheduled` on the device and advance the
         sequences as if their tokens were known (placeholders stand in for them)."""
-        sampling = [s for s in scheduled if s.samples]
-        logits = self.runner.execute(scheduled, None, prev)
+        out = self.runner.execute(scheduled, None, prev)
+        sampling = out.sampling
         tokens = logprobs = None
         if sampling:
-            tokens, logprobs = sample_on_device(logits, [s.seq.params for s in sampling],
-                                                [s.seq.generator for s in sampling], self.runner.greedy_ids)
+            tokens, logprobs = sample_on_device(out.logits, [s.seq.params for s in sampling],
+                                                [s.seq.generator for s in sampling], out.greedy_ids)
+        # (Its blocks are committed once its placeholder inputs are known: _step_overlapped.)
+        self._advance(scheduled, commit=False)
         for s in scheduled:
-            s.seq.num_computed_tokens += s.num_new_tokens
             s.seq.in_flight += 1
         positions, rows = [], {}
         for i, s in enumerate(sampling):
@@ -276,40 +278,34 @@ class LLMEngine:
         if not scheduled:
             return []
         self.current_step = scheduled
-        logits = self.runner.execute(scheduled, on_layer_done)
-        sampling = [s for s in scheduled if s.samples]
-        if any(s.num_spec for s in sampling):
-            return self._step_spec(scheduled, sampling, logits)
+        out = self.runner.execute(scheduled, on_layer_done)
+        if any(s.num_spec for s in out.sampling):
+            return self._step_spec(scheduled, out)
+        sampling = out.sampling
         tokens, logprobs = ([], None)
         if sampling:
-            tokens, logprobs = sample(logits, [s.seq.params for s in sampling],
-                                      [s.seq.generator for s in sampling], self.runner.greedy_ids)
-        for s in scheduled:
-            s.seq.num_computed_tokens += s.num_new_tokens
-            self.scheduler.commit_full_blocks(s.seq)
+            tokens, logprobs = sample(out.logits, [s.seq.params for s in sampling],
+                                      [s.seq.generator for s in sampling], out.greedy_ids)
+        self._advance(scheduled)
         outputs = []
         for i, s in enumerate(sampling):
             outputs.append(self._append_token(s.seq, tokens[i], logprobs[i] if logprobs else None))
         return outputs
 
-    def _step_spec(self, scheduled, sampling, logits: torch.Tensor) -> list[RequestOutput]:
+    def _step_spec(self, scheduled, out: RunnerOutput) -> list[RequestOutput]:
         """A step with verify chunks: a verify entry owns 1 + num_spec logit rows; the rest
         are sampled as usual. Accepted drafts keep their KV, rejected ones are rolled back."""
-        first, row = [], 0
-        for s in sampling:
-            first.append(row)
-            row += 1 + s.num_spec
+        sampling, logits = out.sampling, out.logits
         plain = [i for i, s in enumerate(sampling) if not s.num_spec]
         tokens, logprobs = [], None
         if plain:
-            tokens, logprobs = sample(logits[[first[i] for i in plain]], [sampling[i].seq.params for i in plain],
+            tokens, logprobs = sample(logits[[out.first_rows[i] for i in plain]],
+                                      [sampling[i].seq.params for i in plain],
                                       [sampling[i].seq.generator for i in plain])
         want_lp = any(s.seq.params.logprobs for s in sampling if s.num_spec)
         all_lp = torch.log_softmax(logits, dim=-1) if want_lp else None
-        for s in scheduled:
-            if not s.num_spec:
-                s.seq.num_computed_tokens += s.num_new_tokens
-                self.scheduler.commit_full_blocks(s.seq)
+        # (A verify chunk's computed tokens are set by rollback_spec below.)
+        self._advance([s for s in scheduled if not s.num_spec])
         outputs, j = [], 0
         for i, s in enumerate(sampling):
             seq = s.seq
@@ -317,11 +313,10 @@ class LLMEngine:
                 outputs.append(self._append_token(seq, tokens[j], logprobs[j] if logprobs else None))
                 j += 1
                 continue
-            rows = logits[first[i]:first[i] + 1 + s.num_spec]
-            emit = self.spec.verify(seq, s.num_spec, rows)
+            emit = self.spec.verify(seq, s.num_spec, logits[out.rows(i)])
             lps = None
             if all_lp is not None and seq.params.logprobs:
-                r = all_lp[first[i]:first[i] + len(emit)]
+                r = all_lp[out.first_rows[i]:out.first_rows[i] + len(emit)]
                 lps = r.gather(-1, torch.tensor(emit, device=r.device)[:, None]).squeeze(-1).tolist()
             # The verified token and the accepted drafts have valid KV; the tokens go back
             # out of token_ids only to be appended (and stop-checked) one by one below.
@@ -332,6 +327,15 @@ class LLMEngine:
             del seq.token_ids[last:]
             outputs.append(self._append_tokens(seq, emit, lps))
         return outputs
+
+    def _advance(self, entries, commit: bool = True) -> None:
+        """The entries' scheduled tokens are computed (or, overlapped, queued on the
+        device): advance them and, unless told not to, register the blocks they filled
+        with the prefix cache."""
+        for s in entries:
+            s.seq.num_computed_tokens += s.num_new_tokens
+            if commit:
+                self.scheduler.commit_full_blocks(s.seq)
 
     def _append_tokens(self, seq: Sequence, tokens: list[int], logprobs: list[float] | None) -> RequestOutput:
         """Several tokens of one sequence in one step, as one output; stops at the first

@@ -12,8 +12,10 @@ from engine.kernels import default_backend, get_ops
 from engine import quant
 from engine.model import loader
 from engine.model.llama import ForwardBatch, LlamaForCausalLM
-from engine.overlap import LaunchedStep, placeholder_source
+from engine.overlap import LaunchedStep
+from engine.runner_output import RunnerOutput
 from engine.scheduler import ScheduledSeq
+from engine.step_inputs import StepInputs, build_inputs
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +59,6 @@ class ModelRunner:
         # Decode steps replay CUDA graphs on the GPU with the Triton kernels (the torch
         # reference kernels sync the host, so they cannot be captured).
         self.decode_graphs: DecodeGraphs | None = None
-        self.greedy_ids: torch.Tensor | None = None   # see execute()
         if cfg.enable_cuda_graphs and device.type == "cuda" and backend == "triton":
             # Buckets past the largest batch the scheduler can form would never be used.
             sizes = sorted(cfg.cuda_graph_batch_sizes)
@@ -118,63 +119,37 @@ class ModelRunner:
     # ---- one step --------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSeq], on_layer_done=None,
-                prev: LaunchedStep | None = None) -> torch.Tensor | None:
-        """Run the forward for this step. Returns logits [N, V] for the scheduled entries
-        whose `samples` is true, in scheduled order (None if there are none); a speculative
-        verify entry (num_spec > 0) has 1 + num_spec consecutive rows. With overlapped
-        scheduling, `prev` is the launched step whose sampled tokens some inputs still
-        are (placeholders): those are taken from its token tensor on the device."""
-        bs = self.block_size
-        # The argmax of the returned logits' rows when the decode graph computed it (the
-        # sampler then need not), else None.
-        self.greedy_ids: torch.Tensor | None = None
-        # A speculative verify chunk (num_spec > 0) runs as 1 + num_spec decode rows over the
-        # same block table, row i seeing the context up to its own token: all the chunk's
-        # K/V is written before attention, so this is causal attention, and it stays on the
-        # decode path (and its CUDA graphs).
+                prev: LaunchedStep | None = None) -> RunnerOutput:
+        """Run the forward for this step; the output holds the logits of the scheduled
+        entries that sample (see RunnerOutput). With overlapped scheduling, `prev` is the
+        launched step whose sampled tokens some inputs still are (placeholders): those are
+        taken from its token tensor on the device."""
+        # Decode rows first (a speculative verify chunk runs as 1 + num_spec decode rows,
+        # on the decode path and its CUDA graphs), then prefill chunks.
         decodes = [s for s in scheduled if s.num_new_tokens == 1 or s.num_spec]
         prefills = [s for s in scheduled if s.num_new_tokens > 1 and not s.num_spec]
-        dec_rows = [(s, i) for s in decodes for i in range(1 + s.num_spec)]
+        inp = build_inputs(decodes + prefills, self.block_size, prev)
+        num_decode_rows = sum(s.num_new_tokens for s in decodes)
         graphs = self.decode_graphs
         if (graphs is not None and decodes and not prefills and on_layer_done is None
-                and graphs.can_run(len(dec_rows), max(len(s.seq.block_table) for s in decodes))):
-            return self._execute_decode_graph(decodes, prev)
-        ordered = decodes + prefills
-        ids, pos, slots, sample_idx = [], [], [], []
-        fill_rows, fill_src = [], []   # input rows still placeholders, and their source rows in prev
-        for s in ordered:
-            seq, start = s.seq, s.seq.num_computed_tokens
-            end = start + s.num_new_tokens
-            ids.extend(seq.token_ids[start:end])
-            src = placeholder_source(seq, end - 1, prev) if end == seq.num_tokens else -1
-            if src >= 0:
-                fill_rows.append(len(ids) - 1)
-                fill_src.append(src)
-                ids[-1] = 0
-            if s.num_spec:  # speculative verify chunk: the draft tokens follow the last token
-                ids.extend(seq.spec_token_ids[:s.num_spec])
-            table = seq.block_table
-            for p in range(start, end):
-                pos.append(p)
-                slots.append(table[p // bs] * bs + p % bs)
-            if s.samples:  # a verify chunk wants logits at all of its 1 + num_spec positions
-                sample_idx.extend(range(len(ids) - 1 - s.num_spec, len(ids)))
+                and graphs.can_run(num_decode_rows, max(len(s.seq.block_table) for s in decodes))):
+            return self._execute_decode_graph(scheduled, inp, prev)
         dev = self.device
 
         def as_tensor(x, dtype=torch.int64):
             return torch.tensor(x, dtype=dtype).to(dev, non_blocking=True)
 
-        def tables(group):
-            width = max(len(s.seq.block_table) for s in group)
-            return as_tensor([s.seq.block_table + [0] * (width - len(s.seq.block_table)) for s in group],
-                             torch.int32)
+        def padded(tables):
+            width = max(map(len, tables))
+            return as_tensor([t + [0] * (width - len(t)) for t in tables], torch.int32)
 
-        batch = ForwardBatch(positions=as_tensor(pos), slot_mapping=as_tensor(slots),
-                             num_decodes=len(dec_rows),
-                             decode_block_tables=tables([s for s, _ in dec_rows]) if decodes else None,
-                             decode_context_lens=as_tensor([s.seq.num_computed_tokens + i + 1 for s, i in dec_rows],
+        dec = slice(0, num_decode_rows)
+        batch = ForwardBatch(positions=as_tensor(inp.positions), slot_mapping=as_tensor(inp.slots),
+                             num_decodes=num_decode_rows,
+                             decode_block_tables=padded(inp.block_tables[dec]) if decodes else None,
+                             decode_context_lens=as_tensor([p + 1 for p in inp.positions[dec]],
                                                            torch.int32) if decodes else None,
-                             prefill_block_tables=tables(prefills) if prefills else None,
+                             prefill_block_tables=padded([s.seq.block_table for s in prefills]) if prefills else None,
                              prefill_query_start_loc=None, prefill_context_lens=None,
                              kv_caches=self.kv_caches, on_layer_done=on_layer_done)
         if prefills:
@@ -184,51 +159,30 @@ class ModelRunner:
             batch.prefill_query_start_loc = as_tensor(qsl, torch.int32)
             batch.prefill_context_lens = as_tensor(
                 [s.seq.num_computed_tokens + s.num_new_tokens for s in prefills], torch.int32)
-        input_ids = as_tensor(ids)
-        if fill_rows:
-            input_ids[as_tensor(fill_rows)] = prev.tokens[as_tensor(fill_src)]
+        input_ids = as_tensor(inp.token_ids)
+        if inp.has_placeholders:
+            fill = [r for r, src in enumerate(inp.sources) if src >= 0]
+            input_ids[as_tensor(fill)] = prev.tokens[as_tensor([inp.sources[r] for r in fill])]
         hidden = self.model(input_ids, batch)
-        if not sample_idx:
-            return None
-        logits = self.model.compute_logits(hidden[as_tensor(sample_idx)])
-        # Back to the caller's order (decodes were moved first).
-        # (A verify chunk owns 1 + num_spec consecutive rows.)
-        first, row = {}, 0
-        for s in ordered:
-            if s.samples:
-                first[id(s)], row = row, row + 1 + s.num_spec
-        want = [r for s in scheduled if s.samples for r in range(first[id(s)], first[id(s)] + 1 + s.num_spec)]
-        if want != list(range(len(want))):
-            logits = logits[torch.tensor(want, device=logits.device)]
-        return logits
+        # The rows to sample, in the caller's order (decodes were moved first).
+        sample_rows = inp.sample_rows(scheduled)
+        logits = self.model.compute_logits(hidden[as_tensor(sample_rows)]) if sample_rows else None
+        return RunnerOutput.for_step(scheduled, logits)
 
-    def _execute_decode_graph(self, decodes: list[ScheduledSeq], prev: LaunchedStep | None) -> torch.Tensor | None:
-        bs = self.block_size
-        ids, pos, slots, tables, ctx, sample_rows, src = [], [], [], [], [], [], []
-        for s in decodes:
-            seq = s.seq
-            start = seq.num_computed_tokens
-            for i, tok in enumerate([seq.token_ids[start]] + seq.spec_token_ids[:s.num_spec]):
-                p = start + i
-                src.append(placeholder_source(seq, start, prev) if i == 0 and start == seq.num_tokens - 1 else -1)
-                ids.append(tok)
-                pos.append(p)
-                slots.append(seq.block_table[p // bs] * bs + p % bs)
-                tables.append(seq.block_table)
-                ctx.append(p + 1)
-                if s.samples:
-                    sample_rows.append(len(ids) - 1)
+    def _execute_decode_graph(self, scheduled: list[ScheduledSeq], inp: StepInputs,
+                              prev: LaunchedStep | None) -> RunnerOutput:
         # Run even when nothing samples: a 1-token prefill chunk must still write its KV.
-        fill = any(r >= 0 for r in src)
-        logits, greedy = self.decode_graphs.run(ids, pos, slots, tables, ctx, src if fill else None,
+        fill = inp.has_placeholders
+        logits, greedy = self.decode_graphs.run(inp.token_ids, inp.positions, inp.slots, inp.block_tables,
+                                                [p + 1 for p in inp.positions], inp.sources if fill else None,
                                                 prev.tokens if fill else None)
+        sample_rows = inp.sample_rows(scheduled)
         if not sample_rows:
-            return None
-        if len(sample_rows) != len(ids):
+            return RunnerOutput.for_step(scheduled, None)
+        if len(sample_rows) != len(inp.token_ids):
             rows = torch.tensor(sample_rows, device=logits.device)
             logits, greedy = logits[rows], greedy[rows]
-        self.greedy_ids = greedy
-        return logits
+        return RunnerOutput.for_step(scheduled, logits, greedy)
 
     # ---- KV block access (disaggregation) -------------------------------------------------------
     def read_kv_blocks(self, layer: int, block_ids: list[int]) -> torch.Tensor:

@@ -188,3 +188,33 @@ def test_cli_bad_input_is_one_clear_line():
     r = subprocess.run([sys.executable, "-m", "deploy.cli", "generate", "--max-tokens", "0", "x"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "max_tokens" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_step_inputs_and_runner_output_rows():
+    """One layout of a step's rows for the eager and the graph path (engine/step_inputs.py),
+    and the logits rows the engine reads per sampling entry (engine/runner_output.py): a
+    prefill chunk, a decode, a chunk that does not sample and a speculative verify chunk."""
+    import torch
+    from engine.runner_output import RunnerOutput
+    from engine.scheduler import ScheduledSeq
+    from engine.sequence import Sequence
+    from engine.step_inputs import build_inputs
+
+    def seq(name, n, computed, table, spec=()):
+        return Sequence(name, list(range(100, 100 + n)), n, SamplingParams(), num_computed_tokens=computed,
+                        block_table=table, spec_token_ids=list(spec))
+    a = ScheduledSeq(seq("a", 5, 0, [3, 4]), 5)                      # whole prompt: samples
+    b = ScheduledSeq(seq("b", 8, 7, [5, 6]), 1)                      # decode
+    d = ScheduledSeq(seq("d", 20, 0, [7, 8, 9, 10, 11]), 8)          # first chunk of 20: no sample
+    c = ScheduledSeq(seq("c", 6, 5, [1, 2], spec=(7, 9)), 3, num_spec=2)   # verify: last token + 2 drafts
+    scheduled = [a, b, d, c]
+    inp = build_inputs([b, c, a, d], block_size=4, prev=None)      # decode rows first, as execute orders them
+    assert inp.token_ids[:4] == [107, 105, 7, 9] and inp.positions[:4] == [7, 5, 6, 7]
+    assert inp.slots[:4] == [6 * 4 + 3, 2 * 4 + 1, 2 * 4 + 2, 2 * 4 + 3]
+    assert inp.block_tables[1] == [1, 2] and inp.sources == [-1] * len(inp.token_ids)
+    assert len(inp.token_ids) == 1 + 3 + 5 + 8
+    assert inp.sample_rows(scheduled) == [8, 0, 1, 2, 3]            # in scheduled order: a, b, then c's 3 rows
+    out = RunnerOutput.for_step(scheduled, torch.arange(5.0)[:, None])
+    assert out.sampling == [a, b, c] and out.first_rows == [0, 1, 2]
+    assert out.rows(2) == slice(2, 5) and out.last_rows == [0, 1, 4]
+    assert RunnerOutput.for_step([d], None).logits is None

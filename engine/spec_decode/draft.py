@@ -143,11 +143,9 @@ class DraftModelProposer:
         for depth in range(max((k for _, _, k in active), default=0)):
             step = [(i, sh) for i, sh, k in active if k > depth]
             sched = [self._schedule(sh.seq) for _, sh in step]
-            logits = self.runner.execute(sched)
-            last_rows, row = [], -1
+            ran = self.runner.execute(sched)   # (every entry samples: each reaches its sequence's end)
+            logits, last_rows = ran.logits, ran.last_rows
             for e in sched:
-                row += 1 + e.num_spec
-                last_rows.append(row)
                 if e.num_spec:    # put the catch-up tokens back where they belong
                     e.seq.token_ids.extend(e.seq.spec_token_ids)
                     e.seq.spec_token_ids = []
