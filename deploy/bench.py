@@ -42,7 +42,6 @@ import argparse
 import asyncio
 import json
 import logging
-import random
 import sys
 import threading
 import time
@@ -59,17 +58,10 @@ MODES = {
 
 # ---- workload -------------------------------------------------------------------------------
 def make_workload(args, n: int, rate: float, seed: int) -> list[dict]:
-    rng = random.Random(seed)
-    prefixes = [[rng.randrange(100, args.vocab_max) for _ in range(args.prefix_len)]
-                for _ in range(args.num_prefixes)]
-    t, out = 0.0, []
-    for i in range(n):
-        t += rng.expovariate(rate)
-        prompt = [rng.randrange(100, args.vocab_max) for _ in range(rng.randint(args.prompt_min, args.prompt_max))]
-        if args.workload == "shared-prefix":
-            prompt = prefixes[i % args.num_prefixes] + prompt
-        out.append(dict(arrival=t, prompt=prompt, max_tokens=rng.randint(args.output_min, args.output_max)))
-    return out
+    # One generator for bench and the simulator (planner/workload.py), so `pdserve plan
+    # --validate` simulates exactly the requests a measured run sent.
+    from planner.workload import WorkloadSpec, bench_requests
+    return bench_requests(WorkloadSpec.from_args(args), n, rate, seed)
 
 
 def _result(stamps: list[tuple[float, int]], sent: float, start: float, tokens: int, expected: int, route) -> dict:

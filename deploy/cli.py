@@ -91,6 +91,12 @@ def _bench(args) -> int:
     return 0
 
 
+def _plan(args) -> int:
+    from planner.plan import run
+    run(args)
+    return 0
+
+
 def _demo(args) -> int:
     from deploy.demo import run_demo
     return run_demo(args.model, args.max_tokens, args.json)
@@ -170,6 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
     from deploy.bench import add_arguments   # argparse only; the load generator's imports wait for the run
     add_arguments(b)
     b.set_defaults(func=_bench)
+
+    pl = sub.add_parser("plan", help="simulate colocated / xPyD / conditional deployments on a workload with a "
+                                     "profile's cost model; the best for a GPU budget, or --validate against bench")
+    from planner.plan import add_arguments as plan_arguments   # argparse only
+    plan_arguments(pl)
+    pl.set_defaults(func=_plan)
 
     d = sub.add_parser("demo", help="start a local 1+1 cluster, send a short and a long prompt, show their routes")
     d.add_argument("--model", default="smollm2")

@@ -1,0 +1,333 @@
+"""`pdserve plan`: which deployment serves a workload best on a GPU budget, by simulation.
+
+    pdserve plan --profile profile.json --gpus 4 --rates 2,4,8 --requests 2000 \\
+        --prompt-min 512 --prompt-max 4096 --output-min 64 --output-max 256 --json plan.json
+
+For a budget of N GPUs (one engine per GPU: the profile is one engine's) it simulates, at
+every rate: colocated (N engines, every prompt prefilled in place), xPyD disaggregated for
+every P + D = N (every uncached prompt prefilled remotely) and conditional disaggregation
+at each --thresholds value for the same splits, all on the same requests (the same seed
+per rate). It prints a table of TTFT / TPOT / E2E percentiles and goodput under the SLOs
+(bench's definitions, deploy/bench.py), and names the best configuration: the highest rate
+it sustains with at least --attainment of requests within both SLOs, then the highest
+goodput at the highest rate.
+
+    pdserve plan --profile profile.json --validate serve.json
+
+simulates the runs a `pdserve bench --json` record holds (the same modes, replicas,
+threshold, workload, seeds, rates and request counts) and prints predicted against
+measured TTFT p50/p90 and TPOT p50 with relative errors.
+
+`pool_targets` is the planner's answer for the autoscaling controller: the smallest
+prefill/decode pool sizes that meet the SLOs at an expected rate (deploy/controller.py,
+PoolController.apply_targets).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict
+from types import SimpleNamespace
+
+from planner import workload as wl
+from planner.simulator import ClusterConfig, simulate
+
+# bench's modes (deploy/bench.py MODES) as simulated clusters.
+BENCH_MODES = {"colocated": "colocated", "disagg": "disaggregated", "conditional": "conditional"}
+
+
+# ---- configurations ----------------------------------------------------------------------------------
+def configurations(gpus: int, thresholds: list[int], modes: list[str] | None = None) -> list[ClusterConfig]:
+    """Every configuration of `gpus` one-GPU engines: colocated, then each P + D split
+    disaggregated, then conditional at each threshold."""
+    modes = modes or ["colocated", "disaggregated", "conditional"]
+    out = []
+    if "colocated" in modes:
+        out.append(ClusterConfig("colocated", decode=gpus))
+    splits = [(p, gpus - p) for p in range(1, gpus)]
+    if "disaggregated" in modes:
+        out += [ClusterConfig("disaggregated", decode=d, prefill=p) for p, d in splits]
+    if "conditional" in modes:
+        out += [ClusterConfig("conditional", decode=d, prefill=p, threshold=t) for p, d in splits for t in thresholds]
+    return out
+
+
+def bench_configuration(mode: str, bench_args: dict) -> ClusterConfig:
+    """The cluster `pdserve bench` starts for one of its modes."""
+    if mode == "colocated":
+        return ClusterConfig("colocated", decode=int(bench_args.get("decode_replicas", 2)))
+    if mode == "disagg":
+        return ClusterConfig("disaggregated", decode=1, prefill=1)
+    if mode == "conditional":
+        return ClusterConfig("conditional", decode=1, prefill=1, threshold=int(bench_args.get("disagg_threshold", 256)))
+    raise ValueError(f"bench mode {mode!r} has no simulated counterpart (an external server's shape is unknown)")
+
+
+# ---- running ---------------------------------------------------------------------------------------------
+def run_one(cost, cfg: ClusterConfig, reqs: list[wl.Request], slo) -> dict:
+    from deploy.bench import summarise
+    t = time.perf_counter()
+    recs, sim = simulate(cost, cfg, reqs)
+    s = summarise(recs, slo)
+    s["goodput_rps_per_gpu"] = s.get("goodput_rps", 0.0) / cfg.gpus
+    return dict(summary=s, decisions=sim.decisions, utilisation=sim.utilisation(),
+                preemptions=sum(w.engine.num_preemptions for w in sim.decode_workers.values()),
+                sim_seconds=time.perf_counter() - t)
+
+
+def workload_for(args, rate: float, i: int) -> list[wl.Request]:
+    """The requests of the i-th rate: bench's draw with seed + i, or the trace (rescaled
+    to the rate when one is given)."""
+    if args.trace:
+        reqs = wl.load_trace(args.trace, limit=args.requests)
+        return wl.rescale(reqs, rate) if rate else reqs
+    spec = wl.WorkloadSpec.from_args(args)
+    return wl.requests(spec, args.requests, rate, args.seed + i)
+
+
+def sustained_rate(runs: list[dict], attainment: float) -> float:
+    """The highest rate at which at least `attainment` of the requests met both SLOs."""
+    ok = [r["rate"] for r in runs if r["summary"].get("slo_attainment", 0.0) >= attainment]
+    return max(ok, default=0.0)
+
+
+def plan(cost, args, rates: list[float], configs: list[ClusterConfig], progress=None) -> dict:
+    slo = SimpleNamespace(ttft_slo=args.ttft_slo, tpot_slo=args.tpot_slo)
+    record = dict(profile=getattr(args, "profile", None), gpus=args.gpus, rates=rates, requests=args.requests,
+                  slo=dict(ttft_s=args.ttft_slo, tpot_s=args.tpot_slo, attainment=args.attainment),
+                  workload=dict(trace=args.trace, **asdict(wl.WorkloadSpec.from_args(args))), configs={})
+    for i, rate in enumerate(rates):
+        reqs = workload_for(args, rate, i)
+        for cfg in configs:
+            out = run_one(cost, cfg, reqs, slo)
+            entry = record["configs"].setdefault(cfg.name, dict(config=asdict(cfg), gpus=cfg.gpus, runs=[]))
+            entry["runs"].append(dict(rate=rate, **out))
+            if progress is not None:
+                progress(cfg, rate, out)
+    for entry in record["configs"].values():
+        entry["sustained_rate"] = sustained_rate(entry["runs"], args.attainment)
+    record["best"] = best(record)
+    return record
+
+
+def best(record: dict) -> str | None:
+    def key(name):
+        e = record["configs"][name]
+        top = max(e["runs"], key=lambda r: r["rate"])
+        return (e["sustained_rate"] / e["gpus"], top["summary"].get("goodput_rps_per_gpu", 0.0))
+    return max(record["configs"], key=key, default=None)
+
+
+# ---- the controller's targets ---------------------------------------------------------------------------
+def pool_targets(cost, spec: wl.WorkloadSpec, rate: float, *, ttft_slo: float = 1.0, tpot_slo: float = 0.040,
+                 attainment: float = 0.9, max_gpus: int = 8, thresholds: tuple[int, ...] = (256, 1024),
+                 requests: int = 1000, seed: int = 0) -> dict | None:
+    """The smallest prefill + decode pools (at least one of each: the controller manages
+    both) that keep `attainment` of the requests within the SLOs at `rate`, by simulation;
+    None if no split of up to max_gpus does. Fewer GPUs first; among equals the higher
+    goodput wins."""
+    slo = SimpleNamespace(ttft_slo=ttft_slo, tpot_slo=tpot_slo)
+    reqs = wl.requests(spec, requests, rate, seed)
+    for gpus in range(2, max_gpus + 1):
+        found = []
+        for cfg in configurations(gpus, list(thresholds), ["disaggregated", "conditional"]):
+            s = run_one(cost, cfg, reqs, slo)["summary"]
+            if s.get("slo_attainment", 0.0) >= attainment:
+                found.append((s["goodput_rps"], cfg, s))
+        if found:
+            _, cfg, s = max(found, key=lambda f: f[0])
+            return dict(prefill=cfg.prefill, decode=cfg.decode, threshold=cfg.threshold, mode=cfg.mode,
+                        name=cfg.name, slo_attainment=s["slo_attainment"], goodput_rps=s["goodput_rps"])
+    return None
+
+
+# ---- validation against a measured run ---------------------------------------------------------------
+def validate(cost, measured: dict, modes: list[str] | None = None) -> list[dict]:
+    """Predicted against measured per (mode, rate) of a `pdserve bench --json` record."""
+    bargs = measured.get("args") or {}
+    spec = wl.WorkloadSpec.from_args(bargs)
+    slo = SimpleNamespace(ttft_slo=float(bargs.get("ttft_slo", 1.0)), tpot_slo=float(bargs.get("tpot_slo", 0.040)))
+    n, seed = int(bargs.get("requests", 32)), int(bargs.get("seed", 0))
+    rows = []
+    for mode, runs in measured.get("modes", {}).items():
+        if modes and mode not in modes:
+            continue
+        cfg = bench_configuration(mode, bargs)
+        for i, run in enumerate(runs):
+            reqs = wl.requests(spec, n, float(run["rate"]), seed + i)
+            pred = run_one(cost, cfg, reqs, slo)["summary"]
+            meas = run["summary"]
+            row = dict(mode=mode, config=cfg.name, rate=run["rate"])
+            for metric, key, q in (("ttft_p50", "ttft_s", "p50"), ("ttft_p90", "ttft_s", "p90"),
+                                   ("tpot_p50", "tpot_s", "p50")):
+                m, p = meas.get(key, {}).get(q), pred.get(key, {}).get(q)
+                row[metric] = dict(measured=m, predicted=p,
+                                   rel_error=(p - m) / m if m and p is not None else None)
+            row["goodput"] = dict(measured=meas.get("goodput_rps"), predicted=pred.get("goodput_rps"))
+            rows.append(row)
+    return rows
+
+
+def validation_table(rows: list[dict]) -> str:
+    def cell(d, scale=1.0):
+        m, p, e = d["measured"], d["predicted"], d["rel_error"]
+        if m is None or p is None:
+            return f"{'-':>23}"
+        return f"{p * scale:7.1f} {m * scale:7.1f} {e * 100:+6.1f}%" if e is not None else f"{p * scale:7.1f} {m * scale:7.1f}    n/a"
+    head = (f"{'mode':<12}{'config':<14}{'rate':>6}  {'TTFT p50 ms pred meas err':>25}  "
+            f"{'TTFT p90 ms pred meas err':>25}  {'TPOT p50 ms pred meas err':>25}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['mode']:<12}{r['config']:<14}{r['rate']:>6g}  {cell(r['ttft_p50'], 1e3):>25}  "
+                     f"{cell(r['ttft_p90'], 1e3):>25}  {cell(r['tpot_p50'], 1e3):>25}")
+    errs = [abs(r[k]["rel_error"]) for r in rows for k in ("ttft_p50", "ttft_p90", "tpot_p50")
+            if r[k]["rel_error"] is not None]
+    if errs:
+        lines.append(f"worst |error| {max(errs) * 100:.1f}%, cells within 15%: "
+                     f"{sum(e <= 0.15 for e in errs)}/{len(errs)}")
+    return "\n".join(lines)
+
+
+# ---- output ------------------------------------------------------------------------------------------------
+def table(record: dict) -> str:
+    nan = float("nan")
+    head = (f"{'config':<18}{'GPUs':>5}{'rate':>7}  {'TTFT p50':>9}{'p90':>8}{'p99':>8}  {'TPOT p50':>9}{'p90':>7}"
+            f"  {'E2E p90':>8}  {'goodput':>8}{'in SLO':>8}{'/GPU':>7}  {'disagg':>6}")
+    lines = [head, "-" * len(head)]
+    for name, e in record["configs"].items():
+        for r in e["runs"]:
+            s = r["summary"]
+            t, p, x = s.get("ttft_s", {}), s.get("tpot_s", {}), s.get("e2e_s", {})
+            lines.append(f"{name:<18}{e['gpus']:>5}{r['rate']:>7g}  {t.get('p50', nan):>9.3f}{t.get('p90', nan):>8.3f}"
+                         f"{t.get('p99', nan):>8.3f}  {p.get('p50', nan) * 1e3:>7.1f}ms{p.get('p90', nan) * 1e3:>5.1f}ms"
+                         f"  {x.get('p90', nan):>8.2f}  {s.get('goodput_rps', 0):>8.2f}{s.get('slo_attainment', 0):>8.0%}"
+                         f"{s.get('goodput_rps_per_gpu', 0):>7.2f}  {s.get('disaggregated', 0):>6}")
+    b = record.get("best")
+    if b is not None:
+        e = record["configs"][b]
+        slo = record["slo"]
+        lines.append(f"best: {b} ({e['gpus']} GPUs) sustains {e['sustained_rate']:g} req/s with >= "
+                     f"{slo['attainment']:.0%} of requests within TTFT <= {slo['ttft_s']}s and TPOT <= "
+                     f"{slo['tpot_s'] * 1e3:g}ms" if e["sustained_rate"] else
+                     f"best: {b}, but no configuration keeps {slo['attainment']:.0%} within the SLOs at any rate tried")
+    return "\n".join(lines)
+
+
+def plot(record: dict, path: str) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        raise ValueError("--png needs matplotlib: pip install -e .[bench]") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, e in record["configs"].items():
+        ax.plot([r["rate"] for r in e["runs"]], [r["summary"].get("goodput_rps", 0) for r in e["runs"]], "o-",
+                label=name)
+    ax.set_xlabel("request rate (req/s)")
+    ax.set_ylabel("goodput (req/s within SLOs)")
+    ax.set_title(f"simulated, {record['gpus']} GPUs (TTFT <= {record['slo']['ttft_s']}s, "
+                 f"TPOT <= {record['slo']['tpot_s'] * 1e3:g}ms)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+# ---- command line ----------------------------------------------------------------------------------------
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--profile", required=True, help="a `pdserve profile` JSON (one engine's cost model)")
+    ap.add_argument("--gpus", type=int, default=2, help="GPU budget: one engine per GPU")
+    ap.add_argument("--modes", default="colocated,disaggregated,conditional")
+    ap.add_argument("--thresholds", default="256,1024", help="conditional mode's thresholds to try")
+    ap.add_argument("--rates", default="1,2,4")
+    ap.add_argument("--requests", type=int, default=1000, help="requests per rate")
+    ap.add_argument("--workload", choices=("synthetic", "shared-prefix"), default="synthetic")
+    ap.add_argument("--prompt-min", type=int, default=32)
+    ap.add_argument("--prompt-max", type=int, default=512)
+    ap.add_argument("--output-min", type=int, default=16)
+    ap.add_argument("--output-max", type=int, default=64)
+    ap.add_argument("--prefix-len", type=int, default=256)
+    ap.add_argument("--num-prefixes", type=int, default=4)
+    ap.add_argument("--prefix-share", type=float, default=1.0, help="shared-prefix: share of requests with a prefix")
+    ap.add_argument("--arrival", choices=("poisson", "bursty"), default="poisson")
+    ap.add_argument("--burst-cv", type=float, default=4.0, help="bursty: coefficient of variation of the gaps")
+    ap.add_argument("--trace", default=None, help="JSONL trace (pdserve serve --record-trace) instead of a synthetic "
+                                                  "workload; --rates rescale it (0: as recorded)")
+    ap.add_argument("--ttft-slo", type=float, default=1.0)
+    ap.add_argument("--tpot-slo", type=float, default=0.040)
+    ap.add_argument("--attainment", type=float, default=0.9, help="share within SLOs that counts as sustained")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--validate", metavar="BENCH_JSON", default=None,
+                    help="compare predictions with a `pdserve bench --json` record instead of planning")
+    ap.add_argument("--json")
+    ap.add_argument("--png")
+
+
+def _floats(flag: str, text: str, allow_zero: bool = False) -> list[float]:
+    try:
+        xs = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--{flag}: expected comma-separated numbers, got {text!r}") from None
+    if not xs or any(x < 0 or (x == 0 and not allow_zero) for x in xs):
+        raise ValueError(f"--{flag}: every value must be > 0, got {text!r}")
+    return xs
+
+
+def run(args) -> dict:
+    from planner.costmodel import CostModel
+    cost = CostModel.load(args.profile)
+    if args.validate:
+        with open(args.validate, encoding="utf-8") as f:
+            measured = json.load(f)
+        rows = validate(cost, measured)
+        print(validation_table(rows))
+        out = dict(profile=args.profile, measured=args.validate, rows=rows)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(out, f, indent=2)
+            print(f"json: {args.json}")
+        return out
+    rates = _floats("rates", args.rates, allow_zero=bool(args.trace))
+    thresholds = [int(x) for x in _floats("thresholds", args.thresholds, allow_zero=True)]
+    if args.gpus < 1 or args.requests < 1:
+        raise ValueError("--gpus and --requests: must be >= 1")
+    if not args.trace:
+        wl.WorkloadSpec.from_args(args).validate()
+    modes = [m.strip() for m in args.modes.split(",")]
+    configs = configurations(args.gpus, thresholds, modes)
+    if not configs:
+        raise ValueError(f"--modes {args.modes!r} with --gpus {args.gpus}: nothing to simulate "
+                         "(disaggregated and conditional need 2 GPUs or more)")
+    t = time.perf_counter()
+    record = plan(cost, args, rates, configs)
+    print(table(record))
+    print(f"({len(configs)} configurations x {len(rates)} rates x {args.requests} requests simulated in "
+          f"{time.perf_counter() - t:.1f}s)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(record, f, indent=2)
+        print(f"json: {args.json}")
+    if args.png:
+        plot(record, args.png)
+        print(f"plot: {args.png}")
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="pdserve plan", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(ap)
+    args = ap.parse_args(argv)
+    try:
+        run(args)
+    except ValueError as e:
+        print(f"pdserve plan: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,337 @@
+"""Discrete-event simulation of a pdserve cluster on a request stream: the router, decode
+workers (colocated engines when there is no prefill pool) and prefill workers, on a
+simulated clock (a heap of timed events; nothing sleeps).
+
+What each part does, as the code it stands for does it:
+
+  router     decides per request with router.policy.decide (imported and looked up at
+             call time, not copied), from WorkerLoad values kept as router/core.py keeps
+             them: a decode worker's in-flight requests (from dispatch to its last token),
+             a prefill worker's queued tokens (the uncached prompt tokens dispatched to it,
+             until the request's first token reaches the router), and the decode worker's
+             cached leading blocks of the prompt (its prefix cache, read directly: the real
+             router learns it from KV events a batch later). Admission control as
+             Router.submit: in-flight cap per decode worker, queued-prefill-token budget;
+             a refused request fails (bench counts it as not ok).
+  decode     DecodeWorker.run_once in a loop: take the requests that arrived, then the KV
+             transfers that landed, run one engine step (engine_model.EngineModel, priced by
+             the cost model), send one token batch at its end. An idle worker wakes at
+             once on a request or a landed transfer; a busy one sees them when its step
+             ends. A disaggregated request reserves its blocks and is forwarded to its
+             prefill worker when the decode worker takes it in (a worker in a long step
+             forwards it late, as the real one does); with no blocks free it is prefilled in
+             place (fallback "no_free_blocks"). A landed prompt joins the batch with the
+             prefill worker's first token, which goes out with the batch of the next step.
+  prefill    PrefillWorker.run_once: prefill-only sequences through the same engine model;
+             at the end of the step that computes a prompt's last chunk the KV transfer
+             starts, and lands cost.transfer_time(tokens shipped) later (the blocks past the
+             decode worker's cached prefix).
+  client     a request is sent at its arrival time and reaches its decode worker
+             cost.router_direct_s or cost.router_disaggregated_s later (front end, routing,
+             dispatch: the per-request overheads measured by the profile); every token
+             batch reaches the client cost.per_token_stream_s after the worker sends it.
+
+The records are bench's (deploy/bench.py `_result`): TTFT is the client's first token-bearing
+message minus the send time, E2E the last, TPOT (E2E - TTFT) / (tokens - 1), ITL the gaps
+between messages; `deploy.bench.summarise` turns them into the same summary a measured run
+gets (percentiles, goodput under the SLOs).
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+from dataclasses import dataclass, field
+
+from planner.engine_model import EngineModel, SimSeq
+from planner.workload import Request
+from router import policy as router_policy
+
+MODES = ("colocated", "disaggregated", "conditional")
+
+
+@dataclass
+class ClusterConfig:
+    """One deployment: `decode` decode workers (colocated engines when prefill == 0) and
+    `prefill` prefill workers; the router's threshold and bounds (RouterConfig defaults)."""
+    mode: str = "colocated"
+    decode: int = 1
+    prefill: int = 0
+    threshold: int = 256
+    max_prefill_queue_tokens: int = 65536
+    load_penalty_tokens: int = 16
+    max_inflight_per_decode: int = 256
+    max_queued_prefill_tokens: int = 1 << 20
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode: expected one of {MODES}, got {self.mode!r}")
+        if self.decode < 1 or self.prefill < 0 or (self.mode != "colocated" and self.prefill < 1):
+            raise ValueError(f"{self.name}: needs >= 1 decode worker, and >= 1 prefill worker unless colocated")
+        if self.mode == "colocated":
+            self.prefill = 0
+        if self.mode == "disaggregated":
+            self.threshold = 0     # every uncached prompt goes remote (bench's "disagg" mode)
+
+    @property
+    def gpus(self) -> int:
+        return self.decode + self.prefill
+
+    @property
+    def name(self) -> str:
+        if self.mode == "colocated":
+            return f"colocated x{self.decode}"
+        if self.mode == "disaggregated":
+            return f"{self.prefill}P{self.decode}D"
+        return f"{self.prefill}P{self.decode}D t={self.threshold}"
+
+    def policy(self) -> router_policy.PolicyConfig:
+        return router_policy.PolicyConfig(disagg_threshold=self.threshold,
+                                          max_prefill_queue_tokens=self.max_prefill_queue_tokens,
+                                          load_penalty_tokens=self.load_penalty_tokens)
+
+
+@dataclass
+class _ReqState:
+    req: Request
+    rid: int
+    route: str = "direct"
+    decode_worker: str = ""
+    prefill_worker: str | None = None
+    uncached: int = 0                    # counted against the router's prefill budget until the first token
+    prefill_pending: int = 0             # counted against its prefill worker until the first token
+    stamps: list[tuple[float, int]] = field(default_factory=list)   # (client time, tokens) per message
+    error: str | None = None
+    fallback: str | None = None          # disaggregated but prefilled in place (no free blocks)
+
+
+class _Worker:
+    """A worker's loop: requests and landed transfers wait in inboxes until its next
+    iteration; an iteration runs one engine step."""
+
+    def __init__(self, sim: Simulation, worker_id: str):
+        self.sim, self.worker_id = sim, worker_id
+        c = sim.cost
+        self.engine = EngineModel(block_size=c.block_size, max_num_batched_tokens=c.max_num_batched_tokens,
+                                  max_num_seqs=c.max_num_seqs, num_kv_blocks=c.num_kv_blocks,
+                                  enable_chunked_prefill=getattr(c, "enable_chunked_prefill", True),
+                                  enable_prefix_caching=getattr(c, "enable_prefix_caching", True))
+        self.inbox: list = []
+        self.busy = False
+        self.busy_s = 0.0
+        self.steps = 0
+
+    def wake(self) -> None:
+        if not self.busy:
+            self.iterate()
+
+    def iterate(self) -> None:
+        self.take_inbox()
+        scheduled = self.engine.schedule() if self.engine.has_work() else []
+        if not scheduled:
+            self.idle()
+            return
+        dt = self.sim.cost.step_time(*EngineModel.step_shape(scheduled))
+        self.busy = True
+        self.busy_s += dt
+        self.steps += 1
+        self.sim.at(self.sim.now + dt, self.step_end, scheduled)
+
+    def step_end(self, scheduled) -> None:
+        self.busy = False
+        self.finish_step(scheduled)
+        self.iterate()
+
+    def _seq(self, st: _ReqState, prefill_only: bool = False) -> SimSeq:
+        r, bs = st.req, self.engine.bs
+        return SimSeq(st.rid, r.prompt_tokens, 1 if prefill_only else r.output_tokens, prefill_only=prefill_only,
+                      prefix_key=r.prefix_key, prefix_blocks=min(r.prefix_tokens, r.prompt_tokens) // bs,
+                      fixed_hit_blocks=r.cached_tokens // bs)
+
+
+class _DecodeWorker(_Worker):
+    def __init__(self, sim, worker_id):
+        super().__init__(sim, worker_id)
+        self.landed: list[int] = []
+        self.items: list[tuple[int, int, bool]] = []   # (rid, tokens, finished) for the next batch
+
+    def take_inbox(self) -> None:
+        inbox, self.inbox = self.inbox, []
+        for st in inbox:
+            if st.route == "disaggregated":
+                seq = self._seq(st)
+                if self.engine.reserve_for_remote(seq):
+                    # The blocks past its cached prefix are the ones the prefill worker ships.
+                    first_block = seq.computed // self.engine.bs
+                    self.sim.prefill_workers[st.prefill_worker].submit(st, self.worker_id, first_block)
+                    continue
+                st.fallback = "no_free_blocks"
+            self.engine.add(self._seq(st))
+        landed, self.landed = self.landed, []
+        for rid in landed:
+            seq = self.engine.remote_kv_landed(rid)
+            self.items.append((rid, 1, seq.status == "finished"))
+
+    def idle(self) -> None:
+        if self.items:          # (a landed prompt that needs no decode step: max_tokens 1)
+            self.send_batch()
+
+    def finish_step(self, scheduled) -> None:
+        sampled, finished = self.engine.step_done(scheduled)
+        done = {s.rid for s in finished}
+        self.items += [(s.rid, 1, s.rid in done) for s in sampled]
+        self.send_batch()
+
+    def send_batch(self) -> None:
+        items, self.items = self.items, []
+        self.sim.token_batch(self.worker_id, items)
+
+    def kv_landed(self, rid: int) -> None:
+        self.landed.append(rid)
+        self.wake()
+
+
+class _PrefillWorker(_Worker):
+    def __init__(self, sim, worker_id):
+        super().__init__(sim, worker_id)
+        self.jobs: dict[int, tuple[str, int]] = {}    # rid -> (decode worker, first block to ship)
+
+    def submit(self, st: _ReqState, decode_worker: str, first_block: int) -> None:
+        self.jobs[st.rid] = (decode_worker, first_block)
+        self.inbox.append(st)
+        self.wake()
+
+    def take_inbox(self) -> None:
+        inbox, self.inbox = self.inbox, []
+        for st in inbox:
+            self.engine.add(self._seq(st, prefill_only=True))
+
+    def idle(self) -> None:
+        pass
+
+    def finish_step(self, scheduled) -> None:
+        _, finished = self.engine.step_done(scheduled)
+        for seq in finished:
+            dw, first_block = self.jobs.pop(seq.rid)
+            shipped = seq.prompt - first_block * self.engine.bs
+            self.sim.at(self.sim.now + self.sim.cost.transfer_time(shipped),
+                        self.sim.decode_workers[dw].kv_landed, seq.rid)
+
+
+class Simulation:
+    """One run: `Simulation(cost, cfg, requests).run()` -> bench-style records."""
+
+    def __init__(self, cost, cfg: ClusterConfig, reqs: list[Request]):
+        self.cost, self.cfg, self.reqs = cost, cfg, reqs
+        self.now = 0.0
+        self._events: list = []
+        self._order = itertools.count()
+        self.decode_workers = {f"decode-{i}": _DecodeWorker(self, f"decode-{i}") for i in range(cfg.decode)}
+        self.prefill_workers = {f"prefill-{i}": _PrefillWorker(self, f"prefill-{i}") for i in range(cfg.prefill)}
+        self.policy = cfg.policy()
+        # The router's books (router/core.py: Worker.inflight, Worker.queued_tokens,
+        # Router.queued_prefill_tokens).
+        self.inflight = {w: 0 for w in self.decode_workers}
+        self.prefill_queued = {w: 0 for w in self.prefill_workers}
+        self.prefill_inflight = {w: 0 for w in self.prefill_workers}
+        self.queued_prefill_tokens = 0
+        self.states: list[_ReqState] = []
+        self.decisions: dict[str, int] = {}
+
+    def at(self, t: float, fn, *args) -> None:
+        heapq.heappush(self._events, (t, next(self._order), fn, args))
+
+    def run(self) -> list[dict]:
+        for i, r in enumerate(self.reqs):
+            st = _ReqState(r, i)
+            self.states.append(st)
+            self.at(r.arrival_s, self.arrive, st)
+        while self._events:
+            t, _, fn, args = heapq.heappop(self._events)
+            self.now = t
+            fn(*args)
+        return [self.record(st) for st in self.states]
+
+    # ---- router ---------------------------------------------------------------------------------
+    def overlap_blocks(self, worker: _DecodeWorker, r: Request) -> int:
+        """The router's prefix-index overlap: the prompt's leading blocks the worker caches."""
+        bs = worker.engine.bs
+        hit = r.cached_tokens // bs
+        if r.prefix_key is not None:
+            e = worker.engine.entries.get(r.prefix_key)
+            if e is not None:
+                hit = max(hit, min(e.resident, min(r.prefix_tokens, r.prompt_tokens) // bs))
+        return hit
+
+    def arrive(self, st: _ReqState) -> None:
+        r, cap = st.req, self.cfg.max_inflight_per_decode
+        decode = [router_policy.WorkerLoad(w, inflight=self.inflight[w],
+                                           overlap_blocks=self.overlap_blocks(dw, r))
+                  for w, dw in self.decode_workers.items() if self.inflight[w] < cap]
+        if not decode:
+            st.error = "overloaded"
+            return
+        prefill = [router_policy.WorkerLoad(w, inflight=self.prefill_inflight[w], queued_tokens=self.prefill_queued[w])
+                   for w in self.prefill_workers]
+        d = router_policy.decide(r.prompt_tokens, self.cost.block_size, decode, prefill, self.policy)
+        budget = self.cfg.max_queued_prefill_tokens
+        if self.queued_prefill_tokens and self.queued_prefill_tokens + d.uncached_tokens > budget:
+            st.error = "overloaded"
+            return
+        key = f"{d.kind}:{d.reason}"
+        self.decisions[key] = self.decisions.get(key, 0) + 1
+        st.route, st.decode_worker, st.uncached = d.kind, d.decode_worker, d.uncached_tokens
+        self.queued_prefill_tokens += d.uncached_tokens
+        self.inflight[d.decode_worker] += 1
+        overhead = self.cost.router_direct_s
+        if d.kind == "disaggregated":
+            st.prefill_worker, st.prefill_pending = d.prefill_worker, d.uncached_tokens
+            self.prefill_queued[d.prefill_worker] += d.uncached_tokens
+            self.prefill_inflight[d.prefill_worker] += 1
+            overhead = self.cost.router_disaggregated_s
+        self.at(self.now + overhead, self.dispatch, st)
+
+    def dispatch(self, st: _ReqState) -> None:
+        dw = self.decode_workers[st.decode_worker]
+        dw.inbox.append(st)
+        dw.wake()
+
+    def token_batch(self, worker_id: str, items: list[tuple[int, int, bool]]) -> None:
+        """A decode worker's batch reaches the router now and the client per_token_stream_s later."""
+        t = self.now + self.cost.per_token_stream_s
+        for rid, n, finished in items:
+            st = self.states[rid]
+            if st.prefill_pending:         # Router._prefill_done: the first token is back
+                self.prefill_queued[st.prefill_worker] -= st.prefill_pending
+                self.prefill_inflight[st.prefill_worker] -= 1
+                st.prefill_pending = 0
+            if st.uncached:                # Router._prompt_done
+                self.queued_prefill_tokens -= st.uncached
+                st.uncached = 0
+            if st.stamps and st.stamps[-1][0] == t:
+                st.stamps[-1] = (t, st.stamps[-1][1] + n)   # one message per batch and request
+            else:
+                st.stamps.append((t, n))
+            if finished:
+                self.inflight[worker_id] -= 1
+
+    # ---- results ------------------------------------------------------------------------------------
+    def record(self, st: _ReqState) -> dict:
+        """bench's per-request record (deploy/bench.py _result), on the simulated clock."""
+        sent = st.req.arrival_s
+        if st.error is not None or not st.stamps:
+            return dict(ok=False, error=st.error or "no tokens", sent=sent)
+        stamps = st.stamps
+        ttft, e2e = stamps[0][0] - sent, stamps[-1][0] - sent
+        tokens = sum(n for _, n in stamps)
+        return dict(ok=True, sent=sent, done=stamps[-1][0], ttft=ttft, e2e=e2e, tokens=tokens,
+                    tpot=(e2e - ttft) / (tokens - 1) if tokens > 1 else 0.0, route=st.route,
+                    itl=[b[0] - a[0] for a, b in zip(stamps, stamps[1:])], expected=st.req.output_tokens)
+
+    def utilisation(self) -> dict[str, float]:
+        span = max(self.now, 1e-12)
+        return {w.worker_id: w.busy_s / span for w in [*self.decode_workers.values(), *self.prefill_workers.values()]}
+
+
+def simulate(cost, cfg: ClusterConfig, reqs: list[Request]) -> tuple[list[dict], Simulation]:
+    sim = Simulation(cost, cfg, reqs)
+    return sim.run(), sim

@@ -1,0 +1,335 @@
+"""The planner's simulator (planner/simulator.py, planner/engine_model.py): its mechanics on
+a synthetic cost model with exact arithmetic. A single request's TTFT is the profile's
+prefill time plus the overheads; queueing appears where the cost model's service time says
+it must; the routing is router.policy.decide's; a disaggregated prompt pays its transfer;
+goodput is bench's; the engine model schedules as engine/scheduler.py does; the workload
+draws bench's requests; traces round-trip; the controller takes planned pool sizes."""
+from __future__ import annotations
+
+import json
+import random
+from types import SimpleNamespace
+
+import pytest
+
+from planner import workload as wl
+from planner.costmodel import CostModel
+from planner.engine_model import EngineModel, SimSeq
+from planner.simulator import ClusterConfig, simulate
+from planner.workload import Request, WorkloadSpec
+
+SLO = SimpleNamespace(ttft_slo=1.0, tpot_slo=0.040)
+
+
+def cost(**kw) -> CostModel:
+    """A linear model: 2 ms a step + 10 us per token, transfers 1 ms + bytes / 1 GB/s."""
+    base = dict(step_s=2e-3, per_token_s=1e-5, transfer_latency_s=1e-3, transfer_bytes_per_s=1e9,
+                kv_bytes_per_token=4096, router_direct_s=3e-4, router_disaggregated_s=7e-4,
+                per_token_stream_s=1e-4)
+    return CostModel.synthetic(**{**base, **kw})
+
+
+def one(prompt, out, t=0.0, **kw) -> Request:
+    return Request(t, prompt, out, **kw)
+
+
+# ---- a single request: exact ------------------------------------------------------------------------
+def test_single_request_ttft_is_prefill_time_plus_overheads():
+    c = cost()
+    recs, _ = simulate(c, ClusterConfig("colocated", decode=1), [one(300, 5)])
+    r = recs[0]
+    ttft = c.router_direct_s + c.step_time([(300, 0)], []) + c.per_token_stream_s
+    assert r["ttft"] == pytest.approx(ttft, rel=1e-12)
+    assert r["ttft"] == pytest.approx(c.router_direct_s + c.prefill_time(300) + c.per_token_stream_s, rel=1e-12)
+    # Then one decode step per token, alone in the batch: TPOT is that step's time.
+    steps = [c.step_time([], [301 + i]) for i in range(4)]
+    assert r["tokens"] == 5 and r["route"] == "direct"
+    assert r["tpot"] == pytest.approx(sum(steps) / 4, rel=1e-12)
+    assert r["e2e"] == pytest.approx(ttft + sum(steps), rel=1e-12)
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_of_the_token_budget():
+    c = cost(max_num_batched_tokens=256, attention_s_per_pair=1e-9)
+    recs, _ = simulate(c, ClusterConfig("colocated", decode=1), [one(600, 1)])
+    chunks = c.step_time([(256, 0)], []) + c.step_time([(256, 256)], []) + c.step_time([(88, 512)], [])
+    assert recs[0]["ttft"] == pytest.approx(c.router_direct_s + chunks + c.per_token_stream_s, rel=1e-12)
+    assert recs[0]["tokens"] == 1 and recs[0]["tpot"] == 0.0
+
+
+def test_disaggregated_ttft_adds_the_transfer_and_one_decode_step():
+    c = cost()
+    recs, sim = simulate(c, ClusterConfig("disaggregated", decode=1, prefill=1), [one(300, 5)])
+    r = recs[0]
+    assert r["route"] == "disaggregated" and sim.decisions == {"disaggregated:long_uncached_prompt": 1}
+    # The prefill worker's step, the KV transfer, then the decode worker's first step, whose
+    # batch carries the prefill worker's token and the first decoded one.
+    ttft = (c.router_disaggregated_s + c.step_time([(300, 0)], []) + c.transfer_time(300)
+            + c.step_time([], [301]) + c.per_token_stream_s)
+    assert r["ttft"] == pytest.approx(ttft, rel=1e-12)
+    assert r["tokens"] == 5 and len(r["itl"]) == 3
+    slower = cost(transfer_latency_s=0.051)
+    r2 = simulate(slower, ClusterConfig("disaggregated", decode=1, prefill=1), [one(300, 5)])[0][0]
+    assert r2["ttft"] - r["ttft"] == pytest.approx(0.05, rel=1e-9)
+    assert r2["e2e"] - r["e2e"] == pytest.approx(0.05, rel=1e-9)
+
+
+def test_shared_prefix_hit_shortens_the_second_prefill_and_skips_shipped_blocks():
+    c = cost()
+    a = one(400, 1, 0.0, prefix_key="p", prefix_tokens=256)
+    b = one(400, 1, 1.0, prefix_key="p", prefix_tokens=256)
+    recs, _ = simulate(c, ClusterConfig("colocated", decode=1), [a, b])
+    assert recs[1]["ttft"] == pytest.approx(c.router_direct_s + c.step_time([(144, 256)], [])
+                                            + c.per_token_stream_s, rel=1e-12)
+    # Disaggregated: the decode worker's cached blocks are not shipped (the prefill worker
+    # has its own cache hit for the compute).
+    recs, _ = simulate(c, ClusterConfig("disaggregated", decode=1, prefill=1), [a, b])
+    want = (c.router_disaggregated_s + c.step_time([(144, 256)], []) + c.transfer_time(144)
+            + c.per_token_stream_s)
+    assert recs[1]["ttft"] == pytest.approx(want, rel=1e-12)     # one token: no decode step
+
+
+# ---- queueing ---------------------------------------------------------------------------------------
+def _fixed_service(gap: float, n: int):
+    """Prompts that fill a step each, one output token: a single server with service time S."""
+    c = cost(max_num_batched_tokens=512)
+    s = c.step_time([(512, 0)], [])
+    reqs = [one(512, 1, i * gap) for i in range(n)]
+    return c, s, simulate(c, ClusterConfig("colocated", decode=1), reqs)[0]
+
+
+def test_below_capacity_nobody_waits_and_above_it_the_backlog_grows_by_the_deficit():
+    c, s, recs = _fixed_service(gap=0.0, n=1)
+    alone = recs[0]["ttft"]
+    _, _, recs = _fixed_service(gap=s * 1.01, n=50)             # 99% utilisation, deterministic
+    assert max(r["ttft"] for r in recs) == pytest.approx(alone, rel=1e-9)
+    _, _, recs = _fixed_service(gap=s / 2, n=50)                # twice the capacity
+    for k, r in enumerate(recs):
+        assert r["ttft"] == pytest.approx(alone + k * s / 2, rel=1e-9), k
+
+
+def test_poisson_waits_follow_md1_at_the_cost_models_utilisation():
+    """M/D/1: mean wait rho * S / (2 (1 - rho)) for service time S from the cost model."""
+    c = cost(max_num_batched_tokens=512)
+    s = c.step_time([(512, 0)], [])
+    rng = random.Random(7)
+    for rho in (0.3, 0.7):
+        t, reqs = 0.0, []
+        for _ in range(6000):
+            t += rng.expovariate(rho / s)
+            reqs.append(one(512, 1, t))
+        recs, _ = simulate(c, ClusterConfig("colocated", decode=1), reqs)
+        alone = c.router_direct_s + s + c.per_token_stream_s
+        wait = sum(r["ttft"] - alone for r in recs) / len(recs)
+        assert wait == pytest.approx(rho * s / (2 * (1 - rho)), rel=0.15), rho
+
+
+def test_two_colocated_workers_split_the_load():
+    c = cost(max_num_batched_tokens=512)
+    s = c.step_time([(512, 0)], [])
+    reqs = [one(512, 1, i * s / 1.8) for i in range(60)]        # 1.8x one worker's capacity
+    one_w = simulate(c, ClusterConfig("colocated", decode=1), reqs)[0]
+    two_w = simulate(c, ClusterConfig("colocated", decode=2), reqs)[0]
+    assert one_w[-1]["ttft"] > 20 * s                           # one worker falls behind
+    assert max(r["ttft"] for r in two_w) < 3 * s                # two keep up
+
+
+# ---- the router's policy ------------------------------------------------------------------------------
+def test_routing_calls_router_policy_decide(monkeypatch):
+    import router.policy as rp
+    seen = []
+    real = rp.decide
+
+    def spy(prompt_len, block_size, decode, prefill, cfg):
+        seen.append((prompt_len, cfg.disagg_threshold, len(decode), len(prefill)))
+        return real(prompt_len, block_size, decode, prefill, cfg)
+
+    monkeypatch.setattr(rp, "decide", spy)
+    reqs = [one(p, 2, 0.01 * i) for i, p in enumerate((100, 300, 256, 257, 1000))]
+    recs, sim = simulate(cost(), ClusterConfig("conditional", decode=2, prefill=1, threshold=256), reqs)
+    assert seen == [(p, 256, 2, 1) for p in (100, 300, 256, 257, 1000)]
+    assert [r["route"] for r in recs] == ["direct", "disaggregated", "direct", "disaggregated", "disaggregated"]
+
+    def always_direct(prompt_len, block_size, decode, prefill, cfg):
+        return real(prompt_len, block_size, decode, [], cfg)     # as if no prefill worker
+
+    monkeypatch.setattr(rp, "decide", always_direct)
+    recs, sim = simulate(cost(), ClusterConfig("conditional", decode=1, prefill=1, threshold=0), reqs)
+    assert all(r["route"] == "direct" for r in recs)
+    assert sim.prefill_workers["prefill-0"].steps == 0
+
+
+def test_router_loads_follow_the_routers_books():
+    """A prefill worker's queued tokens count until the first token is back; the policy
+    then sees a saturated pool (max_prefill_queue_tokens) and keeps prompts local."""
+    c = cost()
+    reqs = [one(1000, 3, 0.0), one(1000, 3, 1e-6), one(1000, 3, 10.0)]
+    cfg = ClusterConfig("conditional", decode=1, prefill=1, threshold=0, max_prefill_queue_tokens=1500)
+    recs, sim = simulate(c, cfg, reqs)
+    assert [r["route"] for r in recs] == ["disaggregated", "direct", "disaggregated"]
+    assert sim.decisions["direct:prefill_saturated"] == 1
+    assert sim.prefill_queued == {"prefill-0": 0} and sim.inflight == {"decode-0": 0}
+    assert sim.queued_prefill_tokens == 0
+
+
+def test_admission_control_refuses_past_the_inflight_cap():
+    reqs = [one(64, 50, 0.0) for _ in range(5)]
+    recs, _ = simulate(cost(), ClusterConfig("colocated", decode=1, max_inflight_per_decode=3), reqs)
+    assert [r["ok"] for r in recs] == [True] * 3 + [False] * 2
+    assert recs[-1]["error"] == "overloaded"
+
+
+# ---- goodput: bench's -----------------------------------------------------------------------------------
+def test_goodput_and_percentiles_are_benchs_on_the_simulated_records():
+    from deploy.bench import summarise
+    spec = WorkloadSpec(prompt_min=32, prompt_max=1024, output_min=8, output_max=64)
+    reqs = wl.requests(spec, 400, 40.0, seed=3)
+    recs, _ = simulate(cost(step_s=8e-3), ClusterConfig("conditional", decode=1, prefill=1), reqs)
+    slo = SimpleNamespace(ttft_slo=0.05, tpot_slo=0.012)
+    s = summarise(recs, slo)
+    ok = [r for r in recs if r["ok"]]
+    good = [r for r in ok if r["ttft"] <= 0.05 and r["tpot"] <= 0.012]
+    duration = max(r["done"] for r in ok) - min(r["sent"] for r in recs)
+    assert 0 < len(good) < len(ok)              # the SLOs cut somewhere: the figure means something
+    assert s["goodput_rps"] == pytest.approx(len(good) / duration, rel=1e-12)
+    assert s["slo_attainment"] == pytest.approx(len(good) / len(recs), rel=1e-12)
+    assert s["wrong_token_count"] == 0 and s["completed"] == 400
+    assert s["disaggregated"] == sum(q.prompt_tokens > 256 for q in reqs)
+
+
+# ---- the engine model is the scheduler ------------------------------------------------------------------
+def _real_scheduler(bs, budget, max_seqs, blocks):
+    from engine.block_manager import BlockManager
+    from engine.config import EngineConfig
+    from engine.scheduler import Scheduler
+    cfg = EngineConfig(block_size=bs, max_num_batched_tokens=budget, max_num_seqs=max_seqs, num_kv_blocks=blocks)
+    return Scheduler(cfg, BlockManager(blocks, bs))
+
+
+@pytest.mark.parametrize("blocks,prefixes", [(4000, 3), (60, 0), (90, 2)])
+def test_engine_model_schedules_as_the_engine_scheduler(blocks, prefixes):
+    """Same arrivals into engine/scheduler.py (real Sequences with token ids, real block
+    manager) and EngineModel: every step schedules the same sequences with the same token
+    counts, preemptions included (60 blocks is tight), and free blocks agree."""
+    from engine.sampling_params import SamplingParams
+    from engine.sequence import FinishReason, Sequence
+    bs, budget, max_seqs = 16, 128, 6
+    real = _real_scheduler(bs, budget, max_seqs, blocks)
+    model = EngineModel(block_size=bs, max_num_batched_tokens=budget, max_num_seqs=max_seqs, num_kv_blocks=blocks)
+    rng = random.Random(blocks)
+    prefix_ids = [[rng.randrange(100, 30000) for _ in range(64)] for _ in range(prefixes)]
+    pending = []
+    for i in range(40):
+        p, out = rng.randint(5, 300), rng.randint(1, 30)
+        key = i % prefixes if prefixes else None
+        ids = (prefix_ids[key] if key is not None else []) + [rng.randrange(100, 30000) for _ in range(p)]
+        pending.append((rng.randint(0, 150), i, ids, out, key))
+    pending.sort()
+    real_seqs = {}
+    preempted = 0
+    for step in range(3000):
+        while pending and pending[0][0] <= step:
+            _, i, ids, out, key = pending.pop(0)
+            s = Sequence(i, list(ids), len(ids), SamplingParams(max_tokens=out, ignore_eos=True))
+            real_seqs[i] = s
+            real.add(s)
+            model.add(SimSeq(i, len(ids), out, prefix_key=key, prefix_blocks=64 // bs if key is not None else 0))
+        a = real.schedule()
+        b = model.schedule()
+        assert [(x.seq.seq_id, x.num_new_tokens) for x in a] == [(s.rid, n) for s, n in b], step
+        assert real.blocks.num_free_blocks == model.num_free_blocks, step
+        for x in a:
+            samples = x.samples
+            x.seq.num_computed_tokens += x.num_new_tokens
+            real.commit_full_blocks(x.seq)
+            if samples:
+                x.seq.token_ids.append(7)
+                if x.seq.num_output_tokens >= x.seq.params.max_tokens:
+                    real.finish(x.seq, FinishReason.LENGTH)
+        model.step_done(b)
+        model.check()
+        assert real.blocks.num_free_blocks == model.num_free_blocks, step
+        if not pending and not real.has_work():
+            break
+    assert not model.has_work() and not pending
+    preempted = real.num_preemptions
+    assert model.num_preemptions == preempted
+    if blocks == 60:
+        assert preempted > 0                     # the tight case did exercise preemption
+    if prefixes:
+        assert sum(s.num_cached_tokens for s in real_seqs.values()) > 0
+
+
+def test_engine_model_disaggregated_entry_points():
+    m = EngineModel(block_size=16, max_num_batched_tokens=64, max_num_seqs=4, num_kv_blocks=10)
+    a = SimSeq("a", 100, 3)
+    assert m.reserve_for_remote(a) and m.num_free_blocks == 3       # 7 blocks for 100 tokens
+    assert not m.reserve_for_remote(SimSeq("b", 100, 3)) and m.num_free_blocks == 3
+    seq = m.remote_kv_landed("a")
+    assert seq.outputs == 1 and m.running == [seq]
+    assert m.schedule() == [(seq, 1)] and m.step_shape([(seq, 1)]) == ([], [101])
+
+
+# ---- workload -----------------------------------------------------------------------------------------
+def _bench_make_workload_as_it_was(args, n, rate, seed):
+    """deploy/bench.py's generator before it moved to planner/workload.py, verbatim."""
+    rng = random.Random(seed)
+    prefixes = [[rng.randrange(100, args.vocab_max) for _ in range(args.prefix_len)]
+                for _ in range(args.num_prefixes)]
+    t, out = 0.0, []
+    for i in range(n):
+        t += rng.expovariate(rate)
+        prompt = [rng.randrange(100, args.vocab_max) for _ in range(rng.randint(args.prompt_min, args.prompt_max))]
+        if args.workload == "shared-prefix":
+            prompt = prefixes[i % args.num_prefixes] + prompt
+        out.append(dict(arrival=t, prompt=prompt, max_tokens=rng.randint(args.output_min, args.output_max)))
+    return out
+
+
+@pytest.mark.parametrize("workload", ["synthetic", "shared-prefix"])
+def test_simulated_workload_is_the_one_bench_sends(workload):
+    import argparse
+
+    from deploy import bench
+    ap = argparse.ArgumentParser()
+    bench.add_arguments(ap)
+    args = ap.parse_args(["--workload", workload, "--prompt-max", "700"])
+    old = _bench_make_workload_as_it_was(args, 50, 3.0, 11)
+    new = bench.make_workload(args, 50, 3.0, 11)
+    assert [(r["arrival"], r["prompt"], r["max_tokens"]) for r in new] == \
+        [(r["arrival"], r["prompt"], r["max_tokens"]) for r in old]
+    sim = wl.requests(WorkloadSpec.from_args(args), 50, 3.0, 11)
+    assert [(q.arrival_s, q.prompt_tokens, q.output_tokens) for q in sim] == \
+        [(r["arrival"], len(r["prompt"]), r["max_tokens"]) for r in old]
+    if workload == "shared-prefix":
+        assert {q.prefix_key for q in sim} == {0, 1, 2, 3} and all(q.prefix_tokens == 256 for q in sim)
+
+
+def test_bursty_arrivals_keep_the_rate_and_clump():
+    def gaps(arrival):
+        reqs = wl.requests(WorkloadSpec(arrival=arrival, burst_cv=3.0), 20000, 10.0, 1)
+        g = [b.arrival_s - a.arrival_s for a, b in zip(reqs, reqs[1:])]
+        mean = sum(g) / len(g)
+        return mean, (sum((x - mean) ** 2 for x in g) / len(g)) ** 0.5 / mean
+    mean, cv = gaps("poisson")
+    assert mean == pytest.approx(0.1, rel=0.05) and cv == pytest.approx(1.0, rel=0.1)
+    mean, cv = gaps("bursty")
+    assert mean == pytest.approx(0.1, rel=0.1) and cv == pytest.approx(3.0, rel=0.2)
+
+
+def test_trace_round_trip_rescale_and_known_hits(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text("\n".join(json.dumps(d) for d in [
+        dict(arrival_s=12.0, prompt_tokens=400, cached_tokens=256, output_tokens=4),
+        dict(arrival_s=10.0, prompt_tokens=100, cached_tokens=0, output_tokens=2)]) + "\n")
+    reqs = wl.load_trace(str(path))
+    assert [(r.arrival_s, r.prompt_tokens, r.cached_tokens) for r in reqs] == [(0.0, 100, 0), (2.0, 400, 256)]
+    assert wl.trace_rate(reqs) == 0.5 and wl.rescale(reqs, 2.0)[1].arrival_s == 0.5
+    wl.save_trace(str(tmp_path / "u.jsonl"), reqs)
+    assert wl.load_trace(str(tmp_path / "u.jsonl")) == reqs
+    c = cost()
+    recs, _ = simulate(c, ClusterConfig("colocated", decode=1), reqs)
+    assert recs[1]["ttft"] == pytest.approx(c.router_direct_s + c.step_time([(144, 256)], [])
+                                            + c.per_token_stream_s, rel=1e-12)
+    (tmp_path / "bad.jsonl").write_text('{"arrival_s": 1, "prompt_tokens": 5}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1"):
+        wl.load_trace(str(tmp_path / "bad.jsonl"))
