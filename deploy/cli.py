@@ -146,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--disagg-threshold", type=int, default=None,
                    help="uncached prompt tokens above which prefill runs on the prefill pool (default 256)")
     s.add_argument("--kv-timeout", type=float, default=None, help="seconds before a KV transfer falls back (default 30)")
+    s.add_argument("--record-trace", default=None, metavar="PATH",
+                   help="append each finished request's arrival time and prompt/cached/output lengths (JSONL, no "
+                        "content) to PATH, for `pdserve plan --trace`")
     s.add_argument("--kv-cache-gb", type=float, default=None)
     s.add_argument("--dtype", default=None)
     s.add_argument("--http-port", type=int, default=None,

@@ -121,7 +121,7 @@ class Cluster:
                                           bind_host=bind_host, dead_after_s=faults.dead_after_s,
                                           max_inflight_per_decode=rt.max_inflight_per_decode,
                                           max_queued_prefill_tokens=rt.max_queued_prefill_tokens,
-                                          curve=curve))
+                                          curve=curve, record_trace=rt.record_trace))
         self.router.start()
         # (Pools whose num_gpus is unset all get the same ask: that is what "auto" compares.)
         gpus = min((a.num_gpus for a in plan.asks.values()), default=0)

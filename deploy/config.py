@@ -84,6 +84,9 @@ class RouterSection:
     # Overload (router/core.py): requests beyond these are refused as resource-exhausted.
     max_inflight_per_decode: int = 256          # requests held by one decode worker
     max_queued_prefill_tokens: int = 1 << 20    # admitted prompt tokens not yet prefilled, all pools
+    # Append a JSONL trace of finished requests (arrival, prompt, cached and output lengths;
+    # no content) for `pdserve plan --trace` (router/trace.py). None: no trace.
+    record_trace: str | None = None
 
     def validate(self, path: str) -> None:
         _port(self.port, f"{path}.port")
@@ -330,6 +333,7 @@ CLI_FIELDS = {
     "host": "router.host",
     "port": "router.port",
     "disagg_threshold": "router.disagg_threshold",
+    "record_trace": "router.record_trace",
     "metrics_port": "router.metrics_port",
     "http_host": "router.http_host",
     "http_port": "router.http_port",

@@ -345,6 +345,21 @@ class PoolController:
         except Exception as e:
             log.warning("autoscale %s: stopping %s: %s", m.kind, m.worker_id, e)
 
+    def apply_targets(self, targets: dict[str, int]) -> dict[str, int]:
+        """Planned pool sizes ({"prefill": P, "decode": D}, e.g. planner.plan.controller_targets
+        from a profile and an expected load) become the pools' floors: the next tick starts
+        what is missing (reason below_min), load still grows a pool up to max_replicas, and
+        idle shrinks stop at the floor. Each is clamped to [the configured min_replicas,
+        max_replicas]; returns the floors set."""
+        floors = {}
+        for kind, n in targets.items():
+            if kind not in POOLS:
+                raise ValueError(f"targets: unknown pool {kind!r}; expected {' or '.join(POOLS)}")
+            cfg = self.policies[kind].cfg
+            cfg.min_replicas = floors[kind] = max(self.pools[kind].min_replicas, min(int(n), cfg.max_replicas))
+            log.info("autoscale %s: floor set to %d replicas (planned %d)", kind, cfg.min_replicas, n)
+        return floors
+
     # ---- introspection ----------------------------------------------------------------------------------
     def pool_sizes(self) -> dict:
         return {k: {s: len(self.pool_members(k, s)) for s in ("starting", "active", "draining", "stopping")}
@@ -498,6 +513,9 @@ class ControllerActor:
 
     async def decisions(self) -> list[dict]:
         return self.ctl.decision_log()
+
+    async def apply_targets(self, targets: dict[str, int]) -> dict[str, int]:
+        return self.ctl.apply_targets(targets)
 
     async def history(self) -> list[dict]:
         return list(self.ctl.history)

@@ -143,6 +143,17 @@ def pool_targets(cost, spec: wl.WorkloadSpec, rate: float, *, ttft_slo: float = 
     return None
 
 
+def controller_targets(profile_path: str, rate: float, spec: wl.WorkloadSpec | None = None, **kw) -> dict[str, int]:
+    """pool_targets from a profile file, as the floors PoolController.apply_targets takes;
+    ValueError when no split of up to max_gpus meets the SLOs."""
+    from planner.costmodel import CostModel
+    t = pool_targets(CostModel.load(profile_path), spec or wl.WorkloadSpec(), rate, **kw)
+    if t is None:
+        raise ValueError(f"no prefill/decode split of up to {kw.get('max_gpus', 8)} GPUs meets the SLOs at "
+                         f"{rate:g} req/s")
+    return {"prefill": t["prefill"], "decode": t["decode"]}
+
+
 # ---- validation against a measured run ---------------------------------------------------------------
 def validate(cost, measured: dict, modes: list[str] | None = None) -> list[dict]:
     """Predicted against measured per (mode, rate) of a `pdserve bench --json` record."""

@@ -54,6 +54,8 @@ class RouterConfig:
     # Security: internal planes bind to bind_host only (never all interfaces by default);
     # curve: router.curve.CurveKeys to encrypt and authenticate them (None: off).
     curve: object | None = None
+    # A JSONL trace of finished requests' lengths for `pdserve plan --trace` (router/trace.py).
+    record_trace: str | None = None
 
 
 @dataclass
@@ -92,6 +94,7 @@ class RequestHandle:
     emitted: list[int] = field(default_factory=list)   # token ids handed to the client queue
     resume_offset: int = 0         # len(emitted) when the current worker got it
     redispatches: int = 0
+    sent_at: float = field(default_factory=time.time)   # wall clock at submission (the trace's arrival)
     unprefilled: int = 0           # uncached prompt tokens counted for admission until the first token
 
 
@@ -128,6 +131,10 @@ class Router:
         self._plane_silent_logged = False
         self.counters = dict(overloaded=0, workers_lost=0, redispatched=0, failed_unavailable=0,
                              deadline_exceeded=0, stale_batches=0)
+        self.trace = None
+        if cfg.record_trace:
+            from router.trace import TraceRecorder
+            self.trace = TraceRecorder(cfg.record_trace)
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -148,6 +155,8 @@ class Router:
         for w in list(self.decode.values()) + list(self.prefill.values()):
             w.sock.close(linger=0)
         self.token_sock.close(linger=0)
+        if self.trace is not None:
+            self.trace.close()
         if self._zap is not None:
             self._zap.stop()
         self.ctx.term()
@@ -502,6 +511,8 @@ class Router:
             item.fallback = item.fallback or "redispatched"
         h.emitted.extend(item.token_ids)
         h.queue.put_nowait(item)
+        if self.trace is not None and item.finish_reason in ("stop", "length") and item.error is None:
+            self.trace.record(h.sent_at, h.prompt_len, item.cached_tokens, item.completion_tokens)
         if item.finish_reason is not None or item.error is not None:
             self._finish(h)
 

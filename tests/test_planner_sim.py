@@ -333,3 +333,148 @@ def test_trace_round_trip_rescale_and_known_hits(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"arrival_s": 1, "prompt_tokens": 5}\n')
     with pytest.raises(ValueError, match="bad.jsonl:1"):
         wl.load_trace(str(tmp_path / "bad.jsonl"))
+
+
+# ---- the router records a trace ------------------------------------------------------------------------
+def test_router_records_finished_requests_as_a_trace(tmp_path):
+    import asyncio
+
+    from planes import messages
+    from planes.sampling_params import SamplingParams
+    from router.core import RequestHandle, Router, RouterConfig
+    from router.policy import Decision
+
+    path = tmp_path / "trace.jsonl"
+
+    async def scenario():
+        r = Router(RouterConfig(record_trace=str(path)))
+        d = Decision("direct", "short_prompt", "decode-0", None, 32, 68)
+        for i, (finish, out) in enumerate([("length", 5), ("abort", 0), ("stop", 3)]):
+            h = RequestHandle(f"r{i}", d, 100, prompt_ids=[1] * 100, params=SamplingParams(max_tokens=5))
+            h.sent_at = 1000.0 + i
+            r.requests[h.rid] = h
+            r._deliver(h, messages.TokenItem(h.rid, [7], finish_reason=finish, prompt_tokens=100, cached_tokens=32,
+                                             completion_tokens=out))
+        await r.close()
+
+    asyncio.run(scenario())
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert rows == [dict(arrival_s=1000.0, prompt_tokens=100, cached_tokens=32, output_tokens=5),
+                    dict(arrival_s=1002.0, prompt_tokens=100, cached_tokens=32, output_tokens=3)]
+    reqs = wl.load_trace(str(path))                  # what the planner replays
+    assert [(q.arrival_s, q.prompt_tokens, q.cached_tokens, q.output_tokens) for q in reqs] == \
+        [(0.0, 100, 32, 5), (2.0, 100, 32, 3)]
+
+
+def test_trace_recorder_stops_at_its_bound(tmp_path):
+    from router.trace import TraceRecorder
+    t = TraceRecorder(str(tmp_path / "t.jsonl"), max_records=3)
+    for i in range(10):
+        t.record(float(i), 10, 0, 2)
+    t.close()
+    assert len((tmp_path / "t.jsonl").read_text().splitlines()) == 3
+
+
+def test_serve_flag_sets_the_routers_trace():
+    from deploy.cli import build_parser
+    from deploy.config import config_from_args
+    args = build_parser().parse_args(["serve", "--record-trace", "/tmp/x.jsonl"])
+    assert config_from_args(args).router.record_trace == "/tmp/x.jsonl"
+
+
+# ---- planning and the controller -----------------------------------------------------------------------
+def test_pool_targets_are_the_smallest_split_that_meets_the_slos():
+    from planner.plan import configurations, pool_targets, run_one
+    c = cost(step_s=4e-3, per_token_s=4e-5)
+    spec = WorkloadSpec(prompt_min=256, prompt_max=1024, output_min=16, output_max=64)
+    kw = dict(ttft_slo=0.2, tpot_slo=0.012, attainment=0.9)
+    t = pool_targets(c, spec, 30.0, max_gpus=6, requests=300, thresholds=(256,), **kw)
+    assert t is not None and t["slo_attainment"] >= 0.9
+    gpus = t["prefill"] + t["decode"]
+    assert gpus > 2                                 # the load needs more than the smallest cluster
+    reqs = wl.requests(spec, 300, 30.0, 0)
+    slo = SimpleNamespace(ttft_slo=0.2, tpot_slo=0.012)
+    for cfg in configurations(gpus - 1, [256], ["disaggregated", "conditional"]):
+        assert run_one(c, cfg, reqs, slo)["summary"]["slo_attainment"] < 0.9, cfg.name
+
+
+def test_controller_takes_planned_pool_sizes_as_floors():
+    import asyncio
+
+    from deploy.config import ControllerSection
+    from deploy.controller import PoolController
+    from helpers import FakeClock, FakeSpawner
+    from helpers import decode_entry as dw
+    from helpers import pool_report
+    from helpers import pools_config
+    from helpers import prefill_entry as pw
+
+    async def scenario():
+        clock, spawner = FakeClock(), FakeSpawner()
+        ctl = PoolController(pools_config(pmax=3, dmax=2), ControllerSection(report_stale_s=5), spawner, clock=clock)
+        await ctl.start()
+        assert ctl.apply_targets({"prefill": 3, "decode": 5}) == {"prefill": 3, "decode": 2}   # max 2 decode
+        with pytest.raises(ValueError, match="unknown pool"):
+            ctl.apply_targets({"gpu": 1})
+        idle = pool_report({"prefill-0": pw()}, {"decode-0": dw()})
+        for _ in range(3):
+            clock.t += 0.5
+            ctl.report(idle)
+            await ctl.tick()
+            await asyncio.sleep(0.01)
+        assert ctl.pool_sizes()["prefill"]["active"] == 3 and ctl.pool_sizes()["decode"]["active"] == 2
+        assert {(d["pool"], d["reason"]) for d in ctl.decision_log()} == {("prefill", "below_min"),
+                                                                         ("decode", "below_min")}
+        # Idle for long: nothing drains below the floor.
+        idle = pool_report({f"prefill-{i}": pw() for i in range(3)}, {f"decode-{i}": dw() for i in range(2)})
+        for _ in range(40):
+            clock.t += 1.0
+            ctl.report(idle)
+            await ctl.tick()
+        assert ctl.pool_sizes()["prefill"]["active"] == 3 and ctl.pool_sizes()["decode"]["active"] == 2
+        await ctl.shutdown()
+
+    asyncio.run(scenario())
+
+
+def test_plan_command_and_validation_against_a_bench_record(tmp_path, capsys):
+    from deploy.cli import main
+    from planner.plan import validate
+    c = cost(step_s=4e-3, per_token_s=4e-5)
+    prof = tmp_path / "profile.json"
+    prof.write_text(json.dumps(c.profile))
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--profile", str(prof), "--gpus", "3", "--rates", "5,20", "--requests", "200",
+                 "--thresholds", "256", "--json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert set(record["configs"]) == {"colocated x3", "1P2D", "2P1D", "1P2D t=256", "2P1D t=256"}
+    assert record["best"] in record["configs"] and "best: " in capsys.readouterr().out
+    # A measured record in bench's format whose figures are the simulator's own: zero error.
+    bench_args = dict(requests=60, seed=4, decode_replicas=2, disagg_threshold=256, prompt_min=32, prompt_max=700,
+                      output_min=4, output_max=20, workload="shared-prefix", ttft_slo=1.0, tpot_slo=0.04)
+    measured = dict(args=bench_args, modes={})
+    for mode in ("colocated", "disagg", "conditional"):
+        runs = []
+        for rate in (2.0, 8.0):
+            runs.append(dict(rate=rate, summary=None))
+        measured["modes"][mode] = runs
+    from deploy.bench import summarise
+    from planner.plan import bench_configuration
+    for mode, runs in measured["modes"].items():
+        for i, run in enumerate(runs):
+            reqs = wl.requests(WorkloadSpec.from_args(bench_args), 60, run["rate"], 4 + i)
+            run["summary"] = summarise(simulate(c, bench_configuration(mode, bench_args), reqs)[0], SLO)
+    rows = validate(c, measured)
+    assert [(r["mode"], r["config"], r["rate"]) for r in rows] == [
+        ("colocated", "colocated x2", 2.0), ("colocated", "colocated x2", 8.0), ("disagg", "1P1D", 2.0),
+        ("disagg", "1P1D", 8.0), ("conditional", "1P1D t=256", 2.0), ("conditional", "1P1D t=256", 8.0)]
+    assert all(r[k]["rel_error"] == 0.0 for r in rows for k in ("ttft_p50", "ttft_p90", "tpot_p50"))
+    # And a model that is off by a known factor shows it.
+    slow = cost(step_s=8e-3, per_token_s=8e-5, router_direct_s=6e-4, router_disaggregated_s=1.4e-3,
+                per_token_stream_s=2e-4, transfer_latency_s=2e-3, transfer_bytes_per_s=5e8)
+    rows = validate(slow, {**measured, "modes": {"colocated": measured["modes"]["colocated"][:1]}})
+    assert rows[0]["tpot_p50"]["rel_error"] == pytest.approx(1.0, rel=1e-6)
+    mfile = tmp_path / "serve.json"
+    mfile.write_text(json.dumps(measured))
+    assert main(["plan", "--profile", str(prof), "--validate", str(mfile)]) == 0
+    assert "cells within 15%: 18/18" in capsys.readouterr().out
