@@ -83,7 +83,6 @@ class RequestHandle:
     decision: Decision
     prompt_len: int
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-    prefill_pending: int = 0       # tokens counted against the prefill worker until the first token
     done: bool = False
     # What a re-dispatch needs: the request as the client sent it and what was streamed.
     prompt_ids: list[int] = field(default_factory=list)
@@ -95,7 +94,13 @@ class RequestHandle:
     resume_offset: int = 0         # len(emitted) when the current worker got it
     redispatches: int = 0
     sent_at: float = field(default_factory=time.time)   # wall clock at submission (the trace's arrival)
-    unprefilled: int = 0           # uncached prompt tokens counted for admission until the first token
+    # Which counts still hold the request's prefill work, decision.uncached_tokens (the
+    # prompt tokens its decode worker had not cached). Each is released once:
+    #   Router.queued_prefill_tokens (admission), until the first token or the end;
+    #   its prefill worker's queued_tokens (disaggregated route), until the decode worker
+    #   first reports on it (the prefill is then done or abandoned), it moves, or it ends.
+    counted_for_admission: bool = False
+    counted_on_prefill_worker: bool = False
 
 
 class Router:
@@ -257,7 +262,7 @@ class Router:
                              f"the limit is {budget}")
         h = RequestHandle(rid, d, len(prompt_ids), prompt_ids=list(prompt_ids), params=params,
                           cache_salt=cache_salt, deadline=deadline, decode_worker=d.decode_worker,
-                          unprefilled=d.uncached_tokens)
+                          counted_for_admission=True)
         self.queued_prefill_tokens += d.uncached_tokens
         dw = self.decode[d.decode_worker]
         msg = messages.GenerateMsg(rid, prompt_ids, params, mode="direct", cache_salt=cache_salt,
@@ -265,7 +270,7 @@ class Router:
         if d.kind == "disaggregated":
             pw = self.prefill[d.prefill_worker]
             msg.mode, msg.prefill_endpoint, msg.prefill_worker = "disaggregated", pw.request_endpoint, pw.worker_id
-            h.prefill_pending = d.uncached_tokens
+            h.counted_on_prefill_worker = True
             pw.queued_tokens += d.uncached_tokens
             pw.inflight.add(rid)
         self.requests[rid] = h
@@ -315,8 +320,11 @@ class Router:
         self._prompt_done(h)
 
     def _prompt_done(self, h: RequestHandle) -> None:
-        self.queued_prefill_tokens -= h.unprefilled
-        h.unprefilled = 0
+        """The request's prompt is prefilled (its first token came) or it ended: it no
+        longer counts against the admission bound on tokens waiting for prefill."""
+        if h.counted_for_admission:
+            h.counted_for_admission = False
+            self.queued_prefill_tokens -= h.decision.uncached_tokens
 
     def _fail(self, h: RequestHandle, code: str, message: str) -> None:
         if h.done:
@@ -387,13 +395,15 @@ class Router:
             self._fail(h, "unavailable", f"{why}; {dw.worker_id} is not accepting requests ({e!r})")
 
     def _prefill_done(self, h: RequestHandle) -> None:
-        if h.decision.prefill_worker and h.prefill_pending:
+        """Its prefill worker no longer holds the request's prompt (it was sent, abandoned
+        for an in-place prefill, or the request moved or ended)."""
+        if h.counted_on_prefill_worker:
+            h.counted_on_prefill_worker = False
             pw = self.prefill.get(h.decision.prefill_worker)
             # Only the worker object that counted it: a re-registered worker starts from 0.
             if pw is not None and h.rid in pw.inflight:
-                pw.queued_tokens = max(0, pw.queued_tokens - h.prefill_pending)
+                pw.queued_tokens = max(0, pw.queued_tokens - h.decision.uncached_tokens)
                 pw.inflight.discard(h.rid)
-            h.prefill_pending = 0
 
     # ---- token plane ----------------------------------------------------------------------------------
     async def _monitor_loop(self) -> None:

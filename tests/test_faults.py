@@ -145,6 +145,73 @@ def _no_disagg():
     return PolicyConfig(disagg_threshold=10**6)
 
 
+def test_prefill_counts_return_to_zero_whatever_becomes_of_a_request():
+    """A request's uncached prompt tokens count for admission (Router.queued_prefill_tokens)
+    until its first token, and on a disaggregated route on its prefill worker (queued_tokens,
+    inflight) until its decode worker first reports on it or it moves. Every way a request
+    can go, direct or disaggregated, served, cancelled, failed by its worker, moved to
+    another worker, failed unsent, brings both back to zero, each released once."""
+    from router.policy import PolicyConfig
+
+    async def body(r, fake):
+        a = fake("a")
+        sink = zmq.Context.instance().socket(zmq.PULL)   # the prefill worker's request socket (unused here)
+        sink.setsockopt(zmq.LINGER, 0)
+        sink.bind("tcp://127.0.0.1:*")
+        r.add_worker("prefill", "p", sink.getsockopt(zmq.LAST_ENDPOINT).decode())
+        pw, a_w = r.prefill["p"], r.decode["a"]
+
+        def counts():
+            return r.queued_prefill_tokens, pw.queued_tokens, len(pw.inflight), len(a_w.inflight)
+
+        async def settled(what):
+            await await_until(lambda: not r.requests, 5, what)
+            assert counts() == (0, 0, 0, 0), (what, counts())
+        try:
+            # direct: admission only, released by the first token
+            h = await r.submit("direct", [5] * 10, P)
+            assert h.decision.kind == "direct" and counts() == (10, 0, 0, 1)
+            a.send(messages.TokenItem("direct", [1]))
+            await await_until(lambda: r.queued_prefill_tokens == 0, 5, "the first token")
+            a.send(messages.TokenItem("direct", [2], finish_reason="length"))
+            await settled("direct")
+            # disaggregated: both counts, both released by the first token
+            h = await r.submit("disagg", [6] * 40, P)
+            assert h.decision.kind == "disaggregated" and counts() == (40, 40, 1, 1)
+            a.send(messages.TokenItem("disagg", [1]))
+            await await_until(lambda: counts()[:3] == (0, 0, 0), 5, "the first token")
+            a.send(messages.TokenItem("disagg", [2], finish_reason="length"))
+            await settled("disaggregated")
+            # cancelled before its first token
+            await r.submit("cancel", [7] * 40, P)
+            await r.abort("cancel")
+            await settled("cancelled")
+            # failed by its decode worker before its first token
+            await r.submit("fail", [8] * 40, P)
+            a.send(messages.TokenItem("fail", [], finish_reason="abort", error="boom", error_code="internal"))
+            await settled("failed")
+            # its decode worker lost: the prefill worker's count goes with the move, admission
+            # waits for the first token from the new worker
+            await r.submit("moved", [9] * 40, P)
+            b = fake("b")
+            assert await r.worker_lost("a", "test") == 1
+            assert r.queued_prefill_tokens == 40 and (pw.queued_tokens, len(pw.inflight)) == (0, 0)
+            b.send(messages.TokenItem("moved", [1]))
+            await await_until(lambda: r.queued_prefill_tokens == 0, 5, "the first token from b")
+            b.send(messages.TokenItem("moved", [2], finish_reason="length"))
+            await await_until(lambda: not r.requests, 5, "moved")
+            # a dispatch that cannot be sent: submit fails and counts nothing
+            r.decode["b"].sock.close(linger=0)
+            r.decode["b"].sock = r.ctx.socket(zmq.PUSH)   # connected nowhere: the send times out
+            with pytest.raises(LookupError):
+                await r.submit("unsent", [10] * 40, P)
+            assert (r.queued_prefill_tokens, pw.queued_tokens, len(pw.inflight), len(r.decode["b"].inflight)) == \
+                (0, 0, 0, 0)
+        finally:
+            sink.close(0)
+    run_router(body, policy=PolicyConfig(disagg_threshold=16), send_timeout_s=0.2)
+
+
 def test_silent_decode_worker_requests_move_with_their_streamed_tokens():
     async def body(r, fake):
         a = fake("a")
