@@ -155,6 +155,20 @@ def controller_targets(profile_path: str, rate: float, spec: wl.WorkloadSpec | N
 
 
 # ---- validation against a measured run ---------------------------------------------------------------
+ENGINE_KNOBS = ("block_size", "max_num_batched_tokens", "max_num_seqs", "num_kv_blocks")
+
+
+def engine_mismatches(cost, measured: dict) -> list[str]:
+    """Engine settings the measured run overrode (bench --engine-kwargs) that differ from
+    the profile's: the simulation would schedule another engine than the one measured."""
+    try:
+        kw = json.loads((measured.get("args") or {}).get("engine_kwargs") or "{}")
+    except ValueError:
+        return ["the bench record's engine_kwargs is not JSON"]
+    return [f"{k}: measured run {kw[k]}, profile {getattr(cost, k)}" for k in ENGINE_KNOBS
+            if k in kw and kw[k] != getattr(cost, k)]
+
+
 def validate(cost, measured: dict, modes: list[str] | None = None) -> list[dict]:
     """Predicted against measured per (mode, rate) of a `pdserve bench --json` record."""
     bargs = measured.get("args") or {}
@@ -293,9 +307,14 @@ def run(args) -> dict:
     if args.validate:
         with open(args.validate, encoding="utf-8") as f:
             measured = json.load(f)
+        for m in engine_mismatches(cost, measured):
+            print(f"warning: engine setting differs, {m}", file=sys.stderr)
         rows = validate(cost, measured)
+        print(f"profile: {cost.profile['model'].get('name')} on {cost.profile['hardware'].get('name')}; "
+              f"measured: {measured.get('model')} ({measured.get('workload')} workload)")
         print(validation_table(rows))
-        out = dict(profile=args.profile, measured=args.validate, rows=rows)
+        out = dict(profile=args.profile, measured=args.validate, rows=rows,
+                   engine_mismatches=engine_mismatches(cost, measured))
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(out, f, indent=2)

@@ -26,10 +26,14 @@ What each part does, as the code it stands for does it:
              at the end of the step that computes a prompt's last chunk the KV transfer
              starts, and lands cost.transfer_time(tokens shipped) later (the blocks past the
              decode worker's cached prefix).
-  client     a request is sent at its arrival time and reaches its decode worker
-             cost.router_direct_s or cost.router_disaggregated_s later (front end, routing,
-             dispatch: the per-request overheads measured by the profile); every token
-             batch reaches the client cost.per_token_stream_s after the worker sends it.
+  overheads  as the profile measures them (planner/overhead_probe.py): a request reaches its
+             decode worker cost.router_direct_s or cost.router_disaggregated_s after it is
+             sent (the router path's whole per-request cost: front end, routing, dispatch,
+             hops, the first token's way back), and a token batch reaches the client when
+             the worker sends it. cost.per_token_stream_s is the decode worker loop's own
+             work per iteration (the token batch, polling for requests and KV): after each
+             step the worker is busy that much longer before its next step, so it adds to
+             every gap between a request's tokens (TPOT), as measured.
 
 The records are bench's (deploy/bench.py `_result`): TTFT is the client's first token-bearing
 message minus the send time, E2E the last, TPOT (E2E - TTFT) / (tokens - 1), ITL the gaps
@@ -136,9 +140,17 @@ class _Worker:
         self.steps += 1
         self.sim.at(self.sim.now + dt, self.step_end, scheduled)
 
+    loop_overhead_s = 0.0                 # the loop's own work after a step, before the next
+
     def step_end(self, scheduled) -> None:
-        self.busy = False
         self.finish_step(scheduled)
+        if self.loop_overhead_s > 0:
+            self.sim.at(self.sim.now + self.loop_overhead_s, self.resume)
+        else:
+            self.resume()
+
+    def resume(self) -> None:
+        self.busy = False
         self.iterate()
 
     def _seq(self, st: _ReqState, prefill_only: bool = False) -> SimSeq:
@@ -151,6 +163,7 @@ class _Worker:
 class _DecodeWorker(_Worker):
     def __init__(self, sim, worker_id):
         super().__init__(sim, worker_id)
+        self.loop_overhead_s = sim.cost.per_token_stream_s
         self.landed: list[int] = []
         self.items: list[tuple[int, int, bool]] = []   # (rid, tokens, finished) for the next batch
 
@@ -296,8 +309,8 @@ class Simulation:
         dw.wake()
 
     def token_batch(self, worker_id: str, items: list[tuple[int, int, bool]]) -> None:
-        """A decode worker's batch reaches the router now and the client per_token_stream_s later."""
-        t = self.now + self.cost.per_token_stream_s
+        """A decode worker's batch reaches the router and the client now."""
+        t = self.now
         for rid, n, finished in items:
             st = self.states[rid]
             if st.prefill_pending:         # Router._prefill_done: the first token is back

@@ -38,21 +38,24 @@ def test_single_request_ttft_is_prefill_time_plus_overheads():
     c = cost()
     recs, _ = simulate(c, ClusterConfig("colocated", decode=1), [one(300, 5)])
     r = recs[0]
-    ttft = c.router_direct_s + c.step_time([(300, 0)], []) + c.per_token_stream_s
+    ttft = c.router_direct_s + c.step_time([(300, 0)], [])
     assert r["ttft"] == pytest.approx(ttft, rel=1e-12)
-    assert r["ttft"] == pytest.approx(c.router_direct_s + c.prefill_time(300) + c.per_token_stream_s, rel=1e-12)
-    # Then one decode step per token, alone in the batch: TPOT is that step's time.
-    steps = [c.step_time([], [301 + i]) for i in range(4)]
+    assert r["ttft"] == pytest.approx(c.router_direct_s + c.prefill_time(300), rel=1e-12)
+    # Then one decode step per token, alone in the batch, each after the worker loop's own
+    # work (per_token_stream_s): TPOT is their mean.
+    steps = [c.per_token_stream_s + c.step_time([], [301 + i]) for i in range(4)]
     assert r["tokens"] == 5 and r["route"] == "direct"
     assert r["tpot"] == pytest.approx(sum(steps) / 4, rel=1e-12)
     assert r["e2e"] == pytest.approx(ttft + sum(steps), rel=1e-12)
+    assert r["itl"] == pytest.approx(steps, rel=1e-12)
 
 
 def test_a_long_prompt_is_prefilled_in_chunks_of_the_token_budget():
     c = cost(max_num_batched_tokens=256, attention_s_per_pair=1e-9)
     recs, _ = simulate(c, ClusterConfig("colocated", decode=1), [one(600, 1)])
     chunks = c.step_time([(256, 0)], []) + c.step_time([(256, 256)], []) + c.step_time([(88, 512)], [])
-    assert recs[0]["ttft"] == pytest.approx(c.router_direct_s + chunks + c.per_token_stream_s, rel=1e-12)
+    chunks += 2 * c.per_token_stream_s          # the loop's own work between its steps
+    assert recs[0]["ttft"] == pytest.approx(c.router_direct_s + chunks, rel=1e-12)
     assert recs[0]["tokens"] == 1 and recs[0]["tpot"] == 0.0
 
 
@@ -64,7 +67,7 @@ def test_disaggregated_ttft_adds_the_transfer_and_one_decode_step():
     # The prefill worker's step, the KV transfer, then the decode worker's first step, whose
     # batch carries the prefill worker's token and the first decoded one.
     ttft = (c.router_disaggregated_s + c.step_time([(300, 0)], []) + c.transfer_time(300)
-            + c.step_time([], [301]) + c.per_token_stream_s)
+            + c.step_time([], [301]))
     assert r["ttft"] == pytest.approx(ttft, rel=1e-12)
     assert r["tokens"] == 5 and len(r["itl"]) == 3
     slower = cost(transfer_latency_s=0.051)
@@ -79,20 +82,20 @@ def test_shared_prefix_hit_shortens_the_second_prefill_and_skips_shipped_blocks(
     b = one(400, 1, 1.0, prefix_key="p", prefix_tokens=256)
     recs, _ = simulate(c, ClusterConfig("colocated", decode=1), [a, b])
     assert recs[1]["ttft"] == pytest.approx(c.router_direct_s + c.step_time([(144, 256)], [])
-                                            + c.per_token_stream_s, rel=1e-12)
+                                           , rel=1e-12)
     # Disaggregated: the decode worker's cached blocks are not shipped (the prefill worker
     # has its own cache hit for the compute).
     recs, _ = simulate(c, ClusterConfig("disaggregated", decode=1, prefill=1), [a, b])
-    want = (c.router_disaggregated_s + c.step_time([(144, 256)], []) + c.transfer_time(144)
-            + c.per_token_stream_s)
+    want = c.router_disaggregated_s + c.step_time([(144, 256)], []) + c.transfer_time(144)
     assert recs[1]["ttft"] == pytest.approx(want, rel=1e-12)     # one token: no decode step
 
 
 # ---- queueing ---------------------------------------------------------------------------------------
 def _fixed_service(gap: float, n: int):
-    """Prompts that fill a step each, one output token: a single server with service time S."""
+    """Prompts that fill a step each, one output token: a single server with service time
+    S, the step and the worker loop's own work after it."""
     c = cost(max_num_batched_tokens=512)
-    s = c.step_time([(512, 0)], [])
+    s = c.step_time([(512, 0)], []) + c.per_token_stream_s
     reqs = [one(512, 1, i * gap) for i in range(n)]
     return c, s, simulate(c, ClusterConfig("colocated", decode=1), reqs)[0]
 
@@ -110,7 +113,8 @@ def test_below_capacity_nobody_waits_and_above_it_the_backlog_grows_by_the_defic
 def test_poisson_waits_follow_md1_at_the_cost_models_utilisation():
     """M/D/1: mean wait rho * S / (2 (1 - rho)) for service time S from the cost model."""
     c = cost(max_num_batched_tokens=512)
-    s = c.step_time([(512, 0)], [])
+    step = c.step_time([(512, 0)], [])
+    s = step + c.per_token_stream_s
     rng = random.Random(7)
     for rho in (0.3, 0.7):
         t, reqs = 0.0, []
@@ -118,7 +122,7 @@ def test_poisson_waits_follow_md1_at_the_cost_models_utilisation():
             t += rng.expovariate(rho / s)
             reqs.append(one(512, 1, t))
         recs, _ = simulate(c, ClusterConfig("colocated", decode=1), reqs)
-        alone = c.router_direct_s + s + c.per_token_stream_s
+        alone = c.router_direct_s + step
         wait = sum(r["ttft"] - alone for r in recs) / len(recs)
         assert wait == pytest.approx(rho * s / (2 * (1 - rho)), rel=0.15), rho
 
@@ -329,7 +333,7 @@ def test_trace_round_trip_rescale_and_known_hits(tmp_path):
     c = cost()
     recs, _ = simulate(c, ClusterConfig("colocated", decode=1), reqs)
     assert recs[1]["ttft"] == pytest.approx(c.router_direct_s + c.step_time([(144, 256)], [])
-                                            + c.per_token_stream_s, rel=1e-12)
+                                           , rel=1e-12)
     (tmp_path / "bad.jsonl").write_text('{"arrival_s": 1, "prompt_tokens": 5}\n')
     with pytest.raises(ValueError, match="bad.jsonl:1"):
         wl.load_trace(str(tmp_path / "bad.jsonl"))
@@ -478,3 +482,11 @@ def test_plan_command_and_validation_against_a_bench_record(tmp_path, capsys):
     mfile.write_text(json.dumps(measured))
     assert main(["plan", "--profile", str(prof), "--validate", str(mfile)]) == 0
     assert "cells within 15%: 18/18" in capsys.readouterr().out
+
+
+def test_validation_warns_when_the_measured_engine_is_not_the_profiled_one():
+    from planner.plan import engine_mismatches
+    c = cost(max_num_batched_tokens=512)
+    rec = dict(args=dict(engine_kwargs=json.dumps(dict(max_num_batched_tokens=2048, block_size=16))))
+    assert engine_mismatches(c, rec) == ["max_num_batched_tokens: measured run 2048, profile 512"]
+    assert engine_mismatches(c, dict(args=dict(engine_kwargs="{}"))) == []
