@@ -34,8 +34,10 @@ from types import SimpleNamespace
 from planner import workload as wl
 from planner.simulator import ClusterConfig, simulate
 
-# bench's modes (deploy/bench.py MODES) as simulated clusters.
-BENCH_MODES = {"colocated": "colocated", "disagg": "disaggregated", "conditional": "conditional"}
+# bench's modes (deploy/bench.py MODES) as simulated clusters ("disagg": the old name of
+# "disaggregated", in records written before the rename).
+BENCH_MODES = {"colocated": "colocated", "disaggregated": "disaggregated", "disagg": "disaggregated",
+               "conditional": "conditional"}
 
 
 # ---- configurations ----------------------------------------------------------------------------------
@@ -58,7 +60,7 @@ def bench_configuration(mode: str, bench_args: dict) -> ClusterConfig:
     """The cluster `pdserve bench` starts for one of its modes."""
     if mode == "colocated":
         return ClusterConfig("colocated", decode=int(bench_args.get("decode_replicas", 2)))
-    if mode == "disagg":
+    if BENCH_MODES.get(mode) == "disaggregated":
         return ClusterConfig("disaggregated", decode=1, prefill=1)
     if mode == "conditional":
         return ClusterConfig("conditional", decode=1, prefill=1, threshold=int(bench_args.get("disagg_threshold", 256)))
@@ -100,6 +102,7 @@ def plan(cost, args, rates: list[float], configs: list[ClusterConfig], progress=
                   workload=dict(trace=args.trace, **asdict(wl.WorkloadSpec.from_args(args))), configs={})
     for i, rate in enumerate(rates):
         reqs = workload_for(args, rate, i)
+        rate = rate or wl.trace_rate(reqs)      # a trace replayed as recorded
         for cfg in configs:
             out = run_one(cost, cfg, reqs, slo)
             entry = record["configs"].setdefault(cfg.name, dict(config=asdict(cfg), gpus=cfg.gpus, runs=[]))
@@ -225,7 +228,7 @@ def table(record: dict) -> str:
         for r in e["runs"]:
             s = r["summary"]
             t, p, x = s.get("ttft_s", {}), s.get("tpot_s", {}), s.get("e2e_s", {})
-            lines.append(f"{name:<18}{e['gpus']:>5}{r['rate']:>7g}  {t.get('p50', nan):>9.3f}{t.get('p90', nan):>8.3f}"
+            lines.append(f"{name:<18}{e['gpus']:>5}{r['rate']:>7.3g}  {t.get('p50', nan):>9.3f}{t.get('p90', nan):>8.3f}"
                          f"{t.get('p99', nan):>8.3f}  {p.get('p50', nan) * 1e3:>7.1f}ms{p.get('p90', nan) * 1e3:>5.1f}ms"
                          f"  {x.get('p90', nan):>8.2f}  {s.get('goodput_rps', 0):>8.2f}{s.get('slo_attainment', 0):>8.0%}"
                          f"{s.get('goodput_rps_per_gpu', 0):>7.2f}  {s.get('disaggregated', 0):>6}")
@@ -233,7 +236,7 @@ def table(record: dict) -> str:
     if b is not None:
         e = record["configs"][b]
         slo = record["slo"]
-        lines.append(f"best: {b} ({e['gpus']} GPUs) sustains {e['sustained_rate']:g} req/s with >= "
+        lines.append(f"best: {b} ({e['gpus']} GPUs) sustains {e['sustained_rate']:.3g} req/s with >= "
                      f"{slo['attainment']:.0%} of requests within TTFT <= {slo['ttft_s']}s and TPOT <= "
                      f"{slo['tpot_s'] * 1e3:g}ms" if e["sustained_rate"] else
                      f"best: {b}, but no configuration keeps {slo['attainment']:.0%} within the SLOs at any rate tried")
@@ -326,6 +329,11 @@ def run(args) -> dict:
         raise ValueError("--gpus and --requests: must be >= 1")
     if not args.trace:
         wl.WorkloadSpec.from_args(args).validate()
+    if args.png:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise ValueError("--png needs matplotlib: pip install -e .[bench]") from None
     modes = [m.strip() for m in args.modes.split(",")]
     configs = configurations(args.gpus, thresholds, modes)
     if not configs:
