@@ -91,6 +91,11 @@ def _bench(args) -> int:
     return 0
 
 
+def _profile(args) -> int:
+    from planner.profiler import run_command
+    return run_command(args)
+
+
 def _plan(args) -> int:
     from planner.plan import run
     run(args)
@@ -179,6 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
     from deploy.bench import add_arguments   # argparse only; the load generator's imports wait for the run
     add_arguments(b)
     b.set_defaults(func=_bench)
+
+    pr = sub.add_parser("profile", help="measure this machine's engine cost model (step times, KV transfer, "
+                                        "router overheads) into a JSON profile for `pdserve plan`")
+    from planner.profiler import add_arguments as add_profile_arguments   # argparse only
+    add_profile_arguments(pr)
+    pr.set_defaults(func=_profile)
 
     pl = sub.add_parser("plan", help="simulate colocated / xPyD / conditional deployments on a workload with a "
                                      "profile's cost model; the best for a GPU budget, or --validate against bench")

@@ -1,0 +1,244 @@
+"""The profile file `pdserve profile` writes and `pdserve plan` reads: JSON, version 1.
+
+    {"version": 1, "created": "2025-01-01T00:00:00+00:00",
+     "hardware": {"device": "cuda"|"cpu", "name", "count", "cpu_cores", "memory_gb"},
+     "versions": {"pdserve", "torch", "triton", "python"},
+     "model":    {"name", "dtype", "num_layers", "kv_bytes_per_token", "num_params", ...shape},
+     "engine":   {"block_size", "max_num_batched_tokens", "max_num_seqs", "num_kv_blocks",
+                  "kernel_backend", "async_scheduling"},
+     "steps":    [{"kind", "prefill_tokens", "prefill_context", "num_prefill_seqs",
+                   "decode_seqs", "decode_context", "seconds"}, ...],
+     "transfer": {"backend", "points": [{"bytes", "seconds"}, ...], "notes"},
+     "overheads": {"router_direct_s", "router_disaggregated_s", "per_token_stream_s", "notes"},
+     "fit":      {"form", "coefficients": {name: value}, "relative_error": {...}, ...}}   # optional
+
+A step is one measured engine step. Its prefill part is a list of chunks (new tokens, tokens
+of the same sequence already cached or computed before the chunk); the file keeps the sums
+the cost model uses:
+  - prefill_tokens: sum of new tokens;
+  - prefill_context: the causal attention work, in (query, key) pairs: a chunk's i-th new
+    token (1-based) attends to cached + i keys, so a chunk adds new*cached + new*(new+1)/2
+    (:func:`attention_pairs`);
+  - decode_context: sum over the decoded sequences of the tokens each one attends to (its
+    length including the token being decoded).
+A derived profile (CostModel.scaled, CostModel.synthetic) has no steps and carries the fit's
+coefficients instead. Unknown keys are ignored (later versions may add some); every known
+field is checked, and a bad one raises ValueError naming it (e.g. "profile.steps[3].seconds").
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+
+VERSION = 1
+MAX_PROFILE_BYTES = 64 * 2**20
+MAX_STEPS = 100_000
+MAX_TRANSFER_POINTS = 10_000
+MAX_COEFFICIENTS = 64
+MAX_STR = 256
+MAX_NOTES = 4096
+MAX_INT = 2**53           # integers stay exact as JSON numbers in any reader
+MAX_SECONDS = 24 * 3600.0
+STEP_KINDS = ("prefill", "decode", "mixed")
+
+
+def attention_pairs(new_tokens: int, cached_tokens: int) -> int:
+    """(query, key) pairs of causal attention for a chunk of new tokens after cached ones."""
+    return new_tokens * cached_tokens + new_tokens * (new_tokens + 1) // 2
+
+
+def step_entry(prefill_chunks, decode_contexts, seconds: float, kind: str | None = None) -> dict:
+    """A `steps` item from a step's chunks [(new, cached), ...] and decode context lengths."""
+    chunks = [(int(n), int(c)) for n, c in prefill_chunks]
+    ctx = [int(c) for c in decode_contexts]
+    if kind is None:
+        kind = "mixed" if chunks and ctx else ("prefill" if chunks else "decode")
+    return dict(kind=kind, prefill_tokens=sum(n for n, _ in chunks),
+                prefill_context=sum(attention_pairs(n, c) for n, c in chunks), num_prefill_seqs=len(chunks),
+                decode_seqs=len(ctx), decode_context=sum(ctx), seconds=float(seconds))
+
+
+# ---- field checks: each names the field it rejects --------------------------------------------------
+def _obj(d, where: str) -> dict:
+    if not isinstance(d, dict):
+        raise ValueError(f"{where}: must be an object, got {type(d).__name__}")
+    return d
+
+
+def _get(d: dict, key: str, where: str):
+    if key not in d:
+        raise ValueError(f"{where}.{key}: missing")
+    return d[key]
+
+
+def _int(d: dict, key: str, where: str, lo: int = 0, hi: int = MAX_INT, optional: bool = False):
+    if optional and d.get(key) is None:
+        return None
+    v = _get(d, key, where)
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise ValueError(f"{where}.{key}: must be an integer in [{lo}, {hi}], got {v!r}")
+    return v
+
+
+def _num(d: dict, key: str, where: str, lo: float = 0.0, hi: float = math.inf, positive: bool = False,
+         optional: bool = False):
+    if optional and d.get(key) is None:
+        return None
+    v = _get(d, key, where)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi \
+            or (positive and v <= 0):
+        kind = "a positive" if positive else "a non-negative"
+        raise ValueError(f"{where}.{key}: must be {kind} finite number <= {hi}, got {v!r}")
+    return float(v)
+
+
+def _str(d: dict, key: str, where: str, choices=None, optional: bool = False, limit: int = MAX_STR):
+    if optional and d.get(key) is None:
+        return None
+    v = _get(d, key, where)
+    if not isinstance(v, str) or len(v) > limit or (choices is not None and v not in choices):
+        want = f"one of {list(choices)}" if choices is not None else f"a string of at most {limit} characters"
+        raise ValueError(f"{where}.{key}: must be {want}, got {v!r:.80}")
+    return v
+
+
+def _list(d: dict, key: str, where: str, limit: int) -> list:
+    v = _get(d, key, where)
+    if not isinstance(v, list):
+        raise ValueError(f"{where}.{key}: must be a list, got {type(v).__name__}")
+    if len(v) > limit:
+        raise ValueError(f"{where}.{key}: at most {limit} items, got {len(v)}")
+    return v
+
+
+# ---- sections ------------------------------------------------------------------------------------------
+def _check_step(s, where: str) -> None:
+    _obj(s, where)
+    _str(s, "kind", where, STEP_KINDS, optional=True)
+    p = _int(s, "prefill_tokens", where)
+    pc = _int(s, "prefill_context", where)
+    ps = _int(s, "num_prefill_seqs", where)
+    ds = _int(s, "decode_seqs", where)
+    dc = _int(s, "decode_context", where)
+    _num(s, "seconds", where, hi=MAX_SECONDS, positive=True)
+    if p == 0 and ds == 0:
+        raise ValueError(f"{where}: a step computes something: prefill_tokens or decode_seqs must be > 0")
+    if (p == 0) != (ps == 0) or ps > p:
+        raise ValueError(f"{where}.num_prefill_seqs: {ps} sequences for {p} prefill tokens")
+    if pc < p:   # every new token attends at least to itself
+        raise ValueError(f"{where}.prefill_context: {pc} is less than prefill_tokens ({p})")
+    if dc < ds:
+        raise ValueError(f"{where}.decode_context: {dc} is less than decode_seqs ({ds})")
+
+
+def _check_transfer(t, where: str) -> None:
+    _obj(t, where)
+    _str(t, "backend", where)
+    _str(t, "notes", where, optional=True, limit=MAX_NOTES)
+    points = _list(t, "points", where, MAX_TRANSFER_POINTS)
+    if not points:
+        raise ValueError(f"{where}.points: at least one measured point is needed")
+    for i, p in enumerate(points):
+        w = f"{where}.points[{i}]"
+        _obj(p, w)
+        _int(p, "bytes", w, lo=1)
+        _num(p, "seconds", w, hi=MAX_SECONDS, positive=True)
+
+
+def _check_fit(f, where: str) -> None:
+    _obj(f, where)
+    _str(f, "form", where, optional=True, limit=MAX_NOTES)
+    co = _obj(_get(f, "coefficients", where), f"{where}.coefficients")
+    if len(co) > MAX_COEFFICIENTS:
+        raise ValueError(f"{where}.coefficients: at most {MAX_COEFFICIENTS} entries")
+    for k in co:
+        if not isinstance(k, str) or len(k) > MAX_STR:
+            raise ValueError(f"{where}.coefficients: keys must be short strings, got {k!r:.80}")
+        _num(co, k, f"{where}.coefficients")
+
+
+def validate_profile(d) -> dict:
+    """Check a parsed profile; returns it. ValueError naming the first bad field."""
+    w = "profile"
+    _obj(d, w)
+    v = _get(d, "version", w)
+    if v != VERSION or isinstance(v, bool):
+        raise ValueError(f"profile.version: this pdserve reads version {VERSION}, got {v!r}")
+    created = _str(d, "created", w)
+    try:
+        datetime.datetime.fromisoformat(created)
+    except ValueError:
+        raise ValueError(f"profile.created: not an ISO 8601 time: {created!r:.80}") from None
+
+    hw = _obj(_get(d, "hardware", w), "profile.hardware")
+    _str(hw, "device", "profile.hardware", ("cuda", "cpu"))
+    _str(hw, "name", "profile.hardware")
+    _int(hw, "count", "profile.hardware", lo=1, hi=4096)
+    _int(hw, "cpu_cores", "profile.hardware", lo=1, hi=1 << 20)
+    _num(hw, "memory_gb", "profile.hardware", positive=True)
+
+    ver = _obj(_get(d, "versions", w), "profile.versions")
+    for k in ("pdserve", "torch", "triton", "python"):
+        _str(ver, k, "profile.versions", optional=(k == "triton"))   # null: Triton not installed
+
+    m = _obj(_get(d, "model", w), "profile.model")
+    _str(m, "name", "profile.model")
+    _str(m, "dtype", "profile.model")
+    _int(m, "num_layers", "profile.model", lo=1, hi=4096)
+    _int(m, "kv_bytes_per_token", "profile.model", lo=1)
+    _int(m, "num_params", "profile.model", lo=1)
+    for k in ("hidden_size", "num_heads", "num_kv_heads", "head_dim", "intermediate_size", "vocab_size"):
+        _int(m, k, "profile.model", lo=1, optional=True)
+
+    e = _obj(_get(d, "engine", w), "profile.engine")
+    bs = _int(e, "block_size", "profile.engine", lo=1, hi=1 << 16)
+    if bs & (bs - 1):
+        raise ValueError(f"profile.engine.block_size: must be a power of two, got {bs}")
+    _int(e, "max_num_batched_tokens", "profile.engine", lo=1, hi=1 << 24)
+    _int(e, "max_num_seqs", "profile.engine", lo=1, hi=1 << 24)
+    _int(e, "num_kv_blocks", "profile.engine", lo=1, hi=1 << 32)
+    _str(e, "kernel_backend", "profile.engine")
+    ab = _get(e, "async_scheduling", "profile.engine")
+    if not isinstance(ab, bool):
+        raise ValueError(f"profile.engine.async_scheduling: must be true or false, got {ab!r}")
+
+    steps = _list(d, "steps", w, MAX_STEPS)
+    for i, s in enumerate(steps):
+        _check_step(s, f"profile.steps[{i}]")
+    if d.get("fit") is not None:
+        _check_fit(d["fit"], "profile.fit")
+    if not steps and d.get("fit") is None:
+        raise ValueError("profile.steps: empty, and no fit coefficients to stand in for them")
+
+    _check_transfer(_get(d, "transfer", w), "profile.transfer")
+
+    o = _obj(_get(d, "overheads", w), "profile.overheads")
+    for k in ("router_direct_s", "router_disaggregated_s", "per_token_stream_s"):
+        _num(o, k, "profile.overheads", hi=MAX_SECONDS)
+    _str(o, "notes", "profile.overheads", optional=True, limit=MAX_NOTES)
+    return d
+
+
+def load_profile(path: str | os.PathLike) -> dict:
+    """Read and validate a profile file (at most MAX_PROFILE_BYTES)."""
+    with open(path, "rb") as f:
+        data = f.read(MAX_PROFILE_BYTES + 1)
+    if len(data) > MAX_PROFILE_BYTES:
+        raise ValueError(f"profile {os.fspath(path)!r}: larger than {MAX_PROFILE_BYTES} bytes")
+    try:
+        d = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"profile {os.fspath(path)!r}: not JSON ({e})") from None
+    return validate_profile(d)
+
+
+def save_profile(d: dict, path: str | os.PathLike) -> None:
+    """Validate, then write atomically (a reader never sees half a file)."""
+    validate_profile(d)
+    tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(d, f, indent=1, allow_nan=False)
+        f.write("\n")
+    os.replace(tmp, path)

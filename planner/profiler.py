@@ -1,0 +1,349 @@
+"""`pdserve profile`: measure an engine's cost model on the machine at hand and write the
+profile (planner/profile_format.py) with the fit's coefficients and errors (costmodel.py).
+
+What runs, in order: the engine is built as a worker would build it; one warm-up pass;
+the step grid (step_probe.py): pure prefill (new tokens on a log scale up to the token
+budget x cached prefix), pure decode (batch on a log scale up to max_num_seqs x context),
+mixed (a prefill chunk beside a decode batch); the KV transfer rate (transfer_probe.py);
+the router path's overheads (overhead_probe.py). Grids are bounded by the token budget,
+the model's context and the KV pool, so every point is a step the engine would run.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+from dataclasses import dataclass, field
+
+from planner.profile_format import VERSION, save_profile, validate_profile
+
+@dataclass
+class ProfileOptions:
+    model: str = "smollm2"
+    device: str | None = None
+    dtype: str | None = None
+    engine: dict = field(default_factory=dict)   # EngineConfig overrides (block_size, ...)
+    quick: bool = False
+    warmup: int | None = None      # per point; default 2 (quick: 1)
+    repeats: int | None = None     # per point, median taken; default 5 (quick: 3)
+    transfer_backend: str = "auto"  # "zmq" | "device_copy" | "auto" (device_copy on CUDA, zmq on CPU)
+    overheads: bool = True
+    overhead_samples: int | None = None
+    seed: int = 0
+    progress: bool | None = None   # None: a bar on a terminal only
+
+
+# ---- the grid -------------------------------------------------------------------------------------------
+def log_grid(lo: int, hi: int, factor: int = 2) -> list[int]:
+    """lo, lo*factor, ... below hi, then hi itself."""
+    out, v = [], lo
+    while v < hi:
+        out.append(v)
+        v *= factor
+    return out + [hi] if hi >= 1 else out
+
+
+@dataclass
+class DecodePlan:
+    context: int               # prompt length of the decoding requests
+    batches: list[int]         # measured largest first
+    mixed_batches: list[int]   # batches that also get mixed steps
+    mixed_new: list[int]       # prefill chunk sizes beside them
+    max_tokens: int            # enough for every step the plan runs
+
+
+@dataclass
+class Grid:
+    prefill: list[tuple[int, int]]   # (new, cached)
+    decode: list[DecodePlan]
+
+    def num_points(self) -> int:
+        return len(self.prefill) + sum(len(p.batches) + len(p.mixed_batches) * len(p.mixed_new) for p in self.decode)
+
+
+def step_grid(budget: int, max_seqs: int, max_model_len: int, num_blocks: int, block_size: int, quick: bool,
+              steps_per_point: int) -> Grid:
+    """The points to measure, each one a step this engine would run."""
+    blocks = lambda t: -(-t // block_size)   # noqa: E731
+    lo = min(16, budget)
+    cached_opts = [0, 512] if quick else [0, 1024, 4096]
+    prefill = []
+    for c in cached_opts:
+        # The largest chunk a prompt with this prefix can have: the budget, the context
+        # (one position is left for the sampled token) and the pool (two prompts in flight).
+        top = min(budget, max_model_len - 1 - c, num_blocks // 2 * block_size - c)
+        if c % block_size or top < lo:
+            continue
+        prefill += [(n, c) for n in log_grid(lo, top, 4 if quick else 2)]
+
+    decode = []
+    contexts = [64, 512] if quick else [128, 1024, 4096]
+    ctx_cap = (4 if quick else 16) * budget    # decode tokens prefilled per context, at most
+    all_batches = log_grid(1, max_seqs, 4 if quick else 2)
+    for ctx in contexts:
+        batches = [b for b in all_batches if b * ctx <= max(ctx_cap, ctx) and b <= budget]
+        if quick:   # the smallest and the largest batch
+            mixed_batches = sorted({batches[0], batches[-1]}) if batches else []
+        else:
+            mixed_batches = batches[::2]
+        mixed_new = sorted({max(1, budget // 8), max(1, budget // 2)}) if not quick else [max(1, budget // 4)]
+        mixed_count = sum(1 for b in mixed_batches for n in mixed_new if n + b <= budget)
+        if not batches:
+            continue
+        largest = batches[-1]
+        max_tokens = steps_per_point * (len(batches) + mixed_count) + 4 * (largest * ctx // budget + largest) + 64
+        if ctx + max_tokens + 1 > max_model_len:
+            continue
+        # The decode batch, plus the mixed chunks in flight (two with overlapped scheduling:
+        # a finished one's blocks come back a step later), must fit without preemption.
+        spare = 2 * blocks(budget) + 2
+        batches = [b for b in batches if b * blocks(ctx + max_tokens) + spare <= num_blocks]
+        if not batches:
+            continue
+        decode.append(DecodePlan(ctx, sorted(batches, reverse=True), [b for b in mixed_batches if b in batches],
+                                 mixed_new, max_tokens))
+    return Grid(prefill, decode)
+
+
+# ---- the profile's descriptive sections ---------------------------------------------------------------------
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()[:200]
+    except OSError:
+        pass
+    return (platform.processor() or platform.machine() or "unknown cpu")[:200]
+
+
+def hardware_section(engine) -> dict:
+    import torch
+    cores = os.cpu_count() or 1
+    if engine.device.type == "cuda":
+        props = torch.cuda.get_device_properties(engine.device)
+        return dict(device="cuda", name=props.name[:200], count=1, cpu_cores=cores,
+                    memory_gb=round(props.total_memory / 2**30, 2), cpu_name=_cpu_name(),
+                    visible_gpus=torch.cuda.device_count())
+    try:
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        mem = 1.0
+    return dict(device="cpu", name=_cpu_name(), count=1, cpu_cores=cores, memory_gb=round(mem, 2),
+                torch_threads=torch.get_num_threads())
+
+
+def versions_section() -> dict:
+    import importlib.metadata
+
+    import torch
+    try:
+        pdserve = importlib.metadata.version("pdserve")
+    except importlib.metadata.PackageNotFoundError:
+        pdserve = "unknown"
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return dict(pdserve=pdserve, torch=torch.__version__, triton=triton_version, python=platform.python_version())
+
+
+def model_section(engine) -> dict:
+    from planner.transfer_probe import kv_bytes_per_token
+    mc = engine.model_config
+    return dict(name=engine.model_name[:200], dtype=str(engine.dtype).replace("torch.", ""),
+                kv_dtype=str(engine.kv_cache.dtype).replace("torch.", ""), num_layers=mc.num_layers,
+                kv_bytes_per_token=kv_bytes_per_token(engine), num_params=mc.num_params(),
+                hidden_size=mc.hidden_size, num_heads=mc.num_heads, num_kv_heads=mc.num_kv_heads,
+                head_dim=mc.head_dim, intermediate_size=mc.intermediate_size, vocab_size=mc.vocab_size)
+
+
+def engine_section(engine) -> dict:
+    from engine.kernels import default_backend
+    cfg = engine.cfg
+    return dict(block_size=cfg.block_size, max_num_batched_tokens=cfg.max_num_batched_tokens,
+                max_num_seqs=cfg.max_num_seqs, num_kv_blocks=engine.num_blocks,
+                kernel_backend=cfg.kernel_backend or default_backend(engine.device),
+                async_scheduling=bool(engine.overlap), max_model_len=engine.max_model_len,
+                enable_prefix_caching=cfg.enable_prefix_caching, quantization=cfg.quantization)
+
+
+# ---- the run ---------------------------------------------------------------------------------------------------
+def _progress(total: int, enabled: bool | None):
+    from tqdm import tqdm
+    return tqdm(total=total, desc="profile", unit="pt", dynamic_ncols=True, leave=False,
+                disable=None if enabled is None else not enabled)
+
+
+def build_engine(opts: ProfileOptions):
+    # The engine's own defaults (the KV pool included: the simulator schedules with it), as a
+    # worker given the same flags would have them.
+    from engine import LLMEngine
+    return LLMEngine(opts.model, device=opts.device, dtype=opts.dtype, **opts.engine)
+
+
+def _warm_up(probe) -> None:
+    """Compile and allocate before timing, twice over: the largest chunk, short prompts
+    prefilled beside its decode (mixed steps), a prompt with a cached prefix."""
+    from engine import SamplingParams
+    eng = probe.engine
+    n = min(eng.cfg.max_num_batched_tokens, eng.max_model_len - 8)
+    short = min(64, n)
+    for _ in range(2):
+        eng.add_request(probe.rid("warmup"), probe.fresh(n), SamplingParams(max_tokens=4, ignore_eos=True))
+        for _ in range(2):
+            eng.add_request(probe.rid("warmup"), probe.fresh(short), SamplingParams(max_tokens=8, ignore_eos=True))
+        probe.drain()
+        cached = eng.cfg.block_size * max(1, min(4, (eng.max_model_len - short - 1) // eng.cfg.block_size))
+        if cached + short < eng.max_model_len and 2 * eng.blocks_for(cached + short) <= eng.num_blocks:
+            prefix = probe.warm_prefix(cached)
+            eng.add_request(probe.rid("warmup"), prefix + probe.fresh(short),
+                            SamplingParams(max_tokens=2, ignore_eos=True))
+            probe.drain()
+
+
+def run_profile(opts: ProfileOptions) -> dict:
+    """Measure and return a validated profile (with the fit and its errors)."""
+    from planner import overhead_probe, transfer_probe
+    from planner.costmodel import fit_steps
+    from planner.step_probe import StepProbe
+
+    warmup = opts.warmup if opts.warmup is not None else (1 if opts.quick else 2)
+    repeats = opts.repeats if opts.repeats is not None else (3 if opts.quick else 5)
+    if warmup < 0 or repeats < 1:
+        raise ValueError(f"warmup must be >= 0 and repeats >= 1, got {warmup} and {repeats}")
+    started = datetime.datetime.now(datetime.timezone.utc)
+    engine = build_engine(opts)
+    cfg = engine.cfg
+    grid = step_grid(cfg.max_num_batched_tokens, cfg.max_num_seqs, engine.max_model_len, engine.num_blocks,
+                     cfg.block_size, opts.quick, warmup + repeats)
+    backend = opts.transfer_backend
+    if backend == "auto":
+        backend = "device_copy" if engine.device.type == "cuda" else "zmq"
+    from planner.transfer_probe import transfer_sizes
+    n_transfer = len(transfer_sizes(engine, opts.quick))
+    bar = _progress(grid.num_points() + n_transfer + (1 if opts.overheads else 0), opts.progress)
+    probe = StepProbe(engine, warmup, repeats, opts.seed)
+    steps = []
+    try:
+        _warm_up(probe)
+        for new, cached in grid.prefill:
+            bar.set_postfix_str(f"prefill {new}+{cached}")
+            steps.append(probe.prefill(new, cached))
+            bar.update()
+        for plan in grid.decode:
+            ds = probe.start_decodes(plan.batches[0], plan.context, plan.max_tokens)
+            for b in plan.batches:
+                probe.shrink(ds, b)
+                bar.set_postfix_str(f"decode {b}x{plan.context}")
+                steps.append(probe.decode(ds))
+                bar.update()
+                if b in plan.mixed_batches:
+                    for n in plan.mixed_new:
+                        if n + b <= cfg.max_num_batched_tokens:
+                            bar.set_postfix_str(f"mixed {b}x{plan.context}+{n}")
+                            steps.append(probe.mixed(ds, n))
+                        bar.update()
+            probe.finish(ds)
+        bar.set_postfix_str(f"transfer ({backend})")
+        transfer = transfer_probe.measure(engine, backend, opts.quick, warmup, repeats, progress=bar.update)
+        profile = dict(version=VERSION, created=started.isoformat(timespec="seconds"),
+                       hardware=hardware_section(engine), versions=versions_section(), model=model_section(engine),
+                       engine=engine_section(engine), steps=steps, transfer=transfer)
+        del probe, engine   # the overhead probe's own engines need the memory more than this one
+        if opts.overheads:
+            bar.set_postfix_str("router overheads")
+            samples = opts.overhead_samples or (5 if opts.quick else 15)
+            profile["overheads"] = overhead_probe.measure(samples, opts.seed)
+            bar.update()
+        else:
+            profile["overheads"] = dict(router_direct_s=0.0, router_disaggregated_s=0.0, per_token_stream_s=0.0,
+                                        notes="not measured (--no-overheads): zeros")
+    finally:
+        bar.close()
+    fit = fit_steps(steps)
+    profile["fit"] = fit
+    profile["measurement"] = dict(warmup=warmup, repeats=repeats, quick=opts.quick, statistic="median",
+                                  seconds=round((datetime.datetime.now(datetime.timezone.utc) - started)
+                                                .total_seconds(), 1),
+                                  step_timing="interval between back-to-back step() calls in a steady run "
+                                              "of identical steps (planner/step_probe.py)")
+    return validate_profile(profile)
+
+
+# ---- the command ------------------------------------------------------------------------------------------------
+def add_arguments(p) -> None:
+    """`pdserve profile` flags (argparse only; the run's imports wait for the command)."""
+    p.add_argument("--model", default="smollm2", help="smollm2 | HF folder | .gguf file | random:<shape> "
+                                                      "(random:tiny for a quick CPU run, random:llama3-8b on a GPU)")
+    p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when present)")
+    p.add_argument("--dtype", default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--out", default="profile.json", metavar="FILE", help="where to write the profile")
+    p.add_argument("--quick", action="store_true", help="a small grid and fewer repeats (CI-sized)")
+    p.add_argument("--block-size", type=int, default=None)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None, help="the engine's per-step token budget")
+    p.add_argument("--max-num-seqs", type=int, default=None)
+    p.add_argument("--num-kv-blocks", type=int, default=None)
+    p.add_argument("--kv-cache-gb", type=float, default=None)
+    p.add_argument("--kernel-backend", default=None, choices=["torch", "triton", "cpu"])
+    p.add_argument("--async-scheduling", default=None, choices=["on", "off"],
+                   help="overlapped scheduling (default: on with CUDA); profile the mode you serve with")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps per point (default 2; quick 1)")
+    p.add_argument("--repeats", type=int, default=None, help="timed steps per point, median taken (default 5; quick 3)")
+    p.add_argument("--transfer-backend", default="auto", choices=["auto", "zmq", "device_copy"],
+                   help="KV transfer to time (default: device_copy on CUDA, zmq on CPU)")
+    p.add_argument("--no-overheads", action="store_true", help="skip the router-path measurement (writes zeros)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print the fit summary as JSON")
+
+
+def options_from_args(args) -> ProfileOptions:
+    engine = {}
+    for flag, key in (("block_size", "block_size"), ("max_num_batched_tokens", "max_num_batched_tokens"),
+                      ("max_num_seqs", "max_num_seqs"), ("num_kv_blocks", "num_kv_blocks"),
+                      ("kv_cache_gb", "kv_cache_memory_gb"), ("kernel_backend", "kernel_backend")):
+        v = getattr(args, flag)
+        if v is not None:
+            engine[key] = v
+    if args.async_scheduling is not None:
+        engine["async_scheduling"] = args.async_scheduling == "on"
+    return ProfileOptions(model=args.model, device=args.device, dtype=args.dtype, engine=engine, quick=args.quick,
+                          warmup=args.warmup, repeats=args.repeats, transfer_backend=args.transfer_backend,
+                          overheads=not args.no_overheads, seed=args.seed)
+
+
+def summary(profile: dict) -> dict:
+    from planner.costmodel import CostModel
+    cm = CostModel.from_profile(profile)
+    fit = profile["fit"]
+    return dict(model=profile["model"]["name"], hardware=profile["hardware"]["name"], steps=len(profile["steps"]),
+                coefficients=cm.coefficients, relative_error=fit["relative_error"],
+                holdout_relative_error=fit.get("holdout_relative_error"),
+                transfer=dict(backend=profile["transfer"]["backend"], latency_s=cm.transfer_latency_s,
+                              bytes_per_s=cm.transfer_bytes_per_s),
+                overheads={k: profile["overheads"][k] for k in ("router_direct_s", "router_disaggregated_s",
+                                                                "per_token_stream_s")},
+                seconds=profile["measurement"]["seconds"])
+
+
+def run_command(args) -> int:
+    import json
+    profile = run_profile(options_from_args(args))
+    save_profile(profile, args.out)
+    s = summary(profile)
+    if args.json:
+        print(json.dumps(s))
+        return 0
+    err, held = s["relative_error"], s["holdout_relative_error"] or {}
+    print(f"wrote {args.out}: {s['steps']} steps of {s['model']} on {s['hardware']} in {s['seconds']} s")
+    print("step time = " + profile["fit"]["form"])
+    print("  " + ", ".join(f"{k}={v:.3g}" for k, v in s["coefficients"].items()))
+    print(f"  fit |relative error|: median {err['median']:.1%}, p90 {err['p90']:.1%}, max {err['max']:.1%}"
+          + (f"; held out: median {held['median']:.1%}, p90 {held['p90']:.1%}" if held else ""))
+    t = s["transfer"]
+    print(f"transfer ({t['backend']}): {t['latency_s'] * 1e3:.3f} ms + bytes / {t['bytes_per_s'] / 1e9:.2f} GB/s")
+    o = s["overheads"]
+    print(f"router overheads: direct {o['router_direct_s'] * 1e3:.2f} ms, disaggregated "
+          f"{o['router_disaggregated_s'] * 1e3:.2f} ms, per streamed token {o['per_token_stream_s'] * 1e3:.3f} ms")
+    return 0

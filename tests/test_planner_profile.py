@@ -1,0 +1,301 @@
+"""`pdserve profile` and the cost model (planner/): the profile format's checks, the fit
+against a known ground truth (exact and noisy, GPU-like and CPU-like), the CostModel
+interface the simulator uses, rescaling to another shape, the measurement grid's bounds,
+and the command end to end on random:tiny (a small grid)."""
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+
+from planner import profile_format as pf
+from planner.costmodel import COEFFICIENTS, CostModel, fit_steps, fit_transfer, nnls, predict_entry
+from planner.profiler import step_grid
+from test_import_boundaries import violations
+
+GPU_LIKE = dict(step_s=3e-3, prefill_seq_s=1e-3, decode_seq_s=2e-5, weights_s=8e-3, per_token_s=5e-5,
+                attention_s_per_pair=2e-9, decode_s_per_context_token=3e-8)
+CPU_LIKE = dict(step_s=1e-3, prefill_seq_s=3e-4, decode_seq_s=1e-4, weights_s=0.0, per_token_s=2e-4,
+                attention_s_per_pair=5e-9, decode_s_per_context_token=1e-7)
+
+
+def grid_steps(truth: CostModel, noise: float = 0.0, seed: int = 0) -> list[dict]:
+    """The profiler's kinds of points, timed by `truth` with multiplicative noise."""
+    rng = np.random.default_rng(seed)
+    jitter = lambda: 1.0 + noise * rng.standard_normal()   # noqa: E731
+    steps = []
+    for n in (16, 32, 64, 128, 256, 512, 1024, 2048):
+        for c in (0, 1024, 4096):
+            steps.append(pf.step_entry([(n, c)], [], truth.step_time([(n, c)], []) * jitter()))
+    for ctx in (128, 1024, 4096):
+        for b in (1, 2, 4, 8, 16, 32, 64, 128):
+            steps.append(pf.step_entry([], [ctx] * b, truth.step_time([], [ctx] * b) * jitter()))
+            if b in (1, 8, 64):
+                for n in (256, 1024):
+                    steps.append(pf.step_entry([(n, 0)], [ctx] * b, truth.step_time([(n, 0)], [ctx] * b) * jitter()))
+    return steps
+
+
+def a_profile(**kw) -> dict:
+    return copy.deepcopy(CostModel.synthetic(**kw).profile)
+
+
+# ---- the format -------------------------------------------------------------------------------------------
+def test_a_synthetic_profile_is_valid_and_round_trips(tmp_path):
+    p = a_profile()
+    p["steps"] = grid_steps(CostModel.synthetic(**GPU_LIKE))
+    path = tmp_path / "p.json"
+    pf.save_profile(p, path)
+    assert pf.load_profile(path) == json.loads(json.dumps(p))
+    assert not list(tmp_path.glob("*.tmp*"))
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda p: p.pop("version"), "profile.version: missing"),
+    (lambda p: p.update(version=2), "profile.version"),
+    (lambda p: p.update(created="yesterday"), "profile.created"),
+    (lambda p: p["hardware"].update(device="tpu"), "profile.hardware.device"),
+    (lambda p: p["model"].pop("kv_bytes_per_token"), "profile.model.kv_bytes_per_token: missing"),
+    (lambda p: p["model"].update(num_layers=True), "profile.model.num_layers"),
+    (lambda p: p["engine"].update(block_size=24), "profile.engine.block_size"),
+    (lambda p: p["engine"].update(async_scheduling="yes"), "profile.engine.async_scheduling"),
+    (lambda p: p["steps"][1].update(seconds=-1.0), "profile.steps[1].seconds"),
+    (lambda p: p["steps"][1].update(seconds=float("nan")), "profile.steps[1].seconds"),
+    (lambda p: p["steps"][2].update(num_prefill_seqs=0), "profile.steps[2].num_prefill_seqs"),
+    (lambda p: p["steps"][2].update(prefill_context=1), "profile.steps[2].prefill_context"),
+    (lambda p: p["steps"][0].update(prefill_tokens=0, prefill_context=0, num_prefill_seqs=0),
+     "profile.steps[0]: a step computes something"),
+    (lambda p: p["steps"][0].update(kind="warmup"), "profile.steps[0].kind"),
+    (lambda p: p.update(steps=[]), "profile.steps: empty"),
+    (lambda p: p.update(steps=[{}] * (pf.MAX_STEPS + 1)), "profile.steps: at most"),
+    (lambda p: p["transfer"].update(points=[]), "profile.transfer.points"),
+    (lambda p: p["transfer"]["points"][0].update(bytes=0), "profile.transfer.points[0].bytes"),
+    (lambda p: p["overheads"].update(router_direct_s="1ms"), "profile.overheads.router_direct_s"),
+    (lambda p: p["overheads"].update(notes="x" * (pf.MAX_NOTES + 1)), "profile.overheads.notes"),
+    (lambda p: p.update(fit={"coefficients": {"step_s": -1.0}}), "profile.fit.coefficients.step_s"),
+])
+def test_validation_names_the_bad_field(edit, field):
+    p = a_profile()
+    p["steps"] = grid_steps(CostModel.synthetic(**GPU_LIKE))[:4]
+    p.pop("fit")
+    pf.validate_profile(p)
+    edit(p)
+    with pytest.raises(ValueError) as e:
+        pf.validate_profile(p)
+    assert field in str(e.value)
+
+
+def test_load_rejects_non_json_and_oversized_files(tmp_path, monkeypatch):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="not JSON"):
+        pf.load_profile(bad)
+    good = tmp_path / "good.json"
+    pf.save_profile(a_profile(), good)
+    monkeypatch.setattr(pf, "MAX_PROFILE_BYTES", 100)
+    with pytest.raises(ValueError, match="larger than 100 bytes"):
+        pf.load_profile(good)
+
+
+def test_step_entry_sums_attention_pairs():
+    e = pf.step_entry([(4, 0), (2, 10)], [5, 7], 0.01)
+    assert e == dict(kind="mixed", prefill_tokens=6, prefill_context=(0 + 10) + (20 + 3), num_prefill_seqs=2,
+                     decode_seqs=2, decode_context=12, seconds=0.01)
+    assert pf.attention_pairs(1, 0) == 1 and pf.attention_pairs(3, 0) == 6 and pf.attention_pairs(2, 5) == 13
+
+
+# ---- the fit ------------------------------------------------------------------------------------------------
+def test_nnls_matches_brute_force_over_supports():
+    """The optimum of a non-negative least squares problem is the unconstrained solution on
+    its support: trying every support gives it, to compare with the active-set method."""
+    import itertools
+    rng = np.random.default_rng(3)
+    for trial in range(40):
+        a = rng.standard_normal((30, 5)) * np.array([1, 1e3, 1e-3, 10, 1e6])
+        b = rng.standard_normal(30)
+        best = np.dot(b, b)
+        for k in range(1, 6):
+            for cols in itertools.combinations(range(5), k):
+                x = np.linalg.lstsq(a[:, cols], b, rcond=None)[0]
+                if np.all(x >= 0):
+                    r = a[:, cols] @ x - b
+                    best = min(best, np.dot(r, r))
+        x = nnls(a, b)
+        assert np.all(x >= 0)
+        r = a @ x - b
+        assert np.dot(r, r) == pytest.approx(best, rel=1e-7, abs=1e-12), trial
+
+
+@pytest.mark.parametrize("truth", [GPU_LIKE, CPU_LIKE], ids=["gpu_like", "cpu_like"])
+def test_fit_recovers_an_exact_ground_truth(truth):
+    report = fit_steps(grid_steps(CostModel.synthetic(**truth)))
+    for k in COEFFICIENTS:
+        assert report["coefficients"][k] == pytest.approx(truth[k], rel=1e-6, abs=1e-12), k
+    assert report["relative_error"]["max"] < 1e-6
+
+
+@pytest.mark.parametrize("truth", [GPU_LIKE, CPU_LIKE], ids=["gpu_like", "cpu_like"])
+def test_fit_on_noisy_points_predicts_held_out_ones(truth):
+    """3% timing noise: a fit to 80% of the points predicts the other 20% (noise-free
+    truth) within 8%, and the report's own held-out error says the same."""
+    model = CostModel.synthetic(**truth)
+    noisy = grid_steps(model, noise=0.03, seed=1)
+    exact = grid_steps(model)
+    idx = np.random.default_rng(2).permutation(len(noisy))
+    held = set(idx[: len(idx) // 5].tolist())
+    report = fit_steps([s for i, s in enumerate(noisy) if i not in held])
+    rel = [predict_entry(report["coefficients"], exact[i]) / exact[i]["seconds"] - 1 for i in held]
+    assert max(abs(r) for r in rel) < 0.08
+    assert report["holdout_relative_error"]["p90"] < 0.08
+    # The terms that dominate their regime come back close.
+    assert report["coefficients"]["per_token_s"] == pytest.approx(truth["per_token_s"], rel=0.1)
+    assert report["coefficients"]["decode_s_per_context_token"] == pytest.approx(
+        truth["decode_s_per_context_token"], rel=0.2)
+    if truth["weights_s"]:
+        assert report["coefficients"]["weights_s"] == pytest.approx(truth["weights_s"], rel=0.15)
+
+
+def test_gpu_like_decode_is_near_constant_in_batch_and_prefill_linear_in_tokens():
+    cm = CostModel.synthetic(**GPU_LIKE)
+    d1, d32 = cm.step_time([], [512]), cm.step_time([], [512] * 32)
+    assert d32 < 1.6 * d1   # weight-read bound: 32x the batch, far less than 32x the time
+    p1k, p2k = cm.step_time([(1024, 0)], []), cm.step_time([(2048, 0)], [])
+    assert 1.8 < p2k / p1k < 2.6   # compute bound: about linear, plus the quadratic attention
+
+
+def test_transfer_fit_and_time():
+    lat, bw = 2e-4, 5e9
+    pts = [dict(bytes=n, seconds=lat + n / bw) for n in (1 << 14, 1 << 20, 1 << 26)]
+    got_lat, got_bw = fit_transfer(pts)
+    assert got_lat == pytest.approx(lat, rel=1e-6) and got_bw == pytest.approx(bw, rel=1e-6)
+    cm = CostModel.synthetic(transfer_latency_s=lat, transfer_bytes_per_s=bw, kv_bytes_per_token=1000,
+                             block_size=16)
+    assert cm.transfer_time(0) == 0.0
+    assert cm.transfer_time(1) == cm.transfer_time(16) == pytest.approx(lat + 16 * 1000 / bw)   # whole blocks
+    times = [cm.transfer_time(n) for n in range(0, 5000, 37)]
+    assert all(b >= a for a, b in zip(times, times[1:])) and times[-1] > times[1]
+
+
+# ---- the interface -----------------------------------------------------------------------------------------
+def test_cost_model_interface():
+    cm = CostModel.synthetic(**GPU_LIKE, block_size=32, max_num_batched_tokens=512, max_num_seqs=64,
+                             num_kv_blocks=999, router_direct_s=1e-3, router_disaggregated_s=2e-3,
+                             per_token_stream_s=3e-4, kv_bytes_per_token=131072)
+    assert (cm.block_size, cm.max_num_batched_tokens, cm.max_num_seqs, cm.num_kv_blocks) == (32, 512, 64, 999)
+    assert (cm.router_direct_s, cm.router_disaggregated_s, cm.per_token_stream_s) == (1e-3, 2e-3, 3e-4)
+    assert cm.kv_bytes_per_token == 131072 and cm.profile["version"] == 1
+    assert cm.step_time([], []) == 0.0
+    chunks, ctx = [(100, 0), (50, 200)], [300, 40]
+    assert cm.step_time(chunks, ctx) == pytest.approx(predict_entry(cm.coefficients, pf.step_entry(chunks, ctx, 1)))
+    # More work never takes less time.
+    assert cm.step_time([(100, 500)], []) > cm.step_time([(100, 0)], []) > cm.step_time([(50, 0)], [])
+    assert cm.step_time([], [100, 100]) > cm.step_time([], [100])
+    # An idle engine's prefill of a long prompt is its chunks, one step each.
+    assert cm.prefill_time(1200) == pytest.approx(cm.step_time([(512, 0)], []) + cm.step_time([(512, 512)], [])
+                                                  + cm.step_time([(176, 1024)], []))
+    assert cm.prefill_time(1200, cached_tokens=1024) == pytest.approx(cm.step_time([(176, 1024)], []))
+    assert cm.prefill_time(64, cached_tokens=64) == pytest.approx(cm.step_time([(1, 63)], []))
+
+
+def test_scaled_and_scale_to_another_shape():
+    base = CostModel.synthetic(**GPU_LIKE, kv_bytes_per_token=131072)
+    base.profile["model"].update(num_params=8_000_000_000, dtype="bfloat16", num_layers=32, num_heads=32,
+                                 head_dim=128)
+    # Twice the weights and FLOPs over two GPUs: the per-GPU work is unchanged.
+    same = base.scaled(2.0, 2.0, tp=2, attention_factor=2.0, kv_bytes_factor=2.0)
+    for k in ("weights_s", "per_token_s", "attention_s_per_pair", "decode_s_per_context_token"):
+        assert same.coefficients[k] == pytest.approx(base.coefficients[k])
+    assert same.kv_bytes_per_token == 2 * 131072
+    assert same.transfer_bytes_per_s == pytest.approx(2 * base.transfer_bytes_per_s)   # two links
+    comm = base.scaled(1.0, 1.0, comm_s_per_step=1e-3)
+    assert comm.step_time([], [10]) == pytest.approx(base.step_time([], [10]) + 1e-3)
+    # A 70B shape on 8 GPUs from an 8B profile.
+    big = base.scale_to(dict(name="llama3-70b", num_params=70_000_000_000, dtype="bfloat16", num_layers=80,
+                             num_heads=64, head_dim=128, kv_bytes_per_token=327680), tp=8)
+    assert big.coefficients["weights_s"] == pytest.approx(GPU_LIKE["weights_s"] * 70 / 8 / 8)
+    assert big.coefficients["attention_s_per_pair"] == pytest.approx(GPU_LIKE["attention_s_per_pair"] * 5 / 8)
+    assert big.coefficients["decode_s_per_context_token"] == pytest.approx(
+        GPU_LIKE["decode_s_per_context_token"] * 2.5 / 8)
+    assert big.profile["fit"]["scaled"]["tp"] == 8 and big.profile["hardware"]["count"] == 8
+    pf.validate_profile(big.profile)
+    with pytest.raises(ValueError, match="tp"):
+        base.scaled(1.0, 1.0, tp=0)
+    with pytest.raises(ValueError, match="target.num_params"):
+        base.scale_to(dict(kv_bytes_per_token=1))
+
+
+def test_from_profile_refits_measured_steps(tmp_path):
+    p = a_profile()
+    p["steps"] = grid_steps(CostModel.synthetic(**CPU_LIKE))
+    p["fit"]["coefficients"] = {k: 1.0 for k in COEFFICIENTS}   # stale: the steps win
+    path = tmp_path / "p.json"
+    pf.save_profile(p, path)
+    cm = CostModel.load(path)
+    assert cm.coefficients["per_token_s"] == pytest.approx(CPU_LIKE["per_token_s"], rel=1e-6)
+    derived = a_profile()
+    del derived["fit"]["coefficients"]["step_s"]
+    with pytest.raises(ValueError, match="missing"):
+        CostModel.from_profile(derived)
+
+
+# ---- the grid ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("budget, seqs, ctx_len, blocks, quick", [
+    (2048, 128, 8192, 30000, False), (2048, 128, 2048, 8192, False), (128, 8, 2048, 256, True),
+    (512, 256, 4096, 100000, True), (8192, 16, 131072, 2000, False)])
+def test_grid_points_are_steps_the_engine_would_run(budget, seqs, ctx_len, blocks, quick):
+    bs = 16
+    g = step_grid(budget, seqs, ctx_len, blocks, bs, quick, steps_per_point=7)
+    assert g.prefill and g.decode
+    for new, cached in g.prefill:
+        assert 1 <= new <= budget and cached % bs == 0 and new + cached < ctx_len
+        assert 2 * -(-(new + cached) // bs) <= blocks
+    assert max(n for n, _ in g.prefill) == min(budget, ctx_len - 1) and any(c > 0 for _, c in g.prefill)
+    for plan in g.decode:
+        assert plan.batches == sorted(plan.batches, reverse=True) and plan.batches[0] <= min(seqs, budget)
+        assert plan.context + plan.max_tokens < ctx_len
+        assert plan.batches[0] * -(-(plan.context + plan.max_tokens) // bs) <= blocks
+        assert set(plan.mixed_batches) <= set(plan.batches)
+    assert g.num_points() >= len(g.prefill) + len(g.decode)
+
+
+# ---- the command --------------------------------------------------------------------------------------------
+def test_pdserve_profile_quick_writes_a_valid_profile(tmp_path, capsys):
+    from deploy.cli import main
+    out = tmp_path / "profile.json"
+    rc = main(["profile", "--quick", "--model", "random:tiny", "--device", "cpu", "--max-num-batched-tokens", "128",
+               "--max-num-seqs", "8", "--num-kv-blocks", "256", "--out", str(out), "--json"])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    p = pf.load_profile(out)
+    assert p["hardware"]["device"] == "cpu" and p["model"]["name"] == "random:tiny"
+    assert p["engine"] == dict(p["engine"], block_size=16, max_num_batched_tokens=128, max_num_seqs=8,
+                               num_kv_blocks=256, kernel_backend="cpu", async_scheduling=False)
+    # kv bytes per token of random:tiny in fp32: 2 layers x K,V x 2 kv heads x 16 dims x 4 bytes
+    assert p["model"]["kv_bytes_per_token"] == 2 * 2 * 2 * 16 * 4
+    kinds = {s["kind"] for s in p["steps"]}
+    assert kinds == {"prefill", "decode", "mixed"}
+    assert any(s["kind"] == "prefill" and s["prefill_context"] > pf.attention_pairs(s["prefill_tokens"], 0)
+               for s in p["steps"])   # a cached prefix was hit
+    assert max(s["decode_seqs"] for s in p["steps"]) == 8
+    assert p["transfer"]["backend"] == "zmq" and len(p["transfer"]["points"]) >= 2
+    o = p["overheads"]
+    assert o["router_disaggregated_s"] >= 0 and "Router" in o["notes"]
+    assert summary["steps"] == len(p["steps"]) and set(summary["coefficients"]) == set(COEFFICIENTS)
+    assert p["fit"]["relative_error"]["n"] == len(p["steps"])
+    cm = CostModel.load(out)
+    assert 0 < cm.step_time([(16, 0)], []) < 1.0 and cm.transfer_time(256) > cm.transfer_time(16) > 0
+
+
+def test_profile_flags_are_checked_before_any_work(tmp_path, capsys):
+    from deploy.cli import main
+    rc = main(["profile", "--model", "random:tiny", "--device", "cpu", "--block-size", "24",
+               "--out", str(tmp_path / "x.json")])
+    assert rc == 2 and "block_size" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_import_rules():
+    assert violations("planner", {"ray", "grpc"}) == []
+    assert violations("engine", {"planner"}) == []
