@@ -6,7 +6,9 @@ with `ast`, every import statement, at module level or inside a function:
 - no module of router/ imports the engine (routing must not load torch or the model code);
 - nothing in engine/ imports ray, grpc, zmq or deploy;
 - planes/ (what crosses process boundaries) and worker_base/ (the shared worker skeleton)
-  import neither pool nor the router, and planes/ not the engine either.
+  import neither pool nor the router, and planes/ not the engine either;
+- planner/ (profile, simulate, plan) imports neither ray nor grpc, and the engine does not
+  import it.
 
 Plus one run-time check: importing the router loads no torch.
 """
@@ -27,9 +29,10 @@ RULES = {
     "prefill_worker": {"decode_worker", "router"},
     "decode_worker": {"prefill_worker", "router"},
     "router": {"engine", "decode_worker", "prefill_worker", "torch"},
-    "engine": {"ray", "grpc", "zmq", "deploy", "router", "decode_worker", "prefill_worker", "worker_base"},
+    "engine": {"ray", "grpc", "zmq", "deploy", "router", "decode_worker", "prefill_worker", "worker_base", "planner"},
     "planes": {"engine", "router", "decode_worker", "prefill_worker", "deploy", "worker_base", "ray", "torch"},
     "worker_base": {"router", "decode_worker", "prefill_worker", "deploy"},
+    "planner": {"ray", "grpc"},
 }
 
 

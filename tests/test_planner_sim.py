@@ -490,3 +490,23 @@ def test_validation_warns_when_the_measured_engine_is_not_the_profiled_one():
     rec = dict(args=dict(engine_kwargs=json.dumps(dict(max_num_batched_tokens=2048, block_size=16))))
     assert engine_mismatches(c, rec) == ["max_num_batched_tokens: measured run 2048, profile 512"]
     assert engine_mismatches(c, dict(args=dict(engine_kwargs="{}"))) == []
+
+
+def test_simulating_and_planning_load_no_ray_grpc_or_torch():
+    import subprocess
+    import sys
+    code = ("import sys, json\n"
+            "from planner import plan, simulator, workload\n"
+            "from planner.simulator import ClusterConfig, simulate\n"
+            "from planner.plan import run_one\n"
+            "from types import SimpleNamespace\n"
+            "class C:\n"
+            "    block_size, max_num_batched_tokens, max_num_seqs, num_kv_blocks = 16, 512, 8, 512\n"
+            "    router_direct_s = router_disaggregated_s = per_token_stream_s = 0.0\n"
+            "    def step_time(self, chunks, ctx): return 1e-3\n"
+            "    def transfer_time(self, n): return 1e-3\n"
+            "reqs = workload.requests(workload.WorkloadSpec(), 20, 5.0, 0)\n"
+            "run_one(C(), ClusterConfig('conditional', 1, 1), reqs, SimpleNamespace(ttft_slo=1, tpot_slo=1))\n"
+            "print(json.dumps(sorted(m for m in ('ray', 'grpc', 'torch') if m in sys.modules)))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert json.loads(out.stdout) == []
