@@ -48,6 +48,8 @@ import time
 
 import numpy as np
 
+from router.policy import PolicyConfig
+
 MODES = {
     # mode: (prefill workers, decode workers or None = --decode-replicas, threshold or None = flag)
     "colocated": (0, None, None),
@@ -281,7 +283,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--engine-kwargs", default="{}", help="JSON EngineConfig overrides for every worker")
     ap.add_argument("--decode-replicas", type=int, default=2, help="decode workers in colocated mode")
-    ap.add_argument("--disagg-threshold", type=int, default=256, help="conditional mode's threshold")
+    ap.add_argument("--disagg-threshold", type=int, default=PolicyConfig.disagg_threshold,
+                    help="conditional mode's threshold (default %(default)s)")
     ap.add_argument("--rates", default="1,2,4")
     ap.add_argument("--requests", type=int, default=32, help="requests per rate")
     ap.add_argument("--warmup", type=int, default=4, help="untimed requests before each mode's runs")

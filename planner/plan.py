@@ -203,7 +203,8 @@ def validation_table(rows: list[dict]) -> str:
         m, p, e = d["measured"], d["predicted"], d["rel_error"]
         if m is None or p is None:
             return f"{'-':>23}"
-        return f"{p * scale:7.1f} {m * scale:7.1f} {e * 100:+6.1f}%" if e is not None else f"{p * scale:7.1f} {m * scale:7.1f}    n/a"
+        err = f"{e * 100:+6.1f}%" if e is not None else "    n/a"
+        return f"{p * scale:7.1f} {m * scale:7.1f} {err}"
     head = (f"{'mode':<12}{'config':<14}{'rate':>6}  {'TTFT p50 ms pred meas err':>25}  "
             f"{'TTFT p90 ms pred meas err':>25}  {'TPOT p50 ms pred meas err':>25}")
     lines = [head, "-" * len(head)]
@@ -228,9 +229,10 @@ def table(record: dict) -> str:
         for r in e["runs"]:
             s = r["summary"]
             t, p, x = s.get("ttft_s", {}), s.get("tpot_s", {}), s.get("e2e_s", {})
-            lines.append(f"{name:<18}{e['gpus']:>5}{r['rate']:>7.3g}  {t.get('p50', nan):>9.3f}{t.get('p90', nan):>8.3f}"
-                         f"{t.get('p99', nan):>8.3f}  {p.get('p50', nan) * 1e3:>7.1f}ms{p.get('p90', nan) * 1e3:>5.1f}ms"
-                         f"  {x.get('p90', nan):>8.2f}  {s.get('goodput_rps', 0):>8.2f}{s.get('slo_attainment', 0):>8.0%}"
+            lines.append(f"{name:<18}{e['gpus']:>5}{r['rate']:>7.3g}  {t.get('p50', nan):>9.3f}"
+                         f"{t.get('p90', nan):>8.3f}{t.get('p99', nan):>8.3f}  {p.get('p50', nan) * 1e3:>7.1f}ms"
+                         f"{p.get('p90', nan) * 1e3:>5.1f}ms  {x.get('p90', nan):>8.2f}  "
+                         f"{s.get('goodput_rps', 0):>8.2f}{s.get('slo_attainment', 0):>8.0%}"
                          f"{s.get('goodput_rps_per_gpu', 0):>7.2f}  {s.get('disaggregated', 0):>6}")
     b = record.get("best")
     if b is not None:

@@ -175,6 +175,16 @@ def test_router_loads_follow_the_routers_books():
     assert sim.queued_prefill_tokens == 0
 
 
+def test_routing_follows_the_prefix_cache_as_the_routers_index_would():
+    """Requests sharing a prefix go where it is cached (router.policy trades overlap
+    against load), and with it cached the uncached rest is under the threshold: direct."""
+    reqs = [one(400, 2, 0.5 * i, prefix_key="p", prefix_tokens=256) for i in range(6)]
+    recs, sim = simulate(cost(), ClusterConfig("conditional", decode=2, prefill=1, threshold=256), reqs)
+    assert sim.decisions == {"disaggregated:long_uncached_prompt": 1, "direct:cached_prefix": 5}
+    assert [r["route"] for r in recs] == ["disaggregated"] + ["direct"] * 5
+    assert sim.decode_workers["decode-1"].steps == 0     # every one on the worker holding the prefix
+
+
 def test_admission_control_refuses_past_the_inflight_cap():
     reqs = [one(64, 50, 0.0) for _ in range(5)]
     recs, _ = simulate(cost(), ClusterConfig("colocated", decode=1, max_inflight_per_decode=3), reqs)
