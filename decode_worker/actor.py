@@ -28,7 +28,6 @@ class DecodeWorkerActor(WorkerActorBase):
         self.worker.attach_router(token_endpoint, epoch)
 
 
-def remote_class(num_gpus: float = 1, *, num_cpus: float = 1, max_restarts: int = 2, max_concurrency: int = 4,
-                 **options):
-    """The Ray actor class; extra options go to ray.remote (e.g. resources, runtime_env)."""
-    return make_remote(DecodeWorkerActor, num_gpus, num_cpus, max_restarts, max_concurrency, **options)
+def remote_class(num_gpus: float = 1, **options):
+    """The Ray actor class; options as worker_base.actor.make_remote takes them."""
+    return make_remote(DecodeWorkerActor, num_gpus, **options)

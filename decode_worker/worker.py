@@ -81,7 +81,7 @@ class DecodeWorker(WorkerBase):
 
     def __init__(self, worker_id: str, model: str, token_endpoint: str, *, engine_kwargs: dict | None = None,
                  device=None, dtype=None, bind_host: str = "127.0.0.1", kv_bind: str = "tcp",
-                 kv_timeout_s: float = 30.0, advertise_host: str | None = None,
+                 kv_timeout_s: float = messages.KV_TIMEOUT_S, advertise_host: str | None = None,
                  context: zmq.Context | None = None, router_epoch: int | None = None,
                  orphan_timeout_s: float | None = None, curve=None, kv_backend: str = "zmq"):
         super().__init__(worker_id, model, engine_kwargs=engine_kwargs, device=device, dtype=dtype,

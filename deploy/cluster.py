@@ -132,8 +132,8 @@ class Cluster:
                       bind_host="127.0.0.1" if not address else None)
         if curve is not None:
             common["curve"] = curve   # reaches the actors through Ray (token-authenticated)
-        # The decode worker's own settings (decode_worker/worker.py has defaults of its own
-        # for kv_timeout_s and orphan_timeout_s: the schema's values are passed instead).
+        # The decode worker's own settings (its orphan_timeout_s defaults to off, for a
+        # worker no router watches over: the schema's value is passed).
         decode_extra = dict(router_epoch=self.router.epoch, orphan_timeout_s=faults.orphan_timeout_s,
                             kv_timeout_s=cfg.transfer.timeout_s, kv_backend=kv_backend)
         try:

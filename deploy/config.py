@@ -3,7 +3,10 @@ router, KV transfer, engine kwargs, controller. `pdserve serve --config FILE` re
 every `serve` flag maps to one field (CLI_FIELDS) and overrides the file.
 
 The schema is the dataclasses below, the only one: `deploy.cluster.Cluster` takes a
-ServeConfig as loaded, and every default is defined here once (CLI flag defaults are None).
+ServeConfig as loaded. Every default is defined once: a knob that a plain class owns
+(router.core.RouterConfig, router.policy.PolicyConfig, the KV timeout of planes.messages,
+worker_base.actor's restarts, the autoscaling policy's) reads its default from there, the
+rest are defined here (CLI flag defaults are None).
 In code (tests, benchmarks, the demo) build one with `ServeConfig.simple(...)` or
 `from_dict({...})`. Loading checks every key and value and raises
 ConfigError naming the dotted path of the offending field (unknown keys included, with a
@@ -40,6 +43,10 @@ import typing
 from dataclasses import dataclass, field
 
 from deploy.autoscale_policy import DecodeTargets, PrefillTargets, ScalingPolicyConfig
+from planes.messages import KV_TIMEOUT_S
+from router.core import RouterConfig
+from router.policy import PolicyConfig
+from worker_base.actor import MAX_RESTARTS
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 # "auto": when both pools' workers have GPUs, CUDA IPC between workers of one host
@@ -73,7 +80,7 @@ class RaySection:
 class RouterSection:
     host: str = "127.0.0.1"             # gRPC listen address
     port: int = 50051
-    disagg_threshold: int = 256
+    disagg_threshold: int = PolicyConfig.disagg_threshold
     metrics_host: str = "127.0.0.1"     # Prometheus /metrics (loopback unless you mean to expose it)
     metrics_port: int | None = None     # None: no endpoint
     max_prompt_tokens: int | None = None   # per-request limits at the gRPC edge; None: the context
@@ -82,8 +89,9 @@ class RouterSection:
     http_port: int | None = None        # None: no HTTP API
     shutdown_grace_s: float = 30.0      # on SIGTERM, in-flight requests get this long to finish
     # Overload (router/core.py): requests beyond these are refused as resource-exhausted.
-    max_inflight_per_decode: int = 256          # requests held by one decode worker
-    max_queued_prefill_tokens: int = 1 << 20    # admitted prompt tokens not yet prefilled, all pools
+    max_inflight_per_decode: int = RouterConfig.max_inflight_per_decode   # requests held by one decode worker
+    # admitted prompt tokens not yet prefilled, all pools
+    max_queued_prefill_tokens: int = RouterConfig.max_queued_prefill_tokens
     # Append a JSONL trace of finished requests (arrival, prompt, cached and output lengths;
     # no content) for `pdserve plan --trace` (router/trace.py). None: no trace.
     record_trace: str | None = None
@@ -126,7 +134,7 @@ class SecuritySection:
 @dataclass
 class TransferSection:
     backend: str = "auto"
-    timeout_s: float = 30.0             # a KV transfer slower than this falls back to in-place prefill
+    timeout_s: float = KV_TIMEOUT_S     # a KV transfer slower than this falls back to in-place prefill
 
     def validate(self, path: str) -> None:
         if self.backend not in TRANSFER_BACKENDS:
@@ -138,8 +146,8 @@ class TransferSection:
 @dataclass
 class FaultsSection:
     """Worker failures (deploy/supervisor.py, router/core.py; docs/ARCHITECTURE.md, the fault model)."""
-    max_restarts: int = 4               # Ray restarts a dead worker actor this many times
-    dead_after_s: float = 5.0           # decode worker heartbeat silence -> lost
+    max_restarts: int = MAX_RESTARTS    # Ray restarts a dead worker actor this many times
+    dead_after_s: float = RouterConfig.dead_after_s   # decode worker heartbeat silence -> lost
     orphan_timeout_s: float = 15.0      # decode workers drop requests of a router silent this long
     monitor_interval_s: float = 1.0     # supervisor ping period
 

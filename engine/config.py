@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from planes.prefix_hash import BLOCK_SIZE
+
 
 @dataclass
 class ModelConfig:
@@ -42,7 +44,7 @@ class ModelConfig:
 @dataclass
 class EngineConfig:
     """How one engine instance runs. Both pools use this; the pool picks the knobs."""
-    block_size: int = 16
+    block_size: int = BLOCK_SIZE
     # KV pool size: an explicit block count wins; otherwise `kv_cache_memory_gb`
     # (or, on a GPU, `gpu_memory_utilization` of the free memory after weights).
     num_kv_blocks: int | None = None

@@ -15,7 +15,8 @@ See :mod:`kv_transfer.base` for how the prefill and decode workers use the inter
 """
 from __future__ import annotations
 
-from kv_transfer.base import Completed, Failed, KVReceiver, KVSender, PollResult, WriteLayer
+from kv_transfer.base import (KV_TIMEOUT_S, SEND_TIMEOUT_S, Completed, Failed, KVReceiver, KVSender, PollResult,
+                              WriteLayer)
 from kv_transfer.wire import (PROTOCOL_VERSION, AbortHeader, DoneHeader, KVHeader, KVLayout, KVMessage,
                               Reservation, UnknownRequestError, WireError, decode_header, decode_message)
 

@@ -39,8 +39,14 @@ import torch
 
 from kv_transfer.wire import (AbortHeader, DoneHeader, KVHeader, KVLayout, KVMessage, Reservation, UnknownRequestError,
                               WireError, check_request_id, decode_message, MAX_LAYERS)
+from planes.messages import KV_TIMEOUT_S
 
 log = logging.getLogger(__name__)
+
+# The defaults of every backend's timeouts (the workers pass theirs). A receiver fails a
+# transfer not complete within KV_TIMEOUT_S (planes.messages: the decode worker then prefills
+# in place); a sender fails a request whose message cannot be queued within SEND_TIMEOUT_S.
+SEND_TIMEOUT_S = 10.0
 
 # write_layer(request_id, layer, block_ids, tensor): tensor is [2, len(block_ids), block_size,
 # num_kv_heads, head_dim] in the layout's dtype on the CPU; valid only during the call.
@@ -145,7 +151,7 @@ class KVReceiver(abc.ABC):
 
     TOMBSTONES = 4096   # recently finished request ids remembered to classify late data
 
-    def __init__(self, layout: KVLayout, write_layer: WriteLayer, default_timeout_s: float = 30.0):
+    def __init__(self, layout: KVLayout, write_layer: WriteLayer, default_timeout_s: float = KV_TIMEOUT_S):
         if not isinstance(layout, KVLayout):
             raise TypeError("layout must be a KVLayout")
         self.layout = layout

@@ -72,7 +72,7 @@ import msgpack
 import torch
 import zmq
 
-from kv_transfer.base import Failed, KVReceiver, KVSender, WriteLayer
+from kv_transfer.base import KV_TIMEOUT_S, SEND_TIMEOUT_S, Failed, KVReceiver, KVSender, WriteLayer
 from kv_transfer.block_copy import copy_blocks
 from kv_transfer.wire import (DTYPES, ITEMSIZE, MAX_BLOCKS_PER_MESSAGE, MAX_HEADER_BYTES, MAX_LAYERS, MAX_REASON_LEN,
                               PROTOCOL_VERSION, AbortHeader, DoneHeader, KVHeader, KVLayout, UnknownRequestError,
@@ -271,7 +271,7 @@ class IpcKVReceiver(KVReceiver):
 
     def __init__(self, layout: KVLayout, write_layer: WriteLayer | None = None, *, cache: torch.Tensor,
                  bind_host: str = "127.0.0.1", advertise_host: str | None = None, context=None,
-                 default_timeout_s: float = 30.0, peer_timeout_s: float = 5.0, max_pairs: int = 64,
+                 default_timeout_s: float = KV_TIMEOUT_S, peer_timeout_s: float = 5.0, max_pairs: int = 64,
                  max_messages_per_poll: int = 1024):
         super().__init__(layout, write_layer or _no_write, default_timeout_s)
         want = (layout.num_layers, 2, layout.num_blocks, layout.block_size, layout.num_kv_heads, layout.head_dim)
@@ -547,8 +547,8 @@ class IpcKVSender(KVSender):
 
     KEPT = 4096   # failed / begun request ids remembered
 
-    def __init__(self, endpoint: str, *, context=None, send_timeout_s: float = 10.0, connect_timeout_s: float = 30.0,
-                 linger_s: float = 10.0, ping_s: float = 0.5, lease_s: float = 2.5, device=None):
+    def __init__(self, endpoint: str, *, context=None, send_timeout_s: float = SEND_TIMEOUT_S,
+                 connect_timeout_s: float = 30.0, linger_s: float = 10.0, ping_s: float = 0.5, lease_s: float = 2.5, device=None):
         self._ep = parse_endpoint(endpoint)
         self.endpoint = endpoint
         self.send_timeout_s = float(send_timeout_s)

@@ -71,7 +71,7 @@ import msgpack
 import torch
 import zmq
 
-from kv_transfer.base import KVReceiver, KVSender, WriteLayer
+from kv_transfer.base import KV_TIMEOUT_S, SEND_TIMEOUT_S, KVReceiver, KVSender, WriteLayer
 from kv_transfer.wire import (KV, MAX_BLOCKS_PER_MESSAGE, MAX_HEADER_BYTES, MAX_LAYERS, PROTOCOL_VERSION,
                               KVHeader, KVLayout, KVMessage, UnknownRequestError, WireError, check_kv,
                               check_request_id, decode_header, dtype_name, encode_abort, encode_done,
@@ -276,7 +276,7 @@ class P2PKVReceiver(KVReceiver):
 
     def __init__(self, layout: KVLayout, write_layer: WriteLayer, *, bind_host: str = "127.0.0.1",
                  advertise_host: str | None = None, device=None, pg: str | None = None,
-                 default_timeout_s: float = 30.0, op_timeout_s: float = 10.0, connect_timeout_s: float = 60.0,
+                 default_timeout_s: float = KV_TIMEOUT_S, op_timeout_s: float = 10.0, connect_timeout_s: float = 60.0,
                  max_pairs: int = 64, max_messages_per_poll: int = 1024, context=None):
         super().__init__(layout, write_layer, default_timeout_s)
         import torch.distributed as dist
@@ -580,7 +580,7 @@ class P2PKVSender(KVSender):
 
     FAILED_KEPT = 4096
 
-    def __init__(self, endpoint: str, *, context=None, send_timeout_s: float = 10.0,
+    def __init__(self, endpoint: str, *, context=None, send_timeout_s: float = SEND_TIMEOUT_S,
                  connect_timeout_s: float = 60.0, linger_s: float = 10.0, max_in_flight: int = 8,
                  sndhwm: int = 1024, device=None):
         self._ep = parse_endpoint(endpoint)

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import torch
 import zmq
 
-from kv_transfer.base import KVReceiver, KVSender, WriteLayer
+from kv_transfer.base import KV_TIMEOUT_S, SEND_TIMEOUT_S, KVReceiver, KVSender, WriteLayer
 from kv_transfer.wire import (DEFAULT_MAX_MESSAGE_BYTES, MAX_BLOCKS_PER_MESSAGE, MAX_FRAMES, MAX_HEADER_BYTES,
                               MAX_LAYERS, KVLayout, check_request_id, dtype_name, encode_abort, encode_done,
                               encode_kv)
@@ -69,7 +69,7 @@ class ZmqKVReceiver(KVReceiver):
 
     def __init__(self, layout: KVLayout, write_layer: WriteLayer, *, bind: str = DEFAULT_BIND,
                  advertise_host: str | None = None, context: zmq.Context | None = None, rcvhwm: int = 32,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, default_timeout_s: float = 30.0,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, default_timeout_s: float = KV_TIMEOUT_S,
                  max_messages_per_poll: int = 1024):
         super().__init__(layout, write_layer, default_timeout_s)
         if max_message_bytes < layout.bytes_per_block:
@@ -156,7 +156,7 @@ class ZmqKVSender(KVSender):
     FAILED_KEPT = 4096
 
     def __init__(self, endpoint: str, *, context: zmq.Context | None = None, sndhwm: int = 32,
-                 send_timeout_s: float = 10.0, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 send_timeout_s: float = SEND_TIMEOUT_S, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                  linger_s: float = 10.0):
         _check_endpoint(endpoint, binding=False)
         self.endpoint = endpoint

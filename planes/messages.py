@@ -159,6 +159,12 @@ def params_from_wire(d) -> SamplingParams:
 
 # ---- request plane ---------------------------------------------------------------------------------
 
+# How long a decode worker waits for a prompt's KV from a prefill worker before it prefills
+# in place: the default of the request's kv_timeout_s, the router's (the config file's
+# transfer.timeout_s), the decode worker's cap and the KV receivers'.
+KV_TIMEOUT_S = 30.0
+
+
 @dataclass
 class GenerateMsg:
     """router -> decode worker. mode "direct": prefill in place; "disaggregated": reserve blocks
@@ -170,7 +176,7 @@ class GenerateMsg:
     prefill_endpoint: str | None = None
     prefill_worker: str | None = None
     cache_salt: bytes = b""
-    kv_timeout_s: float = 30.0
+    kv_timeout_s: float = KV_TIMEOUT_S
 
     def encode(self) -> bytes:
         d = asdict(self)
@@ -222,7 +228,7 @@ def decode_request(buf: bytes):
         mode = m.get("mode")
         if mode not in ("direct", "disaggregated"):
             raise PlaneError(f"mode: expected 'direct' or 'disaggregated', got {mode!r}")
-        to = m.get("kv_timeout_s", 30.0)
+        to = m.get("kv_timeout_s", KV_TIMEOUT_S)
         if type(to) not in (int, float) or not 0 < to <= 3600:   # NaN fails the comparison
             raise PlaneError("kv_timeout_s: expected a number in (0, 3600]")
         return GenerateMsg(rid=_str(m, "rid"), prompt_ids=_ints(m, "prompt_ids", MAX_PROMPT_TOKENS),

@@ -9,6 +9,9 @@ import hashlib
 import numpy as np
 
 ROOT_HASH = b"\x00" * 16
+# The default KV block size in tokens, of the engine (EngineConfig.block_size) and of the
+# router's prompt hashes (RouterConfig.block_size): the two must agree, so it is defined here.
+BLOCK_SIZE = 16
 
 
 def hash_block(parent: bytes, token_ids, salt: bytes = b"") -> bytes:

@@ -15,6 +15,6 @@ class PrefillWorkerActor(WorkerActorBase):
         self._start(worker_id, model, lambda: PrefillWorker(worker_id, model, **kwargs))
 
 
-def remote_class(num_gpus: float = 1, *, num_cpus: float = 1, max_restarts: int = 2, max_concurrency: int = 4,
-                 **options):
-    return make_remote(PrefillWorkerActor, num_gpus, num_cpus, max_restarts, max_concurrency, **options)
+def remote_class(num_gpus: float = 1, **options):
+    """The Ray actor class; options as worker_base.actor.make_remote takes them."""
+    return make_remote(PrefillWorkerActor, num_gpus, **options)

@@ -59,7 +59,7 @@ class PrefillWorker(WorkerBase):
 
     def __init__(self, worker_id: str, model: str, *, engine_kwargs: dict | None = None, device=None, dtype=None,
                  bind_host: str = "127.0.0.1", advertise_host: str | None = None,
-                 kv_send_timeout_s: float = 10.0, context: zmq.Context | None = None, curve=None):
+                 kv_send_timeout_s: float = kt.SEND_TIMEOUT_S, context: zmq.Context | None = None, curve=None):
         super().__init__(worker_id, model, engine_kwargs={**(engine_kwargs or {}), "enable_cuda_graphs": False},
                          device=device, dtype=dtype, bind_host=bind_host, advertise_host=advertise_host,
                          context=context, curve=curve)

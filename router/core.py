@@ -27,7 +27,7 @@ import zmq
 import zmq.asyncio
 
 from planes import messages
-from planes.prefix_hash import hash_prefix_blocks
+from planes.prefix_hash import BLOCK_SIZE, hash_prefix_blocks
 from planes.sampling_params import SamplingParams
 from router.policy import Decision, PolicyConfig, WorkerLoad, decide
 from router.prefix_index import PrefixIndex
@@ -40,8 +40,8 @@ TOKEN_POLL_MS = 100   # the token loop re-checks its socket at least this often
 @dataclass
 class RouterConfig:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
-    block_size: int = 16
-    kv_timeout_s: float = 30.0
+    block_size: int = BLOCK_SIZE
+    kv_timeout_s: float = messages.KV_TIMEOUT_S
     bind_host: str = "127.0.0.1"
     # Admission control: past these bounds new requests are refused at once (Overloaded).
     max_inflight_per_decode: int = 256        # requests held by one decode worker

@@ -6,6 +6,7 @@ validation). No KubeRay CRD schema ships with Ray and CI has no network or kubec
 CR is checked by that conversion plus explicit assertions on what it must contain."""
 from __future__ import annotations
 
+import argparse
 import copy
 import os
 
@@ -220,6 +221,47 @@ def test_every_default_is_defined_once():
     for kw in ("disagg_threshold=", "kv_timeout_s=", "dead_after_s=", "max_inflight_per_decode=",
                "max_queued_prefill_tokens=", "block_size=", "orphan_timeout_s=", "max_restarts="):
         assert kw in start, kw
+
+
+def test_schema_defaults_are_the_owning_classes_defaults():
+    """A knob that a plain class owns has one default, there: the schema reads it, and every
+    other class that takes the knob (workers, KV receivers and senders, actors, bench) has
+    the same, so a part built without a config file behaves as under an empty one."""
+    import inspect
+
+    import kv_transfer as kt
+    from decode_worker.worker import DecodeWorker
+    from deploy import bench
+    from engine.config import EngineConfig
+    from kv_transfer.ipc_backend import IpcKVReceiver, IpcKVSender
+    from kv_transfer.p2p_backend import P2PKVReceiver, P2PKVSender
+    from kv_transfer.zmq_backend import ZmqKVReceiver, ZmqKVSender
+    from planes.messages import GenerateMsg
+    from prefill_worker.worker import PrefillWorker
+    from router.core import RouterConfig
+    from router.policy import PolicyConfig
+    from worker_base.actor import make_remote
+
+    def default(fn, name):
+        return inspect.signature(fn).parameters[name].default
+
+    cfg, rc = ServeConfig(), RouterConfig()
+    assert cfg.router.disagg_threshold == rc.policy.disagg_threshold == PolicyConfig().disagg_threshold
+    assert (cfg.router.max_inflight_per_decode, cfg.router.max_queued_prefill_tokens, cfg.faults.dead_after_s) == \
+        (rc.max_inflight_per_decode, rc.max_queued_prefill_tokens, rc.dead_after_s)
+    kv_timeouts = {cfg.transfer.timeout_s, rc.kv_timeout_s, GenerateMsg("r", [1], None).kv_timeout_s,
+                   default(DecodeWorker.__init__, "kv_timeout_s")} | \
+        {default(cls.__init__, "default_timeout_s") for cls in (kt.KVReceiver, ZmqKVReceiver, IpcKVReceiver,
+                                                                 P2PKVReceiver)}
+    assert kv_timeouts == {kt.KV_TIMEOUT_S}
+    send_timeouts = {default(PrefillWorker.__init__, "kv_send_timeout_s")} | \
+        {default(cls.__init__, "send_timeout_s") for cls in (ZmqKVSender, IpcKVSender, P2PKVSender)}
+    assert send_timeouts == {kt.SEND_TIMEOUT_S}
+    assert cfg.faults.max_restarts == default(make_remote, "max_restarts")
+    assert cfg.block_size == rc.block_size == EngineConfig().block_size
+    ap = argparse.ArgumentParser()
+    bench.add_arguments(ap)
+    assert ap.get_default("disagg_threshold") == cfg.router.disagg_threshold
 
 
 # ---- manifests ----------------------------------------------------------------------------------------

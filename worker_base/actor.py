@@ -116,7 +116,14 @@ class WorkerActorBase:
         self.worker.stop()
 
 
-def make_remote(actor_cls, num_gpus: float, num_cpus: float, max_restarts: int, max_concurrency: int, **options):
+# How many times Ray restarts a dead worker actor (the config file's faults.max_restarts).
+MAX_RESTARTS = 4
+
+
+def make_remote(actor_cls, num_gpus: float = 1, num_cpus: float = 1, max_restarts: int = MAX_RESTARTS,
+                max_concurrency: int = 4, **options):
+    """The Ray actor class of a worker; extra options go to ray.remote (e.g. resources,
+    runtime_env)."""
     import ray
     if num_gpus and "runtime_env" not in options:
         options["runtime_env"] = {"env_vars": {NOSET_CUDA_VISIBLE_DEVICES: "1"}}
