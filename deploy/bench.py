@@ -21,9 +21,10 @@ Workloads (token-id prompts, EOS ignored so every request gets its output length
                  tokens + a unique suffix of the synthetic length (prefix-cache hits)
 
 Modes start a cluster each (deploy/cluster.py on a local Ray instance, this process):
-  colocated    0 prefill + --decode-replicas decode workers; every prompt prefilled in place
-  disagg       1 prefill + 1 decode, threshold 0: every uncached prompt prefilled remotely
-  conditional  1 prefill + 1 decode, --disagg-threshold (the router decides per request)
+  colocated      0 prefill + --decode-replicas decode workers; every prompt prefilled in place
+  disaggregated  1 prefill + 1 decode, threshold 0: every uncached prompt prefilled remotely
+                 ("disagg", its old name, is still accepted)
+  conditional    1 prefill + 1 decode, --disagg-threshold (the router decides per request)
 or, with --address HOST:PORT (gRPC) or --http URL (OpenAI API, /v1/completions streamed
 with token-id prompts and ignore_eos, as vLLM and SGLang accept), the load goes to a
 running server (mode "external"). Over HTTP, token counts come from the usage chunk and
@@ -32,7 +33,7 @@ ITL is measured between text chunks.
 Writes a JSON record (--json) and a PNG of latency and goodput against rate for every
 mode (--png; needs matplotlib: `pip install -e .[bench]`).
 
-    pdserve bench --model random:tiny --modes colocated,disagg,conditional \\
+    pdserve bench --model random:tiny --modes colocated,disaggregated,conditional \\
         --rates 1,2,4 --requests 24 --json serve.json --png serve.png
     pdserve bench --http http://127.0.0.1:8000/v1 --rates 2 --requests 32
 """
@@ -53,9 +54,23 @@ from router.policy import PolicyConfig
 MODES = {
     # mode: (prefill workers, decode workers or None = --decode-replicas, threshold or None = flag)
     "colocated": (0, None, None),
-    "disagg": (1, 1, 0),
+    "disaggregated": (1, 1, 0),
     "conditional": (1, 1, None),
 }
+# Old spellings still accepted on the command line (older commands, e.g. in
+# benchmarks/RESULTS.md); records and output use the names above.
+MODE_ALIASES = {"disagg": "disaggregated"}
+
+
+def parse_modes(text: str) -> list[str]:
+    """--modes as the modes' names; ValueError naming the flag for an unknown one."""
+    modes = []
+    for m in (x.strip() for x in text.split(",")):
+        m = MODE_ALIASES.get(m, m)
+        if m not in MODES:
+            raise ValueError(f"--modes: unknown mode {m!r}; choose from {', '.join(MODES)}")
+        modes.append(m)
+    return modes
 
 
 # ---- workload -------------------------------------------------------------------------------
@@ -278,7 +293,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--served-model", default=None, help="--http: the model name (default: the server's first)")
     ap.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
                     help="--http: do not send ignore_eos (for servers that refuse the field; outputs may end early)")
-    ap.add_argument("--modes", default="colocated,disagg,conditional")
+    ap.add_argument("--modes", default=",".join(MODES),
+                    help=f"comma-separated, from {', '.join(MODES)} (default: all; 'disagg' is accepted "
+                         "for disaggregated)")
     ap.add_argument("--model", default="random:tiny")
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--engine-kwargs", default="{}", help="JSON EngineConfig overrides for every worker")
@@ -320,9 +337,7 @@ def check_args(args) -> list[float]:
     if args.prompt_max < args.prompt_min or args.output_max < args.output_min:
         raise ValueError("--prompt-max/--output-max: must be >= the matching --*-min")
     if not args.address and not args.http:
-        for m in args.modes.split(","):
-            if m.strip() not in MODES:
-                raise ValueError(f"--modes: unknown mode {m.strip()!r}; choose from {', '.join(MODES)}")
+        args.modes = ",".join(parse_modes(args.modes))   # recorded by the modes' names, whatever spelling was given
     try:
         json.loads(args.engine_kwargs)
     except ValueError:
@@ -347,7 +362,7 @@ def run(args) -> dict:
     import os
     rates = check_args(args)
     external = bool(args.address or args.http)
-    modes = ["external"] if external else [m.strip() for m in args.modes.split(",")]
+    modes = ["external"] if external else args.modes.split(",")
     model = args.served_model or args.model if not args.http else args.served_model
     record = dict(model=model, workload=args.workload, target=args.http or args.address or "local",
                   args={k: v for k, v in vars(args).items() if not callable(v)}, modes={})

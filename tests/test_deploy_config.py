@@ -264,6 +264,25 @@ def test_schema_defaults_are_the_owning_classes_defaults():
     assert ap.get_default("disagg_threshold") == cfg.router.disagg_threshold
 
 
+def test_bench_modes_are_named_after_the_routes():
+    """bench's mode that prefills every prompt remotely is "disaggregated", the route's
+    name, in its records and output; "disagg", its old spelling, is still accepted (older
+    commands, e.g. in benchmarks/RESULTS.md), as --help says."""
+    from deploy import bench
+    ap = argparse.ArgumentParser()
+    bench.add_arguments(ap)
+    assert list(bench.MODES) == ["colocated", "disaggregated", "conditional"]
+    assert ap.parse_args([]).modes == "colocated,disaggregated,conditional"
+    assert "'disagg' is accepted" in " ".join(ap.format_help().split())
+    args = ap.parse_args(["--modes", "colocated, disagg,conditional"])
+    bench.check_args(args)
+    assert args.modes == "colocated,disaggregated,conditional"     # what run() records and prints
+    cfg = bench.cluster_config(args, "disaggregated")
+    assert (cfg.pools.prefill.min_replicas, cfg.pools.decode.min_replicas, cfg.router.disagg_threshold) == (1, 1, 0)
+    with pytest.raises(ValueError, match="--modes: unknown mode 'disagregated'"):
+        bench.check_args(ap.parse_args(["--modes", "disagregated"]))
+
+
 # ---- manifests ----------------------------------------------------------------------------------------
 
 def _pool_resources():
