@@ -13,8 +13,9 @@ Why this form: on a GPU the linear layers read every weight once per step whatev
 batch, so a small step (a decode batch, a short chunk) costs about the weight read and is
 near-constant in its tokens; past the ridge point (tokens where compute time equals that
 read) they are compute bound and linear in tokens. A pure decode step replays a CUDA graph
-while a step with a prefill chunk launches its kernels one by one (prefill_seq_s). Prefill attention adds a term quadratic
-in a chunk's length (A); decode attention reads each sequence's KV (K). On a CPU the floor
+while a step with a prefill chunk launches its kernels one by one (prefill_seq_s). Prefill
+attention adds a term quadratic in a chunk's length (A); decode attention reads each
+sequence's KV (K). On a CPU the floor
 fits to about zero and the model is close to linear in tokens. The fit minimises relative
 residuals (steps span milliseconds to seconds): non-negative least squares for each
 candidate ridge point, keeping the best (:func:`fit_steps`).

@@ -26,6 +26,9 @@ class ProfileOptions:
     quick: bool = False
     warmup: int | None = None      # per point; default 2 (quick: 1)
     repeats: int | None = None     # per point, median taken; default 5 (quick: 3)
+    max_point_s: float | None = None  # timed seconds per point before repeats stop early (default 2; quick 0.5)
+    max_step_s: float | None = None   # skip points whose step is predicted longer (default 3; quick 1)
+    max_setup_s: float | None = None  # skip points whose set-up is predicted longer (default 30; quick 5)
     transfer_backend: str = "auto"  # "zmq" | "device_copy" | "auto" (device_copy on CUDA, zmq on CPU)
     overheads: bool = True
     overhead_samples: int | None = None
@@ -206,6 +209,7 @@ def _warm_up(probe) -> None:
 def run_profile(opts: ProfileOptions) -> dict:
     """Measure and return a validated profile (with the fit and its errors)."""
     from planner import overhead_probe, transfer_probe
+    from planner.cost_guard import CostGuard
     from planner.costmodel import fit_steps
     from planner.step_probe import StepProbe
 
@@ -224,28 +228,46 @@ def run_profile(opts: ProfileOptions) -> dict:
     from planner.transfer_probe import transfer_sizes
     n_transfer = len(transfer_sizes(engine, opts.quick))
     bar = _progress(grid.num_points() + n_transfer + (1 if opts.overheads else 0), opts.progress)
-    probe = StepProbe(engine, warmup, repeats, opts.seed)
+    max_point_s = opts.max_point_s or (0.5 if opts.quick else 2.0)
+    guard = CostGuard(opts.max_step_s or (1.0 if opts.quick else 3.0),
+                      opts.max_setup_s or (5.0 if opts.quick else 30.0), cfg.max_num_batched_tokens)
+    probe = StepProbe(engine, warmup, repeats, opts.seed, max_point_s=max_point_s)
     steps = []
+
+    def measured(entry: dict) -> None:
+        steps.append(entry)
+        guard.add(entry)
+
     try:
         _warm_up(probe)
-        for new, cached in grid.prefill:
+        for new, cached in grid.prefill:   # by cached prefix, then new tokens, ascending
             bar.set_postfix_str(f"prefill {new}+{cached}")
-            steps.append(probe.prefill(new, cached))
+            what = f"prefill {new} new + {cached} cached"
+            if guard.allows_step([(new, cached)], [], what) and \
+                    (cached == 0 or probe.has_prefix(cached) or guard.allows_setup(1, cached + 1, what)):
+                measured(probe.prefill(new, cached))
             bar.update()
         for plan in grid.decode:
-            ds = probe.start_decodes(plan.batches[0], plan.context, plan.max_tokens)
+            batches = guard.largest_batch(plan.batches, plan.context, f"decode at context {plan.context}")
+            if batches:
+                ds = probe.start_decodes(batches[0], plan.context, plan.max_tokens)
             for b in plan.batches:
-                probe.shrink(ds, b)
-                bar.set_postfix_str(f"decode {b}x{plan.context}")
-                steps.append(probe.decode(ds))
+                if b in batches:
+                    probe.shrink(ds, b)
+                    bar.set_postfix_str(f"decode {b}x{plan.context}")
+                    if guard.allows_step([], [plan.context] * b, f"decode {b} x {plan.context}"):
+                        measured(probe.decode(ds))
                 bar.update()
                 if b in plan.mixed_batches:
                     for n in plan.mixed_new:
-                        if n + b <= cfg.max_num_batched_tokens:
-                            bar.set_postfix_str(f"mixed {b}x{plan.context}+{n}")
-                            steps.append(probe.mixed(ds, n))
+                        what = f"mixed {b} x {plan.context} + {n}"
+                        if b in batches and n + b <= cfg.max_num_batched_tokens and \
+                                guard.allows_step([(n, 0)], [plan.context] * b, what):
+                            bar.set_postfix_str(what)
+                            measured(probe.mixed(ds, n))
                         bar.update()
-            probe.finish(ds)
+            if batches:
+                probe.finish(ds)
         bar.set_postfix_str(f"transfer ({backend})")
         transfer = transfer_probe.measure(engine, backend, opts.quick, warmup, repeats, progress=bar.update)
         profile = dict(version=VERSION, created=started.isoformat(timespec="seconds"),
@@ -264,7 +286,9 @@ def run_profile(opts: ProfileOptions) -> dict:
         bar.close()
     fit = fit_steps(steps)
     profile["fit"] = fit
-    profile["measurement"] = dict(warmup=warmup, repeats=repeats, quick=opts.quick, statistic="median",
+    profile["measurement"] = dict(warmup=warmup, repeats=repeats, max_point_s=max_point_s,
+                                  max_step_s=guard.max_step_s, max_setup_s=guard.max_setup_s, quick=opts.quick,
+                                  statistic="median", skipped=guard.skipped[:1000],
                                   seconds=round((datetime.datetime.now(datetime.timezone.utc) - started)
                                                 .total_seconds(), 1),
                                   step_timing="interval between back-to-back step() calls in a steady run "
@@ -291,6 +315,14 @@ def add_arguments(p) -> None:
                    help="overlapped scheduling (default: on with CUDA); profile the mode you serve with")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps per point (default 2; quick 1)")
     p.add_argument("--repeats", type=int, default=None, help="timed steps per point, median taken (default 5; quick 3)")
+    p.add_argument("--max-point-seconds", type=float, default=None,
+                   help="stop repeating a point after this many timed seconds, once 3 steps are in "
+                        "(default 2; quick 0.5)")
+    p.add_argument("--max-step-seconds", type=float, default=None,
+                   help="skip grid points whose step the points so far predict longer than this (default 3; quick 1)")
+    p.add_argument("--max-setup-seconds", type=float, default=None,
+                   help="skip grid points whose set-up (prefilling a prefix or a decode batch's prompts) is "
+                        "predicted longer than this (default 30; quick 5)")
     p.add_argument("--transfer-backend", default="auto", choices=["auto", "zmq", "device_copy"],
                    help="KV transfer to time (default: device_copy on CUDA, zmq on CPU)")
     p.add_argument("--no-overheads", action="store_true", help="skip the router-path measurement (writes zeros)")
@@ -309,7 +341,9 @@ def options_from_args(args) -> ProfileOptions:
     if args.async_scheduling is not None:
         engine["async_scheduling"] = args.async_scheduling == "on"
     return ProfileOptions(model=args.model, device=args.device, dtype=args.dtype, engine=engine, quick=args.quick,
-                          warmup=args.warmup, repeats=args.repeats, transfer_backend=args.transfer_backend,
+                          warmup=args.warmup, repeats=args.repeats, max_point_s=args.max_point_seconds,
+                          max_step_s=args.max_step_seconds, max_setup_s=args.max_setup_seconds,
+                          transfer_backend=args.transfer_backend,
                           overheads=not args.no_overheads, seed=args.seed)
 
 

@@ -10,6 +10,8 @@ interval between consecutive step() calls (median over `repeats`, after `warmup`
     batches are measured largest first and shrunk by aborting requests, so one set of
     prefills serves every B at that L;
   - mixed: the same decode batch plus one prefill request of N fresh tokens per step.
+Long steps need fewer repeats: warm-up ends early after a step longer than LONG_STEP_S, and
+the timed steps of a point stop after `max_point_s` once MIN_TIMED are in.
 The interval between back-to-back step() calls is what a serving engine's step costs: with
 overlapped scheduling (on a GPU) step() launches step n+1 and then waits for step n, so the
 interval is max(host, device) as in serving, not their sum; a synchronous engine's step()
@@ -29,6 +31,8 @@ from engine import SamplingParams
 from planner.profile_format import step_entry
 
 FIRST_TOKEN_ID = 3   # ids below are special in the named random shapes (bos, eos)
+LONG_STEP_S = 0.5    # a step this long is warm: whatever was compiled or allocated is done
+MIN_TIMED = 3        # the fewest timed steps a point's median is taken over
 
 
 @dataclass
@@ -40,14 +44,17 @@ class DecodeSet:
 
 
 class StepProbe:
-    def __init__(self, engine, warmup: int, repeats: int, seed: int = 0):
+    def __init__(self, engine, warmup: int, repeats: int, seed: int = 0, max_point_s: float = float("inf")):
         self.engine = engine
         self.warmup, self.repeats = int(warmup), int(repeats)
+        self.max_point_s = float(max_point_s)
         self.rng = np.random.default_rng(seed)
         self.vocab = engine.model_config.vocab_size
         self.cuda = engine.device.type == "cuda"
         self.lag = 1 if engine.overlap else 0   # outputs arrive one step() late with overlap
         self._ids = 0
+        self.last_calls = 0   # step() calls of the last timed run
+        self._prefixes: dict[int, list[int]] = {}   # cached length -> a prefix computed earlier
 
     # ---- helpers ------------------------------------------------------------------------------
     def sync(self) -> None:
@@ -69,22 +76,37 @@ class StepProbe:
         return outs
 
     def _timed(self, n_steps: int, before_step=None, on_outputs=None) -> list[float]:
-        """Intervals between consecutive step() calls; the first `warmup` are dropped."""
+        """Intervals between consecutive step() calls, past the warm-up; at most n_steps
+        calls (fewer for long steps, see the module docstring)."""
         self.sync()
         prev = time.perf_counter()
-        times = []
+        times: list[float] = []
+        warm_left = self.warmup
         for i in range(n_steps):
             if before_step is not None:
                 before_step(i)
             outs = self.engine.step()
             now = time.perf_counter()
-            if i >= self.warmup:
-                times.append(now - prev)
-            prev = now
+            dt, prev = now - prev, now
             if on_outputs is not None:
                 on_outputs(outs)
+            if warm_left > 0:
+                warm_left -= 1
+                # With overlap the first interval is only a launch: it says nothing.
+                if dt > LONG_STEP_S and (i > 0 or not self.engine.overlap):
+                    warm_left = 0
+                continue
+            times.append(dt)
+            if len(times) >= self.repeats or (len(times) >= MIN_TIMED and sum(times) >= self.max_point_s):
+                break
         self.sync()
+        self.last_calls = i + 1 if n_steps else 0
         return times
+
+    def _mid_offset(self, timed: int) -> float:
+        """How many tokens a decoding request has gained, on average over the timed steps of
+        the last run, since it started (call j of a run attends to j more tokens)."""
+        return self.last_calls - (timed + 1) / 2
 
     # ---- prefill --------------------------------------------------------------------------------
     def warm_prefix(self, cached: int) -> list[int]:
@@ -98,8 +120,14 @@ class StepProbe:
         self.drain()
         return prefix
 
+    def has_prefix(self, cached: int) -> bool:
+        """A prefix of this length was computed for an earlier point (and not seen evicted)."""
+        return cached in self._prefixes
+
     def prefill(self, new: int, cached: int) -> dict:
-        prefix = self.warm_prefix(cached)
+        prefix = self._prefixes.get(cached)
+        if prefix is None:
+            prefix = self._prefixes[cached] = self.warm_prefix(cached)
         params = SamplingParams(max_tokens=1, ignore_eos=True)
         hits = []
 
@@ -113,6 +141,8 @@ class StepProbe:
         seen(self.drain())
         # The cache hit is what the engine reports (a prefix evicted meanwhile counts less).
         got = min(hits) if hits else cached
+        if got < cached:   # evicted meanwhile: compute it again for the next point
+            del self._prefixes[cached]
         total = cached + new
         return step_entry([(total - got, got)], [], statistics.median(times), "prefill")
 
@@ -158,10 +188,8 @@ class StepProbe:
 
     def decode(self, ds: DecodeSet) -> dict:
         ctx0 = self._contexts_now(ds)
-        n = self.warmup + self.repeats
-        times = self._timed(n, on_outputs=lambda outs: self._record(ds, outs))
-        # Context at the middle of the timed steps.
-        mid = self.warmup + self.repeats / 2
+        times = self._timed(self.warmup + self.repeats, on_outputs=lambda outs: self._record(ds, outs))
+        mid = self._mid_offset(len(times))
         ctx = [round(c + mid) for c in ctx0]
         return step_entry([], ctx, statistics.median(times), "decode")
 
@@ -173,7 +201,7 @@ class StepProbe:
             self.engine.add_request(self.rid("mixed"), self.fresh(new), params)
 
         times = self._timed(self.warmup + self.repeats, add, lambda outs: self._record(ds, outs))
-        mid = self.warmup + self.repeats / 2
+        mid = self._mid_offset(len(times))
         ctx = [round(c + mid) for c in ctx0]
         return step_entry([(new, 0)], ctx, statistics.median(times), "mixed")
 

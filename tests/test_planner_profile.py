@@ -260,6 +260,56 @@ def test_grid_points_are_steps_the_engine_would_run(budget, seqs, ctx_len, block
     assert g.num_points() >= len(g.prefill) + len(g.decode)
 
 
+# ---- keeping the run short ----------------------------------------------------------------------------------
+class SleepyEngine:
+    """What StepProbe._timed touches of an engine: step() sleeps its scripted durations."""
+
+    def __init__(self, durations, overlap=False):
+        from types import SimpleNamespace
+        self.durations, self.calls, self.overlap = list(durations), 0, overlap
+        self.device, self.model_config = SimpleNamespace(type="cpu"), SimpleNamespace(vocab_size=100)
+
+    def step(self):
+        import time
+        time.sleep(self.durations[min(self.calls, len(self.durations) - 1)])
+        self.calls += 1
+        return []
+
+
+def test_timed_steps_stop_early_for_long_steps(monkeypatch):
+    from planner import step_probe
+    monkeypatch.setattr(step_probe, "LONG_STEP_S", 0.05)
+    # Short steps: all the warm-up, then the repeats.
+    eng = SleepyEngine([0.001])
+    times = step_probe.StepProbe(eng, warmup=2, repeats=4)._timed(6)
+    assert eng.calls == 6 and len(times) == 4
+    # A long first step ends the warm-up (a synchronous engine: it was a real step); the
+    # point's time budget stops the repeats once MIN_TIMED are in.
+    eng = SleepyEngine([0.08, 0.03])
+    probe = step_probe.StepProbe(eng, warmup=3, repeats=10, max_point_s=0.05)
+    times = probe._timed(13)
+    assert len(times) == step_probe.MIN_TIMED and eng.calls == 1 + step_probe.MIN_TIMED
+    assert probe.last_calls == eng.calls and all(t >= 0.03 for t in times)
+    # With overlap the first interval is a launch only: it never ends the warm-up.
+    eng = SleepyEngine([0.08, 0.001], overlap=True)
+    step_probe.StepProbe(eng, warmup=2, repeats=3)._timed(5)
+    assert eng.calls == 5
+
+
+def test_cost_guard_skips_what_the_measured_points_predict_too_long():
+    from planner.cost_guard import CostGuard
+    truth = CostModel.synthetic(step_s=1e-3, per_token_s=1e-3, max_num_batched_tokens=512)   # 1 s per 1000 tokens
+    guard = CostGuard(max_step_s=1.0, max_setup_s=3.0, budget=512)
+    assert guard.allows_step([(4096, 0)], [], "x")   # nothing measured: measure
+    for n in (16, 32, 64):
+        guard.add(pf.step_entry([(n, 0)], [], truth.step_time([(n, 0)], [])))
+    assert guard.allows_step([(512, 0)], [], "fits") and not guard.allows_step([(2048, 0)], [], "too long")
+    assert guard.prefill_s(1024) == pytest.approx(truth.prefill_time(1024), rel=1e-6)
+    assert guard.allows_setup(2, 1024, "two") and not guard.allows_setup(4, 1024, "four")
+    assert guard.largest_batch([8, 4, 2, 1], 512, "decode") == [4, 2, 1]   # 0.513 s per prompt
+    assert [s.split(":")[0] for s in guard.skipped] == ["too long", "four", "decode"]
+
+
 # ---- the command --------------------------------------------------------------------------------------------
 def test_pdserve_profile_quick_writes_a_valid_profile(tmp_path, capsys):
     from deploy.cli import main
