@@ -99,8 +99,24 @@ def plain_copy(args, dev: torch.device, layout, n: int) -> dict:
             times.append(t1 - t0)
             kern.append(t2 - t1)
     assert torch.equal(dst[:, :, d_ids.cpu()].cpu(), src[:, :, :n].cpu())
+    tiles = {}
+    if dev.type == "cuda":   # the kernel's tile: (words per program, warps), all layers launched back to back
+        for tile in TILES:
+            ts = []
+            for rep in range(args.warmup + args.repeat):
+                sync(dev)
+                t0 = time.perf_counter()
+                for layer in range(layout.num_layers):
+                    copy_blocks(src[layer], dst[layer], s_ids, d_ids, tile=tile)
+                sync(dev)
+                if rep >= args.warmup:
+                    ts.append(time.perf_counter() - t0)
+            tiles[f"{tile[0]}x{tile[1]}"] = 1e3 * statistics.median(ts)
     return dict(bytes=nbytes, copy_ms=1e3 * statistics.median(times), block_kernel_ms=1e3 * statistics.median(kern),
-                copy_gbs=nbytes / statistics.median(times) / 1e9)
+                copy_gbs=nbytes / statistics.median(times) / 1e9, block_kernel_tiles_ms=tiles)
+
+
+TILES = [(1024, 4), (2048, 4), (4096, 4), (4096, 8), (8192, 8), (16384, 8), (16384, 16)]
 
 
 # ---- 2. transfer --------------------------------------------------------------------------------------------
@@ -115,7 +131,7 @@ def transfer(rank: int, board: Board, args, dev: torch.device, layout, backend: 
 
         rx = make_rx(backend, layout, cache, write)
         board.put(f"ep/{backend}", rx.endpoint)
-        secs = []
+        secs, parts = [], []
         for rep in range(args.warmup + args.repeat):
             dst = list(range(layout.num_blocks - 1, layout.num_blocks - 1 - n, -1))   # scattered order
             rid = f"{backend}{rep}"
@@ -125,13 +141,19 @@ def transfer(rank: int, board: Board, args, dev: torch.device, layout, backend: 
             sync(dev)
             t_end = time.monotonic()
             if rep >= args.warmup:
-                secs.append(t_end - board.get(f"x/{backend}/{rep}/start"))
+                t = board.get(f"x/{backend}/{rep}/start")
+                secs.append(t_end - t["start"])
+                parts.append({k: 1e3 * (v - t["start"]) for k, v in t.items() if k != "start"})
         src = torch.randn(layout.num_layers, *layout.block_shape(n), generator=g).to(layout.torch_dtype)
         assert torch.equal(cache[:, :, dst].cpu(), src), f"{backend}: the landed KV differs"
-        board.get(f"x/{backend}/closed")
+        sender_stats = board.get(f"x/{backend}/closed")
         rx.close()
         nbytes = layout.bytes_per_block * n * layout.num_layers
-        return dict(bytes=nbytes, ms=1e3 * statistics.median(secs), gbs=nbytes / statistics.median(secs) / 1e9)
+        # Where the time goes, from the sender's clock (same host, CLOCK_MONOTONIC): every
+        # layer's copy queued, the sender's stream idle, every report handed to the socket.
+        breakdown = {k: statistics.median(p[k] for p in parts) for k in parts[0]} if parts else {}
+        return dict(bytes=nbytes, ms=1e3 * statistics.median(secs), gbs=nbytes / statistics.median(secs) / 1e9,
+                    sender_ms=breakdown, sender_stats=sender_stats)
     src = torch.randn(layout.num_layers, *layout.block_shape(n), generator=g).to(layout.torch_dtype)
     cache[:, :, :n] = src.to(dev)
     tx = make_tx(backend, board.get(f"ep/{backend}"), dev)
@@ -144,14 +166,19 @@ def transfer(rank: int, board: Board, args, dev: torch.device, layout, backend: 
             while rid not in tx._granted:
                 time.sleep(1e-4)
         sync(dev)
-        t_start = time.monotonic()
+        t = dict(start=time.monotonic())
         for layer in range(layout.num_layers):
             tx.send_layer_blocks(rid, layer, dst, cache[layer], src_ids)
+        t["queued"] = time.monotonic()
         tx.send_done(rid, 1, layout.num_layers)
-        board.put(f"x/{backend}/{rep}/start", t_start)
         assert tx.flush(300) and not tx.failed_requests()
+        t["flushed"] = time.monotonic()
+        sync(dev)
+        t["device_idle"] = time.monotonic()
+        board.put(f"x/{backend}/{rep}/start", t)
+    stats = dict(getattr(tx, "stats", {}))
     tx.close()
-    board.put(f"x/{backend}/closed", True)
+    board.put(f"x/{backend}/closed", stats)
     return {}
 
 
@@ -201,34 +228,37 @@ def ttft(rank: int, board: Board, args, dev: torch.device, engine, tokens: int) 
                 while engine.has_unfinished():
                     for o in engine.step():
                         toks += o.new_token_ids
-                board.get(f"t/{key}/released")
+                marks = board.get(f"t/{key}/released")
                 if rep >= args.warmup:
                     res.setdefault(f"{b}_s", []).append(t_dis)
+                    res.setdefault(f"{b}_parts", []).append({k: 1e3 * (v - t0) for k, v in marks.items()})
                     res.setdefault("in_place_s", []).append(t_in)
                 res.setdefault(f"{b}_equal", []).append(toks_in == toks)
             else:
                 job = board.get(f"t/{key}")
+                marks = dict(job_received=time.monotonic())
                 tx = txs[b]
                 engine.add_request(rid, job["prompt"], params, prefill_only=True)
                 tx.begin(rid)
                 first, dst = job["first"], job["dst"]
 
                 def on_layer_done(layer):
-                    for s in engine.current_step:
-                        if s.samples and s.seq.seq_id == rid:
-                            src = s.seq.block_table[first:first + len(dst)]
-                            tx.send_layer_blocks(rid, layer, dst, engine.runner.kv_cache[layer], src)
+                    for sid, table in engine.step_finishing_prompts():
+                        if sid == rid:
+                            tx.send_layer_blocks(rid, layer, dst, engine.kv_cache[layer],
+                                                 table[first:first + len(dst)])
 
                 token = None
                 while engine.has_unfinished():
-                    engine.current_step = []
                     for o in engine.step(on_layer_done=on_layer_done):
                         if o.request_id == rid and o.new_token_ids:
                             token = o.new_token_ids[0]
+                marks["prefilled"] = time.monotonic()
                 tx.send_done(rid, token, layers)
                 assert tx.flush(300) and not tx.failed_requests()
+                marks["flushed"] = time.monotonic()
                 engine.release(rid)
-                board.put(f"t/{key}/released", True)
+                board.put(f"t/{key}/released", marks)
     for x in list(rxs.values()) + list(txs.values()):
         x.close()
     return res
@@ -274,6 +304,9 @@ def rank_main(rank: int, args) -> None:
                 row[f"{b}_ms"] = 1e3 * statistics.median(r[f"{b}_s"])
                 row[f"{b}_vs_in_place"] = row[f"{b}_ms"] / row["in_place_ms"]
                 row[f"{b}_tokens_equal"] = all(r[f"{b}_equal"])
+                # the prefill side's marks on the decode side's clock (same host), from its start
+                row[f"{b}_parts_ms"] = {k: statistics.median(p[k] for p in r[f"{b}_parts"])
+                                        for k in r[f"{b}_parts"][0]}
             result[f"ttft_{tokens}"] = row
     if rank == DECODE:
         board.put("result", result)

@@ -18,7 +18,10 @@ try:
 except ImportError:   # the reference path needs no Triton
     triton = None
 
-_CHUNK = 4096   # elements of one block one program copies
+# Elements (words) of a block one program copies, and its warps; benchmarks/gpu_kv_ipc.py
+# times the alternatives (`tile=` below) on the device.
+_CHUNK = 4096
+_WARPS = 4
 
 
 def copy_blocks_reference(src: torch.Tensor, dst: torch.Tensor, src_ids: torch.Tensor, dst_ids: torch.Tensor) -> None:
@@ -58,10 +61,12 @@ def _kernel_ok(src: torch.Tensor, dst: torch.Tensor) -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1" and dst.device.type == "cpu"
 
 
-def copy_blocks(src: torch.Tensor, dst: torch.Tensor, src_ids: torch.Tensor, dst_ids: torch.Tensor) -> None:
+def copy_blocks(src: torch.Tensor, dst: torch.Tensor, src_ids: torch.Tensor, dst_ids: torch.Tensor, *,
+                tile: tuple[int, int] | None = None) -> None:
     """``dst[:, dst_ids[i]] = src[:, src_ids[i]]`` for every i, on the current stream.
     ``src_ids``/``dst_ids`` are int64 tensors on the caches' device (the caller checks
-    that they are in range: the kernel does not)."""
+    that they are in range: the kernel does not). ``tile`` overrides (words per program,
+    warps) for tuning."""
     if src.dtype != dst.dtype or src.shape[0] != 2 or src.shape[2:] != dst.shape[2:]:
         raise ValueError(f"copy_blocks: {tuple(src.shape)} {src.dtype} -> {tuple(dst.shape)} {dst.dtype}")
     n = src_ids.numel()
@@ -74,5 +79,7 @@ def copy_blocks(src: torch.Tensor, dst: torch.Tensor, src_ids: torch.Tensor, dst
         return
     s, d = _words(src), _words(dst)
     block_numel = s[0, 0].numel()
-    grid = (n, 2, triton.cdiv(block_numel, _CHUNK))
-    _copy_blocks_kernel[grid](s, d, src_ids, dst_ids, s.stride(0), d.stride(0), block_numel, CHUNK=_CHUNK)
+    chunk, warps = tile or (_CHUNK, _WARPS)
+    grid = (n, 2, triton.cdiv(block_numel, chunk))
+    _copy_blocks_kernel[grid](s, d, src_ids, dst_ids, s.stride(0), d.stride(0), block_numel, CHUNK=chunk,
+                              num_warps=warps)

@@ -586,6 +586,9 @@ class IpcKVSender(KVSender):
         self._granted: set[str] = set()
         self._revoked: set[str] = set()
         self._last_copy: dict[str, torch.cuda.Event] = {}   # rid -> its last copy's event (CUDA)
+        # rid -> (src ids, dst ids, their device tensors): every layer of a request copies the
+        # same blocks, so the index tensors are made once per request, not once per layer.
+        self._indices: dict[str, tuple[list[int] | None, list[int], torch.Tensor | None, torch.Tensor]] = {}
         self._failed: OrderedDict[str, str] = OrderedDict()
         self._side = None
         self._closed = False
@@ -714,9 +717,9 @@ class IpcKVSender(KVSender):
             self._side = torch.cuda.Stream(dev)
         self._side.wait_event(ready)
         with torch.cuda.stream(self._side):
-            d_idx = torch.tensor(dst_ids, dtype=torch.long, device=dev)
+            s_idx, d_idx = self._device_indices(rid, src_ids, dst_ids, dev)
             if src_ids is not None:
-                copy_blocks(src, dst, torch.tensor(src_ids, dtype=torch.long, device=dev), d_idx)
+                copy_blocks(src, dst, s_idx, d_idx)
             else:
                 dst[:, d_idx] = src.to(dev, dst.dtype, non_blocking=True)
             done = torch.cuda.Event()
@@ -724,6 +727,22 @@ class IpcKVSender(KVSender):
         if src_ids is None and src.is_cuda:
             src.record_stream(self._side)   # the gathered tensor is read there, not on its own stream
         self._last_copy[rid] = done
+
+    def _device_indices(self, rid: str, src_ids: list[int] | None, dst_ids: list[int], dev: torch.device):
+        """Holding the lock, on the side stream: rid's index tensors on ``dev``. Built from
+        pinned memory without blocking: a plain ``torch.tensor(..., device=)`` would wait for
+        the side stream, i.e. for this layer's compute on the engine's stream, and so stall
+        the engine loop that calls the sender once per layer."""
+        have = self._indices.get(rid)
+        if have is not None and have[0] == src_ids and have[1] == dst_ids:
+            return have[2], have[3]
+
+        def upload(ids):
+            return torch.tensor(ids, dtype=torch.long).pin_memory().to(dev, non_blocking=True)
+        s_idx = upload(src_ids) if src_ids is not None else None
+        d_idx = upload(dst_ids)
+        self._indices[rid] = (src_ids, dst_ids, s_idx, d_idx)
+        return s_idx, d_idx
 
     def _queue_copy(self, rid: str, layer: int, ids: list[int], tensor: torch.Tensor) -> None:
         ready = None
@@ -865,6 +884,7 @@ class IpcKVSender(KVSender):
             self._revoked.add(rid)
             self._granted.discard(rid)
             ev = self._last_copy.pop(rid, None)
+            self._indices.pop(rid, None)
         self.stats["revoked"] += 1
         if ev is not None:
             ev.synchronize()   # every copy of rid launched before the revoke has finished
@@ -947,6 +967,7 @@ class IpcKVSender(KVSender):
             self._granted.discard(rid)
             self._revoked.discard(rid)
             self._last_copy.pop(rid, None)
+            self._indices.pop(rid, None)
             self._begun.pop(rid, None)
         body = it.body
         if it.kind == "done" and failed:   # not all of it landed: let the receiver fall back now
@@ -982,6 +1003,7 @@ class IpcKVSender(KVSender):
             self._closed = True
             events = list(self._last_copy.values())
             self._last_copy.clear()
+            self._indices.clear()
             self._idle.notify_all()
         for ev in events:
             ev.synchronize()   # bye promises that nothing of ours still writes

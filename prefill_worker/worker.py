@@ -79,8 +79,12 @@ class PrefillWorker(WorkerBase):
         return {"request": self._req_ep}
 
     def stats(self) -> dict:
+        """``completed`` counts prefills whose every layer and done were handed to a sender;
+        a backend that copies after that (cuda_ipc) can still fail one, and
+        ``transfers_failed`` counts those its live senders remember."""
+        failed = sum(len(s.failed_requests()) for s in self._senders.values())
         return {**self.engine.stats(), **self.counters, "queued_tokens": self._queued_tokens,
-                "in_flight": len(self._jobs), "draining": self._draining}
+                "in_flight": len(self._jobs), "draining": self._draining, "transfers_failed": failed}
 
     def num_in_flight(self) -> int:
         return len(self._jobs)
