@@ -108,6 +108,8 @@ def _demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from deploy.config import ServeConfig
+    defaults = ServeConfig()   # shown in `serve --help`; defined once, in the schema
     ap = argparse.ArgumentParser(prog="pdserve", description="Disaggregated prefill/decode LLM serving")
     sub = ap.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate completions for PROMPTs")
@@ -140,17 +142,18 @@ def build_parser() -> argparse.ArgumentParser:
     # overrides it; defaults (shown) are the schema's.
     s = sub.add_parser("serve", help="start the router and the prefill/decode pools on Ray")
     s.add_argument("--config", default=None, metavar="FILE", help="deployment YAML (see deploy/README section)")
-    s.add_argument("--model", default=None, help="model (default smollm2)")
-    s.add_argument("--prefill", type=int, default=None, help="prefill workers: the pool's min_replicas (default 1)")
+    s.add_argument("--model", default=None, help=f"model (default {defaults.model})")
+    s.add_argument("--prefill", type=int, default=None, help=f"prefill workers: the pool's min_replicas (default {defaults.pools.prefill.min_replicas})")
     s.add_argument("--prefill-max", type=int, default=None, help="prefill pool max_replicas (default = min)")
-    s.add_argument("--decode", type=int, default=None, help="decode workers: the pool's min_replicas (default 1)")
+    s.add_argument("--decode", type=int, default=None, help=f"decode workers: the pool's min_replicas (default {defaults.pools.decode.min_replicas})")
     s.add_argument("--decode-max", type=int, default=None, help="decode pool max_replicas (default = min)")
     s.add_argument("--address", default=None, help="existing Ray cluster (default: start a local one)")
-    s.add_argument("--host", default=None, help="gRPC listen address (default 127.0.0.1)")
-    s.add_argument("--port", type=int, default=None, help="gRPC port (default 50051)")
+    s.add_argument("--host", default=None, help=f"gRPC listen address (default {defaults.router.host})")
+    s.add_argument("--port", type=int, default=None, help=f"gRPC port (default {defaults.router.port})")
     s.add_argument("--disagg-threshold", type=int, default=None,
-                   help="uncached prompt tokens above which prefill runs on the prefill pool (default 256)")
-    s.add_argument("--kv-timeout", type=float, default=None, help="seconds before a KV transfer falls back (default 30)")
+                   help="uncached prompt tokens above which prefill runs on the prefill pool "
+                        f"(default {defaults.router.disagg_threshold})")
+    s.add_argument("--kv-timeout", type=float, default=None, help=f"seconds before a KV transfer falls back (default {defaults.transfer.timeout_s:g})")
     s.add_argument("--record-trace", default=None, metavar="PATH",
                    help="append each finished request's arrival time and prompt/cached/output lengths (JSONL, no "
                         "content) to PATH, for `pdserve plan --trace`")
@@ -159,9 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--http-port", type=int, default=None,
                    help="serve the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions) on this port "
                         "(default off; same API keys, TLS and limits as gRPC)")
-    s.add_argument("--http-host", default=None, help="HTTP API listen address (default 127.0.0.1)")
+    s.add_argument("--http-host", default=None, help=f"HTTP API listen address (default {defaults.router.http_host})")
     s.add_argument("--shutdown-grace", type=float, default=None, metavar="SECONDS",
-                   help="on SIGTERM/SIGINT, in-flight requests get this long to finish (default 30)")
+                   help=f"on SIGTERM/SIGINT, in-flight requests get this long to finish (default {defaults.router.shutdown_grace_s:g})")
     s.add_argument("--metrics-port", type=int, default=None, help="router Prometheus /metrics port (default off)")
     s.add_argument("--controller-metrics-port", type=int, default=None,
                    help="autoscaling controller Prometheus /metrics port (default off)")
