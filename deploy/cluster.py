@@ -82,6 +82,7 @@ class Cluster:
         self.pool_sync = None
         self.http = None                   # router/http_server.HTTPServer (cfg.router.http_port set)
         self.http_port = None
+        self.pool_plan: PoolPlan | None = None   # the pools as placed (asks per actor); bench records it
 
     async def start(self) -> None:
         import ray
@@ -112,7 +113,7 @@ class Cluster:
                 ray.init(address=address, logging_level=logging.WARNING)
             else:
                 ray.init(include_dashboard=False, logging_level=logging.WARNING)
-        plan = await self._plan_placement()    # PlacementError (a ValueError) if the pools cannot fit
+        plan = self.pool_plan = await self._plan_placement()    # PlacementError (a ValueError) if the pools cannot fit
         bind_host = sec.internal_host or ("127.0.0.1" if not address else ray.util.get_node_ip_address())
         block_size = cfg.block_size
         # Every setting is passed: RouterConfig's and PolicyConfig's own defaults are not used.
@@ -277,6 +278,7 @@ class Cluster:
         """The controller actor starts the pools at their min size; PoolSync then keeps the
         router's registry equal to its membership (see deploy/controller.py)."""
         from deploy.controller import PoolSync, remote_controller
+        from deploy.planned_pools import planned_floors
         cfg = self.cfg
         ctl_cfg = cfg.controller
         # The pools as placed: concrete asks and the KV size chosen for a shared GPU (cfg.pools
@@ -284,6 +286,7 @@ class Cluster:
         pools = {k: dataclasses.replace(p, num_gpus=plan.asks[k].num_gpus, num_cpus=plan.asks[k].num_cpus,
                                         engine={**p.engine, **plan.engine.get(k, {})})
                  for k, p in (("prefill", cfg.pools.prefill), ("decode", cfg.pools.decode))}
+        floors = await asyncio.to_thread(planned_floors, ctl_cfg.plan)   # simulating takes seconds
         self.controller = remote_controller().remote(
             pools, ctl_cfg, cfg.model, self.router.token_endpoint,
             dict(common, max_restarts=cfg.faults.max_restarts), decode_extra, plan.timeout_s)
@@ -294,6 +297,11 @@ class Cluster:
             if isinstance(cause, placement.PlacementError):
                 raise placement.PlacementError(str(cause)) from None
             raise
+        if floors:
+            applied = await self.controller.apply_targets.remote(floors)
+            print(f"pdserve: planned pools at {ctl_cfg.plan.rate:g} req/s from {ctl_cfg.plan.profile}: "
+                  f"prefill {floors['prefill']}, decode {floors['decode']} (floors, within max_replicas: "
+                  f"prefill {applied['prefill']}, decode {applied['decode']})", flush=True)
         self.pool_sync = PoolSync(self, self.metrics, self.controller, ctl_cfg.sync_s)
         self.pool_sync.apply(membership)
         self.pool_sync.start()

@@ -38,11 +38,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
 
 from deploy.autoscale_policy import DecodeTargets, PrefillTargets, ScalingPolicyConfig
+from planner.workload import WorkloadSpec
 from planes.messages import KV_TIMEOUT_S
 from router.core import RouterConfig
 from router.policy import PolicyConfig
@@ -233,6 +235,39 @@ class PoolsSection:
 
 
 @dataclass
+class PlannedLoadSection:
+    """Pool floors planned from a `pdserve profile` and an expected load (planner/plan.py,
+    pool_targets): when `profile` is set, the controller starts with the smallest prefill
+    and decode pools that the simulator says keep `attainment` of requests within the SLOs
+    at `rate`; load still grows them up to max_replicas. Off by default."""
+    profile: str | None = None          # a `pdserve profile` JSON of one engine of this deployment
+    rate: float = 0.0                   # expected requests/s
+    # the expected prompt and output lengths (uniform), by default bench's and the planner's
+    prompt_min: int = WorkloadSpec.prompt_min
+    prompt_max: int = WorkloadSpec.prompt_max
+    output_min: int = WorkloadSpec.output_min
+    output_max: int = WorkloadSpec.output_max
+    ttft_slo: float = 1.0
+    tpot_slo: float = 0.040
+    attainment: float = 0.9
+    max_gpus: int = 8                   # the largest prefill + decode total considered
+
+    def validate(self, path: str) -> None:
+        if self.profile is None:
+            return
+        if not os.path.isfile(self.profile):
+            raise ConfigError(f"{path}.profile: no such file: {self.profile!r}")
+        if self.rate <= 0:
+            raise ConfigError(f"{path}.rate: the expected requests/s must be > 0 with a profile, got {self.rate}")
+        if not 1 <= self.prompt_min <= self.prompt_max or not 1 <= self.output_min <= self.output_max:
+            raise ConfigError(f"{path}: need 1 <= prompt_min <= prompt_max and 1 <= output_min <= output_max")
+        if self.ttft_slo <= 0 or self.tpot_slo <= 0 or not 0 < self.attainment <= 1:
+            raise ConfigError(f"{path}: the SLOs must be > 0 and attainment in (0, 1]")
+        if not 2 <= self.max_gpus <= 1024:
+            raise ConfigError(f"{path}.max_gpus: must be in [2, 1024], got {self.max_gpus}")
+
+
+@dataclass
 class ControllerSection:
     # false: no controller actor; the pools stay at min_replicas, started by the router's
     # process (what tests, benchmarks and the demo run: ServeConfig.simple).
@@ -249,6 +284,7 @@ class ControllerSection:
     lost_after_s: float = 300.0
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = None
+    plan: PlannedLoadSection = field(default_factory=PlannedLoadSection)
 
     def validate(self, path: str) -> None:
         for k in ("interval_s", "sync_s", "latency_window_s", "drain_timeout_s", "start_timeout_s", "report_stale_s",
@@ -260,6 +296,8 @@ class ControllerSection:
             raise ConfigError(f"{path}.lost_after_s: must be > sync_s ({self.sync_s}), got {self.lost_after_s}")
         if self.metrics_port is not None:
             _port(self.metrics_port, f"{path}.metrics_port")
+        if self.plan.profile is not None and not self.enabled:
+            raise ConfigError(f"{path}.plan: planned pool floors need the controller ({path}.enabled: true)")
 
 
 @dataclass
