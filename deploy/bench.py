@@ -255,6 +255,18 @@ def cluster_config(args, mode: str):
                               engine=json.loads(args.engine_kwargs))
 
 
+def device_layout(cluster) -> dict:
+    """Where a started cluster's workers sit, for `pdserve plan --validate` to simulate the
+    same sharing: each pool's per-actor ask and the host's GPUs and cores. Ray packs
+    fractional GPU asks onto one GPU, and gives a worker max(1, floor(num_cpus)) OpenMP threads."""
+    import os
+
+    import ray
+    plan = cluster.pool_plan
+    pools = {k: dict(replicas=a.replicas, num_gpus=a.num_gpus, num_cpus=a.num_cpus) for k, a in plan.asks.items()}
+    return dict(pools=pools, host=dict(gpus=float(ray.cluster_resources().get("GPU", 0)), cpu_cores=os.cpu_count()))
+
+
 # ---- plot ------------------------------------------------------------------------------------
 def plot(record: dict, path: str, args) -> None:
     import matplotlib
@@ -386,6 +398,7 @@ def run(args) -> dict:
                     t = time.perf_counter()
                     ct = ClusterThread(cluster_config(args, mode))
                     address = ct.address
+                    record.setdefault("layouts", {})[mode] = device_layout(ct.cluster)
                     print(f"[{mode}] cluster up in {time.perf_counter() - t:.1f}s at {address}", flush=True)
                 target = GrpcTarget(address, args.timeout)
             try:

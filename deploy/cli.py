@@ -92,8 +92,9 @@ def _bench(args) -> int:
 
 
 def _profile(args) -> int:
+    from deploy.frontend_probe import measure as front_end
     from planner.profiler import run_command
-    return run_command(args)
+    return run_command(args, front_end=front_end)
 
 
 def _plan(args) -> int:

@@ -1,24 +1,27 @@
 """The engine's cost model: seconds per engine step and per KV transfer, fitted to a profile.
 
-The form of a step's time (all coefficients non-negative):
+A step's time has one of two forms, both fitted to every profile; the one with the smaller
+held-out error (k-fold, relative) is used (:func:`fit_steps`). All coefficients are
+non-negative. P prefill tokens in S chunks, A their causal attention pairs
+(profile_format.attention_pairs), D decoded sequences and K the tokens they attend to.
+
+"additive" (this module):
 
     t = step_s + prefill_seq_s * S + decode_seq_s * D    host: scheduling, launches, sampling
         + max(weights_s, per_token_s * (P + D))            linear layers: weight-read floor or compute
         + attention_s_per_pair * A                        prefill attention (compute bound)
         + decode_s_per_context_token * K                  decode attention (KV reads)
 
-with P prefill tokens in S chunks, A their causal attention pairs
-(profile_format.attention_pairs), D decoded sequences and K the tokens they attend to.
-Why this form: on a GPU the linear layers read every weight once per step whatever the
-batch, so a small step (a decode batch, a short chunk) costs about the weight read and is
-near-constant in its tokens; past the ridge point (tokens where compute time equals that
-read) they are compute bound and linear in tokens. A pure decode step replays a CUDA graph
-while a step with a prefill chunk launches its kernels one by one (prefill_seq_s). Prefill
-attention adds a term quadratic in a chunk's length (A); decode attention reads each
-sequence's KV (K). On a CPU the floor
-fits to about zero and the model is close to linear in tokens. The fit minimises relative
-residuals (steps span milliseconds to seconds): non-negative least squares for each
-candidate ridge point, keeping the best (:func:`fit_steps`).
+Host and device work add up, as on a CPU (one set of cores does both) or a synchronous
+engine. On a GPU the linear layers read every weight once per step whatever the batch, so a
+small step costs about the weight read, and past the ridge point (tokens where compute time
+equals that read) they are compute bound and linear in tokens.
+
+"overlapped" (planner/overlapped_fit.py): step_s + max(host, device), the host's launches
+(a graph replay, an eager step, an eager step with decodes) against the device's work (the
+larger of the weight + KV reads and the compute). With overlapped scheduling on a GPU the
+host prepares and launches one step while the device runs the previous one, so the longer
+of the two sets the pace; a small eager step is launch-bound and flat in its tokens.
 
 KV transfer: t = latency + bytes / bandwidth, fitted to the profile's measured points the
 same way; a transfer of n tokens moves whole blocks (n rounded up to block_size) of
@@ -33,12 +36,20 @@ import math
 
 import numpy as np
 
+from planner import overlapped_fit
 from planner.profile_format import VERSION, attention_pairs, validate_profile
 
+# The additive form's coefficients (FORMS lists each form's).
 COEFFICIENTS = ("step_s", "prefill_seq_s", "decode_seq_s", "weights_s", "per_token_s", "attention_s_per_pair",
                 "decode_s_per_context_token")
 FORM = ("step_s + prefill_seq_s*S + decode_seq_s*D + max(weights_s, per_token_s*(P+D)) + attention_s_per_pair*A "
         "+ decode_s_per_context_token*K")
+FORMS = {"additive": (COEFFICIENTS, FORM), overlapped_fit.NAME: (overlapped_fit.COEFFICIENTS, overlapped_fit.FORM)}
+# How much smaller a form's held-out error must be to be chosen over a simpler one.
+FORM_TOLERANCE = 0.10
+# A transfer faster than this is not a measurement of bytes moving (device memory moves a few
+# TB/s, links less): the points did not constrain the slope (see fit_transfer).
+MAX_PLAUSIBLE_BYTES_PER_S = 1e13
 _DTYPE_BYTES = {"float32": 4, "fp32": 4, "float16": 2, "fp16": 2, "bfloat16": 2, "bf16": 2, "float64": 8,
                 "int8": 1, "fp8": 1, "fp8_tensor": 1}
 
@@ -127,8 +138,17 @@ def _fit_arrays(f: dict[str, np.ndarray]) -> dict[str, float]:
                 decode_s_per_context_token=float(x[5]))
 
 
-def _relative_errors(coef: dict[str, float], steps: list[dict]) -> np.ndarray:
-    return np.array([predict_entry(coef, s) / s["seconds"] - 1.0 for s in steps])
+def predict_entry_as(form: str, coef: dict[str, float], s: dict) -> float:
+    """A profile entry's predicted seconds under the named form."""
+    return overlapped_fit.predict_entry(coef, s) if form == overlapped_fit.NAME else predict_entry(coef, s)
+
+
+def _fit_form(form: str, steps: list[dict]) -> dict[str, float]:
+    return overlapped_fit.fit(steps, nnls) if form == overlapped_fit.NAME else _fit_arrays(_features(steps))
+
+
+def _relative_errors(coef: dict[str, float], steps: list[dict], form: str = "additive") -> np.ndarray:
+    return np.array([predict_entry_as(form, coef, s) / s["seconds"] - 1.0 for s in steps])
 
 
 def _summary(rel: np.ndarray) -> dict:
@@ -136,17 +156,13 @@ def _summary(rel: np.ndarray) -> dict:
         return dict(n=0)
     a = np.abs(rel)
     return dict(n=int(a.size), median=float(np.median(a)), p90=float(np.quantile(a, 0.9)), max=float(a.max()),
-                mean_signed=float(rel.mean()))
+                mean=float(a.mean()), mean_signed=float(rel.mean()))
 
 
-def fit_steps(steps: list[dict], folds: int = 5) -> dict:
-    """Fit the coefficients to measured steps; report relative errors in-sample, per kind,
-    and on held-out points (k-fold: each fold predicted by a fit to the others)."""
-    if not steps:
-        raise ValueError("fit_steps: no steps")
-    coef = _fit_arrays(_features(steps))
-    rel = _relative_errors(coef, steps)
-    report = dict(form=FORM, coefficients=coef, relative_error=_summary(rel),
+def _fit_report(form: str, steps: list[dict], folds: int) -> dict:
+    coef = _fit_form(form, steps)
+    rel = _relative_errors(coef, steps, form)
+    report = dict(model=form, form=FORMS[form][1], coefficients=coef, relative_error=_summary(rel),
                   relative_error_by_kind={k: _summary(rel[[s.get("kind") == k for s in steps]])
                                           for k in sorted({s.get("kind") for s in steps if s.get("kind")})})
     if len(steps) >= 2 * folds:
@@ -155,23 +171,57 @@ def fit_steps(steps: list[dict], folds: int = 5) -> dict:
         for k in range(folds):
             test = idx % folds == k
             train = [s for s, t in zip(steps, test) if not t]
-            c = _fit_arrays(_features(train))
-            held[test] = _relative_errors(c, [s for s, t in zip(steps, test) if t])
+            c = _fit_form(form, train)
+            held[test] = _relative_errors(c, [s for s, t in zip(steps, test) if t], form)
         report["holdout_relative_error"] = _summary(held)
     return report
 
 
+def fit_steps(steps: list[dict], folds: int = 5, forms: tuple[str, ...] = tuple(FORMS)) -> dict:
+    """Fit each form to the measured steps; report relative errors in-sample, per kind, and
+    on held-out points (k-fold: each fold predicted by a fit to the others), and keep the
+    form with the smallest mean held-out error (in-sample when there are too few points to
+    hold any out), unless a simpler form (earlier in FORMS) comes within FORM_TOLERANCE of it.
+    The report is the chosen form's, with every form's under `candidates`."""
+    if not steps:
+        raise ValueError("fit_steps: no steps")
+    reports = {f: _fit_report(f, steps, folds) for f in forms}
+
+    def score(f):
+        r = reports[f]
+        return (r.get("holdout_relative_error") or r["relative_error"])["mean"]
+    # The simpler form (FORMS' order) unless another predicts clearly better: a difference
+    # within timing noise is no reason to take on more coefficients.
+    best = min(score(f) for f in forms)
+    chosen = next(f for f in forms if score(f) <= best * (1 + FORM_TOLERANCE) + 1e-12)
+    return dict(reports[chosen], candidates={f: {k: r[k] for k in ("coefficients", "relative_error",
+                                                                   "holdout_relative_error") if k in r}
+                                             for f, r in reports.items()})
+
+
+class ImplausibleTransferFit(UserWarning):
+    """The transfer points give a bandwidth no memory or link has: they are flat in bytes
+    (each point's time is fixed costs, e.g. kernel launches, and the slope is noise)."""
+
+
 def fit_transfer(points: list[dict]) -> tuple[float, float]:
-    """(latency_s, bytes_per_s) from measured (bytes, seconds) points, relative residuals."""
+    """(latency_s, bytes_per_s) from measured (bytes, seconds) points, relative residuals.
+    Warns (ImplausibleTransferFit) when the bandwidth exceeds MAX_PLAUSIBLE_BYTES_PER_S: the
+    points did not measure bytes moving, and the line is kept only as a fit of their times."""
     b = np.array([float(p["bytes"]) for p in points])
     y = np.array([float(p["seconds"]) for p in points])
     if len(points) == 1 or np.all(b == b[0]):
         return 0.0, float(np.median(b / y))
     w = 1.0 / y
     lat, inv_bw = nnls(np.column_stack([np.ones_like(b), b]) * w[:, None], np.ones_like(y))
-    if inv_bw <= 0:   # flat in bytes: no bandwidth term measurable; keep a line through the points
-        return float(lat), math.inf
-    return float(lat), float(1.0 / inv_bw)
+    bw = math.inf if inv_bw <= 0 else float(1.0 / inv_bw)   # flat in bytes: no bandwidth term measurable
+    if bw > MAX_PLAUSIBLE_BYTES_PER_S:
+        import warnings
+        warnings.warn(ImplausibleTransferFit(
+            f"KV transfer fit: {bw / 1e9:.0f} GB/s is not a bandwidth (the points, {b.min():.3g} to {b.max():.3g} "
+            f"bytes in {y.min() * 1e3:.3f} to {y.max() * 1e3:.3f} ms, are flat in bytes: fixed costs such as "
+            "launches dominate every point); measure larger transfers"), stacklevel=2)
+    return float(lat), bw
 
 
 def predict_entry(coef: dict[str, float], s: dict) -> float:
@@ -194,10 +244,18 @@ class CostModel:
         worker, from latency + bytes / bandwidth.
     """
 
-    def __init__(self, profile: dict, coefficients: dict[str, float], fit_report: dict | None = None):
+    def __init__(self, profile: dict, coefficients: dict[str, float], fit_report: dict | None = None,
+                 form: str = "additive"):
         self.profile = profile
-        self.coefficients = {k: float(coefficients[k]) for k in COEFFICIENTS}
+        self.form = form
+        self.coefficients = {k: float(coefficients[k]) for k in FORMS[form][0]}
         self.fit_report = fit_report or {}
+        # Engines on a CPU do host and device work on the same cores: another engine there
+        # slows all of it (planner/shared_device.py); on a GPU only the device part.
+        self.host_is_device = profile["hardware"]["device"] == "cpu"
+        # The profiled engine scheduled overlapped (engine/overlap.py): a decode worker's
+        # tokens leave when the next step's launches are done (simulator.py).
+        self.overlapped_scheduling = bool(profile["engine"].get("async_scheduling", False))
         e, m, o = profile["engine"], profile["model"], profile["overheads"]
         self.block_size = int(e["block_size"])
         self.max_num_batched_tokens = int(e["max_num_batched_tokens"])
@@ -207,10 +265,21 @@ class CostModel:
         self.router_direct_s = float(o["router_direct_s"])
         self.router_disaggregated_s = float(o["router_disaggregated_s"])
         self.per_token_stream_s = float(o["per_token_stream_s"])
+        # Through the gRPC front end (deploy/frontend_probe.py), when the profile measured it:
+        # the whole path of a direct request at zero prompt length, and each prompt token's
+        # share. A profile without them prices the router path alone (router_*_s).
+        fe = o.get("frontend_direct_s")
+        self.frontend_extra_s = max(0.0, float(fe) - self.router_direct_s) if fe is not None else 0.0
+        self.per_prompt_token_s = float(o.get("per_prompt_token_s", 0.0))
+        # The front end's CPU beside the engines (competes for a CPU host's cores).
+        self.frontend_cpu_per_request_s = float(o.get("frontend_cpu_per_request_s", 0.0))
+        self.frontend_cpu_per_prompt_token_s = float(o.get("frontend_cpu_per_prompt_token_s", 0.0))
+        self.frontend_cpu_per_token_s = float(o.get("frontend_cpu_per_token_s", 0.0))
         self.transfer_latency_s, self.transfer_bytes_per_s = fit_transfer(profile["transfer"]["points"])
         c = self.coefficients
-        self._c = (c["step_s"], c["prefill_seq_s"], c["decode_seq_s"], c["weights_s"], c["per_token_s"],
-                   c["attention_s_per_pair"], c["decode_s_per_context_token"])
+        if form == "additive":
+            self._c = (c["step_s"], c["prefill_seq_s"], c["decode_seq_s"], c["weights_s"], c["per_token_s"],
+                       c["attention_s_per_pair"], c["decode_s_per_context_token"])
 
     # ---- construction ---------------------------------------------------------------------------
     @classmethod
@@ -220,12 +289,17 @@ class CostModel:
         validate_profile(profile)
         if profile["steps"]:
             report = fit_steps(profile["steps"])
-            return cls(profile, report["coefficients"], report)
-        co = profile["fit"]["coefficients"]
-        missing = [k for k in COEFFICIENTS if k not in co]
+            return cls(profile, report["coefficients"], report, report["model"])
+        fit = profile["fit"]
+        co = fit["coefficients"]
+        # Profiles written before there were two forms name none: theirs is the additive one.
+        form = fit.get("model", "additive")
+        if form not in FORMS:
+            raise ValueError(f"profile.fit.model: one of {sorted(FORMS)}, got {form!r:.80}")
+        missing = [k for k in FORMS[form][0] if k not in co]
         if missing:
             raise ValueError(f"profile.fit.coefficients: missing {missing}")
-        return cls(profile, co, profile["fit"])
+        return cls(profile, co, fit, form)
 
     @classmethod
     def load(cls, path) -> "CostModel":
@@ -240,11 +314,18 @@ class CostModel:
                   transfer_bytes_per_s: float = 1e9, kv_bytes_per_token: int = 4096, block_size: int = 16,
                   max_num_batched_tokens: int = 2048, max_num_seqs: int = 128, num_kv_blocks: int = 4096,
                   router_direct_s: float = 0.0, router_disaggregated_s: float = 0.0,
-                  per_token_stream_s: float = 0.0, device: str = "cpu", name: str = "synthetic") -> "CostModel":
-        """An analytic model from its coefficients (tests, what-ifs), as a valid derived profile."""
-        coef = dict(step_s=step_s, prefill_seq_s=prefill_seq_s, decode_seq_s=decode_seq_s, weights_s=weights_s,
-                    per_token_s=per_token_s,
-                    attention_s_per_pair=attention_s_per_pair, decode_s_per_context_token=decode_s_per_context_token)
+                  per_token_stream_s: float = 0.0, device: str = "cpu", name: str = "synthetic",
+                  form: str = "additive", graph_host_s: float = 0.0, eager_host_s: float = 0.0,
+                  mixed_host_s: float = 0.0) -> "CostModel":
+        """An analytic model from its coefficients (tests, what-ifs), as a valid derived profile.
+        form="overlapped" takes the *_host_s coefficients and ignores prefill_seq_s."""
+        if form not in FORMS:
+            raise ValueError(f"form: one of {sorted(FORMS)}, got {form!r}")
+        given = dict(step_s=step_s, prefill_seq_s=prefill_seq_s, decode_seq_s=decode_seq_s, weights_s=weights_s,
+                     per_token_s=per_token_s, attention_s_per_pair=attention_s_per_pair,
+                     decode_s_per_context_token=decode_s_per_context_token, graph_host_s=graph_host_s,
+                     eager_host_s=eager_host_s, mixed_host_s=mixed_host_s)
+        coef = {k: given[k] for k in FORMS[form][0]}
         # Two exact points on the transfer line stand for its coefficients.
         small, large = block_size * kv_bytes_per_token, 1024 * block_size * kv_bytes_per_token
         points = [dict(bytes=n, seconds=transfer_latency_s + n / transfer_bytes_per_s) for n in (small, large)]
@@ -260,7 +341,7 @@ class CostModel:
             transfer=dict(backend="synthetic", points=points, notes="synthetic: latency + bytes / bandwidth"),
             overheads=dict(router_direct_s=router_direct_s, router_disaggregated_s=router_disaggregated_s,
                            per_token_stream_s=per_token_stream_s, notes="synthetic"),
-            fit=dict(form=FORM, coefficients=coef))
+            fit=dict(model=form, form=FORMS[form][1], coefficients=coef))
         return cls.from_profile(profile)
 
     def scaled(self, weight_bytes_factor: float, flops_factor: float, tp: int = 1, *,
@@ -290,13 +371,12 @@ class CostModel:
                 raise ValueError(f"{k} must be a positive number, got {v!r}")
         af = flops_factor if attention_factor is None else attention_factor
         kf = 1.0 if kv_bytes_factor is None else kv_bytes_factor
-        c = self.coefficients
-        coef = dict(step_s=c["step_s"] + comm_s_per_step, prefill_seq_s=c["prefill_seq_s"],
-                    decode_seq_s=c["decode_seq_s"],
-                    weights_s=c["weights_s"] * weight_bytes_factor / tp,
-                    per_token_s=c["per_token_s"] * flops_factor / tp + comm_s_per_token,
-                    attention_s_per_pair=c["attention_s_per_pair"] * af / tp,
-                    decode_s_per_context_token=c["decode_s_per_context_token"] * kf / tp)
+        coef = dict(self.coefficients)   # host constants (per step, per sequence) stay as measured
+        coef.update(step_s=coef["step_s"] + comm_s_per_step,
+                    weights_s=coef["weights_s"] * weight_bytes_factor / tp,
+                    per_token_s=coef["per_token_s"] * flops_factor / tp + comm_s_per_token,
+                    attention_s_per_pair=coef["attention_s_per_pair"] * af / tp,
+                    decode_s_per_context_token=coef["decode_s_per_context_token"] * kf / tp)
         p = copy.deepcopy(self.profile)
         kv_bytes = max(1, round(self.kv_bytes_per_token * kf))
         bw = transfer_bytes_per_s if transfer_bytes_per_s is not None else self.transfer_bytes_per_s * tp
@@ -311,7 +391,7 @@ class CostModel:
         if num_kv_blocks is not None:
             p["engine"] = dict(p["engine"], num_kv_blocks=int(num_kv_blocks))
         p["steps"] = []
-        p["fit"] = dict(form=FORM, coefficients=coef,
+        p["fit"] = dict(model=self.form, form=FORMS[self.form][1], coefficients=coef,
                         scaled=dict(weight_bytes_factor=weight_bytes_factor, flops_factor=flops_factor, tp=tp,
                                     attention_factor=af, kv_bytes_factor=kf, comm_s_per_step=comm_s_per_step,
                                     comm_s_per_token=comm_s_per_token, source_created=self.profile["created"]))
@@ -341,6 +421,9 @@ class CostModel:
     def step_time(self, prefill_chunks: list[tuple[int, int]], decode_contexts: list[int]) -> float:
         """Seconds for one engine step: prefill chunks (new_tokens, cached_tokens_before_chunk)
         and one decode token for each sequence of the given current context length."""
+        if self.form != "additive":
+            serial, host, device = self.step_parts(prefill_chunks, decode_contexts)
+            return serial + max(host, device)
         step_s, prefill_seq_s, decode_seq_s, weights_s, per_token_s, attn, kv = self._c
         n_tokens = len(decode_contexts)
         pairs = 0
@@ -351,6 +434,31 @@ class CostModel:
             return 0.0
         return (step_s + prefill_seq_s * len(prefill_chunks) + decode_seq_s * len(decode_contexts)
                 + max(weights_s, per_token_s * n_tokens) + attn * pairs + kv * sum(decode_contexts))
+
+    def step_parts(self, prefill_chunks: list[tuple[int, int]],
+                   decode_contexts: list[int]) -> tuple[float, float, float]:
+        """(serial, host, device) seconds of one step, which takes serial + max(host, device)
+        alone on its device. host is work that overlaps the device's and is not slowed by
+        another engine on the same device (a GPU engine's own CPU core); device is the part
+        engines sharing a device slow each other down in (planner/shared_device.py). The
+        additive form, and any engine on a CPU, count the whole step as device work."""
+        if self.form == "additive" or self.host_is_device:
+            return 0.0, 0.0, self._whole_step(prefill_chunks, decode_contexts)
+        tokens, pairs = overlapped_fit.chunk_sums(prefill_chunks)
+        if tokens == 0 and not decode_contexts:
+            return 0.0, 0.0, 0.0
+        return overlapped_fit.parts(self.coefficients, tokens, pairs, len(prefill_chunks), len(decode_contexts),
+                                    sum(decode_contexts))
+
+    def _whole_step(self, prefill_chunks, decode_contexts) -> float:
+        if self.form == "additive":
+            return self.step_time(prefill_chunks, decode_contexts)
+        tokens, pairs = overlapped_fit.chunk_sums(prefill_chunks)
+        if tokens == 0 and not decode_contexts:
+            return 0.0
+        serial, host, device = overlapped_fit.parts(self.coefficients, tokens, pairs, len(prefill_chunks),
+                                                    len(decode_contexts), sum(decode_contexts))
+        return serial + max(host, device)
 
     def transfer_time(self, num_tokens: int) -> float:
         """Seconds for the KV of num_tokens (rounded up to whole blocks) to land."""

@@ -12,9 +12,9 @@ and the scheduler works on Sequence objects with token ids and block tables. Ins
 tests/test_planner_sim.py runs this model and the real Scheduler side by side on the same
 requests and checks that they schedule the same tokens step by step.
 
-Not modelled: speculative decoding, overlapped scheduling (a token is known at the end of
-the step that computed it), stop strings / EOS (every request runs to its max_tokens, as
-bench's requests do with ignore_eos), max_model_len.
+Not modelled: speculative decoding, stop strings / EOS (every request runs to its
+max_tokens, as bench's requests do with ignore_eos), max_model_len. Overlapped scheduling
+changes when tokens leave, not what is scheduled: planner/simulator.py times it.
 
 KV blocks: block tables are counts. A shared prefix (Request.prefix_key) is one prefix-cache
 entry per engine holding its leading full blocks, counted once however many sequences use

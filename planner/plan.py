@@ -32,6 +32,7 @@ from dataclasses import asdict
 from types import SimpleNamespace
 
 from planner import workload as wl
+from planner.shared_device import DeviceLayout, layout_from_bench
 from planner.simulator import ClusterConfig, simulate
 
 # bench's modes (deploy/bench.py MODES) as simulated clusters ("disagg": the old name of
@@ -41,30 +42,82 @@ BENCH_MODES = {"colocated": "colocated", "disaggregated": "disaggregated", "disa
 
 
 # ---- configurations ----------------------------------------------------------------------------------
-def configurations(gpus: int, thresholds: list[int], modes: list[str] | None = None) -> list[ClusterConfig]:
-    """Every configuration of `gpus` one-GPU engines: colocated, then each P + D split
-    disaggregated, then conditional at each threshold."""
+def configurations(gpus: int, thresholds: list[int], modes: list[str] | None = None,
+                   layout: DeviceLayout | None = None) -> list[ClusterConfig]:
+    """Every configuration of the engines `gpus` devices hold (layout.engines_per_device
+    each; default one engine per GPU): colocated, then each P + D split disaggregated, then
+    conditional at each threshold."""
     modes = modes or ["colocated", "disaggregated", "conditional"]
+    lay = layout or DeviceLayout()
+    engines = gpus * lay.engines_per_device
     out = []
     if "colocated" in modes:
-        out.append(ClusterConfig("colocated", decode=gpus))
-    splits = [(p, gpus - p) for p in range(1, gpus)]
+        out.append(ClusterConfig("colocated", decode=engines, layout=lay))
+    splits = [(p, engines - p) for p in range(1, engines)]
     if "disaggregated" in modes:
-        out += [ClusterConfig("disaggregated", decode=d, prefill=p) for p, d in splits]
+        out += [ClusterConfig("disaggregated", decode=d, prefill=p, layout=lay) for p, d in splits]
     if "conditional" in modes:
-        out += [ClusterConfig("conditional", decode=d, prefill=p, threshold=t) for p, d in splits for t in thresholds]
+        out += [ClusterConfig("conditional", decode=d, prefill=p, threshold=t, layout=lay)
+                for p, d in splits for t in thresholds]
     return out
 
 
-def bench_configuration(mode: str, bench_args: dict) -> ClusterConfig:
-    """The cluster `pdserve bench` starts for one of its modes."""
+def plan_layout(cost, engines_per_gpu: int = 1) -> DeviceLayout:
+    """`pdserve plan`'s layout: engines_per_gpu engines time-slicing each GPU; for a CPU
+    profile one engine per host of the profile's cores and threads (a host is the 'GPU')."""
+    if cost.profile["hardware"]["device"] == "cpu":
+        return DeviceLayout()
+    return DeviceLayout.gpu_share(engines_per_gpu)
+
+
+def bench_configuration(mode: str, bench_args: dict, layout: DeviceLayout | None = None) -> ClusterConfig:
+    """The cluster `pdserve bench` starts for one of its modes, its engines placed as `layout`."""
+    lay = layout or DeviceLayout()
     if mode == "colocated":
-        return ClusterConfig("colocated", decode=int(bench_args.get("decode_replicas", 2)))
+        return ClusterConfig("colocated", decode=int(bench_args.get("decode_replicas", 2)), layout=lay)
     if BENCH_MODES.get(mode) == "disaggregated":
-        return ClusterConfig("disaggregated", decode=1, prefill=1)
+        return ClusterConfig("disaggregated", decode=1, prefill=1, layout=lay)
     if mode == "conditional":
-        return ClusterConfig("conditional", decode=1, prefill=1, threshold=int(bench_args.get("disagg_threshold", 256)))
+        return ClusterConfig("conditional", decode=1, prefill=1, threshold=int(bench_args.get("disagg_threshold", 256)),
+                             layout=lay)
     raise ValueError(f"bench mode {mode!r} has no simulated counterpart (an external server's shape is unknown)")
+
+
+def bench_engines(mode: str, bench_args: dict) -> int:
+    return int(bench_args.get("decode_replicas", 2)) if mode == "colocated" else 2
+
+
+def measured_layout(cost, measured: dict, mode: str, engines_per_gpu: int | None = None) -> tuple[DeviceLayout, str]:
+    """The layout a measured mode ran with, and where that comes from: its bench record's
+    (`layouts`, recorded since issue 15); else --engines-per-gpu on a GPU; else, for a CPU
+    profile, bench's workers on the profile's host, each computing with the one thread Ray
+    gives a worker that asks at most one CPU (shared_device.threads_under_ray); else one
+    engine per GPU."""
+    rec = (measured.get("layouts") or {}).get(mode)
+    if rec is not None:
+        return layout_from_bench(rec), "bench record"
+    n = bench_engines(mode, measured.get("args") or {})
+    hw = cost.profile["hardware"]
+    if hw["device"] == "cpu":
+        return DeviceLayout.cpu_host(n, float(hw.get("cpu_cores") or 1), 1.0), "CPU host, Ray's one thread each"
+    if engines_per_gpu:
+        return DeviceLayout.gpu_share(engines_per_gpu), "--engines-per-gpu"
+    return DeviceLayout(), "one engine per GPU (default)"
+
+
+def thread_mismatches(cost, measured: dict) -> list[str]:
+    """A CPU profile timed with other threads than the measured run's workers computed with
+    (Ray gives each max(1, floor(num_cpus))): its steps are not theirs."""
+    hw = cost.profile["hardware"]
+    if hw["device"] != "cpu" or not hw.get("torch_threads"):
+        return []
+    out = []
+    for mode in measured.get("modes", {}):
+        lay, _ = measured_layout(cost, measured, mode)
+        if lay.weight != hw["torch_threads"]:
+            out.append(f"{mode}: workers computed with {lay.weight:g} thread(s), the profile with "
+                       f"{hw['torch_threads']} (profile with OMP_NUM_THREADS={lay.weight:g})")
+    return out
 
 
 # ---- running ---------------------------------------------------------------------------------------------
@@ -172,8 +225,9 @@ def engine_mismatches(cost, measured: dict) -> list[str]:
             if k in kw and kw[k] != getattr(cost, k)]
 
 
-def validate(cost, measured: dict, modes: list[str] | None = None) -> list[dict]:
-    """Predicted against measured per (mode, rate) of a `pdserve bench --json` record."""
+def validate(cost, measured: dict, modes: list[str] | None = None, engines_per_gpu: int | None = None) -> list[dict]:
+    """Predicted against measured per (mode, rate) of a `pdserve bench --json` record, each
+    mode simulated with the device layout it ran with (measured_layout)."""
     bargs = measured.get("args") or {}
     spec = wl.WorkloadSpec.from_args(bargs)
     slo = SimpleNamespace(ttft_slo=float(bargs.get("ttft_slo", 1.0)), tpot_slo=float(bargs.get("tpot_slo", 0.040)))
@@ -182,12 +236,13 @@ def validate(cost, measured: dict, modes: list[str] | None = None) -> list[dict]
     for mode, runs in measured.get("modes", {}).items():
         if modes and mode not in modes:
             continue
-        cfg = bench_configuration(mode, bargs)
+        layout, source = measured_layout(cost, measured, mode, engines_per_gpu)
+        cfg = bench_configuration(mode, bargs, layout)
         for i, run in enumerate(runs):
             reqs = wl.requests(spec, n, float(run["rate"]), seed + i)
             pred = run_one(cost, cfg, reqs, slo)["summary"]
             meas = run["summary"]
-            row = dict(mode=mode, config=cfg.name, rate=run["rate"])
+            row = dict(mode=mode, config=cfg.name, rate=run["rate"], layout=layout.describe(), layout_source=source)
             for metric, key, q in (("ttft_p50", "ttft_s", "p50"), ("ttft_p90", "ttft_s", "p90"),
                                    ("tpot_p50", "tpot_s", "p50")):
                 m, p = meas.get(key, {}).get(q), pred.get(key, {}).get(q)
@@ -290,6 +345,10 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--tpot-slo", type=float, default=0.040)
     ap.add_argument("--attainment", type=float, default=0.9, help="share within SLOs that counts as sustained")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--engines-per-gpu", type=int, default=None,
+                    help="engines sharing each GPU (Ray num_gpus=1/K; they slow each other, "
+                         "planner/shared_device.py); the budget then holds --gpus x K engines. With --validate: "
+                         "the layout of a bench record that did not record its own (records before issue 15)")
     ap.add_argument("--validate", metavar="BENCH_JSON", default=None,
                     help="compare predictions with a `pdserve bench --json` record instead of planning")
     ap.add_argument("--json")
@@ -314,12 +373,18 @@ def run(args) -> dict:
             measured = json.load(f)
         for m in engine_mismatches(cost, measured):
             print(f"warning: engine setting differs, {m}", file=sys.stderr)
-        rows = validate(cost, measured)
+        for m in thread_mismatches(cost, measured):
+            print(f"warning: threads differ, {m}", file=sys.stderr)
+        rows = validate(cost, measured, engines_per_gpu=args.engines_per_gpu)
+        for mode in dict.fromkeys(r["mode"] for r in rows):
+            r = next(r for r in rows if r["mode"] == mode)
+            print(f"layout of {mode}: {r['layout']} ({r['layout_source']})")
         print(f"profile: {cost.profile['model'].get('name')} on {cost.profile['hardware'].get('name')}; "
               f"measured: {measured.get('model')} ({measured.get('workload')} workload)")
         print(validation_table(rows))
-        out = dict(profile=args.profile, measured=args.validate, rows=rows,
-                   engine_mismatches=engine_mismatches(cost, measured))
+        out = dict(profile=args.profile, measured=args.validate, rows=rows, cost_form=cost.form,
+                   engine_mismatches=engine_mismatches(cost, measured),
+                   thread_mismatches=thread_mismatches(cost, measured))
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(out, f, indent=2)
@@ -337,7 +402,9 @@ def run(args) -> dict:
         except ImportError:
             raise ValueError("--png needs matplotlib: pip install -e .[bench]") from None
     modes = [m.strip() for m in args.modes.split(",")]
-    configs = configurations(args.gpus, thresholds, modes)
+    if args.engines_per_gpu is not None and args.engines_per_gpu < 1:
+        raise ValueError("--engines-per-gpu: must be >= 1")
+    configs = configurations(args.gpus, thresholds, modes, plan_layout(cost, args.engines_per_gpu or 1))
     if not configs:
         raise ValueError(f"--modes {args.modes!r} with --gpus {args.gpus}: nothing to simulate "
                          "(disaggregated and conditional need 2 GPUs or more)")

@@ -9,8 +9,10 @@
      "steps":    [{"kind", "prefill_tokens", "prefill_context", "num_prefill_seqs",
                    "decode_seqs", "decode_context", "seconds"}, ...],
      "transfer": {"backend", "points": [{"bytes", "seconds"}, ...], "notes"},
-     "overheads": {"router_direct_s", "router_disaggregated_s", "per_token_stream_s", "notes"},
-     "fit":      {"form", "coefficients": {name: value}, "relative_error": {...}, ...}}   # optional
+     "overheads": {"router_direct_s", "router_disaggregated_s", "per_token_stream_s", "notes",
+                   "frontend_direct_s", "per_prompt_token_s", "frontend_notes"},   # the last three optional
+     "fit":      {"model", "form", "coefficients": {name: value}, "relative_error": {...},
+                  "candidates": {...}, ...}}   # optional; "model": the form's name (costmodel.FORMS)
 
 A step is one measured engine step. Its prefill part is a list of chunks (new tokens, tokens
 of the same sequence already cached or computed before the chunk); the file keeps the sums
@@ -22,7 +24,8 @@ the cost model uses:
   - decode_context: sum over the decoded sequences of the tokens each one attends to (its
     length including the token being decoded).
 A derived profile (CostModel.scaled, CostModel.synthetic) has no steps and carries the fit's
-coefficients instead. Unknown keys are ignored (later versions may add some); every known
+coefficients instead (and its form's name in fit.model; absent: "additive", as written before
+there were two forms). Unknown keys are ignored (later versions may add some); every known
 field is checked, and a bad one raises ValueError naming it (e.g. "profile.steps[3].seconds").
 """
 from __future__ import annotations
@@ -217,7 +220,13 @@ def validate_profile(d) -> dict:
     o = _obj(_get(d, "overheads", w), "profile.overheads")
     for k in ("router_direct_s", "router_disaggregated_s", "per_token_stream_s"):
         _num(o, k, "profile.overheads", hi=MAX_SECONDS)
+    # Through the gRPC front end (deploy/frontend_probe.py); profiles before issue 15 lack them.
+    for k in ("frontend_direct_s", "per_prompt_token_s", "frontend_cpu_per_request_s",
+              "frontend_cpu_per_prompt_token_s", "frontend_cpu_per_token_s"):
+        if k in o:
+            _num(o, k, "profile.overheads", hi=MAX_SECONDS)
     _str(o, "notes", "profile.overheads", optional=True, limit=MAX_NOTES)
+    _str(o, "frontend_notes", "profile.overheads", optional=True, limit=MAX_NOTES)
     return d
 
 

@@ -361,9 +361,15 @@ def summary(profile: dict) -> dict:
                 seconds=profile["measurement"]["seconds"])
 
 
-def run_command(args) -> int:
+def run_command(args, front_end=None) -> int:
+    """front_end(samples, seed): the request path's front-end overheads to add to the
+    profile's `overheads` (deploy/frontend_probe.measure: planner/ does not import grpc)."""
     import json
-    profile = run_profile(options_from_args(args))
+    opts = options_from_args(args)
+    profile = run_profile(opts)
+    if front_end is not None and opts.overheads:
+        profile["overheads"].update(front_end(samples=opts.overhead_samples or (5 if opts.quick else 12),
+                                              seed=opts.seed))
     save_profile(profile, args.out)
     s = summary(profile)
     if args.json:
@@ -380,4 +386,8 @@ def run_command(args) -> int:
     o = s["overheads"]
     print(f"router overheads: direct {o['router_direct_s'] * 1e3:.2f} ms, disaggregated "
           f"{o['router_disaggregated_s'] * 1e3:.2f} ms, per streamed token {o['per_token_stream_s'] * 1e3:.3f} ms")
+    fe = profile["overheads"]
+    if "frontend_direct_s" in fe:
+        print(f"through the gRPC front end: direct {fe['frontend_direct_s'] * 1e3:.2f} ms + "
+              f"{fe['per_prompt_token_s'] * 1e6:.2f} us per prompt token")
     return 0

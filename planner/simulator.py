@@ -35,6 +35,13 @@ What each part does, as the code it stands for does it:
              step the worker is busy that much longer before its next step, so it adds to
              every gap between a request's tokens (TPOT), as measured.
 
+  devices   engines placed on one device (ClusterConfig.layout) slow each other while they
+             compute at the same time: processor sharing of their steps' device work
+             (planner/shared_device.py); alone, a step takes CostModel.step_time.
+  overlap    a decode worker whose profiled engine scheduled overlapped (engine/overlap.py)
+             launches step n+1 before it hands out step n's tokens: they leave when step n's
+             device work and step n+1's launches are done (_OverlappedDecodeWorker).
+
 The records are bench's (deploy/bench.py `_result`): TTFT is the client's first token-bearing
 message minus the send time, E2E the last, TPOT (E2E - TTFT) / (tokens - 1), ITL the gaps
 between messages; `deploy.bench.summarise` turns them into the same summary a measured run
@@ -47,6 +54,7 @@ import itertools
 from dataclasses import dataclass, field
 
 from planner.engine_model import EngineModel, SimSeq
+from planner.shared_device import DeviceLayout, SharedDevice
 from planner.workload import Request
 from router import policy as router_policy
 
@@ -65,6 +73,7 @@ class ClusterConfig:
     load_penalty_tokens: int = 16
     max_inflight_per_decode: int = 256
     max_queued_prefill_tokens: int = 1 << 20
+    layout: DeviceLayout = field(default_factory=DeviceLayout)   # engines per device (shared_device.py)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -78,7 +87,8 @@ class ClusterConfig:
 
     @property
     def gpus(self) -> int:
-        return self.decode + self.prefill
+        """Devices the engines occupy (GPUs, or hosts for a CPU layout)."""
+        return -(-(self.decode + self.prefill) // self.layout.engines_per_device)
 
     @property
     def name(self) -> str:
@@ -110,10 +120,11 @@ class _ReqState:
 
 class _Worker:
     """A worker's loop: requests and landed transfers wait in inboxes until its next
-    iteration; an iteration runs one engine step."""
+    iteration; an iteration runs one engine step (synchronously: its results are known when
+    it ends). `device`: the SharedDevice it shares with other engines, or None (alone)."""
 
-    def __init__(self, sim: Simulation, worker_id: str):
-        self.sim, self.worker_id = sim, worker_id
+    def __init__(self, sim: Simulation, worker_id: str, device: SharedDevice | None = None):
+        self.sim, self.worker_id, self.device = sim, worker_id, device
         c = sim.cost
         self.engine = EngineModel(block_size=c.block_size, max_num_batched_tokens=c.max_num_batched_tokens,
                                   max_num_seqs=c.max_num_seqs, num_kv_blocks=c.num_kv_blocks,
@@ -134,16 +145,56 @@ class _Worker:
         if not scheduled:
             self.idle()
             return
-        dt = self.sim.cost.step_time(*EngineModel.step_shape(scheduled))
         self.busy = True
-        self.busy_s += dt
         self.steps += 1
-        self.sim.at(self.sim.now + dt, self.step_end, scheduled)
+        t0 = self.sim.now
+
+        def ended():
+            self.busy_s += self.sim.now - t0
+            self.step_end(scheduled)
+        self.run_step(scheduled, ended)
+
+    def run_step(self, scheduled, on_done, device_free=None) -> float:
+        """Price a step and run it from now; on_done() when its results are ready. The step is
+        (serial, host, device) seconds (CostModel.step_parts): serial host work first, then
+        the launches (host) with the device work beside them, shared with the engines on the
+        same device (planner/shared_device.py); the results are ready when both are done,
+        serial + max(host, device) after the start for an engine alone. device_free(cb), if
+        given, calls cb once the engine's previous step is off the device (one stream: its
+        kernels run in order). Returns the time its launches end."""
+        serial, host, device = self.sim.step_parts(*EngineModel.step_shape(scheduled))
+        sim = self.sim
+        host_end = sim.now + serial + host
+
+        def device_done():
+            if sim.now >= host_end:
+                on_done()
+            else:
+                sim.at(host_end, on_done)
+
+        def start_device():
+            if self.device is None:
+                sim.at(sim.now + device, device_done)
+            else:
+                self.device.run(device, device_done)
+        def after_serial():
+            if device_free is None:
+                start_device()
+            else:
+                device_free(start_device)
+        if serial > 0:
+            sim.at(sim.now + serial, after_serial)
+        else:
+            after_serial()
+        return host_end
 
     loop_overhead_s = 0.0                 # the loop's own work after a step, before the next
 
     def step_end(self, scheduled) -> None:
         self.finish_step(scheduled)
+        self.after_loop()
+
+    def after_loop(self) -> None:
         if self.loop_overhead_s > 0:
             self.sim.at(self.sim.now + self.loop_overhead_s, self.resume)
         else:
@@ -161,8 +212,8 @@ class _Worker:
 
 
 class _DecodeWorker(_Worker):
-    def __init__(self, sim, worker_id):
-        super().__init__(sim, worker_id)
+    def __init__(self, sim, worker_id, device=None):
+        super().__init__(sim, worker_id, device)
         self.loop_overhead_s = sim.cost.per_token_stream_s
         self.landed: list[int] = []
         self.items: list[tuple[int, int, bool]] = []   # (rid, tokens, finished) for the next batch
@@ -203,9 +254,74 @@ class _DecodeWorker(_Worker):
         self.wake()
 
 
+class _Launched:
+    """A step launched by an overlapped engine: its results are on the device until `ready`."""
+    __slots__ = ("items", "ready", "_waiting")
+
+    def __init__(self, items):
+        self.items, self.ready, self._waiting = items, False, []
+
+    def set_ready(self) -> None:
+        self.ready = True
+        waiting, self._waiting = self._waiting, []
+        for cb in waiting:
+            cb()
+
+    def when_ready(self, cb) -> None:
+        if self.ready:
+            cb()
+        else:
+            self._waiting.append(cb)
+
+
+class _OverlappedDecodeWorker(_DecodeWorker):
+    """A decode worker whose engine schedules overlapped (engine/overlap.py, the default on
+    CUDA): each engine.step() call schedules and launches step n+1, then waits for step n
+    and returns its tokens, which the worker sends. So step n's tokens leave when step n's
+    device work is done and step n+1's launches are (an eager prefill chunk's launches can
+    hold back the tokens of the decode step before it), and new requests are taken in while
+    step n still runs. The engine's bookkeeping advances at launch (placeholder tokens), so
+    what it schedules is what a synchronous engine would."""
+
+    def __init__(self, sim, worker_id, device=None):
+        super().__init__(sim, worker_id, device)
+        self.launched: _Launched | None = None
+
+    def iterate(self) -> None:
+        self.take_inbox()
+        scheduled = self.engine.schedule() if self.engine.has_work() else []
+        prev = self.launched
+        if not scheduled and prev is None:
+            self.idle()
+            return
+        self.busy = True
+        sim, t0 = self.sim, self.sim.now
+        waiting = {"launch": bool(scheduled), "prev": prev is not None}
+        new = None
+
+        def done(what):
+            waiting[what] = False
+            if not any(waiting.values()):
+                self.busy_s += sim.now - t0
+                self.launched = new
+                if prev is not None:
+                    self.items += prev.items
+                self.send_batch()
+                self.after_loop()
+        if scheduled:
+            self.steps += 1
+            sampled, finished = self.engine.step_done(scheduled)
+            ids = {s.rid for s in finished}
+            new = _Launched([(s.rid, 1, s.rid in ids) for s in sampled])
+            host_end = self.run_step(scheduled, new.set_ready, prev.when_ready if prev is not None else None)
+            sim.at(host_end, done, "launch")
+        if prev is not None:
+            prev.when_ready(lambda: done("prev"))
+
+
 class _PrefillWorker(_Worker):
-    def __init__(self, sim, worker_id):
-        super().__init__(sim, worker_id)
+    def __init__(self, sim, worker_id, device=None):
+        super().__init__(sim, worker_id, device)
         self.jobs: dict[int, tuple[str, int]] = {}    # rid -> (decode worker, first block to ship)
 
     def submit(self, st: _ReqState, decode_worker: str, first_block: int) -> None:
@@ -235,11 +351,22 @@ class Simulation:
 
     def __init__(self, cost, cfg: ClusterConfig, reqs: list[Request]):
         self.cost, self.cfg, self.reqs = cost, cfg, reqs
+        # (serial, host, device) of a step; a cost model with only step_time is all device work.
+        self.step_parts = getattr(cost, "step_parts", None) or (lambda ch, ctx: (0.0, 0.0, cost.step_time(ch, ctx)))
         self.now = 0.0
         self._events: list = []
         self._order = itertools.count()
-        self.decode_workers = {f"decode-{i}": _DecodeWorker(self, f"decode-{i}") for i in range(cfg.decode)}
-        self.prefill_workers = {f"prefill-{i}": _PrefillWorker(self, f"prefill-{i}") for i in range(cfg.prefill)}
+        # Engines fill devices in order, decode workers first (shared_device.DeviceLayout).
+        lay = cfg.layout
+        self.devices = [SharedDevice(self, lay.capacity, lay.weight) for _ in range(cfg.gpus)] if lay.shared else []
+        slots = iter(range(cfg.decode + cfg.prefill))
+        device = lambda: self.devices[next(slots) // lay.engines_per_device] if self.devices else None  # noqa: E731
+        # A decode worker's engine steps overlapped when the profiled one did (engine/overlap.py);
+        # a prefill worker's always synchronously (its per-layer KV callback).
+        decode_cls = _OverlappedDecodeWorker if getattr(cost, "overlapped_scheduling", False) else _DecodeWorker
+        self.decode_workers = {f"decode-{i}": decode_cls(self, f"decode-{i}", device()) for i in range(cfg.decode)}
+        self.prefill_workers = {f"prefill-{i}": _PrefillWorker(self, f"prefill-{i}", device())
+                                for i in range(cfg.prefill)}
         self.policy = cfg.policy()
         # The router's books (router/core.py: Worker.inflight, Worker.queued_tokens,
         # Router.queued_prefill_tokens).
@@ -295,12 +422,18 @@ class Simulation:
         st.route, st.decode_worker, st.uncached = d.kind, d.decode_worker, d.uncached_tokens
         self.queued_prefill_tokens += d.uncached_tokens
         self.inflight[d.decode_worker] += 1
-        overhead = self.cost.router_direct_s
+        # The request path: front end and router (the profile's overheads; a prompt's
+        # tokens add their parsing, hashing and messages).
+        path = (getattr(self.cost, "frontend_extra_s", 0.0)
+                + getattr(self.cost, "per_prompt_token_s", 0.0) * r.prompt_tokens)
+        self.frontend_cpu(getattr(self.cost, "frontend_cpu_per_request_s", 0.0)
+                          + getattr(self.cost, "frontend_cpu_per_prompt_token_s", 0.0) * r.prompt_tokens)
+        overhead = self.cost.router_direct_s + path
         if d.kind == "disaggregated":
             st.prefill_worker, st.prefill_pending = d.prefill_worker, d.uncached_tokens
             self.prefill_queued[d.prefill_worker] += d.uncached_tokens
             self.prefill_inflight[d.prefill_worker] += 1
-            overhead = self.cost.router_disaggregated_s
+            overhead = self.cost.router_disaggregated_s + path
         self.at(self.now + overhead, self.dispatch, st)
 
     def dispatch(self, st: _ReqState) -> None:
@@ -308,9 +441,15 @@ class Simulation:
         dw.inbox.append(st)
         dw.wake()
 
+    def frontend_cpu(self, seconds: float) -> None:
+        """The front end's CPU work, on the host's cores when it shares them with the engines."""
+        if seconds > 0 and self.devices and self.cfg.layout.frontend_on_device:
+            self.devices[0].add_background(seconds)
+
     def token_batch(self, worker_id: str, items: list[tuple[int, int, bool]]) -> None:
         """A decode worker's batch reaches the router and the client now."""
         t = self.now
+        self.frontend_cpu(getattr(self.cost, "frontend_cpu_per_token_s", 0.0) * sum(n for _, n, _ in items))
         for rid, n, finished in items:
             st = self.states[rid]
             if st.prefill_pending:         # Router._prefill_done: the first token is back

@@ -14,6 +14,14 @@ no second cache has to fit beside it. What each backend measures:
     kv_transfer.block_copy.copy_blocks per layer, block id to block id, into the same
     device's cache (one GPU, as two workers sharing it), or into a buffer on cuda:1 when
     there are two GPUs (a peer copy). On CPU: the torch reference copy.
+
+    On CUDA the copies are timed on the device: the host launches one copy per layer
+    (tens of microseconds each), and the device moves even a GiB within one GPU in less time
+    than those launches take, so a wall-clock time is the launches' and flat in bytes (a
+    line through such points has a noise slope: an "impossible" bandwidth). The stream is
+    held by a sleep kernel until every copy is queued, and CUDA events around the copies
+    give the time the bytes took; the launch time is kept beside each point. Sizes go up to
+    8 GiB (as the KV pool allows) so the largest copies are well past the fixed costs.
 """
 from __future__ import annotations
 
@@ -30,12 +38,14 @@ def _sync(engine) -> None:
             torch.cuda.synchronize(d)
 
 
-def transfer_sizes(engine, quick: bool, max_bytes: int = 2**30) -> list[int]:
+def transfer_sizes(engine, quick: bool, max_bytes: int | None = None) -> list[int]:
     """Token counts (whole blocks) to time: from one block up, while 2n blocks fit the pool
-    and n tokens' KV stays under max_bytes."""
+    and n tokens' KV stays under max_bytes (default 8 GiB on CUDA, 1 GiB elsewhere)."""
     bs = engine.cfg.block_size
     per_token = kv_bytes_per_token(engine)
-    wanted = [bs, 256, 1024, 4096] if quick else [bs, 128, 512, 2048, 8192, 32768]
+    if max_bytes is None:
+        max_bytes = 8 * 2**30 if engine.device.type == "cuda" else 2**30
+    wanted = [bs, 256, 1024, 4096, 16384] if quick else [bs, 128, 512, 2048, 8192, 32768, 131072]
     out = []
     for t in wanted:
         n = -(-t // bs)
@@ -108,10 +118,7 @@ def measure_device_copy(engine, sizes: list[int], warmup: int, repeats: int, pro
             dst = torch.arange(n, device=other)
         else:
             dst = torch.arange(n, 2 * n, device=dev)
-        times = []
-        for rep in range(warmup + repeats):
-            _sync(engine)
-            t0 = time.perf_counter()
+        def copy_all():
             for layer in range(layers):
                 if peer:
                     copy_blocks_reference(cache[layer], dst_layer, src, dst)
@@ -119,21 +126,54 @@ def measure_device_copy(engine, sizes: list[int], warmup: int, repeats: int, pro
                     copy_blocks(cache[layer], cache[layer], src, dst)
                 else:   # never the Triton interpreter on CPU: the reference is what CPU workers run
                     copy_blocks_reference(cache[layer], cache[layer], src, dst)
+        times, launches = [], []
+        for rep in range(warmup + repeats):
             _sync(engine)
+            if dev.type == "cuda":
+                seconds, launch_s = _device_timed(copy_all)
+            else:
+                t0 = time.perf_counter()
+                copy_all()
+                seconds = launch_s = time.perf_counter() - t0
             if rep >= warmup:
-                times.append(time.perf_counter() - t0)
-        points.append(dict(bytes=tokens * kv_bytes_per_token(engine), seconds=statistics.median(times),
-                           tokens=tokens))
+                times.append(seconds)
+                launches.append(launch_s)
+        point = dict(bytes=tokens * kv_bytes_per_token(engine), seconds=statistics.median(times), tokens=tokens)
+        if dev.type == "cuda":
+            point["launch_seconds"] = statistics.median(launches)
+        points.append(point)
         if progress is not None:
             progress()
     return points
+
+
+# Cycles the sleep kernel holds the stream while the copies are queued behind it (about
+# 10 ms at the H100's clock: more than launching a few dozen copies takes).
+_HOLD_CYCLES = 20_000_000
+
+
+def _device_timed(launch) -> tuple[float, float]:
+    """(device seconds, host launch seconds) of the kernels `launch()` queues: the stream
+    is held by a sleep kernel until all are queued, so the events between them time the
+    device's work alone, not the gaps between launches."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(_HOLD_CYCLES)
+    start.record()
+    t0 = time.perf_counter()
+    launch()
+    launch_s = time.perf_counter() - t0
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3, launch_s
 
 
 NOTES = {
     "zmq": "ZmqKVSender -> ZmqKVReceiver over TCP loopback in one process, the engine's own cache as "
            "source and destination; all layers queued at once (no overlap with compute)",
     "device_copy": "kv_transfer.block_copy per layer (the cuda_ipc data path, no control messages): "
-                   "within one device's cache, or a peer copy to cuda:1 when present",
+                   "within one device's cache, or a peer copy to cuda:1 when present; on CUDA device time "
+                   "between events with every copy queued behind a sleep kernel (launch_seconds: the host's "
+                   "launches, beside it)",
 }
 
 

@@ -473,11 +473,13 @@ def test_plan_command_and_validation_against_a_bench_record(tmp_path, capsys):
             runs.append(dict(rate=rate, summary=None))
         measured["modes"][mode] = runs
     from deploy.bench import summarise
-    from planner.plan import bench_configuration
+    from planner.plan import bench_configuration, measured_layout
     for mode, runs in measured["modes"].items():
+        # (Validation simulates the layout the run had: here, a CPU profile's, all on one host.)
+        layout = measured_layout(c, measured, mode)[0]
         for i, run in enumerate(runs):
             reqs = wl.requests(WorkloadSpec.from_args(bench_args), 60, run["rate"], 4 + i)
-            run["summary"] = summarise(simulate(c, bench_configuration(mode, bench_args), reqs)[0], SLO)
+            run["summary"] = summarise(simulate(c, bench_configuration(mode, bench_args, layout), reqs)[0], SLO)
     rows = validate(c, measured)
     assert [(r["mode"], r["config"], r["rate"]) for r in rows] == [
         ("colocated", "colocated x2", 2.0), ("colocated", "colocated x2", 8.0), ("disagg", "1P1D", 2.0),
@@ -492,6 +494,142 @@ def test_plan_command_and_validation_against_a_bench_record(tmp_path, capsys):
     mfile.write_text(json.dumps(measured))
     assert main(["plan", "--profile", str(prof), "--validate", str(mfile)]) == 0
     assert "cells within 15%: 18/18" in capsys.readouterr().out
+
+
+# ---- engines sharing a device ------------------------------------------------------------------------------
+class _Clock:
+    """The simulator's event loop, alone: enough to drive a SharedDevice."""
+
+    def __init__(self):
+        import heapq
+        import itertools
+        self.now, self.events, self._heapq, self._n = 0.0, [], heapq, itertools.count()
+
+    def at(self, t, fn, *args):
+        self._heapq.heappush(self.events, (t, next(self._n), fn, args))
+
+    def run(self):
+        while self.events:
+            self.now, _, fn, args = self._heapq.heappop(self.events)
+            fn(*args)
+
+
+def test_processor_sharing_splits_a_device_between_the_jobs_in_progress():
+    from planner.shared_device import SharedDevice
+    clock, done = _Clock(), {}
+    gpu = SharedDevice(clock)            # capacity 1, weight 1: k jobs run at 1/k each
+    clock.at(0.0, gpu.run, 1.0, lambda: done.setdefault("a", clock.now))
+    clock.at(0.0, gpu.run, 3.0, lambda: done.setdefault("b", clock.now))
+    clock.at(0.5, gpu.run, 1.0, lambda: done.setdefault("c", clock.now))
+    clock.run()
+    # a and b at 1/2 until 0.5 (0.25 done each); a, b, c at 1/3: a's 0.75 left takes 2.25 s
+    # -> 2.75; b and c at 1/2: c's 0.25 left -> 3.25; b alone, 1.75 left -> 5.0 (all the work).
+    assert done == {"a": pytest.approx(2.75), "c": pytest.approx(3.25), "b": pytest.approx(5.0)}
+    assert gpu.busy_s == pytest.approx(5.0) and gpu.shared_s == pytest.approx(3.25)
+    # A CPU host of 2 cores: two one-thread engines do not slow each other, a third does.
+    clock, done = _Clock(), {}
+    host = SharedDevice(clock, capacity=2.0, weight=1.0)
+    for name in "xy":
+        clock.at(0.0, host.run, 1.0, lambda n=name: done.setdefault(n, clock.now))
+    clock.run()
+    assert done == {"x": pytest.approx(1.0), "y": pytest.approx(1.0)}
+    for name in "xyz":
+        clock.at(clock.now, host.run, 1.0, lambda n=name: done.__setitem__(n, clock.now))
+    clock.run()
+    assert all(t == pytest.approx(1.0 + 1.5) for t in done.values())
+    # The front end's CPU (one thread, nothing waits for it) takes its share too.
+    start, done = clock.now, {}
+    for name in "xy":
+        clock.at(start, host.run, 1.0, lambda n=name: done.__setitem__(n, clock.now))
+    clock.at(start, host.add_background, 0.5)
+    clock.at(start, host.add_background, 0.5)    # queued behind the first: still one thread
+    clock.run()
+    assert all(t - start == pytest.approx(1.5) for t in done.values())
+
+
+def test_the_request_path_costs_what_the_front_end_probe_measured():
+    """A profile with the gRPC front end measured (deploy/frontend_probe.py): a request's path
+    is frontend_direct_s plus per_prompt_token_s per prompt token; its CPU (frontend_cpu_*)
+    slows the engines of a CPU host it shares."""
+    import copy
+    from planner.shared_device import DeviceLayout
+    base = cost()
+    p = copy.deepcopy(base.profile)
+    p["overheads"].update(frontend_direct_s=2e-3, per_prompt_token_s=1e-6)
+    c = CostModel.from_profile(p)
+    r = simulate(c, ClusterConfig("colocated", decode=1), [one(300, 1)])[0][0]
+    assert r["ttft"] == pytest.approx(2e-3 + 300e-6 + c.step_time([(300, 0)], []), rel=1e-12)
+    p["overheads"].update(frontend_cpu_per_request_s=0.1)
+    busy = CostModel.from_profile(p)
+    host = DeviceLayout.cpu_host(1, 1.0, 1.0)         # one core for the engine and the front end
+    slow = simulate(busy, ClusterConfig("colocated", decode=1, layout=host), [one(300, 1)])[0][0]
+    assert slow["ttft"] > r["ttft"] + 1e-3
+    assert simulate(c, ClusterConfig("colocated", decode=1, layout=host), [one(300, 1)])[0][0]["ttft"] == \
+        pytest.approx(r["ttft"], rel=1e-12)
+
+
+def test_engines_sharing_a_gpu_slow_each_other_only_while_both_compute():
+    from planner.shared_device import DeviceLayout
+    c = cost(device="cuda")
+    alone, shared = DeviceLayout(), DeviceLayout.gpu_share(2)
+    two = [one(300, 1, 0.0), one(300, 1, 0.0)]     # the router sends one to each engine
+    step = c.step_time([(300, 0)], [])
+    for layout, factor in ((alone, 1), (shared, 2)):
+        recs, sim = simulate(c, ClusterConfig("colocated", decode=2, layout=layout), two)
+        assert [r["ttft"] for r in recs] == pytest.approx([c.router_direct_s + factor * step] * 2, rel=1e-9)
+    # One request: the other engine is idle, nothing is shared.
+    recs, _ = simulate(c, ClusterConfig("colocated", decode=2, layout=shared), two[:1])
+    assert recs[0]["ttft"] == pytest.approx(c.router_direct_s + step, rel=1e-9)
+    # 1P1D on one GPU: a prefill next to a running decode slows both.
+    reqs = [one(64, 40, 0.0), one(2000, 2, 0.05)]
+    base = simulate(c, ClusterConfig("disaggregated", decode=1, prefill=1), reqs)[0]
+    slow = simulate(c, ClusterConfig("disaggregated", decode=1, prefill=1, layout=shared), reqs)[0]
+    assert slow[1]["ttft"] > base[1]["ttft"] * 1.3 and slow[0]["tpot"] > base[0]["tpot"]
+
+
+def test_overlapped_scheduling_sends_a_token_after_the_next_steps_launches():
+    """With overlapped scheduling, step n's tokens leave when step n+1 is launched: an eager
+    chunk of another prompt launched next holds them back by its launches."""
+    import copy
+    ov = dict(step_s=0.0, graph_host_s=0.0, eager_host_s=10e-3, mixed_host_s=5e-3, weights_s=2e-3,
+              per_token_s=1e-5, transfer_latency_s=1e-3, transfer_bytes_per_s=1e9, device="cuda")
+    sync = CostModel.synthetic(form="overlapped", **ov)
+    p = copy.deepcopy(sync.profile)
+    p["engine"]["async_scheduling"] = True
+    overlapped = CostModel.from_profile(p)
+    assert overlapped.overlapped_scheduling and not sync.overlapped_scheduling
+    # Alone: the token leaves at the end of the prefill step either way (the next step is a
+    # graph replay, nothing to launch).
+    for c in (sync, overlapped):
+        r = simulate(c, ClusterConfig("colocated", decode=1), [one(100, 3)])[0][0]
+        assert r["ttft"] == pytest.approx(10e-3, rel=1e-9)
+    # B arrives during A's prefill: the engine launches A's decode with B's chunk (an eager
+    # step with decodes: 15 ms of launches) before it hands out A's first token.
+    reqs = [one(100, 3, 0.0), one(100, 1, 0.004)]
+    a_sync = simulate(sync, ClusterConfig("colocated", decode=1), reqs)[0][0]
+    a_ov = simulate(overlapped, ClusterConfig("colocated", decode=1), reqs)[0][0]
+    assert a_sync["ttft"] == pytest.approx(10e-3, rel=1e-9)
+    assert a_ov["ttft"] == pytest.approx(10e-3 + 15e-3, rel=1e-9)
+
+
+def test_validation_simulates_the_layout_the_run_had():
+    from planner.plan import measured_layout, thread_mismatches
+    from planner.shared_device import DeviceLayout, layout_from_bench
+    gpu = cost(device="cuda")
+    half = dict(pools=dict(prefill=dict(replicas=1, num_gpus=0.5, num_cpus=1.0),
+                           decode=dict(replicas=1, num_gpus=0.5, num_cpus=1.0)), host=dict(gpus=1.0, cpu_cores=16))
+    rec = dict(args=dict(decode_replicas=1), modes={}, layouts=dict(disaggregated=half))
+    assert measured_layout(gpu, rec, "disaggregated") == (DeviceLayout.gpu_share(2), "bench record")
+    assert measured_layout(gpu, rec, "colocated")[0] == DeviceLayout()
+    assert measured_layout(gpu, rec, "colocated", engines_per_gpu=2)[0] == DeviceLayout.gpu_share(2)
+    cpu_rec = dict(pools=dict(decode=dict(replicas=2, num_gpus=0.0, num_cpus=1.0)), host=dict(gpus=0.0, cpu_cores=2))
+    assert layout_from_bench(cpu_rec) == DeviceLayout.cpu_host(2, 2.0, 1.0)
+    # A CPU profile timed with 2 threads against workers that computed with 1: said.
+    c = cost()
+    c.profile["hardware"].update(cpu_cores=2, torch_threads=2)
+    assert thread_mismatches(c, dict(modes={"colocated": []}, layouts=dict(colocated=cpu_rec)))
+    c.profile["hardware"]["torch_threads"] = 1
+    assert not thread_mismatches(c, dict(modes={"colocated": []}, layouts=dict(colocated=cpu_rec)))
 
 
 def test_validation_warns_when_the_measured_engine_is_not_the_profiled_one():
