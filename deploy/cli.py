@@ -92,9 +92,10 @@ def _bench(args) -> int:
 
 
 def _profile(args) -> int:
+    from deploy.deployed_probe import measure as deployed
     from deploy.frontend_probe import measure as front_end
     from planner.profiler import run_command
-    return run_command(args, front_end=front_end)
+    return run_command(args, front_end=front_end, deployed=deployed)
 
 
 def _plan(args) -> int:

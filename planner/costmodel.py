@@ -268,8 +268,11 @@ class CostModel:
         # Through the gRPC front end (deploy/frontend_probe.py), when the profile measured it:
         # the whole path of a direct request at zero prompt length, and each prompt token's
         # share. A profile without them prices the router path alone (router_*_s).
+        # A profile whose overheads come from the deployed path (deploy/deployed_probe.py,
+        # method "deployed") has the front end inside router_*_s already: nothing extra.
         fe = o.get("frontend_direct_s")
-        self.frontend_extra_s = max(0.0, float(fe) - self.router_direct_s) if fe is not None else 0.0
+        self.frontend_extra_s = (max(0.0, float(fe) - self.router_direct_s)
+                                 if fe is not None and o.get("method") != "deployed" else 0.0)
         self.per_prompt_token_s = float(o.get("per_prompt_token_s", 0.0))
         # The front end's CPU beside the engines (competes for a CPU host's cores).
         self.frontend_cpu_per_request_s = float(o.get("frontend_cpu_per_request_s", 0.0))

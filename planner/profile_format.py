@@ -10,7 +10,8 @@
                    "decode_seqs", "decode_context", "seconds"}, ...],
      "transfer": {"backend", "points": [{"bytes", "seconds"}, ...], "notes"},
      "overheads": {"router_direct_s", "router_disaggregated_s", "per_token_stream_s", "notes",
-                   "frontend_direct_s", "per_prompt_token_s", "frontend_notes"},   # the last three optional
+                   "frontend_direct_s", "per_prompt_token_s", "frontend_notes",     # optional from here
+                   "method", "deployed", "reference"},   # "deployed": deploy/deployed_probe.py
      "fit":      {"model", "form", "coefficients": {name: value}, "relative_error": {...},
                   "candidates": {...}, ...}}   # optional; "model": the form's name (costmodel.FORMS)
 
@@ -227,6 +228,9 @@ def validate_profile(d) -> dict:
             _num(o, k, "profile.overheads", hi=MAX_SECONDS)
     _str(o, "notes", "profile.overheads", optional=True, limit=MAX_NOTES)
     _str(o, "frontend_notes", "profile.overheads", optional=True, limit=MAX_NOTES)
+    # How the priced numbers were measured: "deployed" (deploy/deployed_probe.py: Ray clusters timed
+    # from a gRPC client; the probes' own numbers then under "reference"), else the in-process probes.
+    _str(o, "method", "profile.overheads", optional=True, limit=64)
     return d
 
 

@@ -32,6 +32,8 @@ class ProfileOptions:
     transfer_backend: str = "auto"  # "zmq" | "device_copy" | "auto" (device_copy on CUDA, zmq on CPU)
     overheads: bool = True
     overhead_samples: int | None = None
+    deployed_probe: bool = True    # time the deployed path (deploy/deployed_probe.py) when a runner is given
+    threads: int | None = None     # torch threads for the step grid; None: a CPU deployment's (1), else torch's
     seed: int = 0
     progress: bool | None = None   # None: a bar on a terminal only
 
@@ -179,6 +181,20 @@ def _progress(total: int, enabled: bool | None):
                 disable=None if enabled is None else not enabled)
 
 
+def profile_threads(opts: ProfileOptions) -> int | None:
+    """The torch threads to time the engine's steps with: --threads, else on the CPU the one
+    thread a worker gets under Ray (an actor asking <= 1 CPU, as pdserve's CPU workers do, gets
+    OMP_NUM_THREADS=1: shared_device.threads_under_ray), else torch's own (None: unchanged).
+    0 means torch's own too."""
+    if opts.threads is not None:
+        return opts.threads or None
+    device = opts.device
+    if device is None:
+        import torch
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return 1 if str(device).startswith("cpu") else None
+
+
 def build_engine(opts: ProfileOptions):
     # The engine's own defaults (the KV pool included: the simulator schedules with it), as a
     # worker given the same flags would have them.
@@ -218,6 +234,10 @@ def run_profile(opts: ProfileOptions) -> dict:
     if warmup < 0 or repeats < 1:
         raise ValueError(f"warmup must be >= 0 and repeats >= 1, got {warmup} and {repeats}")
     started = datetime.datetime.now(datetime.timezone.utc)
+    threads = profile_threads(opts)
+    if threads:
+        import torch
+        torch.set_num_threads(threads)
     engine = build_engine(opts)
     cfg = engine.cfg
     grid = step_grid(cfg.max_num_batched_tokens, cfg.max_num_seqs, engine.max_model_len, engine.num_blocks,
@@ -325,7 +345,20 @@ def add_arguments(p) -> None:
                         "predicted longer than this (default 30; quick 5)")
     p.add_argument("--transfer-backend", default="auto", choices=["auto", "zmq", "device_copy"],
                    help="KV transfer to time (default: device_copy on CUDA, zmq on CPU)")
-    p.add_argument("--no-overheads", action="store_true", help="skip the router-path measurement (writes zeros)")
+    p.add_argument("--no-overheads", action="store_true",
+                   help="skip every overhead measurement: in-process router, gRPC front end, deployed path "
+                        "(writes zeros)")
+    p.add_argument("--no-deployed-probe", dest="deployed_probe", action="store_false",
+                   help="skip the deployed-path probe (local Ray clusters as pdserve bench starts them, colocated "
+                        "x1 and 1P1D, timed one request at a time over gRPC; deploy/deployed_probe.py), whose "
+                        "numbers otherwise become the profile's router_direct_s / router_disaggregated_s / "
+                        "per_token_stream_s; without it those are the in-process and front-end probes' (they "
+                        "leave out Ray worker processes, ZeroMQ and the workers' loops: lower)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads to time the engine's steps with (default: on the CPU 1, the one thread Ray "
+                        "gives a worker asking <= 1 CPU, which is what pdserve's CPU workers get; on a GPU "
+                        "torch's default; 0: torch's default). Profile with the threads your workers compute "
+                        "with: `pdserve plan --validate` warns on a mismatch")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the fit summary as JSON")
 
@@ -344,7 +377,8 @@ def options_from_args(args) -> ProfileOptions:
                           warmup=args.warmup, repeats=args.repeats, max_point_s=args.max_point_seconds,
                           max_step_s=args.max_step_seconds, max_setup_s=args.max_setup_seconds,
                           transfer_backend=args.transfer_backend,
-                          overheads=not args.no_overheads, seed=args.seed)
+                          overheads=not args.no_overheads, seed=args.seed,
+                          deployed_probe=getattr(args, "deployed_probe", True), threads=getattr(args, "threads", None))
 
 
 def summary(profile: dict) -> dict:
@@ -361,15 +395,22 @@ def summary(profile: dict) -> dict:
                 seconds=profile["measurement"]["seconds"])
 
 
-def run_command(args, front_end=None) -> int:
+def run_command(args, front_end=None, deployed=None) -> int:
     """front_end(samples, seed): the request path's front-end overheads to add to the
-    profile's `overheads` (deploy/frontend_probe.measure: planner/ does not import grpc)."""
+    profile's `overheads` (deploy/frontend_probe.measure: planner/ does not import grpc).
+    deployed(profile, opts, repeats): the profile's new `overheads` from the deployed path
+    (deploy/deployed_probe.measure), run last, with the step fit in place."""
     import json
     opts = options_from_args(args)
     profile = run_profile(opts)
     if front_end is not None and opts.overheads:
         profile["overheads"].update(front_end(samples=opts.overhead_samples or (5 if opts.quick else 12),
                                               seed=opts.seed))
+    if deployed is not None and opts.overheads and opts.deployed_probe:
+        print("timing the deployed path (local Ray clusters, one request at a time; --no-deployed-probe skips)",
+              flush=True)
+        profile["overheads"] = deployed(profile, opts, repeats=3 if opts.quick else 5)
+        validate_profile(profile)
     save_profile(profile, args.out)
     s = summary(profile)
     if args.json:
@@ -384,9 +425,19 @@ def run_command(args, front_end=None) -> int:
     t = s["transfer"]
     print(f"transfer ({t['backend']}): {t['latency_s'] * 1e3:.3f} ms + bytes / {t['bytes_per_s'] / 1e9:.2f} GB/s")
     o = s["overheads"]
-    print(f"router overheads: direct {o['router_direct_s'] * 1e3:.2f} ms, disaggregated "
+    how = "deployed path" if profile["overheads"].get("method") == "deployed" else "in-process router"
+    print(f"request-path overheads ({how}): direct {o['router_direct_s'] * 1e3:.2f} ms, disaggregated "
           f"{o['router_disaggregated_s'] * 1e3:.2f} ms, per streamed token {o['per_token_stream_s'] * 1e3:.3f} ms")
     fe = profile["overheads"]
+    dep = fe.get("deployed") or {}
+    if dep:
+        print(f"  + {fe['per_prompt_token_s'] * 1e6:.2f} us per prompt token"
+              + (f"; negative residuals clamped at 0: {dep['negative']}" if dep.get("negative") else ""))
+        ref = fe.get("reference", {})
+        if "in_process" in ref:
+            r = ref["in_process"]
+            print(f"  (in-process probe, for reference: direct {r['router_direct_s'] * 1e3:.2f} ms, disaggregated "
+                  f"{r['router_disaggregated_s'] * 1e3:.2f} ms, per token {r['per_token_stream_s'] * 1e3:.3f} ms)")
     if "frontend_direct_s" in fe:
         print(f"through the gRPC front end: direct {fe['frontend_direct_s'] * 1e3:.2f} ms + "
               f"{fe['per_prompt_token_s'] * 1e6:.2f} us per prompt token")

@@ -402,7 +402,8 @@ def test_pdserve_profile_quick_writes_a_valid_profile(tmp_path, capsys):
     from deploy.cli import main
     out = tmp_path / "profile.json"
     rc = main(["profile", "--quick", "--model", "random:tiny", "--device", "cpu", "--max-num-batched-tokens", "128",
-               "--max-num-seqs", "8", "--num-kv-blocks", "256", "--out", str(out), "--json"])
+               "--max-num-seqs", "8", "--num-kv-blocks", "256", "--out", str(out), "--json",
+               "--no-deployed-probe"])   # the deployed path's probe starts Ray clusters: its own tests
     assert rc == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     p = pf.load_profile(out)
@@ -439,3 +440,79 @@ def test_profile_flags_are_checked_before_any_work(tmp_path, capsys):
 def test_import_rules():
     assert violations("planner", {"ray", "grpc"}) == []
     assert violations("engine", {"planner"}) == []
+
+
+# ---- the deployed path's probe (deploy/deployed_probe.py) ------------------------------------------------
+def _fake_lone_records(cost, mode, lengths, output, repeats=3):
+    """What a cluster with the cost model's overheads would measure: the simulator's lone request."""
+    from planner.simulator import ClusterConfig, simulate
+    from planner.workload import Request
+    cfg = ClusterConfig("colocated", decode=1) if mode == "direct" else ClusterConfig("disaggregated", 1, 1)
+    out = {}
+    for n in lengths:
+        r = simulate(cost, cfg, [Request(0.0, n, output)])[0][0]
+        out[n] = [dict(r, ttft=r["ttft"] * (1 + 1e-4 * (i - 1))) for i in range(repeats)]   # a little noise
+    return out
+
+
+def test_deployed_probe_recovers_the_overheads_the_simulator_adds():
+    """derive_overheads inverts the simulator: records made by simulating lone requests with
+    known overheads give those overheads back (the transfer path priced once, the per-token
+    overhead between prefill chunks too), and a profile carrying them predicts the records."""
+    import copy
+
+    from deploy.deployed_probe import derive_overheads, merge_into, probe_lengths
+    from planner.simulator import ClusterConfig, simulate
+    from planner.workload import Request
+    truth = CostModel.synthetic(step_s=1e-3, per_token_s=2e-5, max_num_batched_tokens=256,
+                                transfer_latency_s=0.5e-3, transfer_bytes_per_s=1e9,
+                                router_direct_s=2e-3, router_disaggregated_s=3e-3, per_token_stream_s=0.4e-3)
+    truth.per_prompt_token_s = 1e-6
+    lengths = probe_lengths(2048)
+    assert lengths == [16, 128, 512] and probe_lengths(100) == [16, 67]
+    direct = _fake_lone_records(truth, "direct", lengths, 32)
+    disagg = _fake_lone_records(truth, "disaggregated", lengths, 32)
+    zero = CostModel.synthetic(step_s=1e-3, per_token_s=2e-5, max_num_batched_tokens=256,
+                               transfer_latency_s=0.5e-3, transfer_bytes_per_s=1e9)
+    got = derive_overheads(zero, direct, disagg, 32)
+    assert got["router_direct_s"] == pytest.approx(2e-3, rel=1e-3)
+    assert got["per_prompt_token_s"] == pytest.approx(1e-6, rel=2e-2)
+    assert got["per_token_stream_s"] == pytest.approx(0.4e-3, rel=1e-6)
+    assert got["router_disaggregated_s"] == pytest.approx(3e-3, rel=1e-3)   # transfer not in it
+    assert got["deployed"]["negative"] == []
+    # Into a profile: the priced keys replaced, the probes' own kept for reference, no front-end extra.
+    p = copy.deepcopy(zero.profile)
+    p["overheads"].update(frontend_direct_s=5e-3, per_prompt_token_s=9e-6, frontend_cpu_per_request_s=1e-3,
+                          frontend_notes="fe")
+    p["overheads"] = merge_into(p["overheads"], got, "deployed")
+    pf.validate_profile(p)
+    assert p["overheads"]["method"] == "deployed" and "frontend_direct_s" not in p["overheads"]
+    assert p["overheads"]["reference"]["frontend"]["frontend_direct_s"] == 5e-3
+    assert p["overheads"]["frontend_cpu_per_request_s"] == 1e-3
+    cm = CostModel.from_profile(p)
+    assert cm.frontend_extra_s == 0.0 and cm.per_prompt_token_s == pytest.approx(1e-6, rel=2e-2)
+    for mode, recs in (("direct", direct), ("disaggregated", disagg)):
+        cfg = ClusterConfig("colocated", decode=1) if mode == "direct" else ClusterConfig("disaggregated", 1, 1)
+        for n in lengths:
+            r = simulate(cm, cfg, [Request(0.0, n, 32)])[0][0]
+            assert r["ttft"] == pytest.approx(recs[n][1]["ttft"], rel=1e-3)
+            assert r["tpot"] == pytest.approx(recs[n][1]["tpot"], rel=1e-6)
+
+
+def test_deployed_probe_clamps_and_reports_negative_residuals():
+    from deploy.deployed_probe import derive_overheads
+    slow = CostModel.synthetic(step_s=1e-3, per_token_s=2e-5)
+    fast = CostModel.synthetic(step_s=0.5e-3, per_token_s=1e-5)
+    recs = _fake_lone_records(fast, "direct", [16, 128, 512], 8)
+    got = derive_overheads(slow, recs, {}, 8)     # the cost model over-predicts the engine
+    assert got["router_direct_s"] == 0.0 and got["per_token_stream_s"] == 0.0
+    assert any("per_token_stream_s" in s for s in got["deployed"]["negative"])
+    assert any("router_direct_s" in s for s in got["deployed"]["negative"])
+
+
+def test_profile_threads_default_to_a_ray_workers_on_the_cpu():
+    from planner.profiler import ProfileOptions, profile_threads
+    assert profile_threads(ProfileOptions(device="cpu")) == 1
+    assert profile_threads(ProfileOptions(device="cuda")) is None
+    assert profile_threads(ProfileOptions(device="cpu", threads=2)) == 2
+    assert profile_threads(ProfileOptions(device="cpu", threads=0)) is None

@@ -1,0 +1,248 @@
+"""The deployed path's overheads, for `pdserve profile`: what a real deployment pays on top of
+the engine's steps, measured on an idle local cluster one request at a time.
+
+planner/overhead_probe.py times the router path in one process and deploy/frontend_probe.py
+adds the gRPC front end; neither runs the workers as a deployment does (separate Ray worker
+processes, ZeroMQ between them and the router, the workers' loops, the first step after
+idle). This probe starts the clusters `pdserve bench` starts (deploy/bench.py ClusterThread,
+ServeConfig.simple with the profiled model, dtype and engine settings, a local Ray instance
+as bench's):
+
+  direct          colocated, 1 decode worker
+  disaggregated   1 prefill + 1 decode worker, threshold 0 (every uncached prompt remote)
+
+and sends token-id prompts of a few lengths (16 / 128 / 512, capped by the model's context),
+each with OUTPUT_TOKENS tokens out and ignore_eos, one at a time with an idle gap between
+them, through bench's own gRPC client code (GrpcTarget._one), after warm-up requests. It
+records each request's TTFT and TPOT as bench does.
+
+The overheads are what is left after the cost model's engine time for the same work, and the
+engine time is read from the simulator itself (planner/simulator.py, one request alone on an
+idle cluster, overheads zeroed), so that they mean exactly what the simulator adds them for:
+
+  per_token_stream_s      median over the direct requests of measured TPOT minus simulated
+                          TPOT (a batch-1 decode step at the request's context): the
+                          simulator adds it after every decode worker step.
+  router_direct_s,        with per_token_stream_s in place (it also sits between the chunks of
+  per_prompt_token_s      a chunked prefill), measured TTFT minus simulated TTFT (the prompt's
+                          prefill step(s) under chunking), median per length; a line a + b*n
+                          through the lengths (b floored at 0): the request path's fixed cost
+                          and what each prompt token adds to it.
+  router_disaggregated_s  the same for the 1P1D cluster, minus b*n, median over the lengths.
+                          The simulated TTFT it is measured against includes the prefill
+                          worker's steps, cost.transfer_time(prompt) and the decode worker's
+                          first decode step, so this overhead is the path *beside* the transfer
+                          fit: the simulator adds transfer_time per request again and nothing
+                          is counted twice (for the short prompts measured here the transfer
+                          fit is mostly its latency, which this probe then does not re-measure).
+
+Each is clamped at >= 0; a negative residual (the cost model over-predicts the engine time) is
+reported in `deployed.negative`. The in-process and front-end probes' numbers stay in the
+profile under `reference`; the front end's CPU (frontend_cpu_*) stays, as the simulator's
+background work on a CPU host.
+"""
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import logging
+import statistics
+import time
+
+import numpy as np
+
+LENGTHS = (16, 128, 512)
+OUTPUT_TOKENS = 32
+IDLE_GAP_S = 0.1          # between requests: each one meets an idle cluster, as at bench's rates
+
+
+def probe_lengths(max_model_len: int, output: int = OUTPUT_TOKENS) -> list[int]:
+    """The prompt lengths to send: LENGTHS capped by the context (prompt + output must fit)."""
+    top = max(1, max_model_len - output - 1)
+    return sorted({min(n, top) for n in LENGTHS})
+
+
+# ---- the arithmetic (no cluster: tests drive it with fakes) ---------------------------------------
+def _zeroed(cost, per_token_stream_s: float = 0.0):
+    c = copy.copy(cost)
+    for k in ("router_direct_s", "router_disaggregated_s", "frontend_extra_s", "per_prompt_token_s",
+              "frontend_cpu_per_request_s", "frontend_cpu_per_prompt_token_s", "frontend_cpu_per_token_s"):
+        setattr(c, k, 0.0)
+    c.per_token_stream_s = per_token_stream_s
+    return c
+
+
+def simulated_lone(cost, mode: str, prompt: int, output: int, per_token_stream_s: float = 0.0) -> tuple[float, float]:
+    """(TTFT, TPOT) of one request alone on an idle simulated cluster, the request path free."""
+    from planner.simulator import ClusterConfig, simulate
+    from planner.workload import Request
+    cfg = ClusterConfig("colocated", decode=1) if mode == "direct" else ClusterConfig("disaggregated", 1, 1)
+    recs, _ = simulate(_zeroed(cost, per_token_stream_s), cfg, [Request(0.0, prompt, output)])
+    r = recs[0]
+    if not r["ok"]:
+        raise RuntimeError(f"deployed probe: the simulator did not serve a lone {prompt}-token request: {r}")
+    return r["ttft"], r["tpot"]
+
+
+def derive_overheads(cost, direct: dict[int, list[dict]], disagg: dict[int, list[dict]], output: int) -> dict:
+    """The profile's overheads from measured lone requests ({prompt length: [bench records]})."""
+    med = statistics.median
+    negative = []
+    lengths = sorted(direct)
+    # Token gaps first: the simulator's per_token_stream_s also sits between prefill chunks.
+    sim0 = {n: simulated_lone(cost, "direct", n, output) for n in lengths}
+    gap_res = [r["tpot"] - sim0[n][1] for n in lengths for r in direct[n]]
+    per_token = med(gap_res)
+    if per_token < 0:
+        negative.append(f"per_token_stream_s {per_token * 1e3:.3f} ms")
+    per_token = max(0.0, per_token)
+
+    sim_d = {n: simulated_lone(cost, "direct", n, output, per_token) for n in lengths}
+    res_d = {n: med(r["ttft"] for r in direct[n]) - sim_d[n][0] for n in lengths}
+    if len(lengths) > 1:
+        slope, intercept = np.polyfit(np.array(lengths, float), np.array([res_d[n] for n in lengths]), 1)
+    else:
+        slope, intercept = 0.0, res_d[lengths[0]]
+    if slope < 0:
+        negative.append(f"per_prompt_token_s {slope * 1e6:.2f} us")
+        slope, intercept = 0.0, med(res_d.values())
+    if intercept < 0:
+        negative.append(f"router_direct_s {intercept * 1e3:.3f} ms")
+    out = dict(router_direct_s=max(0.0, float(intercept)), per_prompt_token_s=float(slope),
+               per_token_stream_s=per_token)
+    detail = dict(output_tokens=output, lengths=lengths,
+                  direct={str(n): dict(ttft_ms=_ms(med(r["ttft"] for r in direct[n])),
+                                       tpot_ms=_ms(med(r["tpot"] for r in direct[n])),
+                                       engine_ttft_ms=_ms(sim_d[n][0]), engine_tpot_ms=_ms(sim0[n][1]),
+                                       samples=len(direct[n])) for n in lengths})
+    if disagg:
+        dl = sorted(disagg)
+        sim_g = {n: simulated_lone(cost, "disaggregated", n, output, per_token) for n in dl}
+        res_g = {n: med(r["ttft"] for r in disagg[n]) - sim_g[n][0] - slope * n for n in dl}
+        g = med(res_g.values())
+        if g < 0:
+            negative.append(f"router_disaggregated_s {g * 1e3:.3f} ms")
+        out["router_disaggregated_s"] = max(0.0, g)
+        detail["disaggregated"] = {str(n): dict(ttft_ms=_ms(med(r["ttft"] for r in disagg[n])),
+                                                tpot_ms=_ms(med(r["tpot"] for r in disagg[n])),
+                                                engine_ttft_ms=_ms(sim_g[n][0]),
+                                                transfer_ms=_ms(cost.transfer_time(n)),
+                                                samples=len(disagg[n])) for n in dl}
+    detail["negative"] = negative
+    return dict(out, deployed=detail)
+
+
+def _ms(s: float) -> float:
+    return round(s * 1e3, 4)
+
+
+def merge_into(overheads: dict, derived: dict, notes: str) -> dict:
+    """The profile's `overheads` with the deployed numbers in the priced keys and the probes'
+    own (in-process router, gRPC front end) kept under `reference`."""
+    ref = {}
+    ref["in_process"] = {k: overheads[k] for k in ("router_direct_s", "router_disaggregated_s",
+                                                  "per_token_stream_s", "notes") if k in overheads}
+    fe = {k: overheads[k] for k in ("frontend_direct_s", "per_prompt_token_s", "frontend_notes") if k in overheads}
+    if fe:
+        ref["frontend"] = fe
+    out = {k: v for k, v in overheads.items()
+           if k not in ("router_direct_s", "router_disaggregated_s", "per_token_stream_s", "notes",
+                        "frontend_direct_s", "per_prompt_token_s", "frontend_notes", "reference")}
+    out.update(router_direct_s=derived["router_direct_s"],
+               router_disaggregated_s=derived.get("router_disaggregated_s", overheads.get("router_disaggregated_s",
+                                                                                            0.0)),
+               per_token_stream_s=derived["per_token_stream_s"], per_prompt_token_s=derived["per_prompt_token_s"],
+               method="deployed", notes=notes, deployed=derived["deployed"], reference=ref)
+    return out
+
+
+# ---- the measurement ----------------------------------------------------------------------------------
+async def _sequential(address: str, prompts: list[tuple[int, list[int]]], output: int, timeout: float) -> list:
+    import grpc
+
+    from deploy.bench import GrpcTarget
+    from pdserve_api.v1 import pdserve_pb2_grpc as pb_grpc
+    target = GrpcTarget(address, timeout)
+    out = []
+    async with grpc.aio.insecure_channel(address) as ch:
+        stub = pb_grpc.GenerationStub(ch)
+        for n, prompt in prompts:
+            await asyncio.sleep(IDLE_GAP_S)
+            r = await target._one(stub, dict(arrival=0.0, prompt=prompt, max_tokens=output), time.perf_counter())
+            if not r["ok"]:
+                raise RuntimeError(f"deployed probe: a {n}-token request failed: {r.get('error')}")
+            out.append((n, r))
+    return out
+
+
+def _serve_config(opts, mode: str):
+    from deploy.config import ServeConfig
+    prefill, decode, threshold = (0, 1, 1 << 20) if mode == "direct" else (1, 1, 0)
+    return ServeConfig.simple(opts.model, num_prefill=prefill, num_decode=decode, dtype=opts.dtype,
+                              router={"port": 0, "disagg_threshold": threshold}, engine=dict(opts.engine))
+
+
+def measure_mode(opts, mode: str, lengths: list[int], output: int, repeats: int, warmup: int, seed: int,
+                 vocab: int = 40000, timeout: float = 120.0) -> dict[int, list[dict]]:
+    """Lone requests on a started cluster of the mode: {prompt length: [bench records]}."""
+    from deploy.bench import ClusterThread
+    rng = np.random.default_rng(seed)
+    fresh = lambda n: rng.integers(3, vocab, size=n).tolist()  # noqa: E731  (no prefix-cache hits)
+    ct = ClusterThread(_serve_config(opts, mode))
+    try:
+        asyncio.run(_sequential(ct.address, [(n, fresh(n)) for _ in range(warmup) for n in lengths], output, timeout))
+        got = asyncio.run(_sequential(ct.address, [(n, fresh(n)) for _ in range(repeats) for n in lengths],
+                                      output, timeout))
+    finally:
+        ct.close()
+    want = "direct" if mode == "direct" else "disaggregated"
+    wrong = [n for n, r in got if r["route"] != want]
+    if wrong:
+        raise RuntimeError(f"deployed probe: {len(wrong)} requests not routed {want} (lengths {wrong[:5]})")
+    out: dict[int, list[dict]] = {n: [] for n in lengths}
+    for n, r in got:
+        out[n].append(r)
+    return out
+
+
+def measure(profile: dict, opts, repeats: int = 5, warmup: int = 2, ray_cpus: int = 6) -> dict:
+    """Run the probe for a profile (its fit in place) and return the profile's new `overheads`."""
+    import os
+
+    import ray
+
+    from deploy.cluster import quiet_ray_auth_notice
+    from planner.costmodel import CostModel
+    cost = CostModel.from_profile(profile)
+    lengths = probe_lengths(int(profile["engine"]["max_model_len"]))
+    started_ray = False
+    if not ray.is_initialized():
+        quiet_ray_auth_notice()
+        ray.init(num_cpus=ray_cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+        started_ray = True
+    t0 = time.perf_counter()
+    try:
+        direct = measure_mode(opts, "direct", lengths, OUTPUT_TOKENS, repeats, warmup, opts.seed)
+        disagg = measure_mode(opts, "disaggregated", lengths, OUTPUT_TOKENS, repeats, warmup, opts.seed + 1)
+    finally:
+        if started_ray:
+            ray.shutdown()
+    derived = derive_overheads(cost, direct, disagg, OUTPUT_TOKENS)
+    d = derived["deployed"]
+    d.update(repeats=repeats, warmup=warmup, idle_gap_s=IDLE_GAP_S, seconds=round(time.perf_counter() - t0, 1),
+             load_average=list(os.getloadavg()) if hasattr(os, "getloadavg") else None)
+    notes = (f"deployed path (deploy/deployed_probe.py): local Ray clusters as pdserve bench starts them "
+             f"(colocated x1; 1P1D threshold 0), {profile['model']['name']}, idle, one request at a time "
+             f"{IDLE_GAP_S}s apart over gRPC, prompts {lengths} tokens, {OUTPUT_TOKENS} out, medians of {repeats}, "
+             f"minus the simulator's engine time for the same lone request. Measured TTFT direct "
+             + ", ".join(f"{n}: {d['direct'][str(n)]['ttft_ms']:.2f} ms (engine {d['direct'][str(n)]['engine_ttft_ms']:.2f})"
+                         for n in lengths)
+             + "; 1P1D " + ", ".join(f"{n}: {d['disaggregated'][str(n)]['ttft_ms']:.2f} ms (engine+transfer "
+                                      f"{d['disaggregated'][str(n)]['engine_ttft_ms']:.2f})" for n in lengths)
+             + (f". Negative residuals (cost model over-predicts), clamped at 0: {d['negative']}" if d["negative"] else ""))
+    return merge_into(profile["overheads"], derived, notes[:3900])
+
+
+def describe(overheads: dict) -> str:
+    return json.dumps(overheads.get("deployed", {}), indent=1)
