@@ -426,7 +426,9 @@ def test_pdserve_profile_quick_writes_a_valid_profile(tmp_path, capsys):
     assert summary["steps"] == len(p["steps"]) and set(summary["coefficients"]) in [set(c) for c, _ in FORMS.values()]
     assert p["fit"]["relative_error"]["n"] == len(p["steps"])
     cm = CostModel.load(out)
-    assert 0 < cm.step_time([(16, 0)], []) < 1.0 and cm.transfer_time(256) > cm.transfer_time(16) > 0
+    # The quick grid's transfers are a few KiB, latency-bound: on a busy machine the fitted
+    # slope can come out 0 (monotone, not strictly; the strict case is tested on exact data).
+    assert 0 < cm.step_time([(16, 0)], []) < 1.0 and cm.transfer_time(256) >= cm.transfer_time(16) > 0
 
 
 def test_profile_flags_are_checked_before_any_work(tmp_path, capsys):
