@@ -237,9 +237,10 @@ class PoolsSection:
 @dataclass
 class PlannedLoadSection:
     """Pool floors planned from a `pdserve profile` and an expected load (planner/plan.py,
-    pool_targets): when `profile` is set, the controller starts with the smallest prefill
-    and decode pools that the simulator says keep `attainment` of requests within the SLOs
-    at `rate`; load still grows them up to max_replicas. Off by default."""
+    pool_targets): when `profile` is set, right after the pools start at min_replicas the
+    controller raises their floors to the smallest prefill and decode pools that the
+    simulator says keep `attainment` of requests within the SLOs at `rate` (within
+    max_replicas); load still grows them up to max_replicas. Off by default."""
     profile: str | None = None          # a `pdserve profile` JSON of one engine of this deployment
     rate: float = 0.0                   # expected requests/s
     # the expected prompt and output lengths (uniform), by default bench's and the planner's

@@ -593,7 +593,7 @@ class IpcKVSender(KVSender):
         self._side = None
         self._closed = False
         self._drop_after: float | None = None
-        self.stats = dict(messages=0, bytes=0, copies=0, deferred_copies=0, dropped=0, revoked=0)
+        self.stats = dict(messages=0, bytes=0, copies=0, deferred_copies=0, dropped=0, revoked=0, dones_as_aborts=0)
         self._thread = threading.Thread(target=self._run, name=f"kv-ipc-sender->{endpoint}", daemon=True)
         self._thread.start()
 
@@ -971,6 +971,7 @@ class IpcKVSender(KVSender):
             self._begun.pop(rid, None)
         body = it.body
         if it.kind == "done" and failed:   # not all of it landed: let the receiver fall back now
+            self.stats["dones_as_aborts"] += 1
             with self._lock:
                 why = self._failed.get(rid, "revoked")
             body = encode_abort(rid, why)[0]

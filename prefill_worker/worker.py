@@ -71,6 +71,7 @@ class PrefillWorker(WorkerBase):
         self._jobs: dict[str, _Job] = {}
         self._shipping: list[tuple[_Job, object]] = []
         self._queued_tokens = 0
+        self._failed_in_closed = 0   # transfers_failed of the senders closed so far
         self.counters = dict(requests=0, completed=0, aborted=0, rejected=0, send_errors=0, dropped_messages=0,
                              prompt_tokens=0, cached_tokens=0)
 
@@ -80,9 +81,9 @@ class PrefillWorker(WorkerBase):
 
     def stats(self) -> dict:
         """``completed`` counts prefills whose every layer and done were handed to a sender;
-        a backend that copies after that (cuda_ipc) can still fail one, and
-        ``transfers_failed`` counts those its live senders remember."""
-        failed = sum(len(s.failed_requests()) for s in self._senders.values())
+        a backend that copies after that (cuda_ipc) can still fail one and send its done as
+        an abort, which ``transfers_failed`` counts (senders closed since included)."""
+        failed = self._failed_in_closed + sum(_dones_as_aborts(s) for s in list(self._senders.values()))
         return {**self.engine.stats(), **self.counters, "queued_tokens": self._queued_tokens,
                 "in_flight": len(self._jobs), "draining": self._draining, "transfers_failed": failed}
 
@@ -96,6 +97,7 @@ class PrefillWorker(WorkerBase):
                 s.close(1.0)
             except Exception:
                 log.exception("prefill worker %s: closing a KV sender failed", self.worker_id)
+            self._failed_in_closed += _dones_as_aborts(s)
         self._senders.clear()
 
     # ---- one loop iteration ------------------------------------------------------------------------
@@ -195,6 +197,7 @@ class PrefillWorker(WorkerBase):
             sender.close(0)
         except Exception:
             log.exception("prefill worker %s: closing a KV sender failed", self.worker_id)
+        self._failed_in_closed += _dones_as_aborts(sender)
 
     def _prune_senders(self) -> None:
         """Close senders to decode workers not used for SENDER_IDLE_S (scaled down or
@@ -270,6 +273,13 @@ class PrefillWorker(WorkerBase):
                 self._forget_sender(job.sender)
             finally:
                 self.engine.release(job.kv_key)
+
+
+def _dones_as_aborts(sender) -> int:
+    """Dones a sender had to send as aborts (a copy failed after the done was handed over);
+    only backends that copy after the done (cuda_ipc) count them."""
+    stats = getattr(sender, "stats", None)
+    return int(stats.get("dones_as_aborts", 0)) if isinstance(stats, dict) else 0
 
 
 class _Refused(ValueError):

@@ -196,6 +196,7 @@ def test_a_cancelled_granted_transfer_holds_its_blocks_until_the_sender_is_fence
     assert tx.flush(10)
     poll_until(rx, lambda o: True)
     assert torch.equal(cache, before) and rx.stats["completed"] == 0
+    assert tx.stats["dones_as_aborts"] == 1   # its done went out as an abort (what a prefill worker counts)
     # An ungranted transfer needs no fence, and a claim after its cancel is denied.
     rx.expect("d", [3], deadline=time.monotonic() + 20)
     assert rx.cancel("d") and not rx.write_pending("d")
@@ -495,13 +496,14 @@ def test_gpu_two_processes_on_one_gpu_equal_in_place_prefill(stall):
             proc.stdin.flush()
             st = last["st"] = json.loads(proc.stdout.readline())
             # A stopped sender can hand its done over when it runs again; the copies still
-            # waiting for a lease then fail within its send timeout, and it counts them.
+            # waiting for a lease then fail within its send timeout and the done goes out as
+            # an abort, which it counts (transfers_failed).
             settled = st["completed"] - st["failed"] == (0 if stall else 1)
             return settled and st["idle"] and st["in_flight"] == 0 and st["blocks_in_use"] == 0
         wait_until(prefill_idle, 60, "the prefill process idle with no block in use and its transfer settled",
                    interval_s=0.2)
         st = last["st"]
-        assert st["failed"] == (1 if stall and st["completed"] else 0), st
+        assert st["failed"] <= st["completed"] <= 1 and (stall or st["failed"] == 0), st
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGCONT)
