@@ -107,6 +107,10 @@ class Cluster:
             tls.server_credentials()
         limits = ServerLimits(max_prompt_tokens=rt.max_prompt_tokens, max_tokens=rt.max_tokens_limit)
         curve = CurveKeys.generate() if sec.zmq_curve else None
+        # Planned pool floors too (controller.plan): a plan no split can meet fails before
+        # Ray starts. Simulating takes seconds, off the loop.
+        from deploy.planned_pools import planned_floors
+        floors = await asyncio.to_thread(planned_floors, cfg.controller.plan) if autoscaled else None
         address = cfg.ray.address
         if not ray.is_initialized():
             if address:
@@ -161,7 +165,7 @@ class Cluster:
             self.metrics = RouterMetrics(lambda: self.router,                # follows a restarted router
                                          window_s=cfg.controller.latency_window_s)
             if autoscaled:
-                await self._start_controller(common, decode_extra, plan)
+                await self._start_controller(common, decode_extra, plan, floors)
         except BaseException:
             await self._abandon_start()
             raise
@@ -274,11 +278,11 @@ class Cluster:
             await self.router.close()
             self.router = None
 
-    async def _start_controller(self, common: dict, decode_extra: dict, plan: PoolPlan) -> None:
+    async def _start_controller(self, common: dict, decode_extra: dict, plan: PoolPlan,
+                                floors: dict[str, int] | None) -> None:
         """The controller actor starts the pools at their min size; PoolSync then keeps the
         router's registry equal to its membership (see deploy/controller.py)."""
         from deploy.controller import PoolSync, remote_controller
-        from deploy.planned_pools import planned_floors
         cfg = self.cfg
         ctl_cfg = cfg.controller
         # The pools as placed: concrete asks and the KV size chosen for a shared GPU (cfg.pools
@@ -286,7 +290,6 @@ class Cluster:
         pools = {k: dataclasses.replace(p, num_gpus=plan.asks[k].num_gpus, num_cpus=plan.asks[k].num_cpus,
                                         engine={**p.engine, **plan.engine.get(k, {})})
                  for k, p in (("prefill", cfg.pools.prefill), ("decode", cfg.pools.decode))}
-        floors = await asyncio.to_thread(planned_floors, ctl_cfg.plan)   # simulating takes seconds
         self.controller = remote_controller().remote(
             pools, ctl_cfg, cfg.model, self.router.token_endpoint,
             dict(common, max_restarts=cfg.faults.max_restarts), decode_extra, plan.timeout_s)
