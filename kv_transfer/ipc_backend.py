@@ -589,6 +589,7 @@ class IpcKVSender(KVSender):
         # rid -> (src ids, dst ids, their device tensors): every layer of a request copies the
         # same blocks, so the index tensors are made once per request, not once per layer.
         self._indices: dict[str, tuple[list[int] | None, list[int], torch.Tensor | None, torch.Tensor]] = {}
+        self._gather_ids: dict[str, tuple[list[int], torch.Tensor]] = {}   # rid -> its source index, caller's stream
         self._failed: OrderedDict[str, str] = OrderedDict()
         self._side = None
         self._closed = False
@@ -636,8 +637,7 @@ class IpcKVSender(KVSender):
         if queued:
             self._wake()
             return
-        idx = torch.tensor(src_ids, dtype=torch.long, device=src_layer.device)
-        self._queue_copy(rid, layer, ids, src_layer[:, idx])
+        self._queue_copy(rid, layer, ids, self._gather(rid, src_layer, src_ids))
 
     def send_done(self, request_id: str, first_token: int, num_layers: int) -> None:
         body = encode_done(request_id, first_token, num_layers)[0]
@@ -743,6 +743,24 @@ class IpcKVSender(KVSender):
         d_idx = upload(dst_ids)
         self._indices[rid] = (src_ids, dst_ids, s_idx, d_idx)
         return s_idx, d_idx
+
+    def _gather(self, rid: str, src_layer: torch.Tensor, src_ids: list[int]) -> torch.Tensor:
+        """Not granted yet (the claim is answered while the prefill runs): the layer's blocks
+        gathered into a private tensor on the caller's stream, for the I/O thread to copy
+        once granted. Nothing here waits for the device: the prefill's layers must keep
+        launching ahead of it, and an index tensor built with ``torch.tensor(..., device=)``
+        would wait for this layer's compute. The source index is made once per request."""
+        dev = src_layer.device
+        with self._lock:
+            have = self._gather_ids.get(rid)
+        if have is None or have[0] != src_ids or have[1].device != dev:
+            idx = torch.tensor(src_ids, dtype=torch.long)
+            if dev.type == "cuda":
+                idx = idx.pin_memory().to(dev, non_blocking=True)
+            have = (src_ids, idx)
+            with self._lock:
+                self._gather_ids[rid] = have
+        return src_layer[:, have[1]]
 
     def _queue_copy(self, rid: str, layer: int, ids: list[int], tensor: torch.Tensor) -> None:
         ready = None
@@ -885,6 +903,7 @@ class IpcKVSender(KVSender):
             self._granted.discard(rid)
             ev = self._last_copy.pop(rid, None)
             self._indices.pop(rid, None)
+            self._gather_ids.pop(rid, None)
         self.stats["revoked"] += 1
         if ev is not None:
             ev.synchronize()   # every copy of rid launched before the revoke has finished
@@ -968,6 +987,7 @@ class IpcKVSender(KVSender):
             self._revoked.discard(rid)
             self._last_copy.pop(rid, None)
             self._indices.pop(rid, None)
+            self._gather_ids.pop(rid, None)
             self._begun.pop(rid, None)
         body = it.body
         if it.kind == "done" and failed:   # not all of it landed: let the receiver fall back now
@@ -1005,6 +1025,7 @@ class IpcKVSender(KVSender):
             events = list(self._last_copy.values())
             self._last_copy.clear()
             self._indices.clear()
+            self._gather_ids.clear()
             self._idle.notify_all()
         for ev in events:
             ev.synchronize()   # bye promises that nothing of ours still writes
