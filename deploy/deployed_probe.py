@@ -11,7 +11,7 @@ as bench's):
   direct          colocated, 1 decode worker
   disaggregated   1 prefill + 1 decode worker, threshold 0 (every uncached prompt remote)
 
-and sends token-id prompts of a few lengths (16 / 128 / 512, capped by the model's context),
+and sends token-id prompts of a few lengths (16 to 512, capped by the model's context),
 each with OUTPUT_TOKENS tokens out and ignore_eos, one at a time with an idle gap between
 them, through bench's own gRPC client code (GrpcTarget._one), after warm-up requests. It
 records each request's TTFT and TPOT as bench does.
@@ -23,12 +23,17 @@ idle cluster, overheads zeroed), so that they mean exactly what the simulator ad
   per_token_stream_s      median over the direct requests of measured TPOT minus simulated
                           TPOT (a batch-1 decode step at the request's context): the
                           simulator adds it after every decode worker step.
-  router_direct_s,        with per_token_stream_s in place (it also sits between the chunks of
-  per_prompt_token_s      a chunked prefill), measured TTFT minus simulated TTFT (the prompt's
-                          prefill step(s) under chunking), median per length; a line a + b*n
-                          through the lengths (b floored at 0): the request path's fixed cost
-                          and what each prompt token adds to it.
-  router_disaggregated_s  the same for the 1P1D cluster, minus b*n, median over the lengths.
+  router_direct_s         with per_token_stream_s in place (it also sits between the chunks of
+                          a chunked prefill), measured TTFT minus simulated TTFT (the prompt's
+                          prefill step(s) under chunking), median per length: the shortest
+                          prompt's residual is the request path's fixed cost;
+  prompt_residual         what each longer prompt's residual adds to it, per length as measured
+                          (CostModel.request_path_s reads it by uncached tokens, linear between
+                          points): on a CPU host the deployed worker's prefill runs slower than
+                          the profiled steps, and not in proportion to the tokens;
+  per_prompt_token_s      the slope of a line through the residuals, for longer prompts;
+  router_disaggregated_s  the same for the 1P1D cluster, minus prompt_residual, median over the
+                          lengths.
                           The simulated TTFT it is measured against includes the prefill
                           worker's steps, cost.transfer_time(prompt) and the decode worker's
                           first decode step, so this overhead is the path *beside* the transfer
@@ -52,7 +57,7 @@ import time
 
 import numpy as np
 
-LENGTHS = (16, 128, 512)
+LENGTHS = (16, 64, 128, 256, 384, 512)
 OUTPUT_TOKENS = 32
 IDLE_GAP_S = 0.1          # between requests: each one meets an idle cluster, as at bench's rates
 
@@ -70,6 +75,7 @@ def _zeroed(cost, per_token_stream_s: float = 0.0):
               "frontend_cpu_per_request_s", "frontend_cpu_per_prompt_token_s", "frontend_cpu_per_token_s"):
         setattr(c, k, 0.0)
     c.per_token_stream_s = per_token_stream_s
+    c.prompt_residual = []
     return c
 
 
@@ -100,17 +106,26 @@ def derive_overheads(cost, direct: dict[int, list[dict]], disagg: dict[int, list
 
     sim_d = {n: simulated_lone(cost, "direct", n, output, per_token) for n in lengths}
     res_d = {n: med(r["ttft"] for r in direct[n]) - sim_d[n][0] for n in lengths}
+    # The fixed path is the shortest prompt's residual; what each longer one adds is kept as
+    # measured (prompt_residual, read between points by CostModel.request_path_s): on a CPU
+    # host it is mostly the deployed worker's prefill running slower than the profiled
+    # steps, which is not linear in the tokens. The line through the points stays as
+    # per_prompt_token_s, for prompts past the longest one measured.
+    fixed = res_d[lengths[0]]
+    if fixed < 0:
+        negative.append(f"router_direct_s {fixed * 1e3:.3f} ms")
+    fixed = max(0.0, fixed)
+    residual = [[n, max(0.0, res_d[n] - fixed)] for n in lengths]
+    slope = 0.0
     if len(lengths) > 1:
-        slope, intercept = np.polyfit(np.array(lengths, float), np.array([res_d[n] for n in lengths]), 1)
-    else:
-        slope, intercept = 0.0, res_d[lengths[0]]
+        slope = float(np.polyfit(np.array(lengths, float), np.array([res_d[n] for n in lengths]), 1)[0])
     if slope < 0:
         negative.append(f"per_prompt_token_s {slope * 1e6:.2f} us")
-        slope, intercept = 0.0, med(res_d.values())
-    if intercept < 0:
-        negative.append(f"router_direct_s {intercept * 1e3:.3f} ms")
-    out = dict(router_direct_s=max(0.0, float(intercept)), per_prompt_token_s=float(slope),
+        slope = 0.0
+    out = dict(router_direct_s=fixed, per_prompt_token_s=slope, prompt_residual=residual,
                per_token_stream_s=per_token)
+    path = copy.copy(cost)
+    path.per_prompt_token_s, path.prompt_residual = slope, residual
     detail = dict(output_tokens=output, lengths=lengths,
                   direct={str(n): dict(ttft_ms=_ms(med(r["ttft"] for r in direct[n])),
                                        tpot_ms=_ms(med(r["tpot"] for r in direct[n])),
@@ -119,7 +134,7 @@ def derive_overheads(cost, direct: dict[int, list[dict]], disagg: dict[int, list
     if disagg:
         dl = sorted(disagg)
         sim_g = {n: simulated_lone(cost, "disaggregated", n, output, per_token) for n in dl}
-        res_g = {n: med(r["ttft"] for r in disagg[n]) - sim_g[n][0] - slope * n for n in dl}
+        res_g = {n: med(r["ttft"] for r in disagg[n]) - sim_g[n][0] - path.request_path_s(n, n) for n in dl}
         g = med(res_g.values())
         if g < 0:
             negative.append(f"router_disaggregated_s {g * 1e3:.3f} ms")
@@ -153,6 +168,7 @@ def merge_into(overheads: dict, derived: dict, notes: str) -> dict:
                router_disaggregated_s=derived.get("router_disaggregated_s", overheads.get("router_disaggregated_s",
                                                                                             0.0)),
                per_token_stream_s=derived["per_token_stream_s"], per_prompt_token_s=derived["per_prompt_token_s"],
+               prompt_residual=derived["prompt_residual"],
                method="deployed", notes=notes, deployed=derived["deployed"], reference=ref)
     return out
 
@@ -206,7 +222,7 @@ def measure_mode(opts, mode: str, lengths: list[int], output: int, repeats: int,
     return out
 
 
-def measure(profile: dict, opts, repeats: int = 5, warmup: int = 2, ray_cpus: int = 6) -> dict:
+def measure(profile: dict, opts, repeats: int = 7, warmup: int = 2, ray_cpus: int = 6) -> dict:
     """Run the probe for a profile (its fit in place) and return the profile's new `overheads`."""
     import os
 

@@ -274,6 +274,8 @@ class CostModel:
         self.frontend_extra_s = (max(0.0, float(fe) - self.router_direct_s)
                                  if fe is not None and o.get("method") != "deployed" else 0.0)
         self.per_prompt_token_s = float(o.get("per_prompt_token_s", 0.0))
+        # The deployed probe's residual by uncached prompt tokens (request_path_s).
+        self.prompt_residual = [(int(n), float(s)) for n, s in o.get("prompt_residual", [])]
         # The front end's CPU beside the engines (competes for a CPU host's cores).
         self.frontend_cpu_per_request_s = float(o.get("frontend_cpu_per_request_s", 0.0))
         self.frontend_cpu_per_prompt_token_s = float(o.get("frontend_cpu_per_prompt_token_s", 0.0))
@@ -283,6 +285,26 @@ class CostModel:
         if form == "additive":
             self._c = (c["step_s"], c["prefill_seq_s"], c["decode_seq_s"], c["weights_s"], c["per_token_s"],
                        c["attention_s_per_pair"], c["decode_s_per_context_token"])
+
+    def request_path_s(self, prompt_tokens: int, uncached_tokens: int) -> float:
+        """A request's path beyond router_*_s and the engine's steps, by its prompt.
+
+        With the deployed probe's residual table (deploy/deployed_probe.py) it is read off
+        the table at the uncached tokens, linear between points, flat below the first and
+        per_prompt_token_s per token past the last: what the probe found there is mostly the
+        deployed worker's prefill running slower than the profiled steps, so it grows with
+        the tokens computed, not with those a prefix cache served. Without it the front
+        end's per_prompt_token_s is paid on every prompt token (parsing, hashing, messages)."""
+        t = self.prompt_residual
+        if not t:
+            return self.frontend_extra_s + self.per_prompt_token_s * prompt_tokens
+        n = uncached_tokens
+        if n <= t[0][0]:
+            return t[0][1]
+        for (n0, s0), (n1, s1) in zip(t, t[1:]):
+            if n <= n1:
+                return s0 + (s1 - s0) * (n - n0) / (n1 - n0)
+        return t[-1][1] + self.per_prompt_token_s * (n - t[-1][0])
 
     # ---- construction ---------------------------------------------------------------------------
     @classmethod

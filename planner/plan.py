@@ -16,7 +16,9 @@ goodput at the highest rate.
 
 simulates the runs a `pdserve bench --json` record holds (the same modes, replicas,
 threshold, workload, seeds, rates and request counts) and prints predicted against
-measured TTFT p50/p90 and TPOT p50 with relative errors.
+measured TTFT p50/p90 and TPOT p50 with relative errors. Given repeats of one bench
+command (`--validate a.json b.json`), it compares against their mean and shows how far the
+runs themselves differ.
 
 `pool_targets` is the planner's answer for the autoscaling controller: the smallest
 prefill/decode pool sizes that meet the SLOs at an expected rate (deploy/controller.py,
@@ -225,9 +227,35 @@ def engine_mismatches(cost, measured: dict) -> list[str]:
             if k in kw and kw[k] != getattr(cost, k)]
 
 
-def validate(cost, measured: dict, modes: list[str] | None = None, engines_per_gpu: int | None = None) -> list[dict]:
+# The bench arguments that must agree between repeated records of one measurement.
+_RUN_KEYS = ("model", "dtype", "engine_kwargs", "decode_replicas", "disagg_threshold", "rates", "requests",
+             "warmup", "workload", "prompt_min", "prompt_max", "output_min", "output_max", "prefix_len",
+             "num_prefixes", "seed", "ttft_slo", "tpot_slo", "ignore_eos")
+
+
+def check_repeats(records: list[dict]) -> None:
+    """ValueError unless every record repeats the first one's bench command (same workload,
+    seeds, rates, modes and cluster), so that their cells measure the same thing."""
+    first = records[0].get("args") or {}
+    for i, r in enumerate(records[1:], 1):
+        a = r.get("args") or {}
+        diff = [k for k in _RUN_KEYS if a.get(k) != first.get(k)]
+        if sorted(r.get("modes", {})) != sorted(records[0].get("modes", {})):
+            diff.append("modes")
+        if diff:
+            raise ValueError(f"--validate: record {i + 1} is not a repeat of the first (differs in {', '.join(diff)})")
+
+
+def validate(cost, measured: dict | list[dict], modes: list[str] | None = None,
+             engines_per_gpu: int | None = None) -> list[dict]:
     """Predicted against measured per (mode, rate) of a `pdserve bench --json` record, each
-    mode simulated with the device layout it ran with (measured_layout)."""
+    mode simulated with the device layout it ran with (measured_layout). Several records of
+    the same command (repeats) are compared by their mean per cell, and each cell says how
+    far the runs themselves spread ((max - min) / mean): a prediction cannot be checked
+    more closely than the measurement repeats."""
+    records = measured if isinstance(measured, list) else [measured]
+    check_repeats(records)
+    measured = records[0]
     bargs = measured.get("args") or {}
     spec = wl.WorkloadSpec.from_args(bargs)
     slo = SimpleNamespace(ttft_slo=float(bargs.get("ttft_slo", 1.0)), tpot_slo=float(bargs.get("tpot_slo", 0.040)))
@@ -241,36 +269,51 @@ def validate(cost, measured: dict, modes: list[str] | None = None, engines_per_g
         for i, run in enumerate(runs):
             reqs = wl.requests(spec, n, float(run["rate"]), seed + i)
             pred = run_one(cost, cfg, reqs, slo)["summary"]
-            meas = run["summary"]
+            meas = [r["modes"][mode][i]["summary"] for r in records]
             row = dict(mode=mode, config=cfg.name, rate=run["rate"], layout=layout.describe(), layout_source=source)
             for metric, key, q in (("ttft_p50", "ttft_s", "p50"), ("ttft_p90", "ttft_s", "p90"),
                                    ("tpot_p50", "tpot_s", "p50")):
-                m, p = meas.get(key, {}).get(q), pred.get(key, {}).get(q)
-                row[metric] = dict(measured=m, predicted=p,
-                                   rel_error=(p - m) / m if m and p is not None else None)
-            row["goodput"] = dict(measured=meas.get("goodput_rps"), predicted=pred.get("goodput_rps"))
+                runs = [x.get(key, {}).get(q) for x in meas]
+                runs = [v for v in runs if v is not None]
+                m = sum(runs) / len(runs) if runs else None
+                p = pred.get(key, {}).get(q)
+                row[metric] = dict(measured=m, predicted=p, rel_error=(p - m) / m if m and p is not None else None,
+                                   runs=runs, spread=(max(runs) - min(runs)) / m if m and len(runs) > 1 else None)
+            row["goodput"] = dict(measured=[x.get("goodput_rps") for x in meas][0] if len(meas) == 1 else
+                                  sum(x.get("goodput_rps") or 0.0 for x in meas) / len(meas),
+                                  predicted=pred.get("goodput_rps"))
             rows.append(row)
     return rows
 
 
 def validation_table(rows: list[dict]) -> str:
+    repeats = any(r[k].get("spread") is not None for r in rows for k in ("ttft_p50", "ttft_p90", "tpot_p50"))
+    w = 33 if repeats else 25
+
     def cell(d, scale=1.0):
         m, p, e = d["measured"], d["predicted"], d["rel_error"]
         if m is None or p is None:
-            return f"{'-':>23}"
+            return f"{'-':>{w}}"
         err = f"{e * 100:+6.1f}%" if e is not None else "    n/a"
-        return f"{p * scale:7.1f} {m * scale:7.1f} {err}"
-    head = (f"{'mode':<12}{'config':<14}{'rate':>6}  {'TTFT p50 ms pred meas err':>25}  "
-            f"{'TTFT p90 ms pred meas err':>25}  {'TPOT p50 ms pred meas err':>25}")
+        spread = f" ({d['spread'] * 100:4.0f}%)" if d.get("spread") is not None else ""
+        return f"{p * scale:7.1f} {m * scale:7.1f} {err}{spread}"
+    what = "pred meas err (runs)" if repeats else "pred meas err"
+    head = (f"{'mode':<12}{'config':<14}{'rate':>6}  {'TTFT p50 ms ' + what:>{w}}  "
+            f"{'TTFT p90 ms ' + what:>{w}}  {'TPOT p50 ms ' + what:>{w}}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['mode']:<12}{r['config']:<14}{r['rate']:>6g}  {cell(r['ttft_p50'], 1e3):>25}  "
-                     f"{cell(r['ttft_p90'], 1e3):>25}  {cell(r['tpot_p50'], 1e3):>25}")
-    errs = [abs(r[k]["rel_error"]) for r in rows for k in ("ttft_p50", "ttft_p90", "tpot_p50")
-            if r[k]["rel_error"] is not None]
-    if errs:
-        lines.append(f"worst |error| {max(errs) * 100:.1f}%, cells within 15%: "
-                     f"{sum(e <= 0.15 for e in errs)}/{len(errs)}")
+        lines.append(f"{r['mode']:<12}{r['config']:<14}{r['rate']:>6g}  {cell(r['ttft_p50'], 1e3):>{w}}  "
+                     f"{cell(r['ttft_p90'], 1e3):>{w}}  {cell(r['tpot_p50'], 1e3):>{w}}")
+    cells = [r[k] for r in rows for k in ("ttft_p50", "ttft_p90", "tpot_p50") if r[k]["rel_error"] is not None]
+    if cells:
+        errs = [abs(c["rel_error"]) for c in cells]
+        line = f"worst |error| {max(errs) * 100:.1f}%, cells within 15%: {sum(e <= 0.15 for e in errs)}/{len(errs)}"
+        if repeats:
+            spreads = [c["spread"] for c in cells if c.get("spread") is not None]
+            line += (f"; the runs themselves spread up to {max(spreads) * 100:.0f}% (median "
+                     f"{sorted(spreads)[len(spreads) // 2] * 100:.0f}%); within 15% or the runs' spread: "
+                     f"{sum(abs(c['rel_error']) <= max(0.15, c['spread'] or 0.0) for c in cells)}/{len(cells)}")
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -349,8 +392,10 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="engines sharing each GPU (Ray num_gpus=1/K; they slow each other, "
                          "planner/shared_device.py); the budget then holds --gpus x K engines. With --validate: "
                          "the layout of a bench record that did not record its own (records before issue 15)")
-    ap.add_argument("--validate", metavar="BENCH_JSON", default=None,
-                    help="compare predictions with a `pdserve bench --json` record instead of planning")
+    ap.add_argument("--validate", metavar="BENCH_JSON", default=None, nargs="+",
+                    help="compare predictions with a `pdserve bench --json` record instead of planning; "
+                         "several records of the same bench command are compared by their mean, with "
+                         "how far the runs themselves spread")
     ap.add_argument("--json")
     ap.add_argument("--png")
 
@@ -369,13 +414,16 @@ def run(args) -> dict:
     from planner.costmodel import CostModel
     cost = CostModel.load(args.profile)
     if args.validate:
-        with open(args.validate, encoding="utf-8") as f:
-            measured = json.load(f)
+        records = []
+        for path in args.validate:
+            with open(path, encoding="utf-8") as f:
+                records.append(json.load(f))
+        measured = records[0]
         for m in engine_mismatches(cost, measured):
             print(f"warning: engine setting differs, {m}", file=sys.stderr)
         for m in thread_mismatches(cost, measured):
             print(f"warning: threads differ, {m}", file=sys.stderr)
-        rows = validate(cost, measured, engines_per_gpu=args.engines_per_gpu)
+        rows = validate(cost, records, engines_per_gpu=args.engines_per_gpu)
         for mode in dict.fromkeys(r["mode"] for r in rows):
             r = next(r for r in rows if r["mode"] == mode)
             print(f"layout of {mode}: {r['layout']} ({r['layout_source']})")

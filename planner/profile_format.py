@@ -11,7 +11,7 @@
      "transfer": {"backend", "points": [{"bytes", "seconds"}, ...], "notes"},
      "overheads": {"router_direct_s", "router_disaggregated_s", "per_token_stream_s", "notes",
                    "frontend_direct_s", "per_prompt_token_s", "frontend_notes",     # optional from here
-                   "method", "deployed", "reference"},   # "deployed": deploy/deployed_probe.py
+                   "method", "deployed", "reference", "prompt_residual"},   # deploy/deployed_probe.py
      "fit":      {"model", "form", "coefficients": {name: value}, "relative_error": {...},
                   "candidates": {...}, ...}}   # optional; "model": the form's name (costmodel.FORMS)
 
@@ -118,6 +118,29 @@ def _list(d: dict, key: str, where: str, limit: int) -> list:
 
 
 # ---- sections ------------------------------------------------------------------------------------------
+MAX_RESIDUAL_POINTS = 64
+
+
+def _check_prompt_residual(o: dict, where: str) -> None:
+    """overheads.prompt_residual: [[uncached prompt tokens, seconds], ...], tokens strictly
+    increasing (deploy/deployed_probe.py: what a deployed request of that many new tokens
+    took beyond the engine's profiled steps and the fixed request path)."""
+    pts = _list(o, "prompt_residual", where, MAX_RESIDUAL_POINTS)
+    last = -1
+    for i, pt in enumerate(pts):
+        w = f"{where}.prompt_residual[{i}]"
+        if not isinstance(pt, list) or len(pt) != 2:
+            raise ValueError(f"{w}: must be [tokens, seconds]")
+        n, sec = pt
+        if isinstance(n, bool) or not isinstance(n, int) or not last < n <= MAX_INT:
+            raise ValueError(f"{w}: tokens must be an integer above the previous point's and <= {MAX_INT}, "
+                             f"got {n!r}")
+        if isinstance(sec, bool) or not isinstance(sec, (int, float)) or not math.isfinite(sec) \
+                or not 0 <= sec <= MAX_SECONDS:
+            raise ValueError(f"{w}: seconds must be a non-negative finite number <= {MAX_SECONDS}, got {sec!r}")
+        last = n
+
+
 def _check_step(s, where: str) -> None:
     _obj(s, where)
     _str(s, "kind", where, STEP_KINDS, optional=True)
@@ -226,6 +249,8 @@ def validate_profile(d) -> dict:
               "frontend_cpu_per_prompt_token_s", "frontend_cpu_per_token_s"):
         if k in o:
             _num(o, k, "profile.overheads", hi=MAX_SECONDS)
+    if "prompt_residual" in o:
+        _check_prompt_residual(o, "profile.overheads")
     _str(o, "notes", "profile.overheads", optional=True, limit=MAX_NOTES)
     _str(o, "frontend_notes", "profile.overheads", optional=True, limit=MAX_NOTES)
     # How the priced numbers were measured: "deployed" (deploy/deployed_probe.py: Ray clusters timed

@@ -409,7 +409,7 @@ def run_command(args, front_end=None, deployed=None) -> int:
     if deployed is not None and opts.overheads and opts.deployed_probe:
         print("timing the deployed path (local Ray clusters, one request at a time; --no-deployed-probe skips)",
               flush=True)
-        profile["overheads"] = deployed(profile, opts, repeats=3 if opts.quick else 5)
+        profile["overheads"] = deployed(profile, opts, repeats=3 if opts.quick else 7)
         validate_profile(profile)
     save_profile(profile, args.out)
     s = summary(profile)

@@ -424,8 +424,7 @@ class Simulation:
         self.inflight[d.decode_worker] += 1
         # The request path: front end and router (the profile's overheads; a prompt's
         # tokens add their parsing, hashing and messages).
-        path = (getattr(self.cost, "frontend_extra_s", 0.0)
-                + getattr(self.cost, "per_prompt_token_s", 0.0) * r.prompt_tokens)
+        path = self.cost.request_path_s(r.prompt_tokens, d.uncached_tokens)
         self.frontend_cpu(getattr(self.cost, "frontend_cpu_per_request_s", 0.0)
                           + getattr(self.cost, "frontend_cpu_per_prompt_token_s", 0.0) * r.prompt_tokens)
         overhead = self.cost.router_direct_s + path

@@ -471,16 +471,19 @@ def test_deployed_probe_recovers_the_overheads_the_simulator_adds():
                                 router_direct_s=2e-3, router_disaggregated_s=3e-3, per_token_stream_s=0.4e-3)
     truth.per_prompt_token_s = 1e-6
     lengths = probe_lengths(2048)
-    assert lengths == [16, 128, 512] and probe_lengths(100) == [16, 67]
+    assert lengths == [16, 64, 128, 256, 384, 512] and probe_lengths(100) == [16, 64, 67]
     direct = _fake_lone_records(truth, "direct", lengths, 32)
     disagg = _fake_lone_records(truth, "disaggregated", lengths, 32)
     zero = CostModel.synthetic(step_s=1e-3, per_token_s=2e-5, max_num_batched_tokens=256,
                                transfer_latency_s=0.5e-3, transfer_bytes_per_s=1e9)
     got = derive_overheads(zero, direct, disagg, 32)
-    assert got["router_direct_s"] == pytest.approx(2e-3, rel=1e-3)
+    # The fixed path is the shortest prompt's; each longer one's extra is kept per length.
+    assert got["router_direct_s"] == pytest.approx(2e-3 + 16e-6, rel=1e-3)
     assert got["per_prompt_token_s"] == pytest.approx(1e-6, rel=2e-2)
+    assert [n for n, _ in got["prompt_residual"]] == lengths
+    assert [s for _, s in got["prompt_residual"]] == pytest.approx([1e-6 * (n - 16) for n in lengths], abs=3e-6)
     assert got["per_token_stream_s"] == pytest.approx(0.4e-3, rel=1e-6)
-    assert got["router_disaggregated_s"] == pytest.approx(3e-3, rel=1e-3)   # transfer not in it
+    assert got["router_disaggregated_s"] == pytest.approx(3e-3 + 16e-6, rel=1e-3)   # transfer not in it
     assert got["deployed"]["negative"] == []
     # Into a profile: the priced keys replaced, the probes' own kept for reference, no front-end extra.
     p = copy.deepcopy(zero.profile)
@@ -493,12 +496,60 @@ def test_deployed_probe_recovers_the_overheads_the_simulator_adds():
     assert p["overheads"]["frontend_cpu_per_request_s"] == 1e-3
     cm = CostModel.from_profile(p)
     assert cm.frontend_extra_s == 0.0 and cm.per_prompt_token_s == pytest.approx(1e-6, rel=2e-2)
+    assert cm.prompt_residual == [tuple(pt) for pt in got["prompt_residual"]]
     for mode, recs in (("direct", direct), ("disaggregated", disagg)):
         cfg = ClusterConfig("colocated", decode=1) if mode == "direct" else ClusterConfig("disaggregated", 1, 1)
         for n in lengths:
             r = simulate(cm, cfg, [Request(0.0, n, 32)])[0][0]
             assert r["ttft"] == pytest.approx(recs[n][1]["ttft"], rel=1e-3)
             assert r["tpot"] == pytest.approx(recs[n][1]["tpot"], rel=1e-6)
+
+
+def test_deployed_probe_keeps_a_prompt_residual_that_is_not_a_line():
+    """A deployed worker whose prefill is slower than the profiled steps by an amount that
+    jumps between lengths (as measured on a CPU host): the residual table gives each
+    measured length back exactly, where a line through them would miss every one."""
+    import copy
+
+    from deploy.deployed_probe import derive_overheads, probe_lengths
+    from planner.simulator import ClusterConfig, simulate
+    from planner.workload import Request
+    truth = CostModel.synthetic(step_s=1e-3, per_token_s=2e-5, max_num_batched_tokens=1024,
+                                router_direct_s=4e-3, per_token_stream_s=0.5e-3)
+    lengths = probe_lengths(2048)
+    extra = {16: 0.0, 64: 1e-3, 128: 1.5e-3, 256: 1.5e-3, 384: 3e-3, 512: 12e-3}
+    truth.prompt_residual = sorted(extra.items())
+    direct = _fake_lone_records(truth, "direct", lengths, 32)
+    zero = CostModel.synthetic(step_s=1e-3, per_token_s=2e-5, max_num_batched_tokens=1024)
+    got = derive_overheads(zero, direct, {}, 32)
+    assert got["router_direct_s"] == pytest.approx(4e-3, rel=1e-3)
+    assert [s for _, s in got["prompt_residual"]] == pytest.approx([extra[n] for n in lengths], abs=2e-6)
+    p = copy.deepcopy(zero.profile)
+    p["overheads"].update({k: got[k] for k in ("router_direct_s", "per_prompt_token_s", "prompt_residual",
+                                               "per_token_stream_s")})
+    pf.validate_profile(p)
+    cm = CostModel.from_profile(p)
+    for n in lengths:
+        r = simulate(cm, ClusterConfig("colocated", decode=1), [Request(0.0, n, 32)])[0][0]
+        assert r["ttft"] == pytest.approx(direct[n][1]["ttft"], rel=1e-3)
+    # Between points linear, flat below the first, the line's slope past the last; read at
+    # the uncached tokens when the table is there (a prefix-cache hit computes fewer).
+    assert cm.request_path_s(320, 320) == pytest.approx((extra[256] + extra[384]) / 2, abs=2e-6)
+    assert cm.request_path_s(8, 8) == pytest.approx(0.0, abs=2e-6)
+    assert cm.request_path_s(612, 612) == pytest.approx(extra[512] + 100 * cm.per_prompt_token_s, abs=2e-6)
+    assert cm.request_path_s(512, 128) == pytest.approx(extra[128], abs=2e-6)
+    # Without a table: the front end's per prompt token, on every prompt token.
+    assert zero.request_path_s(512, 128) == pytest.approx(zero.frontend_extra_s + 512 * zero.per_prompt_token_s)
+
+
+@pytest.mark.parametrize("bad", [[[16, 0.0], [16, 1.0]], [[16, -1.0]], [[16]], [["16", 0.0]], [[16, float("inf")]],
+                                 [[16, 0.0]] * 65])
+def test_a_bad_prompt_residual_is_refused_by_name(bad):
+    import copy
+    p = copy.deepcopy(CostModel.synthetic(step_s=1e-3, per_token_s=2e-5).profile)
+    p["overheads"]["prompt_residual"] = bad
+    with pytest.raises(ValueError, match="prompt_residual"):
+        pf.validate_profile(p)
 
 
 def test_deployed_probe_clamps_and_reports_negative_residuals():

@@ -494,6 +494,29 @@ def test_plan_command_and_validation_against_a_bench_record(tmp_path, capsys):
     mfile.write_text(json.dumps(measured))
     assert main(["plan", "--profile", str(prof), "--validate", str(mfile)]) == 0
     assert "cells within 15%: 18/18" in capsys.readouterr().out
+    # Repeats of one bench command: compared by their mean, each cell with the runs' spread.
+    import copy
+    again = copy.deepcopy(measured)
+    for runs in again["modes"].values():
+        for run in runs:
+            run["summary"]["ttft_s"]["p50"] *= 1.5
+    rows = validate(c, [measured, again])
+    for r, one in zip(rows, validate(c, measured)):
+        m = one["ttft_p50"]["measured"]
+        assert r["ttft_p50"]["runs"] == pytest.approx([m, 1.5 * m])
+        assert r["ttft_p50"]["measured"] == pytest.approx(1.25 * m)
+        assert r["ttft_p50"]["rel_error"] == pytest.approx(1 / 1.25 - 1)
+        assert r["ttft_p50"]["spread"] == pytest.approx(0.5 / 1.25)
+        assert r["tpot_p50"]["spread"] == 0.0 and r["tpot_p50"]["rel_error"] == 0.0
+    afile = tmp_path / "serve_again.json"
+    afile.write_text(json.dumps(again))
+    assert main(["plan", "--profile", str(prof), "--validate", str(mfile), str(afile)]) == 0
+    text = capsys.readouterr().out
+    assert "cells within 15%: 12/18" in text and "spread up to 40%" in text and "or the runs' spread: 18/18" in text
+    other = copy.deepcopy(again)
+    other["args"] = dict(other["args"], requests=61)
+    with pytest.raises(ValueError, match="record 2 is not a repeat of the first.*requests"):
+        validate(c, [measured, other])
 
 
 # ---- engines sharing a device ------------------------------------------------------------------------------
@@ -652,7 +675,7 @@ def test_simulating_and_planning_load_no_ray_grpc_or_torch():
             "    block_size, max_num_batched_tokens, max_num_seqs, num_kv_blocks = 16, 512, 8, 512\n"
             "    router_direct_s = router_disaggregated_s = per_token_stream_s = 0.0\n"
             "    def step_time(self, chunks, ctx): return 1e-3\n"
-            "    def transfer_time(self, n): return 1e-3\n"
+            "    def transfer_time(self, n): return 1e-3\n    def request_path_s(self, prompt, uncached): return 0.0\n"
             "reqs = workload.requests(workload.WorkloadSpec(), 20, 5.0, 0)\n"
             "run_one(C(), ClusterConfig('conditional', 1, 1), reqs, SimpleNamespace(ttft_slo=1, tpot_slo=1))\n"
             "print(json.dumps(sorted(m for m in ('ray', 'grpc', 'torch') if m in sys.modules)))\n")
