@@ -253,12 +253,21 @@ class Scheduler:
 
     def remote_kv_landed(self, seq_id: str) -> Sequence:
         """All prompt KV is in the reserved blocks: the sequence joins the running batch
-        (the caller appends the prefill worker's first token)."""
+        (the caller appends the prefill worker's first token). With max_num_seqs already
+        running it waits, KV in place, ahead of the prompts not started yet and behind the
+        landed ones before it; a slot admits it as a one-token step (a decode)."""
         seq = self.awaiting_kv.pop(seq_id)
         seq.num_computed_tokens = seq.num_tokens
         self.commit_full_blocks(seq)
-        seq.status = SeqStatus.RUNNING
-        self.running.append(seq)
+        if len(self.running) < self.cfg.max_num_seqs:
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            return seq
+        seq.status = SeqStatus.WAITING
+        at = 0
+        while at < len(self.waiting) and self.waiting[at].block_table:
+            at += 1
+        self.waiting.insert(at, seq)
         return seq
 
     def remote_kv_failed(self, seq_id: str) -> Sequence:

@@ -319,12 +319,20 @@ class EngineModel:
 
     def remote_kv_landed(self, rid) -> SimSeq:
         """The prompt's KV is in: the sequence joins the running batch with the prefill
-        worker's first token (no max_num_seqs check, as in the scheduler)."""
+        worker's first token, or with max_num_seqs running waits, KV in place, behind the
+        landed ones before it and ahead of the prompts not started."""
         seq = self.awaiting_kv.pop(rid)
         seq.computed = seq.num_tokens
         self._commit(seq)
-        seq.status = RUNNING
-        self.running.append(seq)
+        if len(self.running) < self.max_num_seqs:
+            seq.status = RUNNING
+            self.running.append(seq)
+        else:
+            seq.status = WAITING
+            at = 0
+            while at < len(self.waiting) and self.waiting[at].table:
+                at += 1
+            self.waiting.insert(at, seq)
         seq.num_tokens += 1
         if seq.outputs >= seq.max_tokens:
             self.finish(seq)

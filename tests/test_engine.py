@@ -155,6 +155,45 @@ def test_disaggregated_prefill_then_decode_equals_single_engine(smol, make_engin
     assert got == expected
 
 
+def test_landed_prompts_past_max_num_seqs_wait_for_a_slot(smol, make_engine):
+    """A decode engine whose batch is full (max_num_seqs running) does not grow it when
+    more remote prefills land: they wait with their KV in place, ahead of prompts not yet
+    started, and join as slots free; every request's tokens equal one engine's."""
+    prompts = [f"Request number {i} asks about the tides of the northern sea. " * 3 for i in range(5)]
+    params = SamplingParams(max_tokens=6)
+    expected = {f"r{i}": o.token_ids for i, o in enumerate(smol.generate(prompts, params))}
+    prefill = make_engine("smollm2")
+    decode = make_engine("smollm2", max_num_seqs=2)
+    decode.add_request("r0", prompts[0], params)
+    decode.add_request("r1", prompts[1], params)
+    got = {f"r{i}": [] for i in range(5)}
+    for o in decode.step():
+        got[o.request_id] += o.new_token_ids
+    assert len(decode.scheduler.running) == 2
+    decode.add_request("r4", prompts[4], params)   # a prompt not started: it queues behind the landed ones
+    for i in (2, 3):
+        rid = f"r{i}"
+        seq_d = decode.add_remote_prefill(rid, prompts[i], params)
+        prefill.add_request(rid, prompts[i], params, prefill_only=True)
+        outs = []
+        while prefill.has_unfinished():
+            outs += prefill.step()
+        seq_p = prefill.scheduler.held[rid]
+        for layer in range(prefill.model_config.num_layers):
+            decode.runner.write_kv_blocks(layer, seq_d.block_table, prefill.runner.read_kv_blocks(layer, seq_p.block_table))
+        assert prefill.release(rid)
+        got[rid] += decode.remote_kv_landed(rid, outs[-1].new_token_ids[0]).new_token_ids
+    assert len(decode.scheduler.running) == 2
+    assert [s.seq_id for s in decode.scheduler.waiting] == ["r2", "r3", "r4"]
+    most = 0
+    while decode.has_unfinished():
+        for o in decode.step():
+            got[o.request_id] += o.new_token_ids
+        most = max(most, len(decode.scheduler.running))
+    assert most <= 2
+    assert got == expected
+
+
 def test_failed_transfer_falls_back_to_local_prefill(smol, make_engine):
     prompt = "Fallback prompt that would have been prefilled remotely. " * 3
     params = SamplingParams(max_tokens=8)

@@ -273,6 +273,63 @@ def test_engine_model_schedules_as_the_engine_scheduler(blocks, prefixes):
         assert sum(s.num_cached_tokens for s in real_seqs.values()) > 0
 
 
+def test_engine_model_lands_remote_prompts_as_the_scheduler_does():
+    """Remote prefills landing into a full batch (max_num_seqs) wait, KV in place, ahead of
+    prompts not started: the scheduler and the model schedule the same steps throughout."""
+    from engine.sampling_params import SamplingParams
+    from engine.sequence import FinishReason, Sequence
+    bs, max_seqs = 16, 3
+    real = _real_scheduler(bs, 256, max_seqs, 400)
+    model = EngineModel(block_size=bs, max_num_batched_tokens=256, max_num_seqs=max_seqs, num_kv_blocks=400)
+    rng = random.Random(3)
+    seqs = {}
+
+    def add(i, remote):
+        ids = [rng.randrange(100, 30000) for _ in range(rng.randint(20, 90))]
+        out = rng.randint(2, 12)
+        s = seqs[i] = Sequence(i, ids, len(ids), SamplingParams(max_tokens=out, ignore_eos=True))
+        m = SimSeq(i, len(ids), out)
+        if remote:
+            assert real.reserve_for_remote(s) and model.reserve_for_remote(m)
+        else:
+            real.add(s)
+            model.add(m)
+
+    def land(i):
+        s = real.remote_kv_landed(i)
+        s.token_ids.append(7)
+        model.remote_kv_landed(i)
+
+    landed_waiting = 0
+    for i in range(3):
+        add(i, remote=False)
+    for i in range(3, 9):
+        add(i, remote=True)
+    add(9, remote=False)
+    pending = list(range(3, 9))
+    for step in range(400):
+        if pending and step % 2 == 1:
+            land(pending.pop(0))
+            landed_waiting += any(s.block_table for s in real.waiting)
+        a, b = real.schedule(), model.schedule()
+        assert [(x.seq.seq_id, x.num_new_tokens) for x in a] == [(s.rid, n) for s, n in b], step
+        assert len(real.running) <= max_seqs
+        for x in a:
+            samples = x.samples
+            x.seq.num_computed_tokens += x.num_new_tokens
+            real.commit_full_blocks(x.seq)
+            if samples:
+                x.seq.token_ids.append(7)
+                if x.seq.num_output_tokens >= x.seq.params.max_tokens:
+                    real.finish(x.seq, FinishReason.LENGTH)
+        model.step_done(b)
+        model.check()
+        assert real.blocks.num_free_blocks == model.num_free_blocks, step
+        if not pending and not real.has_work():
+            break
+    assert not model.has_work() and landed_waiting > 0
+
+
 def test_engine_model_disaggregated_entry_points():
     m = EngineModel(block_size=16, max_num_batched_tokens=64, max_num_seqs=4, num_kv_blocks=10)
     a = SimSeq("a", 100, 3)
