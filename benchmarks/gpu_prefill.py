@@ -6,8 +6,10 @@ TTFT is LLMEngine wall time from add_request to the step that returns the first 
 of --repeat runs after a warm-up. Useful FLOPs: 2 x (decoder matrix params) x tokens +
 2 x (logits projection params) for the one sampled row + causal attention
 (4 x head_dim x heads x layers x L(L+1)/2). The rate is an 8192^3 bf16 product on
-random data. With --attention it also times one layer's prefill attention (Triton paged
-kernel under a few tilings, and torch SDPA on contiguous q/k/v) x layers.
+random data. Each length runs twice in the run: with dense attention for the fresh chunk
+(ops.causal_prefill_attention, the default) and with the paged Triton kernel
+(runner.dense_fresh_prefill off). With --attention it also times one layer's prefill
+attention (Triton paged kernel under a few tilings, and torch SDPA on contiguous q/k/v) x layers.
 
     python benchmarks/gpu_prefill.py [--lengths 1024,4096,8191] [--repeat 3] [--attention] [--json out.json]
 """
@@ -91,12 +93,18 @@ def main():
     rows = []
     for L in lengths:
         prompts = [torch.randint(100, 120000, (L,), generator=g).tolist() for _ in range(args.repeat + 1)]
-        ttft_s(engine, prompts[0], f"warm{L}")
-        times = [ttft_s(engine, p, f"{L}-{i}") for i, p in enumerate(prompts[1:])]
-        t = statistics.median(times)
         flops = 2 * layer_p * L + 2 * head_p + 4 * mc.head_dim * mc.num_heads * mc.num_layers * L * (L + 1) / 2
-        row = dict(tokens=L, ttft_ms=t * 1000, ttft_all_ms=[x * 1000 for x in times], tflops=flops / t / 1e12,
-                   ratio=flops / t / 1e12 / tflops)
+        row = dict(tokens=L)
+        # Dense attention for the prompt's one fresh chunk (the default), then the paged
+        # kernel for the same prompts in the same run (runner.dense_fresh_prefill off).
+        for dense, tag in ((True, ""), (False, "_paged")):
+            engine.runner.dense_fresh_prefill = dense
+            ttft_s(engine, prompts[0], f"warm{L}{tag}")
+            times = [ttft_s(engine, p, f"{L}-{i}{tag}") for i, p in enumerate(prompts[1:])]
+            t = statistics.median(times)
+            row.update({f"ttft{tag}_ms": t * 1000, f"ttft{tag}_all_ms": [x * 1000 for x in times],
+                        f"tflops{tag}": flops / t / 1e12, f"ratio{tag}": flops / t / 1e12 / tflops})
+        engine.runner.dense_fresh_prefill = True
         if args.attention:
             row["attention"] = attention_times(engine, L)
         rows.append(row)
@@ -104,10 +112,11 @@ def main():
     rec = dict(device=gc_.device_info(), matmul_tflops=tflops, rows=rows)
     gc_.dump(args.json, rec)
     print(f"\n{rec['device']['gpu']}: bf16 matmul {tflops:.0f} TFLOP/s")
-    print("| prompt tokens | TTFT ms | achieved TFLOP/s | of matmul rate |")
-    print("|---|---|---|---|")
+    print("| prompt tokens | TTFT ms | achieved TFLOP/s | of matmul rate | paged attention: TTFT ms | of matmul rate |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['tokens']} | {r['ttft_ms']:.1f} | {r['tflops']:.0f} | {r['ratio']:.1%} |")
+        print(f"| {r['tokens']} | {r['ttft_ms']:.1f} | {r['tflops']:.0f} | {r['ratio']:.1%} | "
+              f"{r['ttft_paged_ms']:.1f} | {r['ratio_paged']:.1%} |")
 
 
 if __name__ == "__main__":

@@ -43,6 +43,9 @@ class ModelRunner:
         self.block_size = cfg.block_size
         backend = cfg.kernel_backend or default_backend(device)
         self.ops = get_ops(backend)
+        # Prefill chunks with no prefix attend densely over their own K/V (Attention.forward);
+        # off, every chunk takes the paged kernel (benchmarks/gpu_prefill.py compares them).
+        self.dense_fresh_prefill = True
         if backend == "cpu":
             # Compile (or load from the on-disk cache) the numba kernels now, not inside the
             # first request's step, where seconds of silence would look like a dead worker.
@@ -159,6 +162,8 @@ class ModelRunner:
             batch.prefill_query_start_loc = as_tensor(qsl, torch.int32)
             batch.prefill_context_lens = as_tensor(
                 [s.seq.num_computed_tokens + s.num_new_tokens for s in prefills], torch.int32)
+            if self.dense_fresh_prefill and all(s.seq.num_computed_tokens == 0 for s in prefills):
+                batch.prefill_fresh_lens = [s.num_new_tokens for s in prefills]
         input_ids = as_tensor(inp.token_ids)
         if inp.has_placeholders:
             fill = [r for r, src in enumerate(inp.sources) if src >= 0]

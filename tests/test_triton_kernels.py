@@ -380,3 +380,37 @@ class TestLargeShapesGPU:
         out = tri.paged_prefill_attention(q, k_cache, v_cache, tables, qsl, lens, scale)
         expected = ref.paged_prefill_attention(q, k_cache, v_cache, tables, qsl, lens, scale)
         _close(out, expected, dtype)
+
+
+# --------------------------------------------------------------------------------------
+# dense causal prefill (chunks with no prefix): equal to the paged kernel over the same K/V
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("H,KH,lens", [(4, 4, [20]), (8, 2, [16, 5, 30]), (6, 2, [0, 12, 1, 17]), (4, 1, [35])])
+def test_causal_prefill_attention_equals_the_paged_kernels(H, KH, lens, dtype):
+    D, bs = 32, 16
+    T = sum(lens)
+    q = _randn(T, H, D, dtype=dtype, seed=3)
+    k = _randn(T, KH, D, dtype=dtype, seed=4)
+    v = _randn(T, KH, D, dtype=dtype, seed=5)
+    # The same K/V written into a paged cache, blocks handed out in reverse order.
+    blocks = [-(-n // bs) for n in lens]
+    num_blocks = sum(blocks) + 2
+    k_cache = _randn(num_blocks, bs, KH, D, dtype=dtype, seed=6)
+    v_cache = _randn(num_blocks, bs, KH, D, dtype=dtype, seed=7)
+    tables = torch.zeros(len(lens), max(blocks) + 1, dtype=torch.int32)
+    free = list(range(num_blocks - 1, -1, -1))
+    slots, start = [], 0
+    for s, n in enumerate(lens):
+        for b in range(blocks[s]):
+            tables[s, b] = free.pop(0)
+        slots += [int(tables[s, i // bs]) * bs + i % bs for i in range(n)]
+    slot = torch.tensor(slots, dtype=torch.int64, device=DEVICE)
+    ref.write_kv(k, v, k_cache, v_cache, slot)
+    qsl = torch.tensor([0] + lens, dtype=torch.int32).cumsum(0).to(torch.int32).to(DEVICE)
+    ctx = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    scale = D ** -0.5
+    expected = ref.paged_prefill_attention(q, k_cache, v_cache, tables.to(DEVICE), qsl, ctx, scale)
+    _close(ref.causal_prefill_attention(q, k, v, lens, scale), expected, dtype)
+    _close(tri.causal_prefill_attention(q, k, v, lens, scale), expected, dtype)
+    _close(tri.paged_prefill_attention(q, k_cache, v_cache, tables.to(DEVICE), qsl, ctx, scale), expected, dtype)

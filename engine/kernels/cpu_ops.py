@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from engine.kernels import reference
 from engine.quant import reference as qref
-from engine.kernels.reference import paged_prefill_attention, silu_and_mul  # noqa: F401
+from engine.kernels.reference import causal_prefill_attention, paged_prefill_attention, silu_and_mul  # noqa: F401
 from engine.kernels.reference import rotary_embedding_write_kv  # noqa: F401
 
 log = logging.getLogger(__name__)

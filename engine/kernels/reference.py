@@ -162,3 +162,28 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                                            scale=scale, enable_gqa=(H != KH))
         out[start:end] = o.transpose(0, 1)
     return out
+
+
+def causal_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: list[int],
+                             scale: float) -> torch.Tensor:
+    """Causal attention of chunks that start their sequences (nothing cached before them),
+    over their own K/V: q [T, H, D], k/v [T, KH, D] (rotary applied), sequence s owning the
+    next seq_lens[s] rows. No paged cache is read, so a dense kernel serves it (on CUDA,
+    torch's fused SDPA); equal to paged_prefill_attention over a cache holding these K/V.
+    seq_lens is host data: slicing by it launches nothing and waits for nothing."""
+    H, KH = q.shape[1], k.shape[1]
+    if len(seq_lens) == 1:
+        o = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                           is_causal=True, scale=scale, enable_gqa=(H != KH))
+        return o.transpose(0, 1)
+    out = torch.empty_like(q)
+    start = 0
+    for n in seq_lens:
+        end = start + n
+        if n:
+            o = F.scaled_dot_product_attention(q[start:end].transpose(0, 1), k[start:end].transpose(0, 1),
+                                               v[start:end].transpose(0, 1), is_causal=True, scale=scale,
+                                               enable_gqa=(H != KH))
+            out[start:end] = o.transpose(0, 1)
+        start = end
+    return out

@@ -18,7 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels.reference import linear  # noqa: F401  (cuBLAS: the GEMMs stay torch's)
+# cuBLAS: the GEMMs stay torch's; a chunk with no cached prefix runs torch's fused SDPA
+# (flash attention on the GPU), which reads dense K/V instead of the paged cache.
+from engine.kernels.reference import causal_prefill_attention, linear  # noqa: F401
 
 _LOG2E = 1.4426950408889634
 

@@ -33,6 +33,10 @@ class ForwardBatch:
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     # Called after each layer has written its KV (the prefill pool ships KV layer by layer).
     on_layer_done: Callable[[int], None] | None = None
+    # When every prefill chunk starts its sequence (no cached or computed prefix): their
+    # lengths, on the host. Attention then reads the chunk's own K/V densely
+    # (ops.causal_prefill_attention) instead of gathering it back from the paged cache.
+    prefill_fresh_lens: list[int] | None = None
 
 
 class Linear(nn.Linear):
@@ -75,7 +79,11 @@ class Attention(nn.Module):
         k = k.view(T, self.num_kv_heads, self.head_dim)
         v = v.view(T, self.num_kv_heads, self.head_dim)
         k_cache, v_cache = kv
-        if self._fuse_rope_kv(k_cache, q):
+        # Dense prefill attention needs the rotated K in hand (the fused op only writes it to
+        # the cache), and a cache of the activations' dtype (a quantized cache's K/V are what
+        # the paged kernel, and every later step, attends to).
+        dense = batch.prefill_fresh_lens is not None and k_cache.dtype == q.dtype
+        if not dense and self._fuse_rope_kv(k_cache, q):
             q = self.ops.rotary_embedding_write_kv(q, k, v, batch.positions, cos_sin, k_cache, v_cache,
                                                    batch.slot_mapping)
         else:
@@ -83,19 +91,22 @@ class Attention(nn.Module):
             self.ops.write_kv(k, v, k_cache, v_cache, batch.slot_mapping)
         nd = batch.num_decodes
         if nd == T:
-            out = self.ops.paged_decode_attention(q, k_cache, v_cache, batch.decode_block_tables,
-                                                  batch.decode_context_lens, self.scale)
-        elif nd == 0:
-            out = self.ops.paged_prefill_attention(q, k_cache, v_cache, batch.prefill_block_tables,
-                                                   batch.prefill_query_start_loc,
-                                                   batch.prefill_context_lens, self.scale)
+            return self.o_proj(self.ops.paged_decode_attention(q, k_cache, v_cache, batch.decode_block_tables,
+                                                               batch.decode_context_lens, self.scale)
+                               .reshape(T, self.q_size))
+        if dense:
+            pre = self.ops.causal_prefill_attention(q[nd:], k[nd:], v[nd:], batch.prefill_fresh_lens, self.scale)
+        else:
+            pre = self.ops.paged_prefill_attention(q[nd:], k_cache, v_cache, batch.prefill_block_tables,
+                                                   batch.prefill_query_start_loc, batch.prefill_context_lens,
+                                                   self.scale)
+        if nd == 0:
+            out = pre
         else:
             out = torch.empty_like(q)
             out[:nd] = self.ops.paged_decode_attention(q[:nd], k_cache, v_cache, batch.decode_block_tables,
                                                        batch.decode_context_lens, self.scale)
-            out[nd:] = self.ops.paged_prefill_attention(q[nd:], k_cache, v_cache, batch.prefill_block_tables,
-                                                        batch.prefill_query_start_loc,
-                                                        batch.prefill_context_lens, self.scale)
+            out[nd:] = pre
         return self.o_proj(out.reshape(T, self.q_size))
 
 
