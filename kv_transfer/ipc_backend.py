@@ -538,6 +538,11 @@ class _Item:
     queued_at: float = field(default_factory=time.monotonic)
 
 
+def _check_in_cache(dst_ids: list[int], num_blocks: int) -> None:
+    if min(dst_ids) < 0 or max(dst_ids) >= num_blocks:
+        raise ValueError(f"block ids outside the receiver's cache of {num_blocks} blocks")
+
+
 class IpcKVSender(KVSender):
     """Copies into one receiver's cache. The caller's thread (the prefill engine loop)
     launches a copy itself when it may (pair up, request granted, lease held), else it
@@ -620,7 +625,7 @@ class IpcKVSender(KVSender):
     def send_layer_blocks(self, request_id: str, layer: int, dst_block_ids: Sequence[int],
                           src_layer: torch.Tensor, src_block_ids: Sequence[int]) -> None:
         rid, ids = self._check(request_id, layer, dst_block_ids)
-        src_ids = [int(b) for b in src_block_ids]
+        src_ids = list(map(int, src_block_ids))
         if len(src_ids) != len(ids):
             raise ValueError(f"{len(src_ids)} source blocks for {len(ids)} destination blocks")
         if not ids:
@@ -681,7 +686,7 @@ class IpcKVSender(KVSender):
         rid = check_request_id(request_id)
         if type(layer) is not int or not 0 <= layer < MAX_LAYERS:
             raise ValueError(f"layer must be an int in [0, {MAX_LAYERS}), got {layer!r}")
-        ids = [int(b) for b in dst_block_ids]
+        ids = list(map(int, dst_block_ids))
         if len(ids) > MAX_BLOCKS_PER_MESSAGE:
             raise ValueError(f"at most {MAX_BLOCKS_PER_MESSAGE} blocks per layer")
         if self._closed:
@@ -698,11 +703,12 @@ class IpcKVSender(KVSender):
         """Holding the lock: copy one layer's blocks into the receiver's cache ``dst``, from
         blocks ``src_ids`` of the caller's cache layer ``src``, or (``src_ids`` None) from
         the gathered tensor ``src``. On CUDA on the side stream, after the current stream's
-        work (or the event ``ready``), recording the copy's event as rid's last."""
-        if min(dst_ids) < 0 or max(dst_ids) >= dst.shape[1]:
-            raise ValueError(f"block ids outside the receiver's cache of {dst.shape[1]} blocks")
+        work (or the event ``ready``), recording the copy's event as rid's last. The caller
+        launches one per layer as the prefill computes: the per-layer work is kept small
+        (ids checked once per request, one wait on the caller's stream)."""
         self.stats["copies"] += 1
         if not dst.is_cuda:
+            _check_in_cache(dst_ids, dst.shape[1])
             d_idx = torch.tensor(dst_ids, dtype=torch.long)
             if src_ids is not None:
                 copy_blocks(src, dst, torch.tensor(src_ids, dtype=torch.long), d_idx)
@@ -710,14 +716,14 @@ class IpcKVSender(KVSender):
                 dst[:, d_idx] = src.to("cpu", dst.dtype)
             return
         dev = dst.device
-        if ready is None:
-            ready = torch.cuda.Event()
-            ready.record(torch.cuda.current_stream(src.device))
         if self._side is None:
             self._side = torch.cuda.Stream(dev)
-        self._side.wait_event(ready)
+        if ready is None:
+            self._side.wait_stream(torch.cuda.current_stream(src.device))
+        else:
+            self._side.wait_event(ready)
         with torch.cuda.stream(self._side):
-            s_idx, d_idx = self._device_indices(rid, src_ids, dst_ids, dev)
+            s_idx, d_idx = self._device_indices(rid, src_ids, dst_ids, dev, dst.shape[1])
             if src_ids is not None:
                 copy_blocks(src, dst, s_idx, d_idx)
             else:
@@ -728,14 +734,17 @@ class IpcKVSender(KVSender):
             src.record_stream(self._side)   # the gathered tensor is read there, not on its own stream
         self._last_copy[rid] = done
 
-    def _device_indices(self, rid: str, src_ids: list[int] | None, dst_ids: list[int], dev: torch.device):
-        """Holding the lock, on the side stream: rid's index tensors on ``dev``. Built from
+    def _device_indices(self, rid: str, src_ids: list[int] | None, dst_ids: list[int], dev: torch.device,
+                        num_blocks: int):
+        """Holding the lock, on the side stream: rid's index tensors on ``dev`` (the
+        destination ids checked against the receiver's ``num_blocks`` when made). Built from
         pinned memory without blocking: a plain ``torch.tensor(..., device=)`` would wait for
         the side stream, i.e. for this layer's compute on the engine's stream, and so stall
         the engine loop that calls the sender once per layer."""
         have = self._indices.get(rid)
         if have is not None and have[0] == src_ids and have[1] == dst_ids:
             return have[2], have[3]
+        _check_in_cache(dst_ids, num_blocks)
 
         def upload(ids):
             return torch.tensor(ids, dtype=torch.long).pin_memory().to(dev, non_blocking=True)

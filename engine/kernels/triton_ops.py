@@ -18,9 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-# cuBLAS: the GEMMs stay torch's; a chunk with no cached prefix runs torch's fused SDPA
-# (flash attention on the GPU), which reads dense K/V instead of the paged cache.
-from engine.kernels.reference import causal_prefill_attention, linear  # noqa: F401
+from engine.kernels import reference
+from engine.kernels.reference import linear  # noqa: F401  (cuBLAS: the GEMMs stay torch's)
 
 _LOG2E = 1.4426950408889634
 
@@ -750,3 +749,29 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     """
     return _paged_prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc,
                                     context_lens, scale)
+
+
+# ---- dense causal prefill ------------------------------------------------------------------------
+def causal_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: list[int],
+                             scale: float) -> torch.Tensor:
+    """reference.causal_prefill_attention through cuDNN's fused attention only: it takes
+    grouped KV heads as they are, where torch's default choice for enable_gqa falls back to
+    the unfused math kernel. Raises RuntimeError where cuDNN cannot serve the shape or
+    dtype (dense_prefill_supported asks first)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+        return reference.causal_prefill_attention(q, k, v, seq_lens, scale)
+
+
+def dense_prefill_supported(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                            device: torch.device) -> bool:
+    """Can causal_prefill_attention run these heads on this device (tried once, tiny)?"""
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return False
+    try:
+        q = torch.zeros(8, num_heads, head_dim, dtype=dtype, device=device)
+        k = torch.zeros(8, num_kv_heads, head_dim, dtype=dtype, device=device)
+        causal_prefill_attention(q, k, k, [8], head_dim ** -0.5)
+        return True
+    except RuntimeError:
+        return False
