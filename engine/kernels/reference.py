@@ -171,19 +171,19 @@ def causal_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     next seq_lens[s] rows. No paged cache is read, so a dense kernel serves it (on CUDA,
     torch's fused SDPA); equal to paged_prefill_attention over a cache holding these K/V.
     seq_lens is host data: slicing by it launches nothing and waits for nothing."""
-    H, KH = q.shape[1], k.shape[1]
+    gqa = q.shape[1] != k.shape[1]
+
+    def one(qs, ks, vs):   # [n, heads, D] -> [1, heads, n, D]: the fused kernels take 4-D only
+        o = F.scaled_dot_product_attention(qs.transpose(0, 1)[None], ks.transpose(0, 1)[None],
+                                           vs.transpose(0, 1)[None], is_causal=True, scale=scale, enable_gqa=gqa)
+        return o[0].transpose(0, 1)
     if len(seq_lens) == 1:
-        o = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                           is_causal=True, scale=scale, enable_gqa=(H != KH))
-        return o.transpose(0, 1)
+        return one(q, k, v)
     out = torch.empty_like(q)
     start = 0
     for n in seq_lens:
         end = start + n
         if n:
-            o = F.scaled_dot_product_attention(q[start:end].transpose(0, 1), k[start:end].transpose(0, 1),
-                                               v[start:end].transpose(0, 1), is_causal=True, scale=scale,
-                                               enable_gqa=(H != KH))
-            out[start:end] = o.transpose(0, 1)
+            out[start:end] = one(q[start:end], k[start:end], v[start:end])
         start = end
     return out
