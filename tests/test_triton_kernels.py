@@ -418,3 +418,22 @@ def test_causal_prefill_attention_equals_the_paged_kernels(H, KH, lens, dtype):
     else:
         assert q.device.type == "cpu" or dtype == torch.float32
     _close(tri.paged_prefill_attention(q, k_cache, v_cache, tables.to(DEVICE), qsl, ctx, scale), expected, dtype)
+
+
+def test_dense_prefill_is_used_only_where_it_runs_and_agrees(monkeypatch):
+    """The engine-start probe: a fused op that raises, or answers wrongly, leaves the paged
+    kernel in charge; one equal to the unfused reference is used. Never on a CPU or fp32."""
+    assert not tri.dense_prefill_supported(8, 2, 32, torch.bfloat16, torch.device("cpu"))
+    assert not tri.dense_prefill_supported(8, 2, 32, torch.float32, torch.device("cuda"))
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(tri, "causal_prefill_attention", ref.causal_prefill_attention)
+    assert tri._dense_prefill_agrees(8, 2, 32, torch.bfloat16, cpu)
+
+    def wrong(q, k, v, lens, scale):
+        return torch.zeros_like(q)
+
+    def unavailable(q, k, v, lens, scale):
+        raise RuntimeError("No available kernel. Aborting execution.")
+    for op in (wrong, unavailable):
+        monkeypatch.setattr(tri, "causal_prefill_attention", op)
+        assert not tri._dense_prefill_agrees(8, 2, 32, torch.bfloat16, cpu)

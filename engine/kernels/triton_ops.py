@@ -765,13 +765,27 @@ def causal_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
 def dense_prefill_supported(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
                             device: torch.device) -> bool:
-    """Can causal_prefill_attention run these heads on this device (tried once, tiny)?"""
+    """Can causal_prefill_attention run these heads on this device, and does it agree with
+    the unfused reference there? Tried once at engine start on a small random input (two
+    sequences), so a library that cannot serve the shape, or serves it wrongly, leaves the
+    paged kernel in charge instead of failing or corrupting a request later."""
     if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
         return False
+    return _dense_prefill_agrees(num_heads, num_kv_heads, head_dim, dtype, device)
+
+
+def _dense_prefill_agrees(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                          device: torch.device) -> bool:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    g = torch.Generator(device=device).manual_seed(0)
+    lens = [48, 80]
+    q = torch.randn(sum(lens), num_heads, head_dim, generator=g, device=device).to(dtype)
+    k = torch.randn(sum(lens), num_kv_heads, head_dim, generator=g, device=device).to(dtype)
+    v = torch.randn(sum(lens), num_kv_heads, head_dim, generator=g, device=device).to(dtype)
     try:
-        q = torch.zeros(8, num_heads, head_dim, dtype=dtype, device=device)
-        k = torch.zeros(8, num_kv_heads, head_dim, dtype=dtype, device=device)
-        causal_prefill_attention(q, k, k, [8], head_dim ** -0.5)
-        return True
+        got = causal_prefill_attention(q, k, v, lens, head_dim ** -0.5)
     except RuntimeError:
         return False
+    with sdpa_kernel([SDPBackend.MATH]):
+        want = reference.causal_prefill_attention(q.float(), k.float(), v.float(), lens, head_dim ** -0.5)
+    return bool(torch.allclose(got.float(), want, atol=3e-2, rtol=3e-2))
