@@ -162,7 +162,16 @@ class Scheduler:
         seq.status = SeqStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(seq)
+        self._requeue(seq)
+
+    def _requeue(self, seq: Sequence) -> None:
+        """Back to the head of the queue, behind the landed remote prefills waiting there
+        for a slot: they hold their KV and need one token each to run, so nothing that has
+        to be recomputed may stand in front of them."""
+        at = 0
+        while at < len(self.waiting) and self.waiting[at].block_table:
+            at += 1
+        self.waiting.insert(at, seq)
 
     # ---- the step -----------------------------------------------------------------------------
     def schedule(self) -> list[ScheduledSeq]:
@@ -217,6 +226,17 @@ class Scheduler:
                 if fresh:  # give the prefix hit back; try again next step
                     self._free_blocks(seq)
                     seq.num_computed_tokens = 0
+                elif not self.running:
+                    # A landed prompt that cannot get its next block while nothing runs
+                    # would wait for ever (only running sequences are preempted): it gives
+                    # its KV up and is recomputed later, so the others can go on.
+                    self.waiting.popleft()
+                    self._free_blocks(seq)
+                    seq.num_computed_tokens = 0
+                    seq.num_preemptions += 1
+                    self.num_preemptions += 1
+                    self._requeue(seq)
+                    continue
                 break
             self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
@@ -264,10 +284,7 @@ class Scheduler:
             self.running.append(seq)
             return seq
         seq.status = SeqStatus.WAITING
-        at = 0
-        while at < len(self.waiting) and self.waiting[at].block_table:
-            at += 1
-        self.waiting.insert(at, seq)
+        self._requeue(seq)
         return seq
 
     def remote_kv_failed(self, seq_id: str) -> Sequence:
@@ -277,5 +294,5 @@ class Scheduler:
         self._free_blocks(seq)
         seq.num_computed_tokens = 0
         seq.status = SeqStatus.WAITING
-        self.waiting.appendleft(seq)
+        self._requeue(seq)
         return seq

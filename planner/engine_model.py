@@ -218,7 +218,14 @@ class EngineModel:
         seq.status = WAITING
         seq.preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(seq)
+        self._requeue(seq)
+
+    def _requeue(self, seq: SimSeq) -> None:
+        """Scheduler._requeue: the head of the queue, behind the landed prompts there."""
+        at = 0
+        while at < len(self.waiting) and self.waiting[at].table:
+            at += 1
+        self.waiting.insert(at, seq)
 
     def finish(self, seq: SimSeq) -> None:
         if seq.status == RUNNING:
@@ -265,6 +272,14 @@ class EngineModel:
                 if fresh:
                     self._free_blocks(seq, comes_back=True)
                     seq.computed = 0
+                elif not self.running:   # a landed prompt gives its KV up (Scheduler.schedule)
+                    self.waiting.popleft()
+                    self._free_blocks(seq, comes_back=True)
+                    seq.computed = 0
+                    seq.preemptions += 1
+                    self.num_preemptions += 1
+                    self._requeue(seq)
+                    continue
                 break
             self.waiting.popleft()
             seq.status = RUNNING
@@ -329,10 +344,7 @@ class EngineModel:
             self.running.append(seq)
         else:
             seq.status = WAITING
-            at = 0
-            while at < len(self.waiting) and self.waiting[at].table:
-                at += 1
-            self.waiting.insert(at, seq)
+            self._requeue(seq)
         seq.num_tokens += 1
         if seq.outputs >= seq.max_tokens:
             self.finish(seq)

@@ -273,27 +273,34 @@ def test_engine_model_schedules_as_the_engine_scheduler(blocks, prefixes):
         assert sum(s.num_cached_tokens for s in real_seqs.values()) > 0
 
 
-def test_engine_model_lands_remote_prompts_as_the_scheduler_does():
+@pytest.mark.parametrize("bs,blocks,out_max", [(16, 400, 12), (4, 60, 40), (4, 40, 60)])
+def test_engine_model_lands_remote_prompts_as_the_scheduler_does(bs, blocks, out_max):
     """Remote prefills landing into a full batch (max_num_seqs) wait, KV in place, ahead of
-    prompts not started: the scheduler and the model schedule the same steps throughout."""
+    prompts not started and of preempted ones: the scheduler and the model schedule the same
+    steps throughout, and under memory pressure (small caches, long outputs: preemptions,
+    landed prompts giving their KV up) nothing stalls."""
     from engine.sampling_params import SamplingParams
     from engine.sequence import FinishReason, Sequence
-    bs, max_seqs = 16, 3
-    real = _real_scheduler(bs, 256, max_seqs, 400)
-    model = EngineModel(block_size=bs, max_num_batched_tokens=256, max_num_seqs=max_seqs, num_kv_blocks=400)
+    max_seqs = 3
+    real = _real_scheduler(bs, 256, max_seqs, blocks)
+    model = EngineModel(block_size=bs, max_num_batched_tokens=256, max_num_seqs=max_seqs, num_kv_blocks=blocks)
     rng = random.Random(3)
     seqs = {}
+    remote = set()
 
-    def add(i, remote):
+    def add(i, want_remote):
         ids = [rng.randrange(100, 30000) for _ in range(rng.randint(20, 90))]
-        out = rng.randint(2, 12)
+        out = rng.randint(2, out_max)
         s = seqs[i] = Sequence(i, ids, len(ids), SamplingParams(max_tokens=out, ignore_eos=True))
         m = SimSeq(i, len(ids), out)
-        if remote:
-            assert real.reserve_for_remote(s) and model.reserve_for_remote(m)
-        else:
-            real.add(s)
-            model.add(m)
+        if want_remote:
+            got = real.reserve_for_remote(s)
+            assert model.reserve_for_remote(m) == got
+            if got:
+                remote.add(i)
+                return
+        real.add(s)
+        model.add(m)
 
     def land(i):
         s = real.remote_kv_landed(i)
@@ -302,12 +309,12 @@ def test_engine_model_lands_remote_prompts_as_the_scheduler_does():
 
     landed_waiting = 0
     for i in range(3):
-        add(i, remote=False)
+        add(i, want_remote=False)
     for i in range(3, 9):
-        add(i, remote=True)
-    add(9, remote=False)
-    pending = list(range(3, 9))
-    for step in range(400):
+        add(i, want_remote=True)
+    add(9, want_remote=False)
+    pending = [i for i in range(3, 9) if i in remote]
+    for step in range(3000):
         if pending and step % 2 == 1:
             land(pending.pop(0))
             landed_waiting += any(s.block_table for s in real.waiting)
@@ -327,7 +334,51 @@ def test_engine_model_lands_remote_prompts_as_the_scheduler_does():
         assert real.blocks.num_free_blocks == model.num_free_blocks, step
         if not pending and not real.has_work():
             break
-    assert not model.has_work() and landed_waiting > 0
+    assert not model.has_work() and not real.has_work() and remote
+    assert model.num_preemptions == real.num_preemptions
+    if blocks < 100:
+        assert real.num_preemptions > 0
+    else:
+        assert landed_waiting > 0
+
+
+def test_a_landed_prompt_never_waits_behind_one_that_cannot_get_blocks():
+    """Preempted prompts queue behind the landed ones, and a landed prompt that cannot get a
+    block while nothing runs gives its KV up: a full, memory-tight decode engine with landed
+    prompts keeps stepping (it used to stop for good)."""
+    from engine.sampling_params import SamplingParams
+    from engine.sequence import FinishReason, Sequence
+    real = _real_scheduler(4, 64, 2, 24)
+    params = SamplingParams(max_tokens=60, ignore_eos=True)   # each fits the 96-token cache alone
+    a, b = Sequence("A", list(range(10, 22)), 12, params), Sequence("B", list(range(30, 42)), 12, params)
+    real.add(a)
+    real.add(b)
+
+    def step():
+        out = real.schedule()
+        for x in out:
+            x.seq.num_computed_tokens += x.num_new_tokens
+            real.commit_full_blocks(x.seq)
+            if x.seq.num_computed_tokens == x.seq.num_tokens:
+                x.seq.token_ids.append(7)
+                if x.seq.num_output_tokens >= x.seq.params.max_tokens:
+                    real.finish(x.seq, FinishReason.LENGTH)
+        return out
+    step()
+    for i in range(2):
+        s = Sequence(f"L{i}", list(range(100 + 20 * i, 120 + 20 * i)), 20, params)
+        assert real.reserve_for_remote(s)
+        real.remote_kv_landed(s.seq_id)
+        s.token_ids.append(7)
+    assert [s.seq_id for s in real.waiting] == ["L0", "L1"]
+    for _ in range(2000):
+        if not real.has_work():
+            break
+        assert step(), [(s.seq_id, len(s.block_table)) for s in real.waiting]
+        # Whatever holds blocks in the queue (a landed prompt) is ahead of what does not.
+        held = [bool(s.block_table) for s in real.waiting]
+        assert held == sorted(held, reverse=True)
+    assert not real.has_work() and real.num_preemptions > 0
 
 
 def test_engine_model_disaggregated_entry_points():
