@@ -86,7 +86,9 @@ def main():
     tflops = gc_.matmul_tflops()
     print(f"bf16 matmul 8192^3: {tflops:.0f} TFLOP/s", flush=True)
     engine = LLMEngine(args.model, device="cuda", dtype="bfloat16", enable_prefix_caching=False,
-                       max_num_seqs=8, max_num_batched_tokens=max(lengths))
+                       max_num_seqs=8, max_num_batched_tokens=max(lengths), dense_prefill=True)
+    dense_ok = engine.runner.dense_fresh_prefill   # the start-up probe's answer
+    print(f"dense prefill attention: {'available' if dense_ok else 'unavailable here (paged only)'}", flush=True)
     mc = engine.model_config
     layer_p, head_p = gc_.matmul_params(engine.runner.model)
     g = torch.Generator().manual_seed(0)
@@ -97,14 +99,14 @@ def main():
         row = dict(tokens=L)
         # Dense attention for the prompt's one fresh chunk (the default), then the paged
         # kernel for the same prompts in the same run (runner.dense_fresh_prefill off).
-        for dense, tag in ((True, ""), (False, "_paged")):
+        for dense, tag in ((True, ""), (False, "_paged")) if dense_ok else ((False, ""), (False, "_paged")):
             engine.runner.dense_fresh_prefill = dense
             ttft_s(engine, prompts[0], f"warm{L}{tag}")
             times = [ttft_s(engine, p, f"{L}-{i}{tag}") for i, p in enumerate(prompts[1:])]
             t = statistics.median(times)
             row.update({f"ttft{tag}_ms": t * 1000, f"ttft{tag}_all_ms": [x * 1000 for x in times],
                         f"tflops{tag}": flops / t / 1e12, f"ratio{tag}": flops / t / 1e12 / tflops})
-        engine.runner.dense_fresh_prefill = True
+        engine.runner.dense_fresh_prefill = dense_ok
         if args.attention:
             row["attention"] = attention_times(engine, L)
         rows.append(row)

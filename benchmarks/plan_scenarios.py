@@ -663,9 +663,9 @@ def run_what_ifs(items, n, seed, precision, jobs, log=print, run: dict | None = 
 def peak_decode_batch(sc: Scenario, r: dict, seed: int) -> int | None:
     """The largest decode batch any decode engine ran in the result's run at its sustained
     rate (re-simulated; the step pricing is wrapped to count decoded sequences). A
-    disaggregated decode engine's batch can pass max_num_seqs: prompts whose KV landed join
-    the running batch uncapped, as engine/scheduler.py's remote_kv_landed does; only the
-    router's in-flight cap per decode worker (256) bounds it."""
+    disaggregated decode engine's batch stays within max_num_seqs now (a landed prompt waits
+    for a slot, as engine/scheduler.py's remote_kv_landed does); results computed before
+    that change could show batches up to the router's in-flight cap (256)."""
     at = r.get("at_sustained")
     if not at:
         return None

@@ -84,6 +84,13 @@ class EngineConfig:
     # the forward runs on the host anyway); True/False forces it. Steps with a per-layer
     # callback (the prefill worker) and engines with speculative decoding run synchronously.
     async_scheduling: bool | None = None
+    # Prefill chunks that start their sequence attend over their own K/V with a dense fused
+    # kernel instead of the paged one (engine/kernels: causal_prefill_attention). None =
+    # auto: on for the CPU backends (torch's SDPA); off on CUDA, where the fused kernel that
+    # takes grouped KV heads as they are (cuDNN) builds a plan for every new prompt length,
+    # a cost not yet measured under varied lengths. True asks for it on CUDA too; it is used
+    # only where a start-up probe finds that kernel runs and agrees with the reference.
+    dense_prefill: bool | None = None
 
     def validate(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):

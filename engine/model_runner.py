@@ -43,14 +43,14 @@ class ModelRunner:
         self.block_size = cfg.block_size
         backend = cfg.kernel_backend or default_backend(device)
         self.ops = get_ops(backend)
-        # Prefill chunks with no prefix attend densely over their own K/V (Attention.forward)
-        # where the backend has a fused kernel for it; off, every chunk takes the paged
-        # kernel (benchmarks/gpu_prefill.py compares them).
-        self.dense_fresh_prefill = True
+        # Prefill chunks with no prefix attend densely over their own K/V (Attention.forward;
+        # EngineConfig.dense_prefill says when); off, every chunk takes the paged kernel
+        # (benchmarks/gpu_prefill.py compares them).
+        self.dense_fresh_prefill = cfg.dense_prefill is not False
         if backend == "triton":
             from engine.kernels.triton_ops import dense_prefill_supported
-            self.dense_fresh_prefill = dense_prefill_supported(mcfg.num_heads, mcfg.num_kv_heads, mcfg.head_dim,
-                                                               dtype, device)
+            self.dense_fresh_prefill = bool(cfg.dense_prefill) and dense_prefill_supported(
+                mcfg.num_heads, mcfg.num_kv_heads, mcfg.head_dim, dtype, device)
         if backend == "cpu":
             # Compile (or load from the on-disk cache) the numba kernels now, not inside the
             # first request's step, where seconds of silence would look like a dead worker.

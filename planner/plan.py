@@ -242,6 +242,8 @@ def check_repeats(records: list[dict]) -> None:
         diff = [k for k in _RUN_KEYS if a.get(k) != first.get(k)]
         if sorted(r.get("modes", {})) != sorted(records[0].get("modes", {})):
             diff.append("modes")
+        elif any(len(r["modes"][m]) != len(runs) for m, runs in records[0].get("modes", {}).items()):
+            diff.append("the runs recorded per mode")
         if diff:
             raise ValueError(f"--validate: record {i + 1} is not a repeat of the first (differs in {', '.join(diff)})")
 
@@ -419,10 +421,12 @@ def run(args) -> dict:
             with open(path, encoding="utf-8") as f:
                 records.append(json.load(f))
         measured = records[0]
-        for m in engine_mismatches(cost, measured):
-            print(f"warning: engine setting differs, {m}", file=sys.stderr)
-        for m in thread_mismatches(cost, measured):
-            print(f"warning: threads differ, {m}", file=sys.stderr)
+        for path, rec in zip(args.validate, records):
+            where = f" ({path})" if len(records) > 1 else ""
+            for m in engine_mismatches(cost, rec):
+                print(f"warning: engine setting differs{where}, {m}", file=sys.stderr)
+            for m in thread_mismatches(cost, rec):
+                print(f"warning: threads differ{where}, {m}", file=sys.stderr)
         rows = validate(cost, records, engines_per_gpu=args.engines_per_gpu)
         for mode in dict.fromkeys(r["mode"] for r in rows):
             r = next(r for r in rows if r["mode"] == mode)
@@ -430,7 +434,8 @@ def run(args) -> dict:
         print(f"profile: {cost.profile['model'].get('name')} on {cost.profile['hardware'].get('name')}; "
               f"measured: {measured.get('model')} ({measured.get('workload')} workload)")
         print(validation_table(rows))
-        out = dict(profile=args.profile, measured=args.validate, rows=rows, cost_form=cost.form,
+        out = dict(profile=args.profile, measured=args.validate[0] if len(args.validate) == 1 else args.validate,
+                   rows=rows, cost_form=cost.form,
                    engine_mismatches=engine_mismatches(cost, measured),
                    thread_mismatches=thread_mismatches(cost, measured))
         if args.json:

@@ -257,3 +257,23 @@ def test_step_inputs_and_runner_output_rows():
     assert out.sampling == [a, b, c] and out.first_rows == [0, 1, 2]
     assert out.rows(2) == slice(2, 5) and out.last_rows == [0, 1, 4]
     assert RunnerOutput.for_step([d], None).logits is None
+
+
+def test_dense_prefill_attention_gives_the_paged_kernels_tokens(make_engine):
+    """EngineConfig.dense_prefill: fresh prompts attend over their own K/V (dense) or through
+    the paged kernel; greedy tokens are the same, and later chunks and decodes (paged) read
+    the K/V the dense path wrote to the cache."""
+    prompts = [list(range(5, 5 + n)) for n in (40, 7, 90)]
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    got = {}
+    for dense in (True, False):
+        e = make_engine("random:tiny", dense_prefill=dense, max_num_batched_tokens=64)
+        assert e.runner.dense_fresh_prefill is dense
+        calls = []
+        real = e.runner.ops.causal_prefill_attention
+        e.runner.ops.causal_prefill_attention = lambda *a, **k: calls.append(1) or real(*a, **k)
+        for i, p in enumerate(prompts):
+            e.add_request(f"r{i}", p, params)
+        got[dense] = run_to_completion(e)
+        assert bool(calls) is dense
+    assert got[True] == got[False]

@@ -625,6 +625,10 @@ def test_plan_command_and_validation_against_a_bench_record(tmp_path, capsys):
     other["args"] = dict(other["args"], requests=61)
     with pytest.raises(ValueError, match="record 2 is not a repeat of the first.*requests"):
         validate(c, [measured, other])
+    short = copy.deepcopy(again)
+    short["modes"]["colocated"] = short["modes"]["colocated"][:1]
+    with pytest.raises(ValueError, match="record 2 is not a repeat of the first.*runs recorded per mode"):
+        validate(c, [measured, short])
 
 
 # ---- engines sharing a device ------------------------------------------------------------------------------

@@ -171,11 +171,14 @@ def causal_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     next seq_lens[s] rows. No paged cache is read, so a dense kernel serves it (on CUDA,
     torch's fused SDPA); equal to paged_prefill_attention over a cache holding these K/V.
     seq_lens is host data: slicing by it launches nothing and waits for nothing."""
-    gqa = q.shape[1] != k.shape[1]
+    group = q.shape[1] // k.shape[1]
 
     def one(qs, ks, vs):   # [n, heads, D] -> [1, heads, n, D]: the fused kernels take 4-D only
+        if qs.shape[0] == 1:   # one key: the softmax is 1 (and fused kernels refuse a length of 1)
+            return vs.repeat_interleave(group, dim=1).to(qs.dtype)
         o = F.scaled_dot_product_attention(qs.transpose(0, 1)[None], ks.transpose(0, 1)[None],
-                                           vs.transpose(0, 1)[None], is_causal=True, scale=scale, enable_gqa=gqa)
+                                           vs.transpose(0, 1)[None], is_causal=True, scale=scale,
+                                           enable_gqa=group > 1)
         return o[0].transpose(0, 1)
     if len(seq_lens) == 1:
         return one(q, k, v)

@@ -779,9 +779,14 @@ def _dense_prefill_agrees(num_heads: int, num_kv_heads: int, head_dim: int, dtyp
     from torch.nn.attention import SDPBackend, sdpa_kernel
     g = torch.Generator(device=device).manual_seed(0)
     lens = [48, 80]
-    q = torch.randn(sum(lens), num_heads, head_dim, generator=g, device=device).to(dtype)
-    k = torch.randn(sum(lens), num_kv_heads, head_dim, generator=g, device=device).to(dtype)
-    v = torch.randn(sum(lens), num_kv_heads, head_dim, generator=g, device=device).to(dtype)
+    T = sum(lens)
+    # Laid out as Attention.forward hands them over: q and k fresh from rotary, v a view
+    # into the fused qkv projection's rows.
+    qkv = torch.randn(T, (num_heads + 2 * num_kv_heads) * head_dim, generator=g, device=device).to(dtype)
+    q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
+    q = q.reshape(T, num_heads, head_dim).contiguous()
+    k = k.reshape(T, num_kv_heads, head_dim).contiguous()
+    v = v.view(T, num_kv_heads, head_dim)
     try:
         got = causal_prefill_attention(q, k, v, lens, head_dim ** -0.5)
     except RuntimeError:
