@@ -295,7 +295,9 @@ def rank_main(rank: int, args) -> None:
     max_tokens = max(args.ttft_tokens)
     engine = LLMEngine(args.model, device=dev, dtype=dtype, enable_prefix_caching=False, enable_cuda_graphs=False,
                        max_num_batched_tokens=max(8192, max_tokens),
-                       num_kv_blocks=2 * (-(-max_tokens // block_size)) + 64)
+                       num_kv_blocks=2 * (-(-max_tokens // block_size)) + 64,
+                       dense_prefill=True if args.dense_prefill else None)
+    result["dense_prefill"] = engine.runner.dense_fresh_prefill   # as the engine resolved it
     for tokens in args.ttft_tokens:
         r = ttft(rank, board, args, dev, engine, tokens)
         if rank == DECODE:
@@ -332,6 +334,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--two-gpus", action="store_true", help="prefill on cuda:0, decode on cuda:1")
+    ap.add_argument("--dense-prefill", action="store_true",
+                    help="both engines prefill fresh prompts through dense attention (EngineConfig.dense_prefill)")
     ap.add_argument("--cpu-smoke", action="store_true", help="the same code on CPU (shared memory, tiny sizes)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)

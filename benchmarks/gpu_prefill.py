@@ -96,9 +96,9 @@ def main():
     for L in lengths:
         prompts = [torch.randint(100, 120000, (L,), generator=g).tolist() for _ in range(args.repeat + 1)]
         flops = 2 * layer_p * L + 2 * head_p + 4 * mc.head_dim * mc.num_heads * mc.num_layers * L * (L + 1) / 2
-        row = dict(tokens=L)
-        # Dense attention for the prompt's one fresh chunk (the default), then the paged
-        # kernel for the same prompts in the same run (runner.dense_fresh_prefill off).
+        row = dict(tokens=L, dense_available=dense_ok)
+        # Dense attention for the prompt's one fresh chunk (dense_prefill=True, where the
+        # probe allows it), then the paged kernel for the same prompts in the same run.
         for dense, tag in ((True, ""), (False, "_paged")) if dense_ok else ((False, ""), (False, "_paged")):
             engine.runner.dense_fresh_prefill = dense
             ttft_s(engine, prompts[0], f"warm{L}{tag}")

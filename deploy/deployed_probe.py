@@ -26,7 +26,8 @@ idle cluster, overheads zeroed), so that they mean exactly what the simulator ad
   router_direct_s         with per_token_stream_s in place (it also sits between the chunks of
                           a chunked prefill), measured TTFT minus simulated TTFT (the prompt's
                           prefill step(s) under chunking), median per length: the smallest
-                          of them is the request path's fixed cost;
+                          of them is the request path's fixed cost (lengths up to that one
+                          add nothing: their differences are noise);
   prompt_residual         what each longer prompt's residual adds to it, per length as measured
                           (CostModel.request_path_s reads it by uncached tokens, linear between
                           points): on a CPU host the deployed worker's prefill runs slower than
@@ -106,17 +107,19 @@ def derive_overheads(cost, direct: dict[int, list[dict]], disagg: dict[int, list
 
     sim_d = {n: simulated_lone(cost, "direct", n, output, per_token) for n in lengths}
     res_d = {n: med(r["ttft"] for r in direct[n]) - sim_d[n][0] for n in lengths}
-    # The fixed path is the smallest residual over the lengths (the short prompts' residuals
-    # differ by noise alone, and the shortest is not always the least); what each length
-    # adds to it is kept as measured (prompt_residual, read between points by
+    # The fixed path is the smallest residual over the lengths: the short prompts' residuals
+    # differ by noise alone (the shortest is not always the least), so every length up to
+    # the one with the smallest residual adds nothing to it. Past that length, what each one
+    # adds is kept as measured (prompt_residual, read between points by
     # CostModel.request_path_s): on a CPU host it is mostly the deployed worker's prefill
     # running slower than the profiled steps, which is not linear in the tokens. The line
     # through the points stays as per_prompt_token_s, for prompts past the longest one.
-    fixed = min(res_d.values())
+    least = min(lengths, key=lambda n: res_d[n])
+    fixed = res_d[least]
     if fixed < 0:
         negative.append(f"router_direct_s {fixed * 1e3:.3f} ms")
     fixed = max(0.0, fixed)
-    residual = [[n, max(0.0, res_d[n] - fixed)] for n in lengths]
+    residual = [[n, 0.0 if n <= least else max(0.0, res_d[n] - fixed)] for n in lengths]
     slope = 0.0
     if len(lengths) > 1:
         slope = float(np.polyfit(np.array(lengths, float), np.array([res_d[n] for n in lengths]), 1)[0])

@@ -86,7 +86,7 @@ class EngineConfig:
     async_scheduling: bool | None = None
     # Prefill chunks that start their sequence attend over their own K/V with a dense fused
     # kernel instead of the paged one (engine/kernels: causal_prefill_attention). None =
-    # auto: on for the CPU backends (torch's SDPA); off on CUDA, where the fused kernel that
+    # auto: on a CPU device (torch's SDPA); off on CUDA, where the fused kernel that
     # takes grouped KV heads as they are (cuDNN) builds a plan for every new prompt length,
     # a cost not yet measured under varied lengths. True asks for it on CUDA too; it is used
     # only where a start-up probe finds that kernel runs and agrees with the reference.
@@ -118,6 +118,9 @@ class EngineConfig:
             raise ValueError(f"num_speculative_tokens must be an integer in [1, 16], got {self.num_speculative_tokens!r}")
         if isinstance(self.spec_max_batch, bool) or not isinstance(self.spec_max_batch, int) or self.spec_max_batch < 1:
             raise ValueError(f"spec_max_batch must be a positive integer, got {self.spec_max_batch!r}")
+        if self.dense_prefill is not None and not isinstance(self.dense_prefill, bool):
+            raise ValueError(f"dense_prefill must be true, false or null (auto: on on a CPU), "
+                             f"got {self.dense_prefill!r}")
         if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):
             raise ValueError(f"async_scheduling must be true, false or null (auto: on with CUDA), "
                              f"got {self.async_scheduling!r}")

@@ -46,7 +46,7 @@ class ModelRunner:
         # Prefill chunks with no prefix attend densely over their own K/V (Attention.forward;
         # EngineConfig.dense_prefill says when); off, every chunk takes the paged kernel
         # (benchmarks/gpu_prefill.py compares them).
-        self.dense_fresh_prefill = cfg.dense_prefill is not False
+        self.dense_fresh_prefill = device.type == "cpu" if cfg.dense_prefill is None else cfg.dense_prefill
         if backend == "triton":
             from engine.kernels.triton_ops import dense_prefill_supported
             self.dense_fresh_prefill = bool(cfg.dense_prefill) and dense_prefill_supported(

@@ -153,8 +153,9 @@ class Scheduler:
         return True
 
     def _preempt(self, seq: Sequence) -> None:
-        """Recompute-style preemption: drop its KV; it re-queues at the front and will
-        re-prefill prompt + generated tokens (much of it likely from the prefix cache)."""
+        """Recompute-style preemption: drop its KV; it re-queues at the front (behind landed
+        remote prefills) and will re-prefill prompt + generated tokens (much of it likely
+        from the prefix cache)."""
         self.running.remove(seq)
         self._free_blocks(seq)
         seq.num_computed_tokens = 0
@@ -226,10 +227,11 @@ class Scheduler:
                 if fresh:  # give the prefix hit back; try again next step
                     self._free_blocks(seq)
                     seq.num_computed_tokens = 0
-                elif not self.running:
+                elif not self.running and not self.deferred:
                     # A landed prompt that cannot get its next block while nothing runs
-                    # would wait for ever (only running sequences are preempted): it gives
-                    # its KV up and is recomputed later, so the others can go on.
+                    # (and no finished sequence's blocks are about to come back) would wait
+                    # for ever, since only running sequences are preempted: it gives its KV
+                    # up and is recomputed later, so the others can go on.
                     self.waiting.popleft()
                     self._free_blocks(seq)
                     seq.num_computed_tokens = 0

@@ -5,8 +5,11 @@ engine/scheduler.py.
 in order, under the max_num_batched_tokens budget; recompute preemption of the last running
 sequence when blocks run out; no admission in a step that preempted; admission in arrival
 order while len(running) < max_num_seqs, chunked prefill, prefix-cache hits taken at first
-admission with at least one token left to compute), and `reserve_for_remote` /
-`remote_kv_landed` follow the scheduler's disaggregation entry points. It is a copy, not an
+admission with at least one token left to compute; a preempted sequence re-queues at the
+head behind landed remote prefills, which wait there for a slot while max_num_seqs run and
+give their KV up when they cannot get a block while nothing runs), and `reserve_for_remote`
+/ `remote_kv_landed` follow the scheduler's disaggregation entry points. (Deferred frees of
+overlapped scheduling are not modelled: the model's blocks come back when a step ends.) It is a copy, not an
 import: importing anything of engine/ loads torch and the model code (engine/__init__.py),
 and the scheduler works on Sequence objects with token ids and block tables. Instead
 tests/test_planner_sim.py runs this model and the real Scheduler side by side on the same

@@ -230,7 +230,7 @@ def engine_mismatches(cost, measured: dict) -> list[str]:
 # The bench arguments that must agree between repeated records of one measurement.
 _RUN_KEYS = ("model", "dtype", "engine_kwargs", "decode_replicas", "disagg_threshold", "rates", "requests",
              "warmup", "workload", "prompt_min", "prompt_max", "output_min", "output_max", "prefix_len",
-             "num_prefixes", "seed", "ttft_slo", "tpot_slo", "ignore_eos")
+             "num_prefixes", "seed", "ttft_slo", "tpot_slo", "ignore_eos", "ray_cpus")
 
 
 def check_repeats(records: list[dict]) -> None:
@@ -240,6 +240,8 @@ def check_repeats(records: list[dict]) -> None:
     for i, r in enumerate(records[1:], 1):
         a = r.get("args") or {}
         diff = [k for k in _RUN_KEYS if a.get(k) != first.get(k)]
+        if r.get("layouts") != records[0].get("layouts"):
+            diff.append("layouts")
         if sorted(r.get("modes", {})) != sorted(records[0].get("modes", {})):
             diff.append("modes")
         elif any(len(r["modes"][m]) != len(runs) for m, runs in records[0].get("modes", {}).items()):
@@ -434,10 +436,9 @@ def run(args) -> dict:
         print(f"profile: {cost.profile['model'].get('name')} on {cost.profile['hardware'].get('name')}; "
               f"measured: {measured.get('model')} ({measured.get('workload')} workload)")
         print(validation_table(rows))
-        out = dict(profile=args.profile, measured=args.validate[0] if len(args.validate) == 1 else args.validate,
-                   rows=rows, cost_form=cost.form,
-                   engine_mismatches=engine_mismatches(cost, measured),
-                   thread_mismatches=thread_mismatches(cost, measured))
+        out = dict(profile=args.profile, measured=list(args.validate), rows=rows, cost_form=cost.form,
+                   engine_mismatches=[m for rec in records for m in engine_mismatches(cost, rec)],
+                   thread_mismatches=[m for rec in records for m in thread_mismatches(cost, rec)])
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(out, f, indent=2)

@@ -171,7 +171,10 @@ def engine_section(engine) -> dict:
                 max_num_seqs=cfg.max_num_seqs, num_kv_blocks=engine.num_blocks,
                 kernel_backend=cfg.kernel_backend or default_backend(engine.device),
                 async_scheduling=bool(engine.overlap), max_model_len=engine.max_model_len,
-                enable_prefix_caching=cfg.enable_prefix_caching, quantization=cfg.quantization)
+                enable_prefix_caching=cfg.enable_prefix_caching, quantization=cfg.quantization,
+                # Fresh prefill chunks through dense attention (EngineConfig.dense_prefill, as
+                # the engine resolved it): it changes what a prefill step costs.
+                dense_prefill=bool(getattr(engine.runner, "dense_fresh_prefill", False)))
 
 
 # ---- the run ---------------------------------------------------------------------------------------------------

@@ -477,7 +477,8 @@ def test_deployed_probe_recovers_the_overheads_the_simulator_adds():
     zero = CostModel.synthetic(step_s=1e-3, per_token_s=2e-5, max_num_batched_tokens=256,
                                transfer_latency_s=0.5e-3, transfer_bytes_per_s=1e9)
     got = derive_overheads(zero, direct, disagg, 32)
-    # The fixed path is the shortest prompt's; each longer one's extra is kept per length.
+    # The fixed path is the smallest residual (here the shortest prompt's); each longer
+    # one's extra is kept per length.
     assert got["router_direct_s"] == pytest.approx(2e-3 + 16e-6, rel=1e-3)
     assert got["per_prompt_token_s"] == pytest.approx(1e-6, rel=2e-2)
     assert [n for n, _ in got["prompt_residual"]] == lengths
@@ -540,6 +541,23 @@ def test_deployed_probe_keeps_a_prompt_residual_that_is_not_a_line():
     assert cm.request_path_s(512, 128) == pytest.approx(extra[128], abs=2e-6)
     # Without a table: the front end's per prompt token, on every prompt token.
     assert zero.request_path_s(512, 128) == pytest.approx(zero.frontend_extra_s + 512 * zero.per_prompt_token_s)
+
+
+def test_deployed_probe_takes_the_smallest_residual_as_the_fixed_path():
+    """Residuals that dip after the shortest prompt (noise on a busy host): the fixed path
+    is the smallest one, lengths up to it add nothing, longer ones what they measured."""
+    from deploy.deployed_probe import derive_overheads, probe_lengths
+    truth = CostModel.synthetic(step_s=1e-3, per_token_s=2e-5, max_num_batched_tokens=1024,
+                                router_direct_s=4e-3, per_token_stream_s=0.5e-3)
+    lengths = probe_lengths(2048)
+    extra = {16: 2e-3, 64: 0.5e-3, 128: 0.0, 256: 1e-3, 384: 1.5e-3, 512: 3e-3}
+    truth.prompt_residual = sorted(extra.items())
+    direct = _fake_lone_records(truth, "direct", lengths, 32)
+    zero = CostModel.synthetic(step_s=1e-3, per_token_s=2e-5, max_num_batched_tokens=1024)
+    got = derive_overheads(zero, direct, {}, 32)
+    assert got["router_direct_s"] == pytest.approx(4e-3, rel=1e-3)
+    want = [0.0, 0.0, 0.0, 1e-3, 1.5e-3, 3e-3]
+    assert [s for _, s in got["prompt_residual"]] == pytest.approx(want, abs=2e-6)
 
 
 @pytest.mark.parametrize("bad", [[[16, 0.0], [16, 1.0]], [[16, -1.0]], [[16]], [["16", 0.0]], [[16, float("inf")]],
