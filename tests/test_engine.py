@@ -277,3 +277,11 @@ def test_dense_prefill_attention_gives_the_paged_kernels_tokens(make_engine):
         got[dense] = run_to_completion(e)
         assert bool(calls) is dense
     assert got[True] == got[False]
+
+
+@pytest.mark.parametrize("value", ["false", 0, 1.0])
+def test_dense_prefill_takes_only_true_false_or_null(value):
+    from engine.config import EngineConfig
+    with pytest.raises(ValueError, match="dense_prefill must be true, false or null"):
+        EngineConfig(dense_prefill=value).validate()
+    EngineConfig(dense_prefill=None).validate()
