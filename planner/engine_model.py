@@ -170,6 +170,10 @@ class EngineModel:
         if shared and e is not None and seq.fixed_hit_blocks < shared:
             self._ref(seq, e)
             seq.entry_blocks = shared
+        elif shared:
+            # A trace's known hit has no entry: its blocks are this sequence's own while it
+            # holds them (taken from the free, evictable ones), as _free_blocks gives back.
+            self.own_used += shared
         if own is not None:
             del self.entries[own.key]
             # Its own cached blocks are its own again (they were counted free, evictable);
