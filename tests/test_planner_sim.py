@@ -219,13 +219,39 @@ def _real_scheduler(bs, budget, max_seqs, blocks):
     return Scheduler(cfg, BlockManager(blocks, bs))
 
 
+def _advance(real, scheduled) -> None:
+    """What the engine does with a step's results, on the real scheduler: token 7 sampled
+    where the step completes the sequence's tokens, finished at max_tokens."""
+    from engine.sequence import FinishReason
+    for x in scheduled:
+        samples = x.samples
+        x.seq.num_computed_tokens += x.num_new_tokens
+        real.commit_full_blocks(x.seq)
+        if samples:
+            x.seq.token_ids.append(7)
+            if x.seq.num_output_tokens >= x.seq.params.max_tokens:
+                real.finish(x.seq, FinishReason.LENGTH)
+
+
+def _lockstep(real, model, step: int) -> None:
+    """One step of the real scheduler and the engine model side by side: the same
+    sequences with the same token counts, the same free blocks before and after."""
+    a, b = real.schedule(), model.schedule()
+    assert [(x.seq.seq_id, x.num_new_tokens) for x in a] == [(s.rid, n) for s, n in b], step
+    assert real.blocks.num_free_blocks == model.num_free_blocks, step
+    _advance(real, a)
+    model.step_done(b)
+    model.check()
+    assert real.blocks.num_free_blocks == model.num_free_blocks, step
+
+
 @pytest.mark.parametrize("blocks,prefixes", [(4000, 3), (60, 0), (90, 2)])
 def test_engine_model_schedules_as_the_engine_scheduler(blocks, prefixes):
     """Same arrivals into engine/scheduler.py (real Sequences with token ids, real block
     manager) and EngineModel: every step schedules the same sequences with the same token
     counts, preemptions included (60 blocks is tight), and free blocks agree."""
     from engine.sampling_params import SamplingParams
-    from engine.sequence import FinishReason, Sequence
+    from engine.sequence import Sequence
     bs, budget, max_seqs = 16, 128, 6
     real = _real_scheduler(bs, budget, max_seqs, blocks)
     model = EngineModel(block_size=bs, max_num_batched_tokens=budget, max_num_seqs=max_seqs, num_kv_blocks=blocks)
@@ -247,21 +273,7 @@ def test_engine_model_schedules_as_the_engine_scheduler(blocks, prefixes):
             real_seqs[i] = s
             real.add(s)
             model.add(SimSeq(i, len(ids), out, prefix_key=key, prefix_blocks=64 // bs if key is not None else 0))
-        a = real.schedule()
-        b = model.schedule()
-        assert [(x.seq.seq_id, x.num_new_tokens) for x in a] == [(s.rid, n) for s, n in b], step
-        assert real.blocks.num_free_blocks == model.num_free_blocks, step
-        for x in a:
-            samples = x.samples
-            x.seq.num_computed_tokens += x.num_new_tokens
-            real.commit_full_blocks(x.seq)
-            if samples:
-                x.seq.token_ids.append(7)
-                if x.seq.num_output_tokens >= x.seq.params.max_tokens:
-                    real.finish(x.seq, FinishReason.LENGTH)
-        model.step_done(b)
-        model.check()
-        assert real.blocks.num_free_blocks == model.num_free_blocks, step
+        _lockstep(real, model, step)
         if not pending and not real.has_work():
             break
     assert not model.has_work() and not pending
@@ -280,7 +292,7 @@ def test_engine_model_lands_remote_prompts_as_the_scheduler_does(bs, blocks, out
     steps throughout, and under memory pressure (small caches, long outputs: preemptions,
     landed prompts giving their KV up) nothing stalls."""
     from engine.sampling_params import SamplingParams
-    from engine.sequence import FinishReason, Sequence
+    from engine.sequence import Sequence
     max_seqs = 3
     real = _real_scheduler(bs, 256, max_seqs, blocks)
     model = EngineModel(block_size=bs, max_num_batched_tokens=256, max_num_seqs=max_seqs, num_kv_blocks=blocks)
@@ -318,20 +330,8 @@ def test_engine_model_lands_remote_prompts_as_the_scheduler_does(bs, blocks, out
         if pending and step % 2 == 1:
             land(pending.pop(0))
             landed_waiting += any(s.block_table for s in real.waiting)
-        a, b = real.schedule(), model.schedule()
-        assert [(x.seq.seq_id, x.num_new_tokens) for x in a] == [(s.rid, n) for s, n in b], step
+        _lockstep(real, model, step)
         assert len(real.running) <= max_seqs
-        for x in a:
-            samples = x.samples
-            x.seq.num_computed_tokens += x.num_new_tokens
-            real.commit_full_blocks(x.seq)
-            if samples:
-                x.seq.token_ids.append(7)
-                if x.seq.num_output_tokens >= x.seq.params.max_tokens:
-                    real.finish(x.seq, FinishReason.LENGTH)
-        model.step_done(b)
-        model.check()
-        assert real.blocks.num_free_blocks == model.num_free_blocks, step
         if not pending and not real.has_work():
             break
     assert not model.has_work() and not real.has_work() and remote
@@ -347,7 +347,7 @@ def test_a_landed_prompt_never_waits_behind_one_that_cannot_get_blocks():
     block while nothing runs gives its KV up: a full, memory-tight decode engine with landed
     prompts keeps stepping (it used to stop for good)."""
     from engine.sampling_params import SamplingParams
-    from engine.sequence import FinishReason, Sequence
+    from engine.sequence import Sequence
     real = _real_scheduler(4, 64, 2, 24)
     params = SamplingParams(max_tokens=60, ignore_eos=True)   # each fits the 96-token cache alone
     a, b = Sequence("A", list(range(10, 22)), 12, params), Sequence("B", list(range(30, 42)), 12, params)
@@ -356,13 +356,7 @@ def test_a_landed_prompt_never_waits_behind_one_that_cannot_get_blocks():
 
     def step():
         out = real.schedule()
-        for x in out:
-            x.seq.num_computed_tokens += x.num_new_tokens
-            real.commit_full_blocks(x.seq)
-            if x.seq.num_computed_tokens == x.seq.num_tokens:
-                x.seq.token_ids.append(7)
-                if x.seq.num_output_tokens >= x.seq.params.max_tokens:
-                    real.finish(x.seq, FinishReason.LENGTH)
+        _advance(real, out)
         return out
     step()
     for i in range(2):
