@@ -92,21 +92,10 @@ def simulated_lone(cost, mode: str, prompt: int, output: int, per_token_stream_s
     return r["ttft"], r["tpot"]
 
 
-def derive_overheads(cost, direct: dict[int, list[dict]], disagg: dict[int, list[dict]], output: int) -> dict:
-    """The profile's overheads from measured lone requests ({prompt length: [bench records]})."""
-    med = statistics.median
-    negative = []
-    lengths = sorted(direct)
-    # Token gaps first: the simulator's per_token_stream_s also sits between prefill chunks.
-    sim0 = {n: simulated_lone(cost, "direct", n, output) for n in lengths}
-    gap_res = [r["tpot"] - sim0[n][1] for n in lengths for r in direct[n]]
-    per_token = med(gap_res)
-    if per_token < 0:
-        negative.append(f"per_token_stream_s {per_token * 1e3:.3f} ms")
-    per_token = max(0.0, per_token)
-
-    sim_d = {n: simulated_lone(cost, "direct", n, output, per_token) for n in lengths}
-    res_d = {n: med(r["ttft"] for r in direct[n]) - sim_d[n][0] for n in lengths}
+def _prompt_path(res_d: dict[int, float], negative: list[str]) -> dict:
+    """router_direct_s, prompt_residual and per_prompt_token_s from the direct requests'
+    TTFT residuals by prompt length (measured minus the simulator's lone request)."""
+    lengths = sorted(res_d)
     # The fixed path is the smallest residual over the lengths: the short prompts' residuals
     # differ by noise alone (the shortest is not always the least), so every length up to
     # the one with the smallest residual adds nothing to it. Past that length, what each one
@@ -126,10 +115,58 @@ def derive_overheads(cost, direct: dict[int, list[dict]], disagg: dict[int, list
     if slope < 0:
         negative.append(f"per_prompt_token_s {slope * 1e6:.2f} us")
         slope = 0.0
-    out = dict(router_direct_s=fixed, per_prompt_token_s=slope, prompt_residual=residual,
-               per_token_stream_s=per_token)
+    return dict(router_direct_s=fixed, per_prompt_token_s=slope, prompt_residual=residual)
+
+
+def _disaggregated_path(cost, prompt_path: dict, res_g: dict[int, float], negative: list[str]) -> float:
+    """router_disaggregated_s: the median over lengths of the 1P1D TTFT residuals (measured
+    minus the simulator's lone request) less what the prompt path adds at that length."""
     path = copy.copy(cost)
-    path.per_prompt_token_s, path.prompt_residual = slope, residual
+    path.per_prompt_token_s, path.prompt_residual = prompt_path["per_prompt_token_s"], prompt_path["prompt_residual"]
+    g = statistics.median(r - path.request_path_s(n, n) for n, r in res_g.items())
+    if g < 0:
+        negative.append(f"router_disaggregated_s {g * 1e3:.3f} ms")
+    return max(0.0, g)
+
+
+def rederive(profile: dict) -> dict:
+    """The profile's overheads with router_direct_s, prompt_residual, per_prompt_token_s and
+    router_disaggregated_s derived again from the per-length medians the probe stored
+    (overheads.deployed: measured TTFT and the simulator's lone request, per_token_stream_s
+    in place), by the rules above: for a profile measured under an earlier rule. The
+    measurements are not touched (benchmarks/rederive_deployed_overheads.py)."""
+    o = copy.deepcopy(profile["overheads"])
+    d = o.get("deployed")
+    if not d or "direct" not in d:
+        raise ValueError("profile.overheads.deployed: no deployed-path measurements to derive from")
+    res = {m: {int(n): (r["ttft_ms"] - r["engine_ttft_ms"]) / 1e3 for n, r in d[m].items()}
+           for m in ("direct", "disaggregated") if m in d}
+    negative = []
+    o.update(_prompt_path(res["direct"], negative))
+    if "disaggregated" in res:
+        from planner.costmodel import CostModel
+        o["router_disaggregated_s"] = _disaggregated_path(CostModel.from_profile(profile), o, res["disaggregated"],
+                                                          negative)
+    d["negative"] = negative
+    return o
+
+
+def derive_overheads(cost, direct: dict[int, list[dict]], disagg: dict[int, list[dict]], output: int) -> dict:
+    """The profile's overheads from measured lone requests ({prompt length: [bench records]})."""
+    med = statistics.median
+    negative = []
+    lengths = sorted(direct)
+    # Token gaps first: the simulator's per_token_stream_s also sits between prefill chunks.
+    sim0 = {n: simulated_lone(cost, "direct", n, output) for n in lengths}
+    gap_res = [r["tpot"] - sim0[n][1] for n in lengths for r in direct[n]]
+    per_token = med(gap_res)
+    if per_token < 0:
+        negative.append(f"per_token_stream_s {per_token * 1e3:.3f} ms")
+    per_token = max(0.0, per_token)
+
+    sim_d = {n: simulated_lone(cost, "direct", n, output, per_token) for n in lengths}
+    res_d = {n: med(r["ttft"] for r in direct[n]) - sim_d[n][0] for n in lengths}
+    out = dict(_prompt_path(res_d, negative), per_token_stream_s=per_token)
     detail = dict(output_tokens=output, lengths=lengths,
                   direct={str(n): dict(ttft_ms=_ms(med(r["ttft"] for r in direct[n])),
                                        tpot_ms=_ms(med(r["tpot"] for r in direct[n])),
@@ -138,11 +175,8 @@ def derive_overheads(cost, direct: dict[int, list[dict]], disagg: dict[int, list
     if disagg:
         dl = sorted(disagg)
         sim_g = {n: simulated_lone(cost, "disaggregated", n, output, per_token) for n in dl}
-        res_g = {n: med(r["ttft"] for r in disagg[n]) - sim_g[n][0] - path.request_path_s(n, n) for n in dl}
-        g = med(res_g.values())
-        if g < 0:
-            negative.append(f"router_disaggregated_s {g * 1e3:.3f} ms")
-        out["router_disaggregated_s"] = max(0.0, g)
+        out["router_disaggregated_s"] = _disaggregated_path(
+            cost, out, {n: med(r["ttft"] for r in disagg[n]) - sim_g[n][0] for n in dl}, negative)
         detail["disaggregated"] = {str(n): dict(ttft_ms=_ms(med(r["ttft"] for r in disagg[n])),
                                                 tpot_ms=_ms(med(r["tpot"] for r in disagg[n])),
                                                 engine_ttft_ms=_ms(sim_g[n][0]),

@@ -283,8 +283,8 @@ def validate(cost, measured: dict | list[dict], modes: list[str] | None = None,
                 p = pred.get(key, {}).get(q)
                 row[metric] = dict(measured=m, predicted=p, rel_error=(p - m) / m if m and p is not None else None,
                                    runs=runs, spread=(max(runs) - min(runs)) / m if m and len(runs) > 1 else None)
-            row["goodput"] = dict(measured=[x.get("goodput_rps") for x in meas][0] if len(meas) == 1 else
-                                  sum(x.get("goodput_rps") or 0.0 for x in meas) / len(meas),
+            goodput = [x["goodput_rps"] for x in meas if x.get("goodput_rps") is not None]
+            row["goodput"] = dict(measured=sum(goodput) / len(goodput) if goodput else None,
                                   predicted=pred.get("goodput_rps"))
             rows.append(row)
     return rows

@@ -543,6 +543,35 @@ def test_deployed_probe_keeps_a_prompt_residual_that_is_not_a_line():
     assert zero.request_path_s(512, 128) == pytest.approx(zero.frontend_extra_s + 512 * zero.per_prompt_token_s)
 
 
+def test_rederive_from_the_stored_medians_gives_the_probes_overheads():
+    """deployed_probe.rederive recomputes the priced overheads from the per-length medians a
+    profile stores: on a profile the probe wrote, it gives the same values back; with the
+    medians moved, it follows them."""
+    import copy
+
+    from deploy.deployed_probe import derive_overheads, merge_into, probe_lengths, rederive
+    truth = CostModel.synthetic(step_s=1e-3, per_token_s=2e-5, max_num_batched_tokens=1024,
+                                transfer_latency_s=0.5e-3, transfer_bytes_per_s=1e9,
+                                router_direct_s=4e-3, router_disaggregated_s=6e-3, per_token_stream_s=0.5e-3)
+    lengths = probe_lengths(2048)
+    truth.prompt_residual = sorted({16: 1e-3, 64: 0.0, 128: 0.5e-3, 256: 1e-3, 384: 2e-3, 512: 5e-3}.items())
+    zero = CostModel.synthetic(step_s=1e-3, per_token_s=2e-5, max_num_batched_tokens=1024,
+                               transfer_latency_s=0.5e-3, transfer_bytes_per_s=1e9)
+    got = derive_overheads(zero, _fake_lone_records(truth, "direct", lengths, 32),
+                           _fake_lone_records(truth, "disaggregated", lengths, 32), 32)
+    p = copy.deepcopy(zero.profile)
+    p["overheads"] = merge_into(p["overheads"], got, "deployed")
+    again = rederive(p)
+    for k in ("router_direct_s", "router_disaggregated_s", "per_prompt_token_s"):
+        assert again[k] == pytest.approx(got[k], abs=1e-6), k
+    assert [s for _, s in again["prompt_residual"]] == pytest.approx([s for _, s in got["prompt_residual"]], abs=1e-6)
+    p["overheads"]["deployed"]["direct"]["512"]["ttft_ms"] += 2.0   # 2 ms more at 512 tokens
+    moved = rederive(p)
+    assert moved["prompt_residual"][-1][1] == pytest.approx(got["prompt_residual"][-1][1] + 2e-3, abs=1e-6)
+    with pytest.raises(ValueError, match="no deployed-path measurements"):
+        rederive(zero.profile)
+
+
 def test_deployed_probe_takes_the_smallest_residual_as_the_fixed_path():
     """Residuals that dip after the shortest prompt (noise on a busy host): the fixed path
     is the smallest one, lengths up to it add nothing, longer ones what they measured."""
