@@ -14,14 +14,17 @@ Timestamps cross processes as time.monotonic() values (one system-wide clock on 
 1. plain copy: the decode rank copies `prompt_tokens` worth of KV (every layer) from one
    buffer to another on its device (`Tensor.copy_`), and the same blocks scattered through
    the block-copy kernel the backend uses; median of `repeat`.
-2. transfer: the prompt's KV, already in the prefill rank's cache, sent layer by layer
-   (cuda_ipc: send_layer_blocks, block to block; zmq: the gathered layer through
-   send_layer) into scattered reserved blocks of the decode rank's cache; time from the
-   first send call to the receiver's Completed. Checked byte-exact once per backend.
+2. transfer: the prompt's KV, already in the prefill rank's cache, handed to the sender
+   as the prefill worker hands it over (kv_transfer.layers_due: cuda_ipc a group of
+   `layers_per_launch` layers per send_layers_blocks call, block to block; zmq each layer
+   gathered and host-staged), into scattered reserved blocks of the decode rank's cache;
+   time from the first send call to the receiver's Completed. cuda_ipc also one layer per
+   call and every layer in one call, to show what the grouping buys. Checked byte-exact
+   once per variant.
 3. TTFT: both ranks load the model (prefix caching off). In place: the decode rank
    prefills and samples the first token. Disaggregated: the decode rank reserves blocks and
-   announces them; the prefill rank computes the prompt, shipping each layer from
-   on_layer_done as the prefill worker does; TTFT ends when remote_kv_landed returns the
+   announces them; the prefill rank computes the prompt, shipping layers from on_layer_done
+   as the prefill worker does (layers_due); TTFT ends when remote_kv_landed returns the
    first token. Both then decode `--decode-tokens` greedy tokens; the JSON says whether
    they are equal. The router and the token plane are left out on both sides.
 """
@@ -120,7 +123,17 @@ TILES = [(1024, 4), (2048, 4), (4096, 4), (4096, 8), (8192, 8), (16384, 8), (163
 
 
 # ---- 2. transfer --------------------------------------------------------------------------------------------
-def transfer(rank: int, board: Board, args, dev: torch.device, layout, backend: str) -> dict:
+def transfer_variants(num_layers: int) -> list[tuple[str, str, int]]:
+    """(result name, backend, layers per call): the headline of each backend is what a
+    prefill worker does (its sender's layers_per_launch)."""
+    from kv_transfer.ipc_backend import IpcKVSender
+    return [("cuda_ipc", "cuda_ipc", IpcKVSender.layers_per_launch), ("cuda_ipc_per_layer", "cuda_ipc", 1),
+            ("cuda_ipc_one_launch", "cuda_ipc", num_layers), ("zmq", "zmq", 1)]
+
+
+def transfer(rank: int, board: Board, args, dev: torch.device, layout, backend: str, name: str,
+             per_call: int) -> dict:
+    import kv_transfer as kt
     n = -(-args.prompt_tokens // layout.block_size)
     cache = torch.zeros(layout.num_layers, *layout.block_shape(layout.num_blocks), dtype=layout.torch_dtype,
                         device=dev)
@@ -130,37 +143,37 @@ def transfer(rank: int, board: Board, args, dev: torch.device, layout, backend: 
             cache[layer][:, torch.tensor(block_ids, device=dev)] = t.to(dev, non_blocking=True)
 
         rx = make_rx(backend, layout, cache, write)
-        board.put(f"ep/{backend}", rx.endpoint)
+        board.put(f"ep/{name}", rx.endpoint)
         secs, parts = [], []
         for rep in range(args.warmup + args.repeat):
             dst = list(range(layout.num_blocks - 1, layout.num_blocks - 1 - n, -1))   # scattered order
-            rid = f"{backend}{rep}"
+            rid = f"{name}{rep}"
             rx.expect(rid, dst, layout.num_layers, time.monotonic() + 300)
-            board.put(f"x/{backend}/{rep}", dst)
+            board.put(f"x/{name}/{rep}", dst)
             wait_completed(rx)
             sync(dev)
             t_end = time.monotonic()
             if rep >= args.warmup:
-                t = board.get(f"x/{backend}/{rep}/start")
+                t = board.get(f"x/{name}/{rep}/start")
                 secs.append(t_end - t["start"])
                 parts.append({k: 1e3 * (v - t["start"]) for k, v in t.items() if k != "start"})
         src = torch.randn(layout.num_layers, *layout.block_shape(n), generator=g).to(layout.torch_dtype)
-        assert torch.equal(cache[:, :, dst].cpu(), src), f"{backend}: the landed KV differs"
-        sender_stats = board.get(f"x/{backend}/closed")
+        assert torch.equal(cache[:, :, dst].cpu(), src), f"{name}: the landed KV differs"
+        sender_stats = board.get(f"x/{name}/closed")
         rx.close()
         nbytes = layout.bytes_per_block * n * layout.num_layers
         # Where the time goes, from the sender's clock (same host, CLOCK_MONOTONIC): every
         # layer's copy queued, the sender's stream idle, every report handed to the socket.
         breakdown = {k: statistics.median(p[k] for p in parts) for k in parts[0]} if parts else {}
         return dict(bytes=nbytes, ms=1e3 * statistics.median(secs), gbs=nbytes / statistics.median(secs) / 1e9,
-                    sender_ms=breakdown, sender_stats=sender_stats)
+                    layers_per_call=per_call, sender_ms=breakdown, sender_stats=sender_stats)
     src = torch.randn(layout.num_layers, *layout.block_shape(n), generator=g).to(layout.torch_dtype)
     cache[:, :, :n] = src.to(dev)
-    tx = make_tx(backend, board.get(f"ep/{backend}"), dev)
+    tx = make_tx(backend, board.get(f"ep/{name}"), dev)
     src_ids = list(range(n))
     for rep in range(args.warmup + args.repeat):
-        dst = board.get(f"x/{backend}/{rep}")
-        rid = f"{backend}{rep}"
+        dst = board.get(f"x/{name}/{rep}")
+        rid = f"{name}{rep}"
         tx.begin(rid)
         if backend == "cuda_ipc":   # the prefill worker begins at admission, well before its last layer
             while rid not in tx._granted:
@@ -168,17 +181,19 @@ def transfer(rank: int, board: Board, args, dev: torch.device, layout, backend: 
         sync(dev)
         t = dict(start=time.monotonic())
         for layer in range(layout.num_layers):
-            tx.send_layer_blocks(rid, layer, dst, cache[layer], src_ids)
+            due = kt.layers_due(layer, layout.num_layers, per_call)
+            if due is not None:
+                tx.send_layers_blocks(rid, due, dst, cache, src_ids)
         t["queued"] = time.monotonic()
         tx.send_done(rid, 1, layout.num_layers)
         assert tx.flush(300) and not tx.failed_requests()
         t["flushed"] = time.monotonic()
         sync(dev)
         t["device_idle"] = time.monotonic()
-        board.put(f"x/{backend}/{rep}/start", t)
+        board.put(f"x/{name}/{rep}/start", t)
     stats = dict(getattr(tx, "stats", {}))
     tx.close()
-    board.put(f"x/{backend}/closed", stats)
+    board.put(f"x/{name}/closed", stats)
     return {}
 
 
@@ -243,10 +258,12 @@ def ttft(rank: int, board: Board, args, dev: torch.device, engine, tokens: int) 
                 first, dst = job["first"], job["dst"]
 
                 def on_layer_done(layer):
+                    due = kt.layers_due(layer, layers, tx.layers_per_launch)
+                    if due is None:
+                        return
                     for sid, table in engine.step_finishing_prompts():
                         if sid == rid:
-                            tx.send_layer_blocks(rid, layer, dst, engine.kv_cache[layer],
-                                                 table[first:first + len(dst)])
+                            tx.send_layers_blocks(rid, due, dst, engine.kv_cache, table[first:first + len(dst)])
 
                 token = None
                 while engine.has_unfinished():
@@ -281,13 +298,13 @@ def rank_main(rank: int, args) -> None:
     result = {}
     if rank == DECODE:
         result["plain_copy"] = plain_copy(args, dev, layout, n)
-    for b in BACKENDS:
-        r = transfer(rank, board, args, dev, layout, b)
+    for name, b, per_call in transfer_variants(layout.num_layers):
+        r = transfer(rank, board, args, dev, layout, b, name, per_call)
         gc.collect()
         if dev.type == "cuda":
             torch.cuda.empty_cache()
         if rank == DECODE:
-            result[f"transfer_{b}"] = r
+            result[f"transfer_{name}"] = r
     if not args.ttft_tokens:
         if rank == DECODE:
             board.put("result", result)
@@ -358,17 +375,19 @@ def main(argv=None) -> dict:
     dev = "cpu" if args.cpu_smoke else torch.cuda.get_device_name(0) + (" x2" if args.two_gpus else " (both ranks)")
     result.update(model=args.model, prompt_tokens=args.prompt_tokens, device=dev, repeat=args.repeat)
     pc = result["plain_copy"]
-    for b in BACKENDS:
-        result[f"transfer_{b}"]["vs_plain_copy"] = result[f"transfer_{b}"]["ms"] / pc["copy_ms"]
+    names = [v[0] for v in transfer_variants(1)]
+    for name in names:
+        result[f"transfer_{name}"]["vs_plain_copy"] = result[f"transfer_{name}"]["ms"] / pc["copy_ms"]
     if args.json:
         print(json.dumps(result))
     else:
         print(f"{dev}  {args.model}  KV of {args.prompt_tokens} tokens = {pc['bytes'] / 2**20:.0f} MiB")
         print(f"  plain copy {pc['copy_ms']:.3f} ms ({pc['copy_gbs']:.0f} GB/s); block-copy kernel "
               f"{pc['block_kernel_ms']:.3f} ms")
-        for b in BACKENDS:
-            t = result[f"transfer_{b}"]
-            print(f"  {b:8s} lands in {t['ms']:.3f} ms = {t['vs_plain_copy']:.2f}x the plain copy")
+        for name in names:
+            t = result[f"transfer_{name}"]
+            print(f"  {name:20s} ({t['layers_per_call']:2d} layers per call) lands in {t['ms']:.3f} ms = "
+                  f"{t['vs_plain_copy']:.2f}x the plain copy")
         for tokens in args.ttft_tokens:
             r = result[f"ttft_{tokens}"]
             print(f"  TTFT {tokens:5d} tokens: in place {r['in_place_ms']:.1f} ms; " + "; ".join(

@@ -16,7 +16,7 @@ See :mod:`kv_transfer.base` for how the prefill and decode workers use the inter
 from __future__ import annotations
 
 from kv_transfer.base import (KV_TIMEOUT_S, SEND_TIMEOUT_S, Completed, Failed, KVReceiver, KVSender, PollResult,
-                              WriteLayer)
+                              WriteLayer, layers_due)
 from kv_transfer.wire import (PROTOCOL_VERSION, AbortHeader, DoneHeader, KVHeader, KVLayout, KVMessage,
                               Reservation, UnknownRequestError, WireError, decode_header, decode_message)
 
@@ -82,4 +82,5 @@ def engine_writer(engine) -> WriteLayer:
 
 __all__ = ["make_sender", "make_receiver", "engine_writer", "backend_of", "BACKENDS", "KVSender", "KVReceiver", "PollResult",
            "Completed", "Failed", "WriteLayer", "KVLayout", "Reservation", "KVHeader", "DoneHeader", "AbortHeader",
-           "KVMessage", "WireError", "UnknownRequestError", "decode_header", "decode_message", "PROTOCOL_VERSION"]
+           "KVMessage", "WireError", "UnknownRequestError", "decode_header", "decode_message", "PROTOCOL_VERSION",
+           "layers_due"]

@@ -78,12 +78,26 @@ class PollResult:
         return bool(self.completed or self.failed or self.released)
 
 
+def layers_due(layer: int, num_layers: int, per_launch: int) -> range | None:
+    """The layers to hand over once ``layer`` (of ``num_layers``, computed in order from 0)
+    is done, when they go ``per_launch`` at a time: the group ``layer`` completes, or the
+    last partial group at the model's last layer; None while a group is still filling."""
+    per_launch = max(1, int(per_launch))
+    if (layer + 1) % per_launch and layer != num_layers - 1:
+        return None
+    return range(layer - layer % per_launch, layer + 1)
+
+
 class KVSender(abc.ABC):
     """Ships one request's KV, layer by layer, to one receiver endpoint. Calls return
     quickly: staging to host and sending happen in order, off the caller's thread where
     the backend can. The tensor given to send_layer belongs to the sender until sent."""
 
     endpoint: str
+    # How many computed layers a prefill worker hands over in one send_layers_blocks call
+    # (layers_due). 1 ships each layer as soon as it is computed; a backend whose per-call
+    # host cost is what limits it (cuda_ipc copies on the device, no staging) takes several.
+    layers_per_launch: int = 1
 
     @abc.abstractmethod
     def send_layer(self, request_id: str, layer: int, dst_block_ids: Sequence[int], tensor: torch.Tensor) -> None:
@@ -112,6 +126,14 @@ class KVSender(abc.ABC):
         ordered on the current stream behind its reads (see :meth:`send_done`)."""
         idx = torch.tensor(list(src_block_ids), dtype=torch.long, device=src_layer.device)
         self.send_layer(request_id, layer, dst_block_ids, src_layer[:, idx])
+
+    def send_layers_blocks(self, request_id: str, layers: range, dst_block_ids: Sequence[int],
+                           src_cache: torch.Tensor, src_block_ids: Sequence[int]) -> None:
+        """:meth:`send_layer_blocks` for each of the consecutive ``layers`` of the sender's
+        whole cache ``src_cache`` (``[num_layers, 2, num_blocks, ...]``). A backend that
+        copies several layers in one launch overrides this (see ``layers_per_launch``)."""
+        for layer in layers:
+            self.send_layer_blocks(request_id, layer, dst_block_ids, src_cache[layer], src_block_ids)
 
     @abc.abstractmethod
     def flush(self, timeout_s: float | None = None) -> bool:

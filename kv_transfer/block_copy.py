@@ -1,8 +1,10 @@
-"""Copy KV blocks of one layer from one paged cache into another, block id to block id.
+"""Copy KV blocks from one paged cache into another, block id to block id.
 
-``src`` and ``dst`` are one layer of two caches, ``[2, num_blocks, block_size, heads,
-head_dim]`` (K and V), of one dtype; block ``src_ids[i]`` of ``src`` goes to block
-``dst_ids[i]`` of ``dst``. On one CUDA device this is one Triton kernel that reads each
+``src`` and ``dst`` are planes of two caches, ``[planes, num_blocks, block_size, heads,
+head_dim]`` of one dtype: one layer's K and V (2 planes), or several consecutive layers'
+(``cache[first:last].flatten(0, 1)``, 2 per layer), so one launch serves many layers; block
+``src_ids[i]`` of every plane of ``src`` goes to block ``dst_ids[i]`` of the same plane of
+``dst``. On one CUDA device this is one Triton kernel that reads each
 source block once and writes it once (a torch gather + scatter would move every byte
 twice and allocate the gathered copy); anywhere else it is the torch reference.
 """
@@ -30,23 +32,23 @@ def copy_blocks_reference(src: torch.Tensor, dst: torch.Tensor, src_ids: torch.T
 
 if triton is not None:
     @triton.jit
-    def _copy_blocks_kernel(src_ptr, dst_ptr, src_ids_ptr, dst_ids_ptr, src_kv_stride, dst_kv_stride,
+    def _copy_blocks_kernel(src_ptr, dst_ptr, src_ids_ptr, dst_ids_ptr, src_plane_stride, dst_plane_stride,
                             block_numel, CHUNK: tl.constexpr):
         i = tl.program_id(0)
-        kv = tl.program_id(1)
+        plane = tl.program_id(1).to(tl.int64)
         part = tl.program_id(2)
         s = tl.load(src_ids_ptr + i).to(tl.int64)
         d = tl.load(dst_ids_ptr + i).to(tl.int64)
         offs = part * CHUNK + tl.arange(0, CHUNK)
         mask = offs < block_numel
-        x = tl.load(src_ptr + kv * src_kv_stride + s * block_numel + offs, mask=mask)
-        tl.store(dst_ptr + kv * dst_kv_stride + d * block_numel + offs, x, mask=mask)
+        x = tl.load(src_ptr + plane * src_plane_stride + s * block_numel + offs, mask=mask)
+        tl.store(dst_ptr + plane * dst_plane_stride + d * block_numel + offs, x, mask=mask)
 
 
 def _words(t: torch.Tensor) -> torch.Tensor:
     """The same bytes as the widest integer type that divides a block (the kernel copies
     bits, so fp8 and bf16 need no Triton dtype of their own)."""
-    flat = t.reshape(t.shape[0], t.shape[1], -1).view(torch.uint8)   # [2, blocks, bytes of a block]
+    flat = t.reshape(t.shape[0], t.shape[1], -1).view(torch.uint8)   # [planes, blocks, bytes of a block]
     for dt, size in ((torch.int32, 4), (torch.int16, 2)):
         if flat.shape[2] % size == 0:
             return flat.view(dt)
@@ -67,8 +69,10 @@ def copy_blocks(src: torch.Tensor, dst: torch.Tensor, src_ids: torch.Tensor, dst
     ``src_ids``/``dst_ids`` are int64 tensors on the caches' device (the caller checks
     that they are in range: the kernel does not). ``tile`` overrides (words per program,
     warps) for tuning."""
-    if src.dtype != dst.dtype or src.shape[0] != 2 or src.shape[2:] != dst.shape[2:]:
+    if src.dtype != dst.dtype or src.shape[0] != dst.shape[0] or src.shape[2:] != dst.shape[2:]:
         raise ValueError(f"copy_blocks: {tuple(src.shape)} {src.dtype} -> {tuple(dst.shape)} {dst.dtype}")
+    if src.dim() < 2 or not 0 < src.shape[0] <= 65535:   # planes are the grid's second axis
+        raise ValueError(f"copy_blocks: {src.shape[0] if src.dim() else 0} planes outside [1, 65535]")
     n = src_ids.numel()
     if n != dst_ids.numel():
         raise ValueError("copy_blocks: src_ids and dst_ids differ in length")
@@ -80,6 +84,6 @@ def copy_blocks(src: torch.Tensor, dst: torch.Tensor, src_ids: torch.Tensor, dst
     s, d = _words(src), _words(dst)
     block_numel = s[0, 0].numel()
     chunk, warps = tile or (_CHUNK, _WARPS)
-    grid = (n, 2, triton.cdiv(block_numel, chunk))
+    grid = (n, s.shape[0], triton.cdiv(block_numel, chunk))
     _copy_blocks_kernel[grid](s, d, src_ids, dst_ids, s.stride(0), d.stride(0), block_numel, CHUNK=chunk,
                               num_warps=warps)

@@ -17,8 +17,8 @@ Per pair (one sender, one receiver)::
                                    <------   welcome(cache handle, layout)   [once]
     claim(rid)                     ------>   rid expected and unclaimed -> grant, else deny
                                    <------   grant(rid, ok)
-    [copy blocks of layer l into the decode cache on a side stream, wait for it]
-    kv header(rid, l, blocks)      ------>   validated against the reservation; marked landed
+    [copy the blocks of layers l..l+n-1 into the decode cache on a side stream, wait]
+    landed(rid, l, n, blocks)      ------>   validated against the reservation; marked landed
     done(rid, first token)         ------>   complete when every layer landed
     ping                           ------>   liveness; answered with pong (the sender's lease)
                                    <------   revoke(rid): the transfer failed or was cancelled
@@ -40,7 +40,10 @@ are safe to reuse (:meth:`KVReceiver.write_pending` says whether to wait).
 Ordering with the engines' streams. The sender records an event on the prefill engine's
 stream after a layer's attention wrote its KV; a side stream waits on it and runs the block
 copy (one Triton kernel: :mod:`kv_transfer.block_copy`), so the copy overlaps the next
-layers. Before the prefill worker releases the request's blocks (after ``send_done`` or
+layers. A prefill worker hands layers over ``layers_per_launch`` at a time (one launch, one
+report for the group): the per-call host work, not the copy, is what a transfer of KV that
+is already computed waits on. The I/O thread waits only for the newest of the copies queued
+(one side stream: they finish in order) and reports every group that finished with it. Before the prefill worker releases the request's blocks (after ``send_done`` or
 ``send_abort``), the engine's stream is made to wait for the last copy, so a later step that
 reuses those blocks cannot overwrite them under the copy. The receiver learns of a layer only
 after the sender's I/O thread saw the copy complete, so the decode engine reads finished data.
@@ -58,6 +61,7 @@ process that holds the handle.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import secrets
@@ -84,7 +88,9 @@ log = logging.getLogger(__name__)
 SCHEME = "cudaipc://"
 MAX_CONTROL_BYTES = 4096
 _INST_LEN = 16
-_CTRL, _WIRE = b"c", b"w"          # first payload frame: a control map, or a kv_transfer.wire header
+# First payload frame: a control map, a kv_transfer.wire header (done / abort), or a landed
+# report (copies of some layers' blocks have finished; see encode_landed).
+_CTRL, _WIRE, _LANDED = b"c", b"w", b"l"
 _FROM_SENDER = {"hello": {"inst"}, "claim": {"request_id"}, "fenced": {"request_id"}, "ping": {"t"}, "bye": set()}
 _FROM_RECEIVER = {"welcome": {"cache", "layout"}, "refuse": {"reason"}, "grant": {"request_id", "ok", "reason"},
                   "revoke": {"request_id"}, "pong": {"t"}}
@@ -234,16 +240,39 @@ def _layout_dict(layout: KVLayout) -> dict:
                 num_kv_heads=layout.num_kv_heads, head_dim=layout.head_dim, dtype=layout.dtype)
 
 
-def _kv_header(request_id: str, layer: int, block_ids: Sequence[int], dtype: str, block_shape) -> bytes:
-    """A wire ``kv`` header whose data is already in the receiver's cache."""
-    ids = [int(b) for b in block_ids]
-    h = dict(version=PROTOCOL_VERSION, type="kv", request_id=request_id, layer=int(layer), block_ids=ids,
-             dtype=dtype, shape=[2, len(ids), *[int(s) for s in block_shape]])
-    b = msgpack.packb(h, use_bin_type=True)
-    if len(b) > MAX_HEADER_BYTES:
-        raise WireError(f"header: {len(b)} bytes > {MAX_HEADER_BYTES}", request_id)
-    decode_header(b)
-    return b
+_LANDED_KEYS = {"v", "request_id", "first_layer", "num_layers", "block_ids"}
+
+
+def encode_landed(request_id: str, first_layer: int, num_layers: int, block_ids: Sequence[int]) -> bytes:
+    """Layers ``first_layer .. first_layer + num_layers - 1`` of blocks ``block_ids`` are in
+    the receiver's cache. The ids were checked when the sender made its index for them."""
+    return msgpack.packb(dict(v=PROTOCOL_VERSION, request_id=request_id, first_layer=first_layer,
+                              num_layers=num_layers, block_ids=block_ids), use_bin_type=True)
+
+
+def decode_landed(buf) -> tuple[str, int, int, tuple[int, ...]]:
+    """Schema-check a landed report: (request id, first layer, layer count, block ids).
+    WireError on anything else; the ids are checked against the reservation by the caller."""
+    try:
+        n = len(buf)
+    except TypeError:
+        raise WireError("landed: not a buffer") from None
+    if not 0 < n <= MAX_HEADER_BYTES:
+        raise WireError(f"landed: {n} bytes outside [1, {MAX_HEADER_BYTES}]")
+    try:
+        d = msgpack.unpackb(buf, raw=False, strict_map_key=True, max_str_len=MAX_HEADER_BYTES, max_bin_len=0,
+                            max_ext_len=0, max_array_len=MAX_BLOCKS_PER_MESSAGE, max_map_len=8)
+    except Exception as e:
+        raise WireError(f"landed: not valid msgpack ({type(e).__name__})") from None
+    if type(d) is not dict or set(d) != _LANDED_KEYS or type(d["v"]) is not int or d["v"] != PROTOCOL_VERSION:
+        raise WireError("landed: wrong keys or version")
+    rid = check_request_id(d["request_id"])
+    first, count, ids = d["first_layer"], d["num_layers"], d["block_ids"]
+    if type(first) is not int or type(count) is not int or not (0 <= first and 0 < count and first + count <= MAX_LAYERS):
+        raise WireError(f"landed: layers {first!r} + {count!r} outside [0, {MAX_LAYERS})", rid)
+    if type(ids) is not list or not ids or any(type(b) is not int or b < 0 for b in ids):
+        raise WireError("landed: block_ids must be a non-empty list of block ids", rid)
+    return rid, first, count, tuple(ids)
 
 
 # ---- decode side -----------------------------------------------------------------------------------------
@@ -354,18 +383,21 @@ class IpcKVReceiver(KVReceiver):
 
     def _on_frames_from(self, frames: list) -> None:
         self.stats["messages"] += 1
-        if len(frames) != 3 or frames[1] not in (_CTRL, _WIRE):
+        if len(frames) != 3 or frames[1] not in (_CTRL, _WIRE, _LANDED):
             self._reject(WireError(f"message: {len(frames)} frames, want [identity, kind, body]"))
             return
         ident, kind, body = frames
         pair = self._pairs.get(ident)
         if pair is not None:
             pair.last_seen = time.monotonic()
-        if kind == _WIRE:
+        if kind != _CTRL:
             if pair is None:
                 self.stats["dropped_unknown"] += 1   # a pair this receiver gave up on
                 return
-            self._on_wire(pair, body)
+            if kind == _WIRE:
+                self._on_wire(pair, body)
+            else:
+                self._on_landed(pair, body)
             return
         try:
             d = decode_control(body, _FROM_SENDER)
@@ -416,16 +448,37 @@ class IpcKVReceiver(KVReceiver):
         self.stats["grants" if ok else "denials"] += 1
         self._send(pair.ident, "grant", request_id=rid, ok=ok, reason=reason)
 
+    def _on_landed(self, pair: _Pair, body) -> None:
+        try:
+            rid, first, count, ids = decode_landed(body)
+            res = self._res.get(rid)
+            if res is None:
+                raise UnknownRequestError(f"request {rid!r} is not expected here", rid)
+            shape = self.layout.block_shape(len(ids))
+            # Every layer of the report names the same blocks: checking the last layer checks
+            # the range's end, the ids and the shape for all of them.
+            check_kv(KVHeader(rid, first + count - 1, ids, self.layout.dtype, shape), self.layout, res)
+        except UnknownRequestError as e:
+            self._drop_unknown(e)
+            return
+        except WireError as e:
+            self._reject(e)
+            return
+        if self._claims.get(rid) != pair.ident:   # only the granted sender writes a transfer
+            self._reject(WireError(f"landed: {rid!r} was not granted to this sender", rid))
+            return
+        for layer in range(first, first + count):
+            if rid not in self._xfers:
+                break
+            self._mark_landed(KVHeader(rid, layer, ids, self.layout.dtype, shape))
+
     def _on_wire(self, pair: _Pair, body) -> None:
         try:
             h = decode_header(body)
-            if isinstance(h, KVHeader):
-                res = self._res.get(h.request_id)
-                if res is None:
-                    raise UnknownRequestError(f"request {h.request_id!r} is not expected here", h.request_id)
-                check_kv(h, self.layout, res)
-            else:
-                h = decode_message([body], self.layout, self._res)
+            if isinstance(h, KVHeader):   # the data is never on this socket: copies report with landed
+                raise WireError("kv: cuda_ipc senders report copies with landed frames, not kv headers",
+                                h.request_id)
+            h = decode_message([body], self.layout, self._res)
         except UnknownRequestError as e:
             self._drop_unknown(e)
             return
@@ -434,13 +487,11 @@ class IpcKVReceiver(KVReceiver):
             return
         rid = h.request_id
         if self._claims.get(rid) != pair.ident and not (isinstance(h, AbortHeader) and rid not in self._claims):
-            # Only the granted sender writes a transfer; an abort may come from a sender that
+            # Only the granted sender ends a transfer; an abort may come from a sender that
             # refused the prefill before claiming it.
             self._reject(WireError(f"{type(h).__name__}: {rid!r} was not granted to this sender", rid))
             return
-        if isinstance(h, KVHeader):
-            self._mark_landed(h)
-        elif isinstance(h, DoneHeader):
+        if isinstance(h, DoneHeader):
             self._on_message(h)
         else:
             # The sender waits for its copies before it aborts: no fence needed.
@@ -530,8 +581,9 @@ def _no_write(request_id, layer, block_ids, tensor) -> None:
 class _Item:
     kind: str                        # "claim", "copy" (data to copy once granted), "landed", "done", "abort", "stop"
     rid: str = ""
-    layer: int = 0
+    layer: int = 0                   # "copy"/"landed": the first layer, of num_layers
     dst: list = field(default_factory=list)
+    num_layers: int = 1
     tensor: torch.Tensor | None = None   # "copy": the gathered blocks [2, n, ...]
     event: object = None                 # "copy": its data is ready; "landed": its copy finished
     body: bytes = b""                    # "done"/"abort": the wire header
@@ -551,6 +603,11 @@ class IpcKVSender(KVSender):
     finish and reports them, in the order the caller queued them."""
 
     KEPT = 4096   # failed / begun request ids remembered
+    # Layers per launch for a prefill worker (kv_transfer.base.layers_due): a group's copies
+    # start once its last layer is computed and the last group's are what the prefill's end
+    # waits for, so a group stays a small part of the model; the launches and reports it
+    # saves are host time the caller and the I/O thread would otherwise spend per layer.
+    layers_per_launch = 8
 
     def __init__(self, endpoint: str, *, context=None, send_timeout_s: float = SEND_TIMEOUT_S,
                  connect_timeout_s: float = 30.0, linger_s: float = 10.0, ping_s: float = 0.5, lease_s: float = 2.5, device=None):
@@ -599,7 +656,8 @@ class IpcKVSender(KVSender):
         self._side = None
         self._closed = False
         self._drop_after: float | None = None
-        self.stats = dict(messages=0, bytes=0, copies=0, deferred_copies=0, dropped=0, revoked=0, dones_as_aborts=0)
+        self.stats = dict(messages=0, bytes=0, copies=0, deferred_copies=0, dropped=0, revoked=0, dones_as_aborts=0,
+                          reports=0)
         self._thread = threading.Thread(target=self._run, name=f"kv-ipc-sender->{endpoint}", daemon=True)
         self._thread.start()
 
@@ -625,24 +683,18 @@ class IpcKVSender(KVSender):
     def send_layer_blocks(self, request_id: str, layer: int, dst_block_ids: Sequence[int],
                           src_layer: torch.Tensor, src_block_ids: Sequence[int]) -> None:
         rid, ids = self._check(request_id, layer, dst_block_ids)
-        src_ids = list(map(int, src_block_ids))
-        if len(src_ids) != len(ids):
-            raise ValueError(f"{len(src_ids)} source blocks for {len(ids)} destination blocks")
-        if not ids:
-            return
-        self.begin(rid)
-        with self._lock:
-            if self._can_write(rid) and src_layer.device == self._remote.device:
-                self._launch(rid, src_layer, self._remote[layer], ids, src_ids=src_ids)
-                self._queue.append(_Item("landed", rid, layer, ids, event=self._last_copy.get(rid)))
-                self._busy += 1
-                queued = True
-            else:
-                queued = False
-        if queued:
-            self._wake()
-            return
-        self._queue_copy(rid, layer, ids, self._gather(rid, src_layer, src_ids))
+        self._send_blocks(rid, layer, 1, ids, src_layer, src_block_ids)
+
+    def send_layers_blocks(self, request_id: str, layers: range, dst_block_ids: Sequence[int],
+                           src_cache: torch.Tensor, src_block_ids: Sequence[int]) -> None:
+        if type(layers) is not range or layers.step != 1 or not layers:
+            raise ValueError(f"layers must be a non-empty range of consecutive layers, got {layers!r}")
+        rid, ids = self._check(request_id, layers.start, dst_block_ids)
+        if layers.stop > min(MAX_LAYERS, src_cache.shape[0]):
+            raise ValueError(f"layers {layers.start}..{layers.stop - 1} outside the cache's {src_cache.shape[0]}")
+        # [2 * len(layers), num_blocks, ...]: a view, so one launch copies every layer's K and V
+        planes = src_cache[layers.start:layers.stop].flatten(0, 1)
+        self._send_blocks(rid, layers.start, len(layers), ids, planes, src_block_ids)
 
     def send_done(self, request_id: str, first_token: int, num_layers: int) -> None:
         body = encode_done(request_id, first_token, num_layers)[0]
@@ -669,8 +721,7 @@ class IpcKVSender(KVSender):
             self._closed = True
             linger = self.linger_s if linger_s is None else float(linger_s)
             self._drop_after = time.monotonic() + linger
-            self._queue.append(_Item("stop"))
-            self._busy += 1
+            self._enqueue(_Item("stop"))
         self._wake()
         self._thread.join(linger + self.send_timeout_s + 5.0)
         if self._thread.is_alive():
@@ -692,6 +743,33 @@ class IpcKVSender(KVSender):
         if self._closed:
             raise RuntimeError("sender is closed")
         return rid, ids
+
+    def _send_blocks(self, rid: str, first: int, num_layers: int, ids: list[int], planes: torch.Tensor,
+                     src_block_ids: Sequence[int]) -> None:
+        """Blocks ``src_block_ids`` of ``planes`` (K and V of ``num_layers`` layers from
+        ``first``) to blocks ``ids`` of the receiver's same layers: one launch now when it
+        may, else each layer gathered for the I/O thread to copy once granted."""
+        src_ids = list(map(int, src_block_ids))
+        if len(src_ids) != len(ids):
+            raise ValueError(f"{len(src_ids)} source blocks for {len(ids)} destination blocks")
+        if planes.shape[0] != 2 * num_layers:
+            raise ValueError(f"{planes.shape[0]} planes of source cache for {num_layers} layers (want K and V each)")
+        if not ids:
+            return
+        self.begin(rid)
+        with self._lock:
+            launched = self._can_write(rid) and planes.device == self._remote.device
+            if launched:
+                dst = self._remote[first:first + num_layers].flatten(0, 1)
+                self._launch(rid, planes, dst, ids, src_ids=src_ids)
+                wake = self._enqueue(_Item("landed", rid, first, ids, event=self._last_copy.get(rid),
+                                           num_layers=num_layers))
+        if launched:
+            if wake:
+                self._wake()
+            return
+        for i in range(num_layers):
+            self._queue_copy(rid, first + i, ids, self._gather(rid, planes[2 * i:2 * i + 2], src_ids))
 
     def _can_write(self, rid: str) -> bool:
         """Holding the lock: may a copy for rid be launched now?"""
@@ -787,13 +865,23 @@ class IpcKVSender(KVSender):
         if ev is not None:
             torch.cuda.current_stream().wait_event(ev)
 
+    def _enqueue(self, it: _Item) -> bool:
+        """Holding the lock: queue ``it``; True if the I/O thread must be woken for it. It
+        drains the queue to the end (or to an item that cannot go yet, which only a reply
+        or its timer unblocks), so only an item that finds the queue empty needs a wake-up:
+        one per burst of layers instead of one per layer."""
+        was_empty = not self._queue
+        self._queue.append(it)
+        self._busy += 1
+        return was_empty
+
     def _put(self, it: _Item) -> None:
         with self._lock:
             if self._closed:
                 raise RuntimeError("sender is closed")
-            self._queue.append(it)
-            self._busy += 1
-        self._wake()
+            wake = self._enqueue(it)
+        if wake:
+            self._wake()
 
     def _wake(self) -> None:
         with self._lock:
@@ -942,14 +1030,38 @@ class IpcKVSender(KVSender):
                 if not self._queue:
                     return False
                 it = self._queue[0]
+                landed = list(itertools.takewhile(lambda x: x.kind == "landed", self._queue))
             if it.kind == "stop":
                 return True
-            if not self._handle(it):
+            if landed:
+                self._report_landed(landed)
+                handled = len(landed)
+            elif self._handle(it):
+                handled = 1
+            else:
                 return False   # it cannot go yet: the next reply or wake-up tries again
             with self._idle:
-                self._queue.popleft()
-                self._busy -= 1
+                for _ in range(handled):
+                    self._queue.popleft()
+                self._busy -= handled
                 self._idle.notify_all()
+
+    def _report_landed(self, items: list[_Item]) -> None:
+        """Copies launched by the caller, in launch order on one side stream: once the
+        newest has finished all have. One report per run of one request's consecutive
+        layers into the same blocks."""
+        last = next((x.event for x in reversed(items) if x.event is not None), None)
+        if last is not None:
+            last.synchronize()
+        run = items[0]
+        count = run.num_layers
+        for x in items[1:]:
+            if x.rid == run.rid and x.layer == run.layer + count and x.dst == run.dst:
+                count += x.num_layers
+                continue
+            self._report(run.rid, run.layer, count, run.dst)
+            run, count = x, x.num_layers
+        self._report(run.rid, run.layer, count, run.dst)
 
     def _handle(self, it: _Item) -> bool:
         """Handle one item; False leaves it at the head of the queue (it cannot go yet)."""
@@ -964,11 +1076,6 @@ class IpcKVSender(KVSender):
                     self._mark_failed(rid, self.broken or "sender closed")
                 return True
             self._try_send(_CTRL, encode_control("claim", request_id=rid), rid)
-            return True
-        if it.kind == "landed":
-            if it.event is not None:
-                it.event.synchronize()
-            self._report(it)
             return True
         if it.kind == "copy":
             with self._lock:
@@ -987,7 +1094,7 @@ class IpcKVSender(KVSender):
                 ev = self._last_copy.get(rid)
             if ev is not None:
                 ev.synchronize()
-            self._report(it)
+            self._report(rid, it.layer, 1, it.dst)
             return True
         # done / abort: every earlier item of rid has been handled (the queue is in order)
         with self._lock:
@@ -1011,17 +1118,17 @@ class IpcKVSender(KVSender):
                 self._mark_failed(rid, f"control send failed: {e}")
         return True
 
-    def _report(self, it: _Item) -> None:
-        """Tell the receiver that a layer's copy has landed (unless rid was revoked)."""
+    def _report(self, rid: str, first: int, num_layers: int, dst: list[int]) -> None:
+        """Tell the receiver that layers' copies have landed (unless rid was revoked)."""
         with self._lock:
-            skip = it.rid in self._revoked or it.rid in self._failed
+            skip = rid in self._revoked or rid in self._failed
             remote = self._remote
         if skip or remote is None:
             return
-        if not self._try_send(_WIRE, _kv_header(it.rid, it.layer, it.dst, dtype_name(remote.dtype),
-                                                tuple(remote.shape[3:])), it.rid):
+        if not self._try_send(_LANDED, encode_landed(rid, first, num_layers, dst), rid):
             return
-        self.stats["bytes"] += 2 * remote[0, 0, 0].numel() * remote.element_size() * len(it.dst)
+        self.stats["reports"] += 1
+        self.stats["bytes"] += 2 * remote[0, 0, 0].numel() * remote.element_size() * len(dst) * num_layers
 
     def _shutdown(self) -> None:
         with self._idle:

@@ -234,13 +234,18 @@ class PrefillWorker(WorkerBase):
         for job, table in self._shipping:
             if job.error:
                 continue
+            # Layers go as the sender takes them (one per call for the staged backends, a
+            # group per launch for cuda_ipc); a group is handed over once its last layer is.
+            due = kt.layers_due(layer, self.num_layers, job.sender.layers_per_launch)
+            if due is None:
+                continue
             try:
                 src = table[job.first_block:job.first_block + len(job.dst)]
-                job.sender.send_layer_blocks(job.kv_key, layer, job.dst, self.engine.kv_cache[layer], src)
-                job.layers_sent += 1
+                job.sender.send_layers_blocks(job.kv_key, due, job.dst, self.engine.kv_cache, src)
+                job.layers_sent += len(due)
             except Exception as e:
                 self.counters["send_errors"] += 1
-                job.error = f"sending layer {layer} failed: {type(e).__name__}: {e}"
+                job.error = f"sending layers {due.start}..{due.stop - 1} failed: {type(e).__name__}: {e}"
                 log.warning("prefill worker %s: %s: %s", self.worker_id, job.kv_key, job.error)
 
     def _fail_victim(self, key: str, error: str) -> None:

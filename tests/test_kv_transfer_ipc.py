@@ -104,6 +104,28 @@ def test_block_copy_kernel_equals_the_torch_reference(dtype):
         copy_blocks(src, dst.to(torch.float64), s, d)
 
 
+def test_block_copy_of_several_layers_in_one_launch_equals_the_reference():
+    g = torch.Generator().manual_seed(2)
+    src = torch.randn(5, 2, 40, 4, 2, 6, generator=g)   # [layers, K/V, blocks, ...]
+    dst = torch.randn(5, 2, 30, 4, 2, 6, generator=g)
+    want = dst.clone()
+    s = torch.tensor([3, 39, 0], dtype=torch.long)
+    d = torch.tensor([29, 1, 7], dtype=torch.long)
+    for layer in range(1, 4):
+        copy_blocks_reference(src[layer], want[layer], s, d)
+    copy_blocks(src[1:4].flatten(0, 1), dst[1:4].flatten(0, 1), s, d)   # views: the copy lands in dst
+    assert torch.equal(dst, want) and not torch.equal(dst[0, :, 29], src[0, :, 3])
+    with pytest.raises(ValueError):
+        copy_blocks(src[1:4].flatten(0, 1), dst[1:3].flatten(0, 1), s, d)
+
+
+def test_layers_due_groups_consecutive_layers_and_ships_the_last_partial_group():
+    groups = [kt.layers_due(layer, 10, 4) for layer in range(10)]
+    assert [g for g in groups if g is not None] == [range(0, 4), range(4, 8), range(8, 10)]
+    assert [kt.layers_due(layer, 3, 1) for layer in range(3)] == [range(0, 1), range(1, 2), range(2, 3)]
+    assert [kt.layers_due(layer, 3, 8) for layer in range(3)] == [None, None, range(0, 3)]
+
+
 # ---- endpoints, control messages, handles ---------------------------------------------------------------
 def test_endpoints_control_messages_and_cache_descriptions():
     ep = ipc.parse_endpoint("cudaipc://10.0.0.2:5555?inst=0123456789abcdef")
@@ -178,6 +200,33 @@ def test_exact_transfer_block_to_block_and_from_gathered_tensors(pair):
     assert rx.stats["completed"] == 2 and not rx._claims and cache[:, :, 0].eq(0).all()
 
 
+def test_several_layers_in_one_launch_land_exactly_with_one_report(pair):
+    layout, rx, cache, tx = pair()
+    src = src_cache(3, layout)
+    rx.expect("m", [4, 1, 9], deadline=time.monotonic() + 20)
+    tx.begin("m")
+    granted(rx, tx, "m")
+    copies, reports = tx.stats["copies"], tx.stats["reports"]
+    tx.send_layers_blocks("m", range(0, 2), [4, 1, 9], src, [7, 30, 2])
+    tx.send_layers_blocks("m", range(2, 3), [4, 1, 9], src, [7, 30, 2])
+    tx.send_done("m", 5, layout.num_layers)
+    out = poll_until(rx, lambda o: o.completed)
+    assert [(c.request_id, c.first_token) for c in out.completed] == [("m", 5)]
+    assert torch.equal(cache[:, :, [4, 1, 9]], src[:, :, [7, 30, 2]])
+    assert tx.stats["copies"] - copies == 2                 # one launch per call, not per layer
+    assert 1 <= tx.stats["reports"] - reports <= 2          # consecutive layers may share a report
+    assert rx.stats["layers_written"] == layout.num_layers
+    for bad in (range(0, 0), range(0, 3, 2), range(2, 4), [0, 1]):
+        with pytest.raises(ValueError):
+            tx.send_layers_blocks("m", bad, [4], src, [7])
+    # Not granted yet: each layer is gathered and copied by the I/O thread once granted.
+    rx.expect("n", [2, 3], deadline=time.monotonic() + 20)
+    tx.send_layers_blocks("n", range(0, 3), [2, 3], src, [5, 6])
+    tx.send_done("n", 6, layout.num_layers)
+    out = poll_until(rx, lambda o: o.completed)
+    assert out.completed[0].request_id == "n" and torch.equal(cache[:, :, [2, 3]], src[:, :, [5, 6]])
+
+
 def test_a_cancelled_granted_transfer_holds_its_blocks_until_the_sender_is_fenced(pair):
     layout, rx, cache, tx = pair()
     src = src_cache(2, layout)
@@ -237,7 +286,7 @@ def test_malformed_and_unauthorised_messages_fail_only_what_they_name(pair):
         rogue.send_multipart([b"c", ipc.encode_control("hello", inst=ipc.parse_endpoint(rx.endpoint).inst)])
         poll_until(rx, lambda _: rx.num_pairs() == 2)
         rogue.send_multipart([b"c", ipc.encode_control("claim", request_id="f")])
-        rogue.send_multipart([b"w", ipc._kv_header("f", 0, [6, 7], "float32", (4, 2, 8))])
+        rogue.send_multipart([b"l", ipc.encode_landed("f", 0, 1, [6, 7])])
         out = poll_until(rx, lambda o: o.failed)
         assert out.failed[0].request_id == "f" and "not granted to this sender" in out.failed[0].reason
         assert rx.stats["denials"] == 1   # "claimed by another sender"
@@ -247,9 +296,50 @@ def test_malformed_and_unauthorised_messages_fail_only_what_they_name(pair):
         rx.expect("g", [10], deadline=time.monotonic() + 20)
         rogue.send_multipart([b"c", ipc.encode_control("claim", request_id="g")])
         poll_until(rx, lambda _: "g" in rx._claims)
-        rogue.send_multipart([b"w", ipc._kv_header("g", 0, [11], "float32", (4, 2, 8))])
+        rogue.send_multipart([b"l", ipc.encode_landed("g", 0, 1, [11])])
         out = poll_until(rx, lambda o: o.failed)
         assert "not reserved" in out.failed[0].reason
+    finally:
+        rogue.close(0)
+
+
+def test_landed_reports_past_the_reservation_and_kv_headers_fail_their_transfer(pair):
+    layout, rx, cache, tx = pair()
+    rogue = zmq.Context.instance().socket(zmq.DEALER)
+    rogue.setsockopt(zmq.LINGER, 0)
+    rogue.connect(ipc.parse_endpoint(rx.endpoint).ctrl)
+    try:
+        rogue.send_multipart([b"c", ipc.encode_control("hello", inst=ipc.parse_endpoint(rx.endpoint).inst)])
+        poll_until(rx, lambda _: rx.num_pairs() == 2)
+        # Layers past the reservation's, and a kv header (the data never travels on this
+        # socket): each fails the transfer it names, nothing else.
+        for i, frames in enumerate(([b"l", ipc.encode_landed("h0", 2, 2, [12])],
+                                    [b"w", kt.wire.encode_kv("h1", 0, [13], torch.zeros(2, 1, 4, 2, 8))[0]],
+                                    [b"l", b"\x81\xa1v\x01"])):
+            rx.expect(f"h{i}", [12 + i], deadline=time.monotonic() + 20)
+            rogue.send_multipart([b"c", ipc.encode_control("claim", request_id=f"h{i}")])
+            poll_until(rx, lambda _: f"h{i}" in rx._claims)
+            rejected = rx.stats["rejected"]
+            rogue.send_multipart(frames)
+            if i == 2:   # malformed: names no transfer, so it is counted and dropped
+                poll_until(rx, lambda _: rx.stats["rejected"] > rejected)
+                assert f"h{i}" in rx._claims
+                continue
+            def fence_when_revoked(o):   # as a sender must: the failure is reported once fenced
+                while rogue.poll(0):
+                    d = ipc.decode_control(rogue.recv_multipart()[1], ipc._FROM_RECEIVER)
+                    if d["type"] == "revoke":
+                        rogue.send_multipart([b"c", ipc.encode_control("fenced", request_id=d["request_id"])])
+                return o.failed
+            out = poll_until(rx, fence_when_revoked)
+            assert out.failed[0].request_id == f"h{i}", out.failed
+            assert ("layer: 3 outside" if i == 0 else "landed frames") in out.failed[0].reason
+        assert rx.stats["pairs_lost"] == 0
+        with pytest.raises(WireError):
+            ipc.decode_landed(ipc.encode_landed("x", 0, 0, [1]))
+        with pytest.raises(WireError):
+            ipc.decode_landed(ipc.encode_landed("x", 0, 1, []))
+        assert ipc.decode_landed(ipc.encode_landed("x", 3, 2, [1, 5])) == ("x", 3, 2, (1, 5))
     finally:
         rogue.close(0)
 
