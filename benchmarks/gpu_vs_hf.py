@@ -18,7 +18,14 @@ two sides' tokens are not compared (different random init; bf16 kernels differ a
 Output tokens/s = useful output tokens / (time from the stream's start to the last
 completion). The engine runs first and is freed before the HF model is built.
 
+--engines runs the engine once per named variant on the same stream, one after the other
+in this process (each built, warmed up and freed in turn): `overlap` (the default engine:
+overlapped scheduling on, on CUDA), `sync` (async_scheduling off: the host schedules
+between steps), `dense` (overlap on and dense_prefill on: fresh prompts through cuDNN's
+fused attention). The first variant is the one compared with transformers.
+
     python benchmarks/gpu_vs_hf.py [--requests 128] [--rate 32] [--hf-batch 32] [--json out.json]
+    python benchmarks/gpu_vs_hf.py --requests 256 --engines overlap,sync,dense --json stream.json
 """
 from __future__ import annotations
 
@@ -47,11 +54,14 @@ def make_stream(args) -> list[dict]:
     return out
 
 
-def run_engine(args, stream) -> dict:
+ENGINE_VARIANTS = {"overlap": dict(), "sync": dict(async_scheduling=False), "dense": dict(dense_prefill=True)}
+
+
+def run_engine(args, stream, variant: str = "overlap") -> dict:
     sizes = tuple(b for b in (1, 2, 4, 8, 16, 32, 64, 128, 192, 256, 384, 512) if b <= args.max_num_seqs)
     engine = LLMEngine(args.model, device="cuda", dtype="bfloat16", enable_prefix_caching=False,
                        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_batched_tokens,
-                       cuda_graph_batch_sizes=sizes)
+                       cuda_graph_batch_sizes=sizes, **ENGINE_VARIANTS[variant])
     # Warm-up on a stream of another seed, all at once with short outputs: the eager
     # (mixed prefill) steps compile their Triton specialisations outside the timed run.
     rng = random.Random(args.seed + 1)
@@ -106,7 +116,9 @@ def run_engine(args, stream) -> dict:
     assert got == [r["max_tokens"] for r in stream], "engine produced the wrong number of tokens"
     useful = sum(got)
     ttft = [first[i] - stream[i]["arrival"] for i in range(n)]
-    res = dict(seconds=makespan, output_tokens=useful, tokens_per_s=useful / makespan, steps=steps,
+    res = dict(variant=variant, overlap=engine.overlap,
+               dense_prefill=engine.runner.dense_fresh_prefill,
+               seconds=makespan, output_tokens=useful, tokens_per_s=useful / makespan, steps=steps,
                graph_replays=engine.runner.decode_graphs.num_replays if engine.runner.decode_graphs else 0,
                ttft_median_s=statistics.median(ttft),
                e2e_median_s=statistics.median(finish[i] - stream[i]["arrival"] for i in range(n)),
@@ -196,12 +208,21 @@ def main():
     ap.add_argument("--max-batched-tokens", type=int, default=4096)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--engines", default="overlap",
+                    help=f"comma-separated engine variants, run in turn on the same stream: {','.join(ENGINE_VARIANTS)}")
     ap.add_argument("--json")
     args = ap.parse_args()
+    variants = args.engines.split(",")
+    unknown = [v for v in variants if v not in ENGINE_VARIANTS]
+    if unknown or not variants:
+        ap.error(f"--engines: unknown {unknown}; choose from {list(ENGINE_VARIANTS)}")
     stream = make_stream(args)
-    eng = run_engine(args, stream)
-    print("engine:", eng, flush=True)
-    rec = dict(device=gc_.device_info(), args=vars(args), engine=eng)
+    engines = {}
+    for v in variants:
+        engines[v] = run_engine(args, stream, v)
+        print(f"engine ({v}):", engines[v], flush=True)
+    eng = engines[variants[0]]
+    rec = dict(device=gc_.device_info(), args=vars(args), engine=eng, engines=engines)
     if not args.skip_hf:
         hf = run_hf(args, stream)
         print("hf:", hf, flush=True)
@@ -212,12 +233,13 @@ def main():
           f"prompts {args.prompt_min}-{args.prompt_max}, outputs {args.out_min}-{args.out_max}")
     print("| side | seconds | useful output tokens | output tok/s |")
     print("|---|---|---|---|")
-    print(f"| engine | {eng['seconds']:.1f} | {eng['output_tokens']} | {eng['tokens_per_s']:.0f} |")
+    for v, e in engines.items():
+        print(f"| engine ({v}) | {e['seconds']:.1f} | {e['output_tokens']} | {e['tokens_per_s']:.0f} |")
     if "hf" in rec:
         hf = rec["hf"]
         print(f"| transformers (static batch {args.hf_batch}) | {hf['seconds']:.1f} | {hf['output_tokens']} "
               f"| {hf['tokens_per_s']:.0f} |")
-        print(f"engine / transformers: {rec['ratio']:.1f}x")
+        print(f"engine ({variants[0]}) / transformers: {rec['ratio']:.1f}x")
 
 
 if __name__ == "__main__":
