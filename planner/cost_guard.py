@@ -13,8 +13,10 @@ MIN_POINTS = 3   # fewer measured steps predict nothing: measure
 
 
 class CostGuard:
-    def __init__(self, max_step_s: float, max_setup_s: float, budget: int):
+    def __init__(self, max_step_s: float, max_setup_s: float, budget: int, dense_prefill: bool = False):
         self.max_step_s, self.max_setup_s, self.budget = float(max_step_s), float(max_setup_s), int(budget)
+        # The engine's (costmodel.dense_prefill_of): which points' attention is priced as dense.
+        self.dense_prefill = bool(dense_prefill)
         self.steps: list[dict] = []
         self.coef: dict | None = None
         self.skipped: list[str] = []
@@ -22,13 +24,13 @@ class CostGuard:
     def add(self, entry: dict) -> None:
         self.steps.append(entry)
         if len(self.steps) >= MIN_POINTS:
-            self.coef = _fit_arrays(_features(self.steps))
+            self.coef = _fit_arrays(_features(self.steps, self.dense_prefill))
 
     def step_s(self, chunks, contexts) -> float | None:
         """Predicted seconds of one step, or None while too little is measured."""
         if self.coef is None:
             return None
-        return predict_entry(self.coef, step_entry(chunks, contexts, 1.0))
+        return predict_entry(self.coef, step_entry(chunks, contexts, 1.0), self.dense_prefill)
 
     def prefill_s(self, tokens: int) -> float | None:
         """Predicted seconds to prefill one prompt alone, in budget-sized chunks."""

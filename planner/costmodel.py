@@ -3,14 +3,25 @@
 A step's time has one of two forms, both fitted to every profile; the one with the smaller
 held-out error (k-fold, relative) is used (:func:`fit_steps`). All coefficients are
 non-negative. P prefill tokens in S chunks, A their causal attention pairs
-(profile_format.attention_pairs), D decoded sequences and K the tokens they attend to.
+(profile_format.attention_pairs) through the paged kernel and A_dense through dense
+attention, D decoded sequences and K the tokens they attend to.
 
 "additive" (this module):
 
     t = step_s + prefill_seq_s * S + decode_seq_s * D    host: scheduling, launches, sampling
         + max(weights_s, per_token_s * (P + D))            linear layers: weight-read floor or compute
-        + attention_s_per_pair * A                        prefill attention (compute bound)
+        + attention_s_per_pair * A                        prefill attention, paged kernel
+        + dense_attention_s_per_pair * A_dense            prefill attention, dense (compute bound)
         + decode_s_per_context_token * K                  decode attention (KV reads)
+
+Prefill attention takes one of two paths (profile_format.dense_attention_step): with the
+engine's dense prefill on, a step whose chunks all start their sequence attends densely over
+their own K/V; any other step gathers K/V back through the paged kernel. The two cost
+differently per pair (a CPU's paged reference several times more), so each path has its own
+coefficient, fitted to the steps that took it (:func:`attention_split`). Where the steps
+cannot separate them (dense prefill off or not recorded, a path no step took, an entry whose
+path its sums do not tell) both are the one fitted coefficient, and the fit report's
+`attention` says so.
 
 Host and device work add up, as on a CPU (one set of cores does both) or a synchronous
 engine. On a GPU the linear layers read every weight once per step whatever the batch, so a
@@ -37,13 +48,16 @@ import math
 import numpy as np
 
 from planner import overlapped_fit
-from planner.profile_format import VERSION, attention_pairs, validate_profile
+from planner.profile_format import VERSION, entry_pairs_by_path, prefill_sums, validate_profile
 
 # The additive form's coefficients (FORMS lists each form's).
 COEFFICIENTS = ("step_s", "prefill_seq_s", "decode_seq_s", "weights_s", "per_token_s", "attention_s_per_pair",
-                "decode_s_per_context_token")
+                "dense_attention_s_per_pair", "decode_s_per_context_token")
 FORM = ("step_s + prefill_seq_s*S + decode_seq_s*D + max(weights_s, per_token_s*(P+D)) + attention_s_per_pair*A "
-        "+ decode_s_per_context_token*K")
+        "+ dense_attention_s_per_pair*A_dense + decode_s_per_context_token*K")
+# Prefill attention per pair: the paged kernel's and dense attention's. A fit written before
+# there were two has the first only, which then prices both.
+PAGED_ATTENTION, DENSE_ATTENTION = "attention_s_per_pair", "dense_attention_s_per_pair"
 FORMS = {"additive": (COEFFICIENTS, FORM), overlapped_fit.NAME: (overlapped_fit.COEFFICIENTS, overlapped_fit.FORM)}
 # How much smaller a form's held-out error must be to be chosen over a simpler one.
 FORM_TOLERANCE = 0.10
@@ -89,10 +103,70 @@ def nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return x / norms
 
 
-def _features(steps: list[dict]) -> dict[str, np.ndarray]:
+def dense_prefill_of(profile: dict) -> tuple[bool, str]:
+    """Whether the profiled engine sent prefill chunks that start their sequence through dense
+    attention, and the reason in words. The engine does where its runner resolved
+    EngineConfig.dense_prefill on (recorded as engine.dense_prefill) and its KV cache holds
+    the activations' dtype (Attention.forward: a quantized cache keeps the paged kernel)."""
+    recorded = profile["engine"].get("dense_prefill")
+    if recorded is None:
+        return False, "engine.dense_prefill not recorded (a profile from before it was), read as off"
+    if not recorded:
+        return False, "the profiled engine's dense prefill was off"
+    model = profile["model"]
+    kv_dtype = model.get("kv_dtype")
+    if kv_dtype is not None and kv_dtype != model.get("dtype"):
+        return False, f"its {kv_dtype} KV cache keeps every chunk on the paged kernel"
+    return True, "the profiled engine's dense prefill was on"
+
+
+def attention_split(steps: list[dict], dense_prefill: bool,
+                    paged_only_because: str = "dense prefill off") -> tuple[np.ndarray, np.ndarray, str]:
+    """Each step's attention pairs by path, (paged, dense), and a line saying how the fit can
+    price them. Every pair counts as paged when dense prefill was off, or when some entry's
+    path cannot be told from its sums (profile_format.entry_pairs_by_path): one coefficient
+    then prices all of them."""
+    total = np.array([float(s["prefill_context"]) for s in steps])
+    none = np.zeros_like(total)
+    if not dense_prefill:
+        return total, none, ("one attention coefficient: every prefill chunk took the paged kernel "
+                             f"({paged_only_because})")
+    by_path = [entry_pairs_by_path(s, True) for s in steps]
+    unknown = [i for i, p in enumerate(by_path) if p is None]
+    if unknown:
+        return total, none, (f"one attention coefficient for both paths: {len(unknown)} step(s) (steps[{unknown[0]}] "
+                             "first) have several prefill chunks, whose sums do not say which path they took")
+    paged = np.array([float(p) for p, _ in by_path])
+    dense = np.array([float(d) for _, d in by_path])
+    if not dense.any():
+        return paged, dense, "one attention coefficient for both paths: no measured step took dense attention"
+    if not paged.any():
+        return paged, dense, ("one attention coefficient for both paths: no measured step took the paged kernel "
+                              "(no chunk after a prefix); it is priced at dense attention's cost")
+    return paged, dense, (f"two attention coefficients: dense from {int(np.count_nonzero(dense))} steps whose chunks "
+                          f"start their sequence, paged from {int(np.count_nonzero(paged))} steps with a prefix")
+
+
+def _one_coefficient_for_an_unmeasured_path(coef: dict[str, float], paged_pairs: np.ndarray,
+                                            dense_pairs: np.ndarray) -> dict[str, float]:
+    """A path no fitted step took left its coefficient unconstrained (zero): it is priced as
+    the other one, as a fit with one coefficient would."""
+    if not dense_pairs.any():
+        coef[DENSE_ATTENTION] = coef[PAGED_ATTENTION]
+    elif not paged_pairs.any():
+        coef[PAGED_ATTENTION] = coef[DENSE_ATTENTION]
+    return coef
+
+
+def _features(steps: list[dict], dense_prefill: bool = False) -> dict[str, np.ndarray]:
+    paged_pairs, dense_pairs, _ = attention_split(steps, dense_prefill)
+    return _columns(steps, paged_pairs, dense_pairs)
+
+
+def _columns(steps: list[dict], paged_pairs: np.ndarray, dense_pairs: np.ndarray) -> dict[str, np.ndarray]:
     col = lambda k: np.array([float(s[k]) for s in steps])   # noqa: E731
     return dict(prefill_seqs=col("num_prefill_seqs"), decode_seqs=col("decode_seqs"),
-                tokens=col("prefill_tokens") + col("decode_seqs"), pairs=col("prefill_context"),
+                tokens=col("prefill_tokens") + col("decode_seqs"), paged_pairs=paged_pairs, dense_pairs=dense_pairs,
                 context=col("decode_context"), y=col("seconds"))
 
 
@@ -103,7 +177,7 @@ def _fit_arrays(f: dict[str, np.ndarray]) -> dict[str, float]:
 
     def solve(ridge: float) -> tuple[float, np.ndarray]:
         a = np.column_stack([np.ones_like(y), f["prefill_seqs"], f["decode_seqs"], np.maximum(tokens, ridge),
-                             f["pairs"], f["context"]])
+                             f["paged_pairs"], f["dense_pairs"], f["context"]])
         x = nnls(a * w[:, None], np.ones_like(y))
         r = (a @ x) * w - 1.0
         return float(np.dot(r, r)), x
@@ -133,22 +207,43 @@ def _fit_arrays(f: dict[str, np.ndarray]) -> dict[str, float]:
         if e < best_err:
             best_err, best_ridge = e, r
     _, x = solve(best_ridge)
-    return dict(step_s=float(x[0]), prefill_seq_s=float(x[1]), decode_seq_s=float(x[2]),
+    coef = dict(step_s=float(x[0]), prefill_seq_s=float(x[1]), decode_seq_s=float(x[2]),
                 weights_s=float(x[3] * best_ridge), per_token_s=float(x[3]), attention_s_per_pair=float(x[4]),
-                decode_s_per_context_token=float(x[5]))
+                dense_attention_s_per_pair=float(x[5]), decode_s_per_context_token=float(x[6]))
+    return _one_coefficient_for_an_unmeasured_path(coef, f["paged_pairs"], f["dense_pairs"])
 
 
-def predict_entry_as(form: str, coef: dict[str, float], s: dict) -> float:
+def predict_entry_as(form: str, coef: dict[str, float], s: dict, dense_prefill: bool = False) -> float:
     """A profile entry's predicted seconds under the named form."""
-    return overlapped_fit.predict_entry(coef, s) if form == overlapped_fit.NAME else predict_entry(coef, s)
+    if form == overlapped_fit.NAME:
+        return overlapped_fit.predict_entry(coef, s, dense_prefill)
+    return predict_entry(coef, s, dense_prefill)
 
 
-def _fit_form(form: str, steps: list[dict]) -> dict[str, float]:
-    return overlapped_fit.fit(steps, nnls) if form == overlapped_fit.NAME else _fit_arrays(_features(steps))
+def _fit_form(form: str, steps: list[dict], paged_pairs: np.ndarray, dense_pairs: np.ndarray) -> dict[str, float]:
+    if form == overlapped_fit.NAME:
+        coef = overlapped_fit.fit(steps, nnls, paged_pairs, dense_pairs)
+        return _one_coefficient_for_an_unmeasured_path(coef, paged_pairs, dense_pairs)
+    return _fit_arrays(_columns(steps, paged_pairs, dense_pairs))
 
 
-def _relative_errors(coef: dict[str, float], steps: list[dict], form: str = "additive") -> np.ndarray:
-    return np.array([predict_entry_as(form, coef, s) / s["seconds"] - 1.0 for s in steps])
+def _entry_seconds(form: str, coef: dict[str, float], s: dict, paged_pairs: float, dense_pairs: float) -> float:
+    """A profile entry's predicted seconds, its attention pairs given by path."""
+    if form == overlapped_fit.NAME:
+        serial, host, device = overlapped_fit.parts(coef, s["prefill_tokens"], paged_pairs, dense_pairs,
+                                                    s["num_prefill_seqs"], s["decode_seqs"], s["decode_context"])
+        return serial + max(host, device)
+    d = s["decode_seqs"]
+    return (coef["step_s"] + coef["prefill_seq_s"] * s["num_prefill_seqs"] + coef["decode_seq_s"] * d
+            + max(coef["weights_s"], coef["per_token_s"] * (s["prefill_tokens"] + d))
+            + coef[PAGED_ATTENTION] * paged_pairs + coef[DENSE_ATTENTION] * dense_pairs
+            + coef["decode_s_per_context_token"] * s["decode_context"])
+
+
+def _relative_errors(coef: dict[str, float], steps: list[dict], form: str, paged_pairs: np.ndarray,
+                     dense_pairs: np.ndarray) -> np.ndarray:
+    return np.array([_entry_seconds(form, coef, s, p, d) / s["seconds"] - 1.0
+                     for s, p, d in zip(steps, paged_pairs, dense_pairs)])
 
 
 def _summary(rel: np.ndarray) -> dict:
@@ -159,9 +254,9 @@ def _summary(rel: np.ndarray) -> dict:
                 mean=float(a.mean()), mean_signed=float(rel.mean()))
 
 
-def _fit_report(form: str, steps: list[dict], folds: int) -> dict:
-    coef = _fit_form(form, steps)
-    rel = _relative_errors(coef, steps, form)
+def _fit_report(form: str, steps: list[dict], folds: int, paged_pairs: np.ndarray, dense_pairs: np.ndarray) -> dict:
+    coef = _fit_form(form, steps, paged_pairs, dense_pairs)
+    rel = _relative_errors(coef, steps, form, paged_pairs, dense_pairs)
     report = dict(model=form, form=FORMS[form][1], coefficients=coef, relative_error=_summary(rel),
                   relative_error_by_kind={k: _summary(rel[[s.get("kind") == k for s in steps]])
                                           for k in sorted({s.get("kind") for s in steps if s.get("kind")})})
@@ -171,21 +266,27 @@ def _fit_report(form: str, steps: list[dict], folds: int) -> dict:
         for k in range(folds):
             test = idx % folds == k
             train = [s for s, t in zip(steps, test) if not t]
-            c = _fit_form(form, train)
-            held[test] = _relative_errors(c, [s for s, t in zip(steps, test) if t], form)
+            c = _fit_form(form, train, paged_pairs[~test], dense_pairs[~test])
+            held[test] = _relative_errors(c, [s for s, t in zip(steps, test) if t], form, paged_pairs[test],
+                                          dense_pairs[test])
         report["holdout_relative_error"] = _summary(held)
     return report
 
 
-def fit_steps(steps: list[dict], folds: int = 5, forms: tuple[str, ...] = tuple(FORMS)) -> dict:
+def fit_steps(steps: list[dict], folds: int = 5, forms: tuple[str, ...] = tuple(FORMS), *,
+              dense_prefill: bool = False, paged_only_because: str = "dense prefill off") -> dict:
     """Fit each form to the measured steps; report relative errors in-sample, per kind, and
     on held-out points (k-fold: each fold predicted by a fit to the others), and keep the
     form with the smallest mean held-out error (in-sample when there are too few points to
     hold any out), unless a simpler form (earlier in FORMS) comes within FORM_TOLERANCE of it.
-    The report is the chosen form's, with every form's under `candidates`."""
+    dense_prefill: the profiled engine's (dense_prefill_of), which splits the attention
+    pairs by path (attention_split; paged_only_because says why not, where it did not).
+    The report is the chosen form's, with every form's under `candidates` and the split's
+    line under `attention`."""
     if not steps:
         raise ValueError("fit_steps: no steps")
-    reports = {f: _fit_report(f, steps, folds) for f in forms}
+    paged_pairs, dense_pairs, attention = attention_split(steps, dense_prefill, paged_only_because)
+    reports = {f: _fit_report(f, steps, folds, paged_pairs, dense_pairs) for f in forms}
 
     def score(f):
         r = reports[f]
@@ -194,9 +295,9 @@ def fit_steps(steps: list[dict], folds: int = 5, forms: tuple[str, ...] = tuple(
     # within timing noise is no reason to take on more coefficients.
     best = min(score(f) for f in forms)
     chosen = next(f for f in forms if score(f) <= best * (1 + FORM_TOLERANCE) + 1e-12)
-    return dict(reports[chosen], candidates={f: {k: r[k] for k in ("coefficients", "relative_error",
-                                                                   "holdout_relative_error") if k in r}
-                                             for f, r in reports.items()})
+    return dict(reports[chosen], attention=attention,
+                candidates={f: {k: r[k] for k in ("coefficients", "relative_error", "holdout_relative_error") if k in r}
+                            for f, r in reports.items()})
 
 
 class ImplausibleTransferFit(UserWarning):
@@ -224,13 +325,12 @@ def fit_transfer(points: list[dict]) -> tuple[float, float]:
     return float(lat), bw
 
 
-def predict_entry(coef: dict[str, float], s: dict) -> float:
-    """A step's time from its profile entry (the sums of profile_format.step_entry)."""
-    d = s["decode_seqs"]
-    return (coef["step_s"] + coef["prefill_seq_s"] * s["num_prefill_seqs"] + coef["decode_seq_s"] * d
-            + max(coef["weights_s"], coef["per_token_s"] * (s["prefill_tokens"] + d))
-            + coef["attention_s_per_pair"] * s["prefill_context"]
-            + coef["decode_s_per_context_token"] * s["decode_context"])
+def predict_entry(coef: dict[str, float], s: dict, dense_prefill: bool = False) -> float:
+    """A step's time from its profile entry (the sums of profile_format.step_entry) under the
+    additive form; dense_prefill: the profiled engine's. An entry whose path its sums do not
+    tell is priced as paged."""
+    paged_pairs, dense_pairs = entry_pairs_by_path(s, dense_prefill) or (s["prefill_context"], 0)
+    return _entry_seconds("additive", coef, s, paged_pairs, dense_pairs)
 
 
 # ---- the model ------------------------------------------------------------------------------------------
@@ -239,7 +339,10 @@ class CostModel:
 
     step_time(prefill_chunks, decode_contexts): one engine step that prefills each chunk
         (new_tokens, cached_tokens_before_chunk) and decodes one token for each sequence of
-        the given current context length (tokens it attends to, the new one included).
+        the given current context length (tokens it attends to, the new one included). The
+        cached tokens (a prefix-cache hit or earlier chunks) also say which attention path
+        the step takes (profile_format.dense_attention_step), as num_computed_tokens does
+        in the engine.
     transfer_time(num_tokens): the KV of num_tokens (whole blocks) landing in the decode
         worker, from latency + bytes / bandwidth.
     """
@@ -248,8 +351,12 @@ class CostModel:
                  form: str = "additive"):
         self.profile = profile
         self.form = form
+        coefficients = dict(coefficients)
+        coefficients.setdefault(DENSE_ATTENTION, coefficients[PAGED_ATTENTION])   # a fit from before there were two
         self.coefficients = {k: float(coefficients[k]) for k in FORMS[form][0]}
         self.fit_report = fit_report or {}
+        # Which prefill steps attend densely (profile_format.dense_attention_step).
+        self.dense_prefill, _ = dense_prefill_of(profile)
         # Engines on a CPU do host and device work on the same cores: another engine there
         # slows all of it (planner/shared_device.py); on a GPU only the device part.
         self.host_is_device = profile["hardware"]["device"] == "cpu"
@@ -284,7 +391,7 @@ class CostModel:
         c = self.coefficients
         if form == "additive":
             self._c = (c["step_s"], c["prefill_seq_s"], c["decode_seq_s"], c["weights_s"], c["per_token_s"],
-                       c["attention_s_per_pair"], c["decode_s_per_context_token"])
+                       c[PAGED_ATTENTION], c[DENSE_ATTENTION], c["decode_s_per_context_token"])
 
     def request_path_s(self, prompt_tokens: int, uncached_tokens: int) -> float:
         """A request's path beyond router_*_s and the engine's steps, by its prompt.
@@ -313,7 +420,8 @@ class CostModel:
         coefficients as they are."""
         validate_profile(profile)
         if profile["steps"]:
-            report = fit_steps(profile["steps"])
+            dense_prefill, why = dense_prefill_of(profile)
+            report = fit_steps(profile["steps"], dense_prefill=dense_prefill, paged_only_because=why)
             return cls(profile, report["coefficients"], report, report["model"])
         fit = profile["fit"]
         co = fit["coefficients"]
@@ -321,7 +429,7 @@ class CostModel:
         form = fit.get("model", "additive")
         if form not in FORMS:
             raise ValueError(f"profile.fit.model: one of {sorted(FORMS)}, got {form!r:.80}")
-        missing = [k for k in FORMS[form][0] if k not in co]
+        missing = [k for k in FORMS[form][0] if k not in co and k != DENSE_ATTENTION]
         if missing:
             raise ValueError(f"profile.fit.coefficients: missing {missing}")
         return cls(profile, co, fit, form)
@@ -335,6 +443,7 @@ class CostModel:
     def synthetic(cls, *, step_s: float = 2e-3, prefill_seq_s: float = 0.0, decode_seq_s: float = 0.0,
                   weights_s: float = 0.0,
                   per_token_s: float = 1e-5, attention_s_per_pair: float = 0.0,
+                  dense_attention_s_per_pair: float | None = None, dense_prefill: bool = False,
                   decode_s_per_context_token: float = 0.0, transfer_latency_s: float = 1e-4,
                   transfer_bytes_per_s: float = 1e9, kv_bytes_per_token: int = 4096, block_size: int = 16,
                   max_num_batched_tokens: int = 2048, max_num_seqs: int = 128, num_kv_blocks: int = 4096,
@@ -343,11 +452,16 @@ class CostModel:
                   form: str = "additive", graph_host_s: float = 0.0, eager_host_s: float = 0.0,
                   mixed_host_s: float = 0.0) -> "CostModel":
         """An analytic model from its coefficients (tests, what-ifs), as a valid derived profile.
-        form="overlapped" takes the *_host_s coefficients and ignores prefill_seq_s."""
+        form="overlapped" takes the *_host_s coefficients and ignores prefill_seq_s.
+        dense_prefill: the engine's, which decides the steps dense_attention_s_per_pair prices
+        (default: attention_s_per_pair, one price for both paths)."""
         if form not in FORMS:
             raise ValueError(f"form: one of {sorted(FORMS)}, got {form!r}")
+        if dense_attention_s_per_pair is None:
+            dense_attention_s_per_pair = attention_s_per_pair
         given = dict(step_s=step_s, prefill_seq_s=prefill_seq_s, decode_seq_s=decode_seq_s, weights_s=weights_s,
                      per_token_s=per_token_s, attention_s_per_pair=attention_s_per_pair,
+                     dense_attention_s_per_pair=dense_attention_s_per_pair,
                      decode_s_per_context_token=decode_s_per_context_token, graph_host_s=graph_host_s,
                      eager_host_s=eager_host_s, mixed_host_s=mixed_host_s)
         coef = {k: given[k] for k in FORMS[form][0]}
@@ -361,7 +475,7 @@ class CostModel:
             model=dict(name=name, dtype="n/a", num_layers=1, kv_bytes_per_token=kv_bytes_per_token, num_params=1),
             engine=dict(block_size=block_size, max_num_batched_tokens=max_num_batched_tokens,
                         max_num_seqs=max_num_seqs, num_kv_blocks=num_kv_blocks, kernel_backend="n/a",
-                        async_scheduling=False),
+                        async_scheduling=False, dense_prefill=bool(dense_prefill)),
             steps=[],
             transfer=dict(backend="synthetic", points=points, notes="synthetic: latency + bytes / bandwidth"),
             overheads=dict(router_direct_s=router_direct_s, router_disaggregated_s=router_disaggregated_s,
@@ -379,8 +493,8 @@ class CostModel:
         Assumptions (a model, not a measurement):
           - the weight-read floor scales with the weight bytes, split evenly over tp GPUs;
           - linear-layer compute per token with the FLOPs (about 2 x parameters), over tp;
-          - prefill attention per (query, key) pair with attention_factor (layers x heads x
-            head_dim; default flops_factor), over tp (heads are split);
+          - prefill attention per (query, key) pair, both paths, with attention_factor
+            (layers x heads x head_dim; default flops_factor), over tp (heads are split);
           - decode KV reads per context token with kv_bytes_factor (default 1), over tp;
           - host costs per step and per sequence do not change; tensor parallelism adds
             comm_s_per_step (all-reduce latencies: about 2 per layer) and comm_s_per_token
@@ -400,7 +514,8 @@ class CostModel:
         coef.update(step_s=coef["step_s"] + comm_s_per_step,
                     weights_s=coef["weights_s"] * weight_bytes_factor / tp,
                     per_token_s=coef["per_token_s"] * flops_factor / tp + comm_s_per_token,
-                    attention_s_per_pair=coef["attention_s_per_pair"] * af / tp,
+                    attention_s_per_pair=coef[PAGED_ATTENTION] * af / tp,
+                    dense_attention_s_per_pair=coef[DENSE_ATTENTION] * af / tp,
                     decode_s_per_context_token=coef["decode_s_per_context_token"] * kf / tp)
         p = copy.deepcopy(self.profile)
         kv_bytes = max(1, round(self.kv_bytes_per_token * kf))
@@ -449,16 +564,14 @@ class CostModel:
         if self.form != "additive":
             serial, host, device = self.step_parts(prefill_chunks, decode_contexts)
             return serial + max(host, device)
-        step_s, prefill_seq_s, decode_seq_s, weights_s, per_token_s, attn, kv = self._c
-        n_tokens = len(decode_contexts)
-        pairs = 0
-        for new, cached in prefill_chunks:
-            n_tokens += new
-            pairs += attention_pairs(new, cached)
+        step_s, prefill_seq_s, decode_seq_s, weights_s, per_token_s, paged_attn, dense_attn, kv = self._c
+        prefill_tokens, paged_pairs, dense_pairs = prefill_sums(prefill_chunks, self.dense_prefill)
+        n_tokens = prefill_tokens + len(decode_contexts)
         if n_tokens == 0:
             return 0.0
         return (step_s + prefill_seq_s * len(prefill_chunks) + decode_seq_s * len(decode_contexts)
-                + max(weights_s, per_token_s * n_tokens) + attn * pairs + kv * sum(decode_contexts))
+                + max(weights_s, per_token_s * n_tokens) + paged_attn * paged_pairs + dense_attn * dense_pairs
+                + kv * sum(decode_contexts))
 
     def step_parts(self, prefill_chunks: list[tuple[int, int]],
                    decode_contexts: list[int]) -> tuple[float, float, float]:
@@ -469,20 +582,19 @@ class CostModel:
         additive form, and any engine on a CPU, count the whole step as device work."""
         if self.form == "additive" or self.host_is_device:
             return 0.0, 0.0, self._whole_step(prefill_chunks, decode_contexts)
-        tokens, pairs = overlapped_fit.chunk_sums(prefill_chunks)
+        return self._overlapped_parts(prefill_chunks, decode_contexts)
+
+    def _overlapped_parts(self, prefill_chunks, decode_contexts) -> tuple[float, float, float]:
+        tokens, paged_pairs, dense_pairs = prefill_sums(prefill_chunks, self.dense_prefill)
         if tokens == 0 and not decode_contexts:
             return 0.0, 0.0, 0.0
-        return overlapped_fit.parts(self.coefficients, tokens, pairs, len(prefill_chunks), len(decode_contexts),
-                                    sum(decode_contexts))
+        return overlapped_fit.parts(self.coefficients, tokens, paged_pairs, dense_pairs, len(prefill_chunks),
+                                    len(decode_contexts), sum(decode_contexts))
 
     def _whole_step(self, prefill_chunks, decode_contexts) -> float:
         if self.form == "additive":
             return self.step_time(prefill_chunks, decode_contexts)
-        tokens, pairs = overlapped_fit.chunk_sums(prefill_chunks)
-        if tokens == 0 and not decode_contexts:
-            return 0.0
-        serial, host, device = overlapped_fit.parts(self.coefficients, tokens, pairs, len(prefill_chunks),
-                                                    len(decode_contexts), sum(decode_contexts))
+        serial, host, device = self._overlapped_parts(prefill_chunks, decode_contexts)
         return serial + max(host, device)
 
     def transfer_time(self, num_tokens: int) -> float:

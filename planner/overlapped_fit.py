@@ -6,9 +6,11 @@ the step lasts as long as the longer of the two.
            + eager_host_s * [a prefill chunk]            launching an eager step kernel by kernel
            + mixed_host_s * [a chunk and decodes]        the eager path's extra inputs for decodes
     device = max(weights_s + decode_s_per_context_token*K + decode_seq_s*D,   memory bound
-                 per_token_s*(P+D) + attention_s_per_pair*A)                   compute bound
+                 per_token_s*(P+D) + attention_s_per_pair*A                    compute bound
+                 + dense_attention_s_per_pair*A_dense)
 
-(P prefill tokens with A attention pairs, D decoded sequences attending to K tokens.)
+(P prefill tokens with A attention pairs through the paged kernel and A_dense through dense
+attention, D decoded sequences attending to K tokens; costmodel.py says which pairs are which.)
 
 Why: with overlapped scheduling the engine launches step n+1 while the device runs step n, and
 an eager (prefill-containing) step's launches themselves overlap its kernels, so a step costs
@@ -26,34 +28,39 @@ from __future__ import annotations
 
 import numpy as np
 
-from planner.profile_format import attention_pairs
+from planner.profile_format import entry_pairs_by_path
 
 NAME = "overlapped"
 COEFFICIENTS = ("step_s", "graph_host_s", "eager_host_s", "mixed_host_s", "weights_s",
-                "decode_s_per_context_token", "decode_seq_s", "per_token_s", "attention_s_per_pair")
+                "decode_s_per_context_token", "decode_seq_s", "per_token_s", "attention_s_per_pair",
+                "dense_attention_s_per_pair")
 FORM = ("step_s + max(graph_host_s*[S=0] + eager_host_s*[S>0] + mixed_host_s*[S>0,D>0], "
-        "max(weights_s + decode_s_per_context_token*K + decode_seq_s*D, per_token_s*(P+D) + attention_s_per_pair*A))")
+        "max(weights_s + decode_s_per_context_token*K + decode_seq_s*D, per_token_s*(P+D) + attention_s_per_pair*A "
+        "+ dense_attention_s_per_pair*A_dense))")
 
 _HOST, _MEMORY, _COMPUTE = 0, 1, 2
 _RANDOM_STARTS = 12
 _MAX_ROUNDS = 60
 
 
-def _branch_rows(prefill_seqs, prefill_tokens, pairs, decode_seqs, context) -> np.ndarray:
+def _branch_rows(prefill_seqs, prefill_tokens, paged_pairs, dense_pairs, decode_seqs, context) -> np.ndarray:
     """[3, n, len(COEFFICIENTS)]: each branch's features (step_s is in all three)."""
     one = np.ones_like(prefill_tokens, dtype=float)
     z = np.zeros_like(one)
     eager = (prefill_seqs > 0).astype(float)
     mixed = eager * (decode_seqs > 0)
-    host = np.column_stack([one, 1 - eager, eager, mixed, z, z, z, z, z])
-    memory = np.column_stack([one, z, z, z, one, context, decode_seqs, z, z])
-    compute = np.column_stack([one, z, z, z, z, z, z, prefill_tokens + decode_seqs, pairs])
+    host = np.column_stack([one, 1 - eager, eager, mixed, z, z, z, z, z, z])
+    memory = np.column_stack([one, z, z, z, one, context, decode_seqs, z, z, z])
+    compute = np.column_stack([one, z, z, z, z, z, z, prefill_tokens + decode_seqs, paged_pairs, dense_pairs])
     return np.stack([host, memory, compute])
 
 
-def rows_from_steps(steps: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+def rows_from_steps(steps: list[dict], paged_pairs: np.ndarray,
+                    dense_pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The branches' rows and the measured seconds; the steps' attention pairs come split by
+    path (costmodel.attention_split)."""
     col = lambda k: np.array([float(s[k]) for s in steps])   # noqa: E731
-    return (_branch_rows(col("num_prefill_seqs"), col("prefill_tokens"), col("prefill_context"),
+    return (_branch_rows(col("num_prefill_seqs"), col("prefill_tokens"), paged_pairs, dense_pairs,
                          col("decode_seqs"), col("decode_context")), col("seconds"))
 
 
@@ -75,9 +82,10 @@ def _solve(rows: np.ndarray, y: np.ndarray, assign: np.ndarray, nnls) -> tuple[f
     return best
 
 
-def fit(steps: list[dict], nnls) -> dict[str, float]:
-    """The coefficients (non-negative) that best fit the measured steps, relative residuals."""
-    rows, y = rows_from_steps(steps)
+def fit(steps: list[dict], nnls, paged_pairs: np.ndarray, dense_pairs: np.ndarray) -> dict[str, float]:
+    """The coefficients (non-negative) that best fit the measured steps, relative residuals.
+    A path no step took leaves its attention coefficient at zero (the caller fills it in)."""
+    rows, y = rows_from_steps(steps, paged_pairs, dense_pairs)
     prefill_seqs = np.array([s["num_prefill_seqs"] for s in steps])
     tokens = np.array([s["prefill_tokens"] for s in steps])
     decode_work = np.array([s["decode_context"] for s in steps], dtype=float)
@@ -95,28 +103,23 @@ def fit(steps: list[dict], nnls) -> dict[str, float]:
     return {k: float(v) for k, v in zip(COEFFICIENTS, x)}
 
 
-def parts(c: dict[str, float], prefill_tokens: float, pairs: float, num_chunks: int, decode_seqs: int,
-          context: float) -> tuple[float, float, float]:
+def parts(c: dict[str, float], prefill_tokens: float, paged_pairs: float, dense_pairs: float, num_chunks: int,
+          decode_seqs: int, context: float) -> tuple[float, float, float]:
     """(step_s, host, device) of one step; its time is step_s + max(host, device)."""
     if num_chunks:
         host = c["eager_host_s"] + (c["mixed_host_s"] if decode_seqs else 0.0)
     else:
         host = c["graph_host_s"]
     memory = c["weights_s"] + c["decode_s_per_context_token"] * context + c["decode_seq_s"] * decode_seqs
-    compute = c["per_token_s"] * (prefill_tokens + decode_seqs) + c["attention_s_per_pair"] * pairs
+    compute = (c["per_token_s"] * (prefill_tokens + decode_seqs) + c["attention_s_per_pair"] * paged_pairs
+               + c["dense_attention_s_per_pair"] * dense_pairs)
     return c["step_s"], host, max(memory, compute)
 
 
-def predict_entry(c: dict[str, float], s: dict) -> float:
-    serial, host, device = parts(c, s["prefill_tokens"], s["prefill_context"], s["num_prefill_seqs"],
+def predict_entry(c: dict[str, float], s: dict, dense_prefill: bool = False) -> float:
+    """A profile entry's predicted seconds (dense_prefill: the profiled engine's setting; an
+    entry whose path its sums do not tell is priced as paged)."""
+    paged_pairs, dense_pairs = entry_pairs_by_path(s, dense_prefill) or (s["prefill_context"], 0)
+    serial, host, device = parts(c, s["prefill_tokens"], paged_pairs, dense_pairs, s["num_prefill_seqs"],
                                  s["decode_seqs"], s["decode_context"])
     return serial + max(host, device)
-
-
-def chunk_sums(prefill_chunks) -> tuple[int, int]:
-    """(new tokens, attention pairs) of a step's chunks [(new, cached), ...]."""
-    tokens = pairs = 0
-    for new, cached in prefill_chunks:
-        tokens += new
-        pairs += attention_pairs(new, cached)
-    return tokens, pairs

@@ -417,6 +417,8 @@ def _floats(flag: str, text: str, allow_zero: bool = False) -> list[float]:
 def run(args) -> dict:
     from planner.costmodel import CostModel
     cost = CostModel.load(args.profile)
+    if cost.fit_report.get("attention"):   # one price per attention pair or one per path, and why
+        print(f"step fit ({cost.form}): {cost.fit_report['attention']}")
     if args.validate:
         records = []
         for path in args.validate:

@@ -5,7 +5,7 @@
      "versions": {"pdserve", "torch", "triton", "python"},
      "model":    {"name", "dtype", "num_layers", "kv_bytes_per_token", "num_params", ...shape},
      "engine":   {"block_size", "max_num_batched_tokens", "max_num_seqs", "num_kv_blocks",
-                  "kernel_backend", "async_scheduling"},
+                  "kernel_backend", "async_scheduling", "dense_prefill"},   # dense_prefill optional
      "steps":    [{"kind", "prefill_tokens", "prefill_context", "num_prefill_seqs",
                    "decode_seqs", "decode_context", "seconds"}, ...],
      "transfer": {"backend", "points": [{"bytes", "seconds"}, ...], "notes"},
@@ -24,6 +24,13 @@ the cost model uses:
     (:func:`attention_pairs`);
   - decode_context: sum over the decoded sequences of the tokens each one attends to (its
     length including the token being decoded).
+Which attention kernel a step's chunks took follows from them and engine.dense_prefill (the
+engine's resolved EngineConfig.dense_prefill; absent in profiles written before it was
+recorded, read as off; costmodel.dense_prefill_of also reads a KV cache in another dtype than
+the model's as off): with it on, a step whose chunks of more than one token all start their
+sequence attends densely, any other through the paged kernel (prefill_sums). An entry of one
+chunk (every entry the step probe writes) says which: its cached tokens follow from its pairs
+(entry_chunks); one of several chunks does not, and a fit then prices both paths alike.
 A derived profile (CostModel.scaled, CostModel.synthetic) has no steps and carries the fit's
 coefficients instead (and its form's name in fit.model; absent: "additive", as written before
 there were two forms). Unknown keys are ignored (later versions may add some); every known
@@ -51,6 +58,61 @@ STEP_KINDS = ("prefill", "decode", "mixed")
 def attention_pairs(new_tokens: int, cached_tokens: int) -> int:
     """(query, key) pairs of causal attention for a chunk of new tokens after cached ones."""
     return new_tokens * cached_tokens + new_tokens * (new_tokens + 1) // 2
+
+
+def prefill_sums(prefill_chunks, dense_prefill: bool) -> tuple[int, int, int]:
+    """(new tokens, paged attention pairs, dense attention pairs) of a step's chunks
+    [(new, cached), ...], the pairs split by the path the engine takes for them
+    (engine/model_runner.py): dense only with dense prefill on and when every chunk of more
+    than one token starts its sequence (nothing cached or computed before it); one chunk
+    after a prefix sends the whole step through the paged kernel. A one-token chunk runs as
+    a decode row (the paged decode kernel) and decides nothing."""
+    tokens = single_pairs = multi_pairs = 0
+    dense = dense_prefill
+    for new, cached in prefill_chunks:   # one pass: the simulator asks this for every step
+        tokens += new
+        if new > 1:
+            multi_pairs += attention_pairs(new, cached)
+            dense = dense and cached == 0
+        else:
+            single_pairs += attention_pairs(new, cached)
+    if dense and multi_pairs:
+        return tokens, single_pairs, multi_pairs
+    return tokens, single_pairs + multi_pairs, 0
+
+
+def dense_attention_step(prefill_chunks, dense_prefill: bool) -> bool:
+    """Whether the engine runs this step's prefill attention densely (prefill_sums)."""
+    return prefill_sums(prefill_chunks, dense_prefill)[2] > 0
+
+
+def entry_chunks(entry: dict) -> list[tuple[int, int]] | None:
+    """A step entry's prefill chunks [(new, cached)] where its sums determine them: none, or
+    one chunk, whose cached tokens follow from its pairs (new*cached + new*(new+1)/2). None
+    for several chunks (the sums do not say which had a prefix) or sums no chunk gives."""
+    seqs, new, pairs = entry["num_prefill_seqs"], entry["prefill_tokens"], entry["prefill_context"]
+    if seqs == 0:
+        return []
+    if seqs > 1:
+        return None
+    beyond_own = pairs - new * (new + 1) // 2
+    if beyond_own < 0 or beyond_own % new:
+        return None
+    return [(new, beyond_own // new)]
+
+
+def entry_pairs_by_path(entry: dict, dense_prefill: bool) -> tuple[int, int] | None:
+    """(paged, dense) attention pairs of a step entry (prefill_sums); None where the path
+    cannot be told from the entry's sums (entry_chunks) and dense prefill was on."""
+    if not dense_prefill:
+        return entry["prefill_context"], 0
+    if entry["num_prefill_seqs"] == entry["prefill_tokens"]:   # one-token chunks only: decode rows
+        return entry["prefill_context"], 0
+    chunks = entry_chunks(entry)
+    if chunks is None:
+        return None
+    _, paged_pairs, dense_pairs = prefill_sums(chunks, True)
+    return paged_pairs, dense_pairs
 
 
 def step_entry(prefill_chunks, decode_contexts, seconds: float, kind: str | None = None) -> dict:
@@ -230,6 +292,9 @@ def validate_profile(d) -> dict:
     ab = _get(e, "async_scheduling", "profile.engine")
     if not isinstance(ab, bool):
         raise ValueError(f"profile.engine.async_scheduling: must be true or false, got {ab!r}")
+    dp = e.get("dense_prefill")
+    if dp is not None and not isinstance(dp, bool):
+        raise ValueError(f"profile.engine.dense_prefill: must be true, false or absent, got {dp!r:.80}")
 
     steps = _list(d, "steps", w, MAX_STEPS)
     for i, s in enumerate(steps):

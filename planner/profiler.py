@@ -229,7 +229,7 @@ def run_profile(opts: ProfileOptions) -> dict:
     """Measure and return a validated profile (with the fit and its errors)."""
     from planner import overhead_probe, transfer_probe
     from planner.cost_guard import CostGuard
-    from planner.costmodel import fit_steps
+    from planner.costmodel import dense_prefill_of, fit_steps
     from planner.step_probe import StepProbe
 
     warmup = opts.warmup if opts.warmup is not None else (1 if opts.quick else 2)
@@ -252,8 +252,9 @@ def run_profile(opts: ProfileOptions) -> dict:
     n_transfer = len(transfer_sizes(engine, opts.quick))
     bar = _progress(grid.num_points() + n_transfer + (1 if opts.overheads else 0), opts.progress)
     max_point_s = opts.max_point_s or (0.5 if opts.quick else 2.0)
+    dense_prefill, _ = dense_prefill_of(dict(engine=engine_section(engine), model=model_section(engine)))
     guard = CostGuard(opts.max_step_s or (1.0 if opts.quick else 3.0),
-                      opts.max_setup_s or (5.0 if opts.quick else 30.0), cfg.max_num_batched_tokens)
+                      opts.max_setup_s or (5.0 if opts.quick else 30.0), cfg.max_num_batched_tokens, dense_prefill)
     probe = StepProbe(engine, warmup, repeats, opts.seed, max_point_s=max_point_s)
     steps = []
 
@@ -307,8 +308,8 @@ def run_profile(opts: ProfileOptions) -> dict:
                                         notes="not measured (--no-overheads): zeros")
     finally:
         bar.close()
-    fit = fit_steps(steps)
-    profile["fit"] = fit
+    dense_prefill, why = dense_prefill_of(profile)
+    profile["fit"] = fit_steps(steps, dense_prefill=dense_prefill, paged_only_because=why)
     profile["measurement"] = dict(warmup=warmup, repeats=repeats, max_point_s=max_point_s,
                                   max_step_s=guard.max_step_s, max_setup_s=guard.max_setup_s, quick=opts.quick,
                                   statistic="median", skipped=guard.skipped[:1000],
@@ -390,7 +391,7 @@ def summary(profile: dict) -> dict:
     fit = profile["fit"]
     return dict(model=profile["model"]["name"], hardware=profile["hardware"]["name"], steps=len(profile["steps"]),
                 coefficients=cm.coefficients, relative_error=fit["relative_error"],
-                holdout_relative_error=fit.get("holdout_relative_error"),
+                holdout_relative_error=fit.get("holdout_relative_error"), attention=cm.fit_report.get("attention"),
                 transfer=dict(backend=profile["transfer"]["backend"], latency_s=cm.transfer_latency_s,
                               bytes_per_s=cm.transfer_bytes_per_s),
                 overheads={k: profile["overheads"][k] for k in ("router_direct_s", "router_disaggregated_s",
@@ -423,6 +424,8 @@ def run_command(args, front_end=None, deployed=None) -> int:
     print(f"wrote {args.out}: {s['steps']} steps of {s['model']} on {s['hardware']} in {s['seconds']} s")
     print("step time = " + profile["fit"]["form"])
     print("  " + ", ".join(f"{k}={v:.3g}" for k, v in s["coefficients"].items()))
+    if s["attention"]:
+        print(f"  {s['attention']}")
     print(f"  fit |relative error|: median {err['median']:.1%}, p90 {err['p90']:.1%}, max {err['max']:.1%}"
           + (f"; held out: median {held['median']:.1%}, p90 {held['p90']:.1%}" if held else ""))
     t = s["transfer"]

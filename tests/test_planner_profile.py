@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -72,6 +73,7 @@ def test_a_synthetic_profile_is_valid_and_round_trips(tmp_path):
     (lambda p: p["model"].update(num_layers=True), "profile.model.num_layers"),
     (lambda p: p["engine"].update(block_size=24), "profile.engine.block_size"),
     (lambda p: p["engine"].update(async_scheduling="yes"), "profile.engine.async_scheduling"),
+    (lambda p: p["engine"].update(dense_prefill=1), "profile.engine.dense_prefill"),
     (lambda p: p["steps"][1].update(seconds=-1.0), "profile.steps[1].seconds"),
     (lambda p: p["steps"][1].update(seconds=float("nan")), "profile.steps[1].seconds"),
     (lambda p: p["steps"][2].update(num_prefill_seqs=0), "profile.steps[2].num_prefill_seqs"),
@@ -142,9 +144,11 @@ def test_nnls_matches_brute_force_over_supports():
 @pytest.mark.parametrize("truth", [GPU_LIKE, CPU_LIKE], ids=["gpu_like", "cpu_like"])
 def test_fit_recovers_an_exact_ground_truth(truth):
     report = fit_steps(grid_steps(CostModel.synthetic(**truth)))
-    for k in COEFFICIENTS:
-        assert report["coefficients"][k] == pytest.approx(truth[k], rel=1e-6, abs=1e-12), k
+    for k in COEFFICIENTS:   # dense prefill off: one attention coefficient prices both paths
+        want = truth.get(k, truth["attention_s_per_pair"])
+        assert report["coefficients"][k] == pytest.approx(want, rel=1e-6, abs=1e-12), k
     assert report["relative_error"]["max"] < 1e-6
+    assert report["attention"].startswith("one attention coefficient: every prefill chunk took the paged kernel")
 
 
 @pytest.mark.parametrize("truth", [GPU_LIKE, CPU_LIKE], ids=["gpu_like", "cpu_like"])
@@ -169,10 +173,11 @@ def test_fit_on_noisy_points_predicts_held_out_ones(truth):
 
 
 def test_overlapped_fit_recovers_an_exact_ground_truth_and_is_chosen():
-    report = fit_steps(grid_steps(overlapped()))
+    truth = overlapped()
+    report = fit_steps(grid_steps(truth))
     assert report["model"] == "overlapped"
     for k in FORMS["overlapped"][0]:
-        assert report["coefficients"][k] == pytest.approx(GPU_OVERLAPPED[k], rel=1e-6, abs=1e-12), k
+        assert report["coefficients"][k] == pytest.approx(truth.coefficients[k], rel=1e-6, abs=1e-12), k
     assert report["relative_error"]["max"] < 1e-6
     # The additive form cannot follow a max() of host and device: it is fitted, reported, not chosen.
     assert report["candidates"]["additive"]["holdout_relative_error"]["p90"] > 0.1
@@ -196,6 +201,124 @@ def test_noisy_additive_steps_keep_the_additive_form(truth):
     better (FORM_TOLERANCE), not on timing noise."""
     for seed in range(3):
         assert fit_steps(grid_steps(CostModel.synthetic(**truth), noise=0.03, seed=seed))["model"] == "additive"
+
+
+# ---- prefill attention: the dense path and the paged one ---------------------------------------------------
+# A CPU engine as measured: prefill attention outweighs the linear layers on long chunks, and
+# the paged kernel costs several times dense attention per pair.
+CPU_TWO_PATHS = dict(CPU_LIKE, per_token_s=5e-6, attention_s_per_pair=5e-8, dense_attention_s_per_pair=1e-8)
+DATA = Path(__file__).resolve().parent.parent / "benchmarks" / "data"
+
+
+def prefixed(step: dict) -> bool:
+    chunks = pf.entry_chunks(step)
+    return bool(chunks) and chunks[0][1] > 0
+
+
+def test_the_attention_path_is_the_engines():
+    """engine/model_runner.py: dense only with dense prefill on and every chunk of more than
+    one token starting its sequence; a one-token chunk runs as a decode row and decides nothing."""
+    assert pf.dense_attention_step([(512, 0)], True)
+    assert pf.dense_attention_step([(512, 0), (300, 0), (1, 700)], True)
+    assert not pf.dense_attention_step([(512, 0)], False)
+    assert not pf.dense_attention_step([(512, 0), (64, 16)], True)    # one chunk after a prefix: all paged
+    assert not pf.dense_attention_step([(1, 0)], True) and not pf.dense_attention_step([], True)
+    assert pf.prefill_sums([(4, 0), (1, 9)], True) == (5, 10, 10)
+    assert pf.prefill_sums([(4, 0), (2, 8)], True) == (6, 10 + 19, 0)
+    # A step entry's one chunk follows from its sums; several chunks' paths do not.
+    after = pf.step_entry([(100, 1024)], [5], 1.0)
+    assert pf.entry_chunks(after) == [(100, 1024)]
+    assert pf.entry_pairs_by_path(after, True) == (after["prefill_context"], 0)
+    fresh = pf.step_entry([(100, 0)], [7], 1.0)
+    assert pf.entry_pairs_by_path(fresh, True) == (0, fresh["prefill_context"])
+    assert pf.entry_pairs_by_path(fresh, False) == (fresh["prefill_context"], 0)
+    two = pf.step_entry([(100, 0), (50, 0)], [], 1.0)
+    assert pf.entry_chunks(two) is None and pf.entry_pairs_by_path(two, True) is None
+    assert pf.entry_pairs_by_path(two, False) == (two["prefill_context"], 0)
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.03], ids=["exact", "noisy"])
+def test_fit_recovers_both_attention_coefficients(noise):
+    truth = CostModel.synthetic(**CPU_TWO_PATHS, dense_prefill=True)
+    steps = grid_steps(truth, noise=noise, seed=3)
+    report = fit_steps(steps, dense_prefill=True)
+    tol = 1e-6 if noise == 0 else 0.1
+    for k in ("attention_s_per_pair", "dense_attention_s_per_pair"):
+        assert report["coefficients"][k] == pytest.approx(CPU_TWO_PATHS[k], rel=tol), k
+    assert report["attention"].startswith("two attention coefficients")
+    # One coefficient for both, as these steps were fitted before, under-prices the chunks
+    # after a prefix.
+    one = fit_steps(steps)
+    assert one["coefficients"]["attention_s_per_pair"] == one["coefficients"]["dense_attention_s_per_pair"]
+    assert min(predict_entry(one["coefficients"], s) / s["seconds"] - 1 for s in steps if prefixed(s)) < -0.3
+    assert max(abs(predict_entry(report["coefficients"], s, True) / s["seconds"] - 1)
+               for s in steps if prefixed(s)) < 1e-6 + 5 * noise
+
+
+def test_overlapped_fit_recovers_both_attention_coefficients():
+    truth = overlapped(dense_attention_s_per_pair=0.3e-9, dense_prefill=True)
+    report = fit_steps(grid_steps(truth), dense_prefill=True)
+    assert report["model"] == "overlapped"
+    for k in FORMS["overlapped"][0]:
+        assert report["coefficients"][k] == pytest.approx(truth.coefficients[k], rel=1e-6, abs=1e-12), k
+    assert predict_entry_as("overlapped", report["coefficients"], pf.step_entry([(2048, 0)], [], 1.0), True) == \
+        pytest.approx(truth.step_time([(2048, 0)], []))
+
+
+def test_a_profile_fits_two_attention_coefficients_only_where_its_steps_tell_the_paths_apart():
+    truth = CostModel.synthetic(**CPU_TWO_PATHS, dense_prefill=True)
+    p = a_profile(dense_prefill=True)
+    p["steps"] = grid_steps(truth)
+    on = CostModel.from_profile(copy.deepcopy(p))
+    assert on.dense_prefill
+    for chunks in ([(256, 0)], [(256, 1024)], [(256, 0), (64, 0)], [(256, 0), (64, 512)]):
+        assert on.step_time(chunks, [300]) == pytest.approx(truth.step_time(chunks, [300]), rel=1e-6), chunks
+    # The same steps from an engine with dense prefill off, not recorded, or behind a
+    # quantized KV cache (the paged kernel throughout): one coefficient, and why.
+    for edit, why in ((lambda e, m: e.update(dense_prefill=False), "was off"),
+                      (lambda e, m: e.pop("dense_prefill"), "not recorded"),
+                      (lambda e, m: m.update(dtype="bfloat16", kv_dtype="float8_e4m3fn"), "KV cache")):
+        q = copy.deepcopy(p)
+        edit(q["engine"], q["model"])
+        cm = CostModel.from_profile(q)
+        assert not cm.dense_prefill and why in cm.fit_report["attention"], why
+        assert cm.coefficients["dense_attention_s_per_pair"] == cm.coefficients["attention_s_per_pair"]
+    # An entry of several chunks does not say which path it took: one coefficient, said so.
+    q = copy.deepcopy(p)
+    both = [(64, 0), (64, 1024)]
+    q["steps"].append(pf.step_entry(both, [], truth.step_time(both, [])))
+    cm = CostModel.from_profile(q)
+    assert "several prefill chunks" in cm.fit_report["attention"]
+    assert cm.coefficients["dense_attention_s_per_pair"] == cm.coefficients["attention_s_per_pair"]
+    # Only fresh chunks measured: the paged kernel is priced at dense attention's cost.
+    q = copy.deepcopy(p)
+    q["steps"] = [s for s in q["steps"] if not prefixed(s)]
+    cm = CostModel.from_profile(q)
+    assert "no measured step took the paged kernel" in cm.fit_report["attention"]
+    assert cm.coefficients["attention_s_per_pair"] == pytest.approx(CPU_TWO_PATHS["dense_attention_s_per_pair"])
+
+
+def test_a_profile_from_before_two_attention_coefficients_predicts_as_before():
+    """The committed CPU profile was fitted with one attention coefficient and does not
+    record dense_prefill: refitted now, it gives the stored coefficients back and prices both
+    paths with the one. A derived profile whose fit has one coefficient does the same."""
+    p = pf.load_profile(DATA / "profile_cpu_tiny_2026-12-07.json")
+    stored = p["fit"]["coefficients"]
+    assert "dense_prefill" not in p["engine"] and "dense_attention_s_per_pair" not in stored
+    cm = CostModel.from_profile(copy.deepcopy(p))
+    assert cm.form == p["fit"]["model"] and "not recorded" in cm.fit_report["attention"]
+    for k, v in stored.items():
+        assert cm.coefficients[k] == pytest.approx(v, rel=1e-9), k
+    assert cm.coefficients["dense_attention_s_per_pair"] == stored["attention_s_per_pair"]
+    derived = a_profile(**CPU_LIKE)
+    del derived["fit"]["coefficients"]["dense_attention_s_per_pair"]
+    derived["engine"]["dense_prefill"] = True     # on, but the fit has one price for both paths
+    cm = CostModel.from_profile(derived)
+    c = CPU_LIKE
+    for cached in (0, 1024):
+        by_hand = (c["step_s"] + c["prefill_seq_s"] + c["per_token_s"] * 256
+                   + c["attention_s_per_pair"] * pf.attention_pairs(256, cached))
+        assert cm.step_time([(256, cached)], []) == pytest.approx(by_hand, rel=1e-12)
 
 
 def test_the_h100_profile_is_fitted_by_the_overlapped_form():
@@ -292,7 +415,8 @@ def test_scaled_and_scale_to_another_shape():
                                  head_dim=128)
     # Twice the weights and FLOPs over two GPUs: the per-GPU work is unchanged.
     same = base.scaled(2.0, 2.0, tp=2, attention_factor=2.0, kv_bytes_factor=2.0)
-    for k in ("weights_s", "per_token_s", "attention_s_per_pair", "decode_s_per_context_token"):
+    for k in ("weights_s", "per_token_s", "attention_s_per_pair", "dense_attention_s_per_pair",
+              "decode_s_per_context_token"):
         assert same.coefficients[k] == pytest.approx(base.coefficients[k])
     assert same.kv_bytes_per_token == 2 * 131072
     assert same.transfer_bytes_per_s == pytest.approx(2 * base.transfer_bytes_per_s)   # two links
@@ -416,6 +540,10 @@ def test_pdserve_profile_quick_writes_a_valid_profile(tmp_path, capsys):
     assert kinds == {"prefill", "decode", "mixed"}
     assert any(s["kind"] == "prefill" and s["prefill_context"] > pf.attention_pairs(s["prefill_tokens"], 0)
                for s in p["steps"])   # a cached prefix was hit
+    # A CPU engine sends fresh chunks through dense attention: the fit prices each path.
+    assert p["engine"]["dense_prefill"] is True
+    assert p["fit"]["attention"].startswith("two attention coefficients")
+    assert summary["attention"] == p["fit"]["attention"]
     assert max(s["decode_seqs"] for s in p["steps"]) == 8
     assert p["transfer"]["backend"] == "zmq" and len(p["transfer"]["points"]) >= 2
     o = p["overheads"]

@@ -15,6 +15,7 @@ import pytest
 from planner import workload as wl
 from planner.costmodel import CostModel
 from planner.engine_model import EngineModel, SimSeq
+from planner.profile_format import attention_pairs
 from planner.simulator import ClusterConfig, simulate
 from planner.workload import Request, WorkloadSpec
 
@@ -88,6 +89,31 @@ def test_shared_prefix_hit_shortens_the_second_prefill_and_skips_shipped_blocks(
     recs, _ = simulate(c, ClusterConfig("disaggregated", decode=1, prefill=1), [a, b])
     want = c.router_disaggregated_s + c.step_time([(144, 256)], []) + c.transfer_time(144)
     assert recs[1]["ttft"] == pytest.approx(want, rel=1e-12)     # one token: no decode step
+
+
+def test_a_chunk_after_a_prefix_is_charged_the_paged_attention_coefficient():
+    """With dense prefill on, a chunk that starts its sequence is priced at dense attention's
+    cost per pair, a chunk after a prefix-cache hit or an earlier chunk at the paged kernel's
+    (the engine model passes each chunk's computed tokens)."""
+    dense, paged = 1e-9, 2e-8
+    c = cost(max_num_batched_tokens=256, attention_s_per_pair=paged, dense_attention_s_per_pair=dense,
+             dense_prefill=True)
+
+    def step(new, cached, per_pair):   # the additive form by hand: one chunk, nothing decoded
+        return c.coefficients["step_s"] + c.coefficients["per_token_s"] * new + per_pair * attention_pairs(new, cached)
+
+    a = one(400, 1, 0.0, prefix_key="p", prefix_tokens=256)
+    b = one(400, 1, 1.0, prefix_key="p", prefix_tokens=256)
+    recs, _ = simulate(c, ClusterConfig("colocated", decode=1), [a, b])
+    # a: a fresh first chunk, then one after it; b: one chunk after its 256 cached tokens.
+    first = step(256, 0, dense) + c.per_token_stream_s + step(144, 256, paged)
+    assert recs[0]["ttft"] == pytest.approx(c.router_direct_s + first, rel=1e-12)
+    assert recs[1]["ttft"] == pytest.approx(c.router_direct_s + step(144, 256, paged), rel=1e-12)
+    # The same requests from an engine with dense prefill off: every chunk paged.
+    off = cost(max_num_batched_tokens=256, attention_s_per_pair=paged, dense_attention_s_per_pair=dense)
+    recs, _ = simulate(off, ClusterConfig("colocated", decode=1), [a, b])
+    first = step(256, 0, paged) + c.per_token_stream_s + step(144, 256, paged)
+    assert recs[0]["ttft"] == pytest.approx(c.router_direct_s + first, rel=1e-12)
 
 
 # ---- queueing ---------------------------------------------------------------------------------------
