@@ -150,10 +150,14 @@ def kernel_breakdown(engine, ctx: int) -> dict:
             for bn in (32, 64):
                 if part and part % bn:
                     continue
-                key = f"decode_attn_b{B}_part{'auto' if part is None else part}_bn{bn}_us"
-                out[key] = bench(lambda: tri._paged_decode_attention(
-                    qb, k_cache, v_cache, tables, lens, D ** -0.5, partition_tokens=part,
-                    config={"BLOCK_N": bn}))
+                # The split-K reduce folded into the partition kernel (the default) and as
+                # its own kernel; a single pass has no reduce.
+                for fold in ((True, False) if part != 0 else (True,)):
+                    key = (f"decode_attn_b{B}_part{'auto' if part is None else part}_bn{bn}"
+                           f"{'' if fold else '_reduce_kernel'}_us")
+                    out[key] = bench(lambda: tri._paged_decode_attention(
+                        qb, k_cache, v_cache, tables, lens, D ** -0.5, partition_tokens=part,
+                        config={"BLOCK_N": bn}, fold_reduce=fold))
     return out
 
 

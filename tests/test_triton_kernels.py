@@ -215,9 +215,10 @@ DECODE_CASES = [
 ]
 
 
+@pytest.mark.parametrize("fold", [True, False], ids=["fold-reduce", "reduce-kernel"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("H,KH,D,block_size,ctx_lens,partition", DECODE_CASES)
-def test_paged_decode_attention(H, KH, D, block_size, ctx_lens, partition, dtype):
+def test_paged_decode_attention(H, KH, D, block_size, ctx_lens, partition, dtype, fold):
     S = len(ctx_lens)
     k_cache, v_cache, tables, lens = _paged_kv(ctx_lens, KH, D, block_size, dtype, seed=S + H)
     q = _randn(S, H, D, dtype=dtype, seed=11)
@@ -229,12 +230,20 @@ def test_paged_decode_attention(H, KH, D, block_size, ctx_lens, partition, dtype
         assert max(ctx_lens) > partition  # the case must really split
         # 16-token tiles so the small forced partitions are tile multiples on GPU too.
         out = tri._paged_decode_attention(q, k_cache, v_cache, tables, lens, scale,
-                                          partition_tokens=partition, config={"BLOCK_N": 16})
+                                          partition_tokens=partition, config={"BLOCK_N": 16}, fold_reduce=fold)
     _close(out, expected, dtype)
+    _assert_arrivals_reset()
 
 
+def _assert_arrivals_reset():
+    """The folded reduce's counters are back to zero for the next launch (a graph replay
+    reuses them)."""
+    assert not any(buf.any() for buf in tri._ARRIVALS.values()), "arrival counters left non-zero"
+
+
+@pytest.mark.parametrize("fold", [True, False], ids=["fold-reduce", "reduce-kernel"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_paged_decode_attention_graph_padding(dtype):
+def test_paged_decode_attention_graph_padding(dtype, fold):
     """The CUDA-graph layout: a block table far wider than any context (so most split-K
     partitions start past the end and exit), stale block ids past each sequence's length,
     and padded entries with context 0. Real rows match the reference; padded rows are
@@ -253,9 +262,10 @@ def test_paged_decode_attention_graph_padding(dtype):
     expected = ref.paged_decode_attention(q[:len(real)], k_cache, v_cache, tables, lens, scale)
     for partition in (16, 32, 0):
         out = tri._paged_decode_attention(q, k_cache, v_cache, wide, wide_lens, scale,
-                                          partition_tokens=partition, config={"BLOCK_N": 16})
+                                          partition_tokens=partition, config={"BLOCK_N": 16}, fold_reduce=fold)
         _close(out[:len(real)], expected, dtype)
         assert torch.equal(out[len(real):], torch.zeros_like(out[len(real):]))
+        _assert_arrivals_reset()
 
 
 def test_decode_reduce_many_partitions():
@@ -266,9 +276,12 @@ def test_decode_reduce_many_partitions():
     q = _randn(2, H, D, seed=10)
     scale = D ** -0.5
     expected = ref.paged_decode_attention(q, k_cache, v_cache, tables, lens, scale)
-    out = tri._paged_decode_attention(q, k_cache, v_cache, tables, lens, scale,
-                                      partition_tokens=16, config={"BLOCK_N": 16})
-    _close(out, expected, torch.float32)
+    for fold in (True, False):
+        out = tri._paged_decode_attention(q, k_cache, v_cache, tables, lens, scale,
+                                          partition_tokens=16, config={"BLOCK_N": 16}, fold_reduce=fold)
+        _close(out, expected, torch.float32)
+        assert tri._ARRIVALS, "the folded reduce did not run"
+        _assert_arrivals_reset()
 
 
 def test_decode_partition_heuristic():

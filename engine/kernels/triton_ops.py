@@ -403,13 +403,14 @@ def _load_kv_tile(cache_ptr, block_table_row, offs_n, n_valid, kv_head, offs_d,
 @triton.jit
 def _decode_partition_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
-        out_ptr, part_max_ptr, part_sum_ptr, part_out_ptr,
+        out_ptr, part_max_ptr, part_sum_ptr, part_out_ptr, arrivals_ptr,
         scale_log2, partition_tokens, num_partitions,
         stride_qs, stride_qh, stride_os, stride_oh, stride_bt,
         stride_kb, stride_ko, stride_kh, stride_vb, stride_vo, stride_vh,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-        SINGLE_PASS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+        SINGLE_PASS: tl.constexpr, FOLD_REDUCE: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
     s = tl.program_id(0)
     kv_head = tl.program_id(1)
     part = tl.program_id(2)
@@ -421,8 +422,15 @@ def _decode_partition_kernel(
     else:
         start = part * partition_tokens
         if start >= ctx:
-            # Shorter sequences in the batch need fewer partitions; the reduce kernel only
-            # reads the ones that exist, so there is nothing to write.
+            # Shorter sequences in the batch need fewer partitions; the reduce only reads
+            # the ones that exist, so there is nothing to write. An empty context (a
+            # padded CUDA-graph row) has no partition to reduce it: its output is zeros.
+            if FOLD_REDUCE and part == 0:
+                zero_rows = kv_head * GROUP + tl.arange(0, GROUP_PAD)
+                d = tl.arange(0, HEAD_DIM)
+                tl.store(out_ptr + s.to(tl.int64) * stride_os + zero_rows[:, None] * stride_oh + d[None, :],
+                         tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32).to(out_ptr.dtype.element_ty),
+                         mask=(tl.arange(0, GROUP_PAD) < GROUP)[:, None])
             return
         end = tl.minimum(start + partition_tokens, ctx)
 
@@ -470,6 +478,49 @@ def _decode_partition_kernel(
         tl.store(part_sum_ptr + row, l_i, mask=g_mask)
         tl.store(part_out_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc / l_i[:, None],
                  mask=g_mask[:, None])
+        if FOLD_REDUCE:
+            # The last of this (sequence, KV head)'s partitions to finish reduces them all,
+            # instead of a second kernel (a launch and a graph node per layer). The barrier
+            # orders this program's partial stores before its arrival; the acq_rel atomic
+            # publishes them to, and makes the others' visible in, the last arriver.
+            tl.debug_barrier()
+            n_parts = tl.cdiv(ctx, partition_tokens)
+            slot = arrivals_ptr + s * num_kv_heads + kv_head
+            if tl.atomic_add(slot, 1, sem="acq_rel") == n_parts - 1:
+                tl.atomic_xchg(slot, 0)   # ready for the next launch (graph replays reuse it)
+                first_rows = (s * num_kv_heads * GROUP + heads).to(tl.int64) * num_partitions
+                _decode_reduce_group(out_ptr, part_max_ptr, part_sum_ptr, part_out_ptr, s, heads, g_mask,
+                                     first_rows, n_parts, stride_os, stride_oh, HEAD_DIM, GROUP_PAD)
+
+
+@triton.jit
+def _decode_reduce_group(out_ptr, part_max_ptr, part_sum_ptr, part_out_ptr, s, heads, g_mask, rows,
+                         n_parts, stride_os, stride_oh, HEAD_DIM: tl.constexpr, GROUP_PAD: tl.constexpr):
+    """_decode_reduce_kernel's sum for the query heads ``heads`` of one KV head, inside the
+    partition kernel; ``rows`` are their first partials. The partials are read past L1
+    (.cg): other programs wrote them. A decode split has a few dozen partitions at most
+    (_decode_partition_tokens), so one partition per iteration keeps registers small."""
+    g_max = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    for p in range(0, n_parts):
+        g_max = tl.maximum(g_max, tl.load(part_max_ptr + rows + p, mask=g_mask, other=float("-inf"),
+                                          cache_modifier=".cg"))
+    g_max = tl.where(g_mask, g_max, 0.0)   # padded heads: no -inf - -inf below
+    offs_d = tl.arange(0, HEAD_DIM)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    denom = tl.zeros([GROUP_PAD], tl.float32)
+    for p in range(0, n_parts):
+        m = tl.load(part_max_ptr + rows + p, mask=g_mask, other=float("-inf"), cache_modifier=".cg")
+        l = tl.load(part_sum_ptr + rows + p, mask=g_mask, other=0.0, cache_modifier=".cg")
+        # Each partial output is normalised by its own sum: re-weight it by that sum at the
+        # global max.
+        w = tl.where(g_mask, l * tl.exp2(m - g_max), 0.0)
+        o = tl.load(part_out_ptr + (rows + p)[:, None] * HEAD_DIM + offs_d[None, :], mask=g_mask[:, None],
+                    other=0.0, cache_modifier=".cg")
+        acc += w[:, None] * o
+        denom += w
+    out = acc / tl.where(denom > 0, denom, 1.0)[:, None]
+    tl.store(out_ptr + s.to(tl.int64) * stride_os + heads[:, None] * stride_oh + offs_d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
 
 
 @triton.jit
@@ -533,11 +584,31 @@ def _decode_partition_tokens(max_len: int, num_seqs: int, num_kv_heads: int, num
     return 0 if tokens >= max_len else tokens
 
 
+# (device) -> int32 arrival counters of the folded split-K reduce, one per (sequence, KV
+# head), all zero between launches (the last arriver resets its own). Shared by every
+# decode-attention launch on the device, which the engine issues on one stream, one layer
+# after another. Made outside CUDA-graph capture only: a capture records work without
+# running it, so a buffer made there would not be zero when first used.
+_ARRIVALS: dict[torch.device, torch.Tensor] = {}
+_ARRIVALS_SIZE = 1 << 16
+
+
+def _arrivals(device: torch.device, needed: int) -> torch.Tensor | None:
+    buf = _ARRIVALS.get(device)
+    if buf is None and needed <= _ARRIVALS_SIZE and not (
+            device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        buf = _ARRIVALS[device] = torch.zeros(_ARRIVALS_SIZE, dtype=torch.int32, device=device)
+    return buf if buf is not None and needed <= buf.numel() else None
+
+
 def _paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale,
-                            partition_tokens: int | None = None, config: dict | None = None):
+                            partition_tokens: int | None = None, config: dict | None = None,
+                            fold_reduce: bool = True):
     """paged_decode_attention with the split and tiling overridable (tests, tuning).
 
     partition_tokens: None = heuristic, 0 = single pass, otherwise a multiple of BLOCK_N.
+    fold_reduce: a split context is reduced by its last partition (one kernel) where the
+    arrival counters are available, else by a second kernel.
     """
     S, H, D = q.shape
     _, BS, KH, Dk = k_cache.shape
@@ -563,24 +634,28 @@ def _paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, sca
     num_partitions = triton.cdiv(max_len, partition_tokens) if partition_tokens else 1
     single = num_partitions <= 1
 
+    arrivals = None
     if single:
         part_max = part_sum = part_out = out  # unused
     else:
         part_max = torch.empty((S, H, num_partitions), dtype=torch.float32, device=q.device)
         part_sum = torch.empty_like(part_max)
         part_out = torch.empty((S, H, num_partitions, D), dtype=torch.float32, device=q.device)
+        if fold_reduce:
+            arrivals = _arrivals(q.device, S * KH)
+    fold = arrivals is not None
 
     _decode_partition_kernel[(S, KH, num_partitions)](
         q, k_cache, v_cache, block_tables, context_lens,
-        out, part_max, part_sum, part_out,
+        out, part_max, part_sum, part_out, arrivals if fold else context_lens,
         scale * _LOG2E, partition_tokens, num_partitions,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         GROUP=H // KH, GROUP_PAD=max(16, _next_pow2(H // KH)), HEAD_DIM=D,
-        BLOCK_SIZE=BS, BLOCK_N=block_n, SINGLE_PASS=single,
+        BLOCK_SIZE=BS, BLOCK_N=block_n, SINGLE_PASS=single, FOLD_REDUCE=fold,
         DOT_PRECISION=_dot_precision(q.dtype), DOT_UPCAST=_dot_upcast(q.device), **cfg)
-    if not single:
+    if not single and not fold:
         _decode_reduce_kernel[(S, H)](
             out, part_max, part_sum, part_out, context_lens,
             partition_tokens, num_partitions, out.stride(0), out.stride(1),
