@@ -1,6 +1,7 @@
 """Derive a profile's deployed-path overheads again from the per-length medians its probe
-stored, by deploy/deployed_probe.py's current rules (for a profile measured under an
-earlier rule); the measurements are not touched. Writes the profile in place.
+stored (and every request's TTFT, in profiles whose probe kept them: then path_jitter_s
+too), by deploy/deployed_probe.py's current rules (for a profile measured under an earlier
+rule); the measurements are not touched. Writes the profile in place.
 
     python benchmarks/rederive_deployed_overheads.py benchmarks/data/profile_cpu_tiny_2026-12-07.json
 """

@@ -30,8 +30,11 @@ with token-id prompts and ignore_eos, as vLLM and SGLang accept), the load goes 
 running server (mode "external"). Over HTTP, token counts come from the usage chunk and
 ITL is measured between text chunks.
 
-Writes a JSON record (--json) and a PNG of latency and goodput against rate for every
-mode (--png; needs matplotlib: `pip install -e .[bench]`).
+Writes a JSON record (--json), every request's own figures (--requests-json: per mode and
+rate, request i of the workload's draw with its lengths, route, TTFT, TPOT and E2E; `pdserve
+plan --validate ... --requests-json` writes the simulator's for the same requests) and a
+PNG of latency and goodput against rate for every mode (--png; needs matplotlib:
+`pip install -e .[bench]`).
 
     pdserve bench --model random:tiny --modes colocated,disaggregated,conditional \\
         --rates 1,2,4 --requests 24 --json serve.json --png serve.png
@@ -81,12 +84,32 @@ def make_workload(args, n: int, rate: float, seed: int) -> list[dict]:
     return bench_requests(WorkloadSpec.from_args(args), n, rate, seed)
 
 
-def _result(stamps: list[tuple[float, int]], sent: float, start: float, tokens: int, expected: int, route) -> dict:
+def _result(stamps: list[tuple[float, int]], sent: float, start: float, tokens: int, expected: int, route,
+            cached: int | None = None) -> dict:
     ttft = stamps[0][0] - sent
     e2e = stamps[-1][0] - sent
     return dict(ok=True, sent=sent - start, done=stamps[-1][0] - start, ttft=ttft, e2e=e2e, tokens=tokens,
                 tpot=(e2e - ttft) / (tokens - 1) if tokens > 1 else 0.0, route=route,
-                itl=[b[0] - a[0] for a, b in zip(stamps, stamps[1:])], expected=expected)
+                itl=[b[0] - a[0] for a, b in zip(stamps, stamps[1:])], expected=expected, cached=cached)
+
+
+def request_rows(work: list[dict], results: list[dict]) -> list[dict]:
+    """--requests-json: one row per request of a run, in the workload's order (request i of
+    planner/workload.py's draw for the same args and seed): its planned arrival and actual
+    send (s from the run's start), prompt tokens, cached prompt tokens (the server's usage;
+    None where unknown), output tokens received, route, and TTFT, TPOT, E2E (s). No content."""
+    rows = []
+    for i, (w, r) in enumerate(zip(work, results)):
+        prompt = len(w["prompt"]) if "prompt" in w else w["prompt_tokens"]
+        row = dict(i=i, arrival_s=w["arrival"], sent_s=r.get("sent"), prompt_tokens=prompt,
+                   max_tokens=w["max_tokens"], ok=r["ok"])
+        if r["ok"]:
+            row.update(cached_tokens=r.get("cached"), output_tokens=r["tokens"], route=r["route"], ttft_s=r["ttft"],
+                       tpot_s=r["tpot"], e2e_s=r["e2e"])
+        else:
+            row["error"] = r.get("error")
+        rows.append(row)
+    return rows
 
 
 # ---- targets: where the load goes -----------------------------------------------------------------
@@ -115,7 +138,7 @@ class GrpcTarget:
         req.sampling.ignore_eos = True
         sent = time.perf_counter()
         stamps: list[tuple[float, int]] = []
-        route = None
+        route = cached = None
         try:
             async for msg in stub.Generate(req, timeout=self.timeout):
                 now = time.perf_counter()
@@ -123,11 +146,12 @@ class GrpcTarget:
                     stamps.append((now, len(msg.token_ids)))
                 if msg.finish_reason:
                     route = "disaggregated" if msg.route.kind == pb.ROUTE_KIND_DISAGGREGATED else "direct"
+                    cached = msg.usage.cached_tokens if msg.HasField("usage") else None
         except grpc.aio.AioRpcError as e:
             return dict(ok=False, error=e.code().name, sent=sent - start)
         if not stamps:
             return dict(ok=False, error="no tokens", sent=sent - start)
-        return _result(stamps, sent, start, sum(k for _, k in stamps), r["max_tokens"], route)
+        return _result(stamps, sent, start, sum(k for _, k in stamps), r["max_tokens"], route, cached)
 
 
 class HttpTarget:
@@ -164,7 +188,7 @@ class HttpTarget:
         await asyncio.sleep(max(0.0, r["arrival"] - (time.perf_counter() - start)))
         sent = time.perf_counter()
         stamps: list[tuple[float, int]] = []
-        tokens = None
+        tokens = cached = None
         try:
             stream = await self.client.completions.create(
                 model=self.model, prompt=r["prompt"], max_tokens=r["max_tokens"], temperature=0.0, stream=True,
@@ -176,11 +200,14 @@ class HttpTarget:
                     stamps.append((now, 1))
                 if chunk.usage is not None:
                     tokens = chunk.usage.completion_tokens
+                    details = getattr(chunk.usage, "prompt_tokens_details", None)
+                    cached = getattr(details, "cached_tokens", None)
         except self.openai.APIError as e:
             return dict(ok=False, error=f"{type(e).__name__}: {str(e)[:200]}", sent=sent - start)
         if not stamps:
             return dict(ok=False, error="no tokens", sent=sent - start)
-        return _result(stamps, sent, start, tokens if tokens is not None else len(stamps), r["max_tokens"], None)
+        return _result(stamps, sent, start, tokens if tokens is not None else len(stamps), r["max_tokens"], None,
+                       cached)
 
 
 async def _counted(coro, progress):
@@ -332,6 +359,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--ray-cpus", type=int, default=6, help="num_cpus for a local Ray instance")
     ap.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     ap.add_argument("--json")
+    ap.add_argument("--requests-json", metavar="FILE",
+                    help="also write every request's lengths, route, TTFT, TPOT and E2E per mode and rate (JSON, "
+                         "no content; `pdserve plan --validate ... --requests-json` writes the simulator's)")
     ap.add_argument("--png")
 
 
@@ -378,6 +408,7 @@ def run(args) -> dict:
     model = args.served_model or args.model if not args.http else args.served_model
     record = dict(model=model, workload=args.workload, target=args.http or args.address or "local",
                   args={k: v for k, v in vars(args).items() if not callable(v)}, modes={})
+    per_request: dict[str, list[dict]] = {}
     if not external:
         import ray
 
@@ -411,11 +442,15 @@ def run(args) -> dict:
                     work = make_workload(args, args.requests, rate, args.seed + i)
                     bar = _progress(len(work), f"[{mode}] rate {rate:g}/s", args.progress)
                     try:
-                        summary = summarise(asyncio.run(target.run(work, bar)), args)
+                        results = asyncio.run(target.run(work, bar))
                     finally:
                         if bar is not None:
                             bar.close()
+                    summary = summarise(results, args)
                     runs.append(dict(rate=rate, summary=summary))
+                    if args.requests_json:
+                        per_request.setdefault(mode, []).append(dict(rate=rate, seed=args.seed + i,
+                                                                     requests=request_rows(work, results)))
                     print(_line(mode, rate, summary), flush=True)
                 record["modes"][mode] = runs
             finally:
@@ -429,6 +464,11 @@ def run(args) -> dict:
         with open(args.json, "w") as f:
             json.dump(record, f, indent=2)
         print(f"json: {args.json}")
+    if args.requests_json:
+        with open(args.requests_json, "w") as f:
+            json.dump(dict(model=record["model"], workload=record["workload"], args=record["args"],
+                           modes=per_request), f)
+        print(f"requests json: {args.requests_json}")
     if args.png:
         plot(record, args.png, args)
         print(f"plot: {args.png}")

@@ -28,10 +28,14 @@ idle cluster, overheads zeroed), so that they mean exactly what the simulator ad
                           prefill step(s) under chunking), median per length: the smallest
                           of them is the request path's fixed cost (lengths up to that one
                           add nothing: their differences are noise);
-  prompt_residual         what each longer prompt's residual adds to it, per length as measured
+  prompt_residual         what each longer prompt's residual adds to it, per length
                           (CostModel.request_path_s reads it by uncached tokens, linear between
-                          points): on a CPU host the deployed worker's prefill runs slower than
-                          the profiled steps, and not in proportion to the tokens;
+                          points): on a CPU host the deployed worker's prefill ran slower than
+                          the profiled steps, and not in proportion to the tokens. With every
+                          request's TTFT at hand the path is read from all of them
+                          (_smoothed): a line through the per-length means, a length's own
+                          mean only where it departs from it by more than 3 standard errors,
+                          at the level of the median request;
   per_prompt_token_s      the slope of a line through the residuals, for longer prompts;
   router_disaggregated_s  the same for the 1P1D cluster, minus prompt_residual, median over the
                           lengths.
@@ -41,6 +45,13 @@ idle cluster, overheads zeroed), so that they mean exactly what the simulator ad
                           fit: the simulator adds transfer_time per request again and nothing
                           is counted twice (for the short prompts measured here the transfer
                           fit is mostly its latency, which this probe then does not re-measure).
+
+  path_jitter_s           per route, how the lone requests' residuals scatter about the priced
+                          path (quantiles at 0, 5, ..., 100 %, median 0): the simulator adds a
+                          draw from it to each request's path (CostModel.path_jitter_s), so the
+                          TTFT tail has the spread lone requests measured, not only the
+                          prompt lengths'. Every request's TTFT is kept (ttft_samples_ms) so
+                          rederive() can recompute it.
 
 Each is clamped at >= 0; a negative residual (the cost model over-predicts the engine time) is
 reported in `deployed.negative`. The in-process and front-end probes' numbers stay in the
@@ -53,6 +64,7 @@ import asyncio
 import copy
 import json
 import logging
+import math
 import statistics
 import time
 
@@ -77,6 +89,7 @@ def _zeroed(cost, per_token_stream_s: float = 0.0):
         setattr(c, k, 0.0)
     c.per_token_stream_s = per_token_stream_s
     c.prompt_residual = []
+    c.path_jitter = {}
     return c
 
 
@@ -92,41 +105,118 @@ def simulated_lone(cost, mode: str, prompt: int, output: int, per_token_stream_s
     return r["ttft"], r["tpot"]
 
 
-def _prompt_path(res_d: dict[int, float], negative: list[str]) -> dict:
+def _smoothed(samples: dict[int, list[float]]) -> tuple[dict[int, float], float]:
+    """The path by prompt length from every lone request's residual, with what their
+    scatter can explain taken out, and the slope of its line. Per length the mean (a median
+    of a bimodal sample jumps between the modes; a mean moves by its standard error, sd /
+    sqrt(k), sd pooled over the lengths); the line is least squares through the means (flat
+    at their mean if it falls); a length keeps its own mean only where it departs from the
+    line by more than three times that standard error, else the line's value stands for it.
+    Then all of it moves by one constant so that the residuals about it have median 0: the
+    path prices the median request, path_jitter_s the rest."""
+    lengths = sorted(samples)
+    x = np.array(lengths, float)
+    y = np.array([float(np.mean(samples[n])) for n in lengths])
+    # One scatter for all lengths (it does not depend on the prompt: path_jitter_s pools it
+    # too), so each mean's standard error is the pooled sd / sqrt(k): a length whose few
+    # samples happened to miss the slow mode does not look precise.
+    dof = sum(len(samples[n]) for n in lengths) - len(lengths)
+    sd = math.sqrt(sum(float(((np.asarray(samples[n]) - y[i]) ** 2).sum()) for i, n in enumerate(lengths)) / dof) \
+        if dof > 0 else 0.0
+    se = np.array([sd / math.sqrt(len(samples[n])) for n in lengths])
+    slope, icpt = 0.0, float(y.mean())
+    if len(lengths) > 1:
+        slope, icpt = (float(v) for v in np.polyfit(x, y, 1))
+    if slope < 0:
+        slope, icpt = 0.0, float(y.mean())
+    line = icpt + slope * x
+    path = {n: float(y[i] if abs(y[i] - line[i]) > 3 * se[i] else line[i]) for i, n in enumerate(lengths)}
+    shift = float(np.median([r - path[n] for n in lengths for r in samples[n]]))
+    return {n: v + shift for n, v in path.items()}, slope
+
+
+def _prompt_path(res_d: dict[int, float], negative: list[str], samples: dict[int, list[float]] | None = None) -> dict:
     """router_direct_s, prompt_residual and per_prompt_token_s from the direct requests'
-    TTFT residuals by prompt length (measured minus the simulator's lone request)."""
+    TTFT residuals by prompt length (measured minus the simulator's lone request): their
+    medians, or with `samples` (every request's residual by length) the path _smoothed
+    finds in them."""
     lengths = sorted(res_d)
+    slope = None
+    if samples:
+        # Lone requests' TTFT on a deployed CPU host scatters by several ms, bimodally (about
+        # half of them 1.5 to 5 ms slower; p10 to p90 about 4.7 ms at every length, 40
+        # repeats each), so a median of 7 or 15 moves by a ms or more between lengths where
+        # the path does not change. Taken as measured, the smallest of them (a low draw)
+        # became the fixed path and every other length's draw a residual above it: a table
+        # of noise, all of it on top. So the path is read from all the samples (_smoothed).
+        res_d, slope = _smoothed(samples)
     # The fixed path is the smallest residual over the lengths: the short prompts' residuals
     # differ by noise alone (the shortest is not always the least), so every length up to
     # the one with the smallest residual adds nothing to it. Past that length, what each one
-    # adds is kept as measured (prompt_residual, read between points by
-    # CostModel.request_path_s): on a CPU host it is mostly the deployed worker's prefill
-    # running slower than the profiled steps, which is not linear in the tokens. The line
-    # through the points stays as per_prompt_token_s, for prompts past the longest one.
+    # adds is kept (prompt_residual, read between points by CostModel.request_path_s): on a
+    # CPU host it was the deployed worker's prefill running slower than the profiled steps,
+    # which is not linear in the tokens. The line through the points stays as
+    # per_prompt_token_s, for prompts past the longest one.
     least = min(lengths, key=lambda n: res_d[n])
     fixed = res_d[least]
     if fixed < 0:
         negative.append(f"router_direct_s {fixed * 1e3:.3f} ms")
     fixed = max(0.0, fixed)
     residual = [[n, 0.0 if n <= least else max(0.0, res_d[n] - fixed)] for n in lengths]
-    slope = 0.0
-    if len(lengths) > 1:
-        slope = float(np.polyfit(np.array(lengths, float), np.array([res_d[n] for n in lengths]), 1)[0])
+    if slope is None:
+        slope = 0.0
+        if len(lengths) > 1:
+            slope = float(np.polyfit(np.array(lengths, float), np.array([res_d[n] for n in lengths]), 1)[0])
     if slope < 0:
         negative.append(f"per_prompt_token_s {slope * 1e6:.2f} us")
         slope = 0.0
     return dict(router_direct_s=fixed, per_prompt_token_s=slope, prompt_residual=residual)
 
 
-def _disaggregated_path(cost, prompt_path: dict, res_g: dict[int, float], negative: list[str]) -> float:
-    """router_disaggregated_s: the median over lengths of the 1P1D TTFT residuals (measured
-    minus the simulator's lone request) less what the prompt path adds at that length."""
+JITTER_QUANTILES = 21      # path_jitter_s: the residuals' quantiles at 0, 5, ..., 100 %
+
+
+def path_jitter(residuals) -> list[float]:
+    """The lone requests' TTFT residuals about the priced path (measured minus the
+    simulator's lone request with the path in place), as quantiles at 0, 5, ..., 100 %
+    shifted to median 0: the spread the simulator draws per request
+    (CostModel.path_jitter_s) around the median request router_*_s price."""
+    x = np.asarray(residuals, float)
+    q = np.percentile(x, np.linspace(0, 100, JITTER_QUANTILES)) - float(np.median(x))
+    return [round(float(v), 7) for v in np.maximum.accumulate(q)]
+
+
+def _path_cost(cost, prompt_path: dict):
     path = copy.copy(cost)
     path.per_prompt_token_s, path.prompt_residual = prompt_path["per_prompt_token_s"], prompt_path["prompt_residual"]
-    g = statistics.median(r - path.request_path_s(n, n) for n, r in res_g.items())
+    return path
+
+
+def _disaggregated_path(cost, prompt_path: dict, res_g: dict[int, float], negative: list[str],
+                        samples: dict[int, list[float]] | None = None) -> float:
+    """router_disaggregated_s: the median over lengths of the 1P1D TTFT residuals (measured
+    minus the simulator's lone request) less what the prompt path adds at that length;
+    with `samples`, the median over every request's."""
+    path = _path_cost(cost, prompt_path)
+    if samples:
+        g = statistics.median(r - path.request_path_s(n, n) for n, rs in samples.items() for r in rs)
+    else:
+        g = statistics.median(r - path.request_path_s(n, n) for n, r in res_g.items())
     if g < 0:
         negative.append(f"router_disaggregated_s {g * 1e3:.3f} ms")
     return max(0.0, g)
+
+
+def _jitters(cost, out: dict, samples_d: dict[int, list[float]], samples_g: dict[int, list[float]]) -> dict:
+    """path_jitter_s per route from every lone request's residual (measured TTFT minus the
+    simulator's engine time) less the priced path at its length."""
+    path = _path_cost(cost, out)
+    jit = {"direct": path_jitter([r - out["router_direct_s"] - path.request_path_s(n, n)
+                                  for n, rs in samples_d.items() for r in rs])}
+    if samples_g and "router_disaggregated_s" in out:
+        jit["disaggregated"] = path_jitter([r - out["router_disaggregated_s"] - path.request_path_s(n, n)
+                                            for n, rs in samples_g.items() for r in rs])
+    return jit
 
 
 def rederive(profile: dict) -> dict:
@@ -141,12 +231,19 @@ def rederive(profile: dict) -> dict:
         raise ValueError("profile.overheads.deployed: no deployed-path measurements to derive from")
     res = {m: {int(n): (r["ttft_ms"] - r["engine_ttft_ms"]) / 1e3 for n, r in d[m].items()}
            for m in ("direct", "disaggregated") if m in d}
+    # Every request's TTFT where the probe stored them (since path_jitter_s): the medians'
+    # noise and the path's jitter follow from them; without, the medians are taken as measured.
+    samples = {m: {int(n): [(t - r["engine_ttft_ms"]) / 1e3 for t in r["ttft_samples_ms"]]
+                   for n, r in d[m].items() if r.get("ttft_samples_ms")} for m in res}
     negative = []
-    o.update(_prompt_path(res["direct"], negative))
+    o.update(_prompt_path(res["direct"], negative, samples["direct"]))
+    from planner.costmodel import CostModel
+    cost = CostModel.from_profile(profile)
     if "disaggregated" in res:
-        from planner.costmodel import CostModel
-        o["router_disaggregated_s"] = _disaggregated_path(CostModel.from_profile(profile), o, res["disaggregated"],
-                                                          negative)
+        o["router_disaggregated_s"] = _disaggregated_path(cost, o, res["disaggregated"], negative,
+                                                          samples.get("disaggregated"))
+    if samples["direct"]:
+        o["path_jitter_s"] = _jitters(cost, o, samples["direct"], samples.get("disaggregated") or {})
     d["negative"] = negative
     return o
 
@@ -165,23 +262,29 @@ def derive_overheads(cost, direct: dict[int, list[dict]], disagg: dict[int, list
     per_token = max(0.0, per_token)
 
     sim_d = {n: simulated_lone(cost, "direct", n, output, per_token) for n in lengths}
-    res_d = {n: med(r["ttft"] for r in direct[n]) - sim_d[n][0] for n in lengths}
-    out = dict(_prompt_path(res_d, negative), per_token_stream_s=per_token)
+    samples_d = {n: [r["ttft"] - sim_d[n][0] for r in direct[n]] for n in lengths}
+    res_d = {n: med(samples_d[n]) for n in lengths}
+    out = dict(_prompt_path(res_d, negative, samples_d), per_token_stream_s=per_token)
     detail = dict(output_tokens=output, lengths=lengths,
                   direct={str(n): dict(ttft_ms=_ms(med(r["ttft"] for r in direct[n])),
                                        tpot_ms=_ms(med(r["tpot"] for r in direct[n])),
                                        engine_ttft_ms=_ms(sim_d[n][0]), engine_tpot_ms=_ms(sim0[n][1]),
-                                       samples=len(direct[n])) for n in lengths})
+                                       samples=len(direct[n]), ttft_samples_ms=[_ms(r["ttft"]) for r in direct[n]])
+                          for n in lengths})
+    samples_g = {}
     if disagg:
         dl = sorted(disagg)
         sim_g = {n: simulated_lone(cost, "disaggregated", n, output, per_token) for n in dl}
-        out["router_disaggregated_s"] = _disaggregated_path(
-            cost, out, {n: med(r["ttft"] for r in disagg[n]) - sim_g[n][0] for n in dl}, negative)
+        samples_g = {n: [r["ttft"] - sim_g[n][0] for r in disagg[n]] for n in dl}
+        out["router_disaggregated_s"] = _disaggregated_path(cost, out, {n: med(samples_g[n]) for n in dl}, negative,
+                                                            samples_g)
         detail["disaggregated"] = {str(n): dict(ttft_ms=_ms(med(r["ttft"] for r in disagg[n])),
                                                 tpot_ms=_ms(med(r["tpot"] for r in disagg[n])),
                                                 engine_ttft_ms=_ms(sim_g[n][0]),
                                                 transfer_ms=_ms(cost.transfer_time(n)),
-                                                samples=len(disagg[n])) for n in dl}
+                                                samples=len(disagg[n]),
+                                                ttft_samples_ms=[_ms(r["ttft"]) for r in disagg[n]]) for n in dl}
+    out["path_jitter_s"] = _jitters(cost, out, samples_d, samples_g)
     detail["negative"] = negative
     return dict(out, deployed=detail)
 
@@ -202,6 +305,8 @@ def merge_into(overheads: dict, derived: dict, notes: str) -> dict:
     out = {k: v for k, v in overheads.items()
            if k not in ("router_direct_s", "router_disaggregated_s", "per_token_stream_s", "notes",
                         "frontend_direct_s", "per_prompt_token_s", "frontend_notes", "reference")}
+    if "path_jitter_s" in derived:
+        out["path_jitter_s"] = derived["path_jitter_s"]
     out.update(router_direct_s=derived["router_direct_s"],
                router_disaggregated_s=derived.get("router_disaggregated_s", overheads.get("router_disaggregated_s",
                                                                                             0.0)),
@@ -260,7 +365,7 @@ def measure_mode(opts, mode: str, lengths: list[int], output: int, repeats: int,
     return out
 
 
-def measure(profile: dict, opts, repeats: int = 7, warmup: int = 2, ray_cpus: int = 6) -> dict:
+def measure(profile: dict, opts, repeats: int = 15, warmup: int = 2, ray_cpus: int = 6) -> dict:
     """Run the probe for a profile (its fit in place) and return the profile's new `overheads`."""
     import os
 

@@ -383,6 +383,9 @@ class CostModel:
         self.per_prompt_token_s = float(o.get("per_prompt_token_s", 0.0))
         # The deployed probe's residual by uncached prompt tokens (request_path_s).
         self.prompt_residual = [(int(n), float(s)) for n, s in o.get("prompt_residual", [])]
+        # How the deployed probe's lone requests scattered about that path, per route
+        # (quantiles, median 0): the simulator draws each request's share (path_jitter).
+        self.path_jitter = {k: [float(v) for v in q] for k, q in (o.get("path_jitter_s") or {}).items()}
         # The front end's CPU beside the engines (competes for a CPU host's cores).
         self.frontend_cpu_per_request_s = float(o.get("frontend_cpu_per_request_s", 0.0))
         self.frontend_cpu_per_prompt_token_s = float(o.get("frontend_cpu_per_prompt_token_s", 0.0))
@@ -412,6 +415,17 @@ class CostModel:
             if n <= n1:
                 return s0 + (s1 - s0) * (n - n0) / (n1 - n0)
         return t[-1][1] + self.per_prompt_token_s * (n - t[-1][0])
+
+    def path_jitter_s(self, route: str, u: float) -> float:
+        """The request path's scatter for a request of `route` ("direct" or
+        "disaggregated") at quantile u in [0, 1): the probe's quantiles (path_jitter_s, even
+        steps from 0 to 100 %), linear between them; 0 without them."""
+        q = self.path_jitter.get(route)
+        if not q:
+            return 0.0
+        x = min(max(u, 0.0), 1.0) * (len(q) - 1)
+        i = min(int(x), len(q) - 2)
+        return q[i] + (q[i + 1] - q[i]) * (x - i)
 
     # ---- construction ---------------------------------------------------------------------------
     @classmethod

@@ -123,15 +123,26 @@ def thread_mismatches(cost, measured: dict) -> list[str]:
 
 
 # ---- running ---------------------------------------------------------------------------------------------
-def run_one(cost, cfg: ClusterConfig, reqs: list[wl.Request], slo) -> dict:
+def run_one(cost, cfg: ClusterConfig, reqs: list[wl.Request], slo, keep_records: bool = False) -> dict:
     from deploy.bench import summarise
     t = time.perf_counter()
     recs, sim = simulate(cost, cfg, reqs)
     s = summarise(recs, slo)
     s["goodput_rps_per_gpu"] = s.get("goodput_rps", 0.0) / cfg.gpus
-    return dict(summary=s, decisions=sim.decisions, utilisation=sim.utilisation(),
-                preemptions=sum(w.engine.num_preemptions for w in sim.decode_workers.values()),
-                sim_seconds=time.perf_counter() - t)
+    out = dict(summary=s, decisions=sim.decisions, utilisation=sim.utilisation(),
+               preemptions=sum(w.engine.num_preemptions for w in sim.decode_workers.values()),
+               sim_seconds=time.perf_counter() - t)
+    if keep_records:
+        out["records"] = recs
+    return out
+
+
+def predicted_rows(reqs: list[wl.Request], recs: list[dict]) -> list[dict]:
+    """The simulator's per-request view in `pdserve bench --requests-json`'s row format
+    (deploy/bench.py request_rows): request i is request i of bench's draw."""
+    from deploy.bench import request_rows
+    work = [dict(arrival=r.arrival_s, prompt_tokens=r.prompt_tokens, max_tokens=r.output_tokens) for r in reqs]
+    return request_rows(work, recs)
 
 
 def workload_for(args, rate: float, i: int) -> list[wl.Request]:
@@ -251,12 +262,14 @@ def check_repeats(records: list[dict]) -> None:
 
 
 def validate(cost, measured: dict | list[dict], modes: list[str] | None = None,
-             engines_per_gpu: int | None = None) -> list[dict]:
+             engines_per_gpu: int | None = None, per_request: dict | None = None) -> list[dict]:
     """Predicted against measured per (mode, rate) of a `pdserve bench --json` record, each
     mode simulated with the device layout it ran with (measured_layout). Several records of
     the same command (repeats) are compared by their mean per cell, and each cell says how
     far the runs themselves spread ((max - min) / mean): a prediction cannot be checked
-    more closely than the measurement repeats."""
+    more closely than the measurement repeats. `per_request` (a dict), if given, gets the
+    simulated requests of every run, {mode: [{rate, seed, requests: rows}]}, in the format
+    of `pdserve bench --requests-json` (predicted_rows)."""
     records = measured if isinstance(measured, list) else [measured]
     check_repeats(records)
     measured = records[0]
@@ -272,7 +285,11 @@ def validate(cost, measured: dict | list[dict], modes: list[str] | None = None,
         cfg = bench_configuration(mode, bargs, layout)
         for i, run in enumerate(runs):
             reqs = wl.requests(spec, n, float(run["rate"]), seed + i)
-            pred = run_one(cost, cfg, reqs, slo)["summary"]
+            one = run_one(cost, cfg, reqs, slo, keep_records=per_request is not None)
+            pred = one["summary"]
+            if per_request is not None:
+                per_request.setdefault(mode, []).append(dict(rate=run["rate"], seed=seed + i,
+                                                             requests=predicted_rows(reqs, one["records"])))
             meas = [r["modes"][mode][i]["summary"] for r in records]
             row = dict(mode=mode, config=cfg.name, rate=run["rate"], layout=layout.describe(), layout_source=source)
             for metric, key, q in (("ttft_p50", "ttft_s", "p50"), ("ttft_p90", "ttft_s", "p90"),
@@ -401,6 +418,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                          "several records of the same bench command are compared by their mean, with "
                          "how far the runs themselves spread")
     ap.add_argument("--json")
+    ap.add_argument("--requests-json", metavar="FILE",
+                    help="with --validate: also write every simulated request (lengths, route, TTFT, TPOT, E2E) "
+                         "in the format of `pdserve bench --requests-json`, request i for request i")
     ap.add_argument("--png")
 
 
@@ -431,7 +451,8 @@ def run(args) -> dict:
                 print(f"warning: engine setting differs{where}, {m}", file=sys.stderr)
             for m in thread_mismatches(cost, rec):
                 print(f"warning: threads differ{where}, {m}", file=sys.stderr)
-        rows = validate(cost, records, engines_per_gpu=args.engines_per_gpu)
+        per_request = {} if args.requests_json else None
+        rows = validate(cost, records, engines_per_gpu=args.engines_per_gpu, per_request=per_request)
         for mode in dict.fromkeys(r["mode"] for r in rows):
             r = next(r for r in rows if r["mode"] == mode)
             print(f"layout of {mode}: {r['layout']} ({r['layout_source']})")
@@ -445,6 +466,11 @@ def run(args) -> dict:
             with open(args.json, "w") as f:
                 json.dump(out, f, indent=2)
             print(f"json: {args.json}")
+        if args.requests_json:
+            with open(args.requests_json, "w") as f:
+                json.dump(dict(model=measured.get("model"), workload=measured.get("workload"),
+                               args=measured.get("args"), predicted_by=args.profile, modes=per_request), f)
+            print(f"requests json: {args.requests_json}")
         return out
     rates = _floats("rates", args.rates, allow_zero=bool(args.trace))
     thresholds = [int(x) for x in _floats("thresholds", args.thresholds, allow_zero=True)]

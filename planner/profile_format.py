@@ -11,7 +11,8 @@
      "transfer": {"backend", "points": [{"bytes", "seconds"}, ...], "notes"},
      "overheads": {"router_direct_s", "router_disaggregated_s", "per_token_stream_s", "notes",
                    "frontend_direct_s", "per_prompt_token_s", "frontend_notes",     # optional from here
-                   "method", "deployed", "reference", "prompt_residual"},   # deploy/deployed_probe.py
+                   "method", "deployed", "reference", "prompt_residual",    # deploy/deployed_probe.py
+                   "path_jitter_s"},
      "fit":      {"model", "form", "coefficients": {name: value}, "relative_error": {...},
                   "candidates": {...}, ...}}   # optional; "model": the form's name (costmodel.FORMS)
 
@@ -203,6 +204,28 @@ def _check_prompt_residual(o: dict, where: str) -> None:
         last = n
 
 
+MAX_JITTER_QUANTILES = 101
+
+
+def _check_path_jitter(o: dict, where: str) -> None:
+    """overheads.path_jitter_s: {"direct" | "disaggregated": [seconds, ...]}, each 2 to 101
+    non-decreasing quantiles at even steps from 0 to 100 % (deploy/deployed_probe.py: how lone
+    requests scattered about the priced path; negative below its median)."""
+    jit = _obj(_get(o, "path_jitter_s", where), f"{where}.path_jitter_s")
+    for route, q in jit.items():
+        w = f"{where}.path_jitter_s.{route}"
+        if route not in ("direct", "disaggregated"):
+            raise ValueError(f"{w}: unknown route (direct or disaggregated)")
+        if not isinstance(q, list) or not 2 <= len(q) <= MAX_JITTER_QUANTILES:
+            raise ValueError(f"{w}: must be a list of 2 to {MAX_JITTER_QUANTILES} quantiles")
+        for i, v in enumerate(q):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                    or not abs(v) <= MAX_SECONDS:
+                raise ValueError(f"{w}[{i}]: must be a finite number of seconds, got {v!r}")
+            if i and v < q[i - 1]:
+                raise ValueError(f"{w}[{i}]: quantiles must not decrease")
+
+
 def _check_step(s, where: str) -> None:
     _obj(s, where)
     _str(s, "kind", where, STEP_KINDS, optional=True)
@@ -316,6 +339,8 @@ def validate_profile(d) -> dict:
             _num(o, k, "profile.overheads", hi=MAX_SECONDS)
     if "prompt_residual" in o:
         _check_prompt_residual(o, "profile.overheads")
+    if "path_jitter_s" in o:
+        _check_path_jitter(o, "profile.overheads")
     _str(o, "notes", "profile.overheads", optional=True, limit=MAX_NOTES)
     _str(o, "frontend_notes", "profile.overheads", optional=True, limit=MAX_NOTES)
     # How the priced numbers were measured: "deployed" (deploy/deployed_probe.py: Ray clusters timed

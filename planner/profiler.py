@@ -413,7 +413,7 @@ def run_command(args, front_end=None, deployed=None) -> int:
     if deployed is not None and opts.overheads and opts.deployed_probe:
         print("timing the deployed path (local Ray clusters, one request at a time; --no-deployed-probe skips)",
               flush=True)
-        profile["overheads"] = deployed(profile, opts, repeats=3 if opts.quick else 7)
+        profile["overheads"] = deployed(profile, opts, repeats=3 if opts.quick else 15)
         validate_profile(profile)
     save_profile(profile, args.out)
     s = summary(profile)
@@ -439,6 +439,10 @@ def run_command(args, front_end=None, deployed=None) -> int:
     if dep:
         print(f"  + {fe['per_prompt_token_s'] * 1e6:.2f} us per prompt token"
               + (f"; negative residuals clamped at 0: {dep['negative']}" if dep.get("negative") else ""))
+        for route, q in (fe.get("path_jitter_s") or {}).items():   # quantiles at 0, 5, ..., 100 %
+            at = lambda p: q[round(p * (len(q) - 1))] * 1e3  # noqa: E731
+            print(f"  {route} path scatter about it: p10 {at(0.1):+.2f} ms, p90 {at(0.9):+.2f} ms, "
+                  f"max {at(1.0):+.2f} ms")
         ref = fe.get("reference", {})
         if "in_process" in ref:
             r = ref["in_process"]

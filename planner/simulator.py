@@ -33,7 +33,9 @@ What each part does, as the code it stands for does it:
              the worker sends it. cost.per_token_stream_s is the decode worker loop's own
              work per iteration (the token batch, polling for requests and KV): after each
              step the worker is busy that much longer before its next step, so it adds to
-             every gap between a request's tokens (TPOT), as measured.
+             every gap between a request's tokens (TPOT), as measured. The path of
+             each request also gets its share of the scatter lone requests measured
+             about those medians (cost.path_jitter_s, per route; none without it).
 
   devices   engines placed on one device (ClusterConfig.layout) slow each other while they
              compute at the same time: processor sharing of their steps' device work
@@ -59,6 +61,7 @@ from planner.workload import Request
 from router import policy as router_policy
 
 MODES = ("colocated", "disaggregated", "conditional")
+_INV_GOLDEN = 0.6180339887498949
 
 
 @dataclass
@@ -376,6 +379,10 @@ class Simulation:
         self.queued_prefill_tokens = 0
         self.states: list[_ReqState] = []
         self.decisions: dict[str, int] = {}
+        # Where each request's path falls in the probe's scatter (CostModel.path_jitter_s):
+        # request i at quantile frac(0.5 + i / golden ratio), an evenly spread, fixed sequence
+        # (no random state: a run's figures stay a function of its requests).
+        self.jitter_u = [(0.5 + i * _INV_GOLDEN) % 1.0 for i in range(len(reqs))]
 
     def at(self, t: float, fn, *args) -> None:
         heapq.heappush(self._events, (t, next(self._order), fn, args))
@@ -433,6 +440,9 @@ class Simulation:
             self.prefill_queued[d.prefill_worker] += d.uncached_tokens
             self.prefill_inflight[d.prefill_worker] += 1
             overhead = self.cost.router_disaggregated_s + path
+        jitter = getattr(self.cost, "path_jitter_s", None)
+        if jitter is not None:
+            overhead = max(0.0, overhead + jitter(d.kind, self.jitter_u[st.rid]))
         self.at(self.now + overhead, self.dispatch, st)
 
     def dispatch(self, st: _ReqState) -> None:

@@ -283,6 +283,60 @@ def test_bench_modes_are_named_after_the_routes():
         bench.check_args(ap.parse_args(["--modes", "disagregated"]))
 
 
+def test_bench_writes_every_requests_figures_with_requests_json(tmp_path, monkeypatch):
+    """--requests-json: per mode and rate, one row per request in the workload's order
+    (request i of planner/workload.py's draw for the record's args and seed): planned
+    arrival, send, prompt and cached tokens, output tokens, route, TTFT, TPOT, E2E; a failed
+    request says why. No prompt content in the file."""
+    import json
+
+    from deploy import bench
+    from planner.workload import WorkloadSpec, bench_requests
+
+    class FakeTarget:   # the server's answers, no cluster: request i takes 10 + i ms to its first token
+        def __init__(self, address, timeout):
+            pass
+
+        async def run(self, work, progress):
+            out = []
+            for i, r in enumerate(work):
+                if i == 2:
+                    out.append(dict(ok=False, error="UNAVAILABLE", sent=r["arrival"]))
+                    continue
+                stamps = [(r["arrival"] + 0.010 + i * 1e-3 + k * 2e-3, 1) for k in range(r["max_tokens"])]
+                out.append(bench._result(stamps, r["arrival"], 0.0, r["max_tokens"], r["max_tokens"],
+                                         "direct" if i % 2 else "disaggregated", cached=16 * i))
+            return out
+    monkeypatch.setattr(bench, "GrpcTarget", FakeTarget)
+    out, summary = tmp_path / "requests.json", tmp_path / "serve.json"
+    ap = argparse.ArgumentParser()
+    bench.add_arguments(ap)
+    args = ap.parse_args(["--address", "x:1", "--rates", "2,4", "--requests", "5", "--warmup", "0", "--seed", "3",
+                          "--no-progress", "--requests-json", str(out), "--json", str(summary)])
+    bench.run(args)
+    rec = json.loads(out.read_text())
+    assert rec["args"]["seed"] == 3 and list(rec["modes"]) == ["external"]
+    runs = rec["modes"]["external"]
+    assert [(r["rate"], r["seed"]) for r in runs] == [(2.0, 3), (4.0, 4)]
+    for run in runs:
+        want = bench_requests(WorkloadSpec.from_args(rec["args"]), 5, run["rate"], run["seed"])
+        rows = run["requests"]
+        assert [r["i"] for r in rows] == list(range(5))
+        assert [(r["arrival_s"], r["prompt_tokens"], r["max_tokens"]) for r in rows] == \
+            [(w["arrival"], len(w["prompt"]), w["max_tokens"]) for w in want]
+        assert rows[2] == dict(i=2, arrival_s=want[2]["arrival"], sent_s=want[2]["arrival"],
+                               prompt_tokens=len(want[2]["prompt"]), max_tokens=want[2]["max_tokens"], ok=False,
+                               error="UNAVAILABLE")
+        r3 = rows[3]
+        assert r3["ok"] and r3["route"] == "direct" and r3["cached_tokens"] == 48
+        assert r3["output_tokens"] == want[3]["max_tokens"]
+        assert r3["ttft_s"] == pytest.approx(0.013) and r3["tpot_s"] == pytest.approx(2e-3)
+        assert r3["e2e_s"] == pytest.approx(0.013 + 2e-3 * (want[3]["max_tokens"] - 1))
+        assert "prompt" not in r3
+    # The summary record is what it was.
+    assert json.loads(summary.read_text())["modes"]["external"][0]["summary"]["completed"] == 4
+
+
 # ---- manifests ----------------------------------------------------------------------------------------
 
 def _pool_resources():

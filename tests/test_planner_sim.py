@@ -651,6 +651,74 @@ def test_plan_command_and_validation_against_a_bench_record(tmp_path, capsys):
         validate(c, [measured, short])
 
 
+def test_validation_writes_the_simulated_requests_as_bench_writes_the_measured(tmp_path):
+    """`pdserve plan --validate ... --requests-json` writes every simulated request in the
+    format of `pdserve bench --requests-json`, request i for request i of the record's runs
+    (the same draw: arrival, prompt and output lengths), with the simulator's own TTFT,
+    TPOT and E2E for it: benchmarks/ttft_per_request.py compares the two request by request."""
+    from deploy.cli import main
+    from planner.plan import bench_configuration, measured_layout
+    c = cost(step_s=4e-3, per_token_s=4e-5)
+    prof = tmp_path / "profile.json"
+    prof.write_text(json.dumps(c.profile))
+    bench_args = dict(requests=30, seed=5, decode_replicas=1, disagg_threshold=256, prompt_min=32, prompt_max=512,
+                      output_min=4, output_max=12, ttft_slo=1.0, tpot_slo=0.04)
+    measured = dict(args=bench_args, modes={"colocated": [], "conditional": []})
+    from deploy.bench import summarise
+    for mode, runs in measured["modes"].items():
+        cfg = bench_configuration(mode, bench_args, measured_layout(c, measured, mode)[0])
+        for i, rate in enumerate((3.0, 9.0)):
+            reqs = wl.requests(WorkloadSpec.from_args(bench_args), 30, rate, 5 + i)
+            runs.append(dict(rate=rate, summary=summarise(simulate(c, cfg, reqs)[0], SLO)))
+    mfile, out = tmp_path / "serve.json", tmp_path / "predicted.json"
+    mfile.write_text(json.dumps(measured))
+    assert main(["plan", "--profile", str(prof), "--validate", str(mfile), "--requests-json", str(out)]) == 0
+    got = json.loads(out.read_text())
+    assert got["args"] == bench_args and list(got["modes"]) == ["colocated", "conditional"]
+    for mode, runs in got["modes"].items():
+        cfg = bench_configuration(mode, bench_args, measured_layout(c, measured, mode)[0])
+        assert [(r["rate"], r["seed"]) for r in runs] == [(3.0, 5), (9.0, 6)]
+        for run in runs:
+            drawn = wl.bench_requests(WorkloadSpec.from_args(bench_args), 30, run["rate"], run["seed"])
+            recs = simulate(c, cfg, wl.requests(WorkloadSpec.from_args(bench_args), 30, run["rate"], run["seed"]))[0]
+            rows = run["requests"]
+            assert [(r["i"], r["arrival_s"], r["prompt_tokens"], r["max_tokens"]) for r in rows] == \
+                [(i, d["arrival"], len(d["prompt"]), d["max_tokens"]) for i, d in enumerate(drawn)]
+            assert [(r["ttft_s"], r["tpot_s"], r["e2e_s"], r["route"], r["output_tokens"]) for r in rows] == \
+                [(x["ttft"], x["tpot"], x["e2e"], x["route"], x["tokens"]) for x in recs]
+            if mode == "conditional":
+                assert {r["route"] for r in rows} == {"direct", "disaggregated"}
+
+
+def test_each_request_gets_its_share_of_the_paths_scatter():
+    """A profile with the deployed path's scatter (overheads.path_jitter_s, quantiles per
+    route) gives each request's path a draw from it: lone requests of one length no longer
+    all take the same TTFT, their spread is the table's (the TTFT tail), the median request
+    keeps the priced path, each route draws from its own table, and a run is a function of
+    its requests (the same figures twice)."""
+    import copy
+    base = cost(router_direct_s=4e-3, router_disaggregated_s=6e-3)
+    p = copy.deepcopy(base.profile)
+    direct_q = [-1e-3 + 0.1e-3 * k for k in range(11)] + [0.5e-3 * k for k in range(1, 11)]   # -1 .. +5 ms
+    p["overheads"]["path_jitter_s"] = {"direct": direct_q, "disaggregated": [0.0] * 20 + [10e-3]}
+    c = CostModel.from_profile(p)
+    reqs = [one(100, 4, t=0.5 * i) for i in range(200)]        # 0.5 s apart: each alone
+    alone = simulate(base, ClusterConfig("colocated", decode=1), reqs[:1])[0][0]["ttft"]
+    recs, _ = simulate(c, ClusterConfig("colocated", decode=1), reqs)
+    extra = sorted(r["ttft"] - alone for r in recs)
+    assert extra[0] == pytest.approx(-1e-3, abs=0.05e-3) and extra[-1] == pytest.approx(5e-3, abs=0.2e-3)
+    assert extra[100] == pytest.approx(0.0, abs=0.1e-3)
+    for q, want in ((10, -0.8e-3), (90, 4e-3)):
+        assert extra[2 * q] == pytest.approx(want, abs=0.15e-3), q
+    assert [r["ttft"] for r in simulate(c, ClusterConfig("colocated", decode=1), reqs)[0]] == \
+        [r["ttft"] for r in recs]
+    # A disaggregated request draws from its route's table: 0 but for its top 5 %.
+    recs, _ = simulate(c, ClusterConfig("disaggregated", decode=1, prefill=1), reqs)
+    alone = simulate(base, ClusterConfig("disaggregated", decode=1, prefill=1), reqs[:1])[0][0]["ttft"]
+    extra = sorted(r["ttft"] - alone for r in recs)
+    assert extra[int(0.94 * len(extra))] == pytest.approx(0.0, abs=1e-9) and 0 < extra[-1] <= 10e-3
+
+
 # ---- engines sharing a device ------------------------------------------------------------------------------
 class _Clock:
     """The simulator's event loop, alone: enough to drive a SharedDevice."""

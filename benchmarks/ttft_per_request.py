@@ -1,0 +1,126 @@
+"""Measured against predicted TTFT request by request (issue 15): where the simulator's
+first token departs from a bench run's.
+
+    pdserve bench --model random:tiny --modes colocated --decode-replicas 1 --rates 5 \\
+        --requests 160 --json serve.json --requests-json measured.json
+    pdserve plan --profile profile.json --validate serve.json --requests-json predicted.json
+    python benchmarks/ttft_per_request.py measured.json predicted.json
+
+Both files are in `pdserve bench --requests-json`'s format; request i of a run is request i
+of the other (the same workload draw). Per mode and rate it prints measured minus predicted
+TTFT by prompt length (bins of --bin tokens), for all requests, for lone ones (no other
+request in flight when it was sent, none sent before its first token) and for overlapped
+ones; then a least-squares line of the difference against prompt tokens for each group.
+"In flight" is read from each file's own clock (measured: the measured send and end times).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+
+
+def lone_flags(rows: list[dict]) -> list[bool]:
+    """True for a request alone from its send to its first token: no other request in
+    flight when it was sent (sent earlier, not finished) and none sent before its first token."""
+    spans = [(r["sent_s"], r["sent_s"] + r["e2e_s"]) for r in rows if r["ok"]]
+    out = []
+    for r in rows:
+        if not r["ok"]:
+            out.append(False)
+            continue
+        s, first = r["sent_s"], r["sent_s"] + r["ttft_s"]
+        busy = any(a < s < b or s < a < first for a, b in spans if (a, b) != (s, s + r["e2e_s"]))
+        out.append(not busy)
+    return out
+
+
+def joined(measured: list[dict], predicted: list[dict]) -> list[dict]:
+    if len(measured) != len(predicted):
+        raise ValueError(f"{len(measured)} measured requests against {len(predicted)} predicted")
+    lone_m = lone_flags(measured)
+    lone_p = lone_flags(predicted)
+    out = []
+    for m, p, lm, lp in zip(measured, predicted, lone_m, lone_p):
+        if m["prompt_tokens"] != p["prompt_tokens"] or m["max_tokens"] != p["max_tokens"]:
+            raise ValueError(f"request {m['i']}: the files drew different requests (not the same workload)")
+        if not (m["ok"] and p["ok"]):
+            continue
+        out.append(dict(i=m["i"], prompt=m["prompt_tokens"], out=m["max_tokens"], meas=m["ttft_s"], pred=p["ttft_s"],
+                        diff=m["ttft_s"] - p["ttft_s"], lone=lm, lone_pred=lp, route=m.get("route"),
+                        meas_tpot=m["tpot_s"], pred_tpot=p["tpot_s"]))
+    return out
+
+
+def line(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """(intercept, slope) of the least-squares line."""
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx if sxx else 0.0
+    return my - slope * mx, slope
+
+
+def report(rows: list[dict], bin_tokens: int) -> str:
+    med = statistics.median
+    lines = [f"{'prompt':>11} {'n':>4} {'meas':>6} {'pred':>6} {'diff':>6} | {'lone n':>6} {'diff':>6} "
+             f"{'meas':>6} {'pred':>6} | {'ovl n':>5} {'diff':>6}   (medians, ms)"]
+    top = max(r["prompt"] for r in rows)
+    for lo in range(0, top + 1, bin_tokens):
+        b = [r for r in rows if lo <= r["prompt"] < lo + bin_tokens]
+        if not b:
+            continue
+        lone = [r for r in b if r["lone"]]
+        ovl = [r for r in b if not r["lone"]]
+        ms = lambda xs: f"{med(xs) * 1e3:6.2f}" if xs else f"{'-':>6}"  # noqa: E731
+        lines.append(f"{lo:>5}-{lo + bin_tokens - 1:<5} {len(b):>4} {ms([r['meas'] for r in b])} "
+                     f"{ms([r['pred'] for r in b])} {ms([r['diff'] for r in b])} | {len(lone):>6} "
+                     f"{ms([r['diff'] for r in lone])} {ms([r['meas'] for r in lone])} {ms([r['pred'] for r in lone])}"
+                     f" | {len(ovl):>5} {ms([r['diff'] for r in ovl])}")
+    for name, group in (("all", rows), ("lone", [r for r in rows if r["lone"]]),
+                        ("overlapped", [r for r in rows if not r["lone"]])):
+        if len(group) < 2:
+            continue
+        a, s = line([r["prompt"] for r in group], [r["diff"] for r in group])
+        am, sm = line([r["prompt"] for r in group], [r["meas"] for r in group])
+        ap_, sp = line([r["prompt"] for r in group], [r["pred"] for r in group])
+        lines.append(f"{name:>10} ({len(group)}): measured - predicted = {a * 1e3:.2f} ms + {s * 1e6:.2f} us/token; "
+                     f"measured {am * 1e3:.2f} ms + {sm * 1e6:.2f} us/token, predicted {ap_ * 1e3:.2f} ms + "
+                     f"{sp * 1e6:.2f} us/token")
+    both = sum(r["lone"] and r["lone_pred"] for r in rows)
+    lines.append(f"lone in the measurement: {sum(r['lone'] for r in rows)}, in the simulation: "
+                 f"{sum(r['lone_pred'] for r in rows)}, in both: {both}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("measured")
+    ap.add_argument("predicted")
+    ap.add_argument("--bin", type=int, default=64, help="prompt-length bin (tokens)")
+    ap.add_argument("--json", help="write the joined rows here")
+    args = ap.parse_args(argv)
+    with open(args.measured) as f:
+        meas = json.load(f)
+    with open(args.predicted) as f:
+        pred = json.load(f)
+    out = {}
+    for mode, runs in meas["modes"].items():
+        for k, run in enumerate(runs):
+            prun = pred["modes"][mode][k]
+            if prun["seed"] != run["seed"] or prun["rate"] != run["rate"]:
+                print(f"{mode}: run {k} differs (rate/seed)", file=sys.stderr)
+                return 2
+            rows = joined(run["requests"], prun["requests"])
+            out[f"{mode}@{run['rate']:g}"] = rows
+            print(f"== {mode}, rate {run['rate']:g}/s, {len(rows)} requests")
+            print(report(rows, args.bin))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
