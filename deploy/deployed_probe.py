@@ -25,9 +25,10 @@ idle cluster, overheads zeroed), so that they mean exactly what the simulator ad
                           simulator adds it after every decode worker step.
   router_direct_s         with per_token_stream_s in place (it also sits between the chunks of
                           a chunked prefill), measured TTFT minus simulated TTFT (the prompt's
-                          prefill step(s) under chunking), median per length: the smallest
-                          of them is the request path's fixed cost (lengths up to that one
-                          add nothing: their differences are noise);
+                          prefill step(s) under chunking). With every request's sample kept
+                          (ttft_samples_ms) it is the smoothed path read from all of them
+                          (below); from medians alone (older profiles) the smallest per-length
+                          median is the fixed cost (lengths up to that one add nothing);
   prompt_residual         what each longer prompt's residual adds to it, per length
                           (CostModel.request_path_s reads it by uncached tokens, linear between
                           points): on a CPU host the deployed worker's prefill ran slower than

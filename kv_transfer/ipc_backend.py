@@ -1048,8 +1048,11 @@ class IpcKVSender(KVSender):
 
     def _report_landed(self, items: list[_Item]) -> None:
         """Copies launched by the caller, in launch order on one side stream: once the
-        newest has finished all have. One report per run of one request's consecutive
-        layers into the same blocks."""
+        newest has finished all have. That rests on two invariants of this class: every
+        copy, the caller's and the I/O thread's deferred ones, goes to ``self._side``, and
+        a copy is launched and queued under ``self._lock`` in one step (queue order is
+        launch order). One report per run of one request's consecutive layers into the
+        same blocks."""
         last = next((x.event for x in reversed(items) if x.event is not None), None)
         if last is not None:
             last.synchronize()

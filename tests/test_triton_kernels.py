@@ -284,6 +284,25 @@ def test_decode_reduce_many_partitions():
         _assert_arrivals_reset()
 
 
+def test_folded_reduce_counters_reset_after_a_context_past_the_table():
+    """A context longer than its block table's width (never made by the engine) gets fewer
+    partitions than it asks for; the arrival counters must still come back to zero, or
+    every later launch would reduce early from half-written partials."""
+    H, KH, D, BS = 4, 2, 32, 16
+    k_cache, v_cache, tables, lens = _paged_kv([64, 64], KH, D, BS, torch.float32, seed=12)
+    q = _randn(2, H, D, seed=13)
+    scale = D ** -0.5
+    too_long = lens.clone()
+    too_long[0] = 96   # a block past the table (5 wide; its row reads into the next, in bounds)
+    tri._paged_decode_attention(q, k_cache, v_cache, tables, too_long, scale, partition_tokens=16,
+                                config={"BLOCK_N": 16}, fold_reduce=True)
+    _assert_arrivals_reset()
+    expected = ref.paged_decode_attention(q, k_cache, v_cache, tables, lens, scale)
+    out = tri._paged_decode_attention(q, k_cache, v_cache, tables, lens, scale, partition_tokens=16,
+                                      config={"BLOCK_N": 16}, fold_reduce=True)
+    _close(out, expected, torch.float32)
+
+
 def test_decode_partition_heuristic():
     f = tri._decode_partition_tokens
     # Small batch, long context: split, partitions tile-aligned and not too short.

@@ -484,7 +484,9 @@ def _decode_partition_kernel(
             # orders this program's partial stores before its arrival; the acq_rel atomic
             # publishes them to, and makes the others' visible in, the last arriver.
             tl.debug_barrier()
-            n_parts = tl.cdiv(ctx, partition_tokens)
+            # The launch's partitions that exist for this context (bounded by the grid: a
+            # context past the table's width must not leave a count that never resets).
+            n_parts = tl.minimum(tl.cdiv(ctx, partition_tokens), num_partitions)
             slot = arrivals_ptr + s * num_kv_heads + kv_head
             if tl.atomic_add(slot, 1, sem="acq_rel") == n_parts - 1:
                 tl.atomic_xchg(slot, 0)   # ready for the next launch (graph replays reuse it)
@@ -530,7 +532,7 @@ def _decode_reduce_kernel(out_ptr, part_max_ptr, part_sum_ptr, part_out_ptr, con
     s = tl.program_id(0)
     h = tl.program_id(1)
     ctx = tl.load(context_lens_ptr + s)
-    n_parts = tl.cdiv(ctx, partition_tokens)
+    n_parts = tl.minimum(tl.cdiv(ctx, partition_tokens), num_partitions)
     base = (s * tl.num_programs(1) + h).to(tl.int64) * num_partitions
 
     # The global max only needs the (small) per-partition maxima; the D-wide partial
@@ -597,7 +599,8 @@ def _arrivals(device: torch.device, needed: int) -> torch.Tensor | None:
     buf = _ARRIVALS.get(device)
     if buf is None and needed <= _ARRIVALS_SIZE and not (
             device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-        buf = _ARRIVALS[device] = torch.zeros(_ARRIVALS_SIZE, dtype=torch.int32, device=device)
+        # setdefault: two threads making it at once keep one buffer
+        buf = _ARRIVALS.setdefault(device, torch.zeros(_ARRIVALS_SIZE, dtype=torch.int32, device=device))
     return buf if buf is not None and needed <= buf.numel() else None
 
 
