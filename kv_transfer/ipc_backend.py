@@ -79,7 +79,7 @@ import zmq
 from kv_transfer.base import KV_TIMEOUT_S, SEND_TIMEOUT_S, Failed, KVReceiver, KVSender, WriteLayer
 from kv_transfer.block_copy import copy_blocks
 from kv_transfer.wire import (DTYPES, ITEMSIZE, MAX_BLOCKS_PER_MESSAGE, MAX_HEADER_BYTES, MAX_LAYERS, MAX_REASON_LEN,
-                              PROTOCOL_VERSION, AbortHeader, DoneHeader, KVHeader, KVLayout, UnknownRequestError,
+                              AbortHeader, DoneHeader, KVHeader, KVLayout, UnknownRequestError,
                               WireError, check_kv, check_request_id, decode_header, decode_message, dtype_name,
                               encode_abort, encode_done, split_endpoint)
 
@@ -88,6 +88,10 @@ log = logging.getLogger(__name__)
 SCHEME = "cudaipc://"
 MAX_CONTROL_BYTES = 4096
 _INST_LEN = 16
+# The cuda_ipc control and landed messages' own version (the done/abort headers keep
+# kv_transfer.wire's): 2 since layers are reported as ranges (landed) instead of kv headers,
+# so a sender and receiver of different releases fail at hello instead of per transfer.
+IPC_PROTOCOL_VERSION = 2
 # First payload frame: a control map, a kv_transfer.wire header (done / abort), or a landed
 # report (copies of some layers' blocks have finished; see encode_landed).
 _CTRL, _WIRE, _LANDED = b"c", b"w", b"l"
@@ -122,7 +126,7 @@ def parse_endpoint(ep: str) -> IpcEndpoint:
 
 # ---- control messages ----------------------------------------------------------------------------------
 def encode_control(kind: str, **fields) -> bytes:
-    return msgpack.packb(dict(v=PROTOCOL_VERSION, type=kind, **fields), use_bin_type=True)
+    return msgpack.packb(dict(v=IPC_PROTOCOL_VERSION, type=kind, **fields), use_bin_type=True)
 
 
 def decode_control(buf, allowed: dict, max_bytes: int = MAX_CONTROL_BYTES) -> dict:
@@ -141,7 +145,7 @@ def decode_control(buf, allowed: dict, max_bytes: int = MAX_CONTROL_BYTES) -> di
         raise WireError(f"control: not valid msgpack ({type(e).__name__})") from None
     if type(d) is not dict or type(d.get("type")) is not str or d["type"] not in allowed:
         raise WireError("control: not a map with a known type")
-    if d.get("v") != PROTOCOL_VERSION or type(d["v"]) is not int or set(d) != allowed[d["type"]] | {"v", "type"}:
+    if d.get("v") != IPC_PROTOCOL_VERSION or type(d["v"]) is not int or set(d) != allowed[d["type"]] | {"v", "type"}:
         raise WireError(f"control: wrong keys or version for {d['type']}")
     if "request_id" in d:
         check_request_id(d["request_id"])
@@ -246,7 +250,7 @@ _LANDED_KEYS = {"v", "request_id", "first_layer", "num_layers", "block_ids"}
 def encode_landed(request_id: str, first_layer: int, num_layers: int, block_ids: Sequence[int]) -> bytes:
     """Layers ``first_layer .. first_layer + num_layers - 1`` of blocks ``block_ids`` are in
     the receiver's cache. The ids were checked when the sender made its index for them."""
-    return msgpack.packb(dict(v=PROTOCOL_VERSION, request_id=request_id, first_layer=first_layer,
+    return msgpack.packb(dict(v=IPC_PROTOCOL_VERSION, request_id=request_id, first_layer=first_layer,
                               num_layers=num_layers, block_ids=block_ids), use_bin_type=True)
 
 
@@ -264,7 +268,7 @@ def decode_landed(buf) -> tuple[str, int, int, tuple[int, ...]]:
                             max_ext_len=0, max_array_len=MAX_BLOCKS_PER_MESSAGE, max_map_len=8)
     except Exception as e:
         raise WireError(f"landed: not valid msgpack ({type(e).__name__})") from None
-    if type(d) is not dict or set(d) != _LANDED_KEYS or type(d["v"]) is not int or d["v"] != PROTOCOL_VERSION:
+    if type(d) is not dict or set(d) != _LANDED_KEYS or type(d["v"]) is not int or d["v"] != IPC_PROTOCOL_VERSION:
         raise WireError("landed: wrong keys or version")
     rid = check_request_id(d["request_id"])
     first, count, ids = d["first_layer"], d["num_layers"], d["block_ids"]

@@ -278,8 +278,11 @@ def test_malformed_and_unauthorised_messages_fail_only_what_they_name(pair):
         # Garbage of every shape: counted and dropped; the receiver keeps serving.
         for frames in ([b"junk"], [b"c", b"\xc1"], [b"w", b"x", b"y"], [b"q", b"z"]):
             rogue.send_multipart(frames)
+        # A sender of the previous protocol (layers reported as kv headers) is not a pair.
+        rogue.send_multipart([b"c", msgpack.packb(dict(v=1, type="hello", inst=ipc.parse_endpoint(rx.endpoint).inst))])
         rogue.send_multipart([b"c", ipc.encode_control("hello", inst="f" * 16)])   # a stale instance
-        poll_until(rx, lambda _: rx.stats["rejected"] >= 3 and rx.stats["pairs_refused"] == 1)
+        poll_until(rx, lambda _: rx.stats["rejected"] >= 4 and rx.stats["pairs_refused"] == 1)
+        assert rx.num_pairs() == 1
         reply = rogue.recv_multipart()
         assert ipc.decode_control(reply[1], ipc._FROM_RECEIVER)["type"] == "refuse"
         # A pair that was not granted "f" cannot report its layers.
