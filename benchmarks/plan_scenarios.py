@@ -15,8 +15,8 @@ are computed from the two shapes below), ClusterConfig and simulate, deploy.benc
 
 The simulator knows engines, not GPUs: an engine of tensor parallelism tp is one simulated
 engine standing for tp GPUs, so a budget of G GPUs holds G // tp engines and every per-GPU
-figure here divides by engines x tp (plan.py's goodput_rps_per_gpu divides by
-ClusterConfig.gpus, the engine count, which is right only at tp = 1).
+figure here divides by engines x tp, as plan.py's goodput_rps_per_gpu does
+(plan.gpus_of: CostModel.gpus_per_engine, which scaled() sets to tp).
 
 What is assumed (each figure is in ASSUMPTIONS and in the JSON) is a model, not a measurement:
 the profile is one Llama-3-8B engine on one H100 at tp = 1; pdserve has no tensor-parallel

@@ -360,6 +360,9 @@ class CostModel:
         # Engines on a CPU do host and device work on the same cores: another engine there
         # slows all of it (planner/shared_device.py); on a GPU only the device part.
         self.host_is_device = profile["hardware"]["device"] == "cpu"
+        # GPUs one engine of this model stands for: 1 as profiled, tp for a profile rescaled
+        # to tensor parallelism (scaled()); the planner's per-GPU figures divide by it.
+        self.gpus_per_engine = int((profile.get("fit") or {}).get("scaled", {}).get("gpus_per_engine", 1))
         # The profiled engine scheduled overlapped (engine/overlap.py): a decode worker's
         # tokens leave when the next step's launches are done (simulator.py).
         self.overlapped_scheduling = bool(profile["engine"].get("async_scheduling", False))
@@ -547,6 +550,7 @@ class CostModel:
         p["steps"] = []
         p["fit"] = dict(model=self.form, form=FORMS[self.form][1], coefficients=coef,
                         scaled=dict(weight_bytes_factor=weight_bytes_factor, flops_factor=flops_factor, tp=tp,
+                                    gpus_per_engine=self.gpus_per_engine * tp,
                                     attention_factor=af, kv_bytes_factor=kf, comm_s_per_step=comm_s_per_step,
                                     comm_s_per_token=comm_s_per_token, source_created=self.profile["created"]))
         return CostModel.from_profile(p)

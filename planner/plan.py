@@ -45,13 +45,14 @@ BENCH_MODES = {"colocated": "colocated", "disaggregated": "disaggregated", "disa
 
 # ---- configurations ----------------------------------------------------------------------------------
 def configurations(gpus: int, thresholds: list[int], modes: list[str] | None = None,
-                   layout: DeviceLayout | None = None) -> list[ClusterConfig]:
+                   layout: DeviceLayout | None = None, gpus_per_engine: int = 1) -> list[ClusterConfig]:
     """Every configuration of the engines `gpus` devices hold (layout.engines_per_device
-    each; default one engine per GPU): colocated, then each P + D split disaggregated, then
-    conditional at each threshold."""
+    each; default one engine per GPU; an engine of `gpus_per_engine` GPUs, tensor-parallel,
+    takes that many): colocated, then each P + D split disaggregated, then conditional at
+    each threshold."""
     modes = modes or ["colocated", "disaggregated", "conditional"]
     lay = layout or DeviceLayout()
-    engines = gpus * lay.engines_per_device
+    engines = (gpus // max(1, gpus_per_engine)) * lay.engines_per_device
     out = []
     if "colocated" in modes:
         out.append(ClusterConfig("colocated", decode=engines, layout=lay))
@@ -123,12 +124,18 @@ def thread_mismatches(cost, measured: dict) -> list[str]:
 
 
 # ---- running ---------------------------------------------------------------------------------------------
+def gpus_of(cost, cfg: ClusterConfig) -> int:
+    """GPUs a configuration occupies: its devices (ClusterConfig.gpus, engines sharing one
+    counted once) times the GPUs one engine of the profile stands for (its tensor parallelism)."""
+    return cfg.gpus * getattr(cost, "gpus_per_engine", 1)
+
+
 def run_one(cost, cfg: ClusterConfig, reqs: list[wl.Request], slo, keep_records: bool = False) -> dict:
     from deploy.bench import summarise
     t = time.perf_counter()
     recs, sim = simulate(cost, cfg, reqs)
     s = summarise(recs, slo)
-    s["goodput_rps_per_gpu"] = s.get("goodput_rps", 0.0) / cfg.gpus
+    s["goodput_rps_per_gpu"] = s.get("goodput_rps", 0.0) / gpus_of(cost, cfg)
     out = dict(summary=s, decisions=sim.decisions, utilisation=sim.utilisation(),
                preemptions=sum(w.engine.num_preemptions for w in sim.decode_workers.values()),
                sim_seconds=time.perf_counter() - t)
@@ -171,7 +178,7 @@ def plan(cost, args, rates: list[float], configs: list[ClusterConfig], progress=
         rate = rate or wl.trace_rate(reqs)      # a trace replayed as recorded
         for cfg in configs:
             out = run_one(cost, cfg, reqs, slo)
-            entry = record["configs"].setdefault(cfg.name, dict(config=asdict(cfg), gpus=cfg.gpus, runs=[]))
+            entry = record["configs"].setdefault(cfg.name, dict(config=asdict(cfg), gpus=gpus_of(cost, cfg), runs=[]))
             entry["runs"].append(dict(rate=rate, **out))
             if progress is not None:
                 progress(cfg, rate, out)
@@ -201,7 +208,8 @@ def pool_targets(cost, spec: wl.WorkloadSpec, rate: float, *, ttft_slo: float = 
     reqs = wl.requests(spec, requests, rate, seed)
     for gpus in range(2, max_gpus + 1):
         found = []
-        for cfg in configurations(gpus, list(thresholds), ["disaggregated", "conditional"]):
+        for cfg in configurations(gpus, list(thresholds), ["disaggregated", "conditional"],
+                                  gpus_per_engine=getattr(cost, "gpus_per_engine", 1)):
             s = run_one(cost, cfg, reqs, slo)["summary"]
             if s.get("slo_attainment", 0.0) >= attainment:
                 found.append((s["goodput_rps"], cfg, s))
@@ -486,10 +494,11 @@ def run(args) -> dict:
     modes = [m.strip() for m in args.modes.split(",")]
     if args.engines_per_gpu is not None and args.engines_per_gpu < 1:
         raise ValueError("--engines-per-gpu: must be >= 1")
-    configs = configurations(args.gpus, thresholds, modes, plan_layout(cost, args.engines_per_gpu or 1))
+    configs = configurations(args.gpus, thresholds, modes, plan_layout(cost, args.engines_per_gpu or 1),
+                             getattr(cost, "gpus_per_engine", 1))
     if not configs:
         raise ValueError(f"--modes {args.modes!r} with --gpus {args.gpus}: nothing to simulate "
-                         "(disaggregated and conditional need 2 GPUs or more)")
+                         "(disaggregated and conditional need 2 engines or more)")
     t = time.perf_counter()
     record = plan(cost, args, rates, configs)
     print(table(record))

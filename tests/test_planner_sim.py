@@ -540,6 +540,22 @@ def test_pool_targets_are_the_smallest_split_that_meets_the_slos():
         assert run_one(c, cfg, reqs, slo)["summary"]["slo_attainment"] < 0.9, cfg.name
 
 
+def test_a_tensor_parallel_engine_counts_as_its_gpus():
+    """A profile rescaled to tp GPUs per engine: a GPU budget holds budget // tp engines and
+    per-GPU goodput divides by every GPU, not by the engines."""
+    from planner.plan import configurations, gpus_of, run_one
+    c1 = cost()
+    c2 = c1.scaled(1.0, 1.0, 2)
+    assert (c1.gpus_per_engine, c2.gpus_per_engine, c2.scaled(1.0, 1.0, 2).gpus_per_engine) == (1, 2, 4)
+    assert [x.name for x in configurations(8, [256], ["colocated"], gpus_per_engine=2)] == ["colocated x4"]
+    assert [x.name for x in configurations(5, [256], ["disaggregated"], gpus_per_engine=2)] == ["1P1D"]
+    cfg = ClusterConfig("colocated", decode=2)
+    assert (gpus_of(c1, cfg), gpus_of(c2, cfg)) == (2, 4)
+    reqs = wl.requests(WorkloadSpec(prompt_min=64, prompt_max=256, output_min=8, output_max=16), 60, 5.0, 0)
+    s = run_one(c2, cfg, reqs, SLO)["summary"]
+    assert s["goodput_rps"] > 0 and s["goodput_rps_per_gpu"] == pytest.approx(s["goodput_rps"] / 4)
+
+
 def test_controller_takes_planned_pool_sizes_as_floors():
     import asyncio
 
