@@ -588,7 +588,7 @@ class _Item:
     layer: int = 0                   # "copy"/"landed": the first layer, of num_layers
     dst: list = field(default_factory=list)
     num_layers: int = 1
-    tensor: torch.Tensor | None = None   # "copy": the gathered blocks [2, n, ...]
+    tensor: torch.Tensor | None = None   # "copy": the gathered blocks [2 * num_layers, n, ...]
     event: object = None                 # "copy": its data is ready; "landed": its copy finished
     body: bytes = b""                    # "done"/"abort": the wire header
     queued_at: float = field(default_factory=time.monotonic)
@@ -772,8 +772,9 @@ class IpcKVSender(KVSender):
             if wake:
                 self._wake()
             return
-        for i in range(num_layers):
-            self._queue_copy(rid, first + i, ids, self._gather(rid, planes[2 * i:2 * i + 2], src_ids))
+        # Not granted yet, or the receiver's cache is on another GPU: the group's blocks
+        # gathered in one go, for the I/O thread to copy as one item.
+        self._queue_copy(rid, first, ids, self._gather(rid, planes, src_ids), num_layers)
 
     def _can_write(self, rid: str) -> bool:
         """Holding the lock: may a copy for rid be launched now?"""
@@ -836,8 +837,9 @@ class IpcKVSender(KVSender):
         return s_idx, d_idx
 
     def _gather(self, rid: str, src_layer: torch.Tensor, src_ids: list[int]) -> torch.Tensor:
-        """Not granted yet (the claim is answered while the prefill runs): the layer's blocks
-        gathered into a private tensor on the caller's stream, for the I/O thread to copy
+        """Not granted yet (the claim is answered while the prefill runs): the blocks of the
+        planes ``src_layer`` (one layer's K and V, or a group's) gathered into a private
+        tensor on the caller's stream, for the I/O thread to copy
         once granted. Nothing here waits for the device: the prefill's layers must keep
         launching ahead of it, and an index tensor built with ``torch.tensor(..., device=)``
         would wait for this layer's compute. The source index is made once per request."""
@@ -853,13 +855,13 @@ class IpcKVSender(KVSender):
                 self._gather_ids[rid] = have
         return src_layer[:, have[1]]
 
-    def _queue_copy(self, rid: str, layer: int, ids: list[int], tensor: torch.Tensor) -> None:
+    def _queue_copy(self, rid: str, layer: int, ids: list[int], tensor: torch.Tensor, num_layers: int = 1) -> None:
         ready = None
         if tensor.is_cuda:
             ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream(tensor.device))
         self.stats["deferred_copies"] += 1
-        self._put(_Item("copy", rid, layer, ids, tensor=tensor, event=ready))
+        self._put(_Item("copy", rid, layer, ids, tensor=tensor, event=ready, num_layers=num_layers))
 
     def _order_after_copies(self, rid: str) -> None:
         # The prefill worker releases the request's blocks next: later work on its stream
@@ -1097,11 +1099,17 @@ class IpcKVSender(KVSender):
                         self._mark_failed(rid, "sender closed before the copy")
                     self.stats["dropped"] += 1
                     return True
-                self._launch(rid, it.tensor, self._remote[it.layer], it.dst, ready=it.event)
+                dst = self._remote[it.layer:it.layer + it.num_layers].flatten(0, 1)
+                if dst.shape[0] != it.tensor.shape[0]:
+                    self._mark_failed(rid, f"layers {it.layer}..{it.layer + it.num_layers - 1} outside the "
+                                           f"receiver's {self._remote.shape[0]}")
+                    self.stats["dropped"] += 1
+                    return True
+                self._launch(rid, it.tensor, dst, it.dst, ready=it.event)
                 ev = self._last_copy.get(rid)
             if ev is not None:
                 ev.synchronize()
-            self._report(rid, it.layer, 1, it.dst)
+            self._report(rid, it.layer, it.num_layers, it.dst)
             return True
         # done / abort: every earlier item of rid has been handled (the queue is in order)
         with self._lock:

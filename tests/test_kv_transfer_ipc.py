@@ -219,12 +219,26 @@ def test_several_layers_in_one_launch_land_exactly_with_one_report(pair):
     for bad in (range(0, 0), range(0, 3, 2), range(2, 4), [0, 1]):
         with pytest.raises(ValueError):
             tx.send_layers_blocks("m", bad, [4], src, [7])
-    # Not granted yet: each layer is gathered and copied by the I/O thread once granted.
+    # Not granted yet: the group is gathered at once and copied by the I/O thread, as one
+    # item, once granted.
+    deferred, reports = tx.stats["deferred_copies"], tx.stats["reports"]
     rx.expect("n", [2, 3], deadline=time.monotonic() + 20)
     tx.send_layers_blocks("n", range(0, 3), [2, 3], src, [5, 6])
     tx.send_done("n", 6, layout.num_layers)
     out = poll_until(rx, lambda o: o.completed)
     assert out.completed[0].request_id == "n" and torch.equal(cache[:, :, [2, 3]], src[:, :, [5, 6]])
+    assert tx.stats["deferred_copies"] - deferred == 1 and tx.stats["reports"] - reports == 1
+    # A layer the receiver's cache does not have fails that request (its done goes out as an
+    # abort), not the sender's I/O thread.
+    rx.expect("o", [5], deadline=time.monotonic() + 20)
+    tx.send_layer("o", layout.num_layers, [5], src[0][:, [1]])
+    tx.send_done("o", 1, layout.num_layers)
+    out = poll_until(rx, lambda o: o.failed)
+    assert out.failed[0].request_id == "o" and "o" in tx.failed_requests()
+    rx.expect("p", [6], deadline=time.monotonic() + 20)
+    tx.send_layers_blocks("p", range(0, 3), [6], src, [9])
+    tx.send_done("p", 2, layout.num_layers)
+    assert poll_until(rx, lambda o: o.completed).completed[0].request_id == "p"
 
 
 def test_a_cancelled_granted_transfer_holds_its_blocks_until_the_sender_is_fenced(pair):
