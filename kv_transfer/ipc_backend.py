@@ -129,20 +129,25 @@ def encode_control(kind: str, **fields) -> bytes:
     return msgpack.packb(dict(v=IPC_PROTOCOL_VERSION, type=kind, **fields), use_bin_type=True)
 
 
-def decode_control(buf, allowed: dict, max_bytes: int = MAX_CONTROL_BYTES) -> dict:
-    """Schema-check one control map: size, msgpack, version, type, exact keys, the
-    request id. WireError on anything else (values beyond those are checked by the user)."""
+def _unpack_bounded(buf, what: str, max_bytes: int, **limits):
+    """One msgpack frame of at most max_bytes, its containers bounded by ``limits`` (no ext
+    types) before anything is allocated; WireError naming ``what`` otherwise."""
     try:
         n = len(buf)
     except TypeError:
-        raise WireError("control: not a buffer") from None
+        raise WireError(f"{what}: not a buffer") from None
     if not 0 < n <= max_bytes:
-        raise WireError(f"control: {n} bytes outside [1, {max_bytes}]")
+        raise WireError(f"{what}: {n} bytes outside [1, {max_bytes}]")
     try:
-        d = msgpack.unpackb(buf, raw=False, strict_map_key=True, max_str_len=max_bytes, max_bin_len=max_bytes,
-                            max_ext_len=0, max_array_len=64, max_map_len=32)
+        return msgpack.unpackb(buf, raw=False, strict_map_key=True, max_str_len=max_bytes, max_ext_len=0, **limits)
     except Exception as e:
-        raise WireError(f"control: not valid msgpack ({type(e).__name__})") from None
+        raise WireError(f"{what}: not valid msgpack ({type(e).__name__})") from None
+
+
+def decode_control(buf, allowed: dict, max_bytes: int = MAX_CONTROL_BYTES) -> dict:
+    """Schema-check one control map: size, msgpack, version, type, exact keys, the
+    request id. WireError on anything else (values beyond those are checked by the user)."""
+    d = _unpack_bounded(buf, "control", max_bytes, max_bin_len=max_bytes, max_array_len=64, max_map_len=32)
     if type(d) is not dict or type(d.get("type")) is not str or d["type"] not in allowed:
         raise WireError("control: not a map with a known type")
     if d.get("v") != IPC_PROTOCOL_VERSION or type(d["v"]) is not int or set(d) != allowed[d["type"]] | {"v", "type"}:
@@ -257,17 +262,8 @@ def encode_landed(request_id: str, first_layer: int, num_layers: int, block_ids:
 def decode_landed(buf) -> tuple[str, int, int, tuple[int, ...]]:
     """Schema-check a landed report: (request id, first layer, layer count, block ids).
     WireError on anything else; the ids are checked against the reservation by the caller."""
-    try:
-        n = len(buf)
-    except TypeError:
-        raise WireError("landed: not a buffer") from None
-    if not 0 < n <= MAX_HEADER_BYTES:
-        raise WireError(f"landed: {n} bytes outside [1, {MAX_HEADER_BYTES}]")
-    try:
-        d = msgpack.unpackb(buf, raw=False, strict_map_key=True, max_str_len=MAX_HEADER_BYTES, max_bin_len=0,
-                            max_ext_len=0, max_array_len=MAX_BLOCKS_PER_MESSAGE, max_map_len=8)
-    except Exception as e:
-        raise WireError(f"landed: not valid msgpack ({type(e).__name__})") from None
+    d = _unpack_bounded(buf, "landed", MAX_HEADER_BYTES, max_bin_len=0, max_array_len=MAX_BLOCKS_PER_MESSAGE,
+                        max_map_len=8)
     if type(d) is not dict or set(d) != _LANDED_KEYS or type(d["v"]) is not int or d["v"] != IPC_PROTOCOL_VERSION:
         raise WireError("landed: wrong keys or version")
     rid = check_request_id(d["request_id"])
