@@ -31,6 +31,7 @@ Timestamps cross processes as time.monotonic() values (one system-wide clock on 
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import gc
 import json
 import os
@@ -67,6 +68,14 @@ def make_tx(backend: str, endpoint: str, dev: torch.device):
     if backend == "cuda_ipc":
         return kt.make_sender("cuda_ipc", endpoint, send_timeout_s=300, device=dev)
     return kt.make_sender("zmq", endpoint, send_timeout_s=300)
+
+
+_T0 = time.monotonic()
+
+
+def progress(rank: int, what: str) -> None:
+    """One line per stage on stderr, so a run cut short by its time limit shows how far it got."""
+    print(f"[{time.monotonic() - _T0:7.1f}s rank {rank}] {what}", file=sys.stderr, flush=True)
 
 
 def wait_completed(rx) -> list:
@@ -153,6 +162,7 @@ def transfer(rank: int, board: Board, args, dev: torch.device, layout, backend: 
             wait_completed(rx)
             sync(dev)
             t_end = time.monotonic()
+            progress(rank, f"{name} rep {rep} landed")
             if rep >= args.warmup:
                 t = board.get(f"x/{name}/{rep}/start")
                 secs.append(t_end - t["start"])
@@ -249,6 +259,7 @@ def ttft(rank: int, board: Board, args, dev: torch.device, engine, tokens: int) 
                     res.setdefault(f"{b}_parts", []).append({k: 1e3 * (v - t0) for k, v in marks.items()})
                     res.setdefault("in_place_s", []).append(t_in)
                 res.setdefault(f"{b}_equal", []).append(toks_in == toks)
+                progress(rank, f"TTFT {key}: in place {1e3 * t_in:.1f} ms, {b} {1e3 * t_dis:.1f} ms")
             else:
                 job = board.get(f"t/{key}")
                 marks = dict(job_received=time.monotonic())
@@ -290,6 +301,8 @@ def rank_main(rank: int, args) -> None:
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     board = Board(args.board_port, master=False)
+    # A stalled rank dumps its stacks every 60 s instead of hanging silently.
+    faulthandler.dump_traceback_later(60, repeat=True, file=sys.stderr)
     dtype = torch.float32 if cpu else torch.bfloat16
     mcfg = random_config(args.model.split(":", 1)[1])
     block_size = 16
@@ -298,7 +311,9 @@ def rank_main(rank: int, args) -> None:
     result = {}
     if rank == DECODE:
         result["plain_copy"] = plain_copy(args, dev, layout, n)
+    progress(rank, "plain copy done" if rank == DECODE else "started")
     for name, b, per_call in transfer_variants(layout.num_layers):
+        progress(rank, f"transfer {name}")
         r = transfer(rank, board, args, dev, layout, b, name, per_call)
         gc.collect()
         if dev.type == "cuda":
@@ -315,7 +330,9 @@ def rank_main(rank: int, args) -> None:
                        num_kv_blocks=2 * (-(-max_tokens // block_size)) + 64,
                        dense_prefill=True if args.dense_prefill else None)
     result["dense_prefill"] = engine.runner.dense_fresh_prefill   # as the engine resolved it
+    progress(rank, "engine loaded")
     for tokens in args.ttft_tokens:
+        progress(rank, f"TTFT {tokens} tokens")
         r = ttft(rank, board, args, dev, engine, tokens)
         if rank == DECODE:
             row = dict(in_place_ms=1e3 * statistics.median(r["in_place_s"]))
