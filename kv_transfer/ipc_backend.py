@@ -77,7 +77,7 @@ import torch
 import zmq
 
 from kv_transfer.base import KV_TIMEOUT_S, SEND_TIMEOUT_S, Failed, KVReceiver, KVSender, WriteLayer
-from kv_transfer.block_copy import copy_blocks
+from kv_transfer.block_copy import IndexStager, copy_blocks
 from kv_transfer.wire import (DTYPES, ITEMSIZE, MAX_BLOCKS_PER_MESSAGE, MAX_HEADER_BYTES, MAX_LAYERS, MAX_REASON_LEN,
                               AbortHeader, DoneHeader, KVHeader, KVLayout, UnknownRequestError,
                               WireError, check_kv, check_request_id, decode_header, decode_message, dtype_name,
@@ -654,6 +654,7 @@ class IpcKVSender(KVSender):
         self._gather_ids: dict[str, tuple[list[int], torch.Tensor]] = {}   # rid -> its source index, caller's stream
         self._failed: OrderedDict[str, str] = OrderedDict()
         self._side = None
+        self._stager = IndexStager()   # used holding the lock, on the side stream
         self._closed = False
         self._drop_after: float | None = None
         self.stats = dict(messages=0, bytes=0, copies=0, deferred_copies=0, dropped=0, revoked=0, dones_as_aborts=0,
@@ -756,7 +757,8 @@ class IpcKVSender(KVSender):
             raise ValueError(f"{planes.shape[0]} planes of source cache for {num_layers} layers (want K and V each)")
         if not ids:
             return
-        self.begin(rid)
+        if rid not in self._begun:   # a plain read first: every group of a request after its first skips the lock
+            self.begin(rid)
         with self._lock:
             launched = self._can_write(rid) and planes.device == self._remote.device
             if launched:
@@ -819,16 +821,16 @@ class IpcKVSender(KVSender):
         destination ids checked against the receiver's ``num_blocks`` when made). Built from
         pinned memory without blocking: a plain ``torch.tensor(..., device=)`` would wait for
         the side stream, i.e. for this layer's compute on the engine's stream, and so stall
-        the engine loop that calls the sender once per layer."""
+        the engine loop that calls the sender once per layer (IndexStager says why it is
+        not a fresh pinned tensor either)."""
         have = self._indices.get(rid)
         if have is not None and have[0] == src_ids and have[1] == dst_ids:
             return have[2], have[3]
         _check_in_cache(dst_ids, num_blocks)
-
-        def upload(ids):
-            return torch.tensor(ids, dtype=torch.long).pin_memory().to(dev, non_blocking=True)
-        s_idx = upload(src_ids) if src_ids is not None else None
-        d_idx = upload(dst_ids)
+        if src_ids is not None:
+            s_idx, d_idx = self._stager.upload([src_ids, dst_ids], dev)
+        else:
+            s_idx, (d_idx,) = None, self._stager.upload([dst_ids], dev)
         self._indices[rid] = (src_ids, dst_ids, s_idx, d_idx)
         return s_idx, d_idx
 

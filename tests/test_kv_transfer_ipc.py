@@ -556,6 +556,31 @@ def prefill_main(model: str, ekw_json: str) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_index_stager_uploads_exact_ids_through_reused_and_grown_slots():
+    """Every upload lands its own ids, also once the slots wrap round (a slot reused while
+    the device may still be busy) and after the buffer grows past its first capacity;
+    the uploads queue behind earlier work on the stream instead of waiting for it."""
+    from kv_transfer.block_copy import IndexStager
+    dev = torch.device("cuda")
+    stager = IndexStager(slots=2)
+    busy = torch.randn(4096, 4096, device=dev)
+    kept = []
+    for i in range(7):
+        n = 3 + 500 * i   # 3 .. 3003: grows past the first 1024-wide buffer
+        a, b = list(range(i, i + n)), list(range(10 * n, 9 * n, -1))
+        busy @ busy   # queued work ahead of the upload on the same stream
+        s_idx, d_idx = stager.upload([a, b], dev)
+        kept.append((a, b, s_idx, d_idx))
+    (e,) = stager.upload([[]], dev)
+    torch.cuda.synchronize()
+    for a, b, s_idx, d_idx in kept:
+        assert s_idx.dtype == torch.long and s_idx.device.type == "cuda"
+        assert s_idx.tolist() == a and d_idx.tolist() == b
+    assert e.numel() == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("stall", [False, True], ids=["exact", "stalled-sender"])
 def test_gpu_two_processes_on_one_gpu_equal_in_place_prefill(stall):
     """fp32 on one GPU: the decode worker here, the prefill worker in another process.

@@ -410,7 +410,6 @@ def _decode_partition_kernel(
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
         SINGLE_PASS: tl.constexpr, FOLD_REDUCE: tl.constexpr,
-        PART_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
         DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
     s = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -491,47 +490,39 @@ def _decode_partition_kernel(
             slot = arrivals_ptr + s * num_kv_heads + kv_head
             if tl.atomic_add(slot, 1, sem="acq_rel") == n_parts - 1:
                 tl.atomic_xchg(slot, 0)   # ready for the next launch (graph replays reuse it)
-                # One query head at a time, each reduced with vector loads over its partials
-                # (the separate kernel's code): GROUP is small, the heads share nothing.
-                for g in tl.static_range(GROUP):
-                    h = kv_head * GROUP + g
-                    _decode_reduce_head(out_ptr, part_max_ptr, part_sum_ptr, part_out_ptr, s, h,
-                                        (s * num_kv_heads * GROUP + h).to(tl.int64) * num_partitions, n_parts,
-                                        stride_os, stride_oh, HEAD_DIM, PART_PAD, BLOCK_P, ".cg")
+                first_rows = (s * num_kv_heads * GROUP + heads).to(tl.int64) * num_partitions
+                _decode_reduce_group(out_ptr, part_max_ptr, part_sum_ptr, part_out_ptr, s, heads, g_mask,
+                                     first_rows, n_parts, stride_os, stride_oh, HEAD_DIM, GROUP_PAD)
 
 
 @triton.jit
-def _decode_reduce_head(out_ptr, part_max_ptr, part_sum_ptr, part_out_ptr, s, h, base, n_parts,
-                        stride_os, stride_oh, HEAD_DIM: tl.constexpr, PART_PAD: tl.constexpr,
-                        BLOCK_P: tl.constexpr, CACHE: tl.constexpr):
-    """Sum one query head's n_parts partials (rows base .. base + n_parts) into out[s, h].
-
-    The global max only needs the (small) per-partition maxima; the D-wide partial outputs
-    are then streamed BLOCK_P partitions at a time, so registers stay bounded for many
-    partitions and the loads of a chunk are issued together. CACHE is the loads' cache
-    modifier: the folded reduce reads partials other programs just wrote (".cg", past L1).
-    """
-    offs_p = tl.arange(0, PART_PAD)
-    g_max = tl.max(tl.load(part_max_ptr + base + offs_p, mask=offs_p < n_parts,
-                           other=float("-inf"), cache_modifier=CACHE), axis=0)
+def _decode_reduce_group(out_ptr, part_max_ptr, part_sum_ptr, part_out_ptr, s, heads, g_mask, rows,
+                         n_parts, stride_os, stride_oh, HEAD_DIM: tl.constexpr, GROUP_PAD: tl.constexpr):
+    """_decode_reduce_kernel's sum for the query heads ``heads`` of one KV head, inside the
+    partition kernel; ``rows`` are their first partials. The partials are read past L1
+    (.cg): other programs wrote them. A decode split has a few dozen partitions at most
+    (_decode_partition_tokens), so one partition per iteration keeps registers small."""
+    g_max = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    for p in range(0, n_parts):
+        g_max = tl.maximum(g_max, tl.load(part_max_ptr + rows + p, mask=g_mask, other=float("-inf"),
+                                          cache_modifier=".cg"))
+    g_max = tl.where(g_mask, g_max, 0.0)   # padded heads: no -inf - -inf below
     offs_d = tl.arange(0, HEAD_DIM)
-    acc = tl.zeros([HEAD_DIM], tl.float32)
-    denom = tl.zeros([], tl.float32)
-    for p0 in range(0, n_parts, BLOCK_P):
-        offs = p0 + tl.arange(0, BLOCK_P)
-        pm = offs < n_parts
-        m = tl.load(part_max_ptr + base + offs, mask=pm, other=float("-inf"), cache_modifier=CACHE)
-        l = tl.load(part_sum_ptr + base + offs, mask=pm, other=0.0, cache_modifier=CACHE)
-        # Each partial output is already normalised by its own sum, so re-weight it by
-        # that sum rescaled to the global max.
-        w = tl.where(pm, l * tl.exp2(m - g_max), 0.0)
-        o = tl.load(part_out_ptr + (base + offs)[:, None] * HEAD_DIM + offs_d[None, :],
-                    mask=pm[:, None], other=0.0, cache_modifier=CACHE)
-        acc += tl.sum(w[:, None] * o, axis=0)
-        denom += tl.sum(w, axis=0)
-    out = acc / tl.where(denom > 0, denom, 1.0)
-    tl.store(out_ptr + s.to(tl.int64) * stride_os + h * stride_oh + offs_d,
-             out.to(out_ptr.dtype.element_ty))
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    denom = tl.zeros([GROUP_PAD], tl.float32)
+    for p in range(0, n_parts):
+        m = tl.load(part_max_ptr + rows + p, mask=g_mask, other=float("-inf"), cache_modifier=".cg")
+        l = tl.load(part_sum_ptr + rows + p, mask=g_mask, other=0.0, cache_modifier=".cg")
+        # Each partial output is normalised by its own sum: re-weight it by that sum at the
+        # global max.
+        w = tl.where(g_mask, l * tl.exp2(m - g_max), 0.0)
+        o = tl.load(part_out_ptr + (rows + p)[:, None] * HEAD_DIM + offs_d[None, :], mask=g_mask[:, None],
+                    other=0.0, cache_modifier=".cg")
+        acc += w[:, None] * o
+        denom += w
+    out = acc / tl.where(denom > 0, denom, 1.0)[:, None]
+    tl.store(out_ptr + s.to(tl.int64) * stride_os + heads[:, None] * stride_oh + offs_d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
 
 
 @triton.jit
@@ -543,8 +534,30 @@ def _decode_reduce_kernel(out_ptr, part_max_ptr, part_sum_ptr, part_out_ptr, con
     ctx = tl.load(context_lens_ptr + s)
     n_parts = tl.minimum(tl.cdiv(ctx, partition_tokens), num_partitions)
     base = (s * tl.num_programs(1) + h).to(tl.int64) * num_partitions
-    _decode_reduce_head(out_ptr, part_max_ptr, part_sum_ptr, part_out_ptr, s, h, base, n_parts,
-                        stride_os, stride_oh, HEAD_DIM, PART_PAD, BLOCK_P, "")
+
+    # The global max only needs the (small) per-partition maxima; the D-wide partial
+    # outputs are then streamed in chunks so registers stay bounded for many partitions.
+    offs_p = tl.arange(0, PART_PAD)
+    g_max = tl.max(tl.load(part_max_ptr + base + offs_p, mask=offs_p < n_parts,
+                           other=float("-inf")), axis=0)
+    offs_d = tl.arange(0, HEAD_DIM)
+    acc = tl.zeros([HEAD_DIM], tl.float32)
+    denom = tl.zeros([], tl.float32)
+    for p0 in range(0, n_parts, BLOCK_P):
+        offs = p0 + tl.arange(0, BLOCK_P)
+        pm = offs < n_parts
+        m = tl.load(part_max_ptr + base + offs, mask=pm, other=float("-inf"))
+        l = tl.load(part_sum_ptr + base + offs, mask=pm, other=0.0)
+        # Each partial output is already normalised by its own sum, so re-weight it by
+        # that sum rescaled to the global max.
+        w = tl.where(pm, l * tl.exp2(m - g_max), 0.0)
+        o = tl.load(part_out_ptr + (base + offs)[:, None] * HEAD_DIM + offs_d[None, :],
+                    mask=pm[:, None], other=0.0)
+        acc += tl.sum(w[:, None] * o, axis=0)
+        denom += tl.sum(w, axis=0)
+    out = acc / tl.where(denom > 0, denom, 1.0)
+    tl.store(out_ptr + s.to(tl.int64) * stride_os + h * stride_oh + offs_d,
+             out.to(out_ptr.dtype.element_ty))
 
 
 def _decode_config(device: torch.device) -> dict:
@@ -579,8 +592,6 @@ def _decode_partition_tokens(max_len: int, num_seqs: int, num_kv_heads: int, num
 # after another. Made outside CUDA-graph capture only: a capture records work without
 # running it, so a buffer made there would not be zero when first used.
 _ARRIVALS: dict[torch.device, torch.Tensor] = {}
-# Partitions summed per vector load in the split-K reduce (either variant).
-_DECODE_REDUCE_BLOCK_P = 16
 _ARRIVALS_SIZE = 1 << 16
 
 
@@ -646,13 +657,12 @@ def _paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, sca
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         GROUP=H // KH, GROUP_PAD=max(16, _next_pow2(H // KH)), HEAD_DIM=D,
         BLOCK_SIZE=BS, BLOCK_N=block_n, SINGLE_PASS=single, FOLD_REDUCE=fold,
-        PART_PAD=_next_pow2(num_partitions) if fold else 1, BLOCK_P=_DECODE_REDUCE_BLOCK_P,
         DOT_PRECISION=_dot_precision(q.dtype), DOT_UPCAST=_dot_upcast(q.device), **cfg)
     if not single and not fold:
         _decode_reduce_kernel[(S, H)](
             out, part_max, part_sum, part_out, context_lens,
             partition_tokens, num_partitions, out.stride(0), out.stride(1),
-            HEAD_DIM=D, PART_PAD=_next_pow2(num_partitions), BLOCK_P=_DECODE_REDUCE_BLOCK_P, num_warps=4)
+            HEAD_DIM=D, PART_PAD=_next_pow2(num_partitions), BLOCK_P=16, num_warps=4)
     return out
 
 
