@@ -150,8 +150,8 @@ def kernel_breakdown(engine, ctx: int) -> dict:
             for bn in (32, 64):
                 if part and part % bn:
                     continue
-                # The split-K reduce folded into the partition kernel (the default) and as
-                # its own kernel; a single pass has no reduce.
+                # The split-K reduce folded into the partition kernel and as its own
+                # kernel (the default); a single pass has no reduce.
                 for fold in ((True, False) if part != 0 else (True,)):
                     key = (f"decode_attn_b{B}_part{'auto' if part is None else part}_bn{bn}"
                            f"{'' if fold else '_reduce_kernel'}_us")

@@ -606,12 +606,14 @@ def _arrivals(device: torch.device, needed: int) -> torch.Tensor | None:
 
 def _paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale,
                             partition_tokens: int | None = None, config: dict | None = None,
-                            fold_reduce: bool = True):
+                            fold_reduce: bool = False):
     """paged_decode_attention with the split and tiling overridable (tests, tuning).
 
     partition_tokens: None = heuristic, 0 = single pass, otherwise a multiple of BLOCK_N.
     fold_reduce: a split context is reduced by its last partition (one kernel) where the
-    arrival counters are available, else by a second kernel.
+    arrival counters are available, else by a second kernel. Off by default: on an H100
+    the last partition's reduce, alone on its SM, took longer than the second kernel's
+    launch saves (benchmarks/RESULTS.md, issue 14).
     """
     S, H, D = q.shape
     _, BS, KH, Dk = k_cache.shape
