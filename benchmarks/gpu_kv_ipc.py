@@ -132,6 +132,48 @@ TILES = [(1024, 4), (2048, 4), (4096, 4), (4096, 8), (8192, 8), (16384, 8), (163
 
 
 # ---- 2. transfer --------------------------------------------------------------------------------------------
+class HostTimer:
+    """Wall time spent in the cuda_ipc sender's parts, by any thread (summed per
+    name over a run, with call counts): where a send call's host time goes, from
+    wrappers installed here so the backend itself carries no timing code."""
+
+    PARTS = ("begin", "_check", "_send_blocks", "_launch", "_device_indices", "_enqueue", "_wake",
+             "send_done", "flush")
+
+    def __init__(self):
+        self.total: dict[str, list[float]] = {}   # label -> every call's seconds
+        self._undo = []
+
+    def _wrap(self, owner, name: str, label: str) -> None:
+        fn = getattr(owner, name)
+
+        def timed(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                self.total.setdefault(label, []).append(time.perf_counter() - t0)
+        setattr(owner, name, timed)
+        self._undo.append((owner, name, fn))
+
+    def install(self) -> "HostTimer":
+        import kv_transfer.ipc_backend as ib
+        for name in self.PARTS:
+            self._wrap(ib.IpcKVSender, name, name)
+        self._wrap(ib, "copy_blocks", "copy_blocks")
+        return self
+
+    def remove(self) -> None:
+        for owner, name, fn in reversed(self._undo):
+            setattr(owner, name, fn)
+
+    def per_call_us(self) -> dict:
+        # The median: the mean is dominated by first calls (a kernel compiled for a new
+        # plane count, a stream's first allocation).
+        return {k: dict(calls=len(v), us_per_call=1e6 * statistics.median(v), us_max=1e6 * max(v))
+                for k, v in self.total.items()}
+
+
 def transfer_variants(num_layers: int) -> list[tuple[str, str, int]]:
     """(result name, backend, layers per call): the headline of each backend is what a
     prefill worker does (its sender's layers_per_launch)."""
@@ -180,6 +222,7 @@ def transfer(rank: int, board: Board, args, dev: torch.device, layout, backend: 
     src = torch.randn(layout.num_layers, *layout.block_shape(n), generator=g).to(layout.torch_dtype)
     cache[:, :, :n] = src.to(dev)
     tx = make_tx(backend, board.get(f"ep/{name}"), dev)
+    timer = HostTimer().install() if backend == "cuda_ipc" else None
     src_ids = list(range(n))
     for rep in range(args.warmup + args.repeat):
         dst = board.get(f"x/{name}/{rep}")
@@ -202,6 +245,9 @@ def transfer(rank: int, board: Board, args, dev: torch.device, layout, backend: 
         t["device_idle"] = time.monotonic()
         board.put(f"x/{name}/{rep}/start", t)
     stats = dict(getattr(tx, "stats", {}))
+    if timer is not None:
+        timer.remove()
+        stats["host_us"] = timer.per_call_us()   # every rep, warm-up included
     tx.close()
     board.put(f"x/{name}/closed", stats)
     return {}

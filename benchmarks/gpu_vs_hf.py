@@ -18,8 +18,8 @@ two sides' tokens are not compared (different random init; bf16 kernels differ a
 Output tokens/s = useful output tokens / (time from the stream's start to the last
 completion). The engine runs first and is freed before the HF model is built.
 
---engines runs the engine once per named variant on the same stream, one after the other
-in this process (each built, warmed up and freed in turn): `overlap` (the default engine:
+--engines runs the engine once per named variant on the same stream, one after the other,
+each in a child process of its own (an empty GPU for each): `overlap` (the default engine:
 overlapped scheduling on, on CUDA), `sync` (async_scheduling off: the host schedules
 between steps), `dense` (overlap on and dense_prefill on: fresh prompts through cuDNN's
 fused attention). The first variant is the one compared with transformers.
@@ -31,8 +31,12 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
+import os
 import random
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -132,6 +136,16 @@ def run_engine(args, stream, variant: str = "overlap") -> dict:
     return res
 
 
+def run_engine_process(variant: str) -> dict:
+    """run_engine in a child process of this script (same arguments, so the same seeded
+    stream): each variant starts on an empty GPU, which freeing an engine in this process
+    does not guarantee (a second engine here once found its KV budget negative)."""
+    cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--one-engine", variant]
+    out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True).stdout
+    line = next(x for x in reversed(out.splitlines()) if x.startswith("ENGINE_RESULT "))
+    return json.loads(line[len("ENGINE_RESULT "):])
+
+
 def build_hf(shape: dict):
     from transformers import LlamaConfig, LlamaForCausalLM
     cfg = LlamaConfig(vocab_size=shape["vocab_size"], hidden_size=shape["hidden_size"],
@@ -211,7 +225,11 @@ def main():
     ap.add_argument("--engines", default="overlap",
                     help=f"comma-separated engine variants, run in turn on the same stream: {','.join(ENGINE_VARIANTS)}")
     ap.add_argument("--json")
+    ap.add_argument("--one-engine", help=argparse.SUPPRESS)   # internal: run this variant, print its JSON
     args = ap.parse_args()
+    if args.one_engine:
+        print("ENGINE_RESULT " + json.dumps(run_engine(args, make_stream(args), args.one_engine)), flush=True)
+        return
     variants = args.engines.split(",")
     unknown = [v for v in variants if v not in ENGINE_VARIANTS]
     if unknown or not variants:
@@ -219,7 +237,7 @@ def main():
     stream = make_stream(args)
     engines = {}
     for v in variants:
-        engines[v] = run_engine(args, stream, v)
+        engines[v] = run_engine_process(v)
         print(f"engine ({v}):", engines[v], flush=True)
     eng = engines[variants[0]]
     rec = dict(device=gc_.device_info(), args=vars(args), engine=eng, engines=engines)
