@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The GPU measurements the open issues still owe, in one command per device call, each step
+# under its own time limit, results under $OUT (or ./gpu_out), the GPU emptied between steps.
+#
+#   bash benchmarks/gpu_owed.sh kv tests          # issue 11: transfer + TTFT, the GPU tests
+#   bash benchmarks/gpu_owed.sh stream            # issue 14: the 256-request stream, 3 engine variants + HF
+#   bash benchmarks/gpu_owed.sh saturated decode  # issue 14: the same requests all at once; decode table
+#   bash benchmarks/gpu_owed.sh profile           # issue 15: the GPU profile (deployed-path probe)
+#
+# Steps run in the order given; a step that fails or runs out of time is reported and the
+# next one still runs. Each step's stdout+stderr is in $OUT/<step>.log.
+set -u
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/gpu_out}"
+mkdir -p "$OUT"
+clean() { bash benchmarks/gpu_clean.sh; }
+
+step() {   # step NAME SECONDS COMMAND...
+    local name=$1 limit=$2
+    shift 2
+    clean
+    local t0=$SECONDS
+    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+    local rc=$?
+    echo "[$name] rc=$rc in $((SECONDS - t0)) s (limit $limit)"
+    tail -n 6 "$OUT/$name.log" | sed "s/^/[$name]   /"
+    clean
+}
+
+[ $# -gt 0 ] || { echo "usage: $0 kv|tests|stream|saturated|decode|prefill|profile ..." >&2; exit 2; }
+for s in "$@"; do
+    case "$s" in
+        kv) step kv 300 python benchmarks/gpu_kv_ipc.py --json --repeat 4 --warmup 1 \
+                --ttft-tokens 1024 4096 7936 ;;
+        tests) step tests 240 python -m pytest -q -m gpu tests/test_kv_transfer_ipc.py tests/test_triton_kernels.py ;;
+        stream) step stream 420 bash -c "cd benchmarks && python gpu_vs_hf.py --requests 256 \
+                --engines overlap,sync,dense --json '$OUT/stream.json'" ;;
+        saturated) step saturated 420 bash -c "cd benchmarks && python gpu_vs_hf.py --requests 256 --rate 100000 \
+                --engines overlap,sync --json '$OUT/stream_saturated.json'" ;;
+        decode) step decode 200 bash -c "cd benchmarks && python gpu_decode.py --batches 1,8,32,128 --kernels \
+                --json '$OUT/decode.json'" ;;
+        prefill) step prefill 200 bash -c "cd benchmarks && python gpu_prefill.py --lengths 1024,4096 --repeat 3 \
+                --json '$OUT/prefill.json'" ;;
+        profile) step profile 540 python -m deploy.cli profile --model random:llama3-8b --dtype bfloat16 \
+                --out "$OUT/profile_h100.json" ;;
+        *) echo "unknown step $s" >&2 ;;
+    esac
+done
