@@ -74,8 +74,11 @@ _T0 = time.monotonic()
 
 
 def progress(rank: int, what: str) -> None:
-    """One line per stage on stderr, so a run cut short by its time limit shows how far it got."""
+    """One line per stage on stderr (seconds from the rank's start), so a run cut short by
+    its time limit shows how far it got; a rank with no progress for 60 s dumps its stacks
+    (re-armed here, so a run that keeps moving never dumps)."""
     print(f"[{time.monotonic() - _T0:7.1f}s rank {rank}] {what}", file=sys.stderr, flush=True)
+    faulthandler.dump_traceback_later(60, repeat=True, file=sys.stderr)
 
 
 def wait_completed(rx) -> list:
@@ -222,7 +225,7 @@ def transfer(rank: int, board: Board, args, dev: torch.device, layout, backend: 
     src = torch.randn(layout.num_layers, *layout.block_shape(n), generator=g).to(layout.torch_dtype)
     cache[:, :, :n] = src.to(dev)
     tx = make_tx(backend, board.get(f"ep/{name}"), dev)
-    timer = HostTimer().install() if backend == "cuda_ipc" else None
+    timer = HostTimer().install() if backend == "cuda_ipc" and args.host_timer else None
     src_ids = list(range(n))
     for rep in range(args.warmup + args.repeat):
         dst = board.get(f"x/{name}/{rep}")
@@ -347,8 +350,7 @@ def rank_main(rank: int, args) -> None:
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     board = Board(args.board_port, master=False)
-    # A stalled rank dumps its stacks every 60 s instead of hanging silently.
-    faulthandler.dump_traceback_later(60, repeat=True, file=sys.stderr)
+    progress(rank, "board joined")
     dtype = torch.float32 if cpu else torch.bfloat16
     mcfg = random_config(args.model.split(":", 1)[1])
     block_size = 16
@@ -417,6 +419,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--dense-prefill", action="store_true",
                     help="both engines prefill fresh prompts through dense attention (EngineConfig.dense_prefill)")
     ap.add_argument("--cpu-smoke", action="store_true", help="the same code on CPU (shared memory, tiny sizes)")
+    ap.add_argument("--host-timer", action="store_true",
+                    help="time the cuda_ipc sender's host parts per call (HostTimer; its wrappers add host time, "
+                         "so the transfer figures of such a run are not the headline)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     if args.cpu_smoke:

@@ -141,9 +141,13 @@ def run_engine_process(variant: str) -> dict:
     stream): each variant starts on an empty GPU, which freeing an engine in this process
     does not guarantee (a second engine here once found its KV budget negative)."""
     cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--one-engine", variant]
-    out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True).stdout
-    line = next(x for x in reversed(out.splitlines()) if x.startswith("ENGINE_RESULT "))
-    return json.loads(line[len("ENGINE_RESULT "):])
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("ENGINE_RESULT ")]
+    if proc.returncode != 0 or not lines:
+        sys.stdout.write(proc.stdout)   # its stderr went straight to ours
+        raise SystemExit(f"engine variant {variant!r}: child exited {proc.returncode} "
+                         f"{'without a result' if not lines else ''}".rstrip())
+    return json.loads(lines[-1][len("ENGINE_RESULT "):])
 
 
 def build_hf(shape: dict):

@@ -90,41 +90,44 @@ def copy_blocks(src: torch.Tensor, dst: torch.Tensor, src_ids: torch.Tensor, dst
 
 
 class IndexStager:
-    """Block-id lists to int64 tensors on a CUDA device without a host sync and without
-    pinning memory per call.
+    """Block-id lists to int64 tensors on a CUDA device without waiting for the device.
 
     ``torch.tensor(ids, device=)`` copies from pageable memory, which waits for the
     current stream's earlier work (a layer's compute, when the caller ships layers as they
-    finish); pinning a fresh tensor per request costs more host time than the copy it
-    feeds. This keeps one pinned buffer of ``slots`` slots, filled round-robin; a slot is
-    reused once the upload that last read it has finished (an event per slot), which only
-    waits when ``slots`` uploads are still in flight. Uploads are queued on the current
-    stream; the returned tensors belong to it (the caching allocator's rule)."""
+    finish). Copies from pinned memory do not; this keeps one pinned buffer of ``slots``
+    rows and fills them round-robin, so a request's ids need no pinned allocation of their
+    own. A row whose last copy may still be reading it is not waited for: that upload
+    goes through a freshly pinned tensor instead (torch's pinned-memory cache keeps it, and
+    a replaced buffer, alive until the copies that read them have run). Uploads are queued
+    on the current stream; the returned tensors belong to it (the caching allocator's
+    rule). Not thread-safe: callers serialise (the cuda_ipc sender holds its lock)."""
 
     def __init__(self, slots: int = 8):
         self._slots = slots
         self._host: torch.Tensor | None = None   # [slots, capacity] int64, pinned
         self._events: list = [None] * slots
         self._next = 0
+        self.fresh_uploads = 0                    # uploads that found their row busy
 
     def upload(self, lists: list[list[int]], device: torch.device) -> list[torch.Tensor]:
         """One H2D copy for all of ``lists``; a device tensor per list (views of one)."""
-        n = sum(len(x) for x in lists)
+        flat = torch.tensor([v for x in lists for v in x], dtype=torch.long)
+        n = flat.numel()
         if self._host is None or n > self._host.shape[1]:
-            for ev in self._events:   # the old buffer may still be read by a queued copy
-                if ev is not None:
-                    ev.synchronize()
             cap = 1 << max(10, (n - 1).bit_length())
             self._host = torch.empty(self._slots, cap, dtype=torch.long).pin_memory()
             self._events = [None] * self._slots
         i = self._next
         self._next = (i + 1) % self._slots
-        if self._events[i] is not None:
-            self._events[i].synchronize()
-        row = self._host[i, :n]
-        row.copy_(torch.tensor([v for x in lists for v in x], dtype=torch.long))
+        ev = self._events[i]
+        if ev is None or ev.query():
+            src = self._host[i, :n]
+            src.copy_(flat)
+        else:
+            src = flat.pin_memory()
+            self.fresh_uploads += 1
         out = torch.empty(n, dtype=torch.long, device=device)
-        out.copy_(row, non_blocking=True)
+        out.copy_(src, non_blocking=True)
         ev = torch.cuda.Event()
         ev.record(torch.cuda.current_stream(device))
         self._events[i] = ev

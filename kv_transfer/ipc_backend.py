@@ -821,8 +821,8 @@ class IpcKVSender(KVSender):
         destination ids checked against the receiver's ``num_blocks`` when made). Built from
         pinned memory without blocking: a plain ``torch.tensor(..., device=)`` would wait for
         the side stream, i.e. for this layer's compute on the engine's stream, and so stall
-        the engine loop that calls the sender once per layer (IndexStager says why it is
-        not a fresh pinned tensor either)."""
+        the engine loop that calls the sender once per layer (IndexStager: reused pinned
+        rows, never a wait for the device)."""
         have = self._indices.get(rid)
         if have is not None and have[0] == src_ids and have[1] == dst_ids:
             return have[2], have[3]

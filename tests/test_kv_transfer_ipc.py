@@ -554,24 +554,45 @@ def prefill_main(model: str, ekw_json: str) -> None:
     pw.stop()
 
 
+def test_ipc_benchmark_runs_on_cpu_with_its_host_timer():
+    """benchmarks/gpu_kv_ipc.py --cpu-smoke: the benchmark's own code (every transfer
+    variant with its byte-exactness check, the host timer, TTFT both ways) on two CPU
+    processes over shared memory, so it does not rot between GPU sessions."""
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_kv_ipc.py"), "--cpu-smoke", "--json",
+                          "--repeat", "1", "--warmup", "1", "--decode-tokens", "4", "--host-timer"],
+                         capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    names = ("cuda_ipc", "cuda_ipc_per_layer", "cuda_ipc_one_launch", "zmq")
+    assert all(r[f"transfer_{n}"]["ms"] > 0 for n in names)
+    assert [r[f"transfer_{n}"]["layers_per_call"] for n in names[1:3]] == [1, 2]   # random:tiny has 2 layers
+    host = r["transfer_cuda_ipc_per_layer"]["sender_stats"]["host_us"]
+    assert host["copy_blocks"]["calls"] == 2 * 2 and host["_send_blocks"]["us_per_call"] > 0   # 2 reps x 2 layers
+    assert "host_us" not in r["transfer_zmq"]["sender_stats"]
+    assert r["ttft_48"]["cuda_ipc_tokens_equal"] is True and r["ttft_48"]["zmq_tokens_equal"] is True
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_gpu_index_stager_uploads_exact_ids_through_reused_and_grown_slots():
-    """Every upload lands its own ids, also once the slots wrap round (a slot reused while
-    the device may still be busy) and after the buffer grows past its first capacity;
-    the uploads queue behind earlier work on the stream instead of waiting for it."""
+def test_gpu_index_stager_uploads_exact_ids_without_waiting_for_the_device():
+    """Every upload lands its own ids: through free rows, through rows still busy (a fresh
+    pinned tensor then), and after the buffer grows past its first capacity; and no
+    upload waits for the work queued ahead of it on the stream."""
     from kv_transfer.block_copy import IndexStager
     dev = torch.device("cuda")
     stager = IndexStager(slots=2)
-    busy = torch.randn(4096, 4096, device=dev)
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)   # about a second of device time queued ahead of every upload
     kept = []
     for i in range(7):
         n = 3 + 500 * i   # 3 .. 3003: grows past the first 1024-wide buffer
         a, b = list(range(i, i + n)), list(range(10 * n, 9 * n, -1))
-        busy @ busy   # queued work ahead of the upload on the same stream
         s_idx, d_idx = stager.upload([a, b], dev)
         kept.append((a, b, s_idx, d_idx))
     (e,) = stager.upload([[]], dev)
+    # Still queued behind the sleep: nothing above waited for the device.
+    assert not torch.cuda.current_stream().query()
+    assert stager.fresh_uploads >= 1   # rows were reused while their copies were pending
     torch.cuda.synchronize()
     for a, b, s_idx, d_idx in kept:
         assert s_idx.dtype == torch.long and s_idx.device.type == "cuda"
