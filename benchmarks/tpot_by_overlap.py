@@ -29,10 +29,12 @@ def _q(xs: list[float], p: float) -> float:
 
 def split(rows: list[dict]) -> tuple[list[float], list[float], float]:
     """(lone TPOTs, overlapped TPOTs, mean others alive during an overlapped request's stream), in ms."""
-    ok = [r for r in rows if r["ok"] and r["output_tokens"] > 1]
+    ok = [r for r in rows if r["ok"]]
     alive = [(r["sent_s"], r["sent_s"] + r["e2e_s"]) for r in ok]
     lone, busy, others = [], [], []
     for i, r in enumerate(ok):
+        if r["output_tokens"] < 2:   # no TPOT; still a neighbour of the others
+            continue
         a, b = r["sent_s"] + r["ttft_s"], r["sent_s"] + r["e2e_s"]
         # time-weighted count of the others alive during [a, b]
         overlap = sum(max(0.0, min(b, e) - max(a, s)) for j, (s, e) in enumerate(alive) if j != i)

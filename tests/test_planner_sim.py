@@ -917,3 +917,29 @@ def test_engine_model_counts_a_traces_known_hits_while_they_are_held():
         m.step_done(sched)
         m.check()
     assert m.num_free_blocks == 64 and m.own_used == 0
+
+
+def test_tpot_by_overlap_splits_requests_by_who_else_was_alive_while_they_streamed():
+    """benchmarks/tpot_by_overlap.py: a request is lone only if no other request was alive
+    (sent, not finished) at any moment of its stream; the others' count is time-weighted."""
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                        "tpot_by_overlap.py")
+    spec = importlib.util.spec_from_file_location("tpot_by_overlap", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    def row(sent, ttft, e2e, tpot, ok=True, out=10):
+        return dict(ok=ok, sent_s=sent, ttft_s=ttft, e2e_s=e2e, tpot_s=tpot, output_tokens=out)
+    rows = [row(0.0, 0.1, 1.0, 0.002),          # streams 0.1-1.0; the next is alive from 0.55
+            row(0.55, 0.1, 1.0, 0.004),         # streams 0.65-1.55; the first alive until 1.0
+            row(3.0, 0.1, 1.0, 0.003),          # alone the whole time
+            row(0.5, 0.1, 0.2, 0.009, ok=False),  # failed: not counted, not a neighbour
+            row(5.0, 0.1, 1.0, 0.005),          # streams 5.1-6.0 beside a one-token request
+            row(5.5, 0.01, 0.05, 0.0, out=1)]   # one token: no TPOT of its own, but alive 5.5-5.55
+    lone, busy, others = mod.split(rows)
+    assert lone == [3.0]
+    assert sorted(busy) == [2.0, 4.0, 5.0]
+    # the first: 0.45 s of 0.9 with one other alive; the second: 0.35 s of 0.9; the fourth 0.05 of 0.9
+    assert others == pytest.approx((0.45 / 0.9 + 0.35 / 0.9 + 0.05 / 0.9) / 3)
