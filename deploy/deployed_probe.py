@@ -47,6 +47,14 @@ idle cluster, overheads zeroed), so that they mean exactly what the simulator ad
                           is counted twice (for the short prompts measured here the transfer
                           fit is mostly its latency, which this probe then does not re-measure).
 
+  per_stream_s            from rounds of CONCURRENT_STREAMS requests sent at once to the
+                          colocated cluster: what their TPOT median exceeds the simulator's
+                          for the same rounds (everything above in place, and the front end's
+                          share of a CPU host's cores), per further stream; the simulator adds
+                          it to a decode worker's loop per further request in its batch. Lone
+                          requests cannot show it: on a CPU host TPOT grew with the requests
+                          streaming at once far faster than the engine's batching and the
+                          cores' sharing price (benchmarks/RESULTS.md, issue 15).
   path_jitter_s           per route, how the lone requests' residuals scatter about the priced
                           path (quantiles at 0, 5, ..., 100 %, median 0): the simulator adds a
                           draw from it to each request's path (CostModel.path_jitter_s), so the
@@ -74,6 +82,10 @@ import numpy as np
 LENGTHS = (16, 64, 128, 256, 384, 512)
 OUTPUT_TOKENS = 32
 IDLE_GAP_S = 0.1          # between requests: each one meets an idle cluster, as at bench's rates
+# Concurrent streams (per_stream_s): this many requests of CONCURRENT_PROMPT tokens sent at
+# once, OUTPUT_TOKENS each, a round after each idle gap.
+CONCURRENT_STREAMS = 4
+CONCURRENT_PROMPT = 64
 
 
 def probe_lengths(max_model_len: int, output: int = OUTPUT_TOKENS) -> list[int]:
@@ -290,6 +302,48 @@ def derive_overheads(cost, direct: dict[int, list[dict]], disagg: dict[int, list
     return dict(out, deployed=detail)
 
 
+def simulated_concurrent(cost, streams: int, prompt: int, output: int, layout=None) -> list[float]:
+    """TPOT of `streams` requests sent at once to an idle simulated colocated x1 cluster (the
+    cost model's overheads in place, the request path free), one per request."""
+    from planner.simulator import ClusterConfig, simulate
+    from planner.workload import Request
+    c = copy.copy(cost)
+    c.path_jitter = {}
+    cfg = ClusterConfig("colocated", decode=1, **({"layout": layout} if layout is not None else {}))
+    recs, _ = simulate(c, cfg, [Request(0.0, prompt, output) for _ in range(streams)])
+    if not all(r["ok"] for r in recs):
+        raise RuntimeError(f"deployed probe: the simulator did not serve {streams} concurrent requests")
+    return [r["tpot"] for r in recs]
+
+
+def derive_per_stream(cost, rounds: list[list[dict]], streams: int, prompt: int, output: int,
+                      layout=None) -> tuple[float, dict]:
+    """per_stream_s from concurrent rounds (each `streams` bench records): what the measured
+    TPOT median exceeds the simulator's for the same rounds (the cost model with its other
+    overheads, per_token_stream_s and the front end's share of the cores included), per
+    further stream; refined once, the simulator's TPOT not being exactly linear in it.
+    Clamped at >= 0. Returns it and what the profile keeps of the measurement."""
+    measured = statistics.median(r["tpot"] for rnd in rounds for r in rnd)
+    c = copy.copy(cost)
+    per = 0.0
+    for _ in range(2):
+        c.per_stream_s = per
+        sim = statistics.median(simulated_concurrent(c, streams, prompt, output, layout))
+        per += (measured - sim) / max(1, streams - 1)
+    detail = dict(streams=streams, prompt_tokens=prompt, output_tokens=output, rounds=len(rounds),
+                  tpot_ms=_ms(measured), engine_tpot_ms=_ms(statistics.median(
+                      simulated_concurrent(_with(cost, per_stream_s=0.0), streams, prompt, output, layout))),
+                  tpot_samples_ms=[_ms(r["tpot"]) for rnd in rounds for r in rnd])
+    return max(0.0, per), detail
+
+
+def _with(cost, **attrs):
+    c = copy.copy(cost)
+    for k, v in attrs.items():
+        setattr(c, k, v)
+    return c
+
+
 def _ms(s: float) -> float:
     return round(s * 1e3, 4)
 
@@ -313,6 +367,7 @@ def merge_into(overheads: dict, derived: dict, notes: str) -> dict:
                                                                                             0.0)),
                per_token_stream_s=derived["per_token_stream_s"], per_prompt_token_s=derived["per_prompt_token_s"],
                prompt_residual=derived["prompt_residual"],
+               **({"per_stream_s": derived["per_stream_s"]} if "per_stream_s" in derived else {}),
                method="deployed", notes=notes, deployed=derived["deployed"], reference=ref)
     return out
 
@@ -334,6 +389,44 @@ async def _sequential(address: str, prompts: list[tuple[int, list[int]]], output
                 raise RuntimeError(f"deployed probe: a {n}-token request failed: {r.get('error')}")
             out.append((n, r))
     return out
+
+
+async def _concurrent(address: str, rounds: list[list[list[int]]], output: int, timeout: float) -> list[list[dict]]:
+    """Each round's prompts sent at once, after an idle gap; bench records per round."""
+    import grpc
+
+    from deploy.bench import GrpcTarget
+    from pdserve_api.v1 import pdserve_pb2_grpc as pb_grpc
+    target = GrpcTarget(address, timeout)
+    out = []
+    async with grpc.aio.insecure_channel(address) as ch:
+        stub = pb_grpc.GenerationStub(ch)
+        for prompts in rounds:
+            await asyncio.sleep(IDLE_GAP_S)
+            t = time.perf_counter()
+            got = await asyncio.gather(*(target._one(stub, dict(arrival=0.0, prompt=p, max_tokens=output), t)
+                                         for p in prompts))
+            bad = [r.get("error") for r in got if not r["ok"]]
+            if bad:
+                raise RuntimeError(f"deployed probe: concurrent requests failed: {bad[:3]}")
+            out.append(got)
+    return out
+
+
+def measure_concurrent(opts, streams: int, prompt: int, output: int, rounds: int, warmup: int, seed: int,
+                       vocab: int = 40000, timeout: float = 120.0) -> list[list[dict]]:
+    """Rounds of `streams` requests sent at once to a started colocated x1 cluster."""
+    from deploy.bench import ClusterThread
+    rng = np.random.default_rng(seed)
+    fresh = lambda: rng.integers(3, vocab, size=prompt).tolist()  # noqa: E731  (no prefix-cache hits)
+    ct = ClusterThread(_serve_config(opts, "direct"))
+    try:
+        asyncio.run(_concurrent(ct.address, [[fresh() for _ in range(streams)] for _ in range(warmup)], output,
+                                timeout))
+        return asyncio.run(_concurrent(ct.address, [[fresh() for _ in range(streams)] for _ in range(rounds)],
+                                       output, timeout))
+    finally:
+        ct.close()
 
 
 def _serve_config(opts, mode: str):
@@ -374,6 +467,7 @@ def measure(profile: dict, opts, repeats: int = 15, warmup: int = 2, ray_cpus: i
 
     from deploy.cluster import quiet_ray_auth_notice
     from planner.costmodel import CostModel
+    from planner.shared_device import DeviceLayout
     cost = CostModel.from_profile(profile)
     lengths = probe_lengths(int(profile["engine"]["max_model_len"]))
     started_ray = False
@@ -382,13 +476,24 @@ def measure(profile: dict, opts, repeats: int = 15, warmup: int = 2, ray_cpus: i
         ray.init(num_cpus=ray_cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
         started_ray = True
     t0 = time.perf_counter()
+    rounds = max(3, repeats // 3)
     try:
         direct = measure_mode(opts, "direct", lengths, OUTPUT_TOKENS, repeats, warmup, opts.seed)
         disagg = measure_mode(opts, "disaggregated", lengths, OUTPUT_TOKENS, repeats, warmup, opts.seed + 1)
+        loaded = measure_concurrent(opts, CONCURRENT_STREAMS, CONCURRENT_PROMPT, OUTPUT_TOKENS, rounds, 1,
+                                    opts.seed + 2)
     finally:
         if started_ray:
             ray.shutdown()
     derived = derive_overheads(cost, direct, disagg, OUTPUT_TOKENS)
+    # The concurrent streams against the simulator with everything derived so far in place,
+    # on the host's layout as `pdserve plan` would simulate this cluster.
+    priced = CostModel.from_profile(dict(profile, overheads=merge_into(profile["overheads"], derived, "")))
+    hw = profile["hardware"]
+    layout = (DeviceLayout.cpu_host(1, float(hw.get("cpu_cores") or 1), 1.0) if hw["device"] == "cpu"
+              else DeviceLayout())
+    derived["per_stream_s"], derived["deployed"]["concurrent"] = derive_per_stream(
+        priced, loaded, CONCURRENT_STREAMS, CONCURRENT_PROMPT, OUTPUT_TOKENS, layout)
     d = derived["deployed"]
     d.update(repeats=repeats, warmup=warmup, idle_gap_s=IDLE_GAP_S, seconds=round(time.perf_counter() - t0, 1),
              load_average=list(os.getloadavg()) if hasattr(os, "getloadavg") else None)
@@ -400,6 +505,10 @@ def measure(profile: dict, opts, repeats: int = 15, warmup: int = 2, ray_cpus: i
                          for n in lengths)
              + "; 1P1D " + ", ".join(f"{n}: {d['disaggregated'][str(n)]['ttft_ms']:.2f} ms (engine+transfer "
                                       f"{d['disaggregated'][str(n)]['engine_ttft_ms']:.2f})" for n in lengths)
+             + (f"; {CONCURRENT_STREAMS} streams at once ({CONCURRENT_PROMPT}-token prompts, {rounds} rounds): "
+                f"TPOT {d['concurrent']['tpot_ms']:.2f} ms (engine and the rest priced "
+                f"{d['concurrent']['engine_tpot_ms']:.2f}), per further stream "
+                f"{derived['per_stream_s'] * 1e3:.3f} ms")
              + (f". Negative residuals (cost model over-predicts), clamped at 0: {d['negative']}" if d["negative"] else ""))
     return merge_into(profile["overheads"], derived, notes[:3900])
 

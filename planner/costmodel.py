@@ -375,6 +375,9 @@ class CostModel:
         self.router_direct_s = float(o["router_direct_s"])
         self.router_disaggregated_s = float(o["router_disaggregated_s"])
         self.per_token_stream_s = float(o["per_token_stream_s"])
+        # Each further request streaming at once adds this to every loop iteration (the
+        # deployed probe's concurrent streams); 0 for profiles without it.
+        self.per_stream_s = float(o.get("per_stream_s", 0.0))
         # Through the gRPC front end (deploy/frontend_probe.py), when the profile measured it:
         # the whole path of a direct request at zero prompt length, and each prompt token's
         # share. A profile without them prices the router path alone (router_*_s).

@@ -12,7 +12,7 @@
      "overheads": {"router_direct_s", "router_disaggregated_s", "per_token_stream_s", "notes",
                    "frontend_direct_s", "per_prompt_token_s", "frontend_notes",     # optional from here
                    "method", "deployed", "reference", "prompt_residual",    # deploy/deployed_probe.py
-                   "path_jitter_s"},
+                   "path_jitter_s", "per_stream_s"},
      "fit":      {"model", "form", "coefficients": {name: value}, "relative_error": {...},
                   "candidates": {...}, ...}}   # optional; "model": the form's name (costmodel.FORMS)
 
@@ -334,7 +334,7 @@ def validate_profile(d) -> dict:
         _num(o, k, "profile.overheads", hi=MAX_SECONDS)
     # Through the gRPC front end (deploy/frontend_probe.py); profiles before issue 15 lack them.
     for k in ("frontend_direct_s", "per_prompt_token_s", "frontend_cpu_per_request_s",
-              "frontend_cpu_per_prompt_token_s", "frontend_cpu_per_token_s"):
+              "frontend_cpu_per_prompt_token_s", "frontend_cpu_per_token_s", "per_stream_s"):
         if k in o:
             _num(o, k, "profile.overheads", hi=MAX_SECONDS)
     if "prompt_residual" in o:

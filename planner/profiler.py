@@ -439,6 +439,10 @@ def run_command(args, front_end=None, deployed=None) -> int:
     if dep:
         print(f"  + {fe['per_prompt_token_s'] * 1e6:.2f} us per prompt token"
               + (f"; negative residuals clamped at 0: {dep['negative']}" if dep.get("negative") else ""))
+        if "concurrent" in dep:
+            c = dep["concurrent"]
+            print(f"  {c['streams']} streams at once: TPOT {c['tpot_ms']:.2f} ms against {c['engine_tpot_ms']:.2f} "
+                  f"priced: + {fe.get('per_stream_s', 0.0) * 1e3:.3f} ms a loop per further stream")
         for route, q in (fe.get("path_jitter_s") or {}).items():   # quantiles at 0, 5, ..., 100 %
             at = lambda p: q[round(p * (len(q) - 1))] * 1e3  # noqa: E731
             print(f"  {route} path scatter about it: p10 {at(0.1):+.2f} ms, p90 {at(0.9):+.2f} ms, "

@@ -33,7 +33,10 @@ What each part does, as the code it stands for does it:
              the worker sends it. cost.per_token_stream_s is the decode worker loop's own
              work per iteration (the token batch, polling for requests and KV): after each
              step the worker is busy that much longer before its next step, so it adds to
-             every gap between a request's tokens (TPOT), as measured. The path of
+             every gap between a request's tokens (TPOT), as measured; cost.per_stream_s
+             more for each further request in the batch it sent (measured with concurrent
+             streams: what more streams cost beyond the engine's batching and the front
+             end's share of the cores). The path of
              each request also gets its share of the scatter lone requests measured
              about those medians (cost.path_jitter_s, per route; none without it).
 
@@ -197,9 +200,13 @@ class _Worker:
         self.finish_step(scheduled)
         self.after_loop()
 
+    def loop_overhead(self) -> float:
+        return self.loop_overhead_s
+
     def after_loop(self) -> None:
-        if self.loop_overhead_s > 0:
-            self.sim.at(self.sim.now + self.loop_overhead_s, self.resume)
+        wait = self.loop_overhead()
+        if wait > 0:
+            self.sim.at(self.sim.now + wait, self.resume)
         else:
             self.resume()
 
@@ -218,6 +225,8 @@ class _DecodeWorker(_Worker):
     def __init__(self, sim, worker_id, device=None):
         super().__init__(sim, worker_id, device)
         self.loop_overhead_s = sim.cost.per_token_stream_s
+        self.per_stream_s = getattr(sim.cost, "per_stream_s", 0.0)
+        self.last_batch = 0                  # requests in the batch the loop sent last
         self.landed: list[int] = []
         self.items: list[tuple[int, int, bool]] = []   # (rid, tokens, finished) for the next batch
 
@@ -248,8 +257,14 @@ class _DecodeWorker(_Worker):
         self.items += [(s.rid, 1, s.rid in done) for s in sampled]
         self.send_batch()
 
+    def loop_overhead(self) -> float:
+        # Each further request in the batch costs the loop and the path behind it more
+        # (cost.per_stream_s: the deployed probe's concurrent streams).
+        return self.loop_overhead_s + self.per_stream_s * max(0, self.last_batch - 1)
+
     def send_batch(self) -> None:
         items, self.items = self.items, []
+        self.last_batch = len(items)
         self.sim.token_batch(self.worker_id, items)
 
     def kv_landed(self, rid: int) -> None:

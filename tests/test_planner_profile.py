@@ -839,3 +839,41 @@ def test_profile_threads_default_to_a_ray_workers_on_the_cpu():
     assert profile_threads(ProfileOptions(device="cuda")) is None
     assert profile_threads(ProfileOptions(device="cpu", threads=2)) == 2
     assert profile_threads(ProfileOptions(device="cpu", threads=0)) is None
+
+
+def test_per_stream_overhead_grows_tpot_with_the_requests_streaming_at_once_and_the_probe_recovers_it():
+    """cost.per_stream_s: a decode worker's loop costs that much more per further request in
+    the batch it sent. A lone request's TPOT does not change; four sent at once each stream
+    about 3 x per_stream_s slower per token. derive_per_stream inverts the simulator: rounds
+    of concurrent records made with a known per_stream_s (on a CPU host's layout, the front
+    end's CPU sharing the cores) give it back."""
+    from deploy.deployed_probe import derive_per_stream, simulated_concurrent
+    from planner.shared_device import DeviceLayout
+    from planner.simulator import ClusterConfig, simulate
+    from planner.workload import Request
+    base = CostModel.synthetic(step_s=1e-3, per_token_s=2e-5, max_num_batched_tokens=256, per_token_stream_s=0.3e-3)
+    base.frontend_cpu_per_token_s = 0.5e-3
+    truth = copy.copy(base)
+    truth.per_stream_s = 0.4e-3
+    lone = lambda c: simulate(c, ClusterConfig("colocated", decode=1), [Request(0.0, 64, 32)])[0][0]["tpot"]  # noqa: E731
+    assert lone(truth) == pytest.approx(lone(base), rel=1e-9)
+    four_base = simulated_concurrent(base, 4, 64, 32)
+    four = simulated_concurrent(truth, 4, 64, 32)
+    assert all(t == pytest.approx(b + 3 * 0.4e-3, rel=0.05) for t, b in zip(four, four_base))
+    layout = DeviceLayout.cpu_host(1, 2.0, 1.0)
+    rounds = [[dict(tpot=t * (1 + 1e-3 * (i - 1))) for t in simulated_concurrent(truth, 4, 64, 32, layout)]
+              for i in range(3)]
+    per, detail = derive_per_stream(base, rounds, 4, 64, 32, layout)
+    assert per == pytest.approx(0.4e-3, rel=0.05)
+    assert detail["streams"] == 4 and detail["rounds"] == 3 and len(detail["tpot_samples_ms"]) == 12
+    assert detail["tpot_ms"] > detail["engine_tpot_ms"]
+    # Measured faster than priced: clamped at 0, not a negative overhead.
+    fast = [[dict(tpot=0.5 * b) for b in four_base]]
+    assert derive_per_stream(base, fast, 4, 64, 32)[0] == 0.0
+    # In a profile: optional, a number >= 0.
+    p = copy.deepcopy(base.profile)
+    p["overheads"]["per_stream_s"] = 0.4e-3
+    assert CostModel.from_profile(pf.validate_profile(p)).per_stream_s == 0.4e-3
+    p["overheads"]["per_stream_s"] = -1.0
+    with pytest.raises(ValueError, match="per_stream_s"):
+        pf.validate_profile(p)
