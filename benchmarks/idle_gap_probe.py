@@ -8,6 +8,7 @@ whether a worker that has been idle longer answers more slowly.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import statistics
@@ -23,6 +24,7 @@ def main(argv=None) -> None:
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=12)
     ap.add_argument("--model", default="random:tiny")
+    ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args(argv)
     import ray
 
@@ -31,6 +33,7 @@ def main(argv=None) -> None:
     quiet_ray_auth_notice()
     ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     opts = SimpleNamespace(model=args.model, dtype=None, engine={}, seed=0)
+    rows = []
     print("| route | idle gap s | TTFT median ms | TTFT p90 ms | TPOT median ms |")
     print("|---|---|---|---|---|")
     try:
@@ -40,10 +43,14 @@ def main(argv=None) -> None:
                 got = dp.measure_mode(opts, mode, [args.prompt], 32, args.repeats, 2, 1)[args.prompt]
                 ttft = sorted(1e3 * r["ttft"] for r in got)
                 tpot = [1e3 * r["tpot"] for r in got]
+                rows.append(dict(route=mode, gap_s=gap, prompt_tokens=args.prompt, ttft_ms=ttft, tpot_ms=tpot))
                 print(f"| {mode} | {gap:g} | {statistics.median(ttft):.2f} | {ttft[round(0.9 * (len(ttft) - 1))]:.2f} "
                       f"| {statistics.median(tpot):.2f} |", flush=True)
     finally:
         ray.shutdown()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(model=args.model, repeats=args.repeats, cpus=os.cpu_count(), rows=rows), f, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The deployed path's overheads, for `pdserve profile`: what a real deployment pays on top of
-the engine's steps, measured on an idle local cluster one request at a time.
+the engine's steps, measured on an idle local cluster one request at a time (and, for
+per_stream_s, a few at once).
 
 planner/overhead_probe.py times the router path in one process and deploy/frontend_probe.py
 adds the gRPC front end; neither runs the workers as a deployment does (separate Ray worker
@@ -51,7 +52,9 @@ idle cluster, overheads zeroed), so that they mean exactly what the simulator ad
                           colocated cluster: what their TPOT median exceeds the simulator's
                           for the same rounds (everything above in place, and the front end's
                           share of a CPU host's cores), per further stream; the simulator adds
-                          it to a decode worker's loop per further request in its batch. Lone
+                          it to a decode worker's loop per further request in its batch, up to
+                          CONCURRENT_STREAMS requests (per_stream_upto: not extrapolated past
+                          what was measured, e.g. to a GPU's batches of hundreds). Lone
                           requests cannot show it: on a CPU host TPOT grew with the requests
                           streaming at once far faster than the engine's batching and the
                           cores' sharing price (benchmarks/RESULTS.md, issue 15).
@@ -101,6 +104,7 @@ def _zeroed(cost, per_token_stream_s: float = 0.0):
               "frontend_cpu_per_request_s", "frontend_cpu_per_prompt_token_s", "frontend_cpu_per_token_s"):
         setattr(c, k, 0.0)
     c.per_token_stream_s = per_token_stream_s
+    c.per_stream_s = 0.0
     c.prompt_residual = []
     c.path_jitter = {}
     return c
@@ -318,23 +322,35 @@ def simulated_concurrent(cost, streams: int, prompt: int, output: int, layout=No
 
 def derive_per_stream(cost, rounds: list[list[dict]], streams: int, prompt: int, output: int,
                       layout=None) -> tuple[float, dict]:
-    """per_stream_s from concurrent rounds (each `streams` bench records): what the measured
-    TPOT median exceeds the simulator's for the same rounds (the cost model with its other
-    overheads, per_token_stream_s and the front end's share of the cores included), per
-    further stream; refined once, the simulator's TPOT not being exactly linear in it.
-    Clamped at >= 0. Returns it and what the profile keeps of the measurement."""
+    """per_stream_s from concurrent rounds (each `streams` bench records): the value at which
+    the simulator's TPOT median for the same rounds (the cost model with its other
+    overheads, per_token_stream_s and the front end's share of the cores in place) equals
+    the measured median. The simulated TPOT only grows with it, but not in proportion (the
+    front end's share of a busy host changes with the step times, and can leave it flat over
+    a range), so it is found by bisection: a value that reproduces the measured median, not
+    necessarily the only one. 0 when the simulator is already as slow as measured. Returns it and what the
+    profile keeps of the measurement."""
     measured = statistics.median(r["tpot"] for rnd in rounds for r in rnd)
-    c = copy.copy(cost)
-    per = 0.0
-    for _ in range(2):
-        c.per_stream_s = per
-        sim = statistics.median(simulated_concurrent(c, streams, prompt, output, layout))
-        per += (measured - sim) / max(1, streams - 1)
+
+    def simulated(per: float) -> float:
+        return statistics.median(simulated_concurrent(_with(cost, per_stream_s=per), streams, prompt, output, layout))
+    priced = simulated(0.0)
+    lo, hi = 0.0, max(1e-6, (measured - priced) / max(1, streams - 1))
+    if measured > priced:
+        for _ in range(40):            # bracket: hi at least as slow as measured
+            if simulated(hi) >= measured:
+                break
+            lo, hi = hi, 2 * hi
+        for _ in range(40):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if simulated(mid) < measured else (lo, mid)
+            if hi - lo <= 1e-3 * hi:
+                break
+    per = 0.5 * (lo + hi) if measured > priced else 0.0
     detail = dict(streams=streams, prompt_tokens=prompt, output_tokens=output, rounds=len(rounds),
-                  tpot_ms=_ms(measured), engine_tpot_ms=_ms(statistics.median(
-                      simulated_concurrent(_with(cost, per_stream_s=0.0), streams, prompt, output, layout))),
+                  tpot_ms=_ms(measured), priced_tpot_ms=_ms(priced),
                   tpot_samples_ms=[_ms(r["tpot"]) for rnd in rounds for r in rnd])
-    return max(0.0, per), detail
+    return per, detail
 
 
 def _with(cost, **attrs):
@@ -359,6 +375,7 @@ def merge_into(overheads: dict, derived: dict, notes: str) -> dict:
         ref["frontend"] = fe
     out = {k: v for k, v in overheads.items()
            if k not in ("router_direct_s", "router_disaggregated_s", "per_token_stream_s", "notes",
+                        "per_stream_s", "per_stream_upto",   # measured against the old overheads
                         "frontend_direct_s", "per_prompt_token_s", "frontend_notes", "reference")}
     if "path_jitter_s" in derived:
         out["path_jitter_s"] = derived["path_jitter_s"]
@@ -367,7 +384,7 @@ def merge_into(overheads: dict, derived: dict, notes: str) -> dict:
                                                                                             0.0)),
                per_token_stream_s=derived["per_token_stream_s"], per_prompt_token_s=derived["per_prompt_token_s"],
                prompt_residual=derived["prompt_residual"],
-               **({"per_stream_s": derived["per_stream_s"]} if "per_stream_s" in derived else {}),
+               **{k: derived[k] for k in ("per_stream_s", "per_stream_upto") if k in derived},
                method="deployed", notes=notes, deployed=derived["deployed"], reference=ref)
     return out
 
@@ -494,11 +511,12 @@ def measure(profile: dict, opts, repeats: int = 15, warmup: int = 2, ray_cpus: i
               else DeviceLayout())
     derived["per_stream_s"], derived["deployed"]["concurrent"] = derive_per_stream(
         priced, loaded, CONCURRENT_STREAMS, CONCURRENT_PROMPT, OUTPUT_TOKENS, layout)
+    derived["per_stream_upto"] = CONCURRENT_STREAMS   # measured this far: not extrapolated past it
     d = derived["deployed"]
     d.update(repeats=repeats, warmup=warmup, idle_gap_s=IDLE_GAP_S, seconds=round(time.perf_counter() - t0, 1),
              load_average=list(os.getloadavg()) if hasattr(os, "getloadavg") else None)
     notes = (f"deployed path (deploy/deployed_probe.py): local Ray clusters as pdserve bench starts them "
-             f"(colocated x1; 1P1D threshold 0), {profile['model']['name']}, idle, one request at a time "
+             f"(colocated x1; 1P1D threshold 0), {profile['model']['name']}, idle, one request at a time (then {CONCURRENT_STREAMS} at once) "
              f"{IDLE_GAP_S}s apart over gRPC, prompts {lengths} tokens, {OUTPUT_TOKENS} out, medians of {repeats}, "
              f"minus the simulator's engine time for the same lone request. Measured TTFT direct "
              + ", ".join(f"{n}: {d['direct'][str(n)]['ttft_ms']:.2f} ms (engine {d['direct'][str(n)]['engine_ttft_ms']:.2f})"
@@ -507,7 +525,7 @@ def measure(profile: dict, opts, repeats: int = 15, warmup: int = 2, ray_cpus: i
                                       f"{d['disaggregated'][str(n)]['engine_ttft_ms']:.2f})" for n in lengths)
              + (f"; {CONCURRENT_STREAMS} streams at once ({CONCURRENT_PROMPT}-token prompts, {rounds} rounds): "
                 f"TPOT {d['concurrent']['tpot_ms']:.2f} ms (engine and the rest priced "
-                f"{d['concurrent']['engine_tpot_ms']:.2f}), per further stream "
+                f"{d['concurrent']['priced_tpot_ms']:.2f}), per further stream "
                 f"{derived['per_stream_s'] * 1e3:.3f} ms")
              + (f". Negative residuals (cost model over-predicts), clamped at 0: {d['negative']}" if d["negative"] else ""))
     return merge_into(profile["overheads"], derived, notes[:3900])

@@ -378,6 +378,8 @@ class CostModel:
         # Each further request streaming at once adds this to every loop iteration (the
         # deployed probe's concurrent streams); 0 for profiles without it.
         self.per_stream_s = float(o.get("per_stream_s", 0.0))
+        # ... for the requests up to this many in a batch (what the probe measured; 0: all)
+        self.per_stream_upto = int(o.get("per_stream_upto", 0))
         # Through the gRPC front end (deploy/frontend_probe.py), when the profile measured it:
         # the whole path of a direct request at zero prompt length, and each prompt token's
         # share. A profile without them prices the router path alone (router_*_s).

@@ -12,7 +12,7 @@
      "overheads": {"router_direct_s", "router_disaggregated_s", "per_token_stream_s", "notes",
                    "frontend_direct_s", "per_prompt_token_s", "frontend_notes",     # optional from here
                    "method", "deployed", "reference", "prompt_residual",    # deploy/deployed_probe.py
-                   "path_jitter_s", "per_stream_s"},
+                   "path_jitter_s", "per_stream_s", "per_stream_upto"},
      "fit":      {"model", "form", "coefficients": {name: value}, "relative_error": {...},
                   "candidates": {...}, ...}}   # optional; "model": the form's name (costmodel.FORMS)
 
@@ -334,9 +334,14 @@ def validate_profile(d) -> dict:
         _num(o, k, "profile.overheads", hi=MAX_SECONDS)
     # Through the gRPC front end (deploy/frontend_probe.py); profiles before issue 15 lack them.
     for k in ("frontend_direct_s", "per_prompt_token_s", "frontend_cpu_per_request_s",
-              "frontend_cpu_per_prompt_token_s", "frontend_cpu_per_token_s", "per_stream_s"):
+              "frontend_cpu_per_prompt_token_s", "frontend_cpu_per_token_s"):
         if k in o:
             _num(o, k, "profile.overheads", hi=MAX_SECONDS)
+    # Concurrent streams (deploy/deployed_probe.py): per further request in a batch, up to a count.
+    if "per_stream_s" in o:
+        _num(o, "per_stream_s", "profile.overheads", hi=MAX_SECONDS)
+    if "per_stream_upto" in o:
+        _int(o, "per_stream_upto", "profile.overheads", lo=0, hi=1 << 20)
     if "prompt_residual" in o:
         _check_prompt_residual(o, "profile.overheads")
     if "path_jitter_s" in o:

@@ -354,9 +354,9 @@ def add_arguments(p) -> None:
                         "(writes zeros)")
     p.add_argument("--no-deployed-probe", dest="deployed_probe", action="store_false",
                    help="skip the deployed-path probe (local Ray clusters as pdserve bench starts them, colocated "
-                        "x1 and 1P1D, timed one request at a time over gRPC; deploy/deployed_probe.py), whose "
-                        "numbers otherwise become the profile's router_direct_s / router_disaggregated_s / "
-                        "per_token_stream_s; without it those are the in-process and front-end probes' (they "
+                        "x1 and 1P1D, timed one request at a time over gRPC, then a few at once; "
+                        "deploy/deployed_probe.py), whose numbers otherwise become the profile's router_direct_s / "
+                        "router_disaggregated_s / per_token_stream_s / per_stream_s; without it those are the in-process and front-end probes' (they "
                         "leave out Ray worker processes, ZeroMQ and the workers' loops: lower)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads to time the engine's steps with (default: on the CPU 1, the one thread Ray "
@@ -411,7 +411,8 @@ def run_command(args, front_end=None, deployed=None) -> int:
         profile["overheads"].update(front_end(samples=opts.overhead_samples or (5 if opts.quick else 12),
                                               seed=opts.seed))
     if deployed is not None and opts.overheads and opts.deployed_probe:
-        print("timing the deployed path (local Ray clusters, one request at a time; --no-deployed-probe skips)",
+        print("timing the deployed path (local Ray clusters, one request at a time, then a few at once; "
+              "--no-deployed-probe skips)",
               flush=True)
         profile["overheads"] = deployed(profile, opts, repeats=3 if opts.quick else 15)
         validate_profile(profile)
@@ -441,7 +442,7 @@ def run_command(args, front_end=None, deployed=None) -> int:
               + (f"; negative residuals clamped at 0: {dep['negative']}" if dep.get("negative") else ""))
         if "concurrent" in dep:
             c = dep["concurrent"]
-            print(f"  {c['streams']} streams at once: TPOT {c['tpot_ms']:.2f} ms against {c['engine_tpot_ms']:.2f} "
+            print(f"  {c['streams']} streams at once: TPOT {c['tpot_ms']:.2f} ms against {c['priced_tpot_ms']:.2f} "
                   f"priced: + {fe.get('per_stream_s', 0.0) * 1e3:.3f} ms a loop per further stream")
         for route, q in (fe.get("path_jitter_s") or {}).items():   # quantiles at 0, 5, ..., 100 %
             at = lambda p: q[round(p * (len(q) - 1))] * 1e3  # noqa: E731

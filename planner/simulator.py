@@ -226,6 +226,7 @@ class _DecodeWorker(_Worker):
         super().__init__(sim, worker_id, device)
         self.loop_overhead_s = sim.cost.per_token_stream_s
         self.per_stream_s = getattr(sim.cost, "per_stream_s", 0.0)
+        self.per_stream_upto = getattr(sim.cost, "per_stream_upto", 0)
         self.last_batch = 0                  # requests in the batch the loop sent last
         self.landed: list[int] = []
         self.items: list[tuple[int, int, bool]] = []   # (rid, tokens, finished) for the next batch
@@ -260,11 +261,13 @@ class _DecodeWorker(_Worker):
     def loop_overhead(self) -> float:
         # Each further request in the batch costs the loop and the path behind it more
         # (cost.per_stream_s: the deployed probe's concurrent streams).
-        return self.loop_overhead_s + self.per_stream_s * max(0, self.last_batch - 1)
+        n = min(self.last_batch, self.per_stream_upto) if self.per_stream_upto else self.last_batch
+        return self.loop_overhead_s + self.per_stream_s * max(0, n - 1)
 
     def send_batch(self) -> None:
         items, self.items = self.items, []
-        self.last_batch = len(items)
+        # Requests, not items: a landed prompt's first token and its next one can share a batch.
+        self.last_batch = len({rid for rid, _, _ in items})
         self.sim.token_batch(self.worker_id, items)
 
     def kv_landed(self, rid: int) -> None:
