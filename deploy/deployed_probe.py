@@ -328,8 +328,8 @@ def derive_per_stream(cost, rounds: list[list[dict]], streams: int, prompt: int,
     the measured median. The simulated TPOT only grows with it, but not in proportion (the
     front end's share of a busy host changes with the step times, and can leave it flat over
     a range), so it is found by bisection: a value that reproduces the measured median, not
-    necessarily the only one. 0 when the simulator is already as slow as measured. Returns it and what the
-    profile keeps of the measurement."""
+    necessarily the only one. 0 when the simulator is already as slow as measured. Returns it
+    and what the profile keeps of the measurement."""
     measured = statistics.median(r["tpot"] for rnd in rounds for r in rnd)
 
     def simulated(per: float) -> float:
@@ -516,8 +516,9 @@ def measure(profile: dict, opts, repeats: int = 15, warmup: int = 2, ray_cpus: i
     d.update(repeats=repeats, warmup=warmup, idle_gap_s=IDLE_GAP_S, seconds=round(time.perf_counter() - t0, 1),
              load_average=list(os.getloadavg()) if hasattr(os, "getloadavg") else None)
     notes = (f"deployed path (deploy/deployed_probe.py): local Ray clusters as pdserve bench starts them "
-             f"(colocated x1; 1P1D threshold 0), {profile['model']['name']}, idle, one request at a time (then {CONCURRENT_STREAMS} at once) "
-             f"{IDLE_GAP_S}s apart over gRPC, prompts {lengths} tokens, {OUTPUT_TOKENS} out, medians of {repeats}, "
+             f"(colocated x1; 1P1D threshold 0), {profile['model']['name']}, idle, one request at a time "
+             f"{IDLE_GAP_S}s apart over gRPC (then {CONCURRENT_STREAMS} at once), prompts {lengths} tokens, "
+             f"{OUTPUT_TOKENS} out, medians of {repeats}, "
              f"minus the simulator's engine time for the same lone request. Measured TTFT direct "
              + ", ".join(f"{n}: {d['direct'][str(n)]['ttft_ms']:.2f} ms (engine {d['direct'][str(n)]['engine_ttft_ms']:.2f})"
                          for n in lengths)

@@ -356,8 +356,9 @@ def add_arguments(p) -> None:
                    help="skip the deployed-path probe (local Ray clusters as pdserve bench starts them, colocated "
                         "x1 and 1P1D, timed one request at a time over gRPC, then a few at once; "
                         "deploy/deployed_probe.py), whose numbers otherwise become the profile's router_direct_s / "
-                        "router_disaggregated_s / per_token_stream_s / per_stream_s; without it those are the in-process and front-end probes' (they "
-                        "leave out Ray worker processes, ZeroMQ and the workers' loops: lower)")
+                        "router_disaggregated_s / per_token_stream_s / per_stream_s; without it those are the "
+                        "in-process and front-end probes' (they leave out Ray worker processes, ZeroMQ and the "
+                        "workers' loops: lower; per_stream_s 0)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads to time the engine's steps with (default: on the CPU 1, the one thread Ray "
                         "gives a worker asking <= 1 CPU, which is what pdserve's CPU workers get; on a GPU "
