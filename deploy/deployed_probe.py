@@ -311,10 +311,8 @@ def simulated_concurrent(cost, streams: int, prompt: int, output: int, layout=No
     cost model's overheads in place, the request path free), one per request."""
     from planner.simulator import ClusterConfig, simulate
     from planner.workload import Request
-    c = copy.copy(cost)
-    c.path_jitter = {}
     cfg = ClusterConfig("colocated", decode=1, **({"layout": layout} if layout is not None else {}))
-    recs, _ = simulate(c, cfg, [Request(0.0, prompt, output) for _ in range(streams)])
+    recs, _ = simulate(_with(cost, path_jitter={}), cfg, [Request(0.0, prompt, output) for _ in range(streams)])
     if not all(r["ok"] for r in recs):
         raise RuntimeError(f"deployed probe: the simulator did not serve {streams} concurrent requests")
     return [r["tpot"] for r in recs]

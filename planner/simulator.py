@@ -36,9 +36,9 @@ What each part does, as the code it stands for does it:
              every gap between a request's tokens (TPOT), as measured; cost.per_stream_s
              more for each further request in the batch it sent (measured with concurrent
              streams: what more streams cost beyond the engine's batching and the front
-             end's share of the cores). The path of
-             each request also gets its share of the scatter lone requests measured
-             about those medians (cost.path_jitter_s, per route; none without it).
+             end's share of the cores). The path of each request also gets its share of
+             the scatter lone requests measured about those medians (cost.path_jitter_s,
+             per route; none without it).
 
   devices   engines placed on one device (ClusterConfig.layout) slow each other while they
              compute at the same time: processor sharing of their steps' device work

@@ -849,15 +849,14 @@ def test_per_stream_overhead_grows_tpot_with_the_requests_streaming_at_once_and_
     four sent at once each stream about 3 x per_stream_s slower per token. derive_per_stream
     inverts the simulator, also on a one-core host where the front end's CPU shares the core
     and the simulated TPOT is not linear in it."""
-    from deploy.deployed_probe import derive_per_stream, merge_into, simulated_concurrent
+    from deploy.deployed_probe import _with, derive_per_stream, merge_into, simulated_concurrent
     from planner.shared_device import DeviceLayout
     from planner.simulator import ClusterConfig, simulate
     from planner.workload import Request
     base = CostModel.synthetic(step_s=1e-3, per_token_s=2e-5, max_num_batched_tokens=256, per_token_stream_s=0.3e-3,
                                transfer_latency_s=0.5e-3, transfer_bytes_per_s=1e9)
     base.frontend_cpu_per_token_s = 0.5e-3
-    truth = copy.copy(base)
-    truth.per_stream_s = 0.4e-3
+    truth = _with(base, per_stream_s=0.4e-3)
 
     def lone(c, mode):
         cfg = ClusterConfig("colocated", decode=1) if mode == "direct" else ClusterConfig("disaggregated", 1, 1)
@@ -868,15 +867,14 @@ def test_per_stream_overhead_grows_tpot_with_the_requests_streaming_at_once_and_
     four = simulated_concurrent(truth, 4, 64, 32)
     assert all(t == pytest.approx(b + 3 * 0.4e-3, rel=0.05) for t, b in zip(four, four_base))
     # Not extrapolated past what was measured: with per_stream_upto 2, one further request counts.
-    capped = copy.copy(truth)
-    capped.per_stream_upto = 2
+    capped = _with(truth, per_stream_upto=2)
     assert all(t == pytest.approx(b + 0.4e-3, rel=0.05)
                for t, b in zip(simulated_concurrent(capped, 4, 64, 32), four_base))
     def rounds_of(c, layout=None):
         return [[dict(tpot=x * (1 + 1e-4 * (i - 1))) for x in simulated_concurrent(c, 4, 64, 32, layout)]
                 for i in range(3)]
     for true_per in (0.05e-3, 0.4e-3, 2e-3):
-        per, detail = derive_per_stream(base, rounds_of(_with_per_stream(base, true_per)), 4, 64, 32)
+        per, detail = derive_per_stream(base, rounds_of(_with(base, per_stream_s=true_per)), 4, 64, 32)
         assert per == pytest.approx(true_per, rel=0.02), true_per
     # One core: the front end's work slows the engine, and a longer loop leaves it room, so
     # the simulated TPOT is flat over a range of per_stream_s; what is derived reproduces the
@@ -884,10 +882,10 @@ def test_per_stream_overhead_grows_tpot_with_the_requests_streaming_at_once_and_
     one_core = DeviceLayout.cpu_host(1, 1.0, 1.0)
     assert statistics.median(simulated_concurrent(base, 4, 64, 32, one_core)) > statistics.median(four_base)
     for true_per in (0.05e-3, 0.4e-3, 2e-3):
-        rounds = rounds_of(_with_per_stream(base, true_per), one_core)
+        rounds = rounds_of(_with(base, per_stream_s=true_per), one_core)
         per, detail = derive_per_stream(base, rounds, 4, 64, 32, one_core)
         measured = statistics.median(r["tpot"] for rnd in rounds for r in rnd)
-        assert statistics.median(simulated_concurrent(_with_per_stream(base, per), 4, 64, 32, one_core)) == \
+        assert statistics.median(simulated_concurrent(_with(base, per_stream_s=per), 4, 64, 32, one_core)) == \
             pytest.approx(measured, rel=0.01), true_per
     assert detail["streams"] == 4 and detail["rounds"] == 3 and len(detail["tpot_samples_ms"]) == 12
     assert detail["tpot_ms"] > detail["priced_tpot_ms"]
@@ -906,9 +904,3 @@ def test_per_stream_overhead_grows_tpot_with_the_requests_streaming_at_once_and_
     p["overheads"]["per_stream_s"] = -1.0
     with pytest.raises(ValueError, match="per_stream_s"):
         pf.validate_profile(p)
-
-
-def _with_per_stream(cost, per: float):
-    c = copy.copy(cost)
-    c.per_stream_s = per
-    return c
