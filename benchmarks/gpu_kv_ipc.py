@@ -91,7 +91,10 @@ def wait_completed(rx) -> list:
 
 # ---- 1. plain copy ---------------------------------------------------------------------------------------
 def plain_copy(args, dev: torch.device, layout, n: int) -> dict:
-    from kv_transfer.block_copy import copy_blocks
+    """The same bytes copied by ``Tensor.copy_`` (contiguous, one call: the reference) and
+    by the block-copy kernel (scattered blocks, every layer in one launch), each timed on
+    the device with events; then the kernel's device time at each tile."""
+    from kv_transfer.block_copy import CacheCopier
     src = torch.randn(layout.num_layers, *layout.block_shape(layout.num_blocks), device=dev).to(layout.torch_dtype)
     dst = torch.empty_like(src)
     nbytes = layout.bytes_per_block * n * layout.num_layers
@@ -99,39 +102,45 @@ def plain_copy(args, dev: torch.device, layout, n: int) -> dict:
                                                               dtype=src.dtype, device=dev)
     s_ids = torch.arange(n, device=dev)
     d_ids = torch.arange(layout.num_blocks - 1, layout.num_blocks - 1 - n, -1, device=dev)
-    times, kern = [], []
-    for rep in range(args.warmup + args.repeat):
-        sync(dev)
-        t0 = time.perf_counter()
-        flat_d.copy_(flat_s)
-        sync(dev)
-        t1 = time.perf_counter()
-        for layer in range(layout.num_layers):
-            copy_blocks(src[layer], dst[layer], s_ids, d_ids)
-        sync(dev)
-        t2 = time.perf_counter()
-        if rep >= args.warmup:
-            times.append(t1 - t0)
-            kern.append(t2 - t1)
+    every = range(layout.num_layers)
+
+    def timed(fn) -> tuple[float, float]:
+        """ms, medians: wall time around the call and a device sync (as the transfers are
+        timed), and device time between events (the wall time again on the CPU)."""
+        wall, device = [], []
+        for rep in range(args.warmup + args.repeat):
+            sync(dev)
+            t0 = time.perf_counter()
+            if dev.type == "cuda":
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                fn()
+                b.record()
+                sync(dev)
+            else:
+                fn()
+            t1 = time.perf_counter()
+            if rep >= args.warmup:
+                wall.append(1e3 * (t1 - t0))
+                device.append(a.elapsed_time(b) if dev.type == "cuda" else wall[-1])
+        return statistics.median(wall), statistics.median(device)
+
+    copy_ms, copy_device_ms = timed(lambda: flat_d.copy_(flat_s))
+    copier = CacheCopier(src, dst)
+    kern_ms, kern_device_ms = timed(lambda: copier.copy(every, s_ids, d_ids))
     assert torch.equal(dst[:, :, d_ids.cpu()].cpu(), src[:, :, :n].cpu())
     tiles = {}
-    if dev.type == "cuda":   # the kernel's tile: (words per program, warps), all layers launched back to back
+    if dev.type == "cuda":   # the kernel's tile: (words per program, warps), device ms
         for tile in TILES:
-            ts = []
-            for rep in range(args.warmup + args.repeat):
-                sync(dev)
-                t0 = time.perf_counter()
-                for layer in range(layout.num_layers):
-                    copy_blocks(src[layer], dst[layer], s_ids, d_ids, tile=tile)
-                sync(dev)
-                if rep >= args.warmup:
-                    ts.append(time.perf_counter() - t0)
-            tiles[f"{tile[0]}x{tile[1]}"] = 1e3 * statistics.median(ts)
-    return dict(bytes=nbytes, copy_ms=1e3 * statistics.median(times), block_kernel_ms=1e3 * statistics.median(kern),
-                copy_gbs=nbytes / statistics.median(times) / 1e9, block_kernel_tiles_ms=tiles)
+            c = CacheCopier(src, dst, tile=tile)
+            tiles[f"{tile[0]}x{tile[1]}"] = timed(lambda: c.copy(every, s_ids, d_ids))[1]
+    # copy_ms (wall, as the transfers are timed) is what their vs_plain_copy divides by
+    return dict(bytes=nbytes, copy_ms=copy_ms, copy_device_ms=copy_device_ms, block_kernel_ms=kern_ms,
+                block_kernel_device_ms=kern_device_ms, copy_gbs=nbytes / copy_ms / 1e6,
+                block_kernel_device_tiles_ms=tiles)
 
 
-TILES = [(1024, 4), (2048, 4), (4096, 4), (4096, 8), (8192, 8), (16384, 8), (16384, 16)]
+TILES = [(1024, 4), (2048, 4), (2048, 8), (4096, 4), (4096, 8), (8192, 8), (8192, 16), (16384, 16)]
 
 
 # ---- 2. transfer --------------------------------------------------------------------------------------------
@@ -140,8 +149,8 @@ class HostTimer:
     name over a run, with call counts): where a send call's host time goes, from
     wrappers installed here so the backend itself carries no timing code."""
 
-    PARTS = ("begin", "_check", "_send_blocks", "_launch", "_device_indices", "_enqueue", "_wake",
-             "send_done", "flush")
+    PARTS = ("begin", "prepare_blocks", "send_layers_blocks", "_check", "_launch_group", "_device_indices",
+             "_enqueue", "_wake", "send_done", "flush")
 
     def __init__(self):
         self.total: dict[str, list[float]] = {}   # label -> every call's seconds
@@ -163,7 +172,7 @@ class HostTimer:
         import kv_transfer.ipc_backend as ib
         for name in self.PARTS:
             self._wrap(ib.IpcKVSender, name, name)
-        self._wrap(ib, "copy_blocks", "copy_blocks")
+        self._wrap(ib.CacheCopier, "copy", "copy_blocks")   # the launch itself
         return self
 
     def remove(self) -> None:
@@ -177,16 +186,20 @@ class HostTimer:
                 for k, v in self.total.items()}
 
 
-def transfer_variants(num_layers: int) -> list[tuple[str, str, int]]:
-    """(result name, backend, layers per call): the headline of each backend is what a
-    prefill worker does (its sender's layers_per_launch)."""
+def transfer_variants(num_layers: int) -> list[tuple[str, str, int, bool]]:
+    """(result name, backend, layers per call, ids uploaded before the clock): the headline
+    of each backend is what a prefill worker does (its sender's layers_per_launch; a
+    cuda_ipc sender given the block ids by prepare_blocks after the first layer, while the
+    rest of the first group computes)."""
     from kv_transfer.ipc_backend import IpcKVSender
-    return [("cuda_ipc", "cuda_ipc", IpcKVSender.layers_per_launch), ("cuda_ipc_per_layer", "cuda_ipc", 1),
-            ("cuda_ipc_one_launch", "cuda_ipc", num_layers), ("zmq", "zmq", 1)]
+    group = IpcKVSender.layers_per_launch
+    return [("cuda_ipc", "cuda_ipc", group, True), ("cuda_ipc_ids_on_clock", "cuda_ipc", group, False),
+            ("cuda_ipc_per_layer", "cuda_ipc", 1, True), ("cuda_ipc_one_launch", "cuda_ipc", num_layers, True),
+            ("zmq", "zmq", 1, False)]
 
 
 def transfer(rank: int, board: Board, args, dev: torch.device, layout, backend: str, name: str,
-             per_call: int) -> dict:
+             per_call: int, prepare: bool) -> dict:
     import kv_transfer as kt
     n = -(-args.prompt_tokens // layout.block_size)
     cache = torch.zeros(layout.num_layers, *layout.block_shape(layout.num_blocks), dtype=layout.torch_dtype,
@@ -221,7 +234,8 @@ def transfer(rank: int, board: Board, args, dev: torch.device, layout, backend: 
         # layer's copy queued, the sender's stream idle, every report handed to the socket.
         breakdown = {k: statistics.median(p[k] for p in parts) for k in parts[0]} if parts else {}
         return dict(bytes=nbytes, ms=1e3 * statistics.median(secs), gbs=nbytes / statistics.median(secs) / 1e9,
-                    layers_per_call=per_call, sender_ms=breakdown, sender_stats=sender_stats)
+                    layers_per_call=per_call, ids_before_clock=prepare, sender_ms=breakdown,
+                    sender_stats=sender_stats)
     src = torch.randn(layout.num_layers, *layout.block_shape(n), generator=g).to(layout.torch_dtype)
     cache[:, :, :n] = src.to(dev)
     tx = make_tx(backend, board.get(f"ep/{name}"), dev)
@@ -234,6 +248,8 @@ def transfer(rank: int, board: Board, args, dev: torch.device, layout, backend: 
         if backend == "cuda_ipc":   # the prefill worker begins at admission, well before its last layer
             while rid not in tx._granted:
                 time.sleep(1e-4)
+            if prepare:
+                tx.prepare_blocks(rid, dst, src_ids)
         sync(dev)
         t = dict(start=time.monotonic())
         for layer in range(layout.num_layers):
@@ -317,13 +333,17 @@ def ttft(rank: int, board: Board, args, dev: torch.device, engine, tokens: int) 
                 tx.begin(rid)
                 first, dst = job["first"], job["dst"]
 
-                def on_layer_done(layer):
+                def on_layer_done(layer):   # as prefill_worker.PrefillWorker._on_layer_done
                     due = kt.layers_due(layer, layers, tx.layers_per_launch)
-                    if due is None:
+                    if due is None and layer:
                         return
                     for sid, table in engine.step_finishing_prompts():
                         if sid == rid:
-                            tx.send_layers_blocks(rid, due, dst, engine.kv_cache, table[first:first + len(dst)])
+                            src = table[first:first + len(dst)]
+                            if due is None:
+                                tx.prepare_blocks(rid, dst, src)
+                            else:
+                                tx.send_layers_blocks(rid, due, dst, engine.kv_cache, src)
 
                 token = None
                 while engine.has_unfinished():
@@ -358,11 +378,18 @@ def rank_main(rank: int, args) -> None:
     layout = kv_layout(mcfg, 2 * n + 8, block_size, dtype)
     result = {}
     if rank == DECODE:
-        result["plain_copy"] = plain_copy(args, dev, layout, n)
+        result["plain_copy"] = pc = plain_copy(args, dev, layout, n)
+        tiles = pc["block_kernel_device_tiles_ms"]
+        board.put("tile", min(tiles, key=tiles.get) if args.best_tile and tiles else "")
     progress(rank, "plain copy done" if rank == DECODE else "started")
-    for name, b, per_call in transfer_variants(layout.num_layers):
+    tile = board.get("tile")
+    if tile:   # --best-tile: the sender copies with the tile that was fastest on this device just now
+        import kv_transfer.block_copy as bc
+        bc._CHUNK, bc._WARPS = map(int, tile.split("x"))
+        result["transfer_tile"] = tile
+    for name, b, per_call, prepare in transfer_variants(layout.num_layers):
         progress(rank, f"transfer {name}")
-        r = transfer(rank, board, args, dev, layout, b, name, per_call)
+        r = transfer(rank, board, args, dev, layout, b, name, per_call, prepare)
         gc.collect()
         if dev.type == "cuda":
             torch.cuda.empty_cache()
@@ -422,6 +449,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--host-timer", action="store_true",
                     help="time the cuda_ipc sender's host parts per call (HostTimer; its wrappers add host time, "
                          "so the transfer figures of such a run are not the headline)")
+    ap.add_argument("--best-tile", action="store_true",
+                    help="transfers use the block-copy tile found fastest by this run's sweep (else the default)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     if args.cpu_smoke:
@@ -450,8 +479,8 @@ def main(argv=None) -> dict:
         print(json.dumps(result))
     else:
         print(f"{dev}  {args.model}  KV of {args.prompt_tokens} tokens = {pc['bytes'] / 2**20:.0f} MiB")
-        print(f"  plain copy {pc['copy_ms']:.3f} ms ({pc['copy_gbs']:.0f} GB/s); block-copy kernel "
-              f"{pc['block_kernel_ms']:.3f} ms")
+        print(f"  plain copy {pc['copy_ms']:.3f} ms ({pc['copy_gbs']:.0f} GB/s; device {pc['copy_device_ms']:.3f}); "
+              f"block-copy kernel, one launch {pc['block_kernel_ms']:.3f} ms (device {pc['block_kernel_device_ms']:.3f})")
         for name in names:
             t = result[f"transfer_{name}"]
             print(f"  {name:20s} ({t['layers_per_call']:2d} layers per call) lands in {t['ms']:.3f} ms = "

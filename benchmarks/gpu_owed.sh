@@ -30,7 +30,7 @@ step() {   # step NAME SECONDS COMMAND...
 [ $# -gt 0 ] || { echo "usage: $0 kv|tests|stream|saturated|decode|prefill|profile ..." >&2; exit 2; }
 for s in "$@"; do
     case "$s" in
-        kv) step kv 300 bash -c "python benchmarks/gpu_kv_ipc.py --json --repeat 4 --warmup 1 \
+        kv) step kv 300 bash -c "python benchmarks/gpu_kv_ipc.py --json --repeat 4 --warmup 1 --best-tile \
                 --ttft-tokens 1024 4096 7936 > '$OUT/kv_ipc.json'" ;;
         tests) step tests 240 python -m pytest -q -m gpu tests/test_kv_transfer_ipc.py tests/test_triton_kernels.py ;;
         stream) step stream 420 bash -c "cd benchmarks && python gpu_vs_hf.py --requests 256 \

@@ -117,6 +117,12 @@ class KVSender(abc.ABC):
         Backends that must be granted a request before writing ask for it here, ahead
         of the first layer; the others need nothing."""
 
+    def prepare_blocks(self, request_id: str, dst_block_ids: Sequence[int], src_block_ids: Sequence[int]) -> None:
+        """The blocks a begun request's layers will go from and to, known before its first
+        group of layers is due (the prefill worker calls this after the first layer). A
+        backend with per-request set-up on the device (block ids uploaded) does it here,
+        off the first launch's path; the others need nothing."""
+
     def send_layer_blocks(self, request_id: str, layer: int, dst_block_ids: Sequence[int],
                           src_layer: torch.Tensor, src_block_ids: Sequence[int]) -> None:
         """Like :meth:`send_layer`, for blocks ``src_block_ids`` of one layer of the sender's

@@ -10,6 +10,7 @@ twice and allocate the gathered copy); anywhere else it is the torch reference.
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -19,6 +20,8 @@ try:
     import triton.language as tl
 except ImportError:   # the reference path needs no Triton
     triton = None
+
+log = logging.getLogger(__name__)
 
 # Elements (words) of a block one program copies, and its warps; benchmarks/gpu_kv_ipc.py
 # times the alternatives (`tile=` below) on the device.
@@ -31,11 +34,13 @@ def copy_blocks_reference(src: torch.Tensor, dst: torch.Tensor, src_ids: torch.T
 
 
 if triton is not None:
-    @triton.jit
-    def _copy_blocks_kernel(src_ptr, dst_ptr, src_ids_ptr, dst_ids_ptr, src_plane_stride, dst_plane_stride,
-                            block_numel, CHUNK: tl.constexpr):
+    # first_plane changes from call to call (a group of layers after another): not
+    # specialized, so every group reuses one compiled kernel.
+    @triton.jit(do_not_specialize=["first_plane"])
+    def _copy_blocks_kernel(src_ptr, dst_ptr, src_ids_ptr, dst_ids_ptr, first_plane, src_plane_stride,
+                            dst_plane_stride, block_numel, CHUNK: tl.constexpr):
         i = tl.program_id(0)
-        plane = tl.program_id(1).to(tl.int64)
+        plane = first_plane.to(tl.int64) + tl.program_id(1)
         part = tl.program_id(2)
         s = tl.load(src_ids_ptr + i).to(tl.int64)
         d = tl.load(dst_ids_ptr + i).to(tl.int64)
@@ -43,6 +48,46 @@ if triton is not None:
         mask = offs < block_numel
         x = tl.load(src_ptr + plane * src_plane_stride + s * block_numel + offs, mask=mask)
         tl.store(dst_ptr + plane * dst_plane_stride + d * block_numel + offs, x, mask=mask)
+
+
+def _int_kind(v: int) -> tuple:
+    # What Triton specializes an int argument on: its type (i32 / i64), divisibility by 16, == 1.
+    return (-2 ** 31 <= v < 2 ** 31, v % 16 == 0, v == 1)
+
+
+# (device, word dtype, tile, each argument's specialization) -> the compiled kernel. Triton's
+# own launcher binds and specializes every argument in Python on every call, a large part
+# of a launch's host time; the compiled kernel for one specialization is launched directly.
+_compiled: dict[tuple, object] = {}
+_fast_launch = True   # off for good if this Triton's compiled-kernel launch does not take our arguments
+
+
+def _launch(grid: tuple[int, int, int], s: torch.Tensor, d: torch.Tensor, src_ids: torch.Tensor,
+            dst_ids: torch.Tensor, first_plane: int, chunk: int, warps: int, stream) -> None:
+    global _fast_launch
+    args = (s, d, src_ids, dst_ids, first_plane, s.stride(0), d.stride(0), s.shape[2], chunk)
+    key = None
+    if s.is_cuda and _fast_launch:
+        key = (s.device.index, s.dtype, src_ids.dtype, dst_ids.dtype, chunk, warps, s.data_ptr() % 16, d.data_ptr() % 16, src_ids.data_ptr() % 16,
+               dst_ids.data_ptr() % 16, -2 ** 31 <= first_plane < 2 ** 31, _int_kind(args[5]),
+               _int_kind(args[6]), _int_kind(args[7]))
+        kernel = _compiled.get(key)
+        if kernel is not None:
+            try:
+                on = stream if stream is not None else torch.cuda.current_stream(s.device)
+                kernel[grid](*args, stream=on.cuda_stream)
+                return
+            except Exception:   # an API change in Triton: its own launcher from here on
+                _fast_launch = False
+                log.warning("block copy: direct launch of the compiled kernel failed; using Triton's launcher",
+                            exc_info=True)
+    if s.is_cuda and stream is not None:
+        with torch.cuda.stream(stream):
+            kernel = _copy_blocks_kernel[grid](*args, num_warps=warps)
+    else:
+        kernel = _copy_blocks_kernel[grid](*args, num_warps=warps)
+    if key is not None and callable(getattr(kernel, "__getitem__", None)) and hasattr(kernel, "function"):
+        _compiled[key] = kernel
 
 
 def _words(t: torch.Tensor) -> torch.Tensor:
@@ -64,11 +109,11 @@ def _kernel_ok(src: torch.Tensor, dst: torch.Tensor) -> bool:
 
 
 def copy_blocks(src: torch.Tensor, dst: torch.Tensor, src_ids: torch.Tensor, dst_ids: torch.Tensor, *,
-                tile: tuple[int, int] | None = None) -> None:
-    """``dst[:, dst_ids[i]] = src[:, src_ids[i]]`` for every i, on the current stream.
-    ``src_ids``/``dst_ids`` are int64 tensors on the caches' device (the caller checks
-    that they are in range: the kernel does not). ``tile`` overrides (words per program,
-    warps) for tuning."""
+                tile: tuple[int, int] | None = None, stream=None) -> None:
+    """``dst[:, dst_ids[i]] = src[:, src_ids[i]]`` for every i, on ``stream`` (default:
+    the current stream). ``src_ids``/``dst_ids`` are int64 tensors on the caches' device
+    (the caller checks that they are in range: the kernel does not). ``tile`` overrides
+    (words per program, warps) for tuning."""
     if src.dtype != dst.dtype or src.shape[0] != dst.shape[0] or src.shape[2:] != dst.shape[2:]:
         raise ValueError(f"copy_blocks: {tuple(src.shape)} {src.dtype} -> {tuple(dst.shape)} {dst.dtype}")
     if src.dim() < 2 or not 0 < src.shape[0] <= 65535:   # planes are the grid's second axis
@@ -79,14 +124,54 @@ def copy_blocks(src: torch.Tensor, dst: torch.Tensor, src_ids: torch.Tensor, dst
     if n == 0:
         return
     if not _kernel_ok(src, dst):
-        copy_blocks_reference(src, dst, src_ids, dst_ids)
+        if stream is not None and src.is_cuda:
+            with torch.cuda.stream(stream):
+                copy_blocks_reference(src, dst, src_ids, dst_ids)
+        else:
+            copy_blocks_reference(src, dst, src_ids, dst_ids)
         return
     s, d = _words(src), _words(dst)
-    block_numel = s[0, 0].numel()
     chunk, warps = tile or (_CHUNK, _WARPS)
-    grid = (n, s.shape[0], triton.cdiv(block_numel, chunk))
-    _copy_blocks_kernel[grid](s, d, src_ids, dst_ids, s.stride(0), d.stride(0), block_numel, CHUNK=chunk,
-                              num_warps=warps)
+    _launch((n, s.shape[0], triton.cdiv(s.shape[2], chunk)), s, d, src_ids, dst_ids, 0, chunk, warps, stream)
+
+
+class CacheCopier:
+    """:func:`copy_blocks` between two whole paged caches, ``[num_layers, 2, num_blocks,
+    ...]`` each (block and layer counts may differ), for any run of consecutive layers
+    both have. What one
+    call would redo (the checks, the caches' word views) is done once here, so a sender
+    launching a copy per group of layers pays only the launch."""
+
+    def __init__(self, src_cache: torch.Tensor, dst_cache: torch.Tensor, *, tile: tuple[int, int] | None = None):
+        if (src_cache.dim() < 4 or dst_cache.dim() != src_cache.dim() or src_cache.shape[1] != 2
+                or dst_cache.shape[1] != 2 or src_cache.shape[3:] != dst_cache.shape[3:]
+                or src_cache.dtype != dst_cache.dtype):
+            raise ValueError(f"CacheCopier: {tuple(src_cache.shape)} {src_cache.dtype} -> "
+                             f"{tuple(dst_cache.shape)} {dst_cache.dtype}")
+        self.src_cache, self.dst_cache = src_cache, dst_cache
+        self.num_layers = min(src_cache.shape[0], dst_cache.shape[0])
+        self._kernel = _kernel_ok(src_cache, dst_cache)
+        if self._kernel:
+            self._s = _words(src_cache.flatten(0, 1))   # [2 * num_layers, num_blocks, words of a block]
+            self._d = _words(dst_cache.flatten(0, 1))
+        self._chunk, self._warps = tile or (_CHUNK, _WARPS)
+
+    def copy(self, layers: range, src_ids: torch.Tensor, dst_ids: torch.Tensor, stream=None) -> None:
+        """Blocks ``src_ids`` of ``layers`` of the source cache to blocks ``dst_ids`` of the
+        same layers of the destination, on ``stream`` (default: the current stream)."""
+        n = src_ids.numel()
+        if n != dst_ids.numel() or not 0 <= layers.start < layers.stop <= self.num_layers or layers.step != 1:
+            raise ValueError(f"CacheCopier.copy: layers {layers!r} of {self.num_layers}, {n} -> "
+                             f"{dst_ids.numel()} blocks")
+        if n == 0:
+            return
+        if not self._kernel:
+            src = self.src_cache[layers.start:layers.stop].flatten(0, 1)
+            copy_blocks(src, self.dst_cache[layers.start:layers.stop].flatten(0, 1), src_ids, dst_ids, stream=stream)
+            return
+        planes = 2 * len(layers)
+        _launch((n, planes, triton.cdiv(self._s.shape[2], self._chunk)), self._s, self._d, src_ids, dst_ids,
+                2 * layers.start, self._chunk, self._warps, stream)
 
 
 class IndexStager:

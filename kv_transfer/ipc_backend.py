@@ -77,7 +77,7 @@ import torch
 import zmq
 
 from kv_transfer.base import KV_TIMEOUT_S, SEND_TIMEOUT_S, Failed, KVReceiver, KVSender, WriteLayer
-from kv_transfer.block_copy import IndexStager, copy_blocks
+from kv_transfer.block_copy import CacheCopier, IndexStager, copy_blocks
 from kv_transfer.wire import (DTYPES, ITEMSIZE, MAX_BLOCKS_PER_MESSAGE, MAX_HEADER_BYTES, MAX_LAYERS, MAX_REASON_LEN,
                               AbortHeader, DoneHeader, KVHeader, KVLayout, UnknownRequestError,
                               WireError, check_kv, check_request_id, decode_header, decode_message, dtype_name,
@@ -654,6 +654,8 @@ class IpcKVSender(KVSender):
         self._gather_ids: dict[str, tuple[list[int], torch.Tensor]] = {}   # rid -> its source index, caller's stream
         self._failed: OrderedDict[str, str] = OrderedDict()
         self._side = None
+        self._ready = None             # the caller's stream, recorded for the side stream to wait on
+        self._copier: CacheCopier | None = None   # the caller's cache -> the receiver's
         self._stager = IndexStager()   # used holding the lock, on the side stream
         self._closed = False
         self._drop_after: float | None = None
@@ -693,9 +695,37 @@ class IpcKVSender(KVSender):
         rid, ids = self._check(request_id, layers.start, dst_block_ids)
         if layers.stop > min(MAX_LAYERS, src_cache.shape[0]):
             raise ValueError(f"layers {layers.start}..{layers.stop - 1} outside the cache's {src_cache.shape[0]}")
-        # [2 * len(layers), num_blocks, ...]: a view, so one launch copies every layer's K and V
+        src_ids = self._source_ids(src_block_ids, ids)
+        if not ids:
+            return
+        if rid not in self._begun:   # a plain read first: every group of a request after its first skips the lock
+            self.begin(rid)
+        with self._lock:
+            launched = self._can_write(rid) and src_cache.device == self._remote.device
+            if launched:
+                self._launch_group(rid, src_cache, layers, ids, src_ids)
+                wake = self._enqueue(_Item("landed", rid, layers.start, ids, event=self._last_copy.get(rid),
+                                           num_layers=len(layers)))
+        if launched:
+            if wake:
+                self._wake()
+            return
+        # Not granted yet, or the receiver's cache is on another GPU: the group's blocks
+        # gathered in one go, for the I/O thread to copy as one item.
         planes = src_cache[layers.start:layers.stop].flatten(0, 1)
-        self._send_blocks(rid, layers.start, len(layers), ids, planes, src_block_ids)
+        self._queue_copy(rid, layers.start, ids, self._gather(rid, planes, src_ids), len(layers))
+
+    def prepare_blocks(self, request_id: str, dst_block_ids: Sequence[int], src_block_ids: Sequence[int]) -> None:
+        """Upload a begun request's block ids to the device now (the prefill worker calls
+        this after its first layer, while the rest of the first group computes), so its
+        first launch finds them there."""
+        rid, ids = self._check(request_id, 0, dst_block_ids)
+        src_ids = self._source_ids(src_block_ids, ids)
+        with self._lock:
+            remote = self._remote
+            if not ids or rid not in self._begun or remote is None or not remote.is_cuda or self.broken is not None:
+                return
+            self._device_indices(rid, src_ids, ids, remote.device, remote.shape[2])
 
     def send_done(self, request_id: str, first_token: int, num_layers: int) -> None:
         body = encode_done(request_id, first_token, num_layers)[0]
@@ -750,9 +780,7 @@ class IpcKVSender(KVSender):
         """Blocks ``src_block_ids`` of ``planes`` (K and V of ``num_layers`` layers from
         ``first``) to blocks ``ids`` of the receiver's same layers: one launch now when it
         may, else each layer gathered for the I/O thread to copy once granted."""
-        src_ids = list(map(int, src_block_ids))
-        if len(src_ids) != len(ids):
-            raise ValueError(f"{len(src_ids)} source blocks for {len(ids)} destination blocks")
+        src_ids = self._source_ids(src_block_ids, ids)
         if planes.shape[0] != 2 * num_layers:
             raise ValueError(f"{planes.shape[0]} planes of source cache for {num_layers} layers (want K and V each)")
         if not ids:
@@ -773,6 +801,46 @@ class IpcKVSender(KVSender):
         # Not granted yet, or the receiver's cache is on another GPU: the group's blocks
         # gathered in one go, for the I/O thread to copy as one item.
         self._queue_copy(rid, first, ids, self._gather(rid, planes, src_ids), num_layers)
+
+    @staticmethod
+    def _source_ids(src_block_ids: Sequence[int], ids: list[int]) -> list[int]:
+        src_ids = list(map(int, src_block_ids))
+        if len(src_ids) != len(ids):
+            raise ValueError(f"{len(src_ids)} source blocks for {len(ids)} destination blocks")
+        return src_ids
+
+    def _side_stream(self, dev: torch.device):
+        if self._side is None:
+            self._side = torch.cuda.Stream(dev)
+        return self._side
+
+    def _launch_group(self, rid: str, src_cache: torch.Tensor, layers: range, dst_ids: list[int],
+                      src_ids: list[int]) -> None:
+        """Holding the lock: copy ``layers`` of blocks ``src_ids`` of the caller's whole cache
+        into blocks ``dst_ids`` of the receiver's, in one launch. The hot path of a prefill
+        worker (a call per group of layers as they are computed), so it does only what a
+        group needs: the copier (word views, checks) is made once per source cache and the
+        request's ids go up once (or ahead, by prepare_blocks)."""
+        self.stats["copies"] += 1
+        remote = self._remote
+        copier = self._copier
+        if copier is None or copier.src_cache is not src_cache or copier.dst_cache is not remote:
+            copier = self._copier = CacheCopier(src_cache, remote)
+        if not remote.is_cuda:
+            _check_in_cache(dst_ids, remote.shape[2])
+            copier.copy(layers, torch.tensor(src_ids, dtype=torch.long), torch.tensor(dst_ids, dtype=torch.long))
+            return
+        side = self._side_stream(remote.device)
+        if self._ready is None:
+            self._ready = torch.cuda.Event()
+        # A reused event: each wait is on the record made just before it.
+        self._ready.record(torch.cuda.current_stream(src_cache.device))
+        side.wait_event(self._ready)
+        s_idx, d_idx = self._device_indices(rid, src_ids, dst_ids, remote.device, remote.shape[2])
+        copier.copy(layers, s_idx, d_idx, stream=side)
+        done = torch.cuda.Event()
+        done.record(side)
+        self._last_copy[rid] = done
 
     def _can_write(self, rid: str) -> bool:
         """Holding the lock: may a copy for rid be launched now?"""
@@ -797,8 +865,7 @@ class IpcKVSender(KVSender):
                 dst[:, d_idx] = src.to("cpu", dst.dtype)
             return
         dev = dst.device
-        if self._side is None:
-            self._side = torch.cuda.Stream(dev)
+        self._side_stream(dev)
         if ready is None:
             self._side.wait_stream(torch.cuda.current_stream(src.device))
         else:
@@ -817,8 +884,9 @@ class IpcKVSender(KVSender):
 
     def _device_indices(self, rid: str, src_ids: list[int] | None, dst_ids: list[int], dev: torch.device,
                         num_blocks: int):
-        """Holding the lock, on the side stream: rid's index tensors on ``dev`` (the
-        destination ids checked against the receiver's ``num_blocks`` when made). Built from
+        """Holding the lock: rid's index tensors on ``dev`` (the destination ids checked
+        against the receiver's ``num_blocks`` when made), uploaded on the side stream that
+        uses them. Built from
         pinned memory without blocking: a plain ``torch.tensor(..., device=)`` would wait for
         the side stream, i.e. for this layer's compute on the engine's stream, and so stall
         the engine loop that calls the sender once per layer (IndexStager: reused pinned
@@ -827,10 +895,11 @@ class IpcKVSender(KVSender):
         if have is not None and have[0] == src_ids and have[1] == dst_ids:
             return have[2], have[3]
         _check_in_cache(dst_ids, num_blocks)
-        if src_ids is not None:
-            s_idx, d_idx = self._stager.upload([src_ids, dst_ids], dev)
-        else:
-            s_idx, (d_idx,) = None, self._stager.upload([dst_ids], dev)
+        with torch.cuda.stream(self._side_stream(dev)):
+            if src_ids is not None:
+                s_idx, d_idx = self._stager.upload([src_ids, dst_ids], dev)
+            else:
+                s_idx, (d_idx,) = None, self._stager.upload([dst_ids], dev)
         self._indices[rid] = (src_ids, dst_ids, s_idx, d_idx)
         return s_idx, d_idx
 

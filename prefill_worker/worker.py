@@ -237,10 +237,17 @@ class PrefillWorker(WorkerBase):
             # Layers go as the sender takes them (one per call for the staged backends, a
             # group per launch for cuda_ipc); a group is handed over once its last layer is.
             due = kt.layers_due(layer, self.num_layers, job.sender.layers_per_launch)
+            src = table[job.first_block:job.first_block + len(job.dst)]
             if due is None:
+                if layer == 0:   # the first group is still computing: its set-up is off the path
+                    try:
+                        job.sender.prepare_blocks(job.kv_key, job.dst, src)
+                    except Exception as e:
+                        self.counters["send_errors"] += 1
+                        job.error = f"preparing the transfer failed: {type(e).__name__}: {e}"
+                        log.warning("prefill worker %s: %s: %s", self.worker_id, job.kv_key, job.error)
                 continue
             try:
-                src = table[job.first_block:job.first_block + len(job.dst)]
                 job.sender.send_layers_blocks(job.kv_key, due, job.dst, self.engine.kv_cache, src)
                 job.layers_sent += len(due)
             except Exception as e:

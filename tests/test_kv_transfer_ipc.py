@@ -119,6 +119,32 @@ def test_block_copy_of_several_layers_in_one_launch_equals_the_reference():
         copy_blocks(src[1:4].flatten(0, 1), dst[1:3].flatten(0, 1), s, d)
 
 
+def test_cache_copier_copies_any_run_of_layers_between_whole_caches():
+    """CacheCopier (the cuda_ipc sender's hot path): each call lands exactly its layers'
+    blocks, for caches of different block and layer counts; bad ranges are refused."""
+    from kv_transfer.block_copy import CacheCopier
+    g = torch.Generator().manual_seed(4)
+    src = torch.randn(5, 2, 40, 4, 2, 6, generator=g).to(torch.bfloat16)   # [layers, K/V, blocks, ...]
+    dst = torch.randn(4, 2, 30, 4, 2, 6, generator=g).to(torch.bfloat16)
+    want = dst.clone()
+    s = torch.tensor([3, 39, 0, 11], dtype=torch.long)
+    d = torch.tensor([29, 1, 7, 0], dtype=torch.long)
+    for layer in (0, 1, 3):
+        copy_blocks_reference(src[layer], want[layer], s, d)
+    c = CacheCopier(src, dst)
+    c.copy(range(0, 2), s, d)
+    c.copy(range(3, 4), s, d)
+    assert torch.equal(dst.view(torch.int16), want.view(torch.int16))
+    assert not torch.equal(dst[2, :, 29], src[2, :, 3])   # layer 2 was not asked for
+    for bad in (range(3, 5), range(2, 2), range(0, 4, 2)):   # past the smaller cache, empty, strided
+        with pytest.raises(ValueError):
+            c.copy(bad, s, d)
+    with pytest.raises(ValueError):
+        c.copy(range(0, 1), s, d[:3])
+    with pytest.raises(ValueError):
+        CacheCopier(src, dst.float())
+
+
 def test_layers_due_groups_consecutive_layers_and_ships_the_last_partial_group():
     groups = [kt.layers_due(layer, 10, 4) for layer in range(10)]
     assert [g for g in groups if g is not None] == [range(0, 4), range(4, 8), range(8, 10)]
@@ -486,11 +512,13 @@ def test_another_process_writes_the_cache_and_a_killed_one_is_declared_lost():
 
 
 # ---- the workers ---------------------------------------------------------------------------------------------
-def test_workers_disaggregate_over_cuda_ipc_and_abort_mid_transfer_without_leaks():
+def test_workers_disaggregate_over_cuda_ipc_and_abort_mid_transfer_without_leaks(monkeypatch):
     """A decode worker with kv_backend="cuda_ipc" (shared memory on CPU) advertises a
-    cudaipc:// endpoint; the prefill worker copies straight into its cache; greedy tokens
+    cudaipc:// endpoint; the prefill worker copies straight into its cache, having handed
+    the sender the request's blocks after the first layer (prepare_blocks); greedy tokens
     equal a single engine's; a request aborted while its transfer is granted keeps its
     blocks until the sender is fenced, then frees them."""
+    from kv_transfer.ipc_backend import IpcKVSender
     from decode_worker import DecodeWorker
     from engine import LLM
     from helpers import EKW, MODEL, PARAMS, PROMPT, FakeRouter, assert_no_leaks, drive, gen
@@ -498,6 +526,19 @@ def test_workers_disaggregate_over_cuda_ipc_and_abort_mid_transfer_without_leaks
     from planes import messages
 
     want = LLM(MODEL, **EKW).generate([list(PROMPT)], PARAMS)[0].token_ids
+    prepared, sent = [], []
+    real_prepare, real_send = IpcKVSender.prepare_blocks, IpcKVSender.send_layers_blocks
+
+    def prepare(self, rid, dst, src):
+        prepared.append((rid, list(dst), list(src), len(sent)))
+        return real_prepare(self, rid, dst, src)
+
+    def send(self, rid, layers, dst, cache, src):
+        sent.append((rid, list(dst), list(src)))
+        return real_send(self, rid, layers, dst, cache, src)
+
+    monkeypatch.setattr(IpcKVSender, "prepare_blocks", prepare)
+    monkeypatch.setattr(IpcKVSender, "send_layers_blocks", send)
     router = FakeRouter()
     dw = DecodeWorker("d0", MODEL, router.endpoint, engine_kwargs=EKW, kv_backend="cuda_ipc")
     pw = PrefillWorker("p0", MODEL, engine_kwargs=EKW)
@@ -510,6 +551,8 @@ def test_workers_disaggregate_over_cuda_ipc_and_abort_mid_transfer_without_leaks
         assert router.tokens["r1"] == want and (fin.error, fin.fallback) == (None, None)
         kv = dw.stats()["kv"]
         assert kv["completed"] == 1 and kv["grants"] == 1 and kv["layers_written"] == dw.num_layers
+        # random:tiny's 2 layers are one group: prepared after layer 0, before that group went
+        assert len(prepared) == 1 and len(sent) == 1 and prepared[0] == (*sent[0], 0)
         # Abort once granted but before the prefill ran: blocks held, then released.
         router.send(dw.endpoints()["request"], gen("r2", mode="disaggregated", prefill_endpoint=pw.endpoints()["request"]))
         end = time.monotonic() + 30
@@ -563,13 +606,45 @@ def test_ipc_benchmark_runs_on_cpu_with_its_host_timer():
                          capture_output=True, text=True, timeout=240, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
-    names = ("cuda_ipc", "cuda_ipc_per_layer", "cuda_ipc_one_launch", "zmq")
+    names = ("cuda_ipc", "cuda_ipc_ids_on_clock", "cuda_ipc_per_layer", "cuda_ipc_one_launch", "zmq")
     assert all(r[f"transfer_{n}"]["ms"] > 0 for n in names)
-    assert [r[f"transfer_{n}"]["layers_per_call"] for n in names[1:3]] == [1, 2]   # random:tiny has 2 layers
+    assert [r[f"transfer_{n}"]["layers_per_call"] for n in names[2:4]] == [1, 2]   # random:tiny has 2 layers
+    assert [r[f"transfer_{n}"]["ids_before_clock"] for n in names[:2]] == [True, False]
     host = r["transfer_cuda_ipc_per_layer"]["sender_stats"]["host_us"]
-    assert host["copy_blocks"]["calls"] == 2 * 2 and host["_send_blocks"]["us_per_call"] > 0   # 2 reps x 2 layers
+    assert host["copy_blocks"]["calls"] == 2 * 2 and host["_launch_group"]["us_per_call"] > 0   # 2 reps x 2 layers
+    assert host["prepare_blocks"]["calls"] == 2
     assert "host_us" not in r["transfer_zmq"]["sender_stats"]
     assert r["ttft_48"]["cuda_ipc_tokens_equal"] is True and r["ttft_48"]["zmq_tokens_equal"] is True
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_cache_copier_launches_the_compiled_kernel_directly_and_exactly():
+    """On a GPU the copier's launches after the first skip Triton's launcher (the compiled
+    kernel is kept per specialization and launched on the given stream): every group
+    still lands exactly, including one at an odd first layer."""
+    import kv_transfer.block_copy as bc
+    dev = torch.device("cuda")
+    g = torch.Generator().manual_seed(5)
+    src = torch.randn(6, 2, 64, 16, 8, 128, generator=g).to(torch.bfloat16).to(dev)
+    dst = torch.zeros(6, 2, 48, 16, 8, 128, dtype=torch.bfloat16, device=dev)
+    s = torch.tensor([3, 63, 0, 17, 40], dtype=torch.long, device=dev)
+    d = torch.tensor([47, 1, 7, 2, 30], dtype=torch.long, device=dev)
+    side = torch.cuda.Stream(dev)
+    side.wait_stream(torch.cuda.current_stream())
+    c = bc.CacheCopier(src, dst)
+    c.copy(range(0, 2), s, d, stream=side)
+    kept = len(bc._compiled)
+    assert kept >= 1 and bc._fast_launch
+    c.copy(range(2, 5), s, d, stream=side)      # a direct launch, same specialization
+    c.copy(range(5, 6), s, d, stream=side)
+    assert len(bc._compiled) == kept and bc._fast_launch
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    want = torch.zeros_like(dst)
+    for layer in range(6):
+        bc.copy_blocks_reference(src[layer], want[layer], s, d)
+    assert torch.equal(dst, want)
 
 
 @pytest.mark.gpu
