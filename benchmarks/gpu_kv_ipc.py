@@ -186,6 +186,40 @@ class HostTimer:
                 for k, v in self.total.items()}
 
 
+class Stamps:
+    """When chosen methods of a class ran (any thread), since the last reset: the first
+    entry, the last entry and the last exit of each, on CLOCK_MONOTONIC (shared by the two
+    ranks on one host). Where a transfer's last milliseconds go (the I/O thread's reports,
+    the receiver's handling of them and of the done) without timing code in the backend;
+    a wrapper costs about a microsecond per call, and these methods run a few times per
+    transfer."""
+
+    def __init__(self, owner, names: tuple[str, ...]):
+        self.seen: dict[str, float] = {}
+        self._undo = []
+        for name in names:
+            fn = getattr(owner, name)
+
+            def stamped(*a, _fn=fn, _name=name, **k):
+                t0 = time.monotonic()
+                try:
+                    return _fn(*a, **k)
+                finally:
+                    self.seen.setdefault(f"{_name}:first_in", t0)
+                    self.seen[f"{_name}:last_in"] = t0
+                    self.seen[f"{_name}:last_out"] = time.monotonic()
+            setattr(owner, name, stamped)
+            self._undo.append((owner, name, fn))
+
+    def take(self) -> dict[str, float]:
+        seen, self.seen = self.seen, {}
+        return seen
+
+    def remove(self) -> None:
+        for owner, name, fn in reversed(self._undo):
+            setattr(owner, name, fn)
+
+
 def transfer_variants(num_layers: int) -> list[tuple[str, str, int, bool]]:
     """(result name, backend, layers per call, ids uploaded before the clock): the headline
     of each backend is what a prefill worker does (its sender's layers_per_launch; a
@@ -211,11 +245,14 @@ def transfer(rank: int, board: Board, args, dev: torch.device, layout, backend: 
 
         rx = make_rx(backend, layout, cache, write)
         board.put(f"ep/{name}", rx.endpoint)
+        stamps = Stamps(type(rx), ("_on_landed", "_on_wire")) if backend == "cuda_ipc" else None
         secs, parts = [], []
         for rep in range(args.warmup + args.repeat):
             dst = list(range(layout.num_blocks - 1, layout.num_blocks - 1 - n, -1))   # scattered order
             rid = f"{name}{rep}"
             rx.expect(rid, dst, layout.num_layers, time.monotonic() + 300)
+            if stamps is not None:
+                stamps.take()
             board.put(f"x/{name}/{rep}", dst)
             wait_completed(rx)
             sync(dev)
@@ -223,16 +260,23 @@ def transfer(rank: int, board: Board, args, dev: torch.device, layout, backend: 
             progress(rank, f"{name} rep {rep} landed")
             if rep >= args.warmup:
                 t = board.get(f"x/{name}/{rep}/start")
+                t.update({f"rx.{k}": v for k, v in (stamps.take() if stamps else {}).items()})
+                t["rx_completed_seen"] = t_end
                 secs.append(t_end - t["start"])
                 parts.append({k: 1e3 * (v - t["start"]) for k, v in t.items() if k != "start"})
         src = torch.randn(layout.num_layers, *layout.block_shape(n), generator=g).to(layout.torch_dtype)
         assert torch.equal(cache[:, :, dst].cpu(), src), f"{name}: the landed KV differs"
         sender_stats = board.get(f"x/{name}/closed")
+        if stamps is not None:
+            stamps.remove()
         rx.close()
         nbytes = layout.bytes_per_block * n * layout.num_layers
-        # Where the time goes, from the sender's clock (same host, CLOCK_MONOTONIC): every
-        # layer's copy queued, the sender's stream idle, every report handed to the socket.
-        breakdown = {k: statistics.median(p[k] for p in parts) for k in parts[0]} if parts else {}
+        # Where the time goes, ms from the clock's start (one host, CLOCK_MONOTONIC): every
+        # layer's copy queued, every report handed to the socket (flushed), the sender's
+        # stream idle; with cuda_ipc the I/O thread's reports (tx_*) and the receiver's
+        # handling of them and of the done (rx_*), each first entry / last entry / last exit.
+        keys = set.intersection(*(set(p) for p in parts)) if parts else set()
+        breakdown = {k: statistics.median(p[k] for p in parts) for k in sorted(keys, key=lambda k: parts[0][k])}
         return dict(bytes=nbytes, ms=1e3 * statistics.median(secs), gbs=nbytes / statistics.median(secs) / 1e9,
                     layers_per_call=per_call, ids_before_clock=prepare, sender_ms=breakdown,
                     sender_stats=sender_stats)
@@ -240,6 +284,7 @@ def transfer(rank: int, board: Board, args, dev: torch.device, layout, backend: 
     cache[:, :, :n] = src.to(dev)
     tx = make_tx(backend, board.get(f"ep/{name}"), dev)
     timer = HostTimer().install() if backend == "cuda_ipc" and args.host_timer else None
+    stamps = Stamps(type(tx), ("_report_landed", "_report")) if backend == "cuda_ipc" else None
     src_ids = list(range(n))
     for rep in range(args.warmup + args.repeat):
         dst = board.get(f"x/{name}/{rep}")
@@ -251,6 +296,8 @@ def transfer(rank: int, board: Board, args, dev: torch.device, layout, backend: 
             if prepare:
                 tx.prepare_blocks(rid, dst, src_ids)
         sync(dev)
+        if stamps is not None:
+            stamps.take()
         t = dict(start=time.monotonic())
         for layer in range(layout.num_layers):
             due = kt.layers_due(layer, layout.num_layers, per_call)
@@ -262,7 +309,10 @@ def transfer(rank: int, board: Board, args, dev: torch.device, layout, backend: 
         t["flushed"] = time.monotonic()
         sync(dev)
         t["device_idle"] = time.monotonic()
+        t.update({f"tx.{k}": v for k, v in (stamps.take() if stamps else {}).items()})
         board.put(f"x/{name}/{rep}/start", t)
+    if stamps is not None:
+        stamps.remove()
     stats = dict(getattr(tx, "stats", {}))
     if timer is not None:
         timer.remove()

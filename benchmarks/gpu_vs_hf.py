@@ -83,6 +83,9 @@ def run_engine(args, stream, variant: str = "overlap") -> dict:
     graphs = engine.runner.decode_graphs
     phase = {"graph": [0, 0.0], "eager": [0, 0.0]}
     batch_sum, max_batch, last_eager = 0, 0, 0.0
+    # Per step() call: its start and end (s from the stream's start), what it launched
+    # (graph / eager) and how many first tokens it handed out: where a stream's TTFT goes.
+    timeline = []
     start = time.perf_counter()
     while done < n:
         now = time.perf_counter() - start
@@ -106,6 +109,8 @@ def run_engine(args, stream, variant: str = "overlap") -> dict:
                 max_batch = max(max_batch, len(outs))
             else:
                 last_eager = t
+            timeline.append([round(t_step - start, 5), round(t, 5), kind,
+                             sum(1 for o in outs if o.new_token_ids and got[int(o.request_id)] == 0)])
             for o in outs:
                 i = int(o.request_id)
                 if got[i] == 0:
@@ -129,7 +134,8 @@ def run_engine(args, stream, variant: str = "overlap") -> dict:
                graph_steps=phase["graph"][0], graph_step_s=phase["graph"][1],
                eager_steps=phase["eager"][0], eager_step_s=phase["eager"][1],
                graph_mean_batch=batch_sum / max(phase["graph"][0], 1), graph_max_batch=max_batch,
-               last_eager_step_end_s=last_eager, last_arrival_s=stream[-1]["arrival"])
+               last_eager_step_end_s=last_eager, last_arrival_s=stream[-1]["arrival"],
+               timeline=timeline if args.timeline else None)
     del engine
     gc.collect()
     torch.cuda.empty_cache()
@@ -228,6 +234,8 @@ def main():
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--engines", default="overlap",
                     help=f"comma-separated engine variants, run in turn on the same stream: {','.join(ENGINE_VARIANTS)}")
+    ap.add_argument("--timeline", action="store_true",
+                    help="keep each step() call's start, end, kind and first tokens in the JSON")
     ap.add_argument("--json")
     ap.add_argument("--one-engine", help=argparse.SUPPRESS)   # internal: run this variant, print its JSON
     args = ap.parse_args()

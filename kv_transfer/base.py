@@ -330,17 +330,31 @@ class KVReceiver(abc.ABC):
     def _mark_landed(self, h: KVHeader) -> None:
         """Blocks ``h.block_ids`` of layer ``h.layer`` are in the cache (written by
         ``write_layer``, or by the sender itself on backends that copy directly)."""
-        rid = h.request_id
+        self._mark_layers_landed(h.request_id, range(h.layer, h.layer + 1), h.block_ids, h.nbytes)
+
+    def _mark_layers_landed(self, rid: str, layers: range, block_ids, nbytes_per_layer: int,
+                            covers_reservation: bool = False) -> None:
+        """The same blocks of several layers at once (a cuda_ipc report covers a group of
+        layers): the ids are hashed once for all of them, not once per layer, and not at
+        all when the caller has checked that they are the request's whole reservation
+        (distinct, reserved, as many as reserved: each such layer is complete)."""
         x = self._xfers[rid]
         self._mark_first_frame(x)
-        self.stats["layers_written"] += 1
-        self.stats["bytes"] += h.nbytes
-        x.bytes += h.nbytes
-        missing = x.missing[h.layer]
-        if missing:
-            missing.difference_update(h.block_ids)
-            if not missing:
-                x.layers_left -= 1
+        self.stats["layers_written"] += len(layers)
+        self.stats["bytes"] += nbytes_per_layer * len(layers)
+        x.bytes += nbytes_per_layer * len(layers)
+        ids = None
+        for layer in layers:
+            missing = x.missing[layer]
+            if missing:
+                if covers_reservation:
+                    missing.clear()
+                else:
+                    if ids is None:
+                        ids = frozenset(block_ids)
+                    missing -= ids
+                if not missing:
+                    x.layers_left -= 1
         self._maybe_complete(rid)
 
     # ---- internals --------------------------------------------------------------------------------

@@ -252,27 +252,39 @@ def _layout_dict(layout: KVLayout) -> dict:
 _LANDED_KEYS = {"v", "request_id", "first_layer", "num_layers", "block_ids"}
 
 
-def encode_landed(request_id: str, first_layer: int, num_layers: int, block_ids: Sequence[int]) -> bytes:
+def encode_landed(request_id: str, first_layer: int, num_layers: int, block_ids: Sequence[int],
+                  done: bytes | None = None) -> bytes:
     """Layers ``first_layer .. first_layer + num_layers - 1`` of blocks ``block_ids`` are in
-    the receiver's cache. The ids were checked when the sender made its index for them."""
-    return msgpack.packb(dict(v=IPC_PROTOCOL_VERSION, request_id=request_id, first_layer=first_layer,
-                              num_layers=num_layers, block_ids=block_ids), use_bin_type=True)
+    the receiver's cache. The ids were checked when the sender made its index for them.
+    ``done``: the request's done header, when these are its last layers and the done was
+    already queued: it rides along instead of following in a message of its own (one hop
+    less on a transfer's critical path); the receiver handles it as if it came next."""
+    d = dict(v=IPC_PROTOCOL_VERSION, request_id=request_id, first_layer=first_layer, num_layers=num_layers,
+             block_ids=block_ids)
+    if done is not None:
+        d["done"] = done
+    return msgpack.packb(d, use_bin_type=True)
 
 
-def decode_landed(buf) -> tuple[str, int, int, tuple[int, ...]]:
-    """Schema-check a landed report: (request id, first layer, layer count, block ids).
-    WireError on anything else; the ids are checked against the reservation by the caller."""
-    d = _unpack_bounded(buf, "landed", MAX_HEADER_BYTES, max_bin_len=0, max_array_len=MAX_BLOCKS_PER_MESSAGE,
-                        max_map_len=8)
-    if type(d) is not dict or set(d) != _LANDED_KEYS or type(d["v"]) is not int or d["v"] != IPC_PROTOCOL_VERSION:
+def decode_landed(buf) -> tuple[str, int, int, tuple[int, ...], bytes | None]:
+    """Schema-check a landed report: (request id, first layer, layer count, block ids, the
+    done header riding along or None). WireError on anything else; the ids are checked
+    against the reservation by the caller, the done header as any wire message."""
+    d = _unpack_bounded(buf, "landed", 2 * MAX_HEADER_BYTES, max_bin_len=MAX_HEADER_BYTES,
+                        max_array_len=MAX_BLOCKS_PER_MESSAGE, max_map_len=8)
+    if (type(d) is not dict or not (set(d) == _LANDED_KEYS or set(d) == _LANDED_KEYS | {"done"})
+            or type(d["v"]) is not int or d["v"] != IPC_PROTOCOL_VERSION):
         raise WireError("landed: wrong keys or version")
+    done = d.get("done")
+    if done is not None and type(done) is not bytes:
+        raise WireError("landed: done must be the bytes of a done header")
     rid = check_request_id(d["request_id"])
     first, count, ids = d["first_layer"], d["num_layers"], d["block_ids"]
     if type(first) is not int or type(count) is not int or not (0 <= first and 0 < count and first + count <= MAX_LAYERS):
         raise WireError(f"landed: layers {first!r} + {count!r} outside [0, {MAX_LAYERS})", rid)
-    if type(ids) is not list or not ids or any(type(b) is not int or b < 0 for b in ids):
+    if type(ids) is not list or not ids or set(map(type, ids)) != {int} or min(ids) < 0:
         raise WireError("landed: block_ids must be a non-empty list of block ids", rid)
-    return rid, first, count, tuple(ids)
+    return rid, first, count, tuple(ids), done
 
 
 # ---- decode side -----------------------------------------------------------------------------------------
@@ -450,7 +462,7 @@ class IpcKVReceiver(KVReceiver):
 
     def _on_landed(self, pair: _Pair, body) -> None:
         try:
-            rid, first, count, ids = decode_landed(body)
+            rid, first, count, ids, done = decode_landed(body)
             res = self._res.get(rid)
             if res is None:
                 raise UnknownRequestError(f"request {rid!r} is not expected here", rid)
@@ -467,10 +479,14 @@ class IpcKVReceiver(KVReceiver):
         if self._claims.get(rid) != pair.ident:   # only the granted sender writes a transfer
             self._reject(WireError(f"landed: {rid!r} was not granted to this sender", rid))
             return
-        for layer in range(first, first + count):
-            if rid not in self._xfers:
-                break
-            self._mark_landed(KVHeader(rid, layer, ids, self.layout.dtype, shape))
+        if rid not in self._xfers:
+            return
+        nbytes = KVHeader(rid, first, ids, self.layout.dtype, shape).nbytes
+        # check_kv found the ids distinct and reserved: as many as reserved means all of them
+        self._mark_layers_landed(rid, range(first, first + count), ids, nbytes,
+                                 covers_reservation=len(ids) == len(res.block_set))
+        if done is not None:
+            self._on_wire(pair, done)
 
     def _on_wire(self, pair: _Pair, body) -> None:
         try:
@@ -1048,6 +1064,7 @@ class IpcKVSender(KVSender):
                 return
             with self._lock:
                 self._remote = remote
+                self._block_bytes = 2 * remote[0, 0, 0].numel() * remote.element_size()   # K and V of a block
                 self._lease_until = self._ping_sent + self.lease_s
             log.info("kv cuda_ipc sender to %s: pair formed (%s)", self.endpoint, remote.device)
         elif t == "refuse":
@@ -1107,8 +1124,7 @@ class IpcKVSender(KVSender):
             if it.kind == "stop":
                 return True
             if landed:
-                self._report_landed(landed)
-                handled = len(landed)
+                handled = len(landed) + self._report_landed(landed, self._done_after(len(landed)))
             elif self._handle(it):
                 handled = 1
             else:
@@ -1119,13 +1135,23 @@ class IpcKVSender(KVSender):
                 self._busy -= handled
                 self._idle.notify_all()
 
-    def _report_landed(self, items: list[_Item]) -> None:
+    def _done_after(self, i: int) -> _Item | None:
+        """The done queued right after the first ``i`` items, if it ends the request of the
+        i-th (its report can carry it)."""
+        with self._lock:
+            if len(self._queue) > i and self._queue[i].kind == "done" and self._queue[i].rid == self._queue[i - 1].rid:
+                return self._queue[i]
+        return None
+
+    def _report_landed(self, items: list[_Item], done: _Item | None = None) -> int:
         """Copies launched by the caller, in launch order on one side stream: once the
         newest has finished all have. That rests on two invariants of this class: every
         copy, the caller's and the I/O thread's deferred ones, goes to ``self._side``, and
         a copy is launched and queued under ``self._lock`` in one step (queue order is
         launch order). One report per run of one request's consecutive layers into the
-        same blocks."""
+        same blocks; ``done`` (queued right after them, for the last run's request) goes
+        with the last report. Returns how many items beyond ``items`` it handled (1 for the
+        done, else 0)."""
         last = next((x.event for x in reversed(items) if x.event is not None), None)
         if last is not None:
             last.synchronize()
@@ -1137,7 +1163,15 @@ class IpcKVSender(KVSender):
                 continue
             self._report(run.rid, run.layer, count, run.dst)
             run, count = x, x.num_layers
-        self._report(run.rid, run.layer, count, run.dst)
+        if done is None:
+            self._report(run.rid, run.layer, count, run.dst)
+            return 0
+        body = self._close_request(done)
+        if body is done.body and self._report(run.rid, run.layer, count, run.dst, done=body):
+            return 1
+        self._report(run.rid, run.layer, count, run.dst)   # nothing if the request failed
+        self._send_final(done.rid, body)
+        return 1
 
     def _handle(self, it: _Item) -> bool:
         """Handle one item; False leaves it at the head of the queue (it cannot go yet)."""
@@ -1179,6 +1213,13 @@ class IpcKVSender(KVSender):
             self._report(rid, it.layer, it.num_layers, it.dst)
             return True
         # done / abort: every earlier item of rid has been handled (the queue is in order)
+        self._send_final(rid, self._close_request(it))
+        return True
+
+    def _close_request(self, it: _Item) -> bytes:
+        """A done or abort of ``it.rid`` is going out: forget the request, and return the
+        header to send (a done turned into an abort if not all of it landed)."""
+        rid = it.rid
         with self._lock:
             failed = rid in self._failed or rid in self._revoked
             self._granted.discard(rid)
@@ -1187,30 +1228,33 @@ class IpcKVSender(KVSender):
             self._indices.pop(rid, None)
             self._gather_ids.pop(rid, None)
             self._begun.pop(rid, None)
-        body = it.body
         if it.kind == "done" and failed:   # not all of it landed: let the receiver fall back now
             self.stats["dones_as_aborts"] += 1
             with self._lock:
                 why = self._failed.get(rid, "revoked")
-            body = encode_abort(rid, why)[0]
+            return encode_abort(rid, why)[0]
+        return it.body
+
+    def _send_final(self, rid: str, body: bytes) -> None:
         try:
             self._send(_WIRE, body)
         except zmq.ZMQError as e:
             with self._lock:
                 self._mark_failed(rid, f"control send failed: {e}")
-        return True
 
-    def _report(self, rid: str, first: int, num_layers: int, dst: list[int]) -> None:
-        """Tell the receiver that layers' copies have landed (unless rid was revoked)."""
+    def _report(self, rid: str, first: int, num_layers: int, dst: list[int], done: bytes | None = None) -> bool:
+        """Tell the receiver that layers' copies have landed (unless rid was revoked or
+        failed), with rid's done header if given; True if it went."""
         with self._lock:
             skip = rid in self._revoked or rid in self._failed
             remote = self._remote
         if skip or remote is None:
-            return
-        if not self._try_send(_LANDED, encode_landed(rid, first, num_layers, dst), rid):
-            return
+            return False
+        if not self._try_send(_LANDED, encode_landed(rid, first, num_layers, dst, done), rid):
+            return False
         self.stats["reports"] += 1
-        self.stats["bytes"] += 2 * remote[0, 0, 0].numel() * remote.element_size() * len(dst) * num_layers
+        self.stats["bytes"] += self._block_bytes * len(dst) * num_layers
+        return True
 
     def _shutdown(self) -> None:
         with self._idle:

@@ -300,13 +300,13 @@ def check_kv(h: KVHeader, layout: KVLayout, res: Reservation) -> int:
         raise WireError(f"layer: {h.layer} outside [0, {min(layout.num_layers, res.num_layers)})", rid)
     if h.dtype != layout.dtype:
         raise WireError(f"dtype: {h.dtype} but the receiving cache is {layout.dtype}", rid)
-    for b in h.block_ids:
-        if b >= layout.num_blocks:
-            raise WireError(f"block_ids: {b} outside [0, {layout.num_blocks})", rid)
-    if len(set(h.block_ids)) != len(h.block_ids):
+    if h.block_ids and max(h.block_ids) >= layout.num_blocks:
+        raise WireError(f"block_ids: {max(h.block_ids)} outside [0, {layout.num_blocks})", rid)
+    ids = set(h.block_ids)
+    if len(ids) != len(h.block_ids):
         raise WireError("block_ids: duplicates", rid)
-    stray = [b for b in h.block_ids if b not in res.block_set]
-    if stray:
+    if not ids <= res.block_set:
+        stray = [b for b in h.block_ids if b not in res.block_set]
         raise WireError(f"block_ids: {_short(stray)} not reserved for {rid!r}", rid)
     want = layout.block_shape(len(h.block_ids))
     if h.shape != want:

@@ -267,6 +267,28 @@ def test_several_layers_in_one_launch_land_exactly_with_one_report(pair):
     assert poll_until(rx, lambda o: o.completed).completed[0].request_id == "p"
 
 
+def test_a_done_queued_behind_the_last_layers_goes_with_their_report(pair, monkeypatch):
+    """The I/O thread finds the last group's copy and the done both queued (it is not
+    woken until its poll times out): one landed message carries both, no done message of
+    its own follows, and the transfer completes exactly."""
+    from kv_transfer.ipc_backend import _LANDED, _WIRE, IpcKVSender
+    layout, rx, cache, tx = pair()
+    src = src_cache(3, layout)
+    rx.expect("q", [4, 1], deadline=time.monotonic() + 20)
+    tx.begin("q")
+    granted(rx, tx, "q")
+    kinds = []
+    real_send = tx._send
+    monkeypatch.setattr(tx, "_send", lambda kind, body: (kinds.append(kind), real_send(kind, body))[1])
+    monkeypatch.setattr(IpcKVSender, "_wake", lambda self: None)
+    tx.send_layers_blocks("q", range(0, layout.num_layers), [4, 1], src, [7, 30])
+    tx.send_done("q", 3, layout.num_layers)
+    out = poll_until(rx, lambda o: o.completed)
+    assert [(c.request_id, c.first_token) for c in out.completed] == [("q", 3)]
+    assert torch.equal(cache[:, :, [4, 1]], src[:, :, [7, 30]])
+    assert tx.flush(5) and kinds.count(_LANDED) == 1 and kinds.count(_WIRE) == 0
+
+
 def test_a_cancelled_granted_transfer_holds_its_blocks_until_the_sender_is_fenced(pair):
     layout, rx, cache, tx = pair()
     src = src_cache(2, layout)
@@ -382,7 +404,20 @@ def test_landed_reports_past_the_reservation_and_kv_headers_fail_their_transfer(
             ipc.decode_landed(ipc.encode_landed("x", 0, 0, [1]))
         with pytest.raises(WireError):
             ipc.decode_landed(ipc.encode_landed("x", 0, 1, []))
-        assert ipc.decode_landed(ipc.encode_landed("x", 3, 2, [1, 5])) == ("x", 3, 2, (1, 5))
+        assert ipc.decode_landed(ipc.encode_landed("x", 3, 2, [1, 5])) == ("x", 3, 2, (1, 5), None)
+        done = kt.wire.encode_done("x", 7, 5)[0]
+        assert ipc.decode_landed(ipc.encode_landed("x", 3, 2, [1, 5], done))[4] == done
+        with pytest.raises(WireError):   # the done rides as the bytes of a header, nothing else
+            ipc.decode_landed(msgpack.packb(dict(v=ipc.IPC_PROTOCOL_VERSION, request_id="x", first_layer=0,
+                                                 num_layers=1, block_ids=[1], done="text")))
+        # A last report carrying the done completes its transfer (the done checked as any).
+        rx.expect("h3", [20, 21], deadline=time.monotonic() + 20)
+        rogue.send_multipart([b"c", ipc.encode_control("claim", request_id="h3")])
+        poll_until(rx, lambda _: "h3" in rx._claims)
+        rogue.send_multipart([b"l", ipc.encode_landed("h3", 0, layout.num_layers, [20, 21],
+                                                      kt.wire.encode_done("h3", 9, layout.num_layers)[0])])
+        out = poll_until(rx, lambda o: o.completed)
+        assert [(c.request_id, c.first_token) for c in out.completed] == [("h3", 9)] and "h3" not in rx._claims
     finally:
         rogue.close(0)
 
