@@ -400,6 +400,39 @@ def summary(profile: dict) -> dict:
                 seconds=profile["measurement"]["seconds"])
 
 
+def _on_cuda(device: str | None) -> bool:
+    import torch
+    return (device is None or str(device).startswith("cuda")) and torch.cuda.is_available()
+
+
+def _child_main(opts_fields: dict, path: str) -> None:
+    import json
+    with open(path, "w") as f:
+        json.dump(run_profile(ProfileOptions(**opts_fields)), f)
+
+
+def run_profile_in_child(opts: ProfileOptions) -> dict:
+    """run_profile in a child process, its profile back as JSON. On a GPU the deployed
+    probe that follows starts workers that need the memory the profiling engine held, and
+    a CUDA engine dropped in-process does not give all of it back (not diagnosed): the
+    child's exit does."""
+    import dataclasses
+    import json
+    import multiprocessing
+    import os
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix="pdserve-profile-") as d:
+        path = os.path.join(d, "profile.json")
+        child = multiprocessing.get_context("spawn").Process(target=_child_main, name="pdserve-profile",
+                                                             args=(dataclasses.asdict(opts), path))
+        child.start()
+        child.join()
+        if child.exitcode != 0 or not os.path.exists(path):
+            raise RuntimeError(f"the profiling process failed (exit code {child.exitcode}); its error is above")
+        with open(path) as f:
+            return json.load(f)
+
+
 def run_command(args, front_end=None, deployed=None) -> int:
     """front_end(samples, seed): the request path's front-end overheads to add to the
     profile's `overheads` (deploy/frontend_probe.measure: planner/ does not import grpc).
@@ -407,7 +440,8 @@ def run_command(args, front_end=None, deployed=None) -> int:
     (deploy/deployed_probe.measure), run last, with the step fit in place."""
     import json
     opts = options_from_args(args)
-    profile = run_profile(opts)
+    deploys = deployed is not None and opts.overheads and opts.deployed_probe
+    profile = run_profile_in_child(opts) if deploys and _on_cuda(opts.device) else run_profile(opts)
     if front_end is not None and opts.overheads:
         profile["overheads"].update(front_end(samples=opts.overhead_samples or (5 if opts.quick else 12),
                                               seed=opts.seed))

@@ -904,3 +904,19 @@ def test_per_stream_overhead_grows_tpot_with_the_requests_streaming_at_once_and_
     p["overheads"]["per_stream_s"] = -1.0
     with pytest.raises(ValueError, match="per_stream_s"):
         pf.validate_profile(p)
+
+
+def test_a_profile_measured_in_a_child_process_comes_back_whole(tmp_path):
+    """On a GPU with the deployed probe to follow, the step grid runs in a child process
+    (its exit frees the GPU for the probe's workers): the profile it returns is the same
+    valid document an in-process run writes."""
+    from planner import profiler
+    opts = profiler.ProfileOptions(model="random:tiny", device="cpu", quick=True, overheads=False,
+                             engine=dict(max_num_batched_tokens=64, max_num_seqs=4, num_kv_blocks=128))
+    p = profiler.run_profile_in_child(opts)
+    pf.validate_profile(p)
+    assert p["model"]["name"] == "random:tiny" and p["engine"]["max_num_seqs"] == 4
+    assert {s["kind"] for s in p["steps"]} == {"prefill", "decode", "mixed"}
+    with pytest.raises(RuntimeError, match="profiling process failed"):
+        profiler.run_profile_in_child(profiler.ProfileOptions(model="random:no-such-shape", device="cpu",
+                                                              quick=True, overheads=False))
