@@ -16,6 +16,29 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def triton_variants() -> dict[str, int]:
+    """Compiled variants held by each of the engine's Triton kernels (all devices): the
+    difference across a timed run counts the compiles that stalled it."""
+    import importlib
+    out = {}
+    for mod in ("engine.kernels.triton_ops", "engine.quant.triton_kernels", "kv_transfer.block_copy"):
+        try:
+            m = importlib.import_module(mod)
+        except Exception:
+            continue
+        for name, obj in vars(m).items():
+            caches = getattr(obj, "device_caches", None)
+            if caches is None:
+                continue
+            try:
+                n = sum(len(entry[0]) for entry in caches.values())
+            except Exception:   # another Triton's layout: not counted
+                continue
+            if n:
+                out[f"{mod.rsplit('.', 1)[-1]}.{name}"] = n
+    return out
+
+
 def cuda_time_ms(fn, iters: int = 20, warmup: int = 3) -> float:
     """Median of `iters` event-timed calls of fn() (after warm-up), in ms."""
     for _ in range(warmup):

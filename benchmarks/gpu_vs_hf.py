@@ -86,6 +86,7 @@ def run_engine(args, stream, variant: str = "overlap") -> dict:
     # Per step() call: its start and end (s from the stream's start), what it launched
     # (graph / eager) and how many first tokens it handed out: where a stream's TTFT goes.
     timeline = []
+    variants_before = gc_.triton_variants()
     start = time.perf_counter()
     while done < n:
         now = time.perf_counter() - start
@@ -135,7 +136,10 @@ def run_engine(args, stream, variant: str = "overlap") -> dict:
                eager_steps=phase["eager"][0], eager_step_s=phase["eager"][1],
                graph_mean_batch=batch_sum / max(phase["graph"][0], 1), graph_max_batch=max_batch,
                last_eager_step_end_s=last_eager, last_arrival_s=stream[-1]["arrival"],
-               timeline=timeline if args.timeline else None)
+               timeline=timeline if args.timeline else None,
+               # kernels compiled during the timed run (each a stall of the whole step)
+               triton_compiles={k: v - variants_before.get(k, 0) for k, v in gc_.triton_variants().items()
+                                if v > variants_before.get(k, 0)})
     del engine
     gc.collect()
     torch.cuda.empty_cache()

@@ -400,7 +400,11 @@ def _load_kv_tile(cache_ptr, block_table_row, offs_n, n_valid, kv_head, offs_d,
 # Paged decode attention (split-K / flash-decoding)
 # --------------------------------------------------------------------------------------
 
-@triton.jit
+# Integer arguments whose value moves with the batch (context lengths, sequence counts)
+# are not specialized: Triton would otherwise compile a new variant, mid-serving, the
+# first time one of them is 1 or a multiple of 16, a stall of about a second for every
+# request in the step. The same goes for constexpr paddings sized from them.
+@triton.jit(do_not_specialize=["partition_tokens", "num_partitions"])
 def _decode_partition_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
         out_ptr, part_max_ptr, part_sum_ptr, part_out_ptr, arrivals_ptr,
@@ -525,21 +529,24 @@ def _decode_reduce_group(out_ptr, part_max_ptr, part_sum_ptr, part_out_ptr, s, h
              out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["partition_tokens", "num_partitions"])
 def _decode_reduce_kernel(out_ptr, part_max_ptr, part_sum_ptr, part_out_ptr, context_lens_ptr,
                           partition_tokens, num_partitions, stride_os, stride_oh,
-                          HEAD_DIM: tl.constexpr, PART_PAD: tl.constexpr, BLOCK_P: tl.constexpr):
+                          HEAD_DIM: tl.constexpr, BLOCK_P: tl.constexpr):
     s = tl.program_id(0)
     h = tl.program_id(1)
     ctx = tl.load(context_lens_ptr + s)
     n_parts = tl.minimum(tl.cdiv(ctx, partition_tokens), num_partitions)
     base = (s * tl.num_programs(1) + h).to(tl.int64) * num_partitions
 
-    # The global max only needs the (small) per-partition maxima; the D-wide partial
-    # outputs are then streamed in chunks so registers stay bounded for many partitions.
-    offs_p = tl.arange(0, PART_PAD)
-    g_max = tl.max(tl.load(part_max_ptr + base + offs_p, mask=offs_p < n_parts,
-                           other=float("-inf")), axis=0)
+    # The global max only needs the (small) per-partition maxima, read in chunks (a width
+    # padded to the partition count would be a compile per power of two); the D-wide
+    # partial outputs are then streamed in chunks so registers stay bounded.
+    g_max = tl.full([], float("-inf"), tl.float32)
+    for p0 in range(0, n_parts, BLOCK_P):
+        offs = p0 + tl.arange(0, BLOCK_P)
+        g_max = tl.maximum(g_max, tl.max(tl.load(part_max_ptr + base + offs, mask=offs < n_parts,
+                                                 other=float("-inf")), axis=0))
     offs_d = tl.arange(0, HEAD_DIM)
     acc = tl.zeros([HEAD_DIM], tl.float32)
     denom = tl.zeros([], tl.float32)
@@ -664,7 +671,7 @@ def _paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, sca
         _decode_reduce_kernel[(S, H)](
             out, part_max, part_sum, part_out, context_lens,
             partition_tokens, num_partitions, out.stride(0), out.stride(1),
-            HEAD_DIM=D, PART_PAD=_next_pow2(num_partitions), BLOCK_P=16, num_warps=4)
+            HEAD_DIM=D, BLOCK_P=16, num_warps=4)
     return out
 
 
@@ -708,14 +715,14 @@ def _prefill_inner(acc, m_i, l_i, q, q_pos, k_cache_ptr, v_cache_ptr, bt_row, ct
     return acc, m_i, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs"])
 def _prefill_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, query_start_loc_ptr,
         context_lens_ptr, num_seqs, scale_log2,
         stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
         stride_kb, stride_ko, stride_kh, stride_vb, stride_vo, stride_vh,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEQ_PAD: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEQ_CHUNK: tl.constexpr,
         DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
     pid = tl.program_id(0)
     head = tl.program_id(1)
@@ -723,19 +730,29 @@ def _prefill_kernel(
     # on the device: sizing the grid by max q_len instead would need a device->host sync
     # on every layer. Every program redoes this scan; it is S integers, negligible next to
     # one attention tile. The grid holds an upper bound of tiles and the surplus exits.
-    offs_s = tl.arange(0, SEQ_PAD)
-    s_mask = offs_s < num_seqs
-    starts = tl.load(query_start_loc_ptr + offs_s, mask=s_mask, other=0).to(tl.int32)
-    ends = tl.load(query_start_loc_ptr + offs_s + 1, mask=s_mask, other=0).to(tl.int32)
-    seq_tiles = tl.cdiv(ends - starts, BLOCK_M)
-    tiles_end = tl.cumsum(seq_tiles, axis=0)
-    s = tl.sum((tiles_end <= pid).to(tl.int32), axis=0)
+    # The scan goes SEQ_CHUNK sequences at a time (a width padded to the sequence count
+    # would be a compile per power of two): s counts the sequences whose tiles all end at
+    # or before pid, and tiles_before is where sequence s's tiles begin (the cumulative
+    # tile counts only grow, so that is the largest of them not past pid).
+    s = tl.zeros([], tl.int32)
+    tiles_before = tl.zeros([], tl.int32)
+    carried = tl.zeros([], tl.int32)
+    for s0 in range(0, num_seqs, SEQ_CHUNK):
+        offs_s = s0 + tl.arange(0, SEQ_CHUNK)
+        s_mask = offs_s < num_seqs
+        starts = tl.load(query_start_loc_ptr + offs_s, mask=s_mask, other=0).to(tl.int32)
+        ends = tl.load(query_start_loc_ptr + offs_s + 1, mask=s_mask, other=0).to(tl.int32)
+        tiles_end = carried + tl.cumsum(tl.cdiv(ends - starts, BLOCK_M), axis=0)
+        done = (tiles_end <= pid) & s_mask
+        s += tl.sum(done.to(tl.int32), axis=0)
+        tiles_before = tl.maximum(tiles_before, tl.max(tl.where(done, tiles_end, 0), axis=0))
+        carried = tl.max(tiles_end, axis=0)
     if s >= num_seqs:
         return
     q_start = tl.load(query_start_loc_ptr + s).to(tl.int32)
     q_len = tl.load(query_start_loc_ptr + s + 1).to(tl.int32) - q_start
     n_tiles = tl.cdiv(q_len, BLOCK_M)
-    tile_in_seq = pid - tl.sum(tl.where(offs_s < s, seq_tiles, 0), axis=0)
+    tile_in_seq = pid - tiles_before
     # Later tiles see more keys (causal), so give them the lower program ids: the longest
     # programs of a sequence start first and its short ones fill in behind them.
     tile = n_tiles - 1 - tile_in_seq
@@ -813,7 +830,7 @@ def _paged_prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        GROUP=H // KH, HEAD_DIM=D, BLOCK_SIZE=BS, SEQ_PAD=max(16, _next_pow2(S)),
+        GROUP=H // KH, HEAD_DIM=D, BLOCK_SIZE=BS, SEQ_CHUNK=16,
         DOT_PRECISION=_dot_precision(q.dtype), DOT_UPCAST=_dot_upcast(q.device), **cfg)
     return out
 
