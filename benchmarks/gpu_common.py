@@ -16,9 +16,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def triton_variants() -> dict[str, int]:
-    """Compiled variants held by each of the engine's Triton kernels (all devices): the
-    difference across a timed run counts the compiles that stalled it."""
+def triton_variants() -> dict[str, set]:
+    """The compiled variants (their cache keys: the argument specialization) held by each
+    of the engine's Triton kernels, all devices: the ones new after a timed run are the
+    compiles that stalled it, and their keys say which argument asked for them."""
     import importlib
     out = {}
     for mod in ("engine.kernels.triton_ops", "engine.quant.triton_kernels", "kv_transfer.block_copy"):
@@ -31,11 +32,11 @@ def triton_variants() -> dict[str, int]:
             if caches is None:
                 continue
             try:
-                n = sum(len(entry[0]) for entry in caches.values())
+                keys = {str(k) for entry in caches.values() for k in entry[0]}
             except Exception:   # another Triton's layout: not counted
                 continue
-            if n:
-                out[f"{mod.rsplit('.', 1)[-1]}.{name}"] = n
+            if keys:
+                out[f"{mod.rsplit('.', 1)[-1]}.{name}"] = keys
     return out
 
 

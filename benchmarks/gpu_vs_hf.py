@@ -138,8 +138,8 @@ def run_engine(args, stream, variant: str = "overlap") -> dict:
                last_eager_step_end_s=last_eager, last_arrival_s=stream[-1]["arrival"],
                timeline=timeline if args.timeline else None,
                # kernels compiled during the timed run (each a stall of the whole step)
-               triton_compiles={k: v - variants_before.get(k, 0) for k, v in gc_.triton_variants().items()
-                                if v > variants_before.get(k, 0)})
+               triton_compiles={k: sorted(v - variants_before.get(k, set()))
+                                for k, v in gc_.triton_variants().items() if v - variants_before.get(k, set())})
     del engine
     gc.collect()
     torch.cuda.empty_cache()

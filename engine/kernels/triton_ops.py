@@ -400,11 +400,11 @@ def _load_kv_tile(cache_ptr, block_table_row, offs_n, n_valid, kv_head, offs_d,
 # Paged decode attention (split-K / flash-decoding)
 # --------------------------------------------------------------------------------------
 
-# Integer arguments whose value moves with the batch (context lengths, sequence counts)
-# are not specialized: Triton would otherwise compile a new variant, mid-serving, the
+# Integer arguments whose value moves with the batch (context lengths, sequence counts,
+# the block table's width) are not specialized: Triton would otherwise compile a new variant, mid-serving, the
 # first time one of them is 1 or a multiple of 16, a stall of about a second for every
 # request in the step. The same goes for constexpr paddings sized from them.
-@triton.jit(do_not_specialize=["partition_tokens", "num_partitions"])
+@triton.jit(do_not_specialize=["partition_tokens", "num_partitions", "stride_bt"])
 def _decode_partition_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
         out_ptr, part_max_ptr, part_sum_ptr, part_out_ptr, arrivals_ptr,
@@ -715,7 +715,7 @@ def _prefill_inner(acc, m_i, l_i, q, q_pos, k_cache_ptr, v_cache_ptr, bt_row, ct
     return acc, m_i, l_i
 
 
-@triton.jit(do_not_specialize=["num_seqs"])
+@triton.jit(do_not_specialize=["num_seqs", "stride_bt"])
 def _prefill_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, query_start_loc_ptr,
         context_lens_ptr, num_seqs, scale_log2,
