@@ -67,7 +67,9 @@ def _launch(grid: tuple[int, int, int], s: torch.Tensor, d: torch.Tensor, src_id
     global _fast_launch
     args = (s, d, src_ids, dst_ids, first_plane, s.stride(0), d.stride(0), s.shape[2], chunk)
     key = None
-    if s.is_cuda and _fast_launch:
+    # Triton compiles and loads for the current device: a kernel is kept only where that is
+    # the caches' own.
+    if s.is_cuda and _fast_launch and torch.cuda.current_device() == s.device.index:
         key = (s.device.index, s.dtype, src_ids.dtype, dst_ids.dtype, chunk, warps, s.data_ptr() % 16, d.data_ptr() % 16, src_ids.data_ptr() % 16,
                dst_ids.data_ptr() % 16, -2 ** 31 <= first_plane < 2 ** 31, _int_kind(args[5]),
                _int_kind(args[6]), _int_kind(args[7]))
@@ -77,7 +79,7 @@ def _launch(grid: tuple[int, int, int], s: torch.Tensor, d: torch.Tensor, src_id
                 on = stream if stream is not None else torch.cuda.current_stream(s.device)
                 kernel[grid](*args, stream=on.cuda_stream)
                 return
-            except Exception:   # an API change in Triton: its own launcher from here on
+            except (TypeError, ValueError, AttributeError):   # this Triton launches differently
                 _fast_launch = False
                 log.warning("block copy: direct launch of the compiled kernel failed; using Triton's launcher",
                             exc_info=True)

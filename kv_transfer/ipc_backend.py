@@ -270,7 +270,7 @@ def decode_landed(buf) -> tuple[str, int, int, tuple[int, ...], bytes | None]:
     """Schema-check a landed report: (request id, first layer, layer count, block ids, the
     done header riding along or None). WireError on anything else; the ids are checked
     against the reservation by the caller, the done header as any wire message."""
-    d = _unpack_bounded(buf, "landed", 2 * MAX_HEADER_BYTES, max_bin_len=MAX_HEADER_BYTES,
+    d = _unpack_bounded(buf, "landed", MAX_HEADER_BYTES, max_bin_len=MAX_HEADER_BYTES,
                         max_array_len=MAX_BLOCKS_PER_MESSAGE, max_map_len=8)
     if (type(d) is not dict or not (set(d) == _LANDED_KEYS or set(d) == _LANDED_KEYS | {"done"})
             or type(d["v"]) is not int or d["v"] != IPC_PROTOCOL_VERSION):
@@ -485,7 +485,14 @@ class IpcKVReceiver(KVReceiver):
         # check_kv found the ids distinct and reserved: as many as reserved means all of them
         self._mark_layers_landed(rid, range(first, first + count), ids, nbytes,
                                  covers_reservation=len(ids) == len(res.block_set))
-        if done is not None:
+        if done is not None:   # only this request's done may ride along
+            try:
+                h = decode_header(done)
+                if not isinstance(h, DoneHeader) or h.request_id != rid:
+                    raise WireError(f"landed: the header riding along is not {rid!r}'s done", rid)
+            except WireError as e:
+                self._reject(e)
+                return
             self._on_wire(pair, done)
 
     def _on_wire(self, pair: _Pair, body) -> None:
@@ -1166,11 +1173,17 @@ class IpcKVSender(KVSender):
         if done is None:
             self._report(run.rid, run.layer, count, run.dst)
             return 0
-        body = self._close_request(done)
-        if body is done.body and self._report(run.rid, run.layer, count, run.dst, done=body):
+        # Closing the request forgets a revoke, so the report goes first: with the done in
+        # it when all of the request landed and is still wanted, else on its own (it is
+        # skipped for a revoked or failed request) and the done closes as usual (turned
+        # into an abort if the request failed, the merged send included).
+        with self._lock:
+            whole = done.rid not in self._failed and done.rid not in self._revoked
+        if whole and self._report(run.rid, run.layer, count, run.dst, done=done.body):
+            self._close_request(done)
             return 1
-        self._report(run.rid, run.layer, count, run.dst)   # nothing if the request failed
-        self._send_final(done.rid, body)
+        self._report(run.rid, run.layer, count, run.dst)
+        self._send_final(done.rid, self._close_request(done))
         return 1
 
     def _handle(self, it: _Item) -> bool:

@@ -242,10 +242,9 @@ class PrefillWorker(WorkerBase):
                 if layer == 0:   # the first group is still computing: its set-up is off the path
                     try:
                         job.sender.prepare_blocks(job.kv_key, job.dst, src)
-                    except Exception as e:
-                        self.counters["send_errors"] += 1
-                        job.error = f"preparing the transfer failed: {type(e).__name__}: {e}"
-                        log.warning("prefill worker %s: %s: %s", self.worker_id, job.kv_key, job.error)
+                    except Exception as e:   # only a head start: the send redoes it (or says why not)
+                        log.warning("prefill worker %s: %s: preparing the transfer failed: %s: %s",
+                                    self.worker_id, job.kv_key, type(e).__name__, e)
                 continue
             try:
                 job.sender.send_layers_blocks(job.kv_key, due, job.dst, self.engine.kv_cache, src)
