@@ -920,3 +920,60 @@ def test_a_profile_measured_in_a_child_process_comes_back_whole(tmp_path):
     with pytest.raises(RuntimeError, match="profiling process failed"):
         profiler.run_profile_in_child(profiler.ProfileOptions(model="random:no-such-shape", device="cpu",
                                                               quick=True, overheads=False))
+
+
+def test_an_idle_worker_slows_the_next_first_token_by_the_probes_measure():
+    """idle_wake_s: a worker idle past the probe's first gap starts its next step late
+    (linear up to the second gap, flat past it), nothing when barely idle; the probe's
+    derivation gets the added time back from simulated records, and merge_into keeps it
+    (and drops a stale one)."""
+    from deploy.deployed_probe import IDLE_GAP_S, IDLE_WAKE_GAP_S, derive_idle_wake, merge_into
+    from planner.simulator import ClusterConfig, simulate
+    from planner.workload import Request
+    cm = CostModel.synthetic(step_s=1e-3, per_token_s=2e-5, max_num_batched_tokens=256,
+                             transfer_latency_s=0.5e-3, transfer_bytes_per_s=1e9)
+    cfg = ClusterConfig("colocated", decode=1)
+
+    def ttft(cost, arrivals):
+        return [r["ttft"] for r in simulate(cost, cfg, [Request(a, 64, 8) for a in arrivals])[0]]
+
+    base = ttft(cm, [0.05])[0]
+    cm.idle_wake = [(IDLE_GAP_S, 0.0), (IDLE_WAKE_GAP_S, 2e-3)]
+    assert cm.idle_wake_s(0.05) == 0.0 and cm.idle_wake_s(10.0) == pytest.approx(2e-3)
+    assert cm.idle_wake_s((IDLE_GAP_S + IDLE_WAKE_GAP_S) / 2) == pytest.approx(1e-3)
+    assert ttft(cm, [0.05])[0] == pytest.approx(base)                  # barely idle: nothing
+    assert ttft(cm, [5.0])[0] == pytest.approx(base + 2e-3)           # idle since the start
+    # The worker's first step after idling starts late, once: a second request right behind
+    # the first waits for the first's steps, not for a wake of its own.
+    first, second = ttft(cm, [5.0, 5.0 + 1e-4])
+    alone = ttft(CostModel.synthetic(step_s=1e-3, per_token_s=2e-5, max_num_batched_tokens=256,
+                                     transfer_latency_s=0.5e-3, transfer_bytes_per_s=1e9), [5.0, 5.0 + 1e-4])
+    assert first == pytest.approx(alone[0] + 2e-3) and second == pytest.approx(alone[1] + 2e-3)
+    # The probe's derivation: lone requests IDLE_GAP_S vs IDLE_WAKE_GAP_S after an idle start.
+    near = {64: [dict(ttft=ttft(cm, [IDLE_GAP_S])[0]) for _ in range(3)]}
+    far = {64: [dict(ttft=ttft(cm, [IDLE_WAKE_GAP_S])[0]) for _ in range(3)]}
+    points, seen = derive_idle_wake(near, far)
+    assert points[0] == [IDLE_GAP_S, 0.0] and points[1][0] == IDLE_WAKE_GAP_S
+    assert points[1][1] == pytest.approx(2e-3, rel=1e-6) and seen["extra_ms"] == pytest.approx(2.0, rel=1e-4)
+    assert derive_idle_wake({64: near[64]}, {128: far[64]}) == ([], {})   # no common length: none
+    derived = dict(router_direct_s=1e-3, per_token_stream_s=0.0, per_prompt_token_s=0.0, prompt_residual=[],
+                   deployed={}, idle_wake_s=points)
+    o = merge_into(dict(router_direct_s=0.0, router_disaggregated_s=0.0, per_token_stream_s=0.0,
+                        idle_wake_s=[[0.1, 0.5]]), derived, "n")
+    assert o["idle_wake_s"] == points
+    o = merge_into(dict(o), dict(derived, idle_wake_s=[]), "n")
+    assert "idle_wake_s" not in o
+
+
+def test_a_profile_checks_its_idle_wake_points():
+    p = a_profile()
+    p["steps"] = grid_steps(CostModel.synthetic(**GPU_LIKE))
+    for bad in ([[0.4, 0.001], [0.1, 0.0]], [[0.1, -1.0]], [[0.1]], "x", [[0.1, float("nan")]]):
+        q = copy.deepcopy(p)
+        q["overheads"]["idle_wake_s"] = bad
+        with pytest.raises(ValueError, match="idle_wake_s"):
+            pf.validate_profile(q)
+    q = copy.deepcopy(p)
+    q["overheads"]["idle_wake_s"] = [[0.1, 0.0], [0.4, 0.001]]
+    pf.validate_profile(q)
+    assert CostModel.from_profile(q).idle_wake_s(0.4) == pytest.approx(0.001)
