@@ -58,6 +58,12 @@ idle cluster, overheads zeroed), so that they mean exactly what the simulator ad
                           requests cannot show it: on a CPU host TPOT grew with the requests
                           streaming at once far faster than the engine's batching and the
                           cores' sharing price (benchmarks/RESULTS.md, issue 15).
+  idle_wake_s             lone direct requests of IDLE_WAKE_LENGTHS also sent
+                          IDLE_WAKE_GAP_S apart (after the others, to the same cluster):
+                          the median over those lengths of their median TTFT minus the
+                          same lengths' at IDLE_GAP_S, as points [[IDLE_GAP_S, 0],
+                          [IDLE_WAKE_GAP_S, extra]]: the simulator starts a worker's first
+                          step after an idle stretch that much later (CostModel.idle_wake_s).
   path_jitter_s           per route, how the lone requests' residuals scatter about the priced
                           path (quantiles at 0, 5, ..., 100 %, median 0): the simulator adds a
                           draw from it to each request's path (CostModel.path_jitter_s), so the
