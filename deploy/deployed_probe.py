@@ -58,12 +58,6 @@ idle cluster, overheads zeroed), so that they mean exactly what the simulator ad
                           requests cannot show it: on a CPU host TPOT grew with the requests
                           streaming at once far faster than the engine's batching and the
                           cores' sharing price (benchmarks/RESULTS.md, issue 15).
-  idle_wake_s             lone direct requests of IDLE_WAKE_LENGTHS also sent
-                          IDLE_WAKE_GAP_S apart (after the others, to the same cluster):
-                          the median over those lengths of their median TTFT minus the
-                          same lengths' at IDLE_GAP_S, as points [[IDLE_GAP_S, 0],
-                          [IDLE_WAKE_GAP_S, extra]]: the simulator starts a worker's first
-                          step after an idle stretch that much later (CostModel.idle_wake_s).
   path_jitter_s           per route, how the lone requests' residuals scatter about the priced
                           path (quantiles at 0, 5, ..., 100 %, median 0): the simulator adds a
                           draw from it to each request's path (CostModel.path_jitter_s), so the
@@ -95,10 +89,6 @@ IDLE_GAP_S = 0.1          # between requests: each one meets an idle cluster, as
 # once, OUTPUT_TOKENS each, a round after each idle gap.
 CONCURRENT_STREAMS = 4
 CONCURRENT_PROMPT = 64
-# idle_wake_s: lone direct requests of these lengths also sent IDLE_WAKE_GAP_S apart, to the
-# same cluster, against the same lengths IDLE_GAP_S apart.
-IDLE_WAKE_GAP_S = 0.4
-IDLE_WAKE_LENGTHS = (64, 256)
 
 
 def probe_lengths(max_model_len: int, output: int = OUTPUT_TOKENS) -> list[int]:
@@ -117,7 +107,6 @@ def _zeroed(cost, per_token_stream_s: float = 0.0):
     c.per_stream_s = 0.0
     c.prompt_residual = []
     c.path_jitter = {}
-    c.idle_wake = []
     return c
 
 
@@ -384,7 +373,7 @@ def merge_into(overheads: dict, derived: dict, notes: str) -> dict:
         ref["frontend"] = fe
     out = {k: v for k, v in overheads.items()
            if k not in ("router_direct_s", "router_disaggregated_s", "per_token_stream_s", "notes",
-                        "per_stream_s", "per_stream_upto", "idle_wake_s",   # measured against the old ones
+                        "per_stream_s", "per_stream_upto",   # measured against the old overheads
                         "frontend_direct_s", "per_prompt_token_s", "frontend_notes", "reference")}
     if "path_jitter_s" in derived:
         out["path_jitter_s"] = derived["path_jitter_s"]
@@ -394,14 +383,12 @@ def merge_into(overheads: dict, derived: dict, notes: str) -> dict:
                per_token_stream_s=derived["per_token_stream_s"], per_prompt_token_s=derived["per_prompt_token_s"],
                prompt_residual=derived["prompt_residual"],
                **{k: derived[k] for k in ("per_stream_s", "per_stream_upto") if k in derived},
-               **({"idle_wake_s": derived["idle_wake_s"]} if derived.get("idle_wake_s") else {}),
                method="deployed", notes=notes, deployed=derived["deployed"], reference=ref)
     return out
 
 
 # ---- the measurement ----------------------------------------------------------------------------------
-async def _sequential(address: str, prompts: list[tuple[int, list[int]]], output: int, timeout: float,
-                      gap_s: float = IDLE_GAP_S) -> list:
+async def _sequential(address: str, prompts: list[tuple[int, list[int]]], output: int, timeout: float) -> list:
     import grpc
 
     from deploy.bench import GrpcTarget
@@ -411,7 +398,7 @@ async def _sequential(address: str, prompts: list[tuple[int, list[int]]], output
     async with grpc.aio.insecure_channel(address) as ch:
         stub = pb_grpc.GenerationStub(ch)
         for n, prompt in prompts:
-            await asyncio.sleep(gap_s)
+            await asyncio.sleep(IDLE_GAP_S)
             r = await target._one(stub, dict(arrival=0.0, prompt=prompt, max_tokens=output), time.perf_counter())
             if not r["ok"]:
                 raise RuntimeError(f"deployed probe: a {n}-token request failed: {r.get('error')}")
@@ -465,22 +452,16 @@ def _serve_config(opts, mode: str):
 
 
 def measure_mode(opts, mode: str, lengths: list[int], output: int, repeats: int, warmup: int, seed: int,
-                 vocab: int = 40000, timeout: float = 120.0, spaced: list[int] | None = None):
-    """Lone requests on a started cluster of the mode: {prompt length: [bench records]}.
-    With ``spaced`` (lengths), also those lengths sent IDLE_WAKE_GAP_S apart, `repeats`
-    each, to the same cluster: (records, spaced records)."""
+                 vocab: int = 40000, timeout: float = 120.0) -> dict[int, list[dict]]:
+    """Lone requests on a started cluster of the mode: {prompt length: [bench records]}."""
     from deploy.bench import ClusterThread
     rng = np.random.default_rng(seed)
     fresh = lambda n: rng.integers(3, vocab, size=n).tolist()  # noqa: E731  (no prefix-cache hits)
     ct = ClusterThread(_serve_config(opts, mode))
-    far = []
     try:
         asyncio.run(_sequential(ct.address, [(n, fresh(n)) for _ in range(warmup) for n in lengths], output, timeout))
         got = asyncio.run(_sequential(ct.address, [(n, fresh(n)) for _ in range(repeats) for n in lengths],
                                       output, timeout))
-        if spaced:
-            far = asyncio.run(_sequential(ct.address, [(n, fresh(n)) for _ in range(repeats) for n in spaced],
-                                          output, timeout, gap_s=IDLE_WAKE_GAP_S))
     finally:
         ct.close()
     want = "direct" if mode == "direct" else "disaggregated"
@@ -490,30 +471,7 @@ def measure_mode(opts, mode: str, lengths: list[int], output: int, repeats: int,
     out: dict[int, list[dict]] = {n: [] for n in lengths}
     for n, r in got:
         out[n].append(r)
-    if spaced is None:
-        return out
-    out_far: dict[int, list[dict]] = {n: [] for n in spaced}
-    for n, r in far:
-        out_far[n].append(r)
-    return out, out_far
-
-
-def derive_idle_wake(near: dict[int, list[dict]], far: dict[int, list[dict]]) -> tuple[list[list[float]], dict]:
-    """overheads.idle_wake_s from the same lengths sent IDLE_GAP_S and IDLE_WAKE_GAP_S apart:
-    the median over lengths of (median TTFT far apart - median TTFT near), at least 0, as
-    the points [[IDLE_GAP_S, 0], [IDLE_WAKE_GAP_S, that]] (the rest of the path was priced
-    at IDLE_GAP_S); and what it read, per length, for the profile."""
-    per = {}
-    for n, recs in far.items():
-        if recs and near.get(n):
-            per[n] = dict(near_ttft_ms=_ms(statistics.median(r["ttft"] for r in near[n])),
-                          far_ttft_ms=_ms(statistics.median(r["ttft"] for r in recs)))
-    if not per:
-        return [], {}
-    extra = max(0.0, statistics.median(p["far_ttft_ms"] - p["near_ttft_ms"] for p in per.values()) / 1e3)
-    seen = dict(gaps_s=[IDLE_GAP_S, IDLE_WAKE_GAP_S], by_length={str(n): p for n, p in per.items()},
-                extra_ms=_ms(extra))
-    return [[IDLE_GAP_S, 0.0], [IDLE_WAKE_GAP_S, extra]], seen
+    return out
 
 
 def measure(profile: dict, opts, repeats: int = 15, warmup: int = 2, ray_cpus: int = 6) -> dict:
@@ -535,9 +493,7 @@ def measure(profile: dict, opts, repeats: int = 15, warmup: int = 2, ray_cpus: i
     t0 = time.perf_counter()
     rounds = max(3, repeats // 3)
     try:
-        wake_lengths = [n for n in IDLE_WAKE_LENGTHS if n in lengths] or lengths[:1]
-        direct, spaced = measure_mode(opts, "direct", lengths, OUTPUT_TOKENS, repeats, warmup, opts.seed,
-                                      spaced=wake_lengths)
+        direct = measure_mode(opts, "direct", lengths, OUTPUT_TOKENS, repeats, warmup, opts.seed)
         disagg = measure_mode(opts, "disaggregated", lengths, OUTPUT_TOKENS, repeats, warmup, opts.seed + 1)
         loaded = measure_concurrent(opts, CONCURRENT_STREAMS, CONCURRENT_PROMPT, OUTPUT_TOKENS, rounds, 1,
                                     opts.seed + 2)
@@ -545,7 +501,6 @@ def measure(profile: dict, opts, repeats: int = 15, warmup: int = 2, ray_cpus: i
         if started_ray:
             ray.shutdown()
     derived = derive_overheads(cost, direct, disagg, OUTPUT_TOKENS)
-    derived["idle_wake_s"], derived["deployed"]["idle_wake"] = derive_idle_wake(direct, spaced)
     # The concurrent streams against the simulator with everything derived so far in place,
     # on the host's layout as `pdserve plan` would simulate this cluster.
     priced = CostModel.from_profile(dict(profile, overheads=merge_into(profile["overheads"], derived, "")))
@@ -571,8 +526,6 @@ def measure(profile: dict, opts, repeats: int = 15, warmup: int = 2, ray_cpus: i
                 f"TPOT {d['concurrent']['tpot_ms']:.2f} ms (engine and the rest priced "
                 f"{d['concurrent']['priced_tpot_ms']:.2f}), per further stream "
                 f"{derived['per_stream_s'] * 1e3:.3f} ms")
-             + (f"; a worker idle {IDLE_WAKE_GAP_S}s instead of {IDLE_GAP_S}s: "
-                f"+{d['idle_wake']['extra_ms']:.2f} ms to the first token" if d.get("idle_wake") else "")
              + (f". Negative residuals (cost model over-predicts), clamped at 0: {d['negative']}" if d["negative"] else ""))
     return merge_into(profile["overheads"], derived, notes[:3900])
 

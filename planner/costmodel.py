@@ -394,10 +394,6 @@ class CostModel:
         # How the deployed probe's lone requests scattered about that path, per route
         # (quantiles, median 0): the simulator draws each request's share (path_jitter).
         self.path_jitter = {k: [float(v) for v in q] for k, q in (o.get("path_jitter_s") or {}).items()}
-        # What a worker idle for a while adds to the next request's first token (the deployed
-        # probe's lone requests sent further apart): [(idle seconds, extra seconds)], linear
-        # between points, nothing before the first, flat past the last (idle_wake_s).
-        self.idle_wake = [(float(g), float(x)) for g, x in o.get("idle_wake_s", [])]
         # The front end's CPU beside the engines (competes for a CPU host's cores).
         self.frontend_cpu_per_request_s = float(o.get("frontend_cpu_per_request_s", 0.0))
         self.frontend_cpu_per_prompt_token_s = float(o.get("frontend_cpu_per_prompt_token_s", 0.0))
@@ -427,17 +423,6 @@ class CostModel:
             if n <= n1:
                 return s0 + (s1 - s0) * (n - n0) / (n1 - n0)
         return t[-1][1] + self.per_prompt_token_s * (n - t[-1][0])
-
-    def idle_wake_s(self, idle_s: float) -> float:
-        """The extra time to the first token of a request reaching a worker that has been
-        idle for ``idle_s`` seconds (0 without the probe's points)."""
-        pts = self.idle_wake
-        if not pts or idle_s <= pts[0][0]:
-            return 0.0 if not pts or idle_s < pts[0][0] else pts[0][1]
-        for (g0, x0), (g1, x1) in zip(pts, pts[1:]):
-            if idle_s <= g1:
-                return x0 + (x1 - x0) * (idle_s - g0) / (g1 - g0)
-        return pts[-1][1]
 
     def path_jitter_s(self, route: str, u: float) -> float:
         """The request path's scatter for a request of `route` ("direct" or

@@ -12,7 +12,7 @@
      "overheads": {"router_direct_s", "router_disaggregated_s", "per_token_stream_s", "notes",
                    "frontend_direct_s", "per_prompt_token_s", "frontend_notes",     # optional from here
                    "method", "deployed", "reference", "prompt_residual",    # deploy/deployed_probe.py
-                   "path_jitter_s", "per_stream_s", "per_stream_upto", "idle_wake_s"},
+                   "path_jitter_s", "per_stream_s", "per_stream_upto"},
      "fit":      {"model", "form", "coefficients": {name: value}, "relative_error": {...},
                   "candidates": {...}, ...}}   # optional; "model": the form's name (costmodel.FORMS)
 
@@ -204,27 +204,6 @@ def _check_prompt_residual(o: dict, where: str) -> None:
         last = n
 
 
-MAX_IDLE_WAKE_POINTS = 8
-MAX_IDLE_S = 3600.0
-
-
-def _check_idle_wake(o: dict, where: str) -> None:
-    """overheads.idle_wake_s: [[seconds the worker was idle, extra seconds to the request's
-    first token], ...], idle seconds strictly increasing (deploy/deployed_probe.py)."""
-    pts = _list(o, "idle_wake_s", where, MAX_IDLE_WAKE_POINTS)
-    last = -1.0
-    for i, pt in enumerate(pts):
-        w = f"{where}.idle_wake_s[{i}]"
-        if not isinstance(pt, list) or len(pt) != 2:
-            raise ValueError(f"{w}: must be [idle seconds, seconds]")
-        for v, hi in zip(pt, (MAX_IDLE_S, MAX_SECONDS)):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 <= v <= hi:
-                raise ValueError(f"{w}: {v!r} must be a non-negative finite number <= {hi}")
-        if not pt[0] > last:
-            raise ValueError(f"{w}: idle seconds must increase, got {pt[0]!r} after {last!r}")
-        last = pt[0]
-
-
 MAX_JITTER_QUANTILES = 101
 
 
@@ -367,8 +346,6 @@ def validate_profile(d) -> dict:
         _check_prompt_residual(o, "profile.overheads")
     if "path_jitter_s" in o:
         _check_path_jitter(o, "profile.overheads")
-    if "idle_wake_s" in o:
-        _check_idle_wake(o, "profile.overheads")
     _str(o, "notes", "profile.overheads", optional=True, limit=MAX_NOTES)
     _str(o, "frontend_notes", "profile.overheads", optional=True, limit=MAX_NOTES)
     # How the priced numbers were measured: "deployed" (deploy/deployed_probe.py: Ray clusters timed

@@ -140,7 +140,6 @@ class _Worker:
         self.busy = False
         self.busy_s = 0.0
         self.steps = 0
-        self.active_until = 0.0   # when its last step ended (the run's start before any)
 
     def wake(self) -> None:
         if not self.busy:
@@ -158,15 +157,8 @@ class _Worker:
 
         def ended():
             self.busy_s += self.sim.now - t0
-            self.active_until = self.sim.now
             self.step_end(scheduled)
-        # The first step after the worker sat idle starts late (CostModel.idle_wake_s, from
-        # the deployed probe's lone requests sent further apart).
-        wake = self.sim.cost.idle_wake_s(t0 - self.active_until) if getattr(self.sim.cost, "idle_wake", None) else 0.0
-        if wake > 0:
-            self.sim.at(t0 + wake, self.run_step, scheduled, ended)
-        else:
-            self.run_step(scheduled, ended)
+        self.run_step(scheduled, ended)
 
     def run_step(self, scheduled, on_done, device_free=None) -> float:
         """Price a step and run it from now; on_done() when its results are ready. The step is
