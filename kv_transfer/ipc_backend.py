@@ -719,24 +719,9 @@ class IpcKVSender(KVSender):
         if layers.stop > min(MAX_LAYERS, src_cache.shape[0]):
             raise ValueError(f"layers {layers.start}..{layers.stop - 1} outside the cache's {src_cache.shape[0]}")
         src_ids = self._source_ids(src_block_ids, ids)
-        if not ids:
-            return
-        if rid not in self._begun:   # a plain read first: every group of a request after its first skips the lock
-            self.begin(rid)
-        with self._lock:
-            launched = self._can_write(rid) and src_cache.device == self._remote.device
-            if launched:
-                self._launch_group(rid, src_cache, layers, ids, src_ids)
-                wake = self._enqueue(_Item("landed", rid, layers.start, ids, event=self._last_copy.get(rid),
-                                           num_layers=len(layers)))
-        if launched:
-            if wake:
-                self._wake()
-            return
-        # Not granted yet, or the receiver's cache is on another GPU: the group's blocks
-        # gathered in one go, for the I/O thread to copy as one item.
-        planes = src_cache[layers.start:layers.stop].flatten(0, 1)
-        self._queue_copy(rid, layers.start, ids, self._gather(rid, planes, src_ids), len(layers))
+        self._ship(rid, layers.start, len(layers), ids, src_ids, src_cache.device,
+                   lambda: self._launch_group(rid, src_cache, layers, ids, src_ids),
+                   lambda: src_cache[layers.start:layers.stop].flatten(0, 1))
 
     def prepare_blocks(self, request_id: str, dst_block_ids: Sequence[int], src_block_ids: Sequence[int]) -> None:
         """Upload a begun request's block ids to the device now (the prefill worker calls
@@ -806,24 +791,32 @@ class IpcKVSender(KVSender):
         src_ids = self._source_ids(src_block_ids, ids)
         if planes.shape[0] != 2 * num_layers:
             raise ValueError(f"{planes.shape[0]} planes of source cache for {num_layers} layers (want K and V each)")
+        self._ship(rid, first, num_layers, ids, src_ids, planes.device,
+                   lambda: self._launch(rid, planes, self._remote[first:first + num_layers].flatten(0, 1), ids,
+                                        src_ids=src_ids),
+                   lambda: planes)
+
+    def _ship(self, rid: str, first: int, num_layers: int, ids: list[int], src_ids: list[int], device,
+              launch, planes) -> None:
+        """A group's copy: ``launch()`` now, holding the lock, when it may (granted, lease
+        held, the receiver's cache on ``device``), then its landed report queued; else the
+        group's ``planes()`` (K and V of its layers in the caller's cache) gathered at once
+        for the I/O thread to copy as one item once granted."""
         if not ids:
             return
         if rid not in self._begun:   # a plain read first: every group of a request after its first skips the lock
             self.begin(rid)
         with self._lock:
-            launched = self._can_write(rid) and planes.device == self._remote.device
+            launched = self._can_write(rid) and device == self._remote.device
             if launched:
-                dst = self._remote[first:first + num_layers].flatten(0, 1)
-                self._launch(rid, planes, dst, ids, src_ids=src_ids)
+                launch()
                 wake = self._enqueue(_Item("landed", rid, first, ids, event=self._last_copy.get(rid),
                                            num_layers=num_layers))
         if launched:
             if wake:
                 self._wake()
             return
-        # Not granted yet, or the receiver's cache is on another GPU: the group's blocks
-        # gathered in one go, for the I/O thread to copy as one item.
-        self._queue_copy(rid, first, ids, self._gather(rid, planes, src_ids), num_layers)
+        self._queue_copy(rid, first, ids, self._gather(rid, planes(), src_ids), num_layers)
 
     @staticmethod
     def _source_ids(src_block_ids: Sequence[int], ids: list[int]) -> list[int]:
