@@ -70,9 +70,9 @@ def _launch(grid: tuple[int, int, int], s: torch.Tensor, d: torch.Tensor, src_id
     # Triton compiles and loads for the current device: a kernel is kept only where that is
     # the caches' own.
     if s.is_cuda and _fast_launch and torch.cuda.current_device() == s.device.index:
-        key = (s.device.index, s.dtype, src_ids.dtype, dst_ids.dtype, chunk, warps, s.data_ptr() % 16, d.data_ptr() % 16, src_ids.data_ptr() % 16,
-               dst_ids.data_ptr() % 16, -2 ** 31 <= first_plane < 2 ** 31, _int_kind(args[5]),
-               _int_kind(args[6]), _int_kind(args[7]))
+        key = (s.device.index, s.dtype, src_ids.dtype, dst_ids.dtype, chunk, warps,
+               s.data_ptr() % 16, d.data_ptr() % 16, src_ids.data_ptr() % 16, dst_ids.data_ptr() % 16,
+               -2 ** 31 <= first_plane < 2 ** 31, _int_kind(args[5]), _int_kind(args[6]), _int_kind(args[7]))
         kernel = _compiled.get(key)
         if kernel is not None:
             try:
@@ -140,9 +140,8 @@ def copy_blocks(src: torch.Tensor, dst: torch.Tensor, src_ids: torch.Tensor, dst
 class CacheCopier:
     """:func:`copy_blocks` between two whole paged caches, ``[num_layers, 2, num_blocks,
     ...]`` each (block and layer counts may differ), for any run of consecutive layers
-    both have. What one
-    call would redo (the checks, the caches' word views) is done once here, so a sender
-    launching a copy per group of layers pays only the launch."""
+    both have. What one call would redo (the checks, the caches' word views) is done once
+    here, so a sender launching a copy per group of layers pays only the launch."""
 
     def __init__(self, src_cache: torch.Tensor, dst_cache: torch.Tensor, *, tile: tuple[int, int] | None = None):
         if (src_cache.dim() < 4 or dst_cache.dim() != src_cache.dim() or src_cache.shape[1] != 2

@@ -90,8 +90,9 @@ MAX_CONTROL_BYTES = 4096
 _INST_LEN = 16
 # The cuda_ipc control and landed messages' own version (the done/abort headers keep
 # kv_transfer.wire's): 2 since layers are reported as ranges (landed) instead of kv headers,
-# so a sender and receiver of different releases fail at hello instead of per transfer.
-IPC_PROTOCOL_VERSION = 2
+# 3 since the last landed report may carry the done; a sender and receiver of different
+# releases fail at hello instead of per transfer.
+IPC_PROTOCOL_VERSION = 3
 # First payload frame: a control map, a kv_transfer.wire header (done / abort), or a landed
 # report (copies of some layers' blocks have finished; see encode_landed).
 _CTRL, _WIRE, _LANDED = b"c", b"w", b"l"
