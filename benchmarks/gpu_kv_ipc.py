@@ -144,40 +144,54 @@ TILES = [(1024, 4), (2048, 4), (2048, 8), (4096, 4), (4096, 8), (8192, 8), (8192
 
 
 # ---- 2. transfer --------------------------------------------------------------------------------------------
-class HostTimer:
-    """Wall time spent in the cuda_ipc sender's parts, by any thread (summed per
-    name over a run, with call counts): where a send call's host time goes, from
-    wrappers installed here so the backend itself carries no timing code."""
+class _Wrapped:
+    """Methods of the backend's classes wrapped from here, by any thread, so the backend
+    itself carries no timing code: record(label, entered, left) on CLOCK_MONOTONIC (shared
+    by the two ranks on one host) around every call; remove() puts the methods back."""
+
+    def __init__(self):
+        self._undo = []
+
+    def wrap(self, owner, name: str, label: str | None = None) -> None:
+        fn, label = getattr(owner, name), label or name
+
+        def wrapped(*a, **k):
+            t0 = time.monotonic()
+            try:
+                return fn(*a, **k)
+            finally:
+                self.record(label, t0, time.monotonic())
+        setattr(owner, name, wrapped)
+        self._undo.append((owner, name, fn))
+
+    def record(self, label: str, entered: float, left: float) -> None:
+        raise NotImplementedError
+
+    def remove(self) -> None:
+        for owner, name, fn in reversed(self._undo):
+            setattr(owner, name, fn)
+
+
+class HostTimer(_Wrapped):
+    """Wall time spent in the cuda_ipc sender's parts (every call's seconds per name over a
+    run): where a send call's host time goes."""
 
     PARTS = ("begin", "prepare_blocks", "send_layers_blocks", "_check", "_launch_group", "_device_indices",
              "_enqueue", "_wake", "send_done", "flush")
 
     def __init__(self):
+        super().__init__()
         self.total: dict[str, list[float]] = {}   # label -> every call's seconds
-        self._undo = []
 
-    def _wrap(self, owner, name: str, label: str) -> None:
-        fn = getattr(owner, name)
-
-        def timed(*a, **k):
-            t0 = time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                self.total.setdefault(label, []).append(time.perf_counter() - t0)
-        setattr(owner, name, timed)
-        self._undo.append((owner, name, fn))
+    def record(self, label: str, entered: float, left: float) -> None:
+        self.total.setdefault(label, []).append(left - entered)
 
     def install(self) -> "HostTimer":
         import kv_transfer.ipc_backend as ib
         for name in self.PARTS:
-            self._wrap(ib.IpcKVSender, name, name)
-        self._wrap(ib.CacheCopier, "copy", "copy_blocks")   # the launch itself
+            self.wrap(ib.IpcKVSender, name)
+        self.wrap(ib.CacheCopier, "copy", "copy_blocks")   # the launch itself
         return self
-
-    def remove(self) -> None:
-        for owner, name, fn in reversed(self._undo):
-            setattr(owner, name, fn)
 
     def per_call_us(self) -> dict:
         # The median: the mean is dominated by first calls (a kernel compiled for a new
@@ -186,38 +200,26 @@ class HostTimer:
                 for k, v in self.total.items()}
 
 
-class Stamps:
-    """When chosen methods of a class ran (any thread), since the last reset: the first
-    entry, the last entry and the last exit of each, on CLOCK_MONOTONIC (shared by the two
-    ranks on one host). Where a transfer's last milliseconds go (the I/O thread's reports,
-    the receiver's handling of them and of the done) without timing code in the backend;
-    a wrapper costs about a microsecond per call, and these methods run a few times per
-    transfer."""
+class Stamps(_Wrapped):
+    """When chosen methods of a class ran since the last take(): the first entry, the last
+    entry and the last exit of each. Where a transfer's last milliseconds go (the I/O
+    thread's reports, the receiver's handling of them and of the done); a wrapper costs
+    about a microsecond per call, and these methods run a few times per transfer."""
 
     def __init__(self, owner, names: tuple[str, ...]):
+        super().__init__()
         self.seen: dict[str, float] = {}
-        self._undo = []
         for name in names:
-            fn = getattr(owner, name)
+            self.wrap(owner, name)
 
-            def stamped(*a, _fn=fn, _name=name, **k):
-                t0 = time.monotonic()
-                try:
-                    return _fn(*a, **k)
-                finally:
-                    self.seen.setdefault(f"{_name}:first_in", t0)
-                    self.seen[f"{_name}:last_in"] = t0
-                    self.seen[f"{_name}:last_out"] = time.monotonic()
-            setattr(owner, name, stamped)
-            self._undo.append((owner, name, fn))
+    def record(self, label: str, entered: float, left: float) -> None:
+        self.seen.setdefault(f"{label}:first_in", entered)
+        self.seen[f"{label}:last_in"] = entered
+        self.seen[f"{label}:last_out"] = left
 
     def take(self) -> dict[str, float]:
         seen, self.seen = self.seen, {}
         return seen
-
-    def remove(self) -> None:
-        for owner, name, fn in reversed(self._undo):
-            setattr(owner, name, fn)
 
 
 def transfer_variants(num_layers: int) -> list[tuple[str, str, int, bool]]:

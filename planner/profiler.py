@@ -445,7 +445,7 @@ def run_command(args, front_end=None, deployed=None) -> int:
     if front_end is not None and opts.overheads:
         profile["overheads"].update(front_end(samples=opts.overhead_samples or (5 if opts.quick else 12),
                                               seed=opts.seed))
-    if deployed is not None and opts.overheads and opts.deployed_probe:
+    if deploys:
         print("timing the deployed path (local Ray clusters, one request at a time, then a few at once; "
               "--no-deployed-probe skips)",
               flush=True)

@@ -237,14 +237,15 @@ class PrefillWorker(WorkerBase):
             # Layers go as the sender takes them (one per call for the staged backends, a
             # group per launch for cuda_ipc); a group is handed over once its last layer is.
             due = kt.layers_due(layer, self.num_layers, job.sender.layers_per_launch)
+            if due is None and layer:
+                continue
             src = table[job.first_block:job.first_block + len(job.dst)]
-            if due is None:
-                if layer == 0:   # the first group is still computing: its set-up is off the path
-                    try:
-                        job.sender.prepare_blocks(job.kv_key, job.dst, src)
-                    except Exception as e:   # only a head start: the send redoes it (or says why not)
-                        log.warning("prefill worker %s: %s: preparing the transfer failed: %s: %s",
-                                    self.worker_id, job.kv_key, type(e).__name__, e)
+            if due is None:   # layer 0 of a group still computing: the transfer's set-up, off the path
+                try:
+                    job.sender.prepare_blocks(job.kv_key, job.dst, src)
+                except Exception as e:   # only a head start: the send redoes it (or says why not)
+                    log.warning("prefill worker %s: %s: preparing the transfer failed: %s: %s",
+                                self.worker_id, job.kv_key, type(e).__name__, e)
                 continue
             try:
                 job.sender.send_layers_blocks(job.kv_key, due, job.dst, self.engine.kv_cache, src)

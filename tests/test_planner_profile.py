@@ -920,3 +920,20 @@ def test_a_profile_measured_in_a_child_process_comes_back_whole(tmp_path):
     with pytest.raises(RuntimeError, match="profiling process failed"):
         profiler.run_profile_in_child(profiler.ProfileOptions(model="random:no-such-shape", device="cpu",
                                                               quick=True, overheads=False))
+
+
+def test_ttft_by_idle_gap_buckets_lone_requests_by_the_clusters_idle_time():
+    """benchmarks/ttft_by_idle_gap.py: only requests sent with nothing in flight count, each
+    in the bucket of the time since the last one finished."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "ttft_by_idle_gap", Path(__file__).resolve().parent.parent / "benchmarks" / "ttft_by_idle_gap.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    row = lambda sent, e2e, ttft: dict(ok=True, sent_s=sent, e2e_s=e2e, ttft_s=ttft)  # noqa: E731
+    got = mod.lone_by_gap([row(0.05, 0.1, 0.004),    # idle 0.05 s since the start
+                           row(0.12, 0.1, 0.009),    # the first still in flight: not lone
+                           row(0.40, 0.1, 0.006),    # 0.18 s after the second finished
+                           row(1.50, 0.1, 0.007),    # 1.0 s after the third
+                           dict(ok=False, sent_s=0.3, e2e_s=0.0, ttft_s=0.0)])
+    assert got == {"<0.1": [4.0], "<0.2": [6.0], ">=0.6": [7.0]}

@@ -401,9 +401,10 @@ def _load_kv_tile(cache_ptr, block_table_row, offs_n, n_valid, kv_head, offs_d,
 # --------------------------------------------------------------------------------------
 
 # Integer arguments whose value moves with the batch (partition sizes and counts, the
-# sequence count, the block table's width) are not specialized: Triton would otherwise compile a new variant, mid-serving, the
-# first time one of them is 1 or a multiple of 16, a stall of about a second for every
-# request in the step. The same goes for constexpr paddings sized from them.
+# sequence count, the block table's width) are not specialized: Triton would otherwise
+# compile a new variant, mid-serving, the first time one of them is 1 or a multiple of 16,
+# a stall of about a second for every request in the step. The same goes for constexpr
+# paddings sized from them.
 @triton.jit(do_not_specialize=["partition_tokens", "num_partitions", "stride_bt"])
 def _decode_partition_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
