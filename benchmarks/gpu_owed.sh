@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu_owed.sh stream            # issue 14: the 256-request stream, 3 engine variants + HF
 #   bash benchmarks/gpu_owed.sh saturated decode  # issue 14: the same requests all at once; decode table
 #   bash benchmarks/gpu_owed.sh profile           # issue 15: the GPU profile (deployed-path probe)
+#   bash benchmarks/gpu_owed.sh gputests          # every test marked gpu
 #
 # Steps run in the order given; a step that fails or runs out of time is reported and the
 # next one still runs. Each step's stdout+stderr is in $OUT/<step>.log.
@@ -27,12 +28,13 @@ step() {   # step NAME SECONDS COMMAND...
     clean
 }
 
-[ $# -gt 0 ] || { echo "usage: $0 kv|tests|stream|saturated|decode|prefill|profile ..." >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 kv|tests|gputests|stream|saturated|decode|prefill|profile ..." >&2; exit 2; }
 for s in "$@"; do
     case "$s" in
         kv) step kv 300 bash -c "python benchmarks/gpu_kv_ipc.py --json --repeat 4 --warmup 1 --best-tile \
                 --ttft-tokens 1024 4096 7936 > '$OUT/kv_ipc.json'" ;;
         tests) step tests 240 python -m pytest -q -m gpu tests/test_kv_transfer_ipc.py tests/test_triton_kernels.py ;;
+        gputests) step gputests 420 python -m pytest -q -m gpu tests ;;
         stream) step stream 420 bash -c "cd benchmarks && python gpu_vs_hf.py --requests 256 \
                 --engines overlap,sync,dense --json '$OUT/stream.json'" ;;
         saturated) step saturated 420 bash -c "cd benchmarks && python gpu_vs_hf.py --requests 256 --rate 100000 \

@@ -111,6 +111,11 @@ class ModelRunner:
             n = int(cfg.kv_cache_memory_gb * 2**30) // per_block
         elif self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+            # Memory this process's caching allocator holds but no tensor uses (temporaries of
+            # the weight load, an engine dropped earlier in the process) counts as used in
+            # mem_get_info: hand it back first, or the pool comes out smaller than it can be,
+            # or below zero for a second engine in one process.
+            torch.cuda.empty_cache()
             free, total = torch.cuda.mem_get_info(self.device)
             # Leave room for the activations of the largest step (logits dominate).
             act = cfg.max_num_batched_tokens * (self.mcfg.vocab_size * 4 + self.mcfg.intermediate_size * 8) + 2**30

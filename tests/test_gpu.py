@@ -98,6 +98,26 @@ def test_llama3_8b_random_bf16_generates():
     assert_no_leaks(llm.engine)
 
 
+def test_an_engine_dropped_in_process_gives_its_memory_to_the_next():
+    """The KV pool is sized from the free GPU memory. An engine deleted in the process
+    (tests, notebooks, the profiler) leaves its pool in torch's caching allocator, which the
+    driver counts as used: the next engine must still get the same pool, and the first
+    one's tensors must all be gone (nothing keeps the engine alive)."""
+    import gc
+    base = torch.cuda.memory_allocated()
+    kw = dict(device="cuda", dtype="bfloat16", max_model_len=2048)
+    llm = LLM("random:llama3-1b", **kw)
+    first = llm.engine.runner.num_blocks
+    llm.generate([[5, 6, 7] * 40], SamplingParams(max_tokens=8, ignore_eos=True))
+    del llm
+    gc.collect()   # no empty_cache here: the engine must not depend on its caller for it
+    assert torch.cuda.memory_allocated() - base < 64 * 2**20
+    llm = LLM("random:llama3-1b", **kw)
+    assert llm.engine.runner.num_blocks >= 0.98 * first
+    out = llm.generate([[5, 6, 7] * 40], SamplingParams(max_tokens=8, ignore_eos=True))
+    assert len(out[0].token_ids) == 8
+
+
 def test_cuda_graph_decode_matches_eager_greedy():
     """Decode steps replayed from CUDA graphs (batches padded up to a bucket, wide block
     tables) give exactly the eager path's greedy tokens. fp32, so the two paths' different
