@@ -95,7 +95,8 @@ class Attention(nn.Module):
                                                                batch.decode_context_lens, self.scale)
                                .reshape(T, self.q_size))
         if dense:
-            pre = self.ops.causal_prefill_attention(q[nd:], k[nd:], v[nd:], batch.prefill_fresh_lens, self.scale)
+            pre = self.ops.causal_prefill_attention(q[nd:], k[nd:], v[nd:], batch.prefill_fresh_lens, self.scale,
+                                                     batch.prefill_query_start_loc)
         else:
             pre = self.ops.paged_prefill_attention(q[nd:], k_cache, v_cache, batch.prefill_block_tables,
                                                    batch.prefill_query_start_loc, batch.prefill_context_lens,
