@@ -447,57 +447,9 @@ def test_causal_prefill_attention_equals_the_paged_kernels(H, KH, lens, dtype):
     # The triton backend's (cuDNN only) where it can serve the heads and dtype: never on a CPU.
     if tri.dense_prefill_supported(H, KH, D, dtype, q.device):
         _close(tri.causal_prefill_attention(q, k, v, lens, scale), expected, dtype)
-        # with the offsets on the device: one varlen flash launch where this torch serves it
-        _close(tri.causal_prefill_attention(q, k, v, lens, scale, qsl), expected, dtype)
     else:
         assert q.device.type == "cpu" or dtype == torch.float32
     _close(tri.paged_prefill_attention(q, k_cache, v_cache, tables.to(DEVICE), qsl, ctx, scale), expected, dtype)
-
-
-def test_varlen_path_serves_several_fresh_sequences_in_one_launch(monkeypatch):
-    """Several fresh sequences with their offsets on the device go to torch's varlen flash
-    attention in one call, with the causal keyword this torch's signature takes; one
-    sequence, or no offsets, keeps the per-sequence path. (The kernel itself runs only on
-    a GPU: the fake here computes the reference from the offsets it is handed.)"""
-    H, KH, D, lens = 8, 2, 32, [16, 5, 30]
-    q, k, v = (_randn(sum(lens), n, D, dtype=torch.float32, seed=s) for n, s in ((H, 3), (KH, 4), (KH, 5)))
-    cu = torch.tensor([0, 16, 21, 51], dtype=torch.int32)
-    calls = []
-
-    def fake_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1)):
-        calls.append((cu_seq_q.tolist(), max_q, window_size))
-        bounds = cu_seq_q.tolist()
-        return ref.causal_prefill_attention(query, key, value, [b - a for a, b in zip(bounds, bounds[1:])], scale)
-
-    import torch.nn.attention.varlen as varlen_mod
-    monkeypatch.setattr(varlen_mod, "varlen_attn", fake_varlen)
-    monkeypatch.setattr(tri, "varlen_serves", lambda *a: True)
-    expected = ref.causal_prefill_attention(q, k, v, lens, D ** -0.5)
-    _close(tri.causal_prefill_attention(q, k, v, lens, D ** -0.5, cu), expected, torch.float32)
-    assert calls == [([0, 16, 21, 51], 30, (-1, 0))]
-    # One sequence, or no offsets: cuDNN's per-sequence path, which a CPU has no kernel for.
-    for args in ((q[:16], k[:16], v[:16], [16], D ** -0.5, cu[:2]), (q, k, v, lens, D ** -0.5)):
-        with pytest.raises(RuntimeError, match="No viable backend"):
-            tri.causal_prefill_attention(*args)
-    assert len(calls) == 1
-
-
-def test_varlen_keywords_follow_the_signature_and_the_probe_refuses_a_cpu():
-    def old(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
-        pass
-
-    def new(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
-            enable_gqa=False):
-        pass
-
-    def neither(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k):
-        pass
-    assert tri._varlen_keywords(old, grouped=True) == dict(is_causal=True)
-    assert tri._varlen_keywords(new, grouped=True) == dict(window_size=(-1, 0), enable_gqa=True)
-    assert tri._varlen_keywords(new, grouped=False) == dict(window_size=(-1, 0))
-    with pytest.raises(RuntimeError):
-        tri._varlen_keywords(neither, grouped=False)
-    assert not tri.varlen_serves(8, 2, 32, torch.bfloat16, torch.device("cpu"))
 
 
 def test_dense_prefill_is_used_only_where_it_runs_and_agrees(monkeypatch):

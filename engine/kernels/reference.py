@@ -165,14 +165,12 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 
 
 def causal_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: list[int],
-                             scale: float, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+                             scale: float) -> torch.Tensor:
     """Causal attention of chunks that start their sequences (nothing cached before them),
     over their own K/V: q [T, H, D], k/v [T, KH, D] (rotary applied), sequence s owning the
     next seq_lens[s] rows. No paged cache is read, so a dense kernel serves it (on CUDA,
     torch's fused SDPA); equal to paged_prefill_attention over a cache holding these K/V.
-    seq_lens is host data: slicing by it launches nothing and waits for nothing.
-    cu_seqlens: the same offsets on q's device ([P+1] int32, 0 first), for a backend that
-    serves every sequence in one launch; this one slices by seq_lens."""
+    seq_lens is host data: slicing by it launches nothing and waits for nothing."""
     group = q.shape[1] // k.shape[1]
 
     def one(qs, ks, vs):   # [n, heads, D] -> [1, heads, n, D]: the fused kernels take 4-D only

@@ -95,8 +95,7 @@ class Attention(nn.Module):
                                                                batch.decode_context_lens, self.scale)
                                .reshape(T, self.q_size))
         if dense:
-            pre = self.ops.causal_prefill_attention(q[nd:], k[nd:], v[nd:], batch.prefill_fresh_lens, self.scale,
-                                                     batch.prefill_query_start_loc)
+            pre = self.ops.causal_prefill_attention(q[nd:], k[nd:], v[nd:], batch.prefill_fresh_lens, self.scale)
         else:
             pre = self.ops.paged_prefill_attention(q[nd:], k_cache, v_cache, batch.prefill_block_tables,
                                                    batch.prefill_query_start_loc, batch.prefill_context_lens,
