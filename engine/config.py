@@ -87,9 +87,11 @@ class EngineConfig:
     # Prefill chunks that start their sequence attend over their own K/V with a dense fused
     # kernel instead of the paged one (engine/kernels: causal_prefill_attention). None =
     # auto: on a CPU device (torch's SDPA); off on CUDA, where the fused kernel that
-    # takes grouped KV heads as they are (cuDNN) builds a plan for every new prompt length,
-    # a cost not yet measured under varied lengths. True asks for it on CUDA too; it is used
-    # only where a start-up probe finds that kernel runs and agrees with the reference.
+    # takes grouped KV heads as they are (cuDNN) builds a plan for every new prompt length
+    # (tens of ms, once per length: a stream of varied lengths pays it again and again), and
+    # serves one sequence per launch (a step of several prompts keeps the paged kernel).
+    # True asks for it on CUDA too; it is used only where a start-up probe finds that kernel
+    # runs and agrees with the reference.
     dense_prefill: bool | None = None
 
     def validate(self) -> None:

@@ -279,6 +279,28 @@ def test_dense_prefill_attention_gives_the_paged_kernels_tokens(make_engine):
     assert got[True] == got[False]
 
 
+def test_dense_prefill_of_one_prompt_per_launch_serves_single_prompt_steps_only(make_engine):
+    """Where the fused kernel takes one sequence per launch (the triton backend's cuDNN), a
+    step of several fresh prompts keeps the paged kernel; a step with one takes the dense
+    path. Tokens are the same either way."""
+    prompts = [list(range(5, 5 + n)) for n in (40, 7, 30)]
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    e = make_engine("random:tiny", dense_prefill=True, max_num_batched_tokens=256, enable_prefix_caching=False)
+    e.runner.dense_several_prompts = False
+    seqs_per_call = []
+    real = e.runner.ops.causal_prefill_attention
+    e.runner.ops.causal_prefill_attention = lambda q, k, v, lens, scale: seqs_per_call.append(len(lens)) or real(
+        q, k, v, lens, scale)
+    for i, p in enumerate(prompts):   # all three fit one step: no dense call
+        e.add_request(f"r{i}", p, params)
+    together = run_to_completion(e)
+    assert seqs_per_call == []
+    e.add_request("alone", prompts[0], params)   # one prompt in its step (nothing cached): dense
+    alone = run_to_completion(e)
+    assert seqs_per_call and set(seqs_per_call) == {1}
+    assert alone["alone"] == together["r0"]
+
+
 @pytest.mark.parametrize("value", ["false", 0, 1.0])
 def test_dense_prefill_takes_only_true_false_or_null(value):
     from engine.config import EngineConfig
