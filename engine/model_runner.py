@@ -6,6 +6,7 @@ import logging
 
 import torch
 
+from engine.attention_path import dense_prefill_step, dense_serves_several_prompts
 from engine.config import EngineConfig, ModelConfig
 from engine.cuda_graphs import DecodeGraphs
 from engine.kernels import default_backend, get_ops
@@ -47,16 +48,11 @@ class ModelRunner:
         # EngineConfig.dense_prefill says when); off, every chunk takes the paged kernel
         # (benchmarks/gpu_prefill.py compares them).
         self.dense_fresh_prefill = device.type == "cpu" if cfg.dense_prefill is None else cfg.dense_prefill
-        # The triton backend's fused kernel (cuDNN) takes one sequence per launch: for a step
-        # of several prompts that is slower than the paged kernel's single launch, so there
-        # the dense path serves a step with one prompt only. On a CPU the paged reference is
-        # the slower one whatever the batch.
-        self.dense_several_prompts = True
+        self.dense_several_prompts = dense_serves_several_prompts(backend)
         if backend == "triton":
             from engine.kernels.triton_ops import dense_prefill_supported
             self.dense_fresh_prefill = bool(cfg.dense_prefill) and dense_prefill_supported(
                 mcfg.num_heads, mcfg.num_kv_heads, mcfg.head_dim, dtype, device)
-            self.dense_several_prompts = False
         if backend == "cpu":
             # Compile (or load from the on-disk cache) the numba kernels now, not inside the
             # first request's step, where seconds of silence would look like a dead worker.
@@ -178,8 +174,8 @@ class ModelRunner:
             batch.prefill_query_start_loc = as_tensor(qsl, torch.int32)
             batch.prefill_context_lens = as_tensor(
                 [s.seq.num_computed_tokens + s.num_new_tokens for s in prefills], torch.int32)
-            if (self.dense_fresh_prefill and all(s.seq.num_computed_tokens == 0 for s in prefills)
-                    and (len(prefills) == 1 or self.dense_several_prompts)):
+            if dense_prefill_step((s.seq.num_computed_tokens for s in prefills), self.dense_fresh_prefill,
+                                  self.dense_several_prompts):
                 batch.prefill_fresh_lens = [s.num_new_tokens for s in prefills]
         input_ids = as_tensor(inp.token_ids)
         if inp.has_placeholders:

@@ -120,6 +120,16 @@ def dense_prefill_of(profile: dict) -> tuple[bool, str]:
     return True, "the profiled engine's dense prefill was on"
 
 
+def dense_several_prompts_of(profile: dict) -> bool:
+    """Whether the profiled engine's dense prefill served steps of several prompts: not on
+    the triton backend (engine/attention_path.dense_serves_several_prompts, restated: the
+    planner does not load torch). A profile that names no backend had the device's default
+    (triton on a GPU)."""
+    backend = profile["engine"].get("kernel_backend") or ("cpu" if profile["hardware"]["device"] == "cpu"
+                                                          else "triton")
+    return backend != "triton"
+
+
 def attention_split(steps: list[dict], dense_prefill: bool,
                     paged_only_because: str = "dense prefill off") -> tuple[np.ndarray, np.ndarray, str]:
     """Each step's attention pairs by path, (paged, dense), and a line saying how the fit can
@@ -357,6 +367,7 @@ class CostModel:
         self.fit_report = fit_report or {}
         # Which prefill steps attend densely (profile_format.dense_attention_step).
         self.dense_prefill, _ = dense_prefill_of(profile)
+        self.dense_several_prompts = dense_several_prompts_of(profile)
         # Engines on a CPU do host and device work on the same cores: another engine there
         # slows all of it (planner/shared_device.py); on a GPU only the device part.
         self.host_is_device = profile["hardware"]["device"] == "cpu"
@@ -588,7 +599,8 @@ class CostModel:
             serial, host, device = self.step_parts(prefill_chunks, decode_contexts)
             return serial + max(host, device)
         step_s, prefill_seq_s, decode_seq_s, weights_s, per_token_s, paged_attn, dense_attn, kv = self._c
-        prefill_tokens, paged_pairs, dense_pairs = prefill_sums(prefill_chunks, self.dense_prefill)
+        prefill_tokens, paged_pairs, dense_pairs = prefill_sums(prefill_chunks, self.dense_prefill,
+                                                                 self.dense_several_prompts)
         n_tokens = prefill_tokens + len(decode_contexts)
         if n_tokens == 0:
             return 0.0
@@ -608,7 +620,7 @@ class CostModel:
         return self._overlapped_parts(prefill_chunks, decode_contexts)
 
     def _overlapped_parts(self, prefill_chunks, decode_contexts) -> tuple[float, float, float]:
-        tokens, paged_pairs, dense_pairs = prefill_sums(prefill_chunks, self.dense_prefill)
+        tokens, paged_pairs, dense_pairs = prefill_sums(prefill_chunks, self.dense_prefill, self.dense_several_prompts)
         if tokens == 0 and not decode_contexts:
             return 0.0, 0.0, 0.0
         return overlapped_fit.parts(self.coefficients, tokens, paged_pairs, dense_pairs, len(prefill_chunks),

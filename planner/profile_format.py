@@ -61,30 +61,33 @@ def attention_pairs(new_tokens: int, cached_tokens: int) -> int:
     return new_tokens * cached_tokens + new_tokens * (new_tokens + 1) // 2
 
 
-def prefill_sums(prefill_chunks, dense_prefill: bool) -> tuple[int, int, int]:
+def prefill_sums(prefill_chunks, dense_prefill: bool, several_prompts: bool = True) -> tuple[int, int, int]:
     """(new tokens, paged attention pairs, dense attention pairs) of a step's chunks
-    [(new, cached), ...], the pairs split by the path the engine takes for them
-    (engine/model_runner.py): dense only with dense prefill on and when every chunk of more
-    than one token starts its sequence (nothing cached or computed before it); one chunk
-    after a prefix sends the whole step through the paged kernel. A one-token chunk runs as
-    a decode row (the paged decode kernel) and decides nothing."""
-    tokens = single_pairs = multi_pairs = 0
+    [(new, cached), ...], the pairs split by the path the engine takes for them, by the
+    engine's rule (engine/attention_path.dense_prefill_step, over the chunks of more than
+    one token; a one-token chunk runs as a decode row, the paged decode kernel, and decides
+    nothing). Restated here, not imported: importing the engine loads torch, which planning
+    does not need; a test holds the two equal. several_prompts: whether the profiled
+    backend's dense kernel serves a step of several prompts
+    (attention_path.dense_serves_several_prompts)."""
+    tokens = single_pairs = multi_pairs = chunks = 0
     dense = dense_prefill
     for new, cached in prefill_chunks:   # one pass: the simulator asks this for every step
         tokens += new
         if new > 1:
             multi_pairs += attention_pairs(new, cached)
             dense = dense and cached == 0
+            chunks += 1
         else:
             single_pairs += attention_pairs(new, cached)
-    if dense and multi_pairs:
+    if dense and (chunks == 1 or (chunks > 1 and several_prompts)):
         return tokens, single_pairs, multi_pairs
     return tokens, single_pairs + multi_pairs, 0
 
 
-def dense_attention_step(prefill_chunks, dense_prefill: bool) -> bool:
+def dense_attention_step(prefill_chunks, dense_prefill: bool, several_prompts: bool = True) -> bool:
     """Whether the engine runs this step's prefill attention densely (prefill_sums)."""
-    return prefill_sums(prefill_chunks, dense_prefill)[2] > 0
+    return prefill_sums(prefill_chunks, dense_prefill, several_prompts)[2] > 0
 
 
 def entry_chunks(entry: dict) -> list[tuple[int, int]] | None:

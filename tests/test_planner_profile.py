@@ -226,6 +226,24 @@ def test_the_attention_path_is_the_engines():
     assert not pf.dense_attention_step([(1, 0)], True) and not pf.dense_attention_step([], True)
     assert pf.prefill_sums([(4, 0), (1, 9)], True) == (5, 10, 10)
     assert pf.prefill_sums([(4, 0), (2, 8)], True) == (6, 10 + 19, 0)
+    # A backend whose dense kernel takes one prompt per launch (triton): several stay paged.
+    assert not pf.dense_attention_step([(512, 0), (300, 0)], True, several_prompts=False)
+    assert pf.dense_attention_step([(512, 0), (1, 700)], True, several_prompts=False)
+    # The same rule as the engine's own function, case by case (restated: the planner does not load torch).
+    from engine.attention_path import dense_prefill_step, dense_serves_several_prompts
+    cases = [[], [(1, 0)], [(512, 0)], [(512, 16)], [(512, 0), (300, 0)], [(512, 0), (64, 16)],
+             [(512, 0), (1, 700)], [(2, 0), (2, 0), (2, 0)], [(1, 5), (1, 6)]]
+    for chunks in cases:
+        for dense in (True, False):
+            for backend in ("triton", "cpu", "torch"):
+                several = dense_serves_several_prompts(backend)
+                engine_says = dense_prefill_step([c for n, c in chunks if n > 1], dense, several)
+                assert pf.dense_attention_step(chunks, dense, several) == engine_says, (chunks, dense, backend)
+    gpu = {"engine": {"kernel_backend": "triton"}, "hardware": {"device": "cuda"}}
+    from planner import costmodel
+    assert not costmodel.dense_several_prompts_of(gpu)
+    assert costmodel.dense_several_prompts_of({"engine": {}, "hardware": {"device": "cpu"}})
+    assert not costmodel.dense_several_prompts_of({"engine": {"kernel_backend": None}, "hardware": {"device": "cuda"}})
     # A step entry's one chunk follows from its sums; several chunks' paths do not.
     after = pf.step_entry([(100, 1024)], [5], 1.0)
     assert pf.entry_chunks(after) == [(100, 1024)]
