@@ -21,8 +21,9 @@ completion). The engine runs first and is freed before the HF model is built.
 --engines runs the engine once per named variant on the same stream, one after the other,
 each in a child process of its own (an empty GPU for each): `overlap` (the default engine:
 overlapped scheduling on, on CUDA), `sync` (async_scheduling off: the host schedules
-between steps), `dense` (overlap on and dense_prefill on: fresh prompts through cuDNN's
-fused attention). The first variant is the one compared with transformers.
+between steps), `dense` (overlap on and dense_prefill on: a step of one fresh prompt through
+cuDNN's fused attention; steps of several keep the paged kernel, so on a saturating stream it
+rarely differs from `overlap`). The first variant is the one compared with transformers.
 
     python benchmarks/gpu_vs_hf.py [--requests 128] [--rate 32] [--hf-batch 32] [--json out.json]
     python benchmarks/gpu_vs_hf.py --requests 256 --engines overlap,sync,dense --json stream.json

@@ -16,7 +16,8 @@ attention, D decoded sequences and K the tokens they attend to.
 
 Prefill attention takes one of two paths (profile_format.dense_attention_step): with the
 engine's dense prefill on, a step whose chunks all start their sequence attends densely over
-their own K/V; any other step gathers K/V back through the paged kernel. The two cost
+their own K/V (on the triton backend only a step of one such chunk: dense_several_prompts_of);
+any other step gathers K/V back through the paged kernel. The two cost
 differently per pair (a CPU's paged reference several times more), so each path has its own
 coefficient, fitted to the steps that took it (:func:`attention_split`). Where the steps
 cannot separate them (dense prefill off or not recorded, a path no step took, an entry whose
@@ -123,10 +124,11 @@ def dense_prefill_of(profile: dict) -> tuple[bool, str]:
 def dense_several_prompts_of(profile: dict) -> bool:
     """Whether the profiled engine's dense prefill served steps of several prompts: not on
     the triton backend (engine/attention_path.dense_serves_several_prompts, restated: the
-    planner does not load torch). A profile that names no backend had the device's default
-    (triton on a GPU)."""
-    backend = profile["engine"].get("kernel_backend") or ("cpu" if profile["hardware"]["device"] == "cpu"
-                                                          else "triton")
+    planner does not load torch). A profile that names no backend the engine has (none, or
+    a synthetic one's "n/a") is read as the device's default: triton on a GPU."""
+    backend = profile["engine"].get("kernel_backend")
+    if backend not in ("triton", "cpu", "torch"):
+        backend = "cpu" if profile["hardware"]["device"] == "cpu" else "triton"
     return backend != "triton"
 
 
@@ -600,7 +602,7 @@ class CostModel:
             return serial + max(host, device)
         step_s, prefill_seq_s, decode_seq_s, weights_s, per_token_s, paged_attn, dense_attn, kv = self._c
         prefill_tokens, paged_pairs, dense_pairs = prefill_sums(prefill_chunks, self.dense_prefill,
-                                                                 self.dense_several_prompts)
+                                                                 several_prompts=self.dense_several_prompts)
         n_tokens = prefill_tokens + len(decode_contexts)
         if n_tokens == 0:
             return 0.0
@@ -620,7 +622,8 @@ class CostModel:
         return self._overlapped_parts(prefill_chunks, decode_contexts)
 
     def _overlapped_parts(self, prefill_chunks, decode_contexts) -> tuple[float, float, float]:
-        tokens, paged_pairs, dense_pairs = prefill_sums(prefill_chunks, self.dense_prefill, self.dense_several_prompts)
+        tokens, paged_pairs, dense_pairs = prefill_sums(prefill_chunks, self.dense_prefill,
+                                                         several_prompts=self.dense_several_prompts)
         if tokens == 0 and not decode_contexts:
             return 0.0, 0.0, 0.0
         return overlapped_fit.parts(self.coefficients, tokens, paged_pairs, dense_pairs, len(prefill_chunks),

@@ -29,7 +29,8 @@ Which attention kernel a step's chunks took follows from them and engine.dense_p
 engine's resolved EngineConfig.dense_prefill; absent in profiles written before it was
 recorded, read as off; costmodel.dense_prefill_of also reads a KV cache in another dtype than
 the model's as off): with it on, a step whose chunks of more than one token all start their
-sequence attends densely, any other through the paged kernel (prefill_sums). An entry of one
+sequence attends densely (on the triton backend only a step of one such chunk), any other
+through the paged kernel (prefill_sums). An entry of one
 chunk (every entry the step probe writes) says which: its cached tokens follow from its pairs
 (entry_chunks); one of several chunks does not, and a fit then prices both paths alike.
 A derived profile (CostModel.scaled, CostModel.synthetic) has no steps and carries the fit's
@@ -61,7 +62,7 @@ def attention_pairs(new_tokens: int, cached_tokens: int) -> int:
     return new_tokens * cached_tokens + new_tokens * (new_tokens + 1) // 2
 
 
-def prefill_sums(prefill_chunks, dense_prefill: bool, several_prompts: bool = True) -> tuple[int, int, int]:
+def prefill_sums(prefill_chunks, dense_prefill: bool, *, several_prompts: bool) -> tuple[int, int, int]:
     """(new tokens, paged attention pairs, dense attention pairs) of a step's chunks
     [(new, cached), ...], the pairs split by the path the engine takes for them, by the
     engine's rule (engine/attention_path.dense_prefill_step, over the chunks of more than
@@ -85,9 +86,9 @@ def prefill_sums(prefill_chunks, dense_prefill: bool, several_prompts: bool = Tr
     return tokens, single_pairs + multi_pairs, 0
 
 
-def dense_attention_step(prefill_chunks, dense_prefill: bool, several_prompts: bool = True) -> bool:
+def dense_attention_step(prefill_chunks, dense_prefill: bool, *, several_prompts: bool) -> bool:
     """Whether the engine runs this step's prefill attention densely (prefill_sums)."""
-    return prefill_sums(prefill_chunks, dense_prefill, several_prompts)[2] > 0
+    return prefill_sums(prefill_chunks, dense_prefill, several_prompts=several_prompts)[2] > 0
 
 
 def entry_chunks(entry: dict) -> list[tuple[int, int]] | None:
@@ -115,7 +116,7 @@ def entry_pairs_by_path(entry: dict, dense_prefill: bool) -> tuple[int, int] | N
     chunks = entry_chunks(entry)
     if chunks is None:
         return None
-    _, paged_pairs, dense_pairs = prefill_sums(chunks, True)
+    _, paged_pairs, dense_pairs = prefill_sums(chunks, True, several_prompts=True)   # one chunk: either way
     return paged_pairs, dense_pairs
 
 

@@ -286,7 +286,8 @@ def test_dense_prefill_of_one_prompt_per_launch_serves_single_prompt_steps_only(
     prompts = [list(range(5, 5 + n)) for n in (40, 7, 30)]
     params = SamplingParams(max_tokens=4, ignore_eos=True)
     e = make_engine("random:tiny", dense_prefill=True, max_num_batched_tokens=256, enable_prefix_caching=False)
-    e.runner.dense_several_prompts = False
+    assert e.runner.dense_several_prompts   # a CPU backend: its paged reference is the slower one
+    e.runner.dense_several_prompts = False   # as on the triton backend
     seqs_per_call = []
     real = e.runner.ops.causal_prefill_attention
     e.runner.ops.causal_prefill_attention = lambda q, k, v, lens, scale: seqs_per_call.append(len(lens)) or real(

@@ -219,31 +219,47 @@ def prefixed(step: dict) -> bool:
 def test_the_attention_path_is_the_engines():
     """engine/model_runner.py: dense only with dense prefill on and every chunk of more than
     one token starting its sequence; a one-token chunk runs as a decode row and decides nothing."""
-    assert pf.dense_attention_step([(512, 0)], True)
-    assert pf.dense_attention_step([(512, 0), (300, 0), (1, 700)], True)
-    assert not pf.dense_attention_step([(512, 0)], False)
-    assert not pf.dense_attention_step([(512, 0), (64, 16)], True)    # one chunk after a prefix: all paged
-    assert not pf.dense_attention_step([(1, 0)], True) and not pf.dense_attention_step([], True)
-    assert pf.prefill_sums([(4, 0), (1, 9)], True) == (5, 10, 10)
-    assert pf.prefill_sums([(4, 0), (2, 8)], True) == (6, 10 + 19, 0)
+    both = dict(several_prompts=True)
+    assert pf.dense_attention_step([(512, 0)], True, **both)
+    assert pf.dense_attention_step([(512, 0), (300, 0), (1, 700)], True, **both)
+    assert not pf.dense_attention_step([(512, 0)], False, **both)
+    assert not pf.dense_attention_step([(512, 0), (64, 16)], True, **both)    # one chunk after a prefix: all paged
+    assert not pf.dense_attention_step([(1, 0)], True, **both) and not pf.dense_attention_step([], True, **both)
+    assert pf.prefill_sums([(4, 0), (1, 9)], True, **both) == (5, 10, 10)
+    assert pf.prefill_sums([(4, 0), (2, 8)], True, **both) == (6, 10 + 19, 0)
     # A backend whose dense kernel takes one prompt per launch (triton): several stay paged.
     assert not pf.dense_attention_step([(512, 0), (300, 0)], True, several_prompts=False)
     assert pf.dense_attention_step([(512, 0), (1, 700)], True, several_prompts=False)
     # The same rule as the engine's own function, case by case (restated: the planner does not load torch).
     from engine.attention_path import dense_prefill_step, dense_serves_several_prompts
+    from planner import costmodel
     cases = [[], [(1, 0)], [(512, 0)], [(512, 16)], [(512, 0), (300, 0)], [(512, 0), (64, 16)],
              [(512, 0), (1, 700)], [(2, 0), (2, 0), (2, 0)], [(1, 5), (1, 6)]]
-    for chunks in cases:
-        for dense in (True, False):
-            for backend in ("triton", "cpu", "torch"):
-                several = dense_serves_several_prompts(backend)
+    for backend in ("triton", "cpu", "torch"):
+        several = dense_serves_several_prompts(backend)
+        # the planner reads the profile's backend as the engine does
+        assert costmodel.dense_several_prompts_of({"engine": {"kernel_backend": backend},
+                                                   "hardware": {"device": "cpu"}}) == several
+        for chunks in cases:
+            for dense in (True, False):
                 engine_says = dense_prefill_step([c for n, c in chunks if n > 1], dense, several)
-                assert pf.dense_attention_step(chunks, dense, several) == engine_says, (chunks, dense, backend)
-    gpu = {"engine": {"kernel_backend": "triton"}, "hardware": {"device": "cuda"}}
-    from planner import costmodel
-    assert not costmodel.dense_several_prompts_of(gpu)
-    assert costmodel.dense_several_prompts_of({"engine": {}, "hardware": {"device": "cpu"}})
-    assert not costmodel.dense_several_prompts_of({"engine": {"kernel_backend": None}, "hardware": {"device": "cuda"}})
+                assert pf.dense_attention_step(chunks, dense, several_prompts=several) == engine_says, \
+                    (chunks, dense, backend)
+    # A profile naming no backend the engine has (none; a synthetic one's "n/a"): the device's default.
+    for name in (None, "n/a"):
+        assert not costmodel.dense_several_prompts_of({"engine": {"kernel_backend": name},
+                                                       "hardware": {"device": "cuda"}})
+        assert costmodel.dense_several_prompts_of({"engine": {"kernel_backend": name}, "hardware": {"device": "cpu"}})
+    # The cost model prices a triton engine's step of two fresh prompts through the paged
+    # coefficient, one prompt through the dense one.
+    gpu = CostModel.synthetic(device="cuda", attention_s_per_pair=1e-6, dense_attention_s_per_pair=1e-9,
+                              dense_prefill=True)
+    cpu = CostModel.synthetic(device="cpu", attention_s_per_pair=1e-6, dense_attention_s_per_pair=1e-9,
+                              dense_prefill=True)
+    two = [(512, 0), (300, 0)]
+    paged_extra = (1e-6 - 1e-9) * (pf.attention_pairs(512, 0) + pf.attention_pairs(300, 0))
+    assert gpu.step_time(two, []) - cpu.step_time(two, []) == pytest.approx(paged_extra, rel=1e-6)
+    assert gpu.step_time([(512, 0)], []) == pytest.approx(cpu.step_time([(512, 0)], []), rel=1e-9)
     # A step entry's one chunk follows from its sums; several chunks' paths do not.
     after = pf.step_entry([(100, 1024)], [5], 1.0)
     assert pf.entry_chunks(after) == [(100, 1024)]

@@ -33,7 +33,8 @@ class ForwardBatch:
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     # Called after each layer has written its KV (the prefill pool ships KV layer by layer).
     on_layer_done: Callable[[int], None] | None = None
-    # When every prefill chunk starts its sequence (no cached or computed prefix): their
+    # When the step's prefill attends densely (engine/attention_path.dense_prefill_step: every
+    # chunk starts its sequence, and one chunk only on the triton backend): their
     # lengths, on the host. Attention then reads the chunk's own K/V densely
     # (ops.causal_prefill_attention) instead of gathering it back from the paged cache.
     prefill_fresh_lens: list[int] | None = None
