@@ -82,7 +82,7 @@ def run_engine(args, stream, variant: str = "overlap") -> dict:
     first = [0.0] * n
     nxt, done, steps = 0, 0, 0
     graphs = engine.runner.decode_graphs
-    phase = {"graph": [0, 0.0], "eager": [0, 0.0]}
+    phase = {"graph": [0, 0.0], "eager": [0, 0.0], "drain": [0, 0.0]}
     batch_sum, max_batch, last_eager = 0, 0, 0.0
     # Per step() call: its start and end (s from the stream's start), what it launched
     # (graph / eager) and how many first tokens it handed out: where a stream's TTFT goes.
@@ -102,14 +102,19 @@ def run_engine(args, stream, variant: str = "overlap") -> dict:
             steps += 1
             t = time.perf_counter() - start
             # Where the time goes: pure-decode steps (graph replays) vs steps with a
-            # prefill chunk (eager), and the decode batch sizes the stream reaches.
-            kind = "graph" if graphs is not None and graphs.num_replays > replays else "eager"
+            # prefill chunk (eager), and the decode batch sizes the stream reaches. With
+            # overlapped scheduling the call after the last launch schedules nothing and only
+            # collects that launch's tokens (a drain): neither kind.
+            if graphs is not None and graphs.num_replays > replays:
+                kind = "graph"
+            else:
+                kind = "eager" if engine.current_step else "drain"
             phase[kind][0] += 1
             phase[kind][1] += time.perf_counter() - t_step
             if kind == "graph":
                 batch_sum += len(outs)
                 max_batch = max(max_batch, len(outs))
-            else:
+            elif kind == "eager":
                 last_eager = t
             timeline.append([round(t_step - start, 5), round(t, 5), kind,
                              sum(1 for o in outs if o.new_token_ids and got[int(o.request_id)] == 0)])
@@ -135,6 +140,7 @@ def run_engine(args, stream, variant: str = "overlap") -> dict:
                e2e_median_s=statistics.median(finish[i] - stream[i]["arrival"] for i in range(n)),
                graph_steps=phase["graph"][0], graph_step_s=phase["graph"][1],
                eager_steps=phase["eager"][0], eager_step_s=phase["eager"][1],
+               drain_steps=phase["drain"][0], drain_step_s=phase["drain"][1],
                graph_mean_batch=batch_sum / max(phase["graph"][0], 1), graph_max_batch=max_batch,
                last_eager_step_end_s=last_eager, last_arrival_s=stream[-1]["arrival"],
                timeline=timeline if args.timeline else None,
