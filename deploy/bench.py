@@ -85,27 +85,29 @@ def make_workload(args, n: int, rate: float, seed: int) -> list[dict]:
 
 
 def _result(stamps: list[tuple[float, int]], sent: float, start: float, tokens: int, expected: int, route,
-            cached: int | None = None) -> dict:
+            cached: int | None = None, decode_worker: str | None = None) -> dict:
     ttft = stamps[0][0] - sent
     e2e = stamps[-1][0] - sent
     return dict(ok=True, sent=sent - start, done=stamps[-1][0] - start, ttft=ttft, e2e=e2e, tokens=tokens,
                 tpot=(e2e - ttft) / (tokens - 1) if tokens > 1 else 0.0, route=route,
-                itl=[b[0] - a[0] for a, b in zip(stamps, stamps[1:])], expected=expected, cached=cached)
+                itl=[b[0] - a[0] for a, b in zip(stamps, stamps[1:])], expected=expected, cached=cached,
+                decode_worker=decode_worker)
 
 
 def request_rows(work: list[dict], results: list[dict]) -> list[dict]:
     """--requests-json: one row per request of a run, in the workload's order (request i of
     planner/workload.py's draw for the same args and seed): its planned arrival and actual
     send (s from the run's start), prompt tokens, cached prompt tokens (the server's usage;
-    None where unknown), output tokens received, route, and TTFT, TPOT, E2E (s). No content."""
+    None where unknown), output tokens received, route, the decode worker that streamed it
+    (gRPC only; None where unknown), and TTFT, TPOT, E2E (s). No content."""
     rows = []
     for i, (w, r) in enumerate(zip(work, results)):
         prompt = len(w["prompt"]) if "prompt" in w else w["prompt_tokens"]
         row = dict(i=i, arrival_s=w["arrival"], sent_s=r.get("sent"), prompt_tokens=prompt,
                    max_tokens=w["max_tokens"], ok=r["ok"])
         if r["ok"]:
-            row.update(cached_tokens=r.get("cached"), output_tokens=r["tokens"], route=r["route"], ttft_s=r["ttft"],
-                       tpot_s=r["tpot"], e2e_s=r["e2e"])
+            row.update(cached_tokens=r.get("cached"), output_tokens=r["tokens"], route=r["route"],
+                       decode_worker=r.get("decode_worker"), ttft_s=r["ttft"], tpot_s=r["tpot"], e2e_s=r["e2e"])
         else:
             row["error"] = r.get("error")
         rows.append(row)
@@ -138,7 +140,7 @@ class GrpcTarget:
         req.sampling.ignore_eos = True
         sent = time.perf_counter()
         stamps: list[tuple[float, int]] = []
-        route = cached = None
+        route = cached = worker = None
         try:
             async for msg in stub.Generate(req, timeout=self.timeout):
                 now = time.perf_counter()
@@ -147,11 +149,12 @@ class GrpcTarget:
                 if msg.finish_reason:
                     route = "disaggregated" if msg.route.kind == pb.ROUTE_KIND_DISAGGREGATED else "direct"
                     cached = msg.usage.cached_tokens if msg.HasField("usage") else None
+                    worker = msg.route.decode_worker or None
         except grpc.aio.AioRpcError as e:
             return dict(ok=False, error=e.code().name, sent=sent - start)
         if not stamps:
             return dict(ok=False, error="no tokens", sent=sent - start)
-        return _result(stamps, sent, start, sum(k for _, k in stamps), r["max_tokens"], route, cached)
+        return _result(stamps, sent, start, sum(k for _, k in stamps), r["max_tokens"], route, cached, worker)
 
 
 class HttpTarget:

@@ -286,7 +286,8 @@ def test_bench_modes_are_named_after_the_routes():
 def test_bench_writes_every_requests_figures_with_requests_json(tmp_path, monkeypatch):
     """--requests-json: per mode and rate, one row per request in the workload's order
     (request i of planner/workload.py's draw for the record's args and seed): planned
-    arrival, send, prompt and cached tokens, output tokens, route, TTFT, TPOT, E2E; a failed
+    arrival, send, prompt and cached tokens, output tokens, route, the decode worker, TTFT,
+    TPOT, E2E; a failed
     request says why. No prompt content in the file."""
     import json
 
@@ -305,7 +306,8 @@ def test_bench_writes_every_requests_figures_with_requests_json(tmp_path, monkey
                     continue
                 stamps = [(r["arrival"] + 0.010 + i * 1e-3 + k * 2e-3, 1) for k in range(r["max_tokens"])]
                 out.append(bench._result(stamps, r["arrival"], 0.0, r["max_tokens"], r["max_tokens"],
-                                         "direct" if i % 2 else "disaggregated", cached=16 * i))
+                                         "direct" if i % 2 else "disaggregated", cached=16 * i,
+                                         decode_worker=f"decode-{i % 2}"))
             return out
     monkeypatch.setattr(bench, "GrpcTarget", FakeTarget)
     out, summary = tmp_path / "requests.json", tmp_path / "serve.json"
@@ -328,7 +330,7 @@ def test_bench_writes_every_requests_figures_with_requests_json(tmp_path, monkey
                                prompt_tokens=len(want[2]["prompt"]), max_tokens=want[2]["max_tokens"], ok=False,
                                error="UNAVAILABLE")
         r3 = rows[3]
-        assert r3["ok"] and r3["route"] == "direct" and r3["cached_tokens"] == 48
+        assert r3["ok"] and r3["route"] == "direct" and r3["cached_tokens"] == 48 and r3["decode_worker"] == "decode-1"
         assert r3["output_tokens"] == want[3]["max_tokens"]
         assert r3["ttft_s"] == pytest.approx(0.013) and r3["tpot_s"] == pytest.approx(2e-3)
         assert r3["e2e_s"] == pytest.approx(0.013 + 2e-3 * (want[3]["max_tokens"] - 1))

@@ -971,3 +971,10 @@ def test_ttft_by_idle_gap_buckets_lone_requests_by_the_clusters_idle_time():
                            row(1.50, 0.1, 0.007),    # 1.0 s after the third
                            dict(ok=False, sent_s=0.3, e2e_s=0.0, ttft_s=0.0)])
     assert got == {"<0.1": [4.0], "<0.2": [6.0], ">=0.6": [7.0]}
+    # Per decode worker: the second request is lone on its own worker, idle since the start.
+    w = lambda sent, e2e, ttft, worker: dict(row(sent, e2e, ttft), decode_worker=worker)  # noqa: E731
+    got = mod.lone_by_gap([w(0.05, 0.1, 0.004, "d0"), w(0.12, 0.1, 0.009, "d1"), w(0.40, 0.1, 0.006, "d0"),
+                           w(0.41, 0.1, 0.005, "d0")], per_worker=True)
+    assert got == {"<0.1": [4.0], "<0.15": [9.0], "<0.3": [6.0]}   # the fourth: d0's third still in flight
+    with pytest.raises(ValueError, match="decode_worker"):
+        mod.lone_by_gap([row(0.05, 0.1, 0.004)], per_worker=True)
