@@ -8,6 +8,14 @@ lone requests in a serving run stand from a profile's lone ones.
 Per mode and rate: TPOT p50 / p90 of the requests with no other request alive (sent, not
 finished) at any moment between their first and last token ("lone"), and p50 of the others
 with the mean number of others alive at once ("overlapped").
+
+--by-other-worker (several decode workers; rows that name their `decode_worker`, bench
+since the fifth session): TTFT and TPOT medians split by whether another worker was serving.
+TTFT: short prompts (< 256 tokens) sent with nothing in flight on their own worker, by
+whether another worker had a request in flight when they were sent; TPOT: every request, by
+whether another worker was busy for more than half of its life (sent to last token).
+
+    python benchmarks/tpot_by_overlap.py --by-other-worker benchmarks/data/serve_cpu_tiny_2_2026-12-07e_a_requests.json.gz
 """
 from __future__ import annotations
 
@@ -46,10 +54,44 @@ def split(rows: list[dict]) -> tuple[list[float], list[float], float]:
     return lone, busy, (sum(others) / len(others) if others else 0.0)
 
 
+def by_other_worker(rows: list[dict], short: int = 256) -> dict[str, dict[str, list[float]]]:
+    """{"ttft" | "tpot": {"other busy" | "other idle": [ms, ...]}} (see the module's --by-other-worker)."""
+    ok = sorted((r for r in rows if r["ok"]), key=lambda r: r["sent_s"])
+    if any(r.get("decode_worker") is None for r in ok):
+        raise ValueError("--by-other-worker needs every request's decode_worker (bench records it since the "
+                         "fifth session)")
+    life = [(r["sent_s"], r["sent_s"] + r["e2e_s"], r["decode_worker"]) for r in ok]
+    out = {"ttft": {"other busy": [], "other idle": []}, "tpot": {"other busy": [], "other idle": []}}
+    for r in ok:
+        t, end, w = r["sent_s"], r["sent_s"] + r["e2e_s"], r["decode_worker"]
+        own_busy = any(a < t < b and x == w for a, b, x in life)
+        other_busy = any(a <= t < b and x != w for a, b, x in life)
+        if not own_busy and r["prompt_tokens"] < short:
+            out["ttft"]["other busy" if other_busy else "other idle"].append(1e3 * r["ttft_s"])
+        if r["output_tokens"] >= 2:
+            shared = sum(max(0.0, min(b, end) - max(a, t)) for a, b, x in life if x != w)
+            out["tpot"]["other busy" if shared > 0.5 * r["e2e_s"] else "other idle"].append(1e3 * r["tpot_s"])
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("requests", nargs="+", help="pdserve bench --requests-json files (.json or .json.gz)")
+    ap.add_argument("--by-other-worker", action="store_true",
+                    help="TTFT and TPOT medians by whether another decode worker was serving")
     args = ap.parse_args(argv)
+    if args.by_other_worker:
+        print("| file | mode | rate/s | TTFT p50 ms, other busy / idle (n) | TPOT p50 ms, other busy / idle (n) |")
+        print("|---|---|---|---|---|")
+        for path in args.requests:
+            for mode, runs in _load(path)["modes"].items():
+                for run in runs:
+                    s = by_other_worker(run["requests"])
+                    cell = lambda d: " / ".join(f"{_q(d[k], .5):.2f} ({len(d[k])})"  # noqa: E731
+                                                for k in ("other busy", "other idle"))
+                    print(f"| {path.rsplit('/', 1)[-1]} | {mode} | {run['rate']:g} | {cell(s['ttft'])} | "
+                          f"{cell(s['tpot'])} |")
+        return
     print("| file | mode | rate/s | lone n | lone TPOT p50 / p90 ms | overlapped n | overlapped TPOT p50 ms | others alive |")
     print("|---|---|---|---|---|---|---|---|")
     for path in args.requests:

@@ -943,3 +943,16 @@ def test_tpot_by_overlap_splits_requests_by_who_else_was_alive_while_they_stream
     assert sorted(busy) == [2.0, 4.0, 5.0]
     # the first: 0.45 s of 0.9 with one other alive; the second: 0.35 s of 0.9; the fourth 0.05 of 0.9
     assert others == pytest.approx((0.45 / 0.9 + 0.35 / 0.9 + 0.05 / 0.9) / 3)
+    # --by-other-worker: split by whether another decode worker was serving.
+    def wrow(sent, e2e, ttft, tpot, worker, prompt=100, out=10):
+        return dict(ok=True, sent_s=sent, e2e_s=e2e, ttft_s=ttft, tpot_s=tpot, decode_worker=worker,
+                    prompt_tokens=prompt, output_tokens=out)
+    s = mod.by_other_worker([wrow(0.0, 1.0, 0.005, 0.002, "d0"),    # d1 busy 0.2-1.2: 0.8 of its life
+                             wrow(0.2, 1.0, 0.009, 0.003, "d1"),    # sent while d0 serves; 0.8 of its life shared
+                             wrow(3.0, 1.0, 0.006, 0.001, "d0"),    # nobody else
+                             wrow(3.1, 0.2, 0.004, 0.004, "d0"),    # own worker busy: no TTFT; other idle
+                             wrow(5.0, 1.0, 0.007, 0.005, "d1", prompt=300)])   # long prompt: TPOT only
+    assert s["ttft"] == {"other busy": [9.0], "other idle": [5.0, 6.0]}
+    assert s["tpot"] == {"other busy": [2.0, 3.0], "other idle": [1.0, 4.0, 5.0]}
+    with pytest.raises(ValueError, match="decode_worker"):
+        mod.by_other_worker([row(0.0, 0.1, 1.0, 0.002)])
