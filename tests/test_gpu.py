@@ -118,6 +118,27 @@ def test_an_engine_dropped_in_process_gives_its_memory_to_the_next():
     assert len(out[0].token_ids) == 8
 
 
+def test_dense_prefill_on_cuda_serves_single_prompt_steps_only():
+    """dense_prefill=True on CUDA (the triton backend): a step of one fresh prompt goes
+    through cuDNN, a step of several keeps the paged kernel (engine/attention_path.py)."""
+    llm = LLM("random:llama3-1b", device="cuda", dtype="bfloat16", max_model_len=2048, kv_cache_memory_gb=2,
+              dense_prefill=True, enable_prefix_caching=False)
+    runner = llm.engine.runner
+    assert runner.dense_several_prompts is False
+    if not runner.dense_fresh_prefill:
+        pytest.skip("the start-up probe kept the paged kernel (cuDNN does not serve these heads here)")
+    seqs_per_call = []
+    real = runner.ops.causal_prefill_attention
+    runner.ops.causal_prefill_attention = lambda q, k, v, lens, scale: seqs_per_call.append(len(lens)) or real(
+        q, k, v, lens, scale)
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    both = llm.generate([[5 + i for i in range(300)], [9 + i for i in range(200)]], params)   # one step
+    assert seqs_per_call == [] and all(len(o.token_ids) == 6 for o in both)
+    alone = llm.generate([[7 + i for i in range(500)]], params)
+    assert seqs_per_call and set(seqs_per_call) == {1} and len(alone[0].token_ids) == 6
+    assert_no_leaks(llm.engine)
+
+
 def test_cuda_graph_decode_matches_eager_greedy():
     """Decode steps replayed from CUDA graphs (batches padded up to a bucket, wide block
     tables) give exactly the eager path's greedy tokens. fp32, so the two paths' different

@@ -400,6 +400,21 @@ class TestLargeShapesGPU:
     def test_rotary_write_kv_llama3_shape(self, dtype):
         _check_rotary_write_kv(64, self.H, self.KH, self.D, self.BS, dtype, torch.int32, skipped=[3, 40])
 
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+    def test_dense_prefill_matches_the_reference(self, dtype):
+        """The dense path (cuDNN) at the real head layout, where the start-up probe lets it serve."""
+        if not tri.dense_prefill_supported(self.H, self.KH, self.D, dtype, DEVICE):
+            pytest.skip("cuDNN attention does not serve this layout here (the engine keeps the paged kernel)")
+        lens = [1000, 37]
+        q = _randn(sum(lens), self.H, self.D, dtype=dtype, seed=60)
+        k = _randn(sum(lens), self.KH, self.D, dtype=dtype, seed=61)
+        v = _randn(sum(lens), self.KH, self.D, dtype=dtype, seed=62)
+        scale = self.D ** -0.5
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        with sdpa_kernel([SDPBackend.MATH]):
+            expected = ref.causal_prefill_attention(q.float(), k.float(), v.float(), lens, scale)
+        _close(tri.causal_prefill_attention(q, k, v, lens, scale), expected.to(dtype), dtype)
+
     @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
     def test_prefill_2048_after_1024_prefix(self, dtype):
         # One long chunk after a cached prefix, plus a short full prefill in the same batch.
