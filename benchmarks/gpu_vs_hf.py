@@ -85,7 +85,10 @@ def run_engine(args, stream, variant: str = "overlap") -> dict:
     phase = {"graph": [0, 0.0], "eager": [0, 0.0], "drain": [0, 0.0]}
     batch_sum, max_batch, last_eager = 0, 0, 0.0
     # Per step() call: its start and end (s from the stream's start), what it launched
-    # (graph / eager) and how many first tokens it handed out: where a stream's TTFT goes.
+    # (graph / eager / drain: nothing) and how many first tokens it handed out: where a
+    # stream's TTFT goes. With overlapped scheduling a call's time covers the previous
+    # launch's device work, so last_eager_step_end_s is when the last eager step was
+    # launched and the call after it began, up to one step before that step ended.
     timeline = []
     variants_before = gc_.triton_variants()
     start = time.perf_counter()

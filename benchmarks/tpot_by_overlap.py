@@ -69,9 +69,20 @@ def by_other_worker(rows: list[dict], short: int = 256) -> dict[str, dict[str, l
         if not own_busy and r["prompt_tokens"] < short:
             out["ttft"]["other busy" if other_busy else "other idle"].append(1e3 * r["ttft_s"])
         if r["output_tokens"] >= 2:
-            shared = sum(max(0.0, min(b, end) - max(a, t)) for a, b, x in life if x != w)
+            shared = _covered([(max(a, t), min(b, end)) for a, b, x in life if x != w and a < end and b > t])
             out["tpot"]["other busy" if shared > 0.5 * r["e2e_s"] else "other idle"].append(1e3 * r["tpot_s"])
     return out
+
+
+def _covered(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of the intervals (requests in flight at once on the other
+    workers count once)."""
+    total, reach = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b > reach:
+            total += b - max(a, reach)
+            reach = b
+    return total
 
 
 def main(argv=None) -> None:
@@ -81,15 +92,18 @@ def main(argv=None) -> None:
                     help="TTFT and TPOT medians by whether another decode worker was serving")
     args = ap.parse_args(argv)
     if args.by_other_worker:
-        print("| file | mode | rate/s | TTFT p50 ms, other busy / idle (n) | TPOT p50 ms, other busy / idle (n) |")
-        print("|---|---|---|---|---|")
+        print("| file | mode | rate/s | requests per worker | TTFT p50 ms, other busy / idle (n) | "
+              "TPOT p50 ms, other busy / idle (n) |")
+        print("|---|---|---|---|---|---|")
         for path in args.requests:
             for mode, runs in _load(path)["modes"].items():
                 for run in runs:
                     s = by_other_worker(run["requests"])
                     cell = lambda d: " / ".join(f"{_q(d[k], .5):.2f} ({len(d[k])})"  # noqa: E731
                                                 for k in ("other busy", "other idle"))
-                    print(f"| {path.rsplit('/', 1)[-1]} | {mode} | {run['rate']:g} | {cell(s['ttft'])} | "
+                    ok = [r["decode_worker"] for r in run["requests"] if r["ok"]]
+                    per = ", ".join(f"{w} {ok.count(w)}" for w in sorted(set(ok)))
+                    print(f"| {path.rsplit('/', 1)[-1]} | {mode} | {run['rate']:g} | {per} | {cell(s['ttft'])} | "
                           f"{cell(s['tpot'])} |")
         return
     print("| file | mode | rate/s | lone n | lone TPOT p50 / p90 ms | overlapped n | overlapped TPOT p50 ms | others alive |")

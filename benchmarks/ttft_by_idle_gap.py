@@ -8,7 +8,7 @@ worker that streamed the request instead (the rows' `decode_worker`, recorded by
 since the fifth session). Medians per gap bucket, per mode and rate.
 
     python benchmarks/ttft_by_idle_gap.py benchmarks/data/serve_cpu_tiny_1_run_f_requests.json.gz [...]
-    python benchmarks/ttft_by_idle_gap.py --per-worker benchmarks/data/serve_cpu_tiny_2_2026-12-07e_requests.json.gz
+    python benchmarks/ttft_by_idle_gap.py --per-worker benchmarks/data/serve_cpu_tiny_2_2026-12-07e_a_requests.json.gz
 """
 from __future__ import annotations
 

@@ -504,7 +504,8 @@ class Simulation:
         tokens = sum(n for _, n in stamps)
         return dict(ok=True, sent=sent, done=stamps[-1][0], ttft=ttft, e2e=e2e, tokens=tokens,
                     tpot=(e2e - ttft) / (tokens - 1) if tokens > 1 else 0.0, route=st.route,
-                    itl=[b[0] - a[0] for a, b in zip(stamps, stamps[1:])], expected=st.req.output_tokens)
+                    itl=[b[0] - a[0] for a, b in zip(stamps, stamps[1:])], expected=st.req.output_tokens,
+                    decode_worker=st.decode_worker or None)
 
     def utilisation(self) -> dict[str, float]:
         span = max(self.now, 1e-12)

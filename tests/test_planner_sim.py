@@ -954,5 +954,19 @@ def test_tpot_by_overlap_splits_requests_by_who_else_was_alive_while_they_stream
                              wrow(5.0, 1.0, 0.007, 0.005, "d1", prompt=300)])   # long prompt: TPOT only
     assert s["ttft"] == {"other busy": [9.0], "other idle": [5.0, 6.0]}
     assert s["tpot"] == {"other busy": [2.0, 3.0], "other idle": [1.0, 4.0, 5.0]}
+    # Two requests in flight at once on the other worker count once: 0.4 s of 1.0, not 0.8.
+    s = mod.by_other_worker([wrow(0.0, 1.0, 0.005, 0.002, "d0"), wrow(0.1, 0.4, 0.005, 0.001, "d1"),
+                             wrow(0.1, 0.4, 0.005, 0.001, "d1")])
+    assert s["tpot"]["other idle"][0] == 2.0
     with pytest.raises(ValueError, match="decode_worker"):
         mod.by_other_worker([row(0.0, 0.1, 1.0, 0.002)])
+
+
+def test_simulated_records_name_the_decode_worker_like_bench():
+    """The simulator's per-request records carry the decode worker the router chose, as
+    bench's rows do (tpot_by_overlap.py --by-other-worker reads both): ties of idle workers
+    go to the first, the second takes what arrives while the first is busy."""
+    cost = CostModel.synthetic(step_s=0.01)
+    reqs = [Request(0.0, 64, 8), Request(0.001, 64, 8), Request(5.0, 64, 8)]
+    recs, _ = simulate(cost, ClusterConfig("colocated", decode=2), reqs)
+    assert [r["decode_worker"] for r in recs] == ["decode-0", "decode-1", "decode-0"]
