@@ -10,6 +10,7 @@ twice and allocate the gathered copy); anywhere else it is the torch reference.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -83,13 +84,15 @@ def _launch(grid: tuple[int, int, int], s: torch.Tensor, d: torch.Tensor, src_id
                 _fast_launch = False
                 log.warning("block copy: direct launch of the compiled kernel failed; using Triton's launcher",
                             exc_info=True)
-    if s.is_cuda and stream is not None:
-        with torch.cuda.stream(stream):
-            kernel = _copy_blocks_kernel[grid](*args, num_warps=warps)
-    else:
+    with _on(stream, s):
         kernel = _copy_blocks_kernel[grid](*args, num_warps=warps)
     if key is not None and callable(getattr(kernel, "__getitem__", None)) and hasattr(kernel, "function"):
         _compiled[key] = kernel
+
+
+def _on(stream, t: torch.Tensor):
+    """Work on ``stream`` when given (and ``t`` is on a GPU), else on the current stream."""
+    return torch.cuda.stream(stream) if stream is not None and t.is_cuda else contextlib.nullcontext()
 
 
 def _words(t: torch.Tensor) -> torch.Tensor:
@@ -126,10 +129,7 @@ def copy_blocks(src: torch.Tensor, dst: torch.Tensor, src_ids: torch.Tensor, dst
     if n == 0:
         return
     if not _kernel_ok(src, dst):
-        if stream is not None and src.is_cuda:
-            with torch.cuda.stream(stream):
-                copy_blocks_reference(src, dst, src_ids, dst_ids)
-        else:
+        with _on(stream, src):
             copy_blocks_reference(src, dst, src_ids, dst_ids)
         return
     s, d = _words(src), _words(dst)

@@ -486,22 +486,19 @@ class IpcKVReceiver(KVReceiver):
         # check_kv found the ids distinct and reserved: as many as reserved means all of them
         self._mark_layers_landed(rid, range(first, first + count), ids, nbytes,
                                  covers_reservation=len(ids) == len(res.block_set))
-        if done is not None:   # only this request's done may ride along
-            try:
-                h = decode_header(done)
-                if not isinstance(h, DoneHeader) or h.request_id != rid:
-                    raise WireError(f"landed: the header riding along is not {rid!r}'s done", rid)
-            except WireError as e:
-                self._reject(e)
-                return
-            self._on_wire(pair, done)
+        if done is not None:
+            self._on_wire(pair, done, riding_with=rid)
 
-    def _on_wire(self, pair: _Pair, body) -> None:
+    def _on_wire(self, pair: _Pair, body, riding_with: str | None = None) -> None:
+        """A done or abort header; ``riding_with``: it came inside that request's landed
+        report, where only that request's done may ride."""
         try:
             h = decode_header(body)
             if isinstance(h, KVHeader):   # the data is never on this socket: copies report with landed
                 raise WireError("kv: cuda_ipc senders report copies with landed frames, not kv headers",
                                 h.request_id)
+            if riding_with is not None and (not isinstance(h, DoneHeader) or h.request_id != riding_with):
+                raise WireError(f"landed: the header riding along is not {riding_with!r}'s done", riding_with)
             h = decode_message([body], self.layout, self._res)
         except UnknownRequestError as e:
             self._drop_unknown(e)

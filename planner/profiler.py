@@ -413,9 +413,9 @@ def _child_main(opts_fields: dict, path: str) -> None:
 
 def run_profile_in_child(opts: ProfileOptions) -> dict:
     """run_profile in a child process, its profile back as JSON. On a GPU the deployed
-    probe that follows starts workers that need the memory the profiling engine held, and
-    a CUDA engine dropped in-process does not give all of it back (not diagnosed): the
-    child's exit does."""
+    probe that follows starts workers (other processes) that need the memory the profiling
+    engine held; dropped in this process, that memory would stay in torch's caching
+    allocator, which other processes see as used. The child's exit gives it all back."""
     import dataclasses
     import json
     import multiprocessing
