@@ -45,15 +45,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
-from gpu_kv_transfer import TIMEOUT, Board, kv_layout, prompt_ids  # noqa: E402
+from gpu_kv_transfer import TIMEOUT, Board, kv_layout, prompt_ids, sync  # noqa: E402
 
 PREFILL, DECODE = 0, 1
 BACKENDS = ("cuda_ipc", "zmq")
-
-
-def sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
 
 
 def make_rx(backend: str, layout, cache, write):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import statistics
 
 
 def _load(path: str) -> dict:
@@ -99,8 +100,9 @@ def main(argv=None) -> None:
             for mode, runs in _load(path)["modes"].items():
                 for run in runs:
                     s = by_other_worker(run["requests"])
-                    cell = lambda d: " / ".join(f"{_q(d[k], .5):.2f} ({len(d[k])})"  # noqa: E731
-                                                for k in ("other busy", "other idle"))
+                    cell = lambda d: " / ".join(  # noqa: E731
+                        f"{statistics.median(d[k]) if d[k] else float('nan'):.2f} ({len(d[k])})"
+                        for k in ("other busy", "other idle"))
                     ok = [r["decode_worker"] for r in run["requests"] if r["ok"]]
                     per = ", ".join(f"{w} {ok.count(w)}" for w in sorted(set(ok)))
                     print(f"| {path.rsplit('/', 1)[-1]} | {mode} | {run['rate']:g} | {per} | {cell(s['ttft'])} | "
