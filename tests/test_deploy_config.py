@@ -412,3 +412,27 @@ def test_kuberay_manifest_converts_with_rays_kuberay_autoscaler_config():
 
 def load_config_text(text: str):
     return from_dict(yaml.safe_load(text))
+
+
+def test_grpc_target_reads_the_route_and_decode_worker_from_the_last_message():
+    """bench's gRPC client takes the route, the cached tokens and the decode worker from
+    the message that finishes the stream (what --requests-json then writes)."""
+    import asyncio
+
+    from deploy import bench
+    from pdserve_api.v1 import pdserve_pb2 as pb
+
+    class FakeStub:
+        def Generate(self, req, timeout=None):
+            async def stream():
+                yield pb.GenerateResponse(token_ids=[5])
+                last = pb.GenerateResponse(token_ids=[6], finish_reason=pb.FINISH_REASON_LENGTH)
+                last.route.kind = pb.ROUTE_KIND_DISAGGREGATED
+                last.route.decode_worker = "decode-3"
+                last.usage.cached_tokens = 32
+                yield last
+            return stream()
+    r = asyncio.run(bench.GrpcTarget("x:1", 5.0)._one(FakeStub(), dict(arrival=0.0, prompt=[1, 2, 3], max_tokens=2),
+                                                       0.0))
+    assert r["ok"] and r["tokens"] == 2 and r["route"] == "disaggregated"
+    assert r["decode_worker"] == "decode-3" and r["cached"] == 32
