@@ -198,8 +198,9 @@ class HostTimer(_Wrapped):
 class Stamps(_Wrapped):
     """When chosen methods of a class ran since the last take(): the first entry, the last
     entry and the last exit of each. Where a transfer's last milliseconds go (the I/O
-    thread's reports, the receiver's handling of them and of the done); a wrapper costs
-    about a microsecond per call, and these methods run a few times per transfer."""
+    thread's reports, the receiver's handling of them and of the done, its doorbell
+    reads); a wrapper costs about a microsecond per call, and these methods run a few
+    times per transfer (the doorbell reads a few dozen)."""
 
     def __init__(self, owner, names: tuple[str, ...]):
         super().__init__()
@@ -242,7 +243,7 @@ def transfer(rank: int, board: Board, args, dev: torch.device, layout, backend: 
 
         rx = make_rx(backend, layout, cache, write)
         board.put(f"ep/{name}", rx.endpoint)
-        stamps = Stamps(type(rx), ("_on_landed", "_on_wire")) if backend == "cuda_ipc" else None
+        stamps = Stamps(type(rx), ("_on_landed", "_on_wire", "_answer_bells")) if backend == "cuda_ipc" else None
         secs, parts = [], []
         for rep in range(args.warmup + args.repeat):
             dst = list(range(layout.num_blocks - 1, layout.num_blocks - 1 - n, -1))   # scattered order

@@ -28,12 +28,14 @@ step() {   # step NAME SECONDS COMMAND...
     clean
 }
 
-[ $# -gt 0 ] || { echo "usage: $0 kv|tests|gputests|stream|saturated|decode|prefill|profile ..." >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 kv|tests|densetests|gputests|stream|saturated|decode|prefill|profile ..." >&2; exit 2; }
 for s in "$@"; do
     case "$s" in
-        kv) step kv 300 bash -c "python benchmarks/gpu_kv_ipc.py --json --repeat 4 --warmup 1 --best-tile \
-                --ttft-tokens 1024 4096 7936 > '$OUT/kv_ipc.json'" ;;
+        kv) kv_runs=$((${kv_runs:-0} + 1))   # each kv step its own file: kv_ipc_1.json, kv_ipc_2.json, ...
+            step "kv_$kv_runs" 300 bash -c "python benchmarks/gpu_kv_ipc.py --json --repeat 4 --warmup 1 --best-tile \
+                --ttft-tokens 1024 4096 7936 > '$OUT/kv_ipc_$kv_runs.json'" ;;
         tests) step tests 240 python -m pytest -q -m gpu tests/test_kv_transfer_ipc.py tests/test_triton_kernels.py ;;
+        densetests) step densetests 200 python -m pytest -q -m gpu tests/test_gpu.py -k "dense or dropped" ;;
         gputests) step gputests 420 python -m pytest -q -m gpu tests ;;
         stream) step stream 420 bash -c "cd benchmarks && python gpu_vs_hf.py --requests 256 \
                 --engines overlap,sync,dense --json '$OUT/stream.json'" ;;

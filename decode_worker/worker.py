@@ -295,8 +295,14 @@ class DecodeWorker(WorkerBase):
             wait_s = min(wait_s, max(0.0, nearest - now))
             if not self._kv_waitable:
                 wait_s = min(wait_s, 0.005)
-        if wait_s > 0:
-            self._poller.poll(max(1, int(wait_s * 1000)))
+            for rx in self._receivers.values():
+                soon = rx.wake_within_s()
+                if soon is not None:
+                    wait_s = min(wait_s, soon)
+        if wait_s >= 0.001:
+            self._poller.poll(int(wait_s * 1000))
+        elif wait_s > 0:   # finer than the poller's milliseconds: a receiver's doorbell, say
+            time.sleep(wait_s)
 
     def _heard_from_peer(self) -> None:
         self._router_seen = time.monotonic()

@@ -243,6 +243,12 @@ class KVReceiver(abc.ABC):
         ``released``. Backends that copy through this class's ``write_layer`` never do."""
         return False
 
+    def wake_within_s(self) -> float | None:
+        """How soon the caller should poll again even if no socket turns readable (work
+        this receiver waits for that wakes nothing on the host: cuda_ipc's doorbells), or
+        None when the socket's wake-up is enough."""
+        return None
+
     def pending(self) -> list[str]:
         return list(self._res)
 

@@ -50,13 +50,17 @@ if triton is not None:
         x = tl.load(src_ptr + plane * src_plane_stride + s * block_numel + offs, mask=mask)
         tl.store(dst_ptr + plane * dst_plane_stride + d * block_numel + offs, x, mask=mask)
 
+    @triton.jit(do_not_specialize=["slot", "value"])
+    def _ring_kernel(bells_ptr, slot, value):
+        tl.store(bells_ptr + slot, value)
+
 
 def _int_kind(v: int) -> tuple:
     # What Triton specializes an int argument on: its type (i32 / i64), divisibility by 16, == 1.
     return (-2 ** 31 <= v < 2 ** 31, v % 16 == 0, v == 1)
 
 
-# (device, word dtype, tile, each argument's specialization) -> the compiled kernel. Triton's
+# (kernel, device, dtypes, tile, each argument's specialization) -> the compiled kernel. Triton's
 # own launcher binds and specializes every argument in Python on every call, a large part
 # of a launch's host time; the compiled kernel for one specialization is launched directly.
 _compiled: dict[tuple, object] = {}
@@ -65,29 +69,52 @@ _fast_launch = True   # off for good if this Triton's compiled-kernel launch doe
 
 def _launch(grid: tuple[int, int, int], s: torch.Tensor, d: torch.Tensor, src_ids: torch.Tensor,
             dst_ids: torch.Tensor, first_plane: int, chunk: int, warps: int, stream) -> None:
-    global _fast_launch
     args = (s, d, src_ids, dst_ids, first_plane, s.stride(0), d.stride(0), s.shape[2], chunk)
-    key = None
+    key = ("copy", s.device.index, s.dtype, src_ids.dtype, dst_ids.dtype, chunk, warps,
+           s.data_ptr() % 16, d.data_ptr() % 16, src_ids.data_ptr() % 16, dst_ids.data_ptr() % 16,
+           -2 ** 31 <= first_plane < 2 ** 31, _int_kind(args[5]), _int_kind(args[6]), _int_kind(args[7]))
+    _run(_copy_blocks_kernel, grid, args, key, s, stream, num_warps=warps)
+
+
+def _run(jit_fn, grid: tuple, args: tuple, key: tuple, t: torch.Tensor, stream, **options) -> None:
+    """``jit_fn[grid](*args, **options)`` on ``stream``; once a specialization (``key``) has
+    compiled, its kernel is launched directly."""
+    global _fast_launch
     # Triton compiles and loads for the current device: a kernel is kept only where that is
-    # the caches' own.
-    if s.is_cuda and _fast_launch and torch.cuda.current_device() == s.device.index:
-        key = (s.device.index, s.dtype, src_ids.dtype, dst_ids.dtype, chunk, warps,
-               s.data_ptr() % 16, d.data_ptr() % 16, src_ids.data_ptr() % 16, dst_ids.data_ptr() % 16,
-               -2 ** 31 <= first_plane < 2 ** 31, _int_kind(args[5]), _int_kind(args[6]), _int_kind(args[7]))
-        kernel = _compiled.get(key)
-        if kernel is not None:
-            try:
-                on = stream if stream is not None else torch.cuda.current_stream(s.device)
-                kernel[grid](*args, stream=on.cuda_stream)
-                return
-            except (TypeError, ValueError, AttributeError):   # this Triton launches differently
-                _fast_launch = False
-                log.warning("block copy: direct launch of the compiled kernel failed; using Triton's launcher",
-                            exc_info=True)
-    with _on(stream, s):
-        kernel = _copy_blocks_kernel[grid](*args, num_warps=warps)
+    # the tensors' own.
+    if not (t.is_cuda and _fast_launch and torch.cuda.current_device() == t.device.index):
+        key = None
+    kernel = _compiled.get(key) if key is not None else None
+    if kernel is not None:
+        try:
+            on = stream if stream is not None else torch.cuda.current_stream(t.device)
+            kernel[grid](*args, stream=on.cuda_stream)
+            return
+        except (TypeError, ValueError, AttributeError):   # this Triton launches differently
+            _fast_launch = False
+            log.warning("block copy: direct launch of the compiled kernel failed; using Triton's launcher",
+                        exc_info=True)
+    with _on(stream, t):
+        kernel = jit_fn[grid](*args, **options)
     if key is not None and callable(getattr(kernel, "__getitem__", None)) and hasattr(kernel, "function"):
         _compiled[key] = kernel
+
+
+def ring(bells: torch.Tensor, slot: int, value: int, stream=None) -> None:
+    """``bells[slot] = value`` once the work queued before it on ``stream`` (default: the
+    current stream) has finished: on a GPU a one-thread kernel on that stream, so a
+    process watching ``bells`` learns that earlier copies are complete without the
+    copying process waiting for them. On the CPU (copies there are synchronous) a store."""
+    if not bells.is_cuda:
+        bells[slot] = value
+        return
+    if triton is None:
+        with _on(stream, bells):
+            bells[slot].fill_(value)
+        return
+    # value is kept >= 2**32 by the caller, so it is always an int64 argument: one compile.
+    _run(_ring_kernel, (1,), (bells, slot, value), ("ring", bells.device.index, bells.data_ptr() % 16), bells,
+         stream, num_warps=1)
 
 
 def _on(stream, t: torch.Tensor):

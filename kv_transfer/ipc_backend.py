@@ -14,11 +14,13 @@ Per pair (one sender, one receiver)::
 
     sender                                   receiver (decode worker's engine loop)
     hello(inst)                    ------>   inst must be this incarnation's, else refuse
-                                   <------   welcome(cache handle, layout)   [once]
+                                   <------   welcome(cache handle, layout, bell)   [once]
     claim(rid)                     ------>   rid expected and unclaimed -> grant, else deny
                                    <------   grant(rid, ok)
-    [copy the blocks of layers l..l+n-1 into the decode cache on a side stream, wait]
-    landed(rid, l, n, blocks)      ------>   validated against the reservation; marked landed
+    [copy the blocks of layers l..l+n-1 into the decode cache on a side stream, then ring
+     the pair's doorbell with number s behind the copy on the same stream; no wait]
+    landed(rid, l, n, blocks, s)   ------>   validated against the reservation; landed once
+                                             the pair's bell reads >= s
     done(rid, first token)         ------>   complete when every layer landed
     ping                           ------>   liveness; answered with pong (the sender's lease)
                                    <------   revoke(rid): the transfer failed or was cancelled
@@ -42,11 +44,25 @@ stream after a layer's attention wrote its KV; a side stream waits on it and run
 copy (one Triton kernel: :mod:`kv_transfer.block_copy`), so the copy overlaps the next
 layers. A prefill worker hands layers over ``layers_per_launch`` at a time (one launch, one
 report for the group): the per-call host work, not the copy, is what a transfer of KV that
-is already computed waits on. The I/O thread waits only for the newest of the copies queued
-(one side stream: they finish in order) and reports every group that finished with it. Before the prefill worker releases the request's blocks (after ``send_done`` or
-``send_abort``), the engine's stream is made to wait for the last copy, so a later step that
-reuses those blocks cannot overwrite them under the copy. The receiver learns of a layer only
-after the sender's I/O thread saw the copy complete, so the decode engine reads finished data.
+is already computed waits on. Before the prefill worker releases the request's blocks (after
+``send_done`` or ``send_abort``), the engine's stream is made to wait for the last copy, so a
+later step that reuses those blocks cannot overwrite them under the copy.
+
+Doorbells: when the decode engine may read. Waiting for a copy on the sender's host and
+then telling the receiver puts a wake-up and a socket hop after the copy's end; instead the
+receiver exports an int64 array in its own memory beside the cache, one slot per pair, and
+the sender rings its slot on the side stream right behind each launch (a one-thread kernel
+writing ``nonce << 32 | n``, n counting up) and reports the launch at once, naming n. The
+receiver validates the report while the copy runs and marks its layers landed once it
+reads the bell at >= n (a device read on a stream of its own, every ``BELL_POLL_S`` while
+reports wait): stream order puts the copy's writes before the ring, so the decode engine
+reads finished data. The bell lives in the receiver's memory, so a sender that dies leaves
+it unrung (its transfers fail as below), never dangling; the nonce, new for each pair,
+keeps a slot's previous pair from ringing for the next. Because reports now go ahead of
+copies, everything that lets the receiver reuse blocks at once waits for the copies first:
+an abort (the sender's I/O thread synchronizes the request's last copy before sending it),
+``fenced`` and ``bye`` (as before). On a CPU the copy is synchronous, so the bell has rung
+before the report leaves.
 
 Faults. A prefill worker killed mid-transfer goes silent: after ``peer_timeout_s`` its
 transfers fail (the decode worker prefills in place) without waiting for their deadlines. A
@@ -63,6 +79,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 import secrets
 import socket
@@ -77,7 +94,7 @@ import torch
 import zmq
 
 from kv_transfer.base import KV_TIMEOUT_S, SEND_TIMEOUT_S, Failed, KVReceiver, KVSender, WriteLayer
-from kv_transfer.block_copy import CacheCopier, IndexStager, copy_blocks
+from kv_transfer.block_copy import CacheCopier, IndexStager, copy_blocks, ring
 from kv_transfer.wire import (DTYPES, ITEMSIZE, MAX_BLOCKS_PER_MESSAGE, MAX_HEADER_BYTES, MAX_LAYERS, MAX_REASON_LEN,
                               AbortHeader, DoneHeader, KVHeader, KVLayout, UnknownRequestError,
                               WireError, check_kv, check_request_id, decode_header, decode_message, dtype_name,
@@ -90,14 +107,19 @@ MAX_CONTROL_BYTES = 4096
 _INST_LEN = 16
 # The cuda_ipc control and landed messages' own version (the done/abort headers keep
 # kv_transfer.wire's): 2 since layers are reported as ranges (landed) instead of kv headers,
-# 3 since the last landed report may carry the done; a sender and receiver of different
-# releases fail at hello instead of per transfer.
-IPC_PROTOCOL_VERSION = 3
+# 3 since the last landed report may carry the done, 4 since reports go out before their
+# copies finish and name the doorbell value that says they have (welcome gives the bell);
+# a sender and receiver of different releases fail at hello instead of per transfer.
+IPC_PROTOCOL_VERSION = 4
+# A doorbell value is (pair nonce << 32) | sequence number: a pair's rings never match
+# another pair's that had its slot before, and the value is always an int64.
+_SEQ_BITS = 32
+_SEQ_MASK = (1 << _SEQ_BITS) - 1
 # First payload frame: a control map, a kv_transfer.wire header (done / abort), or a landed
 # report (copies of some layers' blocks have finished; see encode_landed).
 _CTRL, _WIRE, _LANDED = b"c", b"w", b"l"
 _FROM_SENDER = {"hello": {"inst"}, "claim": {"request_id"}, "fenced": {"request_id"}, "ping": {"t"}, "bye": set()}
-_FROM_RECEIVER = {"welcome": {"cache", "layout"}, "refuse": {"reason"}, "grant": {"request_id", "ok", "reason"},
+_FROM_RECEIVER = {"welcome": {"cache", "layout", "bell"}, "refuse": {"reason"}, "grant": {"request_id", "ok", "reason"},
                   "revoke": {"request_id"}, "pong": {"t"}}
 
 
@@ -173,15 +195,21 @@ def device_uuid(device: torch.device) -> str:
     return str(torch.cuda.get_device_properties(device).uuid)
 
 
+# What can be shared: a cache (a KV dtype) or a doorbell array (int64).
+_SHARED_DTYPES = {**DTYPES, "int64": torch.int64}
+_SHARED_ITEMSIZE = {**ITEMSIZE, "int64": 8}
+
+
 def export_cache(cache: torch.Tensor) -> dict:
-    """A msgpack-able description of ``cache`` that another process on this host can open
-    with :func:`open_cache`. A CPU cache is moved into shared memory in place (its views
-    stay valid); a CUDA cache is shared through a CUDA IPC handle of its allocation."""
+    """A msgpack-able description of ``cache`` (a paged cache, or the receiver's doorbells)
+    that another process on this host can open with :func:`open_cache`. A CPU tensor is
+    moved into shared memory in place (its views stay valid); a CUDA one is shared through
+    a CUDA IPC handle of its allocation."""
     if not cache.is_contiguous():
         raise ValueError("the cache must be contiguous to be shared")
     st = cache.untyped_storage()
-    desc = dict(host=host_id(), dtype=dtype_name(cache.dtype), shape=list(cache.shape),
-                offset=int(cache.storage_offset()))
+    dtype = "int64" if cache.dtype == torch.int64 else dtype_name(cache.dtype)
+    desc = dict(host=host_id(), dtype=dtype, shape=list(cache.shape), offset=int(cache.storage_offset()))
     if cache.is_cuda:
         _dev, handle, size, off, ref_h, ref_off, ev_h, ev_sync = st._share_cuda_()
         desc.update(kind="cuda", device_uuid=device_uuid(cache.device), handle=bytes(handle), size=int(size),
@@ -207,24 +235,26 @@ def _local_cuda_index(uuid: str) -> int | None:
     return None
 
 
-def open_cache(desc) -> torch.Tensor:
-    """The tensor a peer exported with :func:`export_cache`; ValueError naming what is
+def open_cache(desc, *, bells: bool = False) -> torch.Tensor:
+    """The tensor a peer exported with :func:`export_cache`: a paged cache (6 dims, a KV
+    dtype), or with ``bells`` a doorbell array (1 dim, int64); ValueError naming what is
     wrong (a bad description, another host, a GPU this process cannot see)."""
     if type(desc) is not dict or desc.get("kind") not in _DESC_KEYS or set(desc) != _DESC_KEYS[desc["kind"]]:
         raise ValueError("cache description: wrong keys")
     if desc["host"] != host_id():
         raise ValueError(f"the cache is on another host ({desc['host']!r}); cuda_ipc works on one host only")
-    if type(desc["dtype"]) is not str or desc["dtype"] not in DTYPES:
+    ndim, dtypes = (1, ("int64",)) if bells else (6, DTYPES)
+    if type(desc["dtype"]) is not str or desc["dtype"] not in dtypes:
         raise ValueError(f"cache description: dtype {desc['dtype']!r}")
-    dtype = DTYPES[desc["dtype"]]
+    dtype = _SHARED_DTYPES[desc["dtype"]]
     shape = desc["shape"]
-    if (type(shape) is not list or len(shape) != 6 or any(type(s) is not int or s < 1 for s in shape)
+    if (type(shape) is not list or len(shape) != ndim or any(type(s) is not int or s < 1 for s in shape)
             or type(desc["offset"]) is not int or desc["offset"] < 0):
-        raise ValueError("cache description: shape must be 6 positive ints, offset an int >= 0")
+        raise ValueError(f"cache description: shape must be {ndim} positive ints, offset an int >= 0")
     numel = 1
     for s in shape:
         numel *= s
-    need = (desc["offset"] + numel) * ITEMSIZE[desc["dtype"]]
+    need = (desc["offset"] + numel) * _SHARED_ITEMSIZE[desc["dtype"]]
     if type(desc["size"]) is not int or desc["size"] < need:
         raise ValueError(f"cache description: {desc['size']} bytes cannot hold {shape}")
     if desc["kind"] == "cpu":
@@ -251,12 +281,15 @@ def _layout_dict(layout: KVLayout) -> dict:
 
 
 _LANDED_KEYS = {"v", "request_id", "first_layer", "num_layers", "block_ids"}
+_LANDED_OPTIONAL = {"done", "bell"}
 
 
 def encode_landed(request_id: str, first_layer: int, num_layers: int, block_ids: Sequence[int],
-                  done: bytes | None = None) -> bytes:
+                  done: bytes | None = None, bell: int = 0) -> bytes:
     """Layers ``first_layer .. first_layer + num_layers - 1`` of blocks ``block_ids`` are in
-    the receiver's cache. The ids were checked when the sender made its index for them.
+    the receiver's cache, or (``bell`` > 0) will be once the pair's doorbell has reached
+    that sequence number: the copies were queued, and the doorbell is rung behind them on
+    the device. The ids were checked when the sender made its index for them.
     ``done``: the request's done header, when these are its last layers and the done was
     already queued: it rides along instead of following in a message of its own (one hop
     less on a transfer's critical path); the receiver handles it as if it came next."""
@@ -264,28 +297,34 @@ def encode_landed(request_id: str, first_layer: int, num_layers: int, block_ids:
              block_ids=block_ids)
     if done is not None:
         d["done"] = done
+    if bell:
+        d["bell"] = bell
     return msgpack.packb(d, use_bin_type=True)
 
 
-def decode_landed(buf) -> tuple[str, int, int, tuple[int, ...], bytes | None]:
+def decode_landed(buf) -> tuple[str, int, int, tuple[int, ...], bytes | None, int]:
     """Schema-check a landed report: (request id, first layer, layer count, block ids, the
-    done header riding along or None). WireError on anything else; the ids are checked
-    against the reservation by the caller, the done header as any wire message."""
+    done header riding along or None, the doorbell sequence number to wait for or 0).
+    WireError on anything else; the ids are checked against the reservation by the
+    caller, the done header as any wire message."""
     d = _unpack_bounded(buf, "landed", MAX_HEADER_BYTES, max_bin_len=MAX_HEADER_BYTES,
                         max_array_len=MAX_BLOCKS_PER_MESSAGE, max_map_len=8)
-    if (type(d) is not dict or not (set(d) == _LANDED_KEYS or set(d) == _LANDED_KEYS | {"done"})
+    if (type(d) is not dict or not _LANDED_KEYS <= set(d) <= _LANDED_KEYS | _LANDED_OPTIONAL
             or type(d["v"]) is not int or d["v"] != IPC_PROTOCOL_VERSION):
         raise WireError("landed: wrong keys or version")
     done = d.get("done")
     if done is not None and type(done) is not bytes:
         raise WireError("landed: done must be the bytes of a done header")
+    bell = d.get("bell", 0)
+    if type(bell) is not int or not 0 <= bell <= _SEQ_MASK:
+        raise WireError(f"landed: bell must be a sequence number in [0, {_SEQ_MASK}]")
     rid = check_request_id(d["request_id"])
     first, count, ids = d["first_layer"], d["num_layers"], d["block_ids"]
     if type(first) is not int or type(count) is not int or not (0 <= first and 0 < count and first + count <= MAX_LAYERS):
         raise WireError(f"landed: layers {first!r} + {count!r} outside [0, {MAX_LAYERS})", rid)
     if type(ids) is not list or not ids or set(map(type, ids)) != {int} or min(ids) < 0:
         raise WireError("landed: block_ids must be a non-empty list of block ids", rid)
-    return rid, first, count, tuple(ids), done
+    return rid, first, count, tuple(ids), done, bell
 
 
 # ---- decode side -----------------------------------------------------------------------------------------
@@ -293,7 +332,13 @@ def decode_landed(buf) -> tuple[str, int, int, tuple[int, ...], bytes | None]:
 class _Pair:
     ident: bytes
     last_seen: float
+    slot: int = 0       # its doorbell is bells[slot]
+    nonce: int = 0      # the high half of every value it rings
     claims: set = field(default_factory=set)
+    # Reports whose copies were queued but not yet seen finished, in the order they came:
+    # (sequence number, request id, first layer, layer count, block ids, bytes per layer,
+    # whether the ids are the whole reservation).
+    ringing: deque = field(default_factory=deque)
 
 
 @dataclass
@@ -310,6 +355,9 @@ class IpcKVReceiver(KVReceiver):
     senders write it directly (``write_layer`` is never called)."""
 
     FENCE_CAP_S = 120.0   # a live pair that never answers a revoke (a bug) cannot hold blocks forever
+    # While reports wait for their doorbells, how often the bells are read: they ring on the
+    # device, which wakes nothing on the host.
+    BELL_POLL_S = 20e-6
 
     def __init__(self, layout: KVLayout, write_layer: WriteLayer | None = None, *, cache: torch.Tensor,
                  bind_host: str = "127.0.0.1", advertise_host: str | None = None, context=None,
@@ -323,6 +371,17 @@ class IpcKVReceiver(KVReceiver):
         self.max_pairs = int(max_pairs)
         self.max_messages_per_poll = int(max_messages_per_poll)
         self._desc = export_cache(cache)
+        # One doorbell per pair, in this receiver's memory (a pair that dies leaves it
+        # unrung, never dangling). A sender reports copies as soon as they are queued and
+        # rings its bell behind them on the device; a report counts once the bell has
+        # reached its number (_answer_bells), so no host hop waits for the copies to end.
+        self._bells = torch.zeros(self.max_pairs, dtype=torch.int64, device=cache.device)
+        self._bell_desc = export_cache(self._bells)
+        self._bells_seen = self._bell_stream = None
+        if cache.is_cuda:   # read on a stream of its own: the engine's may be busy for ms
+            self._bells_seen = torch.zeros(self.max_pairs, dtype=torch.int64).pin_memory()
+            self._bell_stream = torch.cuda.Stream(cache.device)
+        self._nonces = itertools.count(1)
         self._inst = secrets.token_hex(_INST_LEN // 2)
         self._ctx = context or zmq.Context.instance()
         sock = self._ctx.socket(zmq.ROUTER)
@@ -343,7 +402,7 @@ class IpcKVReceiver(KVReceiver):
         self._fences: dict[str, _Fence] = {}       # revoked, waiting for fenced
         self._closed = False
         self.stats.update(pairs_formed=0, pairs_lost=0, pairs_refused=0, grants=0, denials=0, revokes=0,
-                          fenced=0, fence_timeouts=0)
+                          fenced=0, fence_timeouts=0, reports_ahead=0, bell_reads=0)
         log.info("kv cuda_ipc receiver (%s cache) listening on %s", self._desc["kind"], self._endpoint)
 
     @property
@@ -368,6 +427,9 @@ class IpcKVReceiver(KVReceiver):
     def write_pending(self, request_id: str) -> bool:
         return request_id in self._fences
 
+    def wake_within_s(self) -> float | None:
+        return self.BELL_POLL_S if self._ringing() else None
+
     def close(self) -> None:
         if self._closed:
             return
@@ -376,17 +438,57 @@ class IpcKVReceiver(KVReceiver):
 
     # ---- the loop thread -------------------------------------------------------------------------------
     def _receive(self, timeout_ms: int) -> None:
+        """Messages as they come; while reports wait for their doorbells, the bells read
+        every BELL_POLL_S until they have rung or ``timeout_ms`` is up."""
         if self._closed:
             raise RuntimeError("receiver is closed")
-        if timeout_ms > 0:
-            self._sock.poll(timeout_ms, zmq.POLLIN)
-        for _ in range(self.max_messages_per_poll):
-            try:
-                frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=True)
-            except zmq.Again:
-                break
-            self._on_frames_from(frames)
-        self._check_pairs()
+        end = time.monotonic() + timeout_ms / 1000
+        while True:
+            if timeout_ms > 0 and not self._ringing():
+                self._sock.poll(max(0, math.ceil((end - time.monotonic()) * 1000)), zmq.POLLIN)
+            for _ in range(self.max_messages_per_poll):
+                try:
+                    frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=True)
+                except zmq.Again:
+                    break
+                self._on_frames_from(frames)
+            self._check_pairs()
+            if not self._ringing():
+                return
+            self._answer_bells()
+            if not self._ringing() or time.monotonic() >= end or self._completed or self._failed:
+                return
+            time.sleep(self.BELL_POLL_S)
+
+    def _ringing(self) -> bool:
+        return any(p.ringing for p in self._pairs.values())
+
+    def _answer_bells(self, only: _Pair | None = None) -> None:
+        """Mark landed every waiting report whose pair's doorbell has reached its number.
+        A sender rings after its copies on the same stream, and reports in launch order, so
+        a bell at n means every copy it reported up to n has finished."""
+        pairs = [only] if only is not None else [p for p in self._pairs.values() if p.ringing]
+        if not pairs or not any(p.ringing for p in pairs):
+            return
+        rung = self._read_bells()
+        for p in pairs:
+            value = rung[p.slot]
+            if value >> _SEQ_BITS != p.nonce:
+                continue   # not rung since this pair got the slot
+            seq = value & _SEQ_MASK
+            while p.ringing and p.ringing[0][0] <= seq:
+                _, rid, first, count, ids, nbytes, covers = p.ringing.popleft()
+                if rid in self._xfers and self._claims.get(rid) == p.ident:   # else failed or cancelled since
+                    self._mark_layers_landed(rid, range(first, first + count), ids, nbytes, covers_reservation=covers)
+
+    def _read_bells(self) -> list[int]:
+        self.stats["bell_reads"] += 1
+        if self._bell_stream is None:
+            return self._bells.tolist()
+        with torch.cuda.stream(self._bell_stream):
+            self._bells_seen.copy_(self._bells, non_blocking=True)
+        self._bell_stream.synchronize()
+        return self._bells_seen.tolist()
 
     def _send(self, ident: bytes, kind: str, **fields) -> None:
         try:
@@ -444,9 +546,13 @@ class IpcKVReceiver(KVReceiver):
             self.stats["pairs_refused"] += 1
             self._send(ident, "refuse", reason=f"{len(self._pairs)} pairs already")
             return
-        self._pairs[ident] = _Pair(ident, time.monotonic())
+        used = {p.slot for p in self._pairs.values()}
+        pair = _Pair(ident, time.monotonic(), slot=next(i for i in range(self.max_pairs) if i not in used),
+                     nonce=next(self._nonces))
+        self._pairs[ident] = pair
         self.stats["pairs_formed"] += 1
-        self._send(ident, "welcome", cache=self._desc, layout=_layout_dict(self.layout))
+        self._send(ident, "welcome", cache=self._desc, layout=_layout_dict(self.layout),
+                   bell=dict(desc=self._bell_desc, slot=pair.slot, nonce=pair.nonce))
 
     def _on_claim(self, pair: _Pair, rid: str) -> None:
         if rid not in self._xfers:
@@ -463,7 +569,7 @@ class IpcKVReceiver(KVReceiver):
 
     def _on_landed(self, pair: _Pair, body) -> None:
         try:
-            rid, first, count, ids, done = decode_landed(body)
+            rid, first, count, ids, done, bell = decode_landed(body)
             res = self._res.get(rid)
             if res is None:
                 raise UnknownRequestError(f"request {rid!r} is not expected here", rid)
@@ -484,8 +590,12 @@ class IpcKVReceiver(KVReceiver):
             return
         nbytes = KVHeader(rid, first, ids, self.layout.dtype, shape).nbytes
         # check_kv found the ids distinct and reserved: as many as reserved means all of them
-        self._mark_layers_landed(rid, range(first, first + count), ids, nbytes,
-                                 covers_reservation=len(ids) == len(res.block_set))
+        covers = len(ids) == len(res.block_set)
+        if bell:   # queued, maybe still copying: it counts once the pair's bell reaches it
+            self.stats["reports_ahead"] += 1
+            pair.ringing.append((bell, rid, first, count, ids, nbytes, covers))
+        else:
+            self._mark_layers_landed(rid, range(first, first + count), ids, nbytes, covers_reservation=covers)
         if done is not None:
             self._on_wire(pair, done, riding_with=rid)
 
@@ -569,6 +679,8 @@ class IpcKVReceiver(KVReceiver):
             self._released.append(rid)
 
     def _drop_pair(self, pair: _Pair, why: str, lost: bool) -> None:
+        # What it rang before it left has landed (a bye comes after its copies finished).
+        self._answer_bells(only=pair)
         self._pairs.pop(pair.ident, None)
         if lost:
             self.stats["pairs_lost"] += 1
@@ -608,6 +720,7 @@ class _Item:
     tensor: torch.Tensor | None = None   # "copy": the gathered blocks [2 * num_layers, n, ...]
     event: object = None                 # "copy": its data is ready; "landed": its copy finished
     body: bytes = b""                    # "done"/"abort": the wire header
+    bell: int = 0                        # "landed": the doorbell number rung behind its copy (0: none)
     queued_at: float = field(default_factory=time.monotonic)
 
 
@@ -676,6 +789,8 @@ class IpcKVSender(KVSender):
         self._failed: OrderedDict[str, str] = OrderedDict()
         self._side = None
         self._ready = None             # the caller's stream, recorded for the side stream to wait on
+        self._bell: tuple[torch.Tensor, int, int] | None = None   # the receiver's bells, our slot, our nonce
+        self._rung = 0                 # the last number rung
         self._copier: CacheCopier | None = None   # the caller's cache -> the receiver's
         self._stager = IndexStager()   # used holding the lock, on the side stream
         self._closed = False
@@ -809,7 +924,7 @@ class IpcKVSender(KVSender):
             if launched:
                 launch()
                 wake = self._enqueue(_Item("landed", rid, first, ids, event=self._last_copy.get(rid),
-                                           num_layers=num_layers))
+                                           num_layers=num_layers, bell=self._ring()))
         if launched:
             if wake:
                 self._wake()
@@ -855,6 +970,16 @@ class IpcKVSender(KVSender):
         done = torch.cuda.Event()
         done.record(side)
         self._last_copy[rid] = done
+
+    def _ring(self) -> int:
+        """Holding the lock, after a launch: ring the next number of our doorbell behind
+        it (on the side stream, where every copy goes); the number, or 0 without a bell."""
+        if self._bell is None or self._rung >= _SEQ_MASK:
+            return 0
+        bells, slot, nonce = self._bell
+        self._rung += 1
+        ring(bells, slot, (nonce << _SEQ_BITS) | self._rung, stream=self._side if bells.is_cuda else None)
+        return self._rung
 
     def _can_write(self, rid: str) -> bool:
         """Holding the lock: may a copy for rid be launched now?"""
@@ -1057,11 +1182,19 @@ class IpcKVSender(KVSender):
                 if remote.device.type != self.device.type:
                     raise ValueError(f"the receiver's cache is on {remote.device.type}, this sender's on "
                                      f"{self.device.type}: both must be on GPUs or both on the CPU")
+                bell = d["bell"]
+                if type(bell) is not dict or set(bell) != {"desc", "slot", "nonce"}:
+                    raise ValueError("bell: want desc, slot and nonce")
+                bells, slot, nonce = open_cache(bell["desc"], bells=True), bell["slot"], bell["nonce"]
+                if (type(slot) is not int or not 0 <= slot < bells.shape[0] or type(nonce) is not int
+                        or not 0 < nonce < 2 ** 31 or bells.device != remote.device):
+                    raise ValueError("bell: slot or nonce out of range, or not beside the cache")
             except Exception as e:
                 self._break(f"cannot use the receiver's cache: {type(e).__name__}: {e}")
                 return
             with self._lock:
                 self._remote = remote
+                self._bell = (bells, slot, nonce)
                 self._block_bytes = 2 * remote[0, 0, 0].numel() * remote.element_size()   # K and V of a block
                 self._lease_until = self._ping_sent + self.lease_s
             log.info("kv cuda_ipc sender to %s: pair formed (%s)", self.endpoint, remote.device)
@@ -1104,7 +1237,10 @@ class IpcKVSender(KVSender):
             rids = list(self._begun)
             for rid in rids:
                 self._mark_failed(rid, why)
+            copies = list(self._last_copy.values())
         log.error("kv cuda_ipc sender to %s: %s", self.endpoint, why)
+        for ev in copies:   # an abort lets the receiver reuse the blocks at once (reports went ahead of copies)
+            ev.synchronize()
         for rid in rids:
             try:
                 self._send(_WIRE, encode_abort(rid, why)[0])
@@ -1150,19 +1286,20 @@ class IpcKVSender(KVSender):
         same blocks; ``done`` (queued right after them, for the last run's request) goes
         with the last report. Returns how many items beyond ``items`` it handled (1 for the
         done, else 0)."""
-        last = next((x.event for x in reversed(items) if x.event is not None), None)
-        if last is not None:
-            last.synchronize()
+        if not all(x.bell for x in items):   # without a doorbell a report waits for its copy
+            last = next((x.event for x in reversed(items) if x.event is not None), None)
+            if last is not None:
+                last.synchronize()
         run = items[0]
-        count = run.num_layers
+        count, bell = run.num_layers, run.bell
         for x in items[1:]:
             if x.rid == run.rid and x.layer == run.layer + count and x.dst == run.dst:
-                count += x.num_layers
+                count, bell = count + x.num_layers, x.bell
                 continue
-            self._report(run.rid, run.layer, count, run.dst)
-            run, count = x, x.num_layers
+            self._report(run.rid, run.layer, count, run.dst, bell=bell)
+            run, count, bell = x, x.num_layers, x.bell
         if done is None:
-            self._report(run.rid, run.layer, count, run.dst)
+            self._report(run.rid, run.layer, count, run.dst, bell=bell)
             return 0
         # Closing the request forgets a revoke, so the report goes first: with the done in
         # it when all of the request landed and is still wanted, else on its own (it is
@@ -1170,10 +1307,10 @@ class IpcKVSender(KVSender):
         # into an abort if the request failed, the merged send included).
         with self._lock:
             whole = done.rid not in self._failed and done.rid not in self._revoked
-        if whole and self._report(run.rid, run.layer, count, run.dst, done=done.body):
+        if whole and self._report(run.rid, run.layer, count, run.dst, done=done.body, bell=bell):
             self._close_request(done)
             return 1
-        self._report(run.rid, run.layer, count, run.dst)
+        self._report(run.rid, run.layer, count, run.dst, bell=bell)
         self._send_final(done.rid, self._close_request(done))
         return 1
 
@@ -1228,10 +1365,14 @@ class IpcKVSender(KVSender):
             failed = rid in self._failed or rid in self._revoked
             self._granted.discard(rid)
             self._revoked.discard(rid)
-            self._last_copy.pop(rid, None)
+            last = self._last_copy.pop(rid, None)
             self._indices.pop(rid, None)
             self._gather_ids.pop(rid, None)
             self._begun.pop(rid, None)
+        if last is not None and (failed or it.kind == "abort"):
+            # An abort lets the receiver reuse the blocks at once, and reports went out
+            # ahead of their copies: none may still be writing.
+            last.synchronize()
         if it.kind == "done" and failed:   # not all of it landed: let the receiver fall back now
             self.stats["dones_as_aborts"] += 1
             with self._lock:
@@ -1246,15 +1387,17 @@ class IpcKVSender(KVSender):
             with self._lock:
                 self._mark_failed(rid, f"control send failed: {e}")
 
-    def _report(self, rid: str, first: int, num_layers: int, dst: list[int], done: bytes | None = None) -> bool:
-        """Tell the receiver that layers' copies have landed (unless rid was revoked or
-        failed), with rid's done header if given; True if it went."""
+    def _report(self, rid: str, first: int, num_layers: int, dst: list[int], done: bytes | None = None,
+                bell: int = 0) -> bool:
+        """Tell the receiver that layers' copies have landed, or will have once our bell
+        reaches ``bell`` (unless rid was revoked or failed), with rid's done header if
+        given; True if it went."""
         with self._lock:
             skip = rid in self._revoked or rid in self._failed
             remote = self._remote
         if skip or remote is None:
             return False
-        if not self._try_send(_LANDED, encode_landed(rid, first, num_layers, dst, done), rid):
+        if not self._try_send(_LANDED, encode_landed(rid, first, num_layers, dst, done, bell), rid):
             return False
         self.stats["reports"] += 1
         self.stats["bytes"] += self._block_bytes * len(dst) * num_layers

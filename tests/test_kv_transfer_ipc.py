@@ -242,6 +242,9 @@ def test_several_layers_in_one_launch_land_exactly_with_one_report(pair):
     assert tx.stats["copies"] - copies == 2                 # one launch per call, not per layer
     assert 1 <= tx.stats["reports"] - reports <= 2          # consecutive layers may share a report
     assert rx.stats["layers_written"] == layout.num_layers
+    # Launched at once, so reported ahead of the copy with a doorbell number (on the CPU
+    # the copy is synchronous and the bell has rung before the report leaves).
+    assert rx.stats["reports_ahead"] == tx.stats["reports"] - reports
     for bad in (range(0, 0), range(0, 3, 2), range(2, 4), [0, 1]):
         with pytest.raises(ValueError):
             tx.send_layers_blocks("m", bad, [4], src, [7])
@@ -443,7 +446,12 @@ def test_landed_reports_past_the_reservation_and_kv_headers_fail_their_transfer(
             ipc.decode_landed(ipc.encode_landed("x", 0, 0, [1]))
         with pytest.raises(WireError):
             ipc.decode_landed(ipc.encode_landed("x", 0, 1, []))
-        assert ipc.decode_landed(ipc.encode_landed("x", 3, 2, [1, 5])) == ("x", 3, 2, (1, 5), None)
+        assert ipc.decode_landed(ipc.encode_landed("x", 3, 2, [1, 5])) == ("x", 3, 2, (1, 5), None, 0)
+        assert ipc.decode_landed(ipc.encode_landed("x", 3, 2, [1, 5], bell=7))[5] == 7
+        for bell in (-1, 2 ** 32, "7", 1.0):   # a doorbell number is a 32-bit count
+            with pytest.raises(WireError):
+                ipc.decode_landed(msgpack.packb(dict(v=ipc.IPC_PROTOCOL_VERSION, request_id="x", first_layer=0,
+                                                     num_layers=1, block_ids=[1], bell=bell)))
         done = kt.wire.encode_done("x", 7, 5)[0]
         assert ipc.decode_landed(ipc.encode_landed("x", 3, 2, [1, 5], done))[4] == done
         with pytest.raises(WireError):   # the done rides as the bytes of a header, nothing else
@@ -459,6 +467,96 @@ def test_landed_reports_past_the_reservation_and_kv_headers_fail_their_transfer(
         assert [(c.request_id, c.first_token) for c in out.completed] == [("h9", 9)] and "h9" not in rx._claims
     finally:
         rogue.close(0)
+
+
+def test_a_report_ahead_of_its_copy_lands_only_once_its_pair_rings_the_bell(pair):
+    """Reports name a doorbell number; the receiver marks their layers landed once the
+    pair's bell (in its own memory, opened from the welcome as a sender does) reads at
+    least that number under this pair's nonce: not before, not for another pair's nonce.
+    A transfer failed while waiting is not revived by a later ring, and a pair that rang
+    and said bye at once still completes what it rang."""
+    layout, rx, cache, tx = pair()
+    rogue = zmq.Context.instance().socket(zmq.DEALER)
+    rogue.setsockopt(zmq.LINGER, 0)
+    rogue.connect(ipc.parse_endpoint(rx.endpoint).ctrl)
+    try:
+        rogue.send_multipart([b"c", ipc.encode_control("hello", inst=ipc.parse_endpoint(rx.endpoint).inst)])
+        poll_until(rx, lambda _: rx.num_pairs() == 2)
+        welcome = ipc.decode_control(rogue.recv_multipart()[1], ipc._FROM_RECEIVER)
+        bell = welcome["bell"]
+        bells = ipc.open_cache(bell["desc"], bells=True)
+        slot, nonce = bell["slot"], bell["nonce"]
+        assert bells.shape == (rx.max_pairs,) and slot != tx._bell[1] and nonce != tx._bell[2]
+
+        def claim(rid, ids):
+            rx.expect(rid, ids, deadline=time.monotonic() + 20)
+            rogue.send_multipart([b"c", ipc.encode_control("claim", request_id=rid)])
+            poll_until(rx, lambda _: rid in rx._claims)
+
+        claim("b1", [20, 21])
+        done = kt.wire.encode_done("b1", 4, layout.num_layers)[0]
+        rogue.send_multipart([b"l", ipc.encode_landed("b1", 0, layout.num_layers, [20, 21], done, bell=2)])
+        poll_until(rx, lambda _: rx.stats["reports_ahead"] == 1)
+        for value in (0, ((nonce + 1) << 32) | 9, (nonce << 32) | 1):   # unrung, another pair's, too low
+            bells[slot] = value
+            r = rx.poll(5)
+            assert not r.completed and not r.failed and rx.progress("b1")["layers_landed"] == []
+            assert rx.wake_within_s() == rx.BELL_POLL_S
+        bells[slot] = (nonce << 32) | 2
+        out = poll_until(rx, lambda o: o.completed)
+        assert [(c.request_id, c.first_token) for c in out.completed] == [("b1", 4)] and "b1" not in rx._claims
+        assert rx.wake_within_s() is None
+
+        claim("b2", [22])
+        rogue.send_multipart([b"l", ipc.encode_landed("b2", 0, layout.num_layers, [22], bell=3)])
+        poll_until(rx, lambda _: rx.stats["reports_ahead"] == 2)
+        assert rx.cancel("b2")   # granted: held until the sender is fenced
+        while ipc.decode_control(rogue.recv_multipart()[1], ipc._FROM_RECEIVER)["type"] != "revoke":
+            pass   # the grants before it
+        rogue.send_multipart([b"c", ipc.encode_control("fenced", request_id="b2")])
+        assert poll_until(rx, lambda o: o.released).released == ["b2"]
+        bells[slot] = (nonce << 32) | 3
+        r = rx.poll(5)
+        assert not r.completed and not r.failed and rx.wake_within_s() is None
+
+        claim("b3", [23])
+        rogue.send_multipart([b"l", ipc.encode_landed("b3", 0, layout.num_layers, [23],
+                                                      kt.wire.encode_done("b3", 5, layout.num_layers)[0], bell=4)])
+        bells[slot] = (nonce << 32) | 4
+        rogue.send_multipart([b"c", ipc.encode_control("bye")])
+        out = poll_until(rx, lambda o: o.completed or o.failed)
+        assert [c.request_id for c in out.completed] == ["b3"] and not out.failed and rx.num_pairs() == 1
+    finally:
+        rogue.close(0)
+
+
+def test_an_abort_waits_for_the_requests_last_copy_and_a_done_does_not():
+    """Reports go out ahead of copies, so an abort (which lets the receiver reuse the
+    blocks at once) waits for the request's last copy first; a done need not (the
+    receiver waits for the bell)."""
+    from kv_transfer.ipc_backend import IpcKVSender, _Item
+
+    class Copy:
+        waited = 0
+
+        def synchronize(self):
+            self.waited += 1
+
+    tx = IpcKVSender.__new__(IpcKVSender)   # only the bookkeeping _close_request touches
+    import threading
+    from collections import OrderedDict
+    tx._lock, tx._failed, tx._revoked, tx._granted = threading.Lock(), OrderedDict(), set(), set()
+    tx._indices, tx._gather_ids, tx._begun, tx.stats = {}, {}, OrderedDict(), dict(dones_as_aborts=0)
+    for kind, failed, waits in (("done", False, 0), ("abort", False, 1), ("done", True, 1)):
+        copy = Copy()
+        tx._last_copy = {"r": copy}
+        if failed:
+            tx._failed["r"] = "lost"
+        body = (kt.wire.encode_done("r", 1, 2) if kind == "done" else kt.wire.encode_abort("r", "x"))[0]
+        sent = kt.wire.decode_header(tx._close_request(_Item(kind, "r", body=body)))
+        assert copy.waited == waits and "r" not in tx._last_copy
+        assert isinstance(sent, kt.wire.AbortHeader) == (kind == "abort" or failed)
+        tx._failed.clear()
 
 
 def test_a_cancel_while_a_failed_transfer_is_being_fenced_releases_its_blocks():
@@ -506,11 +604,12 @@ def test_a_refused_sender_aborts_its_transfers_at_once():
 
 
 # ---- two processes ----------------------------------------------------------------------------------------
-def sender_main(endpoint: str, seed: int) -> None:
-    """Copy blocks as told on stdin (JSON lines); "hang" stops answering (a wedged worker)."""
+def sender_main(endpoint: str, seed: int, device: str = "cpu") -> None:
+    """Copy blocks as told on stdin (JSON lines); "hang" stops answering (a wedged worker).
+    On a GPU, a send's ``stall_cycles`` holds the copies back behind a sleep kernel."""
     layout = KVLayout(**LAYOUT)
-    src = src_cache(seed, layout)
-    tx = kt.make_sender("cuda_ipc", endpoint, send_timeout_s=5.0, lease_s=0.5, ping_s=0.1)
+    src = src_cache(seed, layout).to(device)
+    tx = kt.make_sender("cuda_ipc", endpoint, send_timeout_s=5.0, lease_s=0.5, ping_s=0.1, device=device)
     for line in sys.stdin:
         cmd = json.loads(line)
         if cmd["op"] == "send":
@@ -518,6 +617,8 @@ def sender_main(endpoint: str, seed: int) -> None:
             end = time.monotonic() + 20
             while cmd["rid"] not in tx._granted and time.monotonic() < end:
                 time.sleep(0.005)
+            if cmd.get("stall_cycles"):
+                torch.cuda._sleep(cmd["stall_cycles"])   # the copies wait for the caller's stream
             for layer in cmd["layers"]:
                 tx.send_layer_blocks(cmd["rid"], layer, cmd["dst"], src[layer], cmd["src"])
             if cmd.get("first_token") is not None:
@@ -530,10 +631,10 @@ def sender_main(endpoint: str, seed: int) -> None:
 
 
 class SenderProc:
-    def __init__(self, endpoint: str, seed: int):
+    def __init__(self, endpoint: str, seed: int, device: str = "cpu"):
         env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        self.proc = subprocess.Popen([sys.executable, HERE, "sender", endpoint, str(seed)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+        self.proc = subprocess.Popen([sys.executable, HERE, "sender", endpoint, str(seed), device],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env)
 
     def send(self, cmd: dict) -> None:
         self.proc.stdin.write(json.dumps(cmd) + "\n")
@@ -724,6 +825,68 @@ def test_gpu_cache_copier_launches_the_compiled_kernel_directly_and_exactly():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_ring_follows_the_work_before_it_on_its_stream():
+    """The doorbell kernel writes only once the stream's earlier work has finished, and
+    after its first launch goes straight to the compiled kernel."""
+    import kv_transfer.block_copy as bc
+    bells = torch.zeros(4, dtype=torch.int64, device="cuda")
+    side, watch = torch.cuda.Stream(), torch.cuda.Stream()
+    seen = torch.zeros(4, dtype=torch.int64).pin_memory()
+
+    def read():
+        with torch.cuda.stream(watch):
+            seen.copy_(bells, non_blocking=True)
+        watch.synchronize()
+        return seen.tolist()
+
+    bc.ring(bells, 2, (5 << 32) | 1, stream=side)
+    side.synchronize()
+    kept = len(bc._compiled)
+    assert read() == [0, 0, (5 << 32) | 1, 0]
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(1_000_000_000)   # about half a second
+    bc.ring(bells, 2, (5 << 32) | 2, stream=side)
+    assert read()[2] == (5 << 32) | 1          # behind the sleep: not yet
+    side.synchronize()
+    assert read()[2] == (5 << 32) | 2 and len(bc._compiled) == kept and bc._fast_launch
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_a_report_ahead_of_a_stalled_copy_lands_only_when_the_copy_has():
+    """Another process on this GPU copies behind a sleep on its stream: its report (and
+    done) arrive at once, ahead of the copy; the transfer completes only after the copy
+    finished, with exact data."""
+    layout = KVLayout(**LAYOUT)
+    cache = torch.zeros(layout.num_layers, *layout.block_shape(layout.num_blocks), dtype=layout.torch_dtype,
+                        device="cuda")
+    rx = kt.make_receiver("cuda_ipc", layout, None, cache=cache)
+    p = SenderProc(rx.endpoint, seed=5, device="cuda")
+    try:
+        rx.expect("w", [5], deadline=time.monotonic() + 60)   # compiles the sender's kernels
+        p.send(dict(op="send", rid="w", layers=[0, 1, 2], dst=[5], src=[1], first_token=2))
+        out = kt.PollResult()
+        assert p.reply(rx, out)["flushed"]
+        assert [c.request_id for c in poll_until(rx, lambda o: o.completed, out=out).completed] == ["w"]
+        rx.expect("s", [2, 30], deadline=time.monotonic() + 60)
+        p.send(dict(op="send", rid="s", layers=[0, 1, 2], dst=[2, 30], src=[7, 8], first_token=3,
+                    stall_cycles=2_000_000_000))   # about a second
+        out = kt.PollResult()
+        assert p.reply(rx, out)["flushed"]
+        t0 = time.monotonic()
+        poll_until(rx, lambda _: rx.stats["reports_ahead"] >= 1)
+        assert not out.completed and rx.progress("s")["layers_landed"] == []
+        poll_until(rx, lambda o: o.completed, out=out)
+        assert [c.request_id for c in out.completed] == ["s"] and time.monotonic() - t0 > 0.2
+        assert torch.equal(cache[:, :, [2, 30]].cpu(), src_cache(5, layout)[:, :, [7, 8]])
+        assert rx.stats["bell_reads"] > 1
+    finally:
+        p.kill()
+        rx.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_index_stager_uploads_exact_ids_without_waiting_for_the_device():
     """Every upload lands its own ids: through free rows, through rows still busy (a fresh
     pinned tensor then), and after the buffer grows past its first capacity; and no
@@ -821,7 +984,7 @@ def test_gpu_two_processes_on_one_gpu_equal_in_place_prefill(stall):
 
 
 if __name__ == "__main__" and len(sys.argv) >= 2 and sys.argv[1] == "sender":
-    sender_main(sys.argv[2], int(sys.argv[3]))
+    sender_main(sys.argv[2], int(sys.argv[3]), sys.argv[4] if len(sys.argv) > 4 else "cpu")
 if __name__ == "__main__" and len(sys.argv) >= 2 and sys.argv[1] == "prefill":
     prefill_main(sys.argv[2], sys.argv[3])
 
