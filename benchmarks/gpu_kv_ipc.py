@@ -372,6 +372,10 @@ def ttft(rank: int, board: Board, args, dev: torch.device, engine, tokens: int) 
                     res.setdefault(f"{b}_parts", []).append({k: 1e3 * (v - t0) for k, v in marks.items()})
                     res.setdefault("in_place_s", []).append(t_in)
                 res.setdefault(f"{b}_equal", []).append(toks_in == toks)
+                if toks_in != toks:   # where they part: the first token (prefill side) or a later one
+                    res.setdefault(f"{b}_first_differs_at", []).append(
+                        (rep, next((i for i, (a, c) in enumerate(zip(toks_in, toks)) if a != c),
+                                   min(len(toks_in), len(toks)))))
                 progress(rank, f"TTFT {key}: in place {1e3 * t_in:.1f} ms, {b} {1e3 * t_dis:.1f} ms")
             else:
                 job = board.get(f"t/{key}")
@@ -463,6 +467,8 @@ def rank_main(rank: int, args) -> None:
                 row[f"{b}_ms"] = 1e3 * statistics.median(r[f"{b}_s"])
                 row[f"{b}_vs_in_place"] = row[f"{b}_ms"] / row["in_place_ms"]
                 row[f"{b}_tokens_equal"] = all(r[f"{b}_equal"])
+                if f"{b}_first_differs_at" in r:   # (repeat, token index) of each repeat that differed
+                    row[f"{b}_first_differs_at"] = r[f"{b}_first_differs_at"]
                 # the prefill side's marks on the decode side's clock (same host), from its start
                 row[f"{b}_parts_ms"] = {k: statistics.median(p[k] for p in r[f"{b}_parts"])
                                         for k in r[f"{b}_parts"][0]}

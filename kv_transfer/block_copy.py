@@ -73,53 +73,65 @@ def _launch(grid: tuple[int, int, int], s: torch.Tensor, d: torch.Tensor, src_id
     key = ("copy", s.device.index, s.dtype, src_ids.dtype, dst_ids.dtype, chunk, warps,
            s.data_ptr() % 16, d.data_ptr() % 16, src_ids.data_ptr() % 16, dst_ids.data_ptr() % 16,
            -2 ** 31 <= first_plane < 2 ** 31, _int_kind(args[5]), _int_kind(args[6]), _int_kind(args[7]))
-    _run(_copy_blocks_kernel, grid, args, key, s, stream, num_warps=warps)
+    _run(_copy_blocks_kernel, grid, args, key, s.device, stream, num_warps=warps)
 
 
-def _run(jit_fn, grid: tuple, args: tuple, key: tuple, t: torch.Tensor, stream, **options) -> None:
-    """``jit_fn[grid](*args, **options)`` on ``stream``; once a specialization (``key``) has
-    compiled, its kernel is launched directly."""
+def _run(jit_fn, grid: tuple, args: tuple, key: tuple, device: torch.device, stream, **options) -> None:
+    """``jit_fn[grid](*args, **options)`` on ``stream`` of ``device``; once a
+    specialization (``key``) has compiled, its kernel is launched directly."""
     global _fast_launch
     # Triton compiles and loads for the current device: a kernel is kept only where that is
     # the tensors' own.
-    if not (t.is_cuda and _fast_launch and torch.cuda.current_device() == t.device.index):
+    on_gpu = device.type == "cuda"
+    if not (on_gpu and _fast_launch and torch.cuda.current_device() == device.index):
         key = None
     kernel = _compiled.get(key) if key is not None else None
     if kernel is not None:
         try:
-            on = stream if stream is not None else torch.cuda.current_stream(t.device)
+            on = stream if stream is not None else torch.cuda.current_stream(device)
             kernel[grid](*args, stream=on.cuda_stream)
             return
         except (TypeError, ValueError, AttributeError):   # this Triton launches differently
             _fast_launch = False
             log.warning("block copy: direct launch of the compiled kernel failed; using Triton's launcher",
                         exc_info=True)
-    with _on(stream, t):
+    with _on(stream, on_gpu):
         kernel = jit_fn[grid](*args, **options)
     if key is not None and callable(getattr(kernel, "__getitem__", None)) and hasattr(kernel, "function"):
         _compiled[key] = kernel
 
 
-def ring(bells: torch.Tensor, slot: int, value: int, stream=None) -> None:
-    """``bells[slot] = value`` once the work queued before it on ``stream`` (default: the
-    current stream) has finished: on a GPU a one-thread kernel on that stream, so a
-    process watching ``bells`` learns that earlier copies are complete without the
-    copying process waiting for them. On the CPU (copies there are synchronous) a store."""
-    if not bells.is_cuda:
+class _HostArray:
+    """A host array registered with CUDA (mapped), as a pointer argument of a Triton kernel:
+    Triton takes anything with ``data_ptr`` and ``dtype``, and translates the address."""
+
+    def __init__(self, t: torch.Tensor):
+        self._ptr, self.dtype = t.data_ptr(), t.dtype
+
+    def data_ptr(self) -> int:
+        return self._ptr
+
+
+def ring(bells: torch.Tensor, slot: int, value: int, stream=None, device: torch.device | None = None) -> None:
+    """``bells[slot] = value`` (``bells``: int64 in host memory) once the work queued
+    before it has finished. On a GPU (``device``) a one-thread kernel on ``stream``
+    (default: the current stream) writes it through the mapping of ``bells`` (registered
+    with ``cudaHostRegister`` by the caller), so a process reading ``bells`` learns that
+    the copies queued before are complete without anyone waiting for them. Without a
+    device (a CPU sender, whose copies are synchronous) a plain store."""
+    if device is None or device.type != "cuda":
         bells[slot] = value
         return
     if triton is None:
-        with _on(stream, bells):
-            bells[slot].fill_(value)
-        return
+        raise RuntimeError("ringing a doorbell from a GPU needs Triton")
     # value is kept >= 2**32 by the caller, so it is always an int64 argument: one compile.
-    _run(_ring_kernel, (1,), (bells, slot, value), ("ring", bells.device.index, bells.data_ptr() % 16), bells,
-         stream, num_warps=1)
+    _run(_ring_kernel, (1, 1, 1), (_HostArray(bells), slot, value), ("ring", device.index, bells.data_ptr() % 16),
+         device, stream, num_warps=1)
 
 
-def _on(stream, t: torch.Tensor):
-    """Work on ``stream`` when given (and ``t`` is on a GPU), else on the current stream."""
-    return torch.cuda.stream(stream) if stream is not None and t.is_cuda else contextlib.nullcontext()
+def _on(stream, on_gpu: bool):
+    """Work on ``stream`` when given (and the work is on a GPU), else on the current stream."""
+    return torch.cuda.stream(stream) if stream is not None and on_gpu else contextlib.nullcontext()
 
 
 def _words(t: torch.Tensor) -> torch.Tensor:
@@ -156,7 +168,7 @@ def copy_blocks(src: torch.Tensor, dst: torch.Tensor, src_ids: torch.Tensor, dst
     if n == 0:
         return
     if not _kernel_ok(src, dst):
-        with _on(stream, src):
+        with _on(stream, src.is_cuda):
             copy_blocks_reference(src, dst, src_ids, dst_ids)
         return
     s, d = _words(src), _words(dst)
@@ -223,8 +235,11 @@ class IndexStager:
         self.fresh_uploads = 0                    # uploads that found their row busy
 
     def upload(self, lists: list[list[int]], device: torch.device) -> list[torch.Tensor]:
-        """One H2D copy for all of ``lists``; a device tensor per list (views of one)."""
-        flat = torch.tensor([v for x in lists for v in x], dtype=torch.long)
+        """One H2D copy for all of ``lists``; a device tensor per list (views of one, each
+        starting 16 bytes aligned: Triton specializes a kernel on its pointers' alignment,
+        and a list after one of odd length would otherwise compile a second copy kernel
+        in the middle of a transfer)."""
+        flat = torch.tensor([v for x in lists for v in (*x, *[0] * (len(x) & 1))], dtype=torch.long)
         n = flat.numel()
         if self._host is None or n > self._host.shape[1]:
             cap = 1 << max(10, (n - 1).bit_length())
@@ -247,5 +262,5 @@ class IndexStager:
         parts, at = [], 0
         for x in lists:
             parts.append(out[at:at + len(x)])
-            at += len(x)
+            at += len(x) + (len(x) & 1)
         return parts

@@ -50,15 +50,16 @@ later step that reuses those blocks cannot overwrite them under the copy.
 
 Doorbells: when the decode engine may read. Waiting for a copy on the sender's host and
 then telling the receiver puts a wake-up and a socket hop after the copy's end; instead the
-receiver exports an int64 array in its own memory beside the cache, one slot per pair, and
-the sender rings its slot on the side stream right behind each launch (a one-thread kernel
-writing ``nonce << 32 | n``, n counting up) and reports the launch at once, naming n. The
-receiver validates the report while the copy runs and marks its layers landed once it
-reads the bell at >= n (a device read on a stream of its own, every ``BELL_POLL_S`` while
-reports wait): stream order puts the copy's writes before the ring, so the decode engine
-reads finished data. The bell lives in the receiver's memory, so a sender that dies leaves
-it unrung (its transfers fail as below), never dangling; the nonce, new for each pair,
-keeps a slot's previous pair from ringing for the next. Because reports now go ahead of
+receiver exports an int64 array of shared host memory, one slot per pair, which a GPU sender
+registers with CUDA (mapped) and rings on the side stream right behind each launch (a
+one-thread kernel writing ``nonce << 32 | n``, n counting up); it reports the launch at once,
+naming n. The receiver validates the report while the copy runs and marks its layers landed
+once it reads the bell at >= n (a load from host memory, in a loop while reports wait):
+stream order puts the copy's writes before the ring, so the decode engine reads finished
+data. The bell lives in the receiver's memory, so a sender that dies leaves it unrung (its
+transfers fail as below), never dangling; the nonce, new for each pair, keeps a slot's
+previous pair from ringing for the next. A sender whose ring does not work here (the
+registration or a probe ring fails) reports each copy after waiting for it, as before. Because reports now go ahead of
 copies, everything that lets the receiver reuse blocks at once waits for the copies first:
 an abort (the sender's I/O thread synchronizes the request's last copy before sending it),
 ``fenced`` and ``bye`` (as before). On a CPU the copy is synchronous, so the bell has rung
@@ -115,6 +116,7 @@ IPC_PROTOCOL_VERSION = 4
 # another pair's that had its slot before, and the value is always an int64.
 _SEQ_BITS = 32
 _SEQ_MASK = (1 << _SEQ_BITS) - 1
+_HOST_REGISTER_PORTABLE_MAPPED = 1 | 2   # cudaHostRegisterPortable | cudaHostRegisterMapped
 # First payload frame: a control map, a kv_transfer.wire header (done / abort), or a landed
 # report (copies of some layers' blocks have finished; see encode_landed).
 _CTRL, _WIRE, _LANDED = b"c", b"w", b"l"
@@ -355,9 +357,12 @@ class IpcKVReceiver(KVReceiver):
     senders write it directly (``write_layer`` is never called)."""
 
     FENCE_CAP_S = 120.0   # a live pair that never answers a revoke (a bug) cannot hold blocks forever
-    # While reports wait for their doorbells, how often the bells are read: they ring on the
-    # device, which wakes nothing on the host.
-    BELL_POLL_S = 20e-6
+    # While reports wait for their doorbells, the bells are read in a loop (a load from
+    # host memory; a GPU ringing them wakes nothing on the host): yielding the core for the
+    # first BELL_SPIN_S of a wait, sleeping BELL_POLL_S between reads after that (a copy
+    # queued behind a long prefill step can take milliseconds).
+    BELL_SPIN_S = 0.002
+    BELL_POLL_S = 50e-6
 
     def __init__(self, layout: KVLayout, write_layer: WriteLayer | None = None, *, cache: torch.Tensor,
                  bind_host: str = "127.0.0.1", advertise_host: str | None = None, context=None,
@@ -371,16 +376,15 @@ class IpcKVReceiver(KVReceiver):
         self.max_pairs = int(max_pairs)
         self.max_messages_per_poll = int(max_messages_per_poll)
         self._desc = export_cache(cache)
-        # One doorbell per pair, in this receiver's memory (a pair that dies leaves it
-        # unrung, never dangling). A sender reports copies as soon as they are queued and
-        # rings its bell behind them on the device; a report counts once the bell has
-        # reached its number (_answer_bells), so no host hop waits for the copies to end.
-        self._bells = torch.zeros(self.max_pairs, dtype=torch.int64, device=cache.device)
+        # One doorbell per pair, in this receiver's (shared, host) memory: a pair that dies
+        # leaves it unrung, never dangling. A sender reports copies as soon as they are
+        # queued and rings its bell behind them (a GPU sender writes it through its own
+        # mapping of this memory); a report counts once the bell has reached its number
+        # (_answer_bells), so no host hop waits for the copies to end.
+        self._bells = torch.zeros(self.max_pairs, dtype=torch.int64)
         self._bell_desc = export_cache(self._bells)
-        self._bells_seen = self._bell_stream = None
-        if cache.is_cuda:   # read on a stream of its own: the engine's may be busy for ms
-            self._bells_seen = torch.zeros(self.max_pairs, dtype=torch.int64).pin_memory()
-            self._bell_stream = torch.cuda.Stream(cache.device)
+        self._bells_view = self._bells.numpy()   # reads without torch's per-op cost
+        self._ringing_since: float | None = None
         self._nonces = itertools.count(1)
         self._inst = secrets.token_hex(_INST_LEN // 2)
         self._ctx = context or zmq.Context.instance()
@@ -428,7 +432,9 @@ class IpcKVReceiver(KVReceiver):
         return request_id in self._fences
 
     def wake_within_s(self) -> float | None:
-        return self.BELL_POLL_S if self._ringing() else None
+        if not self._ringing():
+            return None
+        return 0.0 if time.monotonic() - self._ringing_since < self.BELL_SPIN_S else self.BELL_POLL_S
 
     def close(self) -> None:
         if self._closed:
@@ -439,7 +445,7 @@ class IpcKVReceiver(KVReceiver):
     # ---- the loop thread -------------------------------------------------------------------------------
     def _receive(self, timeout_ms: int) -> None:
         """Messages as they come; while reports wait for their doorbells, the bells read
-        every BELL_POLL_S until they have rung or ``timeout_ms`` is up."""
+        in a loop until they have rung or ``timeout_ms`` is up."""
         if self._closed:
             raise RuntimeError("receiver is closed")
         end = time.monotonic() + timeout_ms / 1000
@@ -458,10 +464,13 @@ class IpcKVReceiver(KVReceiver):
             self._answer_bells()
             if not self._ringing() or time.monotonic() >= end or self._completed or self._failed:
                 return
-            time.sleep(self.BELL_POLL_S)
+            time.sleep(self.wake_within_s())
 
     def _ringing(self) -> bool:
-        return any(p.ringing for p in self._pairs.values())
+        if any(p.ringing for p in self._pairs.values()):
+            return True
+        self._ringing_since = None
+        return False
 
     def _answer_bells(self, only: _Pair | None = None) -> None:
         """Mark landed every waiting report whose pair's doorbell has reached its number.
@@ -470,9 +479,9 @@ class IpcKVReceiver(KVReceiver):
         pairs = [only] if only is not None else [p for p in self._pairs.values() if p.ringing]
         if not pairs or not any(p.ringing for p in pairs):
             return
-        rung = self._read_bells()
+        self.stats["bell_reads"] += 1
         for p in pairs:
-            value = rung[p.slot]
+            value = int(self._bells_view[p.slot])
             if value >> _SEQ_BITS != p.nonce:
                 continue   # not rung since this pair got the slot
             seq = value & _SEQ_MASK
@@ -481,14 +490,6 @@ class IpcKVReceiver(KVReceiver):
                 if rid in self._xfers and self._claims.get(rid) == p.ident:   # else failed or cancelled since
                     self._mark_layers_landed(rid, range(first, first + count), ids, nbytes, covers_reservation=covers)
 
-    def _read_bells(self) -> list[int]:
-        self.stats["bell_reads"] += 1
-        if self._bell_stream is None:
-            return self._bells.tolist()
-        with torch.cuda.stream(self._bell_stream):
-            self._bells_seen.copy_(self._bells, non_blocking=True)
-        self._bell_stream.synchronize()
-        return self._bells_seen.tolist()
 
     def _send(self, ident: bytes, kind: str, **fields) -> None:
         try:
@@ -593,6 +594,8 @@ class IpcKVReceiver(KVReceiver):
         covers = len(ids) == len(res.block_set)
         if bell:   # queued, maybe still copying: it counts once the pair's bell reaches it
             self.stats["reports_ahead"] += 1
+            if self._ringing_since is None:
+                self._ringing_since = time.monotonic()
             pair.ringing.append((bell, rid, first, count, ids, nbytes, covers))
         else:
             self._mark_layers_landed(rid, range(first, first + count), ids, nbytes, covers_reservation=covers)
@@ -791,6 +794,7 @@ class IpcKVSender(KVSender):
         self._ready = None             # the caller's stream, recorded for the side stream to wait on
         self._bell: tuple[torch.Tensor, int, int] | None = None   # the receiver's bells, our slot, our nonce
         self._rung = 0                 # the last number rung
+        self._registered: int | None = None   # the bells' address, while registered with CUDA
         self._copier: CacheCopier | None = None   # the caller's cache -> the receiver's
         self._stager = IndexStager()   # used holding the lock, on the side stream
         self._closed = False
@@ -978,7 +982,9 @@ class IpcKVSender(KVSender):
             return 0
         bells, slot, nonce = self._bell
         self._rung += 1
-        ring(bells, slot, (nonce << _SEQ_BITS) | self._rung, stream=self._side if bells.is_cuda else None)
+        on_gpu = self._remote.is_cuda
+        ring(bells, slot, (nonce << _SEQ_BITS) | self._rung, stream=self._side if on_gpu else None,
+             device=self._remote.device if on_gpu else None)
         return self._rung
 
     def _can_write(self, rid: str) -> bool:
@@ -1187,14 +1193,15 @@ class IpcKVSender(KVSender):
                     raise ValueError("bell: want desc, slot and nonce")
                 bells, slot, nonce = open_cache(bell["desc"], bells=True), bell["slot"], bell["nonce"]
                 if (type(slot) is not int or not 0 <= slot < bells.shape[0] or type(nonce) is not int
-                        or not 0 < nonce < 2 ** 31 or bells.device != remote.device):
-                    raise ValueError("bell: slot or nonce out of range, or not beside the cache")
+                        or not 0 < nonce < 2 ** 31 or bells.device.type != "cpu"):
+                    raise ValueError("bell: slot or nonce out of range, or not in host memory")
             except Exception as e:
                 self._break(f"cannot use the receiver's cache: {type(e).__name__}: {e}")
                 return
+            rings = self._bell_rings(bells, slot, nonce, remote.device)
             with self._lock:
                 self._remote = remote
-                self._bell = (bells, slot, nonce)
+                self._bell = (bells, slot, nonce) if rings else None
                 self._block_bytes = 2 * remote[0, 0, 0].numel() * remote.element_size()   # K and V of a block
                 self._lease_until = self._ping_sent + self.lease_s
             log.info("kv cuda_ipc sender to %s: pair formed (%s)", self.endpoint, remote.device)
@@ -1214,6 +1221,29 @@ class IpcKVSender(KVSender):
                     self._mark_failed(rid, f"not granted: {str(d['reason'])[:MAX_REASON_LEN]}")
         elif t == "revoke":
             self._on_revoke(d["request_id"])
+
+    def _bell_rings(self, bells: torch.Tensor, slot: int, nonce: int, device: torch.device) -> bool:
+        """Can copies on ``device`` ring this doorbell? On a GPU the bells' host memory is
+        registered (mapped) with CUDA and one ring is tried on a stream of its own and
+        looked for; if anything fails, no bell: each report then waits for its copy."""
+        if device.type != "cuda":
+            return True
+        try:
+            err = int(torch.cuda.cudart().cudaHostRegister(bells.data_ptr(), bells.numel() * bells.element_size(),
+                                                           _HOST_REGISTER_PORTABLE_MAPPED))
+            if err:
+                raise RuntimeError(f"cudaHostRegister failed with CUDA error {err}")
+            self._registered = bells.data_ptr()
+            probe, stream = nonce << _SEQ_BITS, torch.cuda.Stream(device)
+            ring(bells, slot, probe, stream=stream, device=device)
+            stream.synchronize()
+            if int(bells[slot]) != probe:
+                raise RuntimeError("a probe ring was not seen in host memory")
+            return True
+        except Exception as e:
+            log.warning("kv cuda_ipc sender to %s: no doorbell (%s: %s); each report waits for its copy",
+                        self.endpoint, type(e).__name__, e)
+            return False
 
     def _on_revoke(self, rid: str) -> None:
         with self._lock:
@@ -1424,3 +1454,8 @@ class IpcKVSender(KVSender):
             pass
         self._sock.close(linger=int(max(0.0, self.linger_s) * 1000))
         self._remote = None
+        if self._registered is not None:
+            if self._side is not None:
+                self._side.synchronize()   # the last ring runs after the last copy's event
+            torch.cuda.cudart().cudaHostUnregister(self._registered)
+            self._registered = None
