@@ -32,8 +32,9 @@ What each part does, as the code it stands for does it:
              hops, the first token's way back), and a token batch reaches the client when
              the worker sends it. cost.per_token_stream_s is the decode worker loop's own
              work per iteration (the token batch, polling for requests and KV): after each
-             step the worker is busy that much longer before its next step, so it adds to
-             every gap between a request's tokens (TPOT), as measured; cost.per_stream_s
+             step the worker is busy that much longer before its next step (on a CPU host
+             as work on the shared cores, see devices), so it adds to every gap between a
+             request's tokens (TPOT), as measured; cost.per_stream_s
              more for each further request in the batch it sent (measured with concurrent
              streams: what more streams cost beyond the engine's batching and the front
              end's share of the cores). The path of each request also gets its share of
@@ -205,10 +206,14 @@ class _Worker:
 
     def after_loop(self) -> None:
         wait = self.loop_overhead()
-        if wait > 0:
-            self.sim.at(self.sim.now + wait, self.resume)
-        else:
+        if wait <= 0:
             self.resume()
+        elif self.device is not None and self.sim.cfg.layout.frontend_on_device:
+            # A CPU host: the loop's own work (sending the batch, polling) computes on the
+            # same cores as the engines and the front end, so it takes its share of them.
+            self.device.run(wait, self.resume)
+        else:
+            self.sim.at(self.sim.now + wait, self.resume)
 
     def resume(self) -> None:
         self.busy = False

@@ -807,6 +807,27 @@ def test_the_request_path_costs_what_the_front_end_probe_measured():
         pytest.approx(r["ttft"], rel=1e-12)
 
 
+def test_on_a_cpu_host_the_decode_loops_work_takes_its_share_of_the_cores():
+    """The worker loop's own work (per_token_stream_s) is CPU work: on a CPU host of one
+    core, two workers streaming at once share the core for their steps and their loops
+    alike, so each token takes the two workers' whole work (2 x (step + loop)); alone,
+    step + loop. On a shared GPU the loop is the host's, beside the device: there only
+    the steps are shared."""
+    from planner.shared_device import DeviceLayout
+    c = cost(per_token_stream_s=1e-3)
+    step = c.step_time([], [301])
+    two = [one(300, 40, 0.0), one(300, 40, 0.0)]     # the router sends one to each worker
+    core = DeviceLayout.cpu_host(2, 1.0, 1.0)
+    alone = simulate(c, ClusterConfig("colocated", decode=2, layout=core), two[:1])[0][0]["tpot"]
+    both = [r["tpot"] for r in simulate(c, ClusterConfig("colocated", decode=2, layout=core), two)[0]]
+    assert alone == pytest.approx(step + 1e-3, rel=0.02)
+    assert both == pytest.approx([2 * (step + 1e-3)] * 2, rel=0.02)
+    gpu = [r["tpot"] for r in simulate(cost(per_token_stream_s=1e-3, device="cuda"),
+                                       ClusterConfig("colocated", decode=2, layout=DeviceLayout.gpu_share(2)),
+                                       two)[0]]
+    assert all(t < 1.9 * (step + 1e-3) for t in gpu)
+
+
 def test_engines_sharing_a_gpu_slow_each_other_only_while_both_compute():
     from planner.shared_device import DeviceLayout
     c = cost(device="cuda")
