@@ -59,11 +59,11 @@ stream order puts the copy's writes before the ring, so the decode engine reads 
 data. The bell lives in the receiver's memory, so a sender that dies leaves it unrung (its
 transfers fail as below), never dangling; the nonce, new for each pair, keeps a slot's
 previous pair from ringing for the next. A sender whose ring does not work here (the
-registration or a probe ring fails) reports each copy after waiting for it, as before. Because reports now go ahead of
-copies, everything that lets the receiver reuse blocks at once waits for the copies first:
-an abort (the sender's I/O thread synchronizes the request's last copy before sending it),
-``fenced`` and ``bye`` (as before). On a CPU the copy is synchronous, so the bell has rung
-before the report leaves.
+registration or a probe ring fails) reports each copy after waiting for it, as before.
+Because reports now go ahead of copies, everything that lets the receiver reuse blocks at
+once waits for the copies first: an abort (the sender's I/O thread synchronizes the
+request's last copy before sending it), ``fenced`` and ``bye`` (as before). On a CPU the
+copy is synchronous, so the bell has rung before the report leaves.
 
 Faults. A prefill worker killed mid-transfer goes silent: after ``peer_timeout_s`` its
 transfers fail (the decode worker prefills in place) without waiting for their deadlines. A
@@ -489,6 +489,9 @@ class IpcKVReceiver(KVReceiver):
                 _, rid, first, count, ids, nbytes, covers = p.ringing.popleft()
                 if rid in self._xfers and self._claims.get(rid) == p.ident:   # else failed or cancelled since
                     self._mark_layers_landed(rid, range(first, first + count), ids, nbytes, covers_reservation=covers)
+        for p in pairs:   # a transfer that ended waits for no bell (one that never rings would keep us spinning)
+            if any(e[1] not in self._xfers for e in p.ringing):
+                p.ringing = deque(e for e in p.ringing if e[1] in self._xfers)
 
 
     def _send(self, ident: bytes, kind: str, **fields) -> None:

@@ -515,6 +515,8 @@ def test_a_report_ahead_of_its_copy_lands_only_once_its_pair_rings_the_bell(pair
             pass   # the grants before it
         rogue.send_multipart([b"c", ipc.encode_control("fenced", request_id="b2")])
         assert poll_until(rx, lambda o: o.released).released == ["b2"]
+        rx.poll(0)
+        assert rx.wake_within_s() is None   # its report no longer waits for the bell
         bells[slot] = (nonce << 32) | 3
         r = rx.poll(5)
         assert not r.completed and not r.failed and rx.wake_within_s() is None
