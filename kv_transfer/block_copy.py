@@ -70,21 +70,22 @@ _fast_launch = True   # off for good if this Triton's compiled-kernel launch doe
 def _launch(grid: tuple[int, int, int], s: torch.Tensor, d: torch.Tensor, src_ids: torch.Tensor,
             dst_ids: torch.Tensor, first_plane: int, chunk: int, warps: int, stream) -> None:
     args = (s, d, src_ids, dst_ids, first_plane, s.stride(0), d.stride(0), s.shape[2], chunk)
-    key = ("copy", s.device.index, s.dtype, src_ids.dtype, dst_ids.dtype, chunk, warps,
-           s.data_ptr() % 16, d.data_ptr() % 16, src_ids.data_ptr() % 16, dst_ids.data_ptr() % 16,
-           -2 ** 31 <= first_plane < 2 ** 31, _int_kind(args[5]), _int_kind(args[6]), _int_kind(args[7]))
-    _run(_copy_blocks_kernel, grid, args, key, s.device, stream, num_warps=warps)
+    _run(_copy_blocks_kernel, grid, args,
+         lambda: ("copy", s.device.index, s.dtype, src_ids.dtype, dst_ids.dtype, chunk, warps,
+                  s.data_ptr() % 16, d.data_ptr() % 16, src_ids.data_ptr() % 16, dst_ids.data_ptr() % 16,
+                  -2 ** 31 <= first_plane < 2 ** 31, _int_kind(args[5]), _int_kind(args[6]), _int_kind(args[7])),
+         s.device, stream, num_warps=warps)
 
 
-def _run(jit_fn, grid: tuple, args: tuple, key: tuple, device: torch.device, stream, **options) -> None:
+def _run(jit_fn, grid: tuple, args: tuple, key_of, device: torch.device, stream, **options) -> None:
     """``jit_fn[grid](*args, **options)`` on ``stream`` of ``device``; once a
-    specialization (``key``) has compiled, its kernel is launched directly."""
+    specialization (the tuple ``key_of()`` returns) has compiled, its kernel is launched
+    directly."""
     global _fast_launch
     # Triton compiles and loads for the current device: a kernel is kept only where that is
     # the tensors' own.
     on_gpu = device.type == "cuda"
-    if not (on_gpu and _fast_launch and torch.cuda.current_device() == device.index):
-        key = None
+    key = key_of() if on_gpu and _fast_launch and torch.cuda.current_device() == device.index else None
     kernel = _compiled.get(key) if key is not None else None
     if kernel is not None:
         try:
@@ -125,8 +126,8 @@ def ring(bells: torch.Tensor, slot: int, value: int, stream=None, device: torch.
     if triton is None:
         raise RuntimeError("ringing a doorbell from a GPU needs Triton")
     # value is kept >= 2**32 by the caller, so it is always an int64 argument: one compile.
-    _run(_ring_kernel, (1, 1, 1), (_HostArray(bells), slot, value), ("ring", device.index, bells.data_ptr() % 16),
-         device, stream, num_warps=1)
+    _run(_ring_kernel, (1, 1, 1), (_HostArray(bells), slot, value),
+         lambda: ("ring", device.index, bells.data_ptr() % 16), device, stream, num_warps=1)
 
 
 def _on(stream, on_gpu: bool):

@@ -62,8 +62,10 @@ previous pair from ringing for the next. A sender whose ring does not work here 
 registration or a probe ring fails) reports each copy after waiting for it, as before.
 Because reports now go ahead of copies, everything that lets the receiver reuse blocks at
 once waits for the copies first: an abort (the sender's I/O thread synchronizes the
-request's last copy before sending it), ``fenced`` and ``bye`` (as before). On a CPU the
-copy is synchronous, so the bell has rung before the report leaves.
+request's last copy before sending it), ``fenced`` (that copy, or the whole side stream for
+a request whose done already went out) and ``bye`` (every copy and ring). Copies deferred
+until the grant (launched by the I/O thread) ring no bell and are reported once finished.
+On a CPU the copy is synchronous, so the bell has rung before the report leaves.
 
 Faults. A prefill worker killed mid-transfer goes silent: after ``peer_timeout_s`` its
 transfers fail (the decode worker prefills in place) without waiting for their deadlines. A
@@ -89,6 +91,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import msgpack
 import torch
@@ -118,7 +121,8 @@ _SEQ_BITS = 32
 _SEQ_MASK = (1 << _SEQ_BITS) - 1
 _HOST_REGISTER_PORTABLE_MAPPED = 1 | 2   # cudaHostRegisterPortable | cudaHostRegisterMapped
 # First payload frame: a control map, a kv_transfer.wire header (done / abort), or a landed
-# report (copies of some layers' blocks have finished; see encode_landed).
+# report (copies of some layers' blocks have finished, or will have once a bell rings; see
+# encode_landed).
 _CTRL, _WIRE, _LANDED = b"c", b"w", b"l"
 _FROM_SENDER = {"hello": {"inst"}, "claim": {"request_id"}, "fenced": {"request_id"}, "ping": {"t"}, "bye": set()}
 _FROM_RECEIVER = {"welcome": {"cache", "layout", "bell"}, "refuse": {"reason"}, "grant": {"request_id", "ok", "reason"},
@@ -330,6 +334,16 @@ def decode_landed(buf) -> tuple[str, int, int, tuple[int, ...], bytes | None, in
 
 
 # ---- decode side -----------------------------------------------------------------------------------------
+class _Waiting(NamedTuple):
+    """A landed report whose copies were queued but not yet seen finished."""
+    bell: int            # the sequence number its pair's doorbell must reach
+    rid: str
+    layers: range
+    ids: tuple
+    nbytes: int          # per layer
+    covers: bool         # the ids are the whole reservation
+
+
 @dataclass
 class _Pair:
     ident: bytes
@@ -337,10 +351,7 @@ class _Pair:
     slot: int = 0       # its doorbell is bells[slot]
     nonce: int = 0      # the high half of every value it rings
     claims: set = field(default_factory=set)
-    # Reports whose copies were queued but not yet seen finished, in the order they came:
-    # (sequence number, request id, first layer, layer count, block ids, bytes per layer,
-    # whether the ids are the whole reservation).
-    ringing: deque = field(default_factory=deque)
+    ringing: deque = field(default_factory=deque)   # _Waiting reports, in the order they came
 
 
 @dataclass
@@ -359,10 +370,13 @@ class IpcKVReceiver(KVReceiver):
     FENCE_CAP_S = 120.0   # a live pair that never answers a revoke (a bug) cannot hold blocks forever
     # While reports wait for their doorbells, the bells are read in a loop (a load from
     # host memory; a GPU ringing them wakes nothing on the host): yielding the core for the
-    # first BELL_SPIN_S of a wait, sleeping BELL_POLL_S between reads after that (a copy
-    # queued behind a long prefill step can take milliseconds).
+    # first BELL_SPIN_S of a wait, then sleeping between reads, longer the longer it waits
+    # (BELL_POLL_S at first, at most BELL_POLL_MAX_S: a copy queued behind a long prefill
+    # step takes milliseconds, a bell that never rings waits for its transfer's deadline).
     BELL_SPIN_S = 0.002
     BELL_POLL_S = 50e-6
+    BELL_POLL_MAX_S = 1e-3
+    MAX_WAITING = 4 * MAX_LAYERS   # reports of one pair waiting for its bell: more is a broken peer
 
     def __init__(self, layout: KVLayout, write_layer: WriteLayer | None = None, *, cache: torch.Tensor,
                  bind_host: str = "127.0.0.1", advertise_host: str | None = None, context=None,
@@ -384,8 +398,12 @@ class IpcKVReceiver(KVReceiver):
         self._bells = torch.zeros(self.max_pairs, dtype=torch.int64)
         self._bell_desc = export_cache(self._bells)
         self._bells_view = self._bells.numpy()   # reads without torch's per-op cost
-        self._ringing_since: float | None = None
+        self._ringing_since: float | None = None   # when the oldest wait for a bell began
         self._nonces = itertools.count(1)
+        # Slots are handed out least recently freed first: a dropped pair's rings still
+        # queued on its GPU land in a slot nobody uses yet (they would not match the next
+        # pair's nonce, but could overwrite its value).
+        self._free_slots = deque(range(self.max_pairs))
         self._inst = secrets.token_hex(_INST_LEN // 2)
         self._ctx = context or zmq.Context.instance()
         sock = self._ctx.socket(zmq.ROUTER)
@@ -434,7 +452,10 @@ class IpcKVReceiver(KVReceiver):
     def wake_within_s(self) -> float | None:
         if not self._ringing():
             return None
-        return 0.0 if time.monotonic() - self._ringing_since < self.BELL_SPIN_S else self.BELL_POLL_S
+        waited = time.monotonic() - self._ringing_since
+        if waited < self.BELL_SPIN_S:
+            return 0.0
+        return min(self.BELL_POLL_MAX_S, self.BELL_POLL_S * waited / self.BELL_SPIN_S)
 
     def close(self) -> None:
         if self._closed:
@@ -467,31 +488,34 @@ class IpcKVReceiver(KVReceiver):
             time.sleep(self.wake_within_s())
 
     def _ringing(self) -> bool:
-        if any(p.ringing for p in self._pairs.values()):
-            return True
-        self._ringing_since = None
-        return False
+        return self._ringing_since is not None
+
+    def _rang(self) -> None:
+        """After reports stopped waiting (answered, pruned, their pair dropped)."""
+        if not any(p.ringing for p in self._pairs.values()):
+            self._ringing_since = None
 
     def _answer_bells(self, only: _Pair | None = None) -> None:
         """Mark landed every waiting report whose pair's doorbell has reached its number.
         A sender rings after its copies on the same stream, and reports in launch order, so
         a bell at n means every copy it reported up to n has finished."""
         pairs = [only] if only is not None else [p for p in self._pairs.values() if p.ringing]
-        if not pairs or not any(p.ringing for p in pairs):
+        if not any(p.ringing for p in pairs):
             return
         self.stats["bell_reads"] += 1
         for p in pairs:
             value = int(self._bells_view[p.slot])
-            if value >> _SEQ_BITS != p.nonce:
-                continue   # not rung since this pair got the slot
-            seq = value & _SEQ_MASK
-            while p.ringing and p.ringing[0][0] <= seq:
-                _, rid, first, count, ids, nbytes, covers = p.ringing.popleft()
-                if rid in self._xfers and self._claims.get(rid) == p.ident:   # else failed or cancelled since
-                    self._mark_layers_landed(rid, range(first, first + count), ids, nbytes, covers_reservation=covers)
-        for p in pairs:   # a transfer that ended waits for no bell (one that never rings would keep us spinning)
-            if any(e[1] not in self._xfers for e in p.ringing):
-                p.ringing = deque(e for e in p.ringing if e[1] in self._xfers)
+            if value >> _SEQ_BITS == p.nonce:   # else not rung since this pair got the slot
+                seq = value & _SEQ_MASK
+                while p.ringing and p.ringing[0].bell <= seq:
+                    w = p.ringing.popleft()
+                    if w.rid in self._xfers and self._claims.get(w.rid) == p.ident:   # else failed or cancelled since
+                        self._mark_layers_landed(w.rid, w.layers, w.ids, w.nbytes, covers_reservation=w.covers)
+            # A transfer that ended waits for no bell (one that never rings would keep the
+            # receiver polling until the pair goes).
+            if any(w.rid not in self._xfers for w in p.ringing):
+                p.ringing = deque(w for w in p.ringing if w.rid in self._xfers)
+        self._rang()
 
 
     def _send(self, ident: bytes, kind: str, **fields) -> None:
@@ -550,9 +574,7 @@ class IpcKVReceiver(KVReceiver):
             self.stats["pairs_refused"] += 1
             self._send(ident, "refuse", reason=f"{len(self._pairs)} pairs already")
             return
-        used = {p.slot for p in self._pairs.values()}
-        pair = _Pair(ident, time.monotonic(), slot=next(i for i in range(self.max_pairs) if i not in used),
-                     nonce=next(self._nonces))
+        pair = _Pair(ident, time.monotonic(), slot=self._free_slots.popleft(), nonce=next(self._nonces))
         self._pairs[ident] = pair
         self.stats["pairs_formed"] += 1
         self._send(ident, "welcome", cache=self._desc, layout=_layout_dict(self.layout),
@@ -596,10 +618,13 @@ class IpcKVReceiver(KVReceiver):
         # check_kv found the ids distinct and reserved: as many as reserved means all of them
         covers = len(ids) == len(res.block_set)
         if bell:   # queued, maybe still copying: it counts once the pair's bell reaches it
+            if len(pair.ringing) >= self.MAX_WAITING:
+                self._reject(WireError(f"landed: more than {self.MAX_WAITING} reports waiting for one bell", rid))
+                return
             self.stats["reports_ahead"] += 1
             if self._ringing_since is None:
                 self._ringing_since = time.monotonic()
-            pair.ringing.append((bell, rid, first, count, ids, nbytes, covers))
+            pair.ringing.append(_Waiting(bell, rid, range(first, first + count), ids, nbytes, covers))
         else:
             self._mark_layers_landed(rid, range(first, first + count), ids, nbytes, covers_reservation=covers)
         if done is not None:
@@ -687,7 +712,9 @@ class IpcKVReceiver(KVReceiver):
     def _drop_pair(self, pair: _Pair, why: str, lost: bool) -> None:
         # What it rang before it left has landed (a bye comes after its copies finished).
         self._answer_bells(only=pair)
-        self._pairs.pop(pair.ident, None)
+        if self._pairs.pop(pair.ident, None) is not None:
+            self._free_slots.append(pair.slot)
+        self._rang()
         if lost:
             self.stats["pairs_lost"] += 1
             log.warning("kv cuda_ipc: sender pair lost (%s); failing its %d transfers", why, len(pair.claims))
@@ -724,7 +751,7 @@ class _Item:
     dst: list = field(default_factory=list)
     num_layers: int = 1
     tensor: torch.Tensor | None = None   # "copy": the gathered blocks [2 * num_layers, n, ...]
-    event: object = None                 # "copy": its data is ready; "landed": its copy finished
+    event: object = None                 # "copy": its data is ready; "landed": its copy's end
     body: bytes = b""                    # "done"/"abort": the wire header
     bell: int = 0                        # "landed": the doorbell number rung behind its copy (0: none)
     queued_at: float = field(default_factory=time.monotonic)
@@ -739,8 +766,9 @@ class IpcKVSender(KVSender):
     """Copies into one receiver's cache. The caller's thread (the prefill engine loop)
     launches a copy itself when it may (pair up, request granted, lease held), else it
     gathers the blocks into a private tensor that the I/O thread copies once it may. One
-    I/O thread owns the socket: it forms the pair, claims requests, waits for copies to
-    finish and reports them, in the order the caller queued them."""
+    I/O thread owns the socket: it forms the pair, claims requests and reports copies (at
+    once when a doorbell rings behind them, else once they finished), in the order the
+    caller queued them."""
 
     KEPT = 4096   # failed / begun request ids remembered
     # Layers per launch for a prefill worker (kv_transfer.base.layers_due): a group's copies
@@ -797,7 +825,7 @@ class IpcKVSender(KVSender):
         self._ready = None             # the caller's stream, recorded for the side stream to wait on
         self._bell: tuple[torch.Tensor, int, int] | None = None   # the receiver's bells, our slot, our nonce
         self._rung = 0                 # the last number rung
-        self._registered: int | None = None   # the bells' address, while registered with CUDA
+        self._registered: torch.Tensor | None = None   # the bells, while registered with CUDA
         self._copier: CacheCopier | None = None   # the caller's cache -> the receiver's
         self._stager = IndexStager()   # used holding the lock, on the side stream
         self._closed = False
@@ -992,7 +1020,7 @@ class IpcKVSender(KVSender):
 
     def _can_write(self, rid: str) -> bool:
         """Holding the lock: may a copy for rid be launched now?"""
-        return (self._remote is not None and self.broken is None and rid in self._granted
+        return (self._remote is not None and not self._closed and self.broken is None and rid in self._granted
                 and rid not in self._revoked and rid not in self._failed and time.monotonic() < self._lease_until)
 
     def _launch(self, rid: str, src: torch.Tensor, dst: torch.Tensor, dst_ids: list[int], *,
@@ -1201,12 +1229,13 @@ class IpcKVSender(KVSender):
             except Exception as e:
                 self._break(f"cannot use the receiver's cache: {type(e).__name__}: {e}")
                 return
+            asked = self._ping_sent   # the welcome answers it (the probe below sends a ping of its own)
             rings = self._bell_rings(bells, slot, nonce, remote.device)
             with self._lock:
                 self._remote = remote
                 self._bell = (bells, slot, nonce) if rings else None
                 self._block_bytes = 2 * remote[0, 0, 0].numel() * remote.element_size()   # K and V of a block
-                self._lease_until = self._ping_sent + self.lease_s
+                self._lease_until = asked + self.lease_s
             log.info("kv cuda_ipc sender to %s: pair formed (%s)", self.endpoint, remote.device)
         elif t == "refuse":
             self._break(f"receiver refused: {str(d['reason'])[:MAX_REASON_LEN]}")
@@ -1236,7 +1265,7 @@ class IpcKVSender(KVSender):
                                                            _HOST_REGISTER_PORTABLE_MAPPED))
             if err:
                 raise RuntimeError(f"cudaHostRegister failed with CUDA error {err}")
-            self._registered = bells.data_ptr()
+            self._registered = bells   # kept (its mapping with it) until unregistered
             probe, stream = nonce << _SEQ_BITS, torch.cuda.Stream(device)
             ring(bells, slot, probe, stream=stream, device=device)
             stream.synchronize()
@@ -1246,7 +1275,17 @@ class IpcKVSender(KVSender):
         except Exception as e:
             log.warning("kv cuda_ipc sender to %s: no doorbell (%s: %s); each report waits for its copy",
                         self.endpoint, type(e).__name__, e)
+            self._unregister()
             return False
+        finally:
+            # The probe's first ring compiled a kernel: ask for a lease now, not at the next ping.
+            self._ping_sent = time.monotonic()
+            self._try_send(_CTRL, encode_control("ping", t=self._ping_sent))
+
+    def _unregister(self) -> None:
+        if self._registered is not None:
+            torch.cuda.cudart().cudaHostUnregister(self._registered.data_ptr())
+            self._registered = None
 
     def _on_revoke(self, rid: str) -> None:
         with self._lock:
@@ -1255,9 +1294,14 @@ class IpcKVSender(KVSender):
             ev = self._last_copy.pop(rid, None)
             self._indices.pop(rid, None)
             self._gather_ids.pop(rid, None)
+            side = self._side
         self.stats["revoked"] += 1
         if ev is not None:
             ev.synchronize()   # every copy of rid launched before the revoke has finished
+        elif side is not None:
+            # rid is closed here (its done went out, reported ahead of its copies) or never
+            # copied: its copies, if any, are somewhere on the side stream.
+            side.synchronize()
         self._try_send(_CTRL, encode_control("fenced", request_id=rid))
 
     def _break(self, why: str) -> None:
@@ -1311,11 +1355,12 @@ class IpcKVSender(KVSender):
         return None
 
     def _report_landed(self, items: list[_Item], done: _Item | None = None) -> int:
-        """Copies launched by the caller, in launch order on one side stream: once the
-        newest has finished all have. That rests on two invariants of this class: every
-        copy, the caller's and the I/O thread's deferred ones, goes to ``self._side``, and
-        a copy is launched and queued under ``self._lock`` in one step (queue order is
-        launch order). One report per run of one request's consecutive layers into the
+        """Copies launched by the caller, in launch order on one side stream: reported at
+        once when each rang a doorbell, else once the newest has finished (then all have).
+        That rests on two invariants of this class: every copy, the caller's and the I/O
+        thread's deferred ones, goes to ``self._side``, and a copy is launched (and its bell
+        rung) and queued under ``self._lock`` in one step (queue order is launch order, and
+        bell order). One report per run of one request's consecutive layers into the
         same blocks; ``done`` (queued right after them, for the last run's request) goes
         with the last report. Returns how many items beyond ``items`` it handled (1 for the
         done, else 0)."""
@@ -1451,14 +1496,14 @@ class IpcKVSender(KVSender):
             self._idle.notify_all()
         for ev in events:
             ev.synchronize()   # bye promises that nothing of ours still writes
+        if self._side is not None:
+            # Closed requests' copies (their dones went out ahead of them) and every ring;
+            # no launch follows: _closed is set, and copies launch only holding the lock.
+            self._side.synchronize()
         try:
             self._send(_CTRL, encode_control("bye"))
         except zmq.ZMQError:
             pass
         self._sock.close(linger=int(max(0.0, self.linger_s) * 1000))
         self._remote = None
-        if self._registered is not None:
-            if self._side is not None:
-                self._side.synchronize()   # the last ring runs after the last copy's event
-            torch.cuda.cudart().cudaHostUnregister(self._registered)
-            self._registered = None
+        self._unregister()

@@ -501,7 +501,7 @@ def test_a_report_ahead_of_its_copy_lands_only_once_its_pair_rings_the_bell(pair
             bells[slot] = value
             r = rx.poll(5)
             assert not r.completed and not r.failed and rx.progress("b1")["layers_landed"] == []
-            assert rx.wake_within_s() in (0.0, rx.BELL_POLL_S)
+            assert 0.0 <= rx.wake_within_s() <= rx.BELL_POLL_MAX_S
         bells[slot] = (nonce << 32) | 2
         out = poll_until(rx, lambda o: o.completed)
         assert [(c.request_id, c.first_token) for c in out.completed] == [("b1", 4)] and "b1" not in rx._claims
@@ -528,37 +528,72 @@ def test_a_report_ahead_of_its_copy_lands_only_once_its_pair_rings_the_bell(pair
         rogue.send_multipart([b"c", ipc.encode_control("bye")])
         out = poll_until(rx, lambda o: o.completed or o.failed)
         assert [c.request_id for c in out.completed] == ["b3"] and not out.failed and rx.num_pairs() == 1
+        # The freed slot goes to the back of the line: a late ring of the pair that left
+        # lands where no pair looks yet.
+        rogue.close(0)
+        rogue = zmq.Context.instance().socket(zmq.DEALER)
+        rogue.setsockopt(zmq.LINGER, 0)
+        rogue.connect(ipc.parse_endpoint(rx.endpoint).ctrl)
+        rogue.send_multipart([b"c", ipc.encode_control("hello", inst=ipc.parse_endpoint(rx.endpoint).inst)])
+        poll_until(rx, lambda _: rx.num_pairs() == 2)
+        again = ipc.decode_control(rogue.recv_multipart()[1], ipc._FROM_RECEIVER)["bell"]
+        assert again["slot"] not in (slot, tx._bell[1]) and again["nonce"] > nonce
+        # A peer that piles up reports waiting for its bell fails the transfer it names.
+        nonce, slot = again["nonce"], again["slot"]
+        rx.MAX_WAITING = 2
+        claim("b4", [24])
+        for bell_no in (1, 2, 3):
+            rogue.send_multipart([b"l", ipc.encode_landed("b4", 0, 1, [24], bell=bell_no)])
+
+        def fence_when_revoked(o):
+            while rogue.poll(0):
+                d = ipc.decode_control(rogue.recv_multipart()[1], ipc._FROM_RECEIVER)
+                if d["type"] == "revoke":
+                    rogue.send_multipart([b"c", ipc.encode_control("fenced", request_id=d["request_id"])])
+            return o.failed
+        out = poll_until(rx, fence_when_revoked)
+        assert out.failed[0].request_id == "b4" and "waiting for one bell" in out.failed[0].reason
     finally:
         rogue.close(0)
 
 
-def test_an_abort_waits_for_the_requests_last_copy_and_a_done_does_not():
-    """Reports go out ahead of copies, so an abort (which lets the receiver reuse the
-    blocks at once) waits for the request's last copy first; a done need not (the
-    receiver waits for the bell)."""
-    from kv_transfer.ipc_backend import IpcKVSender, _Item
+def test_an_abort_or_a_fence_waits_for_the_copies_and_a_done_does_not(pair):
+    """Reports go out ahead of copies, so what lets the receiver reuse blocks at once waits
+    for them first: an abort (or a done turned into one) for the request's last copy, a
+    fence of a request whose done already went out for the whole side stream. A done
+    need not wait (the receiver waits for the bell)."""
+    from kv_transfer.ipc_backend import _Item
+    layout, rx, cache, tx = pair()
 
-    class Copy:
+    class Waits:   # a CUDA event or stream, as far as these paths use one
         waited = 0
 
         def synchronize(self):
             self.waited += 1
 
-    tx = IpcKVSender.__new__(IpcKVSender)   # only the bookkeeping _close_request touches
-    import threading
-    from collections import OrderedDict
-    tx._lock, tx._failed, tx._revoked, tx._granted = threading.Lock(), OrderedDict(), set(), set()
-    tx._indices, tx._gather_ids, tx._begun, tx.stats = {}, {}, OrderedDict(), dict(dones_as_aborts=0)
     for kind, failed, waits in (("done", False, 0), ("abort", False, 1), ("done", True, 1)):
-        copy = Copy()
-        tx._last_copy = {"r": copy}
-        if failed:
-            tx._failed["r"] = "lost"
+        copy = Waits()
+        with tx._lock:
+            tx._last_copy["r"] = copy
+            if failed:
+                tx._failed["r"] = "lost"
         body = (kt.wire.encode_done("r", 1, 2) if kind == "done" else kt.wire.encode_abort("r", "x"))[0]
         sent = kt.wire.decode_header(tx._close_request(_Item(kind, "r", body=body)))
         assert copy.waited == waits and "r" not in tx._last_copy
         assert isinstance(sent, kt.wire.AbortHeader) == (kind == "abort" or failed)
-        tx._failed.clear()
+        with tx._lock:
+            tx._failed.pop("r", None)
+    side, copy = Waits(), Waits()
+    tx._side = side
+    try:
+        tx._on_revoke("r")                   # closed: no event of its own left
+        assert side.waited == 1
+        with tx._lock:
+            tx._last_copy["s"] = copy
+        tx._on_revoke("s")                   # still open: its last copy is enough
+        assert copy.waited == 1 and side.waited == 1
+    finally:
+        tx._side = None
 
 
 def test_a_cancel_while_a_failed_transfer_is_being_fenced_releases_its_blocks():
