@@ -77,6 +77,29 @@ def pair():
         rx.close()
 
 
+def rogue_sender(rx, pairs: int = 2):
+    """A sender socket driven by hand, paired with rx (its hello answered; the welcome is
+    its first message to read)."""
+    rogue = zmq.Context.instance().socket(zmq.DEALER)
+    rogue.setsockopt(zmq.LINGER, 0)
+    rogue.connect(ipc.parse_endpoint(rx.endpoint).ctrl)
+    rogue.send_multipart([b"c", ipc.encode_control("hello", inst=ipc.parse_endpoint(rx.endpoint).inst)])
+    poll_until(rx, lambda _: rx.num_pairs() == pairs)
+    return rogue
+
+
+def fenced_until_failed(rogue):
+    """A poll_until condition: answer every revoke as a sender must (a granted transfer's
+    failure is reported once fenced); met once something failed."""
+    def cond(o):
+        while rogue.poll(0):
+            d = ipc.decode_control(rogue.recv_multipart()[1], ipc._FROM_RECEIVER)
+            if d["type"] == "revoke":
+                rogue.send_multipart([b"c", ipc.encode_control("fenced", request_id=d["request_id"])])
+        return o.failed
+    return cond
+
+
 def granted(rx, tx, rid):
     poll_until(rx, lambda _: rid in rx._claims)
     end = time.monotonic() + 10
@@ -410,12 +433,8 @@ def test_malformed_and_unauthorised_messages_fail_only_what_they_name(pair):
 
 def test_landed_reports_past_the_reservation_and_kv_headers_fail_their_transfer(pair):
     layout, rx, cache, tx = pair()
-    rogue = zmq.Context.instance().socket(zmq.DEALER)
-    rogue.setsockopt(zmq.LINGER, 0)
-    rogue.connect(ipc.parse_endpoint(rx.endpoint).ctrl)
+    rogue = rogue_sender(rx)
     try:
-        rogue.send_multipart([b"c", ipc.encode_control("hello", inst=ipc.parse_endpoint(rx.endpoint).inst)])
-        poll_until(rx, lambda _: rx.num_pairs() == 2)
         # Layers past the reservation's, and a kv header (the data never travels on this
         # socket): each fails the transfer it names, nothing else.
         for i, frames in enumerate(([b"l", ipc.encode_landed("h0", 2, 2, [12])],
@@ -432,13 +451,7 @@ def test_landed_reports_past_the_reservation_and_kv_headers_fail_their_transfer(
                 poll_until(rx, lambda _: rx.stats["rejected"] > rejected)
                 assert f"h{i}" in rx._claims
                 continue
-            def fence_when_revoked(o):   # as a sender must: the failure is reported once fenced
-                while rogue.poll(0):
-                    d = ipc.decode_control(rogue.recv_multipart()[1], ipc._FROM_RECEIVER)
-                    if d["type"] == "revoke":
-                        rogue.send_multipart([b"c", ipc.encode_control("fenced", request_id=d["request_id"])])
-                return o.failed
-            out = poll_until(rx, fence_when_revoked)
+            out = poll_until(rx, fenced_until_failed(rogue))
             assert out.failed[0].request_id == f"h{i}", out.failed
             assert {0: "layer: 3 outside", 1: "landed frames", 3: "riding along"}[i] in out.failed[0].reason
         assert rx.stats["pairs_lost"] == 0
@@ -476,12 +489,8 @@ def test_a_report_ahead_of_its_copy_lands_only_once_its_pair_rings_the_bell(pair
     A transfer failed while waiting is not revived by a later ring, and a pair that rang
     and said bye at once still completes what it rang."""
     layout, rx, cache, tx = pair()
-    rogue = zmq.Context.instance().socket(zmq.DEALER)
-    rogue.setsockopt(zmq.LINGER, 0)
-    rogue.connect(ipc.parse_endpoint(rx.endpoint).ctrl)
+    rogue = rogue_sender(rx)
     try:
-        rogue.send_multipart([b"c", ipc.encode_control("hello", inst=ipc.parse_endpoint(rx.endpoint).inst)])
-        poll_until(rx, lambda _: rx.num_pairs() == 2)
         welcome = ipc.decode_control(rogue.recv_multipart()[1], ipc._FROM_RECEIVER)
         bell = welcome["bell"]
         bells = ipc.open_cache(bell["desc"], bells=True)
@@ -531,11 +540,7 @@ def test_a_report_ahead_of_its_copy_lands_only_once_its_pair_rings_the_bell(pair
         # The freed slot goes to the back of the line: a late ring of the pair that left
         # lands where no pair looks yet.
         rogue.close(0)
-        rogue = zmq.Context.instance().socket(zmq.DEALER)
-        rogue.setsockopt(zmq.LINGER, 0)
-        rogue.connect(ipc.parse_endpoint(rx.endpoint).ctrl)
-        rogue.send_multipart([b"c", ipc.encode_control("hello", inst=ipc.parse_endpoint(rx.endpoint).inst)])
-        poll_until(rx, lambda _: rx.num_pairs() == 2)
+        rogue = rogue_sender(rx)
         again = ipc.decode_control(rogue.recv_multipart()[1], ipc._FROM_RECEIVER)["bell"]
         assert again["slot"] not in (slot, tx._bell[1]) and again["nonce"] > nonce
         # A peer that piles up reports waiting for its bell fails the transfer it names.
@@ -544,14 +549,7 @@ def test_a_report_ahead_of_its_copy_lands_only_once_its_pair_rings_the_bell(pair
         claim("b4", [24])
         for bell_no in (1, 2, 3):
             rogue.send_multipart([b"l", ipc.encode_landed("b4", 0, 1, [24], bell=bell_no)])
-
-        def fence_when_revoked(o):
-            while rogue.poll(0):
-                d = ipc.decode_control(rogue.recv_multipart()[1], ipc._FROM_RECEIVER)
-                if d["type"] == "revoke":
-                    rogue.send_multipart([b"c", ipc.encode_control("fenced", request_id=d["request_id"])])
-            return o.failed
-        out = poll_until(rx, fence_when_revoked)
+        out = poll_until(rx, fenced_until_failed(rogue))
         assert out.failed[0].request_id == "b4" and "waiting for one bell" in out.failed[0].reason
     finally:
         rogue.close(0)
