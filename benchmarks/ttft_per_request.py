@@ -12,6 +12,8 @@ TTFT by prompt length (bins of --bin tokens), for all requests, for lone ones (n
 request in flight when it was sent, none sent before its first token) and for overlapped
 ones; then a least-squares line of the difference against prompt tokens for each group.
 "In flight" is read from each file's own clock (measured: the measured send and end times).
+--slowest F lists the slowest fraction F of the measured requests (the tail that sets TTFT
+p90) with the predicted TTFT of each and the time since the request sent before it (bursts).
 """
 from __future__ import annotations
 
@@ -47,7 +49,8 @@ def joined(measured: list[dict], predicted: list[dict]) -> list[dict]:
             raise ValueError(f"request {m['i']}: the files drew different requests (not the same workload)")
         if not (m["ok"] and p["ok"]):
             continue
-        out.append(dict(i=m["i"], prompt=m["prompt_tokens"], out=m["max_tokens"], meas=m["ttft_s"], pred=p["ttft_s"],
+        out.append(dict(i=m["i"], sent=m["sent_s"], prompt=m["prompt_tokens"], out=m["max_tokens"], meas=m["ttft_s"],
+                        pred=p["ttft_s"],
                         diff=m["ttft_s"] - p["ttft_s"], lone=lm, lone_pred=lp, route=m.get("route"),
                         meas_tpot=m["tpot_s"], pred_tpot=p["tpot_s"]))
     return out
@@ -94,12 +97,27 @@ def report(rows: list[dict], bin_tokens: int) -> str:
     return "\n".join(lines)
 
 
+def slowest(rows: list[dict], fraction: float) -> str:
+    """The slowest `fraction` of the requests by measured TTFT, in send order: id, route,
+    prompt tokens, measured and predicted TTFT, ms since the previous request was sent."""
+    by_send = sorted(rows, key=lambda r: r["sent"])
+    gap = {r["i"]: (r["sent"] - prev["sent"]) * 1e3 for prev, r in zip(by_send, by_send[1:])}
+    n = max(1, round(fraction * len(rows)))
+    tail = sorted(sorted(rows, key=lambda r: r["meas"])[-n:], key=lambda r: r["sent"])
+    lines = [f"slowest {n}: {'i':>4} {'route':>13} {'prompt':>6} {'meas':>6} {'pred':>6} {'gap':>7}   (ms)"]
+    lines += [f"{'':>12}{r['i']:>4} {str(r['route']):>13} {r['prompt']:>6} {r['meas'] * 1e3:6.1f} "
+              f"{r['pred'] * 1e3:6.1f} {gap.get(r['i'], float('nan')):7.1f}" for r in tail]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("measured")
     ap.add_argument("predicted")
     ap.add_argument("--bin", type=int, default=64, help="prompt-length bin (tokens)")
     ap.add_argument("--json", help="write the joined rows here")
+    ap.add_argument("--slowest", type=float, default=0.0, metavar="F",
+                    help="also list the slowest fraction F of the requests (e.g. 0.1)")
     args = ap.parse_args(argv)
     with open(args.measured) as f:
         meas = json.load(f)
@@ -116,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
             out[f"{mode}@{run['rate']:g}"] = rows
             print(f"== {mode}, rate {run['rate']:g}/s, {len(rows)} requests")
             print(report(rows, args.bin))
+            if args.slowest > 0:
+                print(slowest(rows, args.slowest))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f)

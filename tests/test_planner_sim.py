@@ -940,6 +940,29 @@ def test_engine_model_counts_a_traces_known_hits_while_they_are_held():
     assert m.num_free_blocks == 64 and m.own_used == 0
 
 
+def test_ttft_per_request_lists_the_slowest_requests_with_the_gap_before_them():
+    """benchmarks/ttft_per_request.py --slowest: the slowest fraction by measured TTFT, in
+    send order, each with its predicted TTFT and the time since the request sent before it."""
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                        "ttft_per_request.py")
+    spec = importlib.util.spec_from_file_location("ttft_per_request", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    def row(i, sent, ttft):
+        return dict(i=i, ok=True, sent_s=sent, ttft_s=ttft, e2e_s=ttft + 0.05, tpot_s=0.002, prompt_tokens=100,
+                    max_tokens=20, route="direct")
+    measured = [row(0, 0.0, 0.010), row(1, 1.0, 0.030), row(2, 1.002, 0.040), row(3, 3.0, 0.011)]
+    predicted = [row(r["i"], r["sent_s"], 0.012) for r in measured]
+    out = mod.slowest(mod.joined(measured, predicted), 0.5)
+    lines = out.splitlines()[1:]
+    assert [int(x.split()[0]) for x in lines] == [1, 2]          # the two slowest, in send order
+    assert [float(x.split()[-1]) for x in lines] == [pytest.approx(1000.0), pytest.approx(2.0)]
+    assert [float(x.split()[-2]) for x in lines] == [12.0, 12.0]   # predicted TTFT, ms
+
+
 def test_tpot_by_overlap_splits_requests_by_who_else_was_alive_while_they_streamed():
     """benchmarks/tpot_by_overlap.py: a request is lone only if no other request was alive
     (sent, not finished) at any moment of its stream; the others' count is time-weighted."""
