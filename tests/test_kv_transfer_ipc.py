@@ -69,6 +69,10 @@ def pair():
         tx = kt.make_sender("cuda_ipc", rx.endpoint, **{**dict(send_timeout_s=5.0), **(tx_kw or {})})
         made.append((rx, tx))
         poll_until(rx, lambda _: rx.num_pairs() == 1)
+        end = time.monotonic() + 10
+        while tx._remote is None:   # the welcome handled on the sender's side too
+            assert time.monotonic() < end and tx.broken is None
+            time.sleep(0.001)
         return layout, rx, cache, tx
 
     yield make
