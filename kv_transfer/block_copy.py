@@ -240,7 +240,8 @@ class IndexStager:
         starting 16 bytes aligned: Triton specializes a kernel on its pointers' alignment,
         and a list after one of odd length would otherwise compile a second copy kernel
         in the middle of a transfer)."""
-        flat = torch.tensor([v for x in lists for v in (*x, *[0] * (len(x) & 1))], dtype=torch.long)
+        padded = [len(x) + (len(x) & 1) for x in lists]   # even: 16 bytes of int64
+        flat = torch.tensor([v for x, n in zip(lists, padded) for v in (*x, *[0] * (n - len(x)))], dtype=torch.long)
         n = flat.numel()
         if self._host is None or n > self._host.shape[1]:
             cap = 1 << max(10, (n - 1).bit_length())
@@ -261,7 +262,7 @@ class IndexStager:
         ev.record(torch.cuda.current_stream(device))
         self._events[i] = ev
         parts, at = [], 0
-        for x in lists:
+        for x, n in zip(lists, padded):
             parts.append(out[at:at + len(x)])
-            at += len(x) + (len(x) & 1)
+            at += n
         return parts

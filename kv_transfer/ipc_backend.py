@@ -59,7 +59,7 @@ stream order puts the copy's writes before the ring, so the decode engine reads 
 data. The bell lives in the receiver's memory, so a sender that dies leaves it unrung (its
 transfers fail as below), never dangling; the nonce, new for each pair, keeps a slot's
 previous pair from ringing for the next. A sender whose ring does not work here (the
-registration or a probe ring fails) reports each copy after waiting for it, as before.
+registration or a probe ring fails) reports each copy after waiting for it.
 Because reports now go ahead of copies, everything that lets the receiver reuse blocks at
 once waits for the copies first: an abort (the sender's I/O thread synchronizes the
 request's last copy before sending it), ``fenced`` (that copy, or the whole side stream for
@@ -99,7 +99,7 @@ import zmq
 
 from kv_transfer.base import KV_TIMEOUT_S, SEND_TIMEOUT_S, Failed, KVReceiver, KVSender, WriteLayer
 from kv_transfer.block_copy import CacheCopier, IndexStager, copy_blocks, ring
-from kv_transfer.wire import (DTYPES, ITEMSIZE, MAX_BLOCKS_PER_MESSAGE, MAX_HEADER_BYTES, MAX_LAYERS, MAX_REASON_LEN,
+from kv_transfer.wire import (DTYPES, MAX_BLOCKS_PER_MESSAGE, MAX_HEADER_BYTES, MAX_LAYERS, MAX_REASON_LEN,
                               AbortHeader, DoneHeader, KVHeader, KVLayout, UnknownRequestError,
                               WireError, check_kv, check_request_id, decode_header, decode_message, dtype_name,
                               encode_abort, encode_done, split_endpoint)
@@ -203,7 +203,7 @@ def device_uuid(device: torch.device) -> str:
 
 # What can be shared: a cache (a KV dtype) or a doorbell array (int64).
 _SHARED_DTYPES = {**DTYPES, "int64": torch.int64}
-_SHARED_ITEMSIZE = {**ITEMSIZE, "int64": 8}
+_SHARED_NAMES = {v: k for k, v in _SHARED_DTYPES.items()}
 
 
 def export_cache(cache: torch.Tensor) -> dict:
@@ -214,8 +214,10 @@ def export_cache(cache: torch.Tensor) -> dict:
     if not cache.is_contiguous():
         raise ValueError("the cache must be contiguous to be shared")
     st = cache.untyped_storage()
-    dtype = "int64" if cache.dtype == torch.int64 else dtype_name(cache.dtype)
-    desc = dict(host=host_id(), dtype=dtype, shape=list(cache.shape), offset=int(cache.storage_offset()))
+    if cache.dtype not in _SHARED_NAMES:
+        dtype_name(cache.dtype)   # raises, naming the dtypes a cache may have
+    desc = dict(host=host_id(), dtype=_SHARED_NAMES[cache.dtype], shape=list(cache.shape),
+                offset=int(cache.storage_offset()))
     if cache.is_cuda:
         _dev, handle, size, off, ref_h, ref_off, ev_h, ev_sync = st._share_cuda_()
         desc.update(kind="cuda", device_uuid=device_uuid(cache.device), handle=bytes(handle), size=int(size),
@@ -260,7 +262,7 @@ def open_cache(desc, *, bells: bool = False) -> torch.Tensor:
     numel = 1
     for s in shape:
         numel *= s
-    need = (desc["offset"] + numel) * _SHARED_ITEMSIZE[desc["dtype"]]
+    need = (desc["offset"] + numel) * dtype.itemsize
     if type(desc["size"]) is not int or desc["size"] < need:
         raise ValueError(f"cache description: {desc['size']} bytes cannot hold {shape}")
     if desc["kind"] == "cpu":
@@ -348,8 +350,8 @@ class _Waiting(NamedTuple):
 class _Pair:
     ident: bytes
     last_seen: float
-    slot: int = 0       # its doorbell is bells[slot]
-    nonce: int = 0      # the high half of every value it rings
+    slot: int           # its doorbell is bells[slot]
+    nonce: int          # the high half of every value it rings
     claims: set = field(default_factory=set)
     ringing: deque = field(default_factory=deque)   # _Waiting reports, in the order they came
 
@@ -397,8 +399,10 @@ class IpcKVReceiver(KVReceiver):
         # (_answer_bells), so no host hop waits for the copies to end.
         self._bells = torch.zeros(self.max_pairs, dtype=torch.int64)
         self._bell_desc = export_cache(self._bells)
-        self._bells_view = self._bells.numpy()   # reads without torch's per-op cost
-        self._ringing_since: float | None = None   # when the oldest wait for a bell began
+        # After export_cache, which moves the storage into shared memory: a view taken before
+        # would read this process's old private copy. numpy reads without torch's per-op cost.
+        self._bells_view = self._bells.numpy()
+        self._ringing_since: float | None = None   # since when reports have waited with no bell ringing
         self._nonces = itertools.count(1)
         # Slots are handed out least recently freed first: a dropped pair's rings still
         # queued on its GPU land in a slot nobody uses yet (they would not match the next
@@ -483,14 +487,14 @@ class IpcKVReceiver(KVReceiver):
             if not self._ringing():
                 return
             self._answer_bells()
-            if not self._ringing() or time.monotonic() >= end or self._completed or self._failed:
+            if not self._ringing() or time.monotonic() >= end or self._completed or self._failed or self._released:
                 return
             time.sleep(self.wake_within_s())
 
     def _ringing(self) -> bool:
         return self._ringing_since is not None
 
-    def _rang(self) -> None:
+    def _stop_ringing_if_idle(self) -> None:
         """After reports stopped waiting (answered, pruned, their pair dropped)."""
         if not any(p.ringing for p in self._pairs.values()):
             self._ringing_since = None
@@ -503,11 +507,13 @@ class IpcKVReceiver(KVReceiver):
         if not any(p.ringing for p in pairs):
             return
         self.stats["bell_reads"] += 1
+        rang = False
         for p in pairs:
             value = int(self._bells_view[p.slot])
             if value >> _SEQ_BITS == p.nonce:   # else not rung since this pair got the slot
                 seq = value & _SEQ_MASK
                 while p.ringing and p.ringing[0].bell <= seq:
+                    rang = True
                     w = p.ringing.popleft()
                     if w.rid in self._xfers and self._claims.get(w.rid) == p.ident:   # else failed or cancelled since
                         self._mark_layers_landed(w.rid, w.layers, w.ids, w.nbytes, covers_reservation=w.covers)
@@ -515,7 +521,11 @@ class IpcKVReceiver(KVReceiver):
             # receiver polling until the pair goes).
             if any(w.rid not in self._xfers for w in p.ringing):
                 p.ringing = deque(w for w in p.ringing if w.rid in self._xfers)
-        self._rang()
+        self._stop_ringing_if_idle()
+        if rang and self._ringing_since is not None:
+            # Bells still ring: the wait that is left is new (a pair whose copies keep
+            # landing must not be polled at the slow rate of one that hangs).
+            self._ringing_since = time.monotonic()
 
 
     def _send(self, ident: bytes, kind: str, **fields) -> None:
@@ -714,7 +724,7 @@ class IpcKVReceiver(KVReceiver):
         self._answer_bells(only=pair)
         if self._pairs.pop(pair.ident, None) is not None:
             self._free_slots.append(pair.slot)
-        self._rang()
+        self._stop_ringing_if_idle()
         if lost:
             self.stats["pairs_lost"] += 1
             log.warning("kv cuda_ipc: sender pair lost (%s); failing its %d transfers", why, len(pair.claims))

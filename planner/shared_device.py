@@ -51,6 +51,12 @@ class DeviceLayout:
             raise ValueError(f"device layout: engines_per_device >= 1, capacity and weight > 0; got {self}")
 
     @property
+    def on_cpu_host(self) -> bool:
+        """The engines compute on a CPU host's cores, which the front end shares (only
+        DeviceLayout.cpu_host builds such a layout)."""
+        return self.frontend_on_device
+
+    @property
     def shared(self) -> bool:
         return self.frontend_on_device or (self.engines_per_device > 1
                                            and self.weight * self.engines_per_device > self.capacity)

@@ -208,9 +208,9 @@ class _Worker:
         wait = self.loop_overhead()
         if wait <= 0:
             self.resume()
-        elif self.device is not None and self.sim.cfg.layout.frontend_on_device:
-            # A CPU host: the loop's own work (sending the batch, polling) computes on the
-            # same cores as the engines and the front end, so it takes its share of them.
+        elif self.device is not None and self.sim.cfg.layout.on_cpu_host:
+            # The loop's own work (sending the batch, polling) computes on the same cores
+            # as the engines and the front end, so it takes its share of them.
             self.device.run(wait, self.resume)
         else:
             self.sim.at(self.sim.now + wait, self.resume)
