@@ -14,6 +14,10 @@ ones; then a least-squares line of the difference against prompt tokens for each
 "In flight" is read from each file's own clock (measured: the measured send and end times).
 --slowest F lists the slowest fraction F of the measured requests (the tail that sets TTFT
 p90) with the predicted TTFT of each and the time since the request sent before it (bursts).
+--burst-window MS groups the requests by their place in a burst (how many others were sent
+less than MS before them) and prints the median measured-minus-predicted TTFT of each place:
+a cost the simulator prices as parallel latency but the cluster serves one request at a time
+grows with the place.
 """
 from __future__ import annotations
 
@@ -110,6 +114,17 @@ def slowest(rows: list[dict], fraction: float) -> str:
     return "\n".join(lines)
 
 
+def by_burst_place(rows: list[dict], window_s: float, cap: int = 3) -> dict[int, list[float]]:
+    """{place in its burst: measured - predicted TTFT (s) of each request there}; the place is
+    how many requests were sent less than window_s before it (at most cap)."""
+    by_send = sorted(rows, key=lambda r: r["sent"])
+    out: dict[int, list[float]] = {}
+    for k, r in enumerate(by_send):
+        place = sum(1 for q in by_send[:k] if r["sent"] - q["sent"] < window_s)
+        out.setdefault(min(place, cap), []).append(r["diff"])
+    return dict(sorted(out.items()))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("measured")
@@ -118,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", help="write the joined rows here")
     ap.add_argument("--slowest", type=float, default=0.0, metavar="F",
                     help="also list the slowest fraction F of the requests (e.g. 0.1)")
+    ap.add_argument("--burst-window", type=float, default=0.0, metavar="MS",
+                    help="also print measured - predicted TTFT by place in a burst (sent within MS ms)")
     args = ap.parse_args(argv)
     with open(args.measured) as f:
         meas = json.load(f)
@@ -136,6 +153,11 @@ def main(argv: list[str] | None = None) -> int:
             print(report(rows, args.bin))
             if args.slowest > 0:
                 print(slowest(rows, args.slowest))
+            if args.burst_window > 0:
+                places = by_burst_place(rows, args.burst_window / 1e3)
+                print(f"by place in a burst ({args.burst_window:g} ms): " + "  ".join(
+                    f"{k}{'+' if k == 3 else ''}: n={len(v)} {statistics.median(v) * 1e3:+.1f} ms"
+                    for k, v in places.items()))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f)

@@ -961,6 +961,10 @@ def test_ttft_per_request_lists_the_slowest_requests_with_the_gap_before_them():
     assert [int(x.split()[0]) for x in lines] == [1, 2]          # the two slowest, in send order
     assert [float(x.split()[-1]) for x in lines] == [pytest.approx(1000.0), pytest.approx(2.0)]
     assert [float(x.split()[-2]) for x in lines] == [12.0, 12.0]   # predicted TTFT, ms
+    # --burst-window: request 2 was sent 2 ms after request 1, the others alone.
+    places = mod.by_burst_place(mod.joined(measured, predicted), 0.010)
+    assert places == {0: [pytest.approx(-0.002), pytest.approx(0.018), pytest.approx(-0.001)],
+                      1: [pytest.approx(0.028)]}
 
 
 def test_tpot_by_overlap_splits_requests_by_who_else_was_alive_while_they_streamed():
