@@ -114,7 +114,10 @@ def slowest(rows: list[dict], fraction: float) -> str:
     return "\n".join(lines)
 
 
-def by_burst_place(rows: list[dict], window_s: float, cap: int = 3) -> dict[int, list[float]]:
+BURST_PLACES = 3   # places counted apart; later ones go with the last
+
+
+def by_burst_place(rows: list[dict], window_s: float, cap: int = BURST_PLACES) -> dict[int, list[float]]:
     """{place in its burst: measured - predicted TTFT (s) of each request there}; the place is
     how many requests were sent less than window_s before it (at most cap)."""
     by_send = sorted(rows, key=lambda r: r["sent"])
@@ -156,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.burst_window > 0:
                 places = by_burst_place(rows, args.burst_window / 1e3)
                 print(f"by place in a burst ({args.burst_window:g} ms): " + "  ".join(
-                    f"{k}{'+' if k == 3 else ''}: n={len(v)} {statistics.median(v) * 1e3:+.1f} ms"
+                    f"{k}{'+' if k == BURST_PLACES else ''}: n={len(v)} {statistics.median(v) * 1e3:+.1f} ms"
                     for k, v in places.items()))
     if args.json:
         with open(args.json, "w") as f:
