@@ -111,7 +111,7 @@ def run_engine(args, stream, variant: str = "overlap") -> dict:
             if graphs is not None and graphs.num_replays > replays:
                 kind = "graph"
             else:
-                kind = "eager" if engine.current_step else "drain"
+                kind = "eager" if engine.step_request_ids() else "drain"
             phase[kind][0] += 1
             phase[kind][1] += time.perf_counter() - t_step
             if kind == "graph":

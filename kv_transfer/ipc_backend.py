@@ -645,11 +645,12 @@ class IpcKVReceiver(KVReceiver):
         report, where only that request's done may ride."""
         try:
             h = decode_header(body)
+            # First: a wrong header inside rid's report fails rid, not the request it names.
+            if riding_with is not None and (not isinstance(h, DoneHeader) or h.request_id != riding_with):
+                raise WireError(f"landed: the header riding along is not {riding_with!r}'s done", riding_with)
             if isinstance(h, KVHeader):   # the data is never on this socket: copies report with landed
                 raise WireError("kv: cuda_ipc senders report copies with landed frames, not kv headers",
                                 h.request_id)
-            if riding_with is not None and (not isinstance(h, DoneHeader) or h.request_id != riding_with):
-                raise WireError(f"landed: the header riding along is not {riding_with!r}'s done", riding_with)
             h = decode_message([body], self.layout, self._res)
         except UnknownRequestError as e:
             self._drop_unknown(e)

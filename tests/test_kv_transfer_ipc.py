@@ -446,7 +446,10 @@ def test_landed_reports_past_the_reservation_and_kv_headers_fail_their_transfer(
                                     [b"w", kt.wire.encode_kv("h1", 0, [13], torch.zeros(2, 1, 4, 2, 8))[0]],
                                     [b"l", b"\x81\xa1v\x01"],
                                     [b"l", ipc.encode_landed("h3", 0, 1, [15],   # another request's done
-                                                             kt.wire.encode_done("h0", 1, 2)[0])])):
+                                                             kt.wire.encode_done("h0", 1, 2)[0])],
+                                    [b"l", ipc.encode_landed("h4", 0, 1, [16],   # a kv header naming another
+                                                             kt.wire.encode_kv("h1", 0, [13],
+                                                                               torch.zeros(2, 1, 4, 2, 8))[0])])):
             rx.expect(f"h{i}", [12 + i], deadline=time.monotonic() + 20)
             rogue.send_multipart([b"c", ipc.encode_control("claim", request_id=f"h{i}")])
             poll_until(rx, lambda _: f"h{i}" in rx._claims)
@@ -458,7 +461,8 @@ def test_landed_reports_past_the_reservation_and_kv_headers_fail_their_transfer(
                 continue
             out = poll_until(rx, fenced_until_failed(rogue))
             assert out.failed[0].request_id == f"h{i}", out.failed
-            assert {0: "layer: 3 outside", 1: "landed frames", 3: "riding along"}[i] in out.failed[0].reason
+            assert {0: "layer: 3 outside", 1: "landed frames", 3: "riding along", 4: "riding along"}[i] \
+                in out.failed[0].reason
         assert rx.stats["pairs_lost"] == 0
         with pytest.raises(WireError):
             ipc.decode_landed(ipc.encode_landed("x", 0, 0, [1]))
