@@ -25,7 +25,8 @@ decode attention under a few split-K settings, and the batch-1 projections three
 the gap goes.
 
     python benchmarks/gpu_decode.py [--batches 1,8,32,128] [--ctx 512] [--steps 32]
-                                    [--overlap both|on|off] [--kernels] [--json out.json]
+                                    [--overlap both|on|off] [--kernels] [--no-fused-products]
+                                    [--json out.json]
 
 --overlap picks which of the two engine timings run (both by default; the one left out
 is reported as None).
@@ -170,8 +171,14 @@ def main():
     ap.add_argument("--kernels", action="store_true")
     ap.add_argument("--overlap", choices=("both", "on", "off"), default="both",
                     help="time steps with overlapped scheduling on, off, or both (one engine, switched)")
+    ap.add_argument("--no-fused-products", action="store_true",
+                    help="the norms and the activation as their own kernels before cuBLAS, at every batch "
+                         "(by default batch 1 folds them into Triton products: triton_ops.FUSED_GEMV_MAX_ROWS)")
     ap.add_argument("--json")
     args = ap.parse_args()
+    if args.no_fused_products:
+        from engine.kernels import triton_ops
+        triton_ops.FUSED_GEMV_MAX_ROWS = 0   # read when the graphs are captured: before the engine
     batches = [int(b) for b in args.batches.split(",")]
 
     bw = gc_.copy_bandwidth_gbs()
@@ -262,7 +269,9 @@ def main():
                    tokens_per_s=B / best * 1000)
         rows.append(row)
         print(row, flush=True)
+    from engine.kernels import triton_ops
     rec = dict(device=gc_.device_info(), copy_gbs=bw, weight_bytes=wbytes, kv_bytes_per_token=kv_tok,
+               fused_products_max_rows=triton_ops.FUSED_GEMV_MAX_ROWS, gemv_config=triton_ops.GEMV_CONFIG,
                rows=rows)
     if args.kernels:
         rec["kernels"] = kernel_breakdown(engine, args.ctx)

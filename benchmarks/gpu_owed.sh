@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_owed.sh kv tests          # issue 11: transfer + TTFT, the GPU tests
 #   bash benchmarks/gpu_owed.sh stream            # issue 14: the 256-request stream, 3 engine variants + HF
 #   bash benchmarks/gpu_owed.sh saturated decode  # issue 14: the same requests all at once; decode table
+#   bash benchmarks/gpu_owed.sh fused             # issue 14: fused batch-1 products, swept; decode with and without
 #   bash benchmarks/gpu_owed.sh profile           # issue 15: the GPU profile (deployed-path probe)
 #   bash benchmarks/gpu_owed.sh gputests          # every test marked gpu
 #
@@ -28,7 +29,7 @@ step() {   # step NAME SECONDS COMMAND...
     clean
 }
 
-[ $# -gt 0 ] || { echo "usage: $0 kv|tests|densetests|gputests|stream|saturated|decode|prefill|profile ..." >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 kv|tests|densetests|gputests|stream|saturated|decode|fused|prefill|profile ..." >&2; exit 2; }
 for s in "$@"; do
     case "$s" in
         kv) kv_runs=$((${kv_runs:-0} + 1))   # each kv step its own file: kv_ipc_1.json, kv_ipc_2.json, ...
@@ -43,6 +44,10 @@ for s in "$@"; do
                 --engines overlap,sync --json '$OUT/stream_saturated.json'" ;;
         decode) step decode 200 bash -c "cd benchmarks && python gpu_decode.py --batches 1,8,32,128 --kernels \
                 --json '$OUT/decode.json'" ;;
+        fused) step gemv 240 bash -c "cd benchmarks && python gpu_gemv.py --json '$OUT/gemv.json'"
+               step decode_fused 200 bash -c "cd benchmarks && python gpu_decode.py --batches 1,8 --json '$OUT/decode_fused.json'"
+               step decode_unfused 200 bash -c "cd benchmarks && python gpu_decode.py --batches 1,8 --no-fused-products \
+                --json '$OUT/decode_unfused.json'" ;;
         prefill) step prefill 200 bash -c "cd benchmarks && python gpu_prefill.py --lengths 1024,4096 --repeat 3 \
                 --json '$OUT/prefill.json'" ;;
         profile) step profile 540 python -m deploy.cli profile --model random:llama3-8b --dtype bfloat16 \

@@ -109,6 +109,72 @@ def test_silu_and_mul(shape, dtype):
     _close(tri.silu_and_mul(x), ref.silu_and_mul(x), dtype)
 
 
+@pytest.fixture
+def gemv_launches(monkeypatch):
+    """Counts the fused matrix-vector launches (a wrapper that falls back to the separate
+    ops launches none)."""
+    launched = []
+    real = tri._gemv
+    monkeypatch.setattr(tri, "_gemv", lambda *a, **k: (launched.append(a[0]), real(*a, **k))[1])
+    return launched
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows, max_rows", [(1, 1), (3, 4), (3, 1)])
+@pytest.mark.parametrize("K, N", [(64, 12), (37, 10)])   # 37, 10: partial K chunks and N tiles
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_rms_norm_linear(with_residual, K, N, rows, max_rows, dtype, monkeypatch, gemv_launches):
+    monkeypatch.setattr(tri, "FUSED_GEMV_MAX_ROWS", max_rows)
+    x = _randn(rows, K, dtype=dtype, seed=20, scale=2.0)
+    res = _randn(rows, K, dtype=dtype, seed=21) if with_residual else None
+    norm_w = _randn(K, dtype=dtype, seed=22).abs() + 0.5
+    w = _randn(N, K, dtype=dtype, seed=23, scale=0.2)
+    before = [t.clone() for t in (x, res) if t is not None]
+    out, new_res = tri.rms_norm_linear(x, res, norm_w, 1e-5, w)
+    exp_out, exp_res = ref.rms_norm_linear(x, res, norm_w, 1e-5, w)
+    _close(out, exp_out, dtype)
+    _close(new_res, exp_res, dtype)
+    assert out.shape == (rows, N) and new_res.shape == (rows, K)
+    assert all(torch.equal(t, b) for t, b in zip((x, res), before) if t is not None)
+    assert gemv_launches == ([] if rows > max_rows else [tri._PRO_ADD_NORM if with_residual else tri._PRO_NORM])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows, max_rows", [(1, 1), (2, 2), (2, 1)])
+@pytest.mark.parametrize("I, N", [(48, 8), (29, 6)])
+def test_silu_and_mul_linear(I, N, rows, max_rows, dtype, monkeypatch, gemv_launches):
+    monkeypatch.setattr(tri, "FUSED_GEMV_MAX_ROWS", max_rows)
+    x = _randn(rows, 2 * I, dtype=dtype, seed=24, scale=3.0)
+    w = _randn(N, I, dtype=dtype, seed=25, scale=0.2)
+    _close(tri.silu_and_mul_linear(x, w), ref.silu_and_mul_linear(x, w), dtype)
+    assert gemv_launches == ([] if rows > max_rows else [tri._PRO_SILU_MUL])
+
+
+def test_fused_products_serve_a_batch_one_decode_with_the_references_tokens(gemv_launches):
+    """The model takes the fused products where the triton backend offers them (plain
+    Linear projections, one row), and greedy tokens stay the torch backend's."""
+    from engine.llm_engine import LLMEngine
+    from engine.sampling_params import SamplingParams
+
+    def run(backend):
+        e = LLMEngine("random:tiny", device="cpu", dtype="float32", kernel_backend=backend, max_model_len=64,
+                      enable_prefix_caching=False)
+        e.add_request("a", [11, 12, 13, 14, 15], SamplingParams(max_tokens=4, ignore_eos=True))
+        toks = []
+        while e.has_unfinished():
+            toks += [t for o in e.step() for t in o.new_token_ids]
+        return toks, e.runner.model.cfg.num_layers
+
+    expected, layers = run("torch")
+    assert gemv_launches == []
+    assert run("triton")[0] == expected and len(expected) == 4
+    # Three decode steps (the 5-token prefill is not a one-row product), each layer's two
+    # norms and its activation fused; the first layer's input norm has no residual to add.
+    assert gemv_launches.count(tri._PRO_NORM) == 3
+    assert gemv_launches.count(tri._PRO_ADD_NORM) == 3 * (2 * layers - 1)
+    assert gemv_launches.count(tri._PRO_SILU_MUL) == 3 * layers
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T,H,KH,D", [(7, 4, 4, 32), (5, 8, 2, 64), (3, 20, 4, 128)])
 def test_rotary_embedding(T, H, KH, D, dtype):
@@ -395,6 +461,25 @@ class TestLargeShapesGPU:
         single = tri._paged_decode_attention(q, k_cache, v_cache, tables, lens, scale,
                                              partition_tokens=0)
         _close(single, expected, dtype)
+
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+    @pytest.mark.parametrize("N, K, what", [(6144, 4096, "norm"), (28672, 4096, "add_norm"), (4096, 14336, "silu")])
+    def test_fused_products_llama3_shapes(self, N, K, what, dtype, gemv_launches):
+        w = _randn(N, K, dtype=dtype, seed=42, scale=K ** -0.5)
+        if what == "silu":
+            x = _randn(1, 2 * K, dtype=dtype, seed=43, scale=2.0)
+            out, expected = tri.silu_and_mul_linear(x, w), ref.silu_and_mul_linear(x, w)
+        else:
+            x = _randn(1, K, dtype=dtype, seed=43, scale=2.0)
+            res = _randn(1, K, dtype=dtype, seed=44) if what == "add_norm" else None
+            norm_w = _randn(K, dtype=dtype, seed=45).abs() + 0.5
+            (out, new_res), (expected, exp_res) = (f(x, res, norm_w, 1e-5, w) for f in (tri.rms_norm_linear,
+                                                                                      ref.rms_norm_linear))
+            _close(new_res, exp_res, dtype)
+        # bf16: one rounding of sums of thousands of products, against cuBLAS's own order
+        torch.testing.assert_close(out.float(), expected.float(), atol=3e-2 if dtype != torch.float32 else 1e-4,
+                                   rtol=2e-2 if dtype != torch.float32 else 1e-4)
+        assert len(gemv_launches) == 1
 
     @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
     def test_rotary_write_kv_llama3_shape(self, dtype):

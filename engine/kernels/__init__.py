@@ -15,7 +15,7 @@ from engine.kernels import reference
 
 OP_NAMES = ("linear", "rms_norm", "add_rms_norm", "silu_and_mul", "rotary_embedding", "write_kv",
             "rotary_embedding_write_kv", "paged_decode_attention", "paged_prefill_attention",
-            "causal_prefill_attention")
+            "causal_prefill_attention", "rms_norm_linear", "silu_and_mul_linear")
 
 
 def default_backend(device: torch.device) -> str:

@@ -38,6 +38,7 @@ from engine.kernels import reference
 from engine.quant import reference as qref
 from engine.kernels.reference import causal_prefill_attention, paged_prefill_attention, silu_and_mul  # noqa: F401
 from engine.kernels.reference import rotary_embedding_write_kv  # noqa: F401
+from engine.kernels.reference import rms_norm_linear, silu_and_mul_linear  # noqa: F401  (composed, nothing to fuse)
 
 log = logging.getLogger(__name__)
 

@@ -41,6 +41,22 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def rms_norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                    weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A block's pre-norm and the projection that reads it: residual (x when None, else
+    x + residual) is normalised and multiplied by weight [out, in]. Returns (the product,
+    the new residual). A backend may fuse the norm into the matrix-vector product."""
+    if residual is None:
+        return linear(rms_norm(x, norm_weight, eps), weight), x
+    h, residual = add_rms_norm(x, residual, norm_weight, eps)
+    return linear(h, weight), residual
+
+
+def silu_and_mul_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """linear(silu_and_mul(x), weight): the MLP's down projection and the activation it reads."""
+    return linear(silu_and_mul(x), weight)
+
+
 def rotary_embedding(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
                      cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Neox-style (rotate-half) rotary embedding as in HF Llama.

@@ -185,6 +185,143 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------
+# Matrix-vector products that read their input through the op before them
+# --------------------------------------------------------------------------------------
+# At decode-sized batches a projection streams its weights once per step and the norm or
+# activation before it is a separate kernel of a few microseconds plus a launch gap. These
+# kernels fold that op into the product: every program recomputes the (cheap, cache-resident)
+# input vector it needs, so the separate kernel and its round trip through memory go away.
+# cuBLAS stays the path for larger batches, where the product reuses each weight tile.
+
+_PRO_NONE, _PRO_NORM, _PRO_ADD_NORM, _PRO_SILU_MUL = 0, 1, 2, 3
+# Rows up to which the fused products are used (0: never; the A/B switch of the decode bench).
+FUSED_GEMV_MAX_ROWS = 1
+
+
+@triton.jit
+def _gemv_input(x_row, r_row, res_out_row, nw_ptr, offs_k, k_mask, K, inv_rms, write_res,
+                PROLOGUE: tl.constexpr):
+    # One chunk of the product's input, as the separate op would have produced it (the same
+    # roundings as _rms_norm_kernel / _silu_and_mul_kernel), in fp32.
+    if PROLOGUE == 3:
+        gate = tl.load(x_row + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+        up = tl.load(x_row + K + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+        a = (gate * tl.sigmoid(gate) * up).to(x_row.dtype.element_ty).to(tl.float32)
+    elif PROLOGUE == 0:
+        a = tl.load(x_row + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+    else:
+        h = tl.load(x_row + offs_k, mask=k_mask, other=0.0)
+        if PROLOGUE == 2:
+            r = tl.load(r_row + offs_k, mask=k_mask, other=0.0)
+            h = (h.to(tl.float32) + r.to(tl.float32)).to(res_out_row.dtype.element_ty)
+            if write_res:
+                tl.store(res_out_row + offs_k, h, mask=k_mask)
+        normed = (h.to(tl.float32) * inv_rms).to(h.dtype).to(tl.float32)
+        w = tl.load(nw_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+        a = (w * normed).to(x_row.dtype.element_ty).to(tl.float32)
+    return a
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, out_ptr, res_out_ptr,
+                 stride_x, stride_res, stride_w, stride_out, stride_res_out,
+                 N, K, eps,
+                 PROLOGUE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    row = tl.program_id(1).to(tl.int64)
+    x_row = x_ptr + row * stride_x
+    r_row = res_ptr + row * stride_res
+    res_out_row = res_out_ptr + row * stride_res_out
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_k0 = tl.arange(0, BLOCK_K)
+    inv_rms = 1.0
+    if PROLOGUE == 1 or PROLOGUE == 2:
+        # The norm needs the whole row's sum of squares before any chunk can be scaled: a
+        # first pass over the input (K values, against BLOCK_N * K weights in the second).
+        sq = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + offs_k0
+            k_mask = offs_k < K
+            h = tl.load(x_row + offs_k, mask=k_mask, other=0.0)
+            if PROLOGUE == 2:
+                r = tl.load(r_row + offs_k, mask=k_mask, other=0.0)
+                h = (h.to(tl.float32) + r.to(tl.float32)).to(res_out_row.dtype.element_ty)
+            hf = h.to(tl.float32)
+            sq += hf * hf
+        inv_rms = tl.rsqrt(tl.sum(sq, axis=0) / K + eps)
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_w
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + offs_k0
+        k_mask = offs_k < K
+        # The first program also writes the new residual (every program reads the old one,
+        # so it goes to a fresh tensor, never in place).
+        a = _gemv_input(x_row, r_row, res_out_row, nw_ptr, offs_k, k_mask, K, inv_rms, pid == 0, PROLOGUE)
+        w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        acc += w.to(tl.float32) * a[None, :]
+    y = tl.sum(acc, axis=1)
+    tl.store(out_ptr + row * stride_out + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_mask)
+
+
+# (BLOCK_N, BLOCK_K, num_warps) of the fused products; set from benchmarks/gpu_gemv.py.
+GEMV_CONFIG = (8, 512, 4)
+
+
+def _gemv(prologue: int, x2: torch.Tensor, weight: torch.Tensor, *, residual=None, norm_weight=None,
+          eps: float = 0.0, res_out=None) -> torch.Tensor:
+    rows, N, K = x2.shape[0], weight.shape[0], weight.shape[1]
+    out = torch.empty((rows, N), dtype=x2.dtype, device=x2.device)
+    if x2.device.type == "cpu":   # the interpreter: small tiles, so tests cross tile edges
+        block_n, block_k, warps = 4, 16, 1
+    else:
+        block_n, block_k, warps = GEMV_CONFIG
+    r = residual if residual is not None else x2
+    ro = res_out if res_out is not None else out
+    nw = norm_weight if norm_weight is not None else weight
+    _gemv_kernel[(triton.cdiv(N, block_n), rows)](
+        x2, r, nw, weight, out, ro,
+        x2.stride(0), r.stride(0), weight.stride(0), out.stride(0), ro.stride(0),
+        N, K, eps, PROLOGUE=prologue, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+    return out
+
+
+def _gemv_fits(x2: torch.Tensor, weight: torch.Tensor, *others: torch.Tensor) -> bool:
+    # Plain 2-D weights of the activations' dtype, at the batch sizes where a product streams
+    # its weights once (a larger batch reuses each weight tile: cuBLAS's job).
+    return (0 < x2.shape[0] <= FUSED_GEMV_MAX_ROWS and weight.dim() == 2 and weight.stride(1) == 1
+            and weight.dtype == x2.dtype and all(t.dtype == x2.dtype for t in others))
+
+
+def rms_norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                    weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as reference.rms_norm_linear."""
+    n = x.shape[-1]
+    x2 = _last_dim_contiguous(x.reshape(-1, n))
+    norm_weight = norm_weight.contiguous()
+    if residual is None:
+        if not _gemv_fits(x2, weight, norm_weight):
+            return reference.linear(rms_norm(x, norm_weight, eps), weight), x
+        out = _gemv(_PRO_NORM, x2, weight, norm_weight=norm_weight, eps=eps)
+        return out.view(*x.shape[:-1], -1), x
+    r2 = _last_dim_contiguous(residual.reshape(-1, n))
+    if not _gemv_fits(x2, weight, r2, norm_weight):
+        h, residual = add_rms_norm(x, residual, norm_weight, eps)
+        return reference.linear(h, weight), residual
+    res_out = torch.empty_like(x2)
+    out = _gemv(_PRO_ADD_NORM, x2, weight, residual=r2, norm_weight=norm_weight, eps=eps, res_out=res_out)
+    return out.view(*x.shape[:-1], -1), res_out.view(x.shape)
+
+
+def silu_and_mul_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Same contract as reference.silu_and_mul_linear."""
+    x2 = _last_dim_contiguous(x.reshape(-1, x.shape[-1]))
+    if not _gemv_fits(x2, weight) or x2.shape[1] != 2 * weight.shape[1]:
+        return reference.linear(silu_and_mul(x), weight)
+    return _gemv(_PRO_SILU_MUL, x2, weight).view(*x.shape[:-1], -1)
+
+
+# --------------------------------------------------------------------------------------
 # Rotary embedding (neox / rotate-half)
 # --------------------------------------------------------------------------------------
 

@@ -74,8 +74,13 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, kv: tuple[torch.Tensor, torch.Tensor],
                 cos_sin: torch.Tensor) -> torch.Tensor:
-        T = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        return self.attend(self.qkv_proj(x), batch, kv, cos_sin)
+
+    def attend(self, qkv: torch.Tensor, batch: ForwardBatch, kv: tuple[torch.Tensor, torch.Tensor],
+               cos_sin: torch.Tensor) -> torch.Tensor:
+        """The layer's attention from its q/k/v projection (qkv_proj's output), through o_proj."""
+        T = qkv.shape[0]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(T, self.num_heads, self.head_dim)
         k = k.view(T, self.num_kv_heads, self.head_dim)
         v = v.view(T, self.num_kv_heads, self.head_dim)
@@ -119,7 +124,20 @@ class MLP(nn.Module):
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, False, ops)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
+        return self.down(self.gate_up_proj(x))
+
+    def down(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """down_proj(silu(gate) * up), from gate_up_proj's output."""
+        if _fused_into(self.ops.silu_and_mul_linear, reference.silu_and_mul_linear, self.down_proj):
+            return self.ops.silu_and_mul_linear(gate_up, self.down_proj.weight)
+        return self.down_proj(self.ops.silu_and_mul(gate_up))
+
+
+def _fused_into(op, composed, proj: nn.Module) -> bool:
+    # A fused product only where the backend really fuses (not the reference composition,
+    # which would bypass a backend's own linear, e.g. the CPU's weight-streaming loop) and
+    # the projection is a plain Linear: a quantized one (QuantLinear) has its own product.
+    return op is not composed and type(proj) is Linear and proj.bias is None
 
 
 class DecoderLayer(nn.Module):
@@ -133,14 +151,19 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = nn.Parameter(torch.ones(cfg.hidden_size))
 
     def forward(self, x, residual, batch, kv, cos_sin):
+        qkv, residual = self._norm_then(x, residual, self.input_layernorm, self.self_attn.qkv_proj)
+        h = self.self_attn.attend(qkv, batch, kv, cos_sin)
+        gate_up, residual = self._norm_then(h, residual, self.post_attention_layernorm, self.mlp.gate_up_proj)
+        return self.mlp.down(gate_up), residual
+
+    def _norm_then(self, x, residual, norm_weight, proj):
+        """proj(rms_norm(x + residual)) and the new residual (x itself when residual is None)."""
+        if _fused_into(self.ops.rms_norm_linear, reference.rms_norm_linear, proj):
+            return self.ops.rms_norm_linear(x, residual, norm_weight, self.eps, proj.weight)
         if residual is None:
-            residual = x
-            h = self.ops.rms_norm(x, self.input_layernorm, self.eps)
-        else:
-            h, residual = self.ops.add_rms_norm(x, residual, self.input_layernorm, self.eps)
-        h = self.self_attn(h, batch, kv, cos_sin)
-        h, residual = self.ops.add_rms_norm(h, residual, self.post_attention_layernorm, self.eps)
-        return self.mlp(h), residual
+            return proj(self.ops.rms_norm(x, norm_weight, self.eps)), x
+        h, residual = self.ops.add_rms_norm(x, residual, norm_weight, self.eps)
+        return proj(h), residual
 
 
 class LlamaForCausalLM(nn.Module):
