@@ -787,12 +787,6 @@ class IpcKVSender(KVSender):
     # waits for, so a group stays a small part of the model; the launches and reports it
     # saves are host time the caller and the I/O thread would otherwise spend per layer.
     layers_per_launch = 8
-    # A report whose copy rang a bell is needed only with its request's done (the receiver
-    # completes nothing before), so the I/O thread holds such reports while nothing follows
-    # them, at most this long: the caller launching a request's groups back to back then
-    # keeps the interpreter (a report sent between two launches takes it from the caller),
-    # and the groups go as one report with the done, which wakes the I/O thread at once.
-    REPORT_HOLD_S = 0.002
 
     def __init__(self, endpoint: str, *, context=None, send_timeout_s: float = SEND_TIMEOUT_S,
                  connect_timeout_s: float = 30.0, linger_s: float = 10.0, ping_s: float = 0.5, lease_s: float = 2.5, device=None):
@@ -842,7 +836,6 @@ class IpcKVSender(KVSender):
         self._ready = None             # the caller's stream, recorded for the side stream to wait on
         self._bell: tuple[torch.Tensor, int, int] | None = None   # the receiver's bells, our slot, our nonce
         self._rung = 0                 # the last number rung
-        self._held_until: float | None = None   # I/O thread: reports held until then (REPORT_HOLD_S)
         self._registered: torch.Tensor | None = None   # the bells, while registered with CUDA
         self._copier: CacheCopier | None = None   # the caller's cache -> the receiver's
         self._stager = IndexStager()   # used holding the lock, on the side stream
@@ -904,12 +897,12 @@ class IpcKVSender(KVSender):
     def send_done(self, request_id: str, first_token: int, num_layers: int) -> None:
         body = encode_done(request_id, first_token, num_layers)[0]
         self._order_after_copies(request_id)
-        self._put(_Item("done", request_id, body=body), wake=True)   # the I/O thread may be holding reports
+        self._put(_Item("done", request_id, body=body))
 
     def send_abort(self, request_id: str, reason: str = "") -> None:
         body = encode_abort(request_id, reason)[0]
         self._order_after_copies(request_id)
-        self._put(_Item("abort", request_id, body=body), wake=True)
+        self._put(_Item("abort", request_id, body=body))
 
     def flush(self, timeout_s: float | None = None) -> bool:
         with self._idle:
@@ -1142,11 +1135,11 @@ class IpcKVSender(KVSender):
         self._busy += 1
         return was_empty
 
-    def _put(self, it: _Item, wake: bool = False) -> None:
+    def _put(self, it: _Item) -> None:
         with self._lock:
             if self._closed:
                 raise RuntimeError("sender is closed")
-            wake = self._enqueue(it) or wake
+            wake = self._enqueue(it)
         if wake:
             self._wake()
 
@@ -1193,8 +1186,7 @@ class IpcKVSender(KVSender):
         try:
             self._send(_CTRL, encode_control("hello", inst=self._ep.inst))
             while True:
-                wait_s = self.ping_s if self._held_until is None else max(0.0, self._held_until - time.monotonic())
-                for sock, _ in poller.poll(max(1, math.ceil(wait_s * 1000))):
+                for sock, _ in poller.poll(max(1, int(self.ping_s * 1000))):
                     if sock == self._wake_r:
                         os.read(self._wake_r, 4096)
                 self._read_replies()
@@ -1345,20 +1337,14 @@ class IpcKVSender(KVSender):
 
     def _process_queue(self) -> bool:
         """Handle queued items in order while they can go; True once told to stop."""
-        self._held_until = None
         while True:
             with self._lock:
                 if not self._queue:
                     return False
                 it = self._queue[0]
                 landed = list(itertools.takewhile(lambda x: x.kind == "landed", self._queue))
-                hold = (landed and len(landed) == len(self._queue) and all(x.bell for x in landed)
-                        and time.monotonic() < landed[0].queued_at + self.REPORT_HOLD_S)
             if it.kind == "stop":
                 return True
-            if hold:   # nothing behind them yet (see REPORT_HOLD_S)
-                self._held_until = landed[0].queued_at + self.REPORT_HOLD_S
-                return False
             if landed:
                 handled = len(landed) + self._report_landed(landed, self._done_after(len(landed)))
             elif self._handle(it):

@@ -324,36 +324,6 @@ def test_a_done_queued_behind_the_last_layers_goes_with_their_report(pair, monke
     assert tx.flush(5) and kinds.count(_LANDED) == 1 and kinds.count(_WIRE) == 0
 
 
-def test_reports_of_a_burst_are_held_for_the_done_and_go_with_it_as_one(pair, monkeypatch):
-    """Reports whose copies rang a bell wait while nothing follows them (REPORT_HOLD_S):
-    three groups launched back to back and their done go as one landed message; a group
-    with nothing behind it still goes once the hold is over."""
-    from kv_transfer.ipc_backend import _LANDED, _WIRE
-    layout, rx, cache, tx = pair()
-    src = src_cache(3, layout)
-    kinds = []
-    real_send = tx._send
-    monkeypatch.setattr(tx, "_send", lambda kind, body: (kinds.append(kind), real_send(kind, body))[1])
-    tx.REPORT_HOLD_S = 30.0   # longer than the interpreted copies take: only the done ends the hold
-    rx.expect("h", [4, 1], deadline=time.monotonic() + 60)
-    tx.begin("h")
-    granted(rx, tx, "h")
-    for layer in range(layout.num_layers):
-        tx.send_layers_blocks("h", range(layer, layer + 1), [4, 1], src, [7, 30])
-    tx.send_done("h", 3, layout.num_layers)
-    out = poll_until(rx, lambda o: o.completed)
-    assert [c.request_id for c in out.completed] == ["h"] and torch.equal(cache[:, :, [4, 1]], src[:, :, [7, 30]])
-    assert tx.flush(5) and kinds.count(_LANDED) == 1 and kinds.count(_WIRE) == 0
-    tx.REPORT_HOLD_S = 0.2
-    rx.expect("k", [6], deadline=time.monotonic() + 60)
-    tx.begin("k")
-    granted(rx, tx, "k")
-    t0 = time.monotonic()
-    tx.send_layers_blocks("k", range(0, 1), [6], src, [9])
-    poll_until(rx, lambda _: rx.progress("k")["layers_landed"] == [0])
-    assert time.monotonic() - t0 >= 0.2 and kinds.count(_LANDED) == 2
-
-
 @pytest.mark.parametrize("case", ["whole", "revoked", "send-fails"])
 def test_a_merged_done_goes_only_for_a_request_that_landed_whole(pair, monkeypatch, case):
     """The last report and the queued done, as the I/O thread hands them over: merged when
