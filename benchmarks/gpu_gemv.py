@@ -11,7 +11,8 @@ is replayed and timed per copy:
              num_warps) of the sweep
 
 and the weights' bytes over the time gives each variant's read bandwidth. The best fused
-configuration per shape is printed; the engine's is triton_ops.GEMV_CONFIG.
+configuration per shape is printed beside the engine's (triton_ops._GEMV_CONFIGS), and
+whether the engine fuses that shape at all (triton_ops.FUSED_GEMV_MAX_WEIGHT_BYTES).
 
     python benchmarks/gpu_gemv.py [--layers 32] [--json out.json]
 """
@@ -32,6 +33,10 @@ from engine.kernels import triton_ops as tri
 SHAPES = [("qkv_proj", 6144, 4096, "add_norm"), ("gate_up_proj", 28672, 4096, "add_norm"),
           ("down_proj", 4096, 14336, "silu")]
 SWEEP = list(itertools.product((4, 8, 16, 32), (256, 512, 1024), (4, 8)))
+
+
+def weight_bytes_fused(nbytes: int) -> bool:
+    return nbytes <= tri.FUSED_GEMV_MAX_WEIGHT_BYTES
 
 
 def graph_us(fn, layers: int, replays: int = 20) -> float:
@@ -74,17 +79,21 @@ def bench_shape(name, N, K, op, layers, dt):
     gb = N * K * dt.itemsize / 1e9
     row = dict(name=name, N=N, K=K, op=op, weight_gb=gb,
                separate_us=graph_us(separate, layers), cublas_us=graph_us(lambda i: F.linear(plain_in, ws[i]), layers))
-    saved = tri.GEMV_CONFIG
     fused_us = {}
+    saved = tri.GEMV_CONFIG, tri.FUSED_GEMV_MAX_WEIGHT_BYTES
+    tri.FUSED_GEMV_MAX_WEIGHT_BYTES = 1 << 62   # every shape fused here, whatever the engine would do
     try:
+        engine_us = graph_us(fused, layers)    # the engine's configuration for this op
         for cfg in SWEEP:
             tri.GEMV_CONFIG = cfg
             fused_us[str(cfg)] = graph_us(fused, layers)
+        tri.GEMV_CONFIG = saved[0]
+        torch.testing.assert_close(fused(0).float(), separate(0).float(), atol=3e-2, rtol=2e-2)
     finally:
-        tri.GEMV_CONFIG = saved
-    torch.testing.assert_close(fused(0).float(), separate(0).float(), atol=3e-2, rtol=2e-2)
+        tri.GEMV_CONFIG, tri.FUSED_GEMV_MAX_WEIGHT_BYTES = saved
     best = min(fused_us, key=fused_us.get)
-    row.update(fused_us=fused_us, best=best, best_us=fused_us[best], engine_cfg_us=fused_us[str(saved)],
+    row.update(fused_us=fused_us, best=best, best_us=fused_us[best], engine_cfg_us=engine_us,
+               engine_fuses=weight_bytes_fused(N * K * dt.itemsize),
                gbs=dict(separate=gb / row["separate_us"] * 1e6, cublas=gb / row["cublas_us"] * 1e6,
                         best=gb / fused_us[best] * 1e6))
     del ws
@@ -103,7 +112,8 @@ def main():
         r = bench_shape(name, N, K, op, args.layers, dt)
         rows.append(r)
         print(f"{name:13s} separate {r['separate_us']:7.2f} us  cublas alone {r['cublas_us']:7.2f}  "
-              f"fused best {r['best_us']:7.2f} {r['best']}  engine cfg {r['engine_cfg_us']:7.2f}  "
+              f"fused best {r['best_us']:7.2f} {r['best']}  engine cfg {r['engine_cfg_us']:7.2f}"
+              f"{'' if r['engine_fuses'] else ' (not fused by the engine)'}  "
               f"GB/s sep/cublas/best {r['gbs']['separate']:.0f}/{r['gbs']['cublas']:.0f}/{r['gbs']['best']:.0f}",
               flush=True)
     totals = {k: sum(r[k] for r in rows) for k in ("separate_us", "cublas_us", "best_us", "engine_cfg_us")}

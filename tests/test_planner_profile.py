@@ -940,6 +940,69 @@ def test_per_stream_overhead_grows_tpot_with_the_requests_streaming_at_once_and_
         pf.validate_profile(p)
 
 
+def test_prefill_serial_part_of_the_path_makes_a_burst_wait_and_the_probe_recovers_it():
+    """cost.prefill_serial_s: that much of router_disaggregated_s is the prefill worker's
+    loop after the step, one prompt after another. A lone disaggregated request's TTFT does
+    not change (the same path, latency or loop); of three sent at once, the second waits one
+    turn of the loop and the third two; direct requests never meet it. derive_prefill_serial
+    inverts the simulator, caps it at the whole path, and reads 0 when priced slower."""
+    from deploy.deployed_probe import _with, derive_prefill_serial, merge_into, simulated_concurrent
+    from planner.simulator import ClusterConfig, simulate
+    from planner.workload import Request
+    base = CostModel.synthetic(step_s=1e-3, per_token_s=2e-5, max_num_batched_tokens=256, per_token_stream_s=0.3e-3,
+                               transfer_latency_s=0.5e-3, transfer_bytes_per_s=1e9)
+    base.router_disaggregated_s = 8e-3
+    serial = 2e-3
+    truth = _with(base, prefill_serial_s=serial)
+
+    def lone(c, mode):
+        cfg = ClusterConfig("colocated", decode=1) if mode == "direct" else ClusterConfig("disaggregated", 1, 1)
+        return simulate(c, cfg, [Request(0.0, 64, 8)])[0][0]["ttft"]
+    for mode in ("direct", "disaggregated"):
+        assert lone(truth, mode) == pytest.approx(lone(base, mode), rel=1e-9)
+    three = sorted(simulated_concurrent(truth, 3, 64, 8, mode="disaggregated", metric="ttft"))
+    three_base = sorted(simulated_concurrent(base, 3, 64, 8, mode="disaggregated", metric="ttft"))
+    # The three prompts share one prefill step; then the loop ships them one turn apart (the
+    # decode worker's steps then decide when each joins its batch): the first is as before,
+    # the others later, the last at least two turns after the first.
+    assert three[0] == pytest.approx(three_base[0], rel=1e-9)
+    assert all(t >= b for t, b in zip(three, three_base)) and three[2] - three[0] >= 2 * serial
+    assert simulated_concurrent(truth, 3, 64, 8, metric="ttft") == simulated_concurrent(base, 3, 64, 8, metric="ttft")
+
+    def rounds_of(c):
+        return [[dict(ttft=x * (1 + 1e-4 * (i - 1))) for x in simulated_concurrent(c, 3, 64, 8, mode="disaggregated",
+                                                                                  metric="ttft")] for i in range(3)]
+    # The simulated mean moves in jumps (the decode worker's steps are quanta): what is derived
+    # reproduces the measured mean, at the low edge of the value's jump.
+    for true_serial in (0.3e-3, 2e-3, 6e-3):
+        rounds = rounds_of(_with(base, prefill_serial_s=true_serial))
+        got, detail = derive_prefill_serial(base, rounds, 3, 64, 8)
+        mean = statistics.fmean(simulated_concurrent(_with(base, prefill_serial_s=got), 3, 64, 8, mode="disaggregated",
+                                                     metric="ttft"))
+        assert mean == pytest.approx(detail["mean_ttft_ms"] / 1e3, rel=1e-3) and got <= true_serial * 1.002, true_serial
+    assert detail["streams"] == 3 and detail["rounds"] == 3 and not detail["capped"]
+    assert detail["mean_ttft_ms"] > detail["priced_mean_ttft_ms"]
+    # Slower than even the whole path served one at a time: capped at the path, and said so.
+    slow = [[dict(ttft=r["ttft"] + 0.1) for r in rnd] for rnd in rounds_of(base)]
+    got, detail = derive_prefill_serial(base, slow, 3, 64, 8)
+    assert got == base.router_disaggregated_s and detail["capped"]
+    fast = [[dict(ttft=0.5 * r["ttft"]) for r in rnd] for rnd in rounds_of(base)]
+    assert derive_prefill_serial(base, fast, 3, 64, 8)[0] == 0.0
+    # Into a profile: optional, >= 0, never more than the path it is part of.
+    p = copy.deepcopy(base.profile)
+    p["overheads"].update(router_disaggregated_s=8e-3, prefill_serial_s=serial)
+    assert CostModel.from_profile(pf.validate_profile(p)).prefill_serial_s == serial
+    p["overheads"]["prefill_serial_s"] = 1.0
+    assert CostModel.from_profile(pf.validate_profile(p)).prefill_serial_s == 8e-3
+    derived = dict(router_direct_s=1e-3, per_token_stream_s=1e-4, per_prompt_token_s=0.0, prompt_residual=[],
+                   deployed={})
+    assert "prefill_serial_s" not in merge_into(p["overheads"], derived, "")
+    assert merge_into(p["overheads"], dict(derived, prefill_serial_s=1e-3), "")["prefill_serial_s"] == 1e-3
+    p["overheads"]["prefill_serial_s"] = -1.0
+    with pytest.raises(ValueError, match="prefill_serial_s"):
+        pf.validate_profile(p)
+
+
 def test_a_profile_measured_in_a_child_process_comes_back_whole(tmp_path):
     """On a GPU with the deployed probe to follow, the step grid runs in a child process
     (its exit frees the GPU for the probe's workers): the profile it returns is the same

@@ -158,6 +158,19 @@ def test_silu_and_mul_linear(I, N, rows, max_rows, dtype, monkeypatch, gemv_laun
     assert gemv_launches == ([] if rows > max_rows else [tri._PRO_SILU_MUL])
 
 
+def test_fused_products_leave_large_weights_to_the_separate_ops(monkeypatch, gemv_launches):
+    """Past FUSED_GEMV_MAX_WEIGHT_BYTES the separate op and cuBLAS serve the product."""
+    x, res = _randn(1, 64, seed=30), _randn(1, 64, seed=31)
+    norm_w, w = _randn(64, seed=32).abs() + 0.5, _randn(16, 64, seed=33, scale=0.125)
+    monkeypatch.setattr(tri, "FUSED_GEMV_MAX_WEIGHT_BYTES", w.numel() * w.element_size() - 1)
+    _close_sum(tri.rms_norm_linear(x, res, norm_w, 1e-5, w)[0], ref.rms_norm_linear(x, res, norm_w, 1e-5, w)[0],
+               torch.float32)
+    assert gemv_launches == []
+    monkeypatch.setattr(tri, "FUSED_GEMV_MAX_WEIGHT_BYTES", w.numel() * w.element_size())
+    tri.rms_norm_linear(x, res, norm_w, 1e-5, w)
+    assert gemv_launches == [tri._PRO_ADD_NORM]
+
+
 def test_fused_products_serve_a_batch_one_decode_with_the_references_tokens(gemv_launches):
     """The model takes the fused products where the triton backend offers them (plain
     Linear projections, one row), and greedy tokens stay the torch backend's."""
@@ -472,7 +485,8 @@ class TestLargeShapesGPU:
 
     @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
     @pytest.mark.parametrize("N, K, what", [(6144, 4096, "norm"), (28672, 4096, "add_norm"), (4096, 14336, "silu")])
-    def test_fused_products_llama3_shapes(self, N, K, what, dtype, gemv_launches):
+    def test_fused_products_llama3_shapes(self, N, K, what, dtype, gemv_launches, monkeypatch):
+        monkeypatch.setattr(tri, "FUSED_GEMV_MAX_WEIGHT_BYTES", 1 << 62)   # fused whatever the size
         w = _randn(N, K, dtype=dtype, seed=42, scale=K ** -0.5)
         if what == "silu":
             x = _randn(1, 2 * K, dtype=dtype, seed=43, scale=2.0)

@@ -264,8 +264,16 @@ def _gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, out_ptr, res_out_ptr,
     tl.store(out_ptr + row * stride_out + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_mask)
 
 
-# (BLOCK_N, BLOCK_K, num_warps) of the fused products; set from benchmarks/gpu_gemv.py.
-GEMV_CONFIG = (8, 512, 4)
+# (BLOCK_N, BLOCK_K, num_warps) of the fused products by their input's op: the best of
+# benchmarks/gpu_gemv.py's sweep (RESULTS.md, issue 14) for a norm before a 4096-wide product
+# and for the activation before the 14336-wide one. None: the sweep's own setting.
+GEMV_CONFIG: tuple[int, int, int] | None = None
+_GEMV_CONFIGS = {_PRO_NONE: (16, 1024, 4), _PRO_NORM: (32, 512, 4), _PRO_ADD_NORM: (32, 512, 4),
+                 _PRO_SILU_MUL: (8, 1024, 4)}
+# Weights up to this size only: the Triton product reads them a few per cent slower than
+# cuBLAS, which past this size costs more than the separate kernel it saves (measured: the
+# 50 and 117 MB projections of a Llama-3-8B layer gain, the 235 MB gate/up loses).
+FUSED_GEMV_MAX_WEIGHT_BYTES = 160 << 20
 
 
 def _gemv(prologue: int, x2: torch.Tensor, weight: torch.Tensor, *, residual=None, norm_weight=None,
@@ -275,7 +283,7 @@ def _gemv(prologue: int, x2: torch.Tensor, weight: torch.Tensor, *, residual=Non
     if x2.device.type == "cpu":   # the interpreter (tests): tiles small enough to cross their edges
         block_n, block_k, warps = 16, 64, 1
     else:
-        block_n, block_k, warps = GEMV_CONFIG
+        block_n, block_k, warps = GEMV_CONFIG or _GEMV_CONFIGS[prologue]
     r = residual if residual is not None else x2
     ro = res_out if res_out is not None else out
     nw = norm_weight if norm_weight is not None else weight
@@ -290,6 +298,7 @@ def _gemv_fits(x2: torch.Tensor, weight: torch.Tensor, *others: torch.Tensor) ->
     # Plain 2-D weights of the activations' dtype, at the batch sizes where a product streams
     # its weights once (a larger batch reuses each weight tile: cuBLAS's job).
     return (0 < x2.shape[0] <= FUSED_GEMV_MAX_ROWS and weight.dim() == 2 and weight.stride(1) == 1
+            and weight.numel() * weight.element_size() <= FUSED_GEMV_MAX_WEIGHT_BYTES
             and weight.dtype == x2.dtype and all(t.dtype == x2.dtype for t in others))
 
 
