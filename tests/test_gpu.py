@@ -83,6 +83,25 @@ def test_random_hf_checkpoint_triton_matches_hf_on_gpu(arch, random_hf_models):
     assert_no_leaks(llm.engine)
 
 
+def test_fused_batch_one_products_keep_hfs_greedy_tokens(random_hf_models, monkeypatch):
+    """A lone request decodes at batch 1, where the norms and the activation are folded into
+    the projections (triton_ops.rms_norm_linear / silu_and_mul_linear): fp32 greedy tokens
+    stay HF's, with the fused products launched in the decode graphs."""
+    from transformers import AutoModelForCausalLM
+
+    from engine.kernels import triton_ops
+    launched = []
+    real = triton_ops._gemv
+    monkeypatch.setattr(triton_ops, "_gemv", lambda *a, **k: (launched.append(a[0]), real(*a, **k))[1])
+    path = random_hf_models["llama"]
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to("cuda").eval()
+    prompt = torch.randint(3, 512, (90,), generator=torch.Generator().manual_seed(4)).tolist()
+    llm = LLM(path, device="cuda", dtype="float32", block_size=16, kv_cache_memory_gb=0.5)
+    out = llm.generate([prompt], SamplingParams(max_tokens=16, ignore_eos=True))
+    assert out[0].token_ids == hf_greedy_cuda(hf, prompt, 16)
+    assert triton_ops._PRO_SILU_MUL in launched and triton_ops._PRO_ADD_NORM in launched
+
+
 def test_llama3_8b_random_bf16_generates():
     # No prefix cache: the repeat below must see exactly the same batches, which makes it
     # bit-identical (the kernels use no atomics); a cache hit would change the chunking.
