@@ -89,6 +89,10 @@ IDLE_GAP_S = 0.1          # between requests: each one meets an idle cluster, as
 # once, OUTPUT_TOKENS each, a round after each idle gap.
 CONCURRENT_STREAMS = 4
 CONCURRENT_PROMPT = 64
+# Bursts of disaggregated requests (prefill_serial_s): this many of BURST_PROMPT tokens sent
+# at once to the 1P1D cluster, a round after each idle gap.
+BURST_STREAMS = 3
+BURST_PROMPT = 256
 
 
 def probe_lengths(max_model_len: int, output: int = OUTPUT_TOKENS) -> list[int]:
@@ -306,16 +310,36 @@ def derive_overheads(cost, direct: dict[int, list[dict]], disagg: dict[int, list
     return dict(out, deployed=detail)
 
 
-def simulated_concurrent(cost, streams: int, prompt: int, output: int, layout=None) -> list[float]:
-    """TPOT of `streams` requests sent at once to an idle simulated colocated x1 cluster (the
-    cost model's overheads in place, the request path free), one per request."""
+def simulated_concurrent(cost, streams: int, prompt: int, output: int, layout=None,
+                         mode: str = "colocated", metric: str = "tpot") -> list[float]:
+    """`metric` (tpot or ttft) of `streams` requests sent at once to an idle simulated x1
+    cluster of `mode` (colocated, or disaggregated: 1P1D) with the cost model's overheads in
+    place and no path scatter, one per request."""
     from planner.simulator import ClusterConfig, simulate
     from planner.workload import Request
-    cfg = ClusterConfig("colocated", decode=1, **({"layout": layout} if layout is not None else {}))
+    cfg = ClusterConfig(mode, decode=1, prefill=0 if mode == "colocated" else 1,
+                        **({"layout": layout} if layout is not None else {}))
     recs, _ = simulate(_with(cost, path_jitter={}), cfg, [Request(0.0, prompt, output) for _ in range(streams)])
     if not all(r["ok"] for r in recs):
         raise RuntimeError(f"deployed probe: the simulator did not serve {streams} concurrent requests")
-    return [r["tpot"] for r in recs]
+    return [r[metric] for r in recs]
+
+
+def _bisect_up(simulated, measured: float, lo: float, hi: float, cap: float | None = None) -> float:
+    """The smallest value in [lo, ...), to 0.1%, at which simulated(value), growing with it,
+    reaches `measured` (bracketed by doubling hi, at most up to cap)."""
+    for _ in range(40):
+        if simulated(hi) >= measured or (cap is not None and hi >= cap):
+            break
+        lo, hi = hi, 2 * hi if cap is None else min(cap, 2 * hi)
+    if cap is not None and hi >= cap and simulated(hi) < measured:
+        return cap
+    for _ in range(40):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if simulated(mid) < measured else (lo, mid)
+        if hi - lo <= 1e-3 * hi:
+            break
+    return hi   # reaches `measured`: where simulated() jumps (a step's quantum), the edge above it
 
 
 def derive_per_stream(cost, rounds: list[list[dict]], streams: int, prompt: int, output: int,
@@ -333,22 +357,37 @@ def derive_per_stream(cost, rounds: list[list[dict]], streams: int, prompt: int,
     def simulated(per: float) -> float:
         return statistics.median(simulated_concurrent(_with(cost, per_stream_s=per), streams, prompt, output, layout))
     priced = simulated(0.0)
-    lo, hi = 0.0, max(1e-6, (measured - priced) / max(1, streams - 1))
-    if measured > priced:
-        for _ in range(40):            # bracket: hi at least as slow as measured
-            if simulated(hi) >= measured:
-                break
-            lo, hi = hi, 2 * hi
-        for _ in range(40):
-            mid = 0.5 * (lo + hi)
-            lo, hi = (mid, hi) if simulated(mid) < measured else (lo, mid)
-            if hi - lo <= 1e-3 * hi:
-                break
-    per = 0.5 * (lo + hi) if measured > priced else 0.0
+    per = (_bisect_up(simulated, measured, 0.0, max(1e-6, (measured - priced) / max(1, streams - 1)))
+           if measured > priced else 0.0)
     detail = dict(streams=streams, prompt_tokens=prompt, output_tokens=output, rounds=len(rounds),
                   tpot_ms=_ms(measured), priced_tpot_ms=_ms(priced),
                   tpot_samples_ms=[_ms(r["tpot"]) for rnd in rounds for r in rnd])
     return per, detail
+
+
+def derive_prefill_serial(cost, rounds: list[list[dict]], streams: int, prompt: int, output: int,
+                          layout=None) -> tuple[float, dict]:
+    """prefill_serial_s from bursts of disaggregated requests (each round `streams` bench
+    records of requests sent at once to a 1P1D cluster): the value at which the simulator's
+    mean TTFT of such a burst equals the median of the rounds' measured means. It moves that
+    much of router_disaggregated_s from the request's own latency to the prefill worker's
+    loop, one prompt after another, so a lone request is priced as before and only requests
+    that meet each other wait; it is capped at router_disaggregated_s (the whole path). 0 when
+    the simulator is already as slow as measured. Returns it and what the profile keeps of
+    the measurement."""
+    measured = statistics.median(statistics.fmean(r["ttft"] for r in rnd) for rnd in rounds)
+    cap = cost.router_disaggregated_s
+
+    def simulated(serial: float) -> float:
+        return statistics.fmean(simulated_concurrent(_with(cost, prefill_serial_s=serial), streams, prompt, output,
+                                                     layout, mode="disaggregated", metric="ttft"))
+    priced = simulated(0.0)
+    serial = (_bisect_up(simulated, measured, 0.0, min(cap, max(1e-6, (measured - priced) / max(1, streams - 1))), cap)
+              if measured > priced and cap > 0 else 0.0)
+    detail = dict(streams=streams, prompt_tokens=prompt, output_tokens=output, rounds=len(rounds),
+                  mean_ttft_ms=_ms(measured), priced_mean_ttft_ms=_ms(priced), capped=serial >= cap > 0,
+                  ttft_samples_ms=[[_ms(r["ttft"]) for r in rnd] for rnd in rounds])
+    return serial, detail
 
 
 def _with(cost, **attrs):
@@ -377,12 +416,13 @@ def merge_into(overheads: dict, derived: dict, notes: str) -> dict:
                         "frontend_direct_s", "per_prompt_token_s", "frontend_notes", "reference")}
     if "path_jitter_s" in derived:
         out["path_jitter_s"] = derived["path_jitter_s"]
+    out.pop("prefill_serial_s", None)   # measured against the old overheads, like per_stream_s
     out.update(router_direct_s=derived["router_direct_s"],
                router_disaggregated_s=derived.get("router_disaggregated_s", overheads.get("router_disaggregated_s",
                                                                                             0.0)),
                per_token_stream_s=derived["per_token_stream_s"], per_prompt_token_s=derived["per_prompt_token_s"],
                prompt_residual=derived["prompt_residual"],
-               **{k: derived[k] for k in ("per_stream_s", "per_stream_upto") if k in derived},
+               **{k: derived[k] for k in ("per_stream_s", "per_stream_upto", "prefill_serial_s") if k in derived},
                method="deployed", notes=notes, deployed=derived["deployed"], reference=ref)
     return out
 
@@ -429,12 +469,13 @@ async def _concurrent(address: str, rounds: list[list[list[int]]], output: int, 
 
 
 def measure_concurrent(opts, streams: int, prompt: int, output: int, rounds: int, warmup: int, seed: int,
-                       vocab: int = 40000, timeout: float = 120.0) -> list[list[dict]]:
-    """Rounds of `streams` requests sent at once to a started colocated x1 cluster."""
+                       vocab: int = 40000, timeout: float = 120.0, mode: str = "direct") -> list[list[dict]]:
+    """Rounds of `streams` requests sent at once to a started x1 cluster of `mode` (direct:
+    colocated; disaggregated: 1P1D, threshold 0)."""
     from deploy.bench import ClusterThread
     rng = np.random.default_rng(seed)
     fresh = lambda: rng.integers(3, vocab, size=prompt).tolist()  # noqa: E731  (no prefix-cache hits)
-    ct = ClusterThread(_serve_config(opts, "direct"))
+    ct = ClusterThread(_serve_config(opts, mode))
     try:
         asyncio.run(_concurrent(ct.address, [[fresh() for _ in range(streams)] for _ in range(warmup)], output,
                                 timeout))
@@ -497,6 +538,8 @@ def measure(profile: dict, opts, repeats: int = 15, warmup: int = 2, ray_cpus: i
         disagg = measure_mode(opts, "disaggregated", lengths, OUTPUT_TOKENS, repeats, warmup, opts.seed + 1)
         loaded = measure_concurrent(opts, CONCURRENT_STREAMS, CONCURRENT_PROMPT, OUTPUT_TOKENS, rounds, 1,
                                     opts.seed + 2)
+        bursts = measure_concurrent(opts, BURST_STREAMS, BURST_PROMPT, OUTPUT_TOKENS, repeats, 1, opts.seed + 3,
+                                    mode="disaggregated")
     finally:
         if started_ray:
             ray.shutdown()
@@ -510,6 +553,12 @@ def measure(profile: dict, opts, repeats: int = 15, warmup: int = 2, ray_cpus: i
     derived["per_stream_s"], derived["deployed"]["concurrent"] = derive_per_stream(
         priced, loaded, CONCURRENT_STREAMS, CONCURRENT_PROMPT, OUTPUT_TOKENS, layout)
     derived["per_stream_upto"] = CONCURRENT_STREAMS   # measured this far: not extrapolated past it
+    # The bursts on the 1P1D layout, with everything above (per_stream_s too) in place.
+    priced = CostModel.from_profile(dict(profile, overheads=merge_into(profile["overheads"], derived, "")))
+    layout2 = (DeviceLayout.cpu_host(2, float(hw.get("cpu_cores") or 1), 1.0) if hw["device"] == "cpu"
+               else DeviceLayout())
+    derived["prefill_serial_s"], derived["deployed"]["bursts"] = derive_prefill_serial(
+        priced, bursts, BURST_STREAMS, BURST_PROMPT, OUTPUT_TOKENS, layout2)
     d = derived["deployed"]
     d.update(repeats=repeats, warmup=warmup, idle_gap_s=IDLE_GAP_S, seconds=round(time.perf_counter() - t0, 1),
              load_average=list(os.getloadavg()) if hasattr(os, "getloadavg") else None)
@@ -526,6 +575,10 @@ def measure(profile: dict, opts, repeats: int = 15, warmup: int = 2, ray_cpus: i
                 f"TPOT {d['concurrent']['tpot_ms']:.2f} ms (engine and the rest priced "
                 f"{d['concurrent']['priced_tpot_ms']:.2f}), per further stream "
                 f"{derived['per_stream_s'] * 1e3:.3f} ms")
+             + (f"; {BURST_STREAMS} disaggregated at once ({BURST_PROMPT}-token prompts, {repeats} rounds): mean TTFT "
+                f"{d['bursts']['mean_ttft_ms']:.2f} ms (priced {d['bursts']['priced_mean_ttft_ms']:.2f} with the "
+                f"path as latency), served one prompt after another by the prefill loop "
+                f"{derived['prefill_serial_s'] * 1e3:.3f} ms")
              + (f". Negative residuals (cost model over-predicts), clamped at 0: {d['negative']}" if d["negative"] else ""))
     return merge_into(profile["overheads"], derived, notes[:3900])
 

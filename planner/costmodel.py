@@ -393,6 +393,11 @@ class CostModel:
         self.per_stream_s = float(o.get("per_stream_s", 0.0))
         # ... for the requests up to this many in a batch (what the probe measured; 0: all)
         self.per_stream_upto = int(o.get("per_stream_upto", 0))
+        # The part of router_disaggregated_s that the prefill worker's loop serves one request
+        # at a time after the step that computed the prompt (the deployed probe's bursts of
+        # disaggregated requests): the simulator keeps the loop busy that long per prompt
+        # instead of letting requests overlap it. 0 for profiles without it.
+        self.prefill_serial_s = min(float(o.get("prefill_serial_s", 0.0)), self.router_disaggregated_s)
         # Through the gRPC front end (deploy/frontend_probe.py), when the profile measured it:
         # the whole path of a direct request at zero prompt length, and each prompt token's
         # share. A profile without them prices the router path alone (router_*_s).

@@ -12,7 +12,7 @@
      "overheads": {"router_direct_s", "router_disaggregated_s", "per_token_stream_s", "notes",
                    "frontend_direct_s", "per_prompt_token_s", "frontend_notes",     # optional from here
                    "method", "deployed", "reference", "prompt_residual",    # deploy/deployed_probe.py
-                   "path_jitter_s", "per_stream_s", "per_stream_upto"},
+                   "path_jitter_s", "per_stream_s", "per_stream_upto", "prefill_serial_s"},
      "fit":      {"model", "form", "coefficients": {name: value}, "relative_error": {...},
                   "candidates": {...}, ...}}   # optional; "model": the form's name (costmodel.FORMS)
 
@@ -346,6 +346,8 @@ def validate_profile(d) -> dict:
         _num(o, "per_stream_s", "profile.overheads", hi=MAX_SECONDS)
     if "per_stream_upto" in o:
         _int(o, "per_stream_upto", "profile.overheads", lo=0, hi=1 << 20)
+    if "prefill_serial_s" in o:
+        _num(o, "prefill_serial_s", "profile.overheads", hi=MAX_SECONDS)
     if "prompt_residual" in o:
         _check_prompt_residual(o, "profile.overheads")
     if "path_jitter_s" in o:

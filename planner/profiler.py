@@ -479,6 +479,12 @@ def run_command(args, front_end=None, deployed=None) -> int:
             c = dep["concurrent"]
             print(f"  {c['streams']} streams at once: TPOT {c['tpot_ms']:.2f} ms against {c['priced_tpot_ms']:.2f} "
                   f"priced: + {fe.get('per_stream_s', 0.0) * 1e3:.3f} ms a loop per further stream")
+        if "bursts" in dep:
+            b = dep["bursts"]
+            print(f"  {b['streams']} disaggregated at once: mean TTFT {b['mean_ttft_ms']:.2f} ms against "
+                  f"{b['priced_mean_ttft_ms']:.2f} priced with the path as latency: "
+                  f"{fe.get('prefill_serial_s', 0.0) * 1e3:.3f} ms of it served one prompt at a time by the "
+                  f"prefill loop" + (" (capped at the whole path)" if b.get("capped") else ""))
         for route, q in (fe.get("path_jitter_s") or {}).items():   # quantiles at 0, 5, ..., 100 %
             at = lambda p: q[round(p * (len(q) - 1))] * 1e3  # noqa: E731
             print(f"  {route} path scatter about it: p10 {at(0.1):+.2f} ms, p90 {at(0.9):+.2f} ms, "

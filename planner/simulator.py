@@ -23,9 +23,12 @@ What each part does, as the code it stands for does it:
              place (fallback "no_free_blocks"). A landed prompt joins the batch with the
              prefill worker's first token, which goes out with the batch of the next step.
   prefill    PrefillWorker.run_once: prefill-only sequences through the same engine model;
-             at the end of the step that computes a prompt's last chunk the KV transfer
-             starts, and lands cost.transfer_time(tokens shipped) later (the blocks past the
-             decode worker's cached prefix).
+             after the step that computes a prompt's last chunk the loop spends
+             cost.prefill_serial_s on each such prompt, one after another (that much of the
+             disaggregated path is taken off the request's latency: the deployed probe's
+             bursts measure it), and as each prompt's turn ends its KV transfer starts,
+             landing cost.transfer_time(tokens shipped) later (the blocks past the decode
+             worker's cached prefix).
   overheads  as the profile measures them (planner/overhead_probe.py): a request reaches its
              decode worker cost.router_direct_s or cost.router_disaggregated_s after it is
              sent (the router path's whole per-request cost: front end, routing, dispatch,
@@ -205,15 +208,18 @@ class _Worker:
         return self.loop_overhead_s
 
     def after_loop(self) -> None:
-        wait = self.loop_overhead()
-        if wait <= 0:
-            self.resume()
+        self.loop_work(self.loop_overhead(), self.resume)
+
+    def loop_work(self, seconds: float, then) -> None:
+        """The loop's own work (sending the batch, polling), then `then()`."""
+        if seconds <= 0:
+            then()
         elif self.device is not None and self.sim.cfg.layout.on_cpu_host:
-            # The loop's own work (sending the batch, polling) computes on the same cores
-            # as the engines and the front end, so it takes its share of them.
-            self.device.run(wait, self.resume)
+            # On a CPU host it computes on the same cores as the engines and the front end,
+            # so it takes its share of them.
+            self.device.run(seconds, then)
         else:
-            self.sim.at(self.sim.now + wait, self.resume)
+            self.sim.at(self.sim.now + seconds, then)
 
     def resume(self) -> None:
         self.busy = False
@@ -349,6 +355,8 @@ class _PrefillWorker(_Worker):
     def __init__(self, sim, worker_id, device=None):
         super().__init__(sim, worker_id, device)
         self.jobs: dict[int, tuple[str, int]] = {}    # rid -> (decode worker, first block to ship)
+        self.serial_s = getattr(sim.cost, "prefill_serial_s", 0.0)
+        self.finished: list[SimSeq] = []      # prompts of the last step, shipped once the loop is through
 
     def submit(self, st: _ReqState, decode_worker: str, first_block: int) -> None:
         self.jobs[st.rid] = (decode_worker, first_block)
@@ -364,12 +372,29 @@ class _PrefillWorker(_Worker):
         pass
 
     def finish_step(self, scheduled) -> None:
-        _, finished = self.engine.step_done(scheduled)
-        for seq in finished:
-            dw, first_block = self.jobs.pop(seq.rid)
-            shipped = seq.prompt - first_block * self.engine.bs
-            self.sim.at(self.sim.now + self.sim.cost.transfer_time(shipped),
-                        self.sim.decode_workers[dw].kv_landed, seq.rid)
+        self.finished = self.engine.step_done(scheduled)[1]
+
+    def after_loop(self) -> None:
+        # What the loop does per prompt after its step (cost.prefill_serial_s), one prompt
+        # after another, each shipped when its turn is through: a burst's later prompts wait
+        # for the earlier ones', where a lone prompt sees it as latency.
+        finished, self.finished = self.finished, []
+
+        def turn(i: int) -> None:
+            if i == len(finished):
+                self.resume()
+                return
+
+            def ship() -> None:
+                seq = finished[i]
+                dw, first_block = self.jobs.pop(seq.rid)
+                shipped = seq.prompt - first_block * self.engine.bs
+                self.sim.at(self.sim.now + self.sim.cost.transfer_time(shipped),
+                            self.sim.decode_workers[dw].kv_landed, seq.rid)
+                turn(i + 1)
+            self.loop_work(self.serial_s, ship)
+
+        turn(0)
 
 
 class Simulation:
@@ -462,7 +487,8 @@ class Simulation:
             st.prefill_worker, st.prefill_pending = d.prefill_worker, d.uncached_tokens
             self.prefill_queued[d.prefill_worker] += d.uncached_tokens
             self.prefill_inflight[d.prefill_worker] += 1
-            overhead = self.cost.router_disaggregated_s + path
+            # (less the part the prefill worker's loop serves after the step: _PrefillWorker)
+            overhead = self.cost.router_disaggregated_s - getattr(self.cost, "prefill_serial_s", 0.0) + path
         jitter = getattr(self.cost, "path_jitter_s", None)
         if jitter is not None:
             overhead = max(0.0, overhead + jitter(d.kind, self.jitter_u[st.rid]))
