@@ -25,7 +25,7 @@ decode attention under a few split-K settings, and the batch-1 projections three
 the gap goes.
 
     python benchmarks/gpu_decode.py [--batches 1,8,32,128] [--ctx 512] [--steps 32]
-                                    [--overlap both|on|off] [--kernels] [--no-fused-products]
+                                    [--overlap both|on|off] [--kernels] [--no-fused-products] [--max-num-seqs N]
                                     [--json out.json]
 
 --overlap picks which of the two engine timings run (both by default; the one left out
@@ -174,6 +174,8 @@ def main():
     ap.add_argument("--no-fused-products", action="store_true",
                     help="the norms and the activation as their own kernels before cuBLAS, at every batch "
                          "(by default batch 1 folds them into Triton products: triton_ops.FUSED_GEMV_MAX_ROWS)")
+    ap.add_argument("--max-num-seqs", type=int, default=None,
+                    help="the engine's max_num_seqs (default: the largest batch timed)")
     ap.add_argument("--json")
     args = ap.parse_args()
     if args.no_fused_products:
@@ -185,7 +187,7 @@ def main():
     print(f"device copy bandwidth (read+write): {bw:.0f} GB/s", flush=True)
     t0 = time.time()
     engine = LLMEngine(args.model, device="cuda", dtype="bfloat16", enable_prefix_caching=False,
-                       max_num_seqs=max(batches), max_num_batched_tokens=8192)
+                       max_num_seqs=args.max_num_seqs or max(batches), max_num_batched_tokens=8192)
     print(f"engine up in {time.time() - t0:.1f}s ({engine.runner.num_blocks} KV blocks)", flush=True)
     model = engine.runner.model
     wbytes = gc_.weight_bytes_per_decode_step(model)
@@ -271,7 +273,7 @@ def main():
         print(row, flush=True)
     from engine.kernels import triton_ops
     rec = dict(device=gc_.device_info(), copy_gbs=bw, weight_bytes=wbytes, kv_bytes_per_token=kv_tok,
-               fused_products_max_rows=triton_ops.FUSED_GEMV_MAX_ROWS, gemv_config=triton_ops.GEMV_CONFIG,
+               fused_products_max_rows=triton_ops.FUSED_GEMV_MAX_ROWS, max_num_seqs=engine.cfg.max_num_seqs,
                rows=rows)
     if args.kernels:
         rec["kernels"] = kernel_breakdown(engine, args.ctx)
