@@ -58,6 +58,14 @@ idle cluster, overheads zeroed), so that they mean exactly what the simulator ad
                           requests cannot show it: on a CPU host TPOT grew with the requests
                           streaming at once far faster than the engine's batching and the
                           cores' sharing price (benchmarks/RESULTS.md, issue 15).
+  prefill_serial_s        from rounds of BURST_STREAMS disaggregated requests sent at once to
+                          the 1P1D cluster: how much of router_disaggregated_s the simulator
+                          must serve on the prefill worker's loop, one prompt after another
+                          after its step, instead of as each request's latency, for the rounds'
+                          mean TTFT to match (bisection on the simulator, capped at the path).
+                          A lone request's price does not change; a burst's later prompts wait.
+                          In the measured cluster that loop takes a request, runs its step,
+                          then sends its done and releases it, request after request.
   path_jitter_s           per route, how the lone requests' residuals scatter about the priced
                           path (quantiles at 0, 5, ..., 100 %, median 0): the simulator adds a
                           draw from it to each request's path (CostModel.path_jitter_s), so the
@@ -105,7 +113,8 @@ def probe_lengths(max_model_len: int, output: int = OUTPUT_TOKENS) -> list[int]:
 def _zeroed(cost, per_token_stream_s: float = 0.0):
     c = copy.copy(cost)
     for k in ("router_direct_s", "router_disaggregated_s", "frontend_extra_s", "per_prompt_token_s",
-              "frontend_cpu_per_request_s", "frontend_cpu_per_prompt_token_s", "frontend_cpu_per_token_s"):
+              "frontend_cpu_per_request_s", "frontend_cpu_per_prompt_token_s", "frontend_cpu_per_token_s",
+              "prefill_serial_s"):
         setattr(c, k, 0.0)
     c.per_token_stream_s = per_token_stream_s
     c.per_stream_s = 0.0
@@ -244,8 +253,9 @@ def rederive(profile: dict) -> dict:
     """The profile's overheads with router_direct_s, prompt_residual, per_prompt_token_s and
     router_disaggregated_s derived again from the per-length medians the probe stored
     (overheads.deployed: measured TTFT and the simulator's lone request, per_token_stream_s
-    in place), by the rules above: for a profile measured under an earlier rule. The
-    measurements are not touched (benchmarks/rederive_deployed_overheads.py)."""
+    in place), by the rules above, and prefill_serial_s from the stored bursts against that
+    path: for a profile measured under an earlier rule. The measurements are not touched
+    (benchmarks/rederive_deployed_overheads.py)."""
     o = copy.deepcopy(profile["overheads"])
     d = o.get("deployed")
     if not d or "direct" not in d:
@@ -265,6 +275,12 @@ def rederive(profile: dict) -> dict:
                                                           samples.get("disaggregated"))
     if samples["direct"]:
         o["path_jitter_s"] = _jitters(cost, o, samples["direct"], samples.get("disaggregated") or {})
+    b = d.get("bursts")
+    if b and b.get("ttft_samples_ms"):   # the serial share, against the path derived again
+        rounds = [[dict(ttft=t / 1e3) for t in rnd] for rnd in b["ttft_samples_ms"]]
+        priced = CostModel.from_profile(dict(profile, overheads=dict(o, prefill_serial_s=0.0)))
+        o["prefill_serial_s"], d["bursts"] = derive_prefill_serial(
+            priced, rounds, b["streams"], b["prompt_tokens"], b["output_tokens"], host_layout(profile, 2))
     d["negative"] = negative
     return o
 
@@ -390,6 +406,16 @@ def derive_prefill_serial(cost, rounds: list[list[dict]], streams: int, prompt: 
     return serial, detail
 
 
+def host_layout(profile: dict, engines: int):
+    """The layout `pdserve plan` simulates `engines` engines of this profile's host with: on a
+    CPU host every engine on the host's cores, one thread each (Ray's); else one per GPU."""
+    from planner.shared_device import DeviceLayout
+    hw = profile["hardware"]
+    if hw["device"] == "cpu":
+        return DeviceLayout.cpu_host(engines, float(hw.get("cpu_cores") or 1), 1.0)
+    return DeviceLayout()
+
+
 def _with(cost, **attrs):
     c = copy.copy(cost)
     for k, v in attrs.items():
@@ -446,7 +472,8 @@ async def _sequential(address: str, prompts: list[tuple[int, list[int]]], output
     return out
 
 
-async def _concurrent(address: str, rounds: list[list[list[int]]], output: int, timeout: float) -> list[list[dict]]:
+async def _concurrent(address: str, rounds: list[list[list[int]]], output: int, timeout: float,
+                      want_route: str | None = None) -> list[list[dict]]:
     """Each round's prompts sent at once, after an idle gap; bench records per round."""
     import grpc
 
@@ -464,6 +491,9 @@ async def _concurrent(address: str, rounds: list[list[list[int]]], output: int, 
             bad = [r.get("error") for r in got if not r["ok"]]
             if bad:
                 raise RuntimeError(f"deployed probe: concurrent requests failed: {bad[:3]}")
+            if want_route is not None and any(r["route"] != want_route for r in got):
+                raise RuntimeError(f"deployed probe: concurrent requests not all routed {want_route}: "
+                                   f"{sorted({r['route'] for r in got})}")
             out.append(got)
     return out
 
@@ -477,10 +507,11 @@ def measure_concurrent(opts, streams: int, prompt: int, output: int, rounds: int
     fresh = lambda: rng.integers(3, vocab, size=prompt).tolist()  # noqa: E731  (no prefix-cache hits)
     ct = ClusterThread(_serve_config(opts, mode))
     try:
+        want = "direct" if mode == "direct" else "disaggregated"
         asyncio.run(_concurrent(ct.address, [[fresh() for _ in range(streams)] for _ in range(warmup)], output,
                                 timeout))
         return asyncio.run(_concurrent(ct.address, [[fresh() for _ in range(streams)] for _ in range(rounds)],
-                                       output, timeout))
+                                       output, timeout, want))
     finally:
         ct.close()
 
@@ -523,9 +554,9 @@ def measure(profile: dict, opts, repeats: int = 15, warmup: int = 2, ray_cpus: i
 
     from deploy.cluster import quiet_ray_auth_notice
     from planner.costmodel import CostModel
-    from planner.shared_device import DeviceLayout
     cost = CostModel.from_profile(profile)
     lengths = probe_lengths(int(profile["engine"]["max_model_len"]))
+    burst_prompt = min(BURST_PROMPT, lengths[-1])   # capped by the context like the lone prompts
     started_ray = False
     if not ray.is_initialized():
         quiet_ray_auth_notice()
@@ -538,7 +569,7 @@ def measure(profile: dict, opts, repeats: int = 15, warmup: int = 2, ray_cpus: i
         disagg = measure_mode(opts, "disaggregated", lengths, OUTPUT_TOKENS, repeats, warmup, opts.seed + 1)
         loaded = measure_concurrent(opts, CONCURRENT_STREAMS, CONCURRENT_PROMPT, OUTPUT_TOKENS, rounds, 1,
                                     opts.seed + 2)
-        bursts = measure_concurrent(opts, BURST_STREAMS, BURST_PROMPT, OUTPUT_TOKENS, repeats, 1, opts.seed + 3,
+        bursts = measure_concurrent(opts, BURST_STREAMS, burst_prompt, OUTPUT_TOKENS, repeats, 1, opts.seed + 3,
                                     mode="disaggregated")
     finally:
         if started_ray:
@@ -547,18 +578,13 @@ def measure(profile: dict, opts, repeats: int = 15, warmup: int = 2, ray_cpus: i
     # The concurrent streams against the simulator with everything derived so far in place,
     # on the host's layout as `pdserve plan` would simulate this cluster.
     priced = CostModel.from_profile(dict(profile, overheads=merge_into(profile["overheads"], derived, "")))
-    hw = profile["hardware"]
-    layout = (DeviceLayout.cpu_host(1, float(hw.get("cpu_cores") or 1), 1.0) if hw["device"] == "cpu"
-              else DeviceLayout())
     derived["per_stream_s"], derived["deployed"]["concurrent"] = derive_per_stream(
-        priced, loaded, CONCURRENT_STREAMS, CONCURRENT_PROMPT, OUTPUT_TOKENS, layout)
+        priced, loaded, CONCURRENT_STREAMS, CONCURRENT_PROMPT, OUTPUT_TOKENS, host_layout(profile, 1))
     derived["per_stream_upto"] = CONCURRENT_STREAMS   # measured this far: not extrapolated past it
     # The bursts on the 1P1D layout, with everything above (per_stream_s too) in place.
     priced = CostModel.from_profile(dict(profile, overheads=merge_into(profile["overheads"], derived, "")))
-    layout2 = (DeviceLayout.cpu_host(2, float(hw.get("cpu_cores") or 1), 1.0) if hw["device"] == "cpu"
-               else DeviceLayout())
     derived["prefill_serial_s"], derived["deployed"]["bursts"] = derive_prefill_serial(
-        priced, bursts, BURST_STREAMS, BURST_PROMPT, OUTPUT_TOKENS, layout2)
+        priced, bursts, BURST_STREAMS, burst_prompt, OUTPUT_TOKENS, host_layout(profile, 2))
     d = derived["deployed"]
     d.update(repeats=repeats, warmup=warmup, idle_gap_s=IDLE_GAP_S, seconds=round(time.perf_counter() - t0, 1),
              load_average=list(os.getloadavg()) if hasattr(os, "getloadavg") else None)
@@ -575,7 +601,7 @@ def measure(profile: dict, opts, repeats: int = 15, warmup: int = 2, ray_cpus: i
                 f"TPOT {d['concurrent']['tpot_ms']:.2f} ms (engine and the rest priced "
                 f"{d['concurrent']['priced_tpot_ms']:.2f}), per further stream "
                 f"{derived['per_stream_s'] * 1e3:.3f} ms")
-             + (f"; {BURST_STREAMS} disaggregated at once ({BURST_PROMPT}-token prompts, {repeats} rounds): mean TTFT "
+             + (f"; {BURST_STREAMS} disaggregated at once ({burst_prompt}-token prompts, {repeats} rounds): mean TTFT "
                 f"{d['bursts']['mean_ttft_ms']:.2f} ms (priced {d['bursts']['priced_mean_ttft_ms']:.2f} with the "
                 f"path as latency), served one prompt after another by the prefill loop "
                 f"{derived['prefill_serial_s'] * 1e3:.3f} ms")

@@ -379,22 +379,27 @@ class _PrefillWorker(_Worker):
         # after another, each shipped when its turn is through: a burst's later prompts wait
         # for the earlier ones', where a lone prompt sees it as latency.
         finished, self.finished = self.finished, []
+        if self.serial_s <= 0:
+            for seq in finished:
+                self._ship(seq)
+            self.resume()
+            return
+        queue = iter(finished)
 
-        def turn(i: int) -> None:
-            if i == len(finished):
+        def turn() -> None:   # each turn is a later event (loop_work of > 0 s): no recursion
+            seq = next(queue, None)
+            if seq is None:
                 self.resume()
                 return
+            self.loop_work(self.serial_s, lambda: (self._ship(seq), turn()))
+        turn()
 
-            def ship() -> None:
-                seq = finished[i]
-                dw, first_block = self.jobs.pop(seq.rid)
-                shipped = seq.prompt - first_block * self.engine.bs
-                self.sim.at(self.sim.now + self.sim.cost.transfer_time(shipped),
-                            self.sim.decode_workers[dw].kv_landed, seq.rid)
-                turn(i + 1)
-            self.loop_work(self.serial_s, ship)
-
-        turn(0)
+    def _ship(self, seq: SimSeq) -> None:
+        """Start the transfer of a computed prompt's KV to its decode worker."""
+        dw, first_block = self.jobs.pop(seq.rid)
+        shipped = seq.prompt - first_block * self.engine.bs
+        self.sim.at(self.sim.now + self.sim.cost.transfer_time(shipped), self.sim.decode_workers[dw].kv_landed,
+                    seq.rid)
 
 
 class Simulation:
@@ -487,11 +492,15 @@ class Simulation:
             st.prefill_worker, st.prefill_pending = d.prefill_worker, d.uncached_tokens
             self.prefill_queued[d.prefill_worker] += d.uncached_tokens
             self.prefill_inflight[d.prefill_worker] += 1
-            # (less the part the prefill worker's loop serves after the step: _PrefillWorker)
-            overhead = self.cost.router_disaggregated_s - getattr(self.cost, "prefill_serial_s", 0.0) + path
+            overhead = self.cost.router_disaggregated_s + path
         jitter = getattr(self.cost, "path_jitter_s", None)
         if jitter is not None:
             overhead = max(0.0, overhead + jitter(d.kind, self.jitter_u[st.rid]))
+        if d.kind == "disaggregated":
+            # Less the part the prefill worker's loop serves after the step (_PrefillWorker):
+            # the whole path, its draw included, stays what a lone request pays. A request
+            # that then falls back to in-place prefill (no free blocks) never pays that part.
+            overhead = max(0.0, overhead - getattr(self.cost, "prefill_serial_s", 0.0))
         self.at(self.now + overhead, self.dispatch, st)
 
     def dispatch(self, st: _ReqState) -> None:
@@ -539,6 +548,8 @@ class Simulation:
                     decode_worker=st.decode_worker or None)
 
     def utilisation(self) -> dict[str, float]:
+        """Each worker's share of the run spent in engine steps (a loop's own work, e.g. a
+        prefill worker's prefill_serial_s, is not counted)."""
         span = max(self.now, 1e-12)
         return {w.worker_id: w.busy_s / span for w in [*self.decode_workers.values(), *self.prefill_workers.values()]}
 

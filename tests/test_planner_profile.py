@@ -988,6 +988,20 @@ def test_prefill_serial_part_of_the_path_makes_a_burst_wait_and_the_probe_recove
     assert got == base.router_disaggregated_s and detail["capped"]
     fast = [[dict(ttft=0.5 * r["ttft"]) for r in rnd] for rnd in rounds_of(base)]
     assert derive_prefill_serial(base, fast, 3, 64, 8)[0] == 0.0
+    # The probe's own lone requests (overheads zeroed) are not priced with the serial share.
+    from deploy.deployed_probe import simulated_lone
+    assert simulated_lone(truth, "disaggregated", 64, 8) == simulated_lone(base, "disaggregated", 64, 8)
+    # rederive() derives it again from the stored bursts, against the path it derives.
+    from deploy.deployed_probe import host_layout, rederive
+    two_on_host = host_layout(base.profile, 2)   # what rederive simulates the 1P1D cluster on
+    rounds = [[dict(ttft=x) for x in simulated_concurrent(_with(base, prefill_serial_s=2e-3), 3, 64, 8, two_on_host,
+                                                          mode="disaggregated", metric="ttft")]]
+    got, detail = derive_prefill_serial(base, rounds, 3, 64, 8, two_on_host)
+    p = copy.deepcopy(base.profile)
+    p["overheads"].update(method="deployed", router_disaggregated_s=8e-3, prefill_serial_s=0.0, deployed=dict(
+        direct={"64": dict(ttft_ms=5.0, engine_ttft_ms=1.0)}, bursts=detail))
+    again = rederive(p)
+    assert again["prefill_serial_s"] == pytest.approx(got, rel=2e-3) and got > 0   # (the bisection's 0.1%)
     # Into a profile: optional, >= 0, never more than the path it is part of.
     p = copy.deepcopy(base.profile)
     p["overheads"].update(router_disaggregated_s=8e-3, prefill_serial_s=serial)
@@ -1001,6 +1015,34 @@ def test_prefill_serial_part_of_the_path_makes_a_burst_wait_and_the_probe_recove
     p["overheads"]["prefill_serial_s"] = -1.0
     with pytest.raises(ValueError, match="prefill_serial_s"):
         pf.validate_profile(p)
+
+
+def test_a_prefill_step_that_finishes_hundreds_of_prompts_ships_them_all():
+    """The prefill loop ships a step's prompts one turn after another, with and without a
+    serial share, however many finished in the step (no recursion per prompt)."""
+    from deploy.deployed_probe import _with
+    from planner.simulator import ClusterConfig, simulate
+    from planner.workload import Request
+    base = CostModel.synthetic(step_s=1e-3, per_token_s=1e-6, max_num_batched_tokens=65536, max_num_seqs=1024,
+                               num_kv_blocks=8192, transfer_latency_s=0.5e-3, router_disaggregated_s=4e-3)
+    cfg = ClusterConfig("disaggregated", decode=1, prefill=1, max_inflight_per_decode=4096)
+    reqs = [Request(0.0, 64, 2) for _ in range(800)]
+    for serial in (0.0, 1e-6):
+        recs, sim = simulate(_with(base, prefill_serial_s=serial), cfg, reqs)
+        assert all(r["ok"] for r in recs) and sim.prefill_workers["prefill-0"].steps <= 2, serial   # (the first arrival wakes the decode worker alone)
+
+
+def test_a_disaggregated_path_is_whole_with_its_draw_before_the_serial_share_comes_off():
+    """The path's scatter (path_jitter_s) applies to the whole disaggregated path: a lone
+    request whose draw takes the path below the serial share is priced as without it."""
+    from deploy.deployed_probe import _with
+    from planner.simulator import ClusterConfig, simulate
+    from planner.workload import Request
+    base = CostModel.synthetic(step_s=1e-3, per_token_s=2e-5, transfer_latency_s=0.5e-3, router_disaggregated_s=6e-3)
+    base.path_jitter = {"disaggregated": [-3e-3] * 21}   # every draw 3 ms under the path
+    cfg = ClusterConfig("disaggregated", 1, 1)
+    lone = [simulate(_with(base, prefill_serial_s=s), cfg, [Request(0.0, 64, 4)])[0][0]["ttft"] for s in (0.0, 2.5e-3)]
+    assert lone[1] == pytest.approx(lone[0], rel=1e-9)
 
 
 def test_a_profile_measured_in_a_child_process_comes_back_whole(tmp_path):

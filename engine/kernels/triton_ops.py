@@ -309,12 +309,13 @@ def rms_norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight:
     x2 = _last_dim_contiguous(x.reshape(-1, n))
     norm_weight = norm_weight.contiguous()
     if residual is None:
-        if not _gemv_fits(x2, weight, norm_weight):
+        if weight.shape[-1] != n or norm_weight.shape != (n,) or not _gemv_fits(x2, weight, norm_weight):
             return reference.linear(rms_norm(x, norm_weight, eps), weight), x
         out = _gemv(_PRO_NORM, x2, weight, norm_weight=norm_weight, eps=eps)
         return out.view(*x.shape[:-1], -1), x
     r2 = _last_dim_contiguous(residual.reshape(-1, n))
-    if not _gemv_fits(x2, weight, r2, norm_weight):
+    if (weight.shape[-1] != n or norm_weight.shape != (n,) or r2.shape != x2.shape
+            or not _gemv_fits(x2, weight, r2, norm_weight)):   # (the composition says what is wrong)
         h, residual = add_rms_norm(x, residual, norm_weight, eps)
         return reference.linear(h, weight), residual
     res_out = torch.empty_like(x2)
