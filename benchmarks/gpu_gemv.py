@@ -51,15 +51,7 @@ def graph_us(fn, layers: int, replays: int = 20) -> float:
     with torch.cuda.graph(g):
         for i in range(layers):
             fn(i)
-    times = []
-    for _ in range(replays):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1000 / layers)
-    return sorted(times)[len(times) // 2]
+    return gc_.cuda_time_ms(g.replay, iters=replays, warmup=1) * 1000 / layers
 
 
 def bench_shape(name, N, K, op, layers, dt):
