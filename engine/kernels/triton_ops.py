@@ -193,7 +193,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 # input vector it needs, so the separate kernel and its round trip through memory go away.
 # cuBLAS stays the path for larger batches, where the product reuses each weight tile.
 
-_PRO_NONE, _PRO_NORM, _PRO_ADD_NORM, _PRO_SILU_MUL = 0, 1, 2, 3
+_PRO_NORM, _PRO_ADD_NORM, _PRO_SILU_MUL = 1, 2, 3   # the op before the product
 # Rows up to which the fused products are used (0: never; the A/B switch of the decode bench).
 FUSED_GEMV_MAX_ROWS = 1
 
@@ -207,8 +207,6 @@ def _gemv_input(x_row, r_row, res_out_row, nw_ptr, offs_k, k_mask, K, inv_rms, w
         gate = tl.load(x_row + offs_k, mask=k_mask, other=0.0).to(tl.float32)
         up = tl.load(x_row + K + offs_k, mask=k_mask, other=0.0).to(tl.float32)
         a = (gate * tl.sigmoid(gate) * up).to(x_row.dtype.element_ty).to(tl.float32)
-    elif PROLOGUE == 0:
-        a = tl.load(x_row + offs_k, mask=k_mask, other=0.0).to(tl.float32)
     else:
         h = tl.load(x_row + offs_k, mask=k_mask, other=0.0)
         if PROLOGUE == 2:
@@ -266,9 +264,10 @@ def _gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, out_ptr, res_out_ptr,
 
 # (BLOCK_N, BLOCK_K, num_warps) of the fused products by their input's op: the best of
 # benchmarks/gpu_gemv.py's sweep (RESULTS.md, issue 14) for a norm before a 4096-wide product
-# and for the activation before the 14336-wide one. None: the sweep's own setting.
+# and for the activation before the 14336-wide one. GEMV_CONFIG, when set (the sweep sets
+# each tile it times), overrides the table for every op.
 GEMV_CONFIG: tuple[int, int, int] | None = None
-_GEMV_CONFIGS = {_PRO_NONE: (16, 1024, 4), _PRO_NORM: (32, 512, 4), _PRO_ADD_NORM: (32, 512, 4),
+_GEMV_CONFIGS = {_PRO_NORM: (32, 512, 4), _PRO_ADD_NORM: (32, 512, 4),
                  _PRO_SILU_MUL: (8, 1024, 4)}
 # Weights up to this size only: the Triton product reads them a few per cent slower than
 # cuBLAS, which past this size costs more than the separate kernel it saves (measured: the
