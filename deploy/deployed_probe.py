@@ -90,6 +90,8 @@ import time
 
 import numpy as np
 
+from planner.shared_device import profile_host_layout
+
 LENGTHS = (16, 64, 128, 256, 384, 512)
 OUTPUT_TOKENS = 32
 IDLE_GAP_S = 0.1          # between requests: each one meets an idle cluster, as at bench's rates
@@ -280,7 +282,8 @@ def rederive(profile: dict) -> dict:
         rounds = [[dict(ttft=t / 1e3) for t in rnd] for rnd in b["ttft_samples_ms"]]
         priced = CostModel.from_profile(dict(profile, overheads=dict(o, prefill_serial_s=0.0)))
         o["prefill_serial_s"], d["bursts"] = derive_prefill_serial(
-            priced, rounds, b["streams"], b["prompt_tokens"], b["output_tokens"], host_layout(profile, 2))
+            priced, rounds, b["streams"], b["prompt_tokens"], b["output_tokens"],
+            profile_host_layout(profile["hardware"], 2))
     d["negative"] = negative
     return o
 
@@ -404,16 +407,6 @@ def derive_prefill_serial(cost, rounds: list[list[dict]], streams: int, prompt: 
                   mean_ttft_ms=_ms(measured), priced_mean_ttft_ms=_ms(priced), capped=serial >= cap > 0,
                   ttft_samples_ms=[[_ms(r["ttft"]) for r in rnd] for rnd in rounds])
     return serial, detail
-
-
-def host_layout(profile: dict, engines: int):
-    """The layout `pdserve plan` simulates `engines` engines of this profile's host with: on a
-    CPU host every engine on the host's cores, one thread each (Ray's); else one per GPU."""
-    from planner.shared_device import DeviceLayout
-    hw = profile["hardware"]
-    if hw["device"] == "cpu":
-        return DeviceLayout.cpu_host(engines, float(hw.get("cpu_cores") or 1), 1.0)
-    return DeviceLayout()
 
 
 def _with(cost, **attrs):
@@ -579,12 +572,13 @@ def measure(profile: dict, opts, repeats: int = 15, warmup: int = 2, ray_cpus: i
     # on the host's layout as `pdserve plan` would simulate this cluster.
     priced = CostModel.from_profile(dict(profile, overheads=merge_into(profile["overheads"], derived, "")))
     derived["per_stream_s"], derived["deployed"]["concurrent"] = derive_per_stream(
-        priced, loaded, CONCURRENT_STREAMS, CONCURRENT_PROMPT, OUTPUT_TOKENS, host_layout(profile, 1))
+        priced, loaded, CONCURRENT_STREAMS, CONCURRENT_PROMPT, OUTPUT_TOKENS,
+        profile_host_layout(profile["hardware"], 1))
     derived["per_stream_upto"] = CONCURRENT_STREAMS   # measured this far: not extrapolated past it
     # The bursts on the 1P1D layout, with everything above (per_stream_s too) in place.
     priced = CostModel.from_profile(dict(profile, overheads=merge_into(profile["overheads"], derived, "")))
     derived["prefill_serial_s"], derived["deployed"]["bursts"] = derive_prefill_serial(
-        priced, bursts, BURST_STREAMS, burst_prompt, OUTPUT_TOKENS, host_layout(profile, 2))
+        priced, bursts, BURST_STREAMS, burst_prompt, OUTPUT_TOKENS, profile_host_layout(profile["hardware"], 2))
     d = derived["deployed"]
     d.update(repeats=repeats, warmup=warmup, idle_gap_s=IDLE_GAP_S, seconds=round(time.perf_counter() - t0, 1),
              load_average=list(os.getloadavg()) if hasattr(os, "getloadavg") else None)

@@ -34,7 +34,7 @@ from dataclasses import asdict
 from types import SimpleNamespace
 
 from planner import workload as wl
-from planner.shared_device import DeviceLayout, layout_from_bench
+from planner.shared_device import DeviceLayout, layout_from_bench, profile_host_layout
 from planner.simulator import ClusterConfig, simulate
 
 # bench's modes (deploy/bench.py MODES) as simulated clusters ("disagg": the old name of
@@ -102,7 +102,7 @@ def measured_layout(cost, measured: dict, mode: str, engines_per_gpu: int | None
     n = bench_engines(mode, measured.get("args") or {})
     hw = cost.profile["hardware"]
     if hw["device"] == "cpu":
-        return DeviceLayout.cpu_host(n, float(hw.get("cpu_cores") or 1), 1.0), "CPU host, Ray's one thread each"
+        return profile_host_layout(hw, n), "CPU host, Ray's one thread each"
     if engines_per_gpu:
         return DeviceLayout.gpu_share(engines_per_gpu), "--engines-per-gpu"
     return DeviceLayout(), "one engine per GPU (default)"

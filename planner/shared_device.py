@@ -163,6 +163,15 @@ def threads_under_ray(num_cpus: float) -> int:
     return max(1, int(num_cpus // 1))
 
 
+def profile_host_layout(hardware: dict, engines: int) -> DeviceLayout:
+    """`engines` engines on a profile's host as a local cluster places them: on a CPU host all
+    on its cores, each with the one thread Ray gives a worker that asks at most one CPU
+    (threads_under_ray); on a GPU host one engine per GPU."""
+    if hardware["device"] == "cpu":
+        return DeviceLayout.cpu_host(engines, float(hardware.get("cpu_cores") or 1), 1.0)
+    return DeviceLayout()
+
+
 def layout_from_bench(rec: dict) -> DeviceLayout:
     """The layout `pdserve bench` recorded for one mode (deploy/bench.py device_layout): GPU
     workers with num_gpus g < 1 are packed 1/g to a GPU; CPU workers all share the host's

@@ -992,8 +992,9 @@ def test_prefill_serial_part_of_the_path_makes_a_burst_wait_and_the_probe_recove
     from deploy.deployed_probe import simulated_lone
     assert simulated_lone(truth, "disaggregated", 64, 8) == simulated_lone(base, "disaggregated", 64, 8)
     # rederive() derives it again from the stored bursts, against the path it derives.
-    from deploy.deployed_probe import host_layout, rederive
-    two_on_host = host_layout(base.profile, 2)   # what rederive simulates the 1P1D cluster on
+    from deploy.deployed_probe import rederive
+    from planner.shared_device import profile_host_layout
+    two_on_host = profile_host_layout(base.profile["hardware"], 2)   # what rederive simulates 1P1D on
     rounds = [[dict(ttft=x) for x in simulated_concurrent(_with(base, prefill_serial_s=2e-3), 3, 64, 8, two_on_host,
                                                           mode="disaggregated", metric="ttft")]]
     got, detail = derive_prefill_serial(base, rounds, 3, 64, 8, two_on_host)
