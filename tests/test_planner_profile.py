@@ -1046,6 +1046,28 @@ def test_a_disaggregated_path_is_whole_with_its_draw_before_the_serial_share_com
     assert lone[1] == pytest.approx(lone[0], rel=1e-9)
 
 
+def test_profile_with_sets_overheads_by_value_or_difference(tmp_path):
+    """benchmarks/profile_with.py (the what-ifs RESULTS quotes): --set writes a number or the
+    difference of two overheads, and refuses anything else."""
+    import importlib.util
+    import json
+    import os
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                        "profile_with.py")
+    spec = importlib.util.spec_from_file_location("profile_with", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    p = copy.deepcopy(CostModel.synthetic(router_direct_s=1e-3, router_disaggregated_s=4e-3).profile)
+    src, out = tmp_path / "in.json", tmp_path / "out.json"
+    src.write_text(json.dumps(p))
+    assert mod.main([str(src), str(out), "--set", "prefill_serial_s=router_disaggregated_s-router_direct_s",
+                     "--set", "per_token_stream_s=0.002"]) == 0
+    got = json.loads(out.read_text())["overheads"]
+    assert got["prefill_serial_s"] == pytest.approx(3e-3) and got["per_token_stream_s"] == 0.002
+    with pytest.raises(ValueError, match="neither a number"):
+        mod.main([str(src), str(out), "--set", "prefill_serial_s=router_direct_s-nothing"])
+
+
 def test_a_profile_measured_in_a_child_process_comes_back_whole(tmp_path):
     """On a GPU with the deployed probe to follow, the step grid runs in a child process
     (its exit frees the GPU for the probe's workers): the profile it returns is the same
