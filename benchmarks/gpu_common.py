@@ -104,3 +104,31 @@ def dump(path: str | None, record: dict) -> None:
     if path:
         with open(path, "w") as f:
             json.dump(record, f, indent=2)
+
+
+def kernel_profile(fn, iters: int = 5, top: int = 40) -> dict:
+    """GPU kernels run by fn() (a graph replay's kernels included), from torch.profiler:
+    per kernel name, device us per call of fn and launches per call of fn, the slowest
+    first, plus the sum of every kernel's time. Where a step's device time goes, which
+    the event timings above cannot say."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    per_name: dict[str, list[float]] = {}
+    for e in prof.events():
+        if e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        per_name.setdefault(e.name, []).append(e.device_time_total)
+    rows = sorted(({"kernel": n[:120], "us": sum(t) / iters, "launches": len(t) / iters}
+                   for n, t in per_name.items()), key=lambda r: -r["us"])
+    return dict(total_us=sum(r["us"] for r in rows), kernels=rows[:top])
+
+
+def print_kernel_profile(title: str, prof: dict) -> None:
+    print(f"{title}: {prof['total_us']:.1f} us of kernels per call", flush=True)
+    for r in prof["kernels"]:
+        print(f"  {r['us']:9.1f} us  x{r['launches']:6.1f}  {r['kernel']}", flush=True)

@@ -26,6 +26,7 @@ the gap goes.
 
     python benchmarks/gpu_decode.py [--batches 1,8,32,128] [--ctx 512] [--steps 32]
                                     [--overlap both|on|off] [--kernels] [--no-fused-products] [--max-num-seqs N]
+                                    [--graph-kernels]
                                     [--json out.json]
 
 --overlap picks which of the two engine timings run (both by default; the one left out
@@ -176,6 +177,8 @@ def main():
                          "(by default batch 1 folds them into Triton products: triton_ops.FUSED_GEMV_MAX_ROWS)")
     ap.add_argument("--max-num-seqs", type=int, default=None,
                     help="the engine's max_num_seqs (default: the largest batch timed)")
+    ap.add_argument("--graph-kernels", action="store_true",
+                    help="per batch, the kernels of its graph replay and their device time (torch.profiler)")
     ap.add_argument("--json")
     args = ap.parse_args()
     if args.no_fused_products:
@@ -240,6 +243,10 @@ def main():
         # a pipelined engine: what engine ms/step is compared with for the host's share.
         replay = graphs.graphs[key].replay
         graph_b2b_ms = gc_.cuda_time_ms(lambda: [replay() for _ in range(10)], iters=5) / 10
+        graph_kernels = None
+        if args.graph_kernels:
+            graph_kernels = gc_.kernel_profile(replay)
+            gc_.print_kernel_profile(f"batch {B} graph {key}", graph_kernels)
         for m in reversed(modes):
             times[m].append(timed_steps(m, half))
         engine_ms = sum(times[True]) / 2 if True in times else None
@@ -264,7 +271,7 @@ def main():
         row = dict(batch=B, ctx=round(ctx_avg), engine_ms=engine_ms, sync_ms=sync_ms, graph_ms=graph_ms,
                    eager_ms=eager_ms, matmul_ms=mm_ms, roofline_ms=roof_ms, bytes=nbytes,
                    engine_ratio=roof_ms / best, graph_ratio=roof_ms / graph_ms,
-                   graph_b2b_ms=graph_b2b_ms,
+                   graph_b2b_ms=graph_b2b_ms, graph_kernels=graph_kernels,
                    host_ms=None if engine_ms is None else engine_ms - graph_b2b_ms,
                    sync_host_ms=None if sync_ms is None else sync_ms - graph_b2b_ms,
                    overlap_speedup=None if None in (engine_ms, sync_ms) else sync_ms / engine_ms,

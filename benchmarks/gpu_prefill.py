@@ -11,7 +11,8 @@ random data. Each length runs twice in the run: with dense attention for the fre
 (runner.dense_fresh_prefill off). With --attention it also times one layer's prefill
 attention (Triton paged kernel under a few tilings, and torch SDPA on contiguous q/k/v) x layers.
 
-    python benchmarks/gpu_prefill.py [--lengths 1024,4096,8191] [--repeat 3] [--attention] [--json out.json]
+    python benchmarks/gpu_prefill.py [--lengths 1024,4096,8191] [--repeat 3] [--attention] [--kernels]
+                                  [--json out.json]
 """
 from __future__ import annotations
 
@@ -79,6 +80,8 @@ def main():
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--model", default="random:llama3-8b")
     ap.add_argument("--attention", action="store_true")
+    ap.add_argument("--kernels", action="store_true",
+                    help="per length, the kernels of one prefill step and their device time (torch.profiler)")
     ap.add_argument("--json")
     args = ap.parse_args()
     lengths = [int(x) for x in args.lengths.split(",")]
@@ -107,6 +110,11 @@ def main():
             row.update({f"ttft{tag}_ms": t * 1000, f"ttft{tag}_all_ms": [x * 1000 for x in times],
                         f"tflops{tag}": flops / t / 1e12, f"ratio{tag}": flops / t / 1e12 / tflops})
         engine.runner.dense_fresh_prefill = dense_ok
+        if args.kernels:
+            extra = iter([torch.randint(100, 120000, (L,), generator=g).tolist() for _ in range(4)])
+            row["kernels"] = gc_.kernel_profile(lambda: ttft_s(engine, next(extra), f"prof{L}-{time.time()}"),
+                                                iters=2)
+            gc_.print_kernel_profile(f"prefill of {L} tokens (dense={dense_ok})", row["kernels"])
         if args.attention:
             row["attention"] = attention_times(engine, L)
         rows.append(row)
