@@ -110,25 +110,52 @@ def kernel_profile(fn, iters: int = 5, top: int = 40) -> dict:
     """GPU kernels run by fn() (a graph replay's kernels included), from torch.profiler:
     per kernel name, device us per call of fn and launches per call of fn, the slowest
     first, plus the sum of every kernel's time. Where a step's device time goes, which
-    the event timings above cannot say."""
+    the event timings above cannot say. Each call is profiled on its own, so its timeline
+    splits too: `span_us` from its first kernel's start to its last one's end, `idle_us`
+    the gaps inside that span where no kernel ran, and `wall_us` the call's host time
+    (fn must end with a sync for that to include its last kernel): wall - span is host
+    time before the first kernel and after the last."""
+    import time as _time
     from torch.profiler import ProfilerActivity, profile
     fn()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            fn()
-        torch.cuda.synchronize()
     per_name: dict[str, list[float]] = {}
-    for e in prof.events():
-        if e.device_type != torch.autograd.DeviceType.CUDA:
-            continue
-        per_name.setdefault(e.name, []).append(e.device_time_total)
+    spans, idles, walls = [], [], []
+    for _ in range(iters):
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            t = _time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            walls.append((_time.perf_counter() - t) * 1e6)
+        ranges = []
+        for e in prof.events():
+            if e.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            per_name.setdefault(e.name, []).append(e.device_time_total)
+            ranges.append((e.time_range.start, e.time_range.end))
+        if ranges:
+            ranges.sort()
+            busy, (cur_s, cur_e) = 0.0, ranges[0]
+            for s_, e_ in ranges[1:]:
+                if s_ > cur_e:
+                    busy += cur_e - cur_s
+                    cur_s, cur_e = s_, e_
+                else:
+                    cur_e = max(cur_e, e_)
+            busy += cur_e - cur_s
+            span = max(e_ for _, e_ in ranges) - ranges[0][0]
+            spans.append(span)
+            idles.append(span - busy)
     rows = sorted(({"kernel": n[:120], "us": sum(t) / iters, "launches": len(t) / iters}
                    for n, t in per_name.items()), key=lambda r: -r["us"])
-    return dict(total_us=sum(r["us"] for r in rows), kernels=rows[:top])
+    med = statistics.median
+    return dict(total_us=sum(r["us"] for r in rows), kernels=rows[:top],
+                span_us=med(spans) if spans else None, idle_us=med(idles) if idles else None,
+                wall_us=med(walls))
 
 
 def print_kernel_profile(title: str, prof: dict) -> None:
-    print(f"{title}: {prof['total_us']:.1f} us of kernels per call", flush=True)
+    print(f"{title}: {prof['total_us']:.1f} us of kernels per call; wall {prof['wall_us']:.1f} us, "
+          f"first kernel to last {prof['span_us']:.1f} us, of it idle {prof['idle_us']:.1f} us", flush=True)
     for r in prof["kernels"]:
         print(f"  {r['us']:9.1f} us  x{r['launches']:6.1f}  {r['kernel']}", flush=True)

@@ -163,6 +163,36 @@ def kernel_breakdown(engine, ctx: int) -> dict:
     return out
 
 
+def graph_pool_diagnostic(graphs, key) -> dict:
+    """Back-to-back replay ms of the graph `key`: as captured, recaptured in a private
+    pool, recaptured in the shared pool, and the original once every other graph is
+    dropped. Separates where its activations sit from how many graphs the engine holds."""
+    b, w = key
+
+    def b2b(g):
+        return gc_.cuda_time_ms(lambda: [g.replay() for _ in range(10)], iters=5) / 10
+
+    def recapture(pool):
+        for _ in range(2):
+            graphs._forward(b, w)
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=pool):
+            graphs._forward(b, w)
+        return g
+
+    out = dict(original=b2b(graphs.graphs[key]))
+    out["private_pool"] = b2b(recapture(None))
+    out["shared_pool"] = b2b(recapture(graphs.graphs[key].pool()))
+    for k in [k for k in graphs.graphs if k != key]:
+        del graphs.graphs[k]
+    torch.cuda.synchronize()
+    out["alone"] = b2b(graphs.graphs[key])
+    out["original_again"] = b2b(graphs.graphs[key])
+    print(f"graph {key} back to back, ms: {out}", flush=True)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", default="1,8,32,128")
@@ -179,6 +209,10 @@ def main():
                     help="the engine's max_num_seqs (default: the largest batch timed)")
     ap.add_argument("--graph-kernels", action="store_true",
                     help="per batch, the kernels of its graph replay and their device time (torch.profiler)")
+    ap.add_argument("--graph-pools", action="store_true",
+                    help="diagnostic, last batch only: its graph's back-to-back replay recaptured in a "
+                         "private memory pool, recaptured in the shared one, and alone (every other graph "
+                         "dropped); destroys the engine's other graphs")
     ap.add_argument("--json")
     args = ap.parse_args()
     if args.no_fused_products:
@@ -243,6 +277,7 @@ def main():
         # a pipelined engine: what engine ms/step is compared with for the host's share.
         replay = graphs.graphs[key].replay
         graph_b2b_ms = gc_.cuda_time_ms(lambda: [replay() for _ in range(10)], iters=5) / 10
+        pools = graph_pool_diagnostic(graphs, key) if args.graph_pools and B == batches[-1] else None
         graph_kernels = None
         if args.graph_kernels:
             graph_kernels = gc_.kernel_profile(replay)
@@ -271,7 +306,7 @@ def main():
         row = dict(batch=B, ctx=round(ctx_avg), engine_ms=engine_ms, sync_ms=sync_ms, graph_ms=graph_ms,
                    eager_ms=eager_ms, matmul_ms=mm_ms, roofline_ms=roof_ms, bytes=nbytes,
                    engine_ratio=roof_ms / best, graph_ratio=roof_ms / graph_ms,
-                   graph_b2b_ms=graph_b2b_ms, graph_kernels=graph_kernels,
+                   graph_b2b_ms=graph_b2b_ms, graph_kernels=graph_kernels, graph_pools=pools,
                    host_ms=None if engine_ms is None else engine_ms - graph_b2b_ms,
                    sync_host_ms=None if sync_ms is None else sync_ms - graph_b2b_ms,
                    overlap_speedup=None if None in (engine_ms, sync_ms) else sync_ms / engine_ms,

@@ -113,7 +113,7 @@ def main():
         if args.kernels:
             extra = iter([torch.randint(100, 120000, (L,), generator=g).tolist() for _ in range(4)])
             row["kernels"] = gc_.kernel_profile(lambda: ttft_s(engine, next(extra), f"prof{L}-{time.time()}"),
-                                                iters=2)
+                                                iters=3)
             gc_.print_kernel_profile(f"prefill of {L} tokens (dense={dense_ok})", row["kernels"])
         if args.attention:
             row["attention"] = attention_times(engine, L)
