@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
+
 import torch
 
 from engine.attention_path import dense_prefill_step, dense_serves_several_prompts
@@ -35,6 +37,9 @@ def _init_random_(model: torch.nn.Module, seed: int) -> None:
                 p.fill_(1.0)       # norm weights
             else:
                 p.normal_(0.0, 0.02, generator=gen)
+
+
+_NP_DTYPES = {torch.int64: np.int64, torch.int32: np.int32}
 
 
 class ModelRunner:
@@ -151,8 +156,17 @@ class ModelRunner:
             return self._execute_decode_graph(scheduled, inp, prev)
         dev = self.device
 
+        pin = dev.type == "cuda"
+
         def as_tensor(x, dtype=torch.int64):
-            return torch.tensor(x, dtype=dtype).to(dev, non_blocking=True)
+            # Through numpy: a prefill chunk's lists are thousands of ints, which
+            # torch.tensor converts several times more slowly, while the GPU waits. Pinned
+            # (torch's caching host allocator keeps the block until the copy has run): a
+            # copy from pageable memory may wait for the stream's earlier work, i.e. for
+            # the step still running under overlapped scheduling, or, for the sampled
+            # rows below, for this step's own forward.
+            t = torch.from_numpy(np.array(x, dtype=_NP_DTYPES[dtype]))
+            return (t.pin_memory() if pin else t).to(dev, non_blocking=True)
 
         def padded(tables):
             width = max(map(len, tables))

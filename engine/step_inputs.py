@@ -24,10 +24,7 @@ class StepInputs:
     # row's input while it is still a placeholder (its token_ids entry is then 0), else -1.
     sources: list[int] = field(default_factory=list)
     first_row: dict[int, int] = field(default_factory=dict)       # id(entry) -> its first row
-
-    @property
-    def has_placeholders(self) -> bool:
-        return any(r >= 0 for r in self.sources)
+    has_placeholders: bool = False   # some source is >= 0
 
     def sample_rows(self, entries: list[ScheduledSeq]) -> list[int]:
         """The rows whose logits are sampled, for `entries` in their order: the last row of
@@ -52,14 +49,24 @@ def build_inputs(entries: list[ScheduledSeq], block_size: int, prev: LaunchedSte
         # is sampled), so only an entry reaching it asks.
         last = start + num_known - 1
         src = placeholder_source(seq, last, prev) if last == seq.num_tokens - 1 else -1
+        n = len(tokens)
         inp.first_row[id(s)] = len(inp.token_ids)
         table = seq.block_table
-        for i, tok in enumerate(tokens):
-            p = start + i
-            fill = src if i == num_known - 1 else -1
-            inp.token_ids.append(0 if fill >= 0 else tok)
-            inp.sources.append(fill)
-            inp.positions.append(p)
-            inp.slots.append(table[p // block_size] * block_size + p % block_size)
-            inp.block_tables.append(table)
+        # A long prefill chunk is thousands of rows: the rows are built a block at a time
+        # (list ops in C), not a token at a time, since the GPU waits for them.
+        inp.token_ids.extend(tokens)
+        inp.sources.extend([-1] * n)
+        if src >= 0 and num_known > 0:
+            row = len(inp.token_ids) - n + num_known - 1
+            inp.token_ids[row], inp.sources[row] = 0, src
+            inp.has_placeholders = True
+        end = start + n
+        inp.positions.extend(range(start, end))
+        p = start
+        while p < end:
+            base = table[p // block_size] * block_size
+            stop = min(end, (p // block_size + 1) * block_size)
+            inp.slots.extend(range(base + p % block_size, base + p % block_size + stop - p))
+            p = stop
+        inp.block_tables.extend([table] * n)
     return inp

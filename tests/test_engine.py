@@ -259,6 +259,58 @@ def test_step_inputs_and_runner_output_rows():
     assert RunnerOutput.for_step([d], None).logits is None
 
 
+def test_step_inputs_built_a_block_at_a_time_equal_the_per_token_rows():
+    """build_inputs lays rows out a block at a time; every row must be the one the plain
+    per-token rule gives (position p of a sequence: slot table[p // bs] * bs + p % bs), for
+    chunks starting and ending anywhere in a block, verify chunks and a placeholder token."""
+    import random
+
+    from engine.overlap import PLACEHOLDER, LaunchedStep
+    from engine.scheduler import ScheduledSeq
+    from engine.sequence import Sequence
+    from engine.step_inputs import build_inputs
+
+    rng = random.Random(7)
+    for trial in range(200):
+        bs = rng.choice([1, 4, 16])
+        entries, prev_rows = [], {}
+        for j in range(rng.randint(1, 4)):
+            n = rng.randint(1, 80)
+            computed = rng.randint(0, n - 1)
+            spec = [rng.randint(0, 9) for _ in range(rng.choice([0, 0, 2]))] if computed == n - 1 else []
+            blocks = -(-(n + len(spec)) // bs)
+            table = rng.sample(range(1000), blocks)
+            tokens = [rng.randint(0, 50000) for _ in range(n)]
+            placeholder = computed == n - 1 and rng.random() < 0.5
+            if placeholder:
+                tokens[-1] = PLACEHOLDER
+            sq = Sequence(f"s{j}", tokens, n, SamplingParams(), num_computed_tokens=computed,
+                          block_table=table, spec_token_ids=spec)
+            if placeholder:
+                prev_rows[id(sq)] = j
+            new = n - computed if not spec else 1
+            new = rng.randint(1, new) if not spec else new
+            entries.append(ScheduledSeq(sq, new + len(spec), num_spec=len(spec)))
+        prev = LaunchedStep([], [], [], prev_rows, None, None, None, None) if prev_rows else None
+        inp = build_inputs(entries, bs, prev)
+        want = dict(token_ids=[], positions=[], slots=[], sources=[], block_tables=[])
+        for e in entries:
+            sq, start = e.seq, e.seq.num_computed_tokens
+            known = e.num_new_tokens - e.num_spec
+            toks = sq.token_ids[start:start + known] + sq.spec_token_ids[:e.num_spec]
+            for i, tok in enumerate(toks):
+                p = start + i
+                src = prev_rows.get(id(sq), -1) if tok == PLACEHOLDER and i == known - 1 else -1
+                want["token_ids"].append(0 if src >= 0 else tok)
+                want["sources"].append(src)
+                want["positions"].append(p)
+                want["slots"].append(sq.block_table[p // bs] * bs + p % bs)
+                want["block_tables"].append(sq.block_table)
+        for k, v in want.items():
+            assert getattr(inp, k) == v, (trial, k)
+        assert inp.has_placeholders is any(s >= 0 for s in want["sources"])
+
+
 def test_dense_prefill_attention_gives_the_paged_kernels_tokens(make_engine):
     """EngineConfig.dense_prefill: fresh prompts attend over their own K/V (dense) or through
     the paged kernel; greedy tokens are the same, and later chunks and decodes (paged) read
