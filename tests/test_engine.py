@@ -73,6 +73,8 @@ def test_abort_frees_blocks_at_any_time(smol):
     ([], SamplingParams(), "prompt"),
     ([1, 2, 10**7], SamplingParams(), "prompt_token_ids"),
     ([-1], SamplingParams(), "prompt_token_ids"),
+    ([5, True], SamplingParams(), "prompt_token_ids"),
+    ([5, 6.0], SamplingParams(), "prompt_token_ids"),
     ("hi", SamplingParams(max_tokens=0), "max_tokens"),
     ("hi", SamplingParams(temperature=-1.0), "temperature"),
     ("hi", SamplingParams(top_p=0), "top_p"),
