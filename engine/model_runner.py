@@ -156,17 +156,10 @@ class ModelRunner:
             return self._execute_decode_graph(scheduled, inp, prev)
         dev = self.device
 
-        pin = dev.type == "cuda"
-
         def as_tensor(x, dtype=torch.int64):
             # Through numpy: a prefill chunk's lists are thousands of ints, which
-            # torch.tensor converts several times more slowly, while the GPU waits. Pinned
-            # (torch's caching host allocator keeps the block until the copy has run): a
-            # copy from pageable memory may wait for the stream's earlier work, i.e. for
-            # the step still running under overlapped scheduling, or, for the sampled
-            # rows below, for this step's own forward.
-            t = torch.from_numpy(np.array(x, dtype=_NP_DTYPES[dtype]))
-            return (t.pin_memory() if pin else t).to(dev, non_blocking=True)
+            # torch.tensor converts several times more slowly, while the GPU waits.
+            return torch.from_numpy(np.array(x, dtype=_NP_DTYPES[dtype])).to(dev, non_blocking=True)
 
         def padded(tables):
             width = max(map(len, tables))
