@@ -107,14 +107,15 @@ def dump(path: str | None, record: dict) -> None:
 
 
 def kernel_profile(fn, iters: int = 5, top: int = 40) -> dict:
-    """GPU kernels run by fn() (a graph replay's kernels included), from torch.profiler:
-    per kernel name, device us per call of fn and launches per call of fn, the slowest
-    first, plus the sum of every kernel's time. Where a step's device time goes, which
-    the event timings above cannot say. Each call is profiled on its own, so its timeline
-    splits too: `span_us` from its first kernel's start to its last one's end, `idle_us`
-    the gaps inside that span where no kernel ran, and `wall_us` the call's host time
-    (fn must end with a sync for that to include its last kernel): wall - span is host
-    time before the first kernel and after the last."""
+    """GPU work run by fn() (a graph replay's kernels included; memcpy and memset entries
+    too), from torch.profiler: per name, device us per call of fn and launches per call
+    of fn, the slowest first, plus the sum of them all. Where a step's device time goes,
+    which the event timings above cannot say. Each call is profiled on its own, so its
+    timeline splits too: `span_us` from its first kernel's start to its last one's end,
+    `idle_us` the gaps inside that span where nothing ran, and `wall_us` the call's time
+    up to a sync after it: wall - span is host time before the first kernel and after the
+    last, inflated by the profiler's own cost per launch (large for an eager step of many
+    launches), so read it as an upper bound."""
     import time as _time
     from torch.profiler import ProfilerActivity, profile
     fn()

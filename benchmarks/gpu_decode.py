@@ -26,7 +26,7 @@ the gap goes.
 
     python benchmarks/gpu_decode.py [--batches 1,8,32,128] [--ctx 512] [--steps 32]
                                     [--overlap both|on|off] [--kernels] [--no-fused-products] [--max-num-seqs N]
-                                    [--graph-kernels]
+                                    [--graph-kernels] [--graph-pools]
                                     [--json out.json]
 
 --overlap picks which of the two engine timings run (both by default; the one left out
@@ -166,12 +166,14 @@ def kernel_breakdown(engine, ctx: int) -> dict:
 def graph_pool_diagnostic(graphs, key) -> dict:
     """Back-to-back replay ms of the graph `key`: as captured, recaptured in a private
     pool, recaptured in the shared pool, and the original once every other graph is
-    dropped. Separates where its activations sit from how many graphs the engine holds."""
+    dropped (so run it after the row's timings). Separates where its activations sit
+    from how many graphs the engine holds."""
     b, w = key
 
     def b2b(g):
         return gc_.cuda_time_ms(lambda: [g.replay() for _ in range(10)], iters=5) / 10
 
+    @torch.inference_mode()   # as DecodeGraphs.capture: no autograd state kept by the graph
     def recapture(pool):
         for _ in range(2):
             graphs._forward(b, w)
@@ -188,7 +190,6 @@ def graph_pool_diagnostic(graphs, key) -> dict:
         del graphs.graphs[k]
     torch.cuda.synchronize()
     out["alone"] = b2b(graphs.graphs[key])
-    out["original_again"] = b2b(graphs.graphs[key])
     print(f"graph {key} back to back, ms: {out}", flush=True)
     return out
 
@@ -277,7 +278,6 @@ def main():
         # a pipelined engine: what engine ms/step is compared with for the host's share.
         replay = graphs.graphs[key].replay
         graph_b2b_ms = gc_.cuda_time_ms(lambda: [replay() for _ in range(10)], iters=5) / 10
-        pools = graph_pool_diagnostic(graphs, key) if args.graph_pools and B == batches[-1] else None
         graph_kernels = None
         if args.graph_kernels:
             graph_kernels = gc_.kernel_profile(replay)
@@ -296,6 +296,8 @@ def main():
             eager_ms = timed_steps()
         finally:
             engine.runner.decode_graphs = graphs
+        # After every timing of the row: it drops the engine's other graphs.
+        pools = graph_pool_diagnostic(graphs, key) if args.graph_pools and B == batches[-1] else None
         ctx_avg = ctx0 + n_steps + 3 + len(modes) * (half + 3)  # middle of the timed steps
         for s in seqs:
             engine.abort(s.seq_id)
