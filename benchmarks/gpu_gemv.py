@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 
 import torch
 import torch.nn.functional as F
@@ -110,9 +109,7 @@ def main():
               flush=True)
     totals = {k: sum(r[k] for r in rows) for k in ("separate_us", "cublas_us", "best_us", "engine_cfg_us")}
     print("per layer, the three projections:", {k: round(v, 2) for k, v in totals.items()})
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(device=gc_.device_info(), layers=args.layers, rows=rows, totals=totals), f, indent=1)
+    gc_.dump(args.json, dict(device=gc_.device_info(), layers=args.layers, rows=rows, totals=totals))
 
 
 if __name__ == "__main__":

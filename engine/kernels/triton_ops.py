@@ -199,6 +199,16 @@ FUSED_GEMV_MAX_ROWS = 1
 
 
 @triton.jit
+def _gemv_norm_input(x_row, r_row, res_out_row, offs_k, k_mask, PROLOGUE: tl.constexpr):
+    # One chunk of the norm's input: x, or x + residual rounded to the residual's dtype.
+    h = tl.load(x_row + offs_k, mask=k_mask, other=0.0)
+    if PROLOGUE == 2:
+        r = tl.load(r_row + offs_k, mask=k_mask, other=0.0)
+        h = (h.to(tl.float32) + r.to(tl.float32)).to(res_out_row.dtype.element_ty)
+    return h
+
+
+@triton.jit
 def _gemv_input(x_row, r_row, res_out_row, nw_ptr, offs_k, k_mask, K, inv_rms, write_res,
                 PROLOGUE: tl.constexpr):
     # One chunk of the product's input, as the separate op would have produced it (the same
@@ -208,10 +218,8 @@ def _gemv_input(x_row, r_row, res_out_row, nw_ptr, offs_k, k_mask, K, inv_rms, w
         up = tl.load(x_row + K + offs_k, mask=k_mask, other=0.0).to(tl.float32)
         a = (gate * tl.sigmoid(gate) * up).to(x_row.dtype.element_ty).to(tl.float32)
     else:
-        h = tl.load(x_row + offs_k, mask=k_mask, other=0.0)
+        h = _gemv_norm_input(x_row, r_row, res_out_row, offs_k, k_mask, PROLOGUE)
         if PROLOGUE == 2:
-            r = tl.load(r_row + offs_k, mask=k_mask, other=0.0)
-            h = (h.to(tl.float32) + r.to(tl.float32)).to(res_out_row.dtype.element_ty)
             if write_res:
                 tl.store(res_out_row + offs_k, h, mask=k_mask)
         normed = (h.to(tl.float32) * inv_rms).to(h.dtype).to(tl.float32)
@@ -241,11 +249,7 @@ def _gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, out_ptr, res_out_ptr,
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + offs_k0
             k_mask = offs_k < K
-            h = tl.load(x_row + offs_k, mask=k_mask, other=0.0)
-            if PROLOGUE == 2:
-                r = tl.load(r_row + offs_k, mask=k_mask, other=0.0)
-                h = (h.to(tl.float32) + r.to(tl.float32)).to(res_out_row.dtype.element_ty)
-            hf = h.to(tl.float32)
+            hf = _gemv_norm_input(x_row, r_row, res_out_row, offs_k, k_mask, PROLOGUE).to(tl.float32)
             sq += hf * hf
         inv_rms = tl.rsqrt(tl.sum(sq, axis=0) / K + eps)
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
