@@ -33,6 +33,7 @@ import logging
 
 import torch
 
+from engine.host_to_device import to_device
 from engine.model.llama import ForwardBatch, LlamaForCausalLM
 
 log = logging.getLogger(__name__)
@@ -183,7 +184,7 @@ class DecodeGraphs:
                 # The previous step sampled more rows than a graph holds (an eager step past
                 # the largest bucket): keep only the rows this step reads.
                 rows = sorted({r for r in sources if r >= 0})
-                prev_tokens = prev_tokens[torch.tensor(rows, device=prev_tokens.device)]
+                prev_tokens = prev_tokens[to_device(rows, prev_tokens.device)]
                 where = {r: i for i, r in enumerate(rows)}
                 sources = [where[r] if r >= 0 else -1 for r in sources]
             # Queued before the replay, so it reads prev_tokens before this step's graph

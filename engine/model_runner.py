@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
-
 import torch
 
 from engine.attention_path import dense_prefill_step, dense_serves_several_prompts
 from engine.config import EngineConfig, ModelConfig
 from engine.cuda_graphs import DecodeGraphs
+from engine.host_to_device import to_device
 from engine.kernels import default_backend, get_ops
 from engine import quant
 from engine.model import loader
@@ -37,9 +36,6 @@ def _init_random_(model: torch.nn.Module, seed: int) -> None:
                 p.fill_(1.0)       # norm weights
             else:
                 p.normal_(0.0, 0.02, generator=gen)
-
-
-_NP_DTYPES = {torch.int64: np.int64, torch.int32: np.int32}
 
 
 class ModelRunner:
@@ -157,9 +153,8 @@ class ModelRunner:
         dev = self.device
 
         def as_tensor(x, dtype=torch.int64):
-            # Through numpy: a prefill chunk's lists are thousands of ints, which
-            # torch.tensor converts several times more slowly, while the GPU waits.
-            return torch.from_numpy(np.array(x, dtype=_NP_DTYPES[dtype])).to(dev, non_blocking=True)
+            # (A prefill chunk's lists are thousands of ints, converted while the GPU waits.)
+            return to_device(x, dev, dtype)
 
         def padded(tables):
             width = max(map(len, tables))
@@ -205,7 +200,7 @@ class ModelRunner:
         if not sample_rows:
             return RunnerOutput.for_step(scheduled, None)
         if len(sample_rows) != len(inp.token_ids):
-            rows = torch.tensor(sample_rows, device=logits.device)
+            rows = to_device(sample_rows, logits.device)
             logits, greedy = logits[rows], greedy[rows]
         return RunnerOutput.for_step(scheduled, logits, greedy)
 

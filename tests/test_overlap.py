@@ -328,3 +328,38 @@ def test_gpu_fp32_greedy_equal_with_overlap_on_and_off():
         assert_no_leaks(e)
         del e
     same(*outs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_overlapped_steps_never_wait_for_the_device_until_they_read_tokens_back():
+    """Launching a step (inputs, forward, sampling, the copy back) must not synchronize the
+    host with the device, or the overlap is lost. torch's sync debug mode raises at any
+    synchronizing torch call (a blocking copy, .item(), a check read back to the host);
+    the one wait a step may do, on the previous launch's event, is not one of them. Greedy,
+    temperature, top-k/top-p and seeded requests, prefill chunks and decode rows (graph
+    replays and eager steps) all run under it."""
+    e = LLMEngine("random:llama3-1b", device="cuda", dtype="bfloat16", max_model_len=1024,
+                  kv_cache_memory_gb=2.0, max_num_seqs=16, max_num_batched_tokens=256)
+    assert e.overlap and e.runner.decode_graphs is not None
+    kinds = [SamplingParams(max_tokens=24, ignore_eos=True),
+             SamplingParams(max_tokens=24, ignore_eos=True, temperature=0.8),
+             SamplingParams(max_tokens=24, ignore_eos=True, temperature=0.7, top_k=40, top_p=0.9),
+             SamplingParams(max_tokens=24, ignore_eos=True, temperature=1.0, top_p=0.95, seed=5, logprobs=True)]
+    for i in range(8):   # one long prompt: chunked prefill steps beside decode rows
+        e.add_request(f"r{i}", prompt(i, 400 if i == 3 else 20 + 7 * i), kinds[i % 4])
+    e.step()   # the first launches compile and warm what they need outside the check
+    e.step()
+    replays = e.runner.decode_graphs.num_replays
+    finished, steps = set(), 0
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        while e.has_unfinished():
+            outs = e.step()
+            steps += 1
+            finished |= {o.request_id for o in outs if o.finished}
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert steps > 20 and e.runner.decode_graphs.num_replays > replays
+    assert finished == {f"r{i}" for i in range(8)}
+    assert_no_leaks(e)

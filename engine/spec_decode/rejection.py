@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import torch
 
-from engine.sampler import _filter_top_k_top_p
+from engine.sampler import filter_rows
 from engine.sampling_params import SamplingParams
 
 
 def processed_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """[n, V] logits -> the distribution the sampler draws from (temperature, top-k,
-    top-p applied), row by row, in fp32."""
-    rows = [_filter_top_k_top_p(r.float() / params.temperature, params.top_k, params.top_p) for r in logits]
-    return torch.stack(rows).softmax(-1)
+    top-p applied to each row), in fp32."""
+    n = logits.shape[0]
+    return filter_rows(logits.float() / params.temperature, [params.top_k] * n, [params.top_p] * n).softmax(-1)
 
 
 def verify_greedy(target_logits: torch.Tensor, draft_tokens: list[int]) -> list[int]:
