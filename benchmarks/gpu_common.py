@@ -106,7 +106,25 @@ def dump(path: str | None, record: dict) -> None:
             json.dump(record, f, indent=2)
 
 
-def kernel_profile(fn, iters: int = 5, top: int = 40) -> dict:
+def timeline(ranges: list[tuple[float, float, str]]) -> tuple[float, float, list[dict]]:
+    """(start, end, name) of the device work of one call -> (span from the first start to
+    the last end, the time inside it when nothing ran, and each such gap: its length `us`,
+    `at_us` from the span's start, the work that ended last before it (`after`) and the
+    work that starts it (`before`)). Overlapping work (several streams) counts once."""
+    ranges = sorted(ranges)
+    first = ranges[0][0]
+    gaps, idle = [], 0.0
+    cur_e, cur_name = ranges[0][1], ranges[0][2]
+    for s_, e_, name in ranges[1:]:
+        if s_ > cur_e:
+            idle += s_ - cur_e
+            gaps.append(dict(us=s_ - cur_e, at_us=cur_e - first, after=cur_name[:80], before=name[:80]))
+        if e_ >= cur_e:
+            cur_e, cur_name = e_, name
+    return cur_e - first, idle, gaps
+
+
+def kernel_profile(fn, iters: int = 5, top: int = 40, top_gaps: int = 12) -> dict:
     """GPU work run by fn() (a graph replay's kernels included; memcpy and memset entries
     too), from torch.profiler: per name, device us per call of fn and launches per call
     of fn, the slowest first, plus the sum of them all. Where a step's device time goes,
@@ -115,13 +133,15 @@ def kernel_profile(fn, iters: int = 5, top: int = 40) -> dict:
     `idle_us` the gaps inside that span where nothing ran, and `wall_us` the call's time
     up to a sync after it: wall - span is host time before the first kernel and after the
     last, inflated by the profiler's own cost per launch (large for an eager step of many
-    launches), so read it as an upper bound."""
+    launches), so read it as an upper bound. `widest_gaps`: the widest idle gaps over all
+    the calls, each with the kernel that ran before it and the one after, and how far into
+    its call's span it opened: where in a step the device waited, hence on what."""
     import time as _time
     from torch.profiler import ProfilerActivity, profile
     fn()
     torch.cuda.synchronize()
     per_name: dict[str, list[float]] = {}
-    spans, idles, walls = [], [], []
+    spans, idles, walls, gaps = [], [], [], []
     for _ in range(iters):
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             t = _time.perf_counter()
@@ -133,26 +153,18 @@ def kernel_profile(fn, iters: int = 5, top: int = 40) -> dict:
             if e.device_type != torch.autograd.DeviceType.CUDA:
                 continue
             per_name.setdefault(e.name, []).append(e.device_time_total)
-            ranges.append((e.time_range.start, e.time_range.end))
+            ranges.append((e.time_range.start, e.time_range.end, e.name))
         if ranges:
-            ranges.sort()
-            busy, (cur_s, cur_e) = 0.0, ranges[0]
-            for s_, e_ in ranges[1:]:
-                if s_ > cur_e:
-                    busy += cur_e - cur_s
-                    cur_s, cur_e = s_, e_
-                else:
-                    cur_e = max(cur_e, e_)
-            busy += cur_e - cur_s
-            span = max(e_ for _, e_ in ranges) - ranges[0][0]
+            span, idle, call_gaps = timeline(ranges)
+            gaps += [dict(g, call=len(spans)) for g in call_gaps]
             spans.append(span)
-            idles.append(span - busy)
+            idles.append(idle)
     rows = sorted(({"kernel": n[:120], "us": sum(t) / iters, "launches": len(t) / iters}
                    for n, t in per_name.items()), key=lambda r: -r["us"])
     med = statistics.median
     return dict(total_us=sum(r["us"] for r in rows), kernels=rows[:top],
                 span_us=med(spans) if spans else None, idle_us=med(idles) if idles else None,
-                wall_us=med(walls))
+                wall_us=med(walls), widest_gaps=sorted(gaps, key=lambda g: -g["us"])[:top_gaps])
 
 
 def print_kernel_profile(title: str, prof: dict) -> None:
@@ -160,3 +172,6 @@ def print_kernel_profile(title: str, prof: dict) -> None:
           f"first kernel to last {prof['span_us']:.1f} us, of it idle {prof['idle_us']:.1f} us", flush=True)
     for r in prof["kernels"]:
         print(f"  {r['us']:9.1f} us  x{r['launches']:6.1f}  {r['kernel']}", flush=True)
+    for g in prof.get("widest_gaps", []):
+        print(f"  gap {g['us']:8.1f} us at {g['at_us']:9.1f} us of call {g['call']}: after {g['after']} "
+              f"| before {g['before']}", flush=True)

@@ -8,6 +8,8 @@
 #   bash benchmarks/gpu_owed.sh fused             # issue 14: fused batch-1 products, swept; decode with and without
 #   bash benchmarks/gpu_owed.sh profile           # issue 15: the GPU profile (deployed-path probe)
 #   bash benchmarks/gpu_owed.sh gputests          # every test marked gpu
+#   bash benchmarks/gpu_owed.sh sampler           # issue 14: batched sampler vs per-row; sampled stream, overlap vs sync
+#   bash benchmarks/gpu_owed.sh idle              # issue 14: where the 4k prefill's device idles; the batch-1 graph's pools
 #
 # Steps run in the order given; a step that fails or runs out of time is reported and the
 # next one still runs. Each step's stdout+stderr is in $OUT/<step>.log.
@@ -29,7 +31,7 @@ step() {   # step NAME SECONDS COMMAND...
     clean
 }
 
-[ $# -gt 0 ] || { echo "usage: $0 kv|tests|densetests|gputests|stream|saturated|decode|fused|prefill|profile ..." >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 kv|tests|densetests|gputests|stream|saturated|decode|fused|prefill|sampler|idle|profile ..." >&2; exit 2; }
 for s in "$@"; do
     case "$s" in
         kv) kv_runs=$((${kv_runs:-0} + 1))   # each kv step its own file: kv_ipc_1.json, kv_ipc_2.json, ...
@@ -50,6 +52,15 @@ for s in "$@"; do
                 --json '$OUT/decode_unfused.json'" ;;
         prefill) step prefill 200 bash -c "cd benchmarks && python gpu_prefill.py --lengths 1024,4096 --repeat 3 \
                 --json '$OUT/prefill.json'" ;;
+        sampler) step sampler_tests 200 python -m pytest -q -m gpu tests/test_overlap.py
+                 step sampler 200 bash -c "cd benchmarks && python sampler_batch.py --device cuda --vocab 128256 \
+                --json '$OUT/sampler.json'"
+                 step sampled_stream 420 bash -c "cd benchmarks && python gpu_vs_hf.py --requests 256 --rate 100000 \
+                --engines overlap,sync --skip-hf --temperature 0.8 --top-p 0.95 --json '$OUT/stream_sampled.json'" ;;
+        idle) step prefill_gaps 240 bash -c "cd benchmarks && python gpu_prefill.py --lengths 4096 --repeat 5 --kernels \
+                --json '$OUT/prefill_gaps.json'"
+              step graph_pools 240 bash -c "cd benchmarks && python gpu_decode.py --batches 1 --overlap on \
+                --max-num-seqs 128 --graph-pools --graph-kernels --json '$OUT/decode_pools.json'" ;;
         profile) step profile 540 python -m deploy.cli profile --model random:llama3-8b --dtype bfloat16 \
                 --out "$OUT/profile_h100.json" ;;
         *) echo "unknown step $s" >&2 ;;

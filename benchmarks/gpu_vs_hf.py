@@ -27,6 +27,9 @@ rarely differs from `overlap`). The first variant is the one compared with trans
 
     python benchmarks/gpu_vs_hf.py [--requests 128] [--rate 32] [--hf-batch 32] [--json out.json]
     python benchmarks/gpu_vs_hf.py --requests 256 --engines overlap,sync,dense --json stream.json
+
+--temperature / --top-p make the engine's timed requests sample instead (the sampler's cost
+and whether overlap survives it, against `sync`); transformers is not run for them.
 """
 from __future__ import annotations
 
@@ -96,7 +99,8 @@ def run_engine(args, stream, variant: str = "overlap") -> dict:
         now = time.perf_counter() - start
         while nxt < n and stream[nxt]["arrival"] <= now:
             r = stream[nxt]
-            engine.add_request(str(nxt), r["prompt"], SamplingParams(max_tokens=r["max_tokens"], ignore_eos=True))
+            engine.add_request(str(nxt), r["prompt"], SamplingParams(max_tokens=r["max_tokens"], ignore_eos=True,
+                                                                     temperature=args.temperature, top_p=args.top_p))
             nxt += 1
         if engine.has_unfinished():
             replays = graphs.num_replays if graphs is not None else 0
@@ -246,6 +250,9 @@ def main():
     ap.add_argument("--max-batched-tokens", type=int, default=4096)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--temperature", type=float, default=0.0,
+                    help="the engine's requests sample (0: greedy); transformers stays greedy, so pair with --skip-hf")
+    ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--engines", default="overlap",
                     help=f"comma-separated engine variants, run in turn on the same stream: {','.join(ENGINE_VARIANTS)}")
     ap.add_argument("--timeline", action="store_true",
@@ -260,6 +267,8 @@ def main():
     unknown = [v for v in variants if v not in ENGINE_VARIANTS]
     if unknown or not variants:
         ap.error(f"--engines: unknown {unknown}; choose from {list(ENGINE_VARIANTS)}")
+    if args.temperature and not args.skip_hf:
+        ap.error("--temperature: transformers runs greedy here; add --skip-hf")
     stream = make_stream(args)
     engines = {}
     for v in variants:

@@ -1,10 +1,13 @@
 """Host lists onto the step's device without waiting for the device.
 
-torch.tensor(values, device="cuda") copies synchronously: the host stops until the device
-has run everything queued before it, which in an overlapped step is the whole previous
-forward. These copies are queued instead (non_blocking from pageable memory: the driver
-stages the bytes before the call returns, so the list may go away at once), and go
-through numpy, which converts a long list of ints several times faster than torch.tensor.
+torch.tensor(values, device="cuda") copies synchronously: torch makes the host wait until
+the device has run everything queued before the copy, which in an overlapped step is the
+whole previous forward. These copies are non_blocking instead: from pageable memory the
+driver takes the bytes before the call returns (so the list may go away at once), and
+CUDA's documentation leaves it free to wait for the stream while it stages them, which
+pinned staging would rule out (tried once, taken out unmeasured: benchmarks/RESULTS.md).
+They go through numpy, which converts a long list of ints several times faster than
+torch.tensor.
 """
 from __future__ import annotations
 
