@@ -26,7 +26,7 @@ the gap goes.
 
     python benchmarks/gpu_decode.py [--batches 1,8,32,128] [--ctx 512] [--steps 32]
                                     [--overlap both|on|off] [--kernels] [--no-fused-products] [--max-num-seqs N]
-                                    [--graph-kernels] [--graph-pools]
+                                    [--graph-kernels] [--graph-pools] [--temperature T] [--top-p P]
                                     [--json out.json]
 
 --overlap picks which of the two engine timings run (both by default; the one left out
@@ -214,6 +214,10 @@ def main():
                     help="diagnostic, last batch only: its graph's back-to-back replay recaptured in a "
                          "private memory pool, recaptured in the shared one, and alone (every other graph "
                          "dropped); destroys the engine's other graphs")
+    ap.add_argument("--temperature", type=float, default=0.0,
+                    help="the requests sample (0: greedy): what the sampler adds to a step, and whether the "
+                         "overlap still hides the host")
+    ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--json")
     args = ap.parse_args()
     if args.no_fused_products:
@@ -233,7 +237,8 @@ def main():
     rows = []
     for B in batches:
         n_steps = args.steps
-        sp = SamplingParams(max_tokens=4 * n_steps + 40, ignore_eos=True)
+        sp = SamplingParams(max_tokens=4 * n_steps + 40, ignore_eos=True, temperature=args.temperature,
+                            top_p=args.top_p)
         g = torch.Generator().manual_seed(B)
         for i in range(B):
             engine.add_request(f"b{B}-{i}", torch.randint(100, 120000, (args.ctx,), generator=g).tolist(), sp)
@@ -318,7 +323,7 @@ def main():
     from engine.kernels import triton_ops
     rec = dict(device=gc_.device_info(), copy_gbs=bw, weight_bytes=wbytes, kv_bytes_per_token=kv_tok,
                fused_products_max_rows=triton_ops.FUSED_GEMV_MAX_ROWS, max_num_seqs=engine.cfg.max_num_seqs,
-               rows=rows)
+               temperature=args.temperature, top_p=args.top_p, rows=rows)
     if args.kernels:
         rec["kernels"] = kernel_breakdown(engine, args.ctx)
         print(rec["kernels"], flush=True)

@@ -55,6 +55,8 @@ for s in "$@"; do
         sampler) step sampler_tests 200 python -m pytest -q -m gpu tests/test_overlap.py
                  step sampler 200 bash -c "cd benchmarks && python sampler_batch.py --device cuda --vocab 128256 \
                 --json '$OUT/sampler.json'"
+                 step sampled_decode 240 bash -c "cd benchmarks && python gpu_decode.py --batches 1,32,128 \
+                --temperature 0.8 --top-p 0.95 --json '$OUT/decode_sampled.json'"
                  step sampled_stream 420 bash -c "cd benchmarks && python gpu_vs_hf.py --requests 256 --rate 100000 \
                 --engines overlap,sync --skip-hf --temperature 0.8 --top-p 0.95 --json '$OUT/stream_sampled.json'" ;;
         idle) step prefill_gaps 240 bash -c "cd benchmarks && python gpu_prefill.py --lengths 4096 --repeat 5 --kernels \
