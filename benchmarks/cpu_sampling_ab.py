@@ -86,7 +86,7 @@ def main():
         print(f"| {s} | {a:.0f} | {b:.0f} | {b / a:.2f}x |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(batch=args.batch, max_tokens=args.max_tokens, threads=torch.get_num_threads(),
+            json.dump(dict(model="smollm2", batch=args.batch, max_tokens=args.max_tokens, repeat=args.repeat, threads=torch.get_num_threads(),
                            torch=torch.__version__, runs=runs), f, indent=1)
 
 

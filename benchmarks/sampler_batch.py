@@ -125,7 +125,7 @@ def main():
                       f"{row['batched_ms']:8.2f} ms  ({row['per_row_ms'] / row['batched_ms']:.1f}x){extra}",
                       flush=True)
     if args.json:
-        rec = dict(device=str(dev), logits=args.logits, gpu=torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
+        rec = dict(device=str(dev), logits=args.logits, repeat=args.repeat, gpu=torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
                    threads=torch.get_num_threads(), torch=torch.__version__, rows=rows)
         with open(args.json, "w") as f:
             json.dump(rec, f, indent=1)

@@ -65,15 +65,19 @@ def _nucleus_floor(x: torch.Tensor, ps: torch.Tensor) -> torch.Tensor:
     """[S, V] logits (top-k already masked) and their top_p [S, 1] -> each row's least
     kept logit [S, 1] under the top-p rule."""
     S, V = x.shape
-    lse = torch.logsumexp(x, dim=-1, keepdim=True)
+    # Masses relative to each row's maximum: exp(top - logsumexp(x)) loses the small ones
+    # where logits are large (a low temperature), since logsumexp's rounding grows with
+    # them; top - peak is exact for the logits near the peak, which carry the mass.
+    peak = x.amax(-1, keepdim=True)
+    lse = torch.logsumexp(x - peak, dim=-1, keepdim=True)
     widths = [w for w in CPU_PREFIX_WIDTHS if w < V] if x.device.type == "cpu" else []
     widths.append(V)
     tau = torch.empty((S, 1), device=x.device, dtype=x.dtype)
     todo = None   # the rows still open (None: all of them)
     for w in widths:
-        xs, lse_s, ps_s = (x, lse, ps) if todo is None else (x[todo], lse[todo], ps[todo])
+        xs, peak_s, lse_s, ps_s = (x, peak, lse, ps) if todo is None else (x[todo], peak[todo], lse[todo], ps[todo])
         top = torch.topk(xs, w, dim=-1).values if w < V else torch.sort(xs, dim=-1, descending=True).values
-        cum = (top - lse_s).exp().cumsum(-1)
+        cum = ((top - peak_s) - lse_s).exp().cumsum(-1)
         before = F.pad(cum[:, :-1], (1, 0))       # mass strictly ahead of each position
         n_keep = (before < ps_s).sum(-1, keepdim=True).clamp(min=1)
         # (Past the last finite logit, where rounding leaves the mass of every token a hair

@@ -14,6 +14,8 @@ from planes.errors import InvalidRequestError
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 64
+# Temperatures below this sample greedily (SamplingParams.greedy).
+MIN_SAMPLING_TEMPERATURE = 1e-5
 
 
 @dataclass
@@ -36,7 +38,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # Below MIN_SAMPLING_TEMPERATURE the distribution is argmax to fp32 precision, and
+        # logits / temperature would overflow (or the temperature round to 0) in fp32.
+        return self.temperature < MIN_SAMPLING_TEMPERATURE
 
     def validate(self, vocab_size: int | None = None) -> None:
         """Raise InvalidRequestError naming the first bad field and its limit."""

@@ -82,6 +82,30 @@ def test_batched_filter_masks_each_row_by_its_own_settings(widths, monkeypatch):
             assert torch.equal(got[r][keep], logits[r][keep])
 
 
+def test_top_p_keeps_its_precision_at_low_temperatures():
+    """Logits divided by a small temperature are large: the masses must still come out to
+    fp32 precision (relative to the row's peak), not to the rounding of a large logsumexp."""
+    # 30 and 29.99955 at temperature 1e-4: masses 0.98901 and 0.01099, so 0.995 keeps both.
+    assert _kept(torch.tensor([30.0, 29.99955]) / 1e-4, -1, 0.995).tolist() == [True, True]
+    g = torch.Generator().manual_seed(8)
+    for scale in (1e3, 1e5, 3e5):
+        peak = scale * (1 + torch.rand(16, 1, generator=g))
+        logits = peak - torch.rand(16, 300, generator=g) * 12   # spread of a few units below it
+        ps = [0.5, 0.9, 0.99, 0.999] * 4
+        got = filter_rows(logits, [-1] * 16, ps)
+        for r in range(16):
+            assert torch.equal(~torch.isinf(got[r]), _keep_sorted(logits[r], -1, ps[r])), (scale, r)
+
+
+def test_temperatures_too_small_for_fp32_sample_greedily():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(2)) * 5
+    for t in (1e-50, 1e-7):
+        assert SamplingParams(temperature=t).greedy
+        toks, _ = sample(logits, [SamplingParams(temperature=t, seed=1)] * 3, [torch.Generator().manual_seed(1)] * 3)
+        assert toks == logits.argmax(-1).tolist()
+    assert not SamplingParams(temperature=1e-4).greedy
+
+
 def test_nucleus_search_over_a_large_vocabulary_falls_back_where_the_prefix_is_short():
     g = torch.Generator().manual_seed(1)
     V = 5000
