@@ -8,7 +8,8 @@
 #   bash benchmarks/gpu_owed.sh fused             # issue 14: fused batch-1 products, swept; decode with and without
 #   bash benchmarks/gpu_owed.sh profile           # issue 15: the GPU profile (deployed-path probe)
 #   bash benchmarks/gpu_owed.sh gputests          # every test marked gpu
-#   bash benchmarks/gpu_owed.sh sampler           # issue 14: batched sampler vs per-row; sampled stream, overlap vs sync
+#   bash benchmarks/gpu_owed.sh sampler           # issue 14: sync test; batched sampler vs per-row; sampled decode table
+#   bash benchmarks/gpu_owed.sh sampledstream     # issue 14: the saturating stream with every request sampling, overlap vs sync
 #   bash benchmarks/gpu_owed.sh idle              # issue 14: where the 4k prefill's device idles; the batch-1 graph's pools
 #
 # Steps run in the order given; a step that fails or runs out of time is reported and the
@@ -31,7 +32,7 @@ step() {   # step NAME SECONDS COMMAND...
     clean
 }
 
-[ $# -gt 0 ] || { echo "usage: $0 kv|tests|densetests|gputests|stream|saturated|decode|fused|prefill|sampler|idle|profile ..." >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 kv|tests|densetests|gputests|stream|saturated|decode|fused|prefill|sampler|sampledstream|idle|profile ..." >&2; exit 2; }
 for s in "$@"; do
     case "$s" in
         kv) kv_runs=$((${kv_runs:-0} + 1))   # each kv step its own file: kv_ipc_1.json, kv_ipc_2.json, ...
@@ -57,8 +58,10 @@ for s in "$@"; do
                 --json '$OUT/sampler.json'"
                  step sampled_decode 240 bash -c "cd benchmarks && python gpu_decode.py --batches 1,32,128 \
                 --temperature 0.8 --top-p 0.95 --json '$OUT/decode_sampled.json'"
-                 step sampled_stream 420 bash -c "cd benchmarks && python gpu_vs_hf.py --requests 256 --rate 100000 \
-                --engines overlap,sync --skip-hf --temperature 0.8 --top-p 0.95 --json '$OUT/stream_sampled.json'" ;;
+                 ;;
+        sampledstream) step sampled_stream 420 bash -c "cd benchmarks && python gpu_vs_hf.py --requests 256 \
+                --rate 100000 --engines overlap,sync --skip-hf --temperature 0.8 --top-p 0.95 \
+                --json '$OUT/stream_sampled.json'" ;;
         idle) step prefill_gaps 240 bash -c "cd benchmarks && python gpu_prefill.py --lengths 4096 --repeat 5 --kernels \
                 --json '$OUT/prefill_gaps.json'"
               step graph_pools 240 bash -c "cd benchmarks && python gpu_decode.py --batches 1 --overlap on \
