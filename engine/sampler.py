@@ -115,8 +115,10 @@ def sample_on_device(logits: torch.Tensor, params: list[SamplingParams],
     """sample() without reading anything back: token ids [N] int64 and the logprobs [N]
     (or None) stay on the logits' device, so the host can go on to the next step while
     they are computed (overlapped scheduling)."""
-    tokens = logits.argmax(dim=-1) if greedy_ids is None else greedy_ids
     sampled = [i for i, p in enumerate(params) if not p.greedy]
+    tokens = greedy_ids
+    if tokens is None and len(sampled) < len(params):   # (a pass over the logits, for greedy rows only)
+        tokens = logits.argmax(dim=-1)
     if sampled:
         tokens = _draw(logits, tokens, sampled, params, generators)
     logprobs = None
@@ -125,10 +127,10 @@ def sample_on_device(logits: torch.Tensor, params: list[SamplingParams],
     return tokens, logprobs
 
 
-def _draw(logits: torch.Tensor, greedy: torch.Tensor, sampled: list[int], params: list[SamplingParams],
+def _draw(logits: torch.Tensor, greedy: torch.Tensor | None, sampled: list[int], params: list[SamplingParams],
           generators: list[torch.Generator | None]) -> torch.Tensor:
     """greedy's ids with the rows `sampled` replaced by draws from their filtered
-    distributions."""
+    distributions (greedy may be None when every row samples)."""
     dev = logits.device
     every = len(sampled) == logits.shape[0]
     rows = None if every else to_device(sampled, dev)
