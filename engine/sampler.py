@@ -72,8 +72,8 @@ def _nucleus_floor(x: torch.Tensor, ps: torch.Tensor) -> torch.Tensor:
     lse = torch.logsumexp(x - peak, dim=-1, keepdim=True)
     widths = [w for w in CPU_PREFIX_WIDTHS if w < V] if x.device.type == "cpu" else []
     widths.append(V)
-    tau = torch.empty((S, 1), device=x.device, dtype=x.dtype)
-    todo = None   # the rows still open (None: all of them)
+    # Off the CPU the one width is V, so the first pass answers every row (nothing read back).
+    todo = tau = None   # the rows still open past a prefix, and every row's answer so far
     for w in widths:
         xs, peak_s, lse_s, ps_s = (x, peak, lse, ps) if todo is None else (x[todo], peak[todo], lse[todo], ps[todo])
         top = torch.topk(xs, w, dim=-1).values if w < V else torch.sort(xs, dim=-1, descending=True).values
@@ -83,19 +83,20 @@ def _nucleus_floor(x: torch.Tensor, ps: torch.Tensor) -> torch.Tensor:
         # (Past the last finite logit, where rounding leaves the mass of every token a hair
         # under a top_p near 1, t is -inf: every finite logit kept, as it should be.)
         t = top.gather(-1, n_keep - 1)
-        if w == V:
-            settled = None
-        else:   # the prefix holds the first position whose mass ahead reaches top_p, or every finite logit
-            settled = ((n_keep < w) | torch.isinf(top[:, -1:])).squeeze(-1)
-            if bool(settled.all()):
-                settled = None
-        rows = todo if todo is not None else torch.arange(S, device=x.device)
-        if settled is None:
-            tau[rows] = t
-            break
-        tau[rows[settled]] = t[settled]
-        todo = rows[~settled]
-    return tau
+        # Settled: the prefix holds the first position whose mass ahead reaches top_p, or
+        # every finite logit (a whole row always does).
+        settled = None if w == V else ((n_keep < w) | torch.isinf(top[:, -1:])).squeeze(-1)
+        done = settled is None or bool(settled.all())
+        if tau is None:
+            if done:
+                return t
+            tau, todo = t, torch.arange(S, device=x.device)
+        else:
+            tau[todo] = t
+            if done:
+                return tau
+        todo = todo[~settled]
+    raise AssertionError("the last width is the whole row, which settles every row")
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams],
