@@ -35,6 +35,7 @@ is reported as None).
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import torch
@@ -194,6 +195,23 @@ def graph_pool_diagnostic(graphs, key) -> dict:
     return out
 
 
+def use_gemv_tiles(path: str) -> None:
+    """The engine's Triton products take gpu_gemv.py's choice (read when the graphs are
+    captured: call before the engine starts). An op the sweep did not keep goes to cuBLAS."""
+    from engine.kernels import triton_ops as tri
+    with open(path) as f:
+        rec = json.load(f)
+    ops = {"none": [tri._PRO_NONE], "add_norm": [tri._PRO_NORM, tri._PRO_ADD_NORM], "silu": [tri._PRO_SILU_MUL]}
+    tiles = {}
+    for op, key in rec["engine_tiles"].items():
+        fields = [int(v) for v in key.split(",")]
+        for prologue in ops[op]:
+            tiles[prologue] = tri.GemvTile(*fields[:3], *(bool(v) for v in fields[3:]))
+    tri.GEMV_CONFIGS = tiles
+    tri.FUSED_GEMV_MAX_WEIGHT_BYTES = max(rec["fuse_max_weight_bytes"], 1)
+    print("Triton products:", tiles, "up to", tri.FUSED_GEMV_MAX_WEIGHT_BYTES / 1e6, "MB", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", default="1,8,32,128")
@@ -206,6 +224,9 @@ def main():
     ap.add_argument("--no-fused-products", action="store_true",
                     help="the norms and the activation as their own kernels before cuBLAS, at every batch "
                          "(by default batch 1 folds them into Triton products: triton_ops.FUSED_GEMV_MAX_ROWS)")
+    ap.add_argument("--gemv-tiles", metavar="GEMV_JSON",
+                    help="run the batch-1 Triton products with the tiles gpu_gemv.py chose (its engine_tiles "
+                         "and fuse_max_weight_bytes) instead of the engine's table")
     ap.add_argument("--max-num-seqs", type=int, default=None,
                     help="the engine's max_num_seqs (default: the largest batch timed)")
     ap.add_argument("--graph-kernels", action="store_true",
@@ -223,6 +244,8 @@ def main():
     if args.no_fused_products:
         from engine.kernels import triton_ops
         triton_ops.FUSED_GEMV_MAX_ROWS = 0   # read when the graphs are captured: before the engine
+    if args.gemv_tiles:
+        use_gemv_tiles(args.gemv_tiles)
     batches = [int(b) for b in args.batches.split(",")]
 
     bw = gc_.copy_bandwidth_gbs()
@@ -323,6 +346,8 @@ def main():
     from engine.kernels import triton_ops
     rec = dict(device=gc_.device_info(), copy_gbs=bw, weight_bytes=wbytes, kv_bytes_per_token=kv_tok,
                fused_products_max_rows=triton_ops.FUSED_GEMV_MAX_ROWS, max_num_seqs=engine.cfg.max_num_seqs,
+               gemv_tiles={k: list(v) for k, v in triton_ops.GEMV_CONFIGS.items()},
+               fused_max_weight_bytes=triton_ops.FUSED_GEMV_MAX_WEIGHT_BYTES,
                temperature=args.temperature, top_p=args.top_p, rows=rows)
     if args.kernels:
         rec["kernels"] = kernel_breakdown(engine, args.ctx)

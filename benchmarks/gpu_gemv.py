@@ -1,20 +1,24 @@
-"""The batch-1 projections of a decode step with and without their neighbouring op fused in
-(engine/kernels/triton_ops.py: rms_norm_linear, silu_and_mul_linear), on one GPU.
+"""The batch-1 projections of a decode step through cuBLAS and through the Triton product
+(engine/kernels/triton_ops.py: linear, rms_norm_linear, silu_and_mul_linear), on one GPU.
 
-For each projection of `random:llama3-8b` that reads a norm or an activation, a CUDA graph
-of --layers copies (distinct weights, as the layers have, so nothing is served from L2)
-is replayed and timed per copy:
+For each projection of `random:llama3-8b` (and SmolLM2's tied lm_head), a CUDA graph of
+--layers copies (distinct weights, as the layers have, so nothing is served from L2) is
+replayed and timed per copy:
 
-  separate   the op's own kernel (add_rms_norm / silu_and_mul) then cuBLAS (F.linear)
+  separate   the op before the product as its own kernel (add_rms_norm / silu_and_mul),
+             then cuBLAS (F.linear); for a product with nothing before it, cuBLAS alone
   cublas     F.linear alone: what the product costs without its neighbour
-  fused      the Triton product that recomputes its input, at each (BLOCK_N, BLOCK_K,
-             num_warps) of the sweep
+  triton     the Triton product that recomputes its input, at each GemvTile of the sweep
+             (tile, warps, and the kernel's variants: the norm's pass over the whole row
+             at once, the next weight tile prefetched, a per-tile row reduction)
 
-and the weights' bytes over the time gives each variant's read bandwidth. The best fused
-configuration per shape is printed beside the engine's (triton_ops._GEMV_CONFIGS), and
-whether the engine fuses that shape at all (triton_ops.FUSED_GEMV_MAX_WEIGHT_BYTES).
+and the weights' bytes over the time gives each one's read bandwidth. Per op, the tile with
+the least time summed over that op's shapes is written as `engine_tiles` (the form
+triton_ops.GEMV_CONFIGS takes; `gpu_decode.py --gemv-tiles FILE` runs the engine with it),
+with `fuse_max_weight_bytes`: the largest weight at which the best Triton product still
+beats the separate kernels.
 
-    python benchmarks/gpu_gemv.py [--layers 32] [--json out.json]
+    python benchmarks/gpu_gemv.py [--layers 32] [--quick] [--json out.json]
 """
 from __future__ import annotations
 
@@ -28,14 +32,25 @@ import gpu_common as gc_
 
 from engine.kernels import triton_ops as tri
 
-# (name, N, K, the op before it) at Llama-3-8B's shapes
-SHAPES = [("qkv_proj", 6144, 4096, "add_norm"), ("gate_up_proj", 28672, 4096, "add_norm"),
-          ("down_proj", 4096, 14336, "silu")]
-SWEEP = list(itertools.product((4, 8, 16, 32), (256, 512, 1024), (4, 8)))
+# (name, N, K, the op before it): Llama-3-8B's batch-1 projections, and SmolLM2-135M's lm_head
+# (tied to the embedding, 49152 x 576), a plain product with a short row.
+SHAPES = [("qkv_proj", 6144, 4096, "add_norm"), ("o_proj", 4096, 4096, "none"),
+          ("gate_up_proj", 28672, 4096, "add_norm"), ("down_proj", 4096, 14336, "silu"),
+          ("smollm2_lm_head", 49152, 576, "none")]
+PROLOGUES = {"none": tri._PRO_NONE, "add_norm": tri._PRO_ADD_NORM, "silu": tri._PRO_SILU_MUL}
+# Tiles of at most 32 KB of bf16 weights (larger ones spill registers).
+TILES = [(4, 512), (4, 1024), (4, 2048), (8, 512), (8, 1024), (8, 2048), (16, 512), (16, 1024), (32, 512)]
+# (prefetch, row_acc, wide_norm); the first is the kernel as it was before the variants.
+VARIANTS = [(False, False, False), (False, False, True), (True, False, True), (True, True, True)]
 
 
-def weight_bytes_fused(nbytes: int) -> bool:
-    return nbytes <= tri.FUSED_GEMV_MAX_WEIGHT_BYTES
+def sweep(op: str, quick: bool) -> list[tri.GemvTile]:
+    variants = VARIANTS if op == "add_norm" else [v for v in VARIANTS if v[2]]  # wide_norm: norms only
+    tiles = TILES[::3] if quick else TILES
+    out = []
+    for (bn, bk), warps, (pf, ra, wn) in itertools.product(tiles, (4, 8), variants):
+        out.append(tri.GemvTile(bn, bk, warps, pf, ra, wn and op == "add_norm"))
+    return out
 
 
 def graph_us(fn, layers: int, replays: int = 20) -> float:
@@ -53,7 +68,7 @@ def graph_us(fn, layers: int, replays: int = 20) -> float:
     return gc_.cuda_time_ms(g.replay, iters=replays, warmup=1) * 1000 / layers
 
 
-def bench_shape(name, N, K, op, layers, dt):
+def bench_shape(name, N, K, op, layers, dt, quick):
     dev = torch.device("cuda")
     ws = [torch.randn(N, K, device=dev, dtype=dt) * K ** -0.5 for _ in range(layers)]
     nw = torch.rand(K, device=dev, dtype=dt) + 0.5
@@ -63,53 +78,84 @@ def bench_shape(name, N, K, op, layers, dt):
         separate = lambda i: F.linear(tri.silu_and_mul(x), ws[i])  # noqa: E731
         fused = lambda i: tri.silu_and_mul_linear(x, ws[i])        # noqa: E731
         plain_in = tri.silu_and_mul(x)
-    else:
+    elif op == "add_norm":
         separate = lambda i: F.linear(tri.add_rms_norm(x, res, nw, 1e-5)[0], ws[i])  # noqa: E731
         fused = lambda i: tri.rms_norm_linear(x, res, nw, 1e-5, ws[i])[0]              # noqa: E731
+        plain_in = x
+    else:
+        separate = lambda i: F.linear(x, ws[i])  # noqa: E731
+        fused = lambda i: tri.linear(x, ws[i])   # noqa: E731
         plain_in = x
     gb = N * K * dt.itemsize / 1e9
     row = dict(name=name, N=N, K=K, op=op, weight_gb=gb,
                separate_us=graph_us(separate, layers), cublas_us=graph_us(lambda i: F.linear(plain_in, ws[i]), layers))
-    fused_us = {}
+    triton_us = {}
     saved = tri.GEMV_CONFIG, tri.FUSED_GEMV_MAX_WEIGHT_BYTES
-    tri.FUSED_GEMV_MAX_WEIGHT_BYTES = 1 << 62   # every shape fused here, whatever the engine would do
+    tri.FUSED_GEMV_MAX_WEIGHT_BYTES = 1 << 62   # every shape through Triton here, whatever the engine would do
     try:
-        engine_us = graph_us(fused, layers)    # the engine's configuration for this op
-        for cfg in SWEEP:
-            tri.GEMV_CONFIG = cfg
-            fused_us[str(cfg)] = graph_us(fused, layers)
-        tri.GEMV_CONFIG = saved[0]
-        torch.testing.assert_close(fused(0).float(), separate(0).float(), atol=3e-2, rtol=2e-2)
+        for tile in sweep(op, quick):
+            tri.GEMV_CONFIG = tile
+            try:
+                triton_us[tile_key(tile)] = graph_us(fused, layers)
+            except Exception as e:   # a tile that does not compile (registers) is reported, not fatal
+                print(f"  {name} {tile}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+            else:
+                torch.testing.assert_close(fused(0).float(), separate(0).float(), atol=3e-2, rtol=2e-2)
     finally:
         tri.GEMV_CONFIG, tri.FUSED_GEMV_MAX_WEIGHT_BYTES = saved
-    best = min(fused_us, key=fused_us.get)
-    row.update(fused_us=fused_us, best=best, best_us=fused_us[best], engine_cfg_us=engine_us,
-               engine_fuses=weight_bytes_fused(N * K * dt.itemsize),
+    best = min(triton_us, key=triton_us.get)
+    row.update(triton_us=triton_us, best=best, best_us=triton_us[best],
                gbs=dict(separate=gb / row["separate_us"] * 1e6, cublas=gb / row["cublas_us"] * 1e6,
-                        best=gb / fused_us[best] * 1e6))
+                        best=gb / triton_us[best] * 1e6))
     del ws
     torch.cuda.empty_cache()
     return row
 
 
+def tile_key(t: tri.GemvTile) -> str:
+    return ",".join(str(int(v)) for v in t)
+
+
+def engine_tiles(rows) -> tuple[dict, int]:
+    """Per op, the tile with the least time summed over that op's Llama-3-8B shapes, kept
+    where it beats the separate kernels at the op's smallest weight; and the largest weight
+    below any loss at which the chosen tile still wins (the engine's
+    FUSED_GEMV_MAX_WEIGHT_BYTES)."""
+    tiles, wins, losses = {}, [], []
+    for op in PROLOGUES:
+        mine = sorted((r for r in rows if r["op"] == op and not r["name"].startswith("smollm2")),
+                      key=lambda r: r["weight_gb"])
+        keys = set.intersection(*(set(r["triton_us"]) for r in mine))
+        key = min(keys, key=lambda k: sum(r["triton_us"][k] for r in mine))
+        won = [r["weight_gb"] for r in mine if r["triton_us"][key] < r["separate_us"]]
+        if mine[0]["weight_gb"] in won:
+            tiles[op] = key
+            wins += won
+            losses += [r["weight_gb"] for r in mine if r["weight_gb"] not in won]
+    limit = max((w for w in wins if all(w < lo for lo in losses)), default=0.0)
+    return tiles, round(limit * 1e9)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--quick", action="store_true", help="a third of the tiles (a smoke run)")
     ap.add_argument("--json")
     args = ap.parse_args()
     dt = torch.bfloat16
     rows = []
     for name, N, K, op in SHAPES:
-        r = bench_shape(name, N, K, op, args.layers, dt)
+        r = bench_shape(name, N, K, op, args.layers, dt, args.quick)
         rows.append(r)
-        print(f"{name:13s} separate {r['separate_us']:7.2f} us  cublas alone {r['cublas_us']:7.2f}  "
-              f"fused best {r['best_us']:7.2f} {r['best']}  engine cfg {r['engine_cfg_us']:7.2f}"
-              f"{'' if r['engine_fuses'] else ' (not fused by the engine)'}  "
+        base = r["triton_us"].get(tile_key(tri.GemvTile(32, 512, 4)))
+        print(f"{name:16s} separate {r['separate_us']:7.2f} us  cublas alone {r['cublas_us']:7.2f}  "
+              f"triton best {r['best_us']:7.2f} [{r['best']}]  old engine tile {base or float('nan'):7.2f}  "
               f"GB/s sep/cublas/best {r['gbs']['separate']:.0f}/{r['gbs']['cublas']:.0f}/{r['gbs']['best']:.0f}",
               flush=True)
-    totals = {k: sum(r[k] for r in rows) for k in ("separate_us", "cublas_us", "best_us", "engine_cfg_us")}
-    print("per layer, the three projections:", {k: round(v, 2) for k, v in totals.items()})
-    gc_.dump(args.json, dict(device=gc_.device_info(), layers=args.layers, rows=rows, totals=totals))
+    tiles, limit = engine_tiles(rows)
+    print("engine tiles:", tiles, "fuse up to", limit / 1e6, "MB", flush=True)
+    gc_.dump(args.json, dict(device=gc_.device_info(), layers=args.layers, rows=rows, engine_tiles=tiles,
+                             fuse_max_weight_bytes=limit, tile_fields=list(tri.GemvTile._fields)))
 
 
 if __name__ == "__main__":

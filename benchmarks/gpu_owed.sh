@@ -10,6 +10,8 @@
 #   bash benchmarks/gpu_owed.sh gputests          # every test marked gpu
 #   bash benchmarks/gpu_owed.sh sampler           # issue 14: sync test; batched sampler vs per-row; sampled decode table
 #   bash benchmarks/gpu_owed.sh sampledstream     # issue 14: the saturating stream with every request sampling, overlap vs sync
+#   bash benchmarks/gpu_owed.sh gemvtiles         # issue 14: the batch-1 products' tiles and kernel variants swept; decode with the engine's table
+#   GEMV_SWEEP=f.json bash benchmarks/gpu_owed.sh gemvdecode   # decode with the sweep's tiles (default: $OUT/gemv_sweep.json)
 #   bash benchmarks/gpu_owed.sh idle              # issue 14: where the 4k prefill's device idles; the batch-1 graph's pools
 #
 # Steps run in the order given; a step that fails or runs out of time is reported and the
@@ -32,7 +34,7 @@ step() {   # step NAME SECONDS COMMAND...
     clean
 }
 
-[ $# -gt 0 ] || { echo "usage: $0 kv|tests|densetests|gputests|stream|saturated|decode|fused|prefill|sampler|sampledstream|idle|profile ..." >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 kv|tests|densetests|gputests|stream|saturated|decode|fused|gemvtiles|gemvdecode|prefill|sampler|sampledstream|idle|profile ..." >&2; exit 2; }
 for s in "$@"; do
     case "$s" in
         kv) kv_runs=$((${kv_runs:-0} + 1))   # each kv step its own file: kv_ipc_1.json, kv_ipc_2.json, ...
@@ -51,6 +53,12 @@ for s in "$@"; do
                step decode_fused 200 bash -c "cd benchmarks && python gpu_decode.py --batches 1,8 --json '$OUT/decode_fused.json'"
                step decode_unfused 200 bash -c "cd benchmarks && python gpu_decode.py --batches 1,8 --no-fused-products \
                 --json '$OUT/decode_unfused.json'" ;;
+        gemvtiles) step gemv_sweep 330 bash -c "cd benchmarks && python gpu_gemv.py --json '$OUT/gemv_sweep.json'"
+                   step decode_table 170 bash -c "cd benchmarks && python gpu_decode.py --batches 1,8 --overlap on \
+                --json '$OUT/decode_table.json'" ;;
+        gemvdecode) sweep="$(realpath -m "${GEMV_SWEEP:-$OUT/gemv_sweep.json}")"   # gpu_gemv.py's file
+                    step decode_swept 170 bash -c "cd benchmarks && python gpu_decode.py --batches 1,8 --overlap on \
+                --gemv-tiles '$sweep' --json '$OUT/decode_swept.json'" ;;
         prefill) step prefill 200 bash -c "cd benchmarks && python gpu_prefill.py --lengths 1024,4096 --repeat 3 \
                 --json '$OUT/prefill.json'" ;;
         sampler) step sampler_tests 200 python -m pytest -q -m gpu tests/test_overlap.py

@@ -158,6 +158,68 @@ def test_silu_and_mul_linear(I, N, rows, max_rows, dtype, monkeypatch, gemv_laun
     assert gemv_launches == ([] if rows > max_rows else [tri._PRO_SILU_MUL])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows, max_rows", [(1, 1), (3, 4), (3, 1)])
+@pytest.mark.parametrize("K, N", [(128, 32), (150, 40)])
+def test_linear_batch_one_goes_through_the_triton_product(K, N, rows, max_rows, dtype, monkeypatch, gemv_launches):
+    """A product with nothing to fold in (o_proj, lm_head) at a decode-sized batch."""
+    monkeypatch.setattr(tri, "FUSED_GEMV_MAX_ROWS", max_rows)
+    x = _randn(rows, K, dtype=dtype, seed=26, scale=2.0)
+    w = _randn(N, K, dtype=dtype, seed=27, scale=K ** -0.5)
+    out = tri.linear(x, w)
+    _close_sum(out, ref.linear(x, w), dtype)
+    assert out.shape == (rows, N)
+    assert gemv_launches == ([] if rows > max_rows else [tri._PRO_NONE])
+    # Through a leading batch dimension too, and a bias always to cuBLAS (the kernel has none).
+    _close_sum(tri.linear(x[None], w)[0], ref.linear(x, w), dtype)
+    b = _randn(N, dtype=dtype, seed=28)
+    launched = len(gemv_launches)
+    _close_sum(tri.linear(x, w, b), ref.linear(x, w, b), dtype)
+    assert len(gemv_launches) == launched
+
+
+def test_linear_leaves_an_op_without_a_tile_to_cublas(monkeypatch, gemv_launches):
+    """On a GPU an op the tile table has no entry for is not fused (the sweep did not keep
+    it); the table's entry alone decides."""
+    monkeypatch.setattr(tri, "GEMV_CONFIGS", {})
+    x, w = _randn(1, 64, seed=29), _randn(16, 64, seed=30)
+    assert not tri._gemv_fits(tri._PRO_NONE, x.to("meta"), w.to("meta"))
+    monkeypatch.setattr(tri, "GEMV_CONFIGS", {tri._PRO_NONE: tri.GemvTile(16, 64, 1)})
+    assert tri._gemv_fits(tri._PRO_NONE, x.to("meta"), w.to("meta"))
+    assert not tri._gemv_fits(tri._PRO_SILU_MUL, x.to("meta"), w.to("meta"))
+
+
+# Every variant of the kernel (the sweep times them on a GPU), at tiles that cross the row's
+# and the weight's edges: the norm's pass in chunks or whole, the next weight tile prefetched,
+# the per-tile row reduction.
+GEMV_VARIANTS = [tri.GemvTile(16, 64, 1, prefetch, row_acc, wide_norm)
+                 for prefetch, row_acc, wide_norm in [(False, False, False), (False, False, True),
+                                                      (True, False, False), (True, True, True), (False, True, False)]]
+
+
+@pytest.mark.parametrize("tile", GEMV_VARIANTS, ids=lambda t: "pf%d-ra%d-wn%d" % t[3:])
+@pytest.mark.parametrize("op", ["none", "norm", "add_norm", "silu"])
+def test_every_gemv_variant_matches_the_reference(op, tile, monkeypatch, gemv_launches):
+    monkeypatch.setattr(tri, "GEMV_CONFIG", tile)
+    K, N, dtype = 150, 40, torch.bfloat16
+    w = _randn(N, K, dtype=dtype, seed=34, scale=K ** -0.5)
+    if op == "silu":
+        x = _randn(1, 2 * K, dtype=dtype, seed=35, scale=3.0)
+        _close_sum(tri.silu_and_mul_linear(x, w), ref.silu_and_mul_linear(x, w), dtype)
+    elif op == "none":
+        x = _randn(1, K, dtype=dtype, seed=35, scale=2.0)
+        _close_sum(tri.linear(x, w), ref.linear(x, w), dtype)
+    else:
+        x = _randn(1, K, dtype=dtype, seed=35, scale=2.0)
+        res = _randn(1, K, dtype=dtype, seed=36) if op == "add_norm" else None
+        norm_w = _randn(K, dtype=dtype, seed=37).abs() + 0.5
+        (out, new_res), (expected, exp_res) = (f(x, res, norm_w, 1e-5, w) for f in (tri.rms_norm_linear,
+                                                                                  ref.rms_norm_linear))
+        _close_sum(out, expected, dtype)
+        _close(new_res, exp_res, dtype)
+    assert len(gemv_launches) == 1
+
+
 def test_fused_products_leave_large_weights_to_the_separate_ops(monkeypatch, gemv_launches):
     """Past FUSED_GEMV_MAX_WEIGHT_BYTES the separate op and cuBLAS serve the product."""
     x, res = _randn(1, 64, seed=30), _randn(1, 64, seed=31)
@@ -194,6 +256,9 @@ def test_fused_products_serve_a_batch_one_decode_with_the_references_tokens(gemv
     assert gemv_launches.count(tri._PRO_NORM) == 1
     assert gemv_launches.count(tri._PRO_ADD_NORM) == 2 * layers - 1
     assert gemv_launches.count(tri._PRO_SILU_MUL) == layers
+    # Each o_proj of the decode step, and the lm_head of both steps (logits are taken for
+    # the prefill's last token only: one row).
+    assert gemv_launches.count(tri._PRO_NONE) == layers + 2
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -484,13 +549,18 @@ class TestLargeShapesGPU:
         _close(single, expected, dtype)
 
     @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-    @pytest.mark.parametrize("N, K, what", [(6144, 4096, "norm"), (28672, 4096, "add_norm"), (4096, 14336, "silu")])
+    @pytest.mark.parametrize("N, K, what", [(6144, 4096, "norm"), (28672, 4096, "add_norm"), (4096, 14336, "silu"),
+                                            (4096, 4096, "none")])
     def test_fused_products_llama3_shapes(self, N, K, what, dtype, gemv_launches, monkeypatch):
         monkeypatch.setattr(tri, "FUSED_GEMV_MAX_WEIGHT_BYTES", 1 << 62)   # fused whatever the size
         w = _randn(N, K, dtype=dtype, seed=42, scale=K ** -0.5)
+        monkeypatch.setitem(tri.GEMV_CONFIGS, tri._PRO_NONE, tri.GEMV_CONFIGS.get(tri._PRO_NONE, tri.GemvTile(8, 1024, 4)))
         if what == "silu":
             x = _randn(1, 2 * K, dtype=dtype, seed=43, scale=2.0)
             out, expected = tri.silu_and_mul_linear(x, w), ref.silu_and_mul_linear(x, w)
+        elif what == "none":
+            x = _randn(1, K, dtype=dtype, seed=43, scale=2.0)
+            out, expected = tri.linear(x, w), ref.linear(x, w)
         else:
             x = _randn(1, K, dtype=dtype, seed=43, scale=2.0)
             res = _randn(1, K, dtype=dtype, seed=44) if what == "add_norm" else None

@@ -13,13 +13,13 @@ the wrappers then pick small tiles so the tests exercise several tiles and parti
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
 from engine.kernels import reference
-from engine.kernels.reference import linear  # noqa: F401  (cuBLAS: the GEMMs stay torch's)
 
 _LOG2E = 1.4426950408889634
 
@@ -193,7 +193,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 # input vector it needs, so the separate kernel and its round trip through memory go away.
 # cuBLAS stays the path for larger batches, where the product reuses each weight tile.
 
-_PRO_NORM, _PRO_ADD_NORM, _PRO_SILU_MUL = 1, 2, 3   # the op before the product
+_PRO_NONE, _PRO_NORM, _PRO_ADD_NORM, _PRO_SILU_MUL = 0, 1, 2, 3   # the op before the product
 # Rows up to which the fused products are used (0: never; the A/B switch of the decode bench).
 FUSED_GEMV_MAX_ROWS = 1
 
@@ -213,7 +213,9 @@ def _gemv_input(x_row, r_row, res_out_row, nw_ptr, offs_k, k_mask, K, inv_rms, w
                 PROLOGUE: tl.constexpr):
     # One chunk of the product's input, as the separate op would have produced it (the same
     # roundings as _rms_norm_kernel / _silu_and_mul_kernel), in fp32.
-    if PROLOGUE == 3:
+    if PROLOGUE == 0:
+        a = tl.load(x_row + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+    elif PROLOGUE == 3:
         gate = tl.load(x_row + offs_k, mask=k_mask, other=0.0).to(tl.float32)
         up = tl.load(x_row + K + offs_k, mask=k_mask, other=0.0).to(tl.float32)
         a = (gate * tl.sigmoid(gate) * up).to(x_row.dtype.element_ty).to(tl.float32)
@@ -232,7 +234,8 @@ def _gemv_input(x_row, r_row, res_out_row, nw_ptr, offs_k, k_mask, K, inv_rms, w
 def _gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, out_ptr, res_out_ptr,
                  stride_x, stride_res, stride_w, stride_out, stride_res_out,
                  N, K, eps,
-                 PROLOGUE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 PROLOGUE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 NORM_BLOCK: tl.constexpr, PREFETCH: tl.constexpr, ROW_ACC: tl.constexpr):
     pid = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
     x_row = x_ptr + row * stride_x
@@ -241,68 +244,117 @@ def _gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, out_ptr, res_out_ptr,
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     offs_k0 = tl.arange(0, BLOCK_K)
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_w
+    if PREFETCH:
+        # The next weight tile is always in flight while this one is summed; the first is
+        # issued before the norm's pass, whose loads would otherwise leave HBM idle.
+        w_next = tl.load(w_rows + offs_k0[None, :], mask=n_mask[:, None] & (offs_k0 < K)[None, :], other=0.0)
     inv_rms = 1.0
     if PROLOGUE == 1 or PROLOGUE == 2:
         # The norm needs the whole row's sum of squares before any chunk can be scaled: a
-        # first pass over the input (K values, against BLOCK_N * K weights in the second).
-        sq = tl.zeros([BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + offs_k0
-            k_mask = offs_k < K
-            hf = _gemv_norm_input(x_row, r_row, res_out_row, offs_k, k_mask, PROLOGUE).to(tl.float32)
+        # first pass over the input (K values, against BLOCK_N * K weights in the second),
+        # in chunks of NORM_BLOCK (the whole row where it fits: one round trip, not several).
+        offs_s0 = tl.arange(0, NORM_BLOCK)
+        sq = tl.zeros([NORM_BLOCK], dtype=tl.float32)
+        for k0 in range(0, K, NORM_BLOCK):
+            offs_s = k0 + offs_s0
+            s_mask = offs_s < K
+            hf = _gemv_norm_input(x_row, r_row, res_out_row, offs_s, s_mask, PROLOGUE).to(tl.float32)
             sq += hf * hf
         inv_rms = tl.rsqrt(tl.sum(sq, axis=0) / K + eps)
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_w
+    if ROW_ACC:
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)   # fewer registers: a reduction per tile
+    else:
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + offs_k0
         k_mask = offs_k < K
         # The first program also writes the new residual (every program reads the old one,
         # so it goes to a fresh tensor, never in place).
         a = _gemv_input(x_row, r_row, res_out_row, nw_ptr, offs_k, k_mask, K, inv_rms, pid == 0, PROLOGUE)
-        w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-        acc += w.to(tl.float32) * a[None, :]
-    y = tl.sum(acc, axis=1)
+        if PREFETCH:
+            w = w_next
+            offs_next = offs_k + BLOCK_K
+            w_next = tl.load(w_rows + offs_next[None, :], mask=n_mask[:, None] & (offs_next < K)[None, :],
+                             other=0.0)
+        else:
+            w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        if ROW_ACC:
+            acc += tl.sum(w.to(tl.float32) * a[None, :], axis=1)
+        else:
+            acc += w.to(tl.float32) * a[None, :]
+    if ROW_ACC:
+        y = acc
+    else:
+        y = tl.sum(acc, axis=1)
     tl.store(out_ptr + row * stride_out + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_mask)
 
 
-# (BLOCK_N, BLOCK_K, num_warps) of the fused products by their input's op: the best of
-# benchmarks/gpu_gemv.py's sweep (RESULTS.md, issue 14) for a norm before a 4096-wide product
-# and for the activation before the 14336-wide one. GEMV_CONFIG, when set (the sweep sets
-# each tile it times), overrides the table for every op.
-GEMV_CONFIG: tuple[int, int, int] | None = None
-_GEMV_CONFIGS = {_PRO_NORM: (32, 512, 4), _PRO_ADD_NORM: (32, 512, 4),
-                 _PRO_SILU_MUL: (8, 1024, 4)}
+class GemvTile(NamedTuple):
+    """A launch of _gemv_kernel: its tile, warps and the variant flags. wide_norm: the norm's
+    pass reads the whole input row at once (else in BLOCK_K chunks)."""
+    block_n: int
+    block_k: int
+    warps: int
+    prefetch: bool = False
+    row_acc: bool = False
+    wide_norm: bool = False
+
+
+# The tile for each op before the product: the best of benchmarks/gpu_gemv.py's sweep
+# (RESULTS.md, issue 14) at Llama-3-8B's batch-1 shapes. An op missing here is not fused (the
+# separate op then cuBLAS). GEMV_CONFIG, when set (the sweep sets each tile it times),
+# overrides the table for every op.
+GEMV_CONFIG: GemvTile | None = None
+GEMV_CONFIGS: dict[int, GemvTile] = {_PRO_NORM: GemvTile(32, 512, 4), _PRO_ADD_NORM: GemvTile(32, 512, 4),
+                                     _PRO_SILU_MUL: GemvTile(8, 1024, 4)}
 # Weights up to this size only: the Triton product reads them a few per cent slower than
 # cuBLAS, which past this size costs more than the separate kernel it saves (measured: the
 # 50 and 117 MB projections of a Llama-3-8B layer gain, the 235 MB gate/up loses).
 FUSED_GEMV_MAX_WEIGHT_BYTES = 160 << 20
+_NORM_BLOCK_MAX = 8192
 
 
 def _gemv(prologue: int, x2: torch.Tensor, weight: torch.Tensor, *, residual=None, norm_weight=None,
           eps: float = 0.0, res_out=None) -> torch.Tensor:
     rows, N, K = x2.shape[0], weight.shape[0], weight.shape[1]
     out = torch.empty((rows, N), dtype=x2.dtype, device=x2.device)
-    if x2.device.type == "cpu":   # the interpreter (tests): tiles small enough to cross their edges
-        block_n, block_k, warps = 16, 64, 1
+    if GEMV_CONFIG is not None:
+        tile = GEMV_CONFIG
+    elif x2.device.type == "cpu":   # the interpreter (tests): tiles small enough to cross their edges
+        tile = GemvTile(16, 64, 1)
     else:
-        block_n, block_k, warps = GEMV_CONFIG or _GEMV_CONFIGS[prologue]
+        tile = GEMV_CONFIGS[prologue]
+    norm_block = min(_next_pow2(K), _NORM_BLOCK_MAX) if tile.wide_norm else tile.block_k
     r = residual if residual is not None else x2
     ro = res_out if res_out is not None else out
     nw = norm_weight if norm_weight is not None else weight
-    _gemv_kernel[(triton.cdiv(N, block_n), rows)](
+    _gemv_kernel[(triton.cdiv(N, tile.block_n), rows)](
         x2, r, nw, weight, out, ro,
         x2.stride(0), r.stride(0), weight.stride(0), out.stride(0), ro.stride(0),
-        N, K, eps, PROLOGUE=prologue, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+        N, K, eps, PROLOGUE=prologue, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, NORM_BLOCK=norm_block,
+        PREFETCH=tile.prefetch, ROW_ACC=tile.row_acc, num_warps=tile.warps)
     return out
 
 
-def _gemv_fits(x2: torch.Tensor, weight: torch.Tensor, *others: torch.Tensor) -> bool:
+def _gemv_fits(prologue: int, x2: torch.Tensor, weight: torch.Tensor, *others: torch.Tensor) -> bool:
     # Plain 2-D weights of the activations' dtype, at the batch sizes where a product streams
-    # its weights once (a larger batch reuses each weight tile: cuBLAS's job).
-    return (0 < x2.shape[0] <= FUSED_GEMV_MAX_ROWS and weight.dim() == 2 and weight.stride(1) == 1
+    # its weights once (a larger batch reuses each weight tile: cuBLAS's job), for an op the
+    # table (or an override) has a tile for.
+    return ((GEMV_CONFIG is not None or prologue in GEMV_CONFIGS or x2.device.type == "cpu")
+            and 0 < x2.shape[0] <= FUSED_GEMV_MAX_ROWS and weight.dim() == 2 and weight.stride(1) == 1
             and weight.numel() * weight.element_size() <= FUSED_GEMV_MAX_WEIGHT_BYTES
             and weight.dtype == x2.dtype and all(t.dtype == x2.dtype for t in others))
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Same contract as reference.linear. A batch-1 product with nothing to fold in (o_proj)
+    goes through the same Triton product where the table has a tile for it; everything else
+    is cuBLAS's (torch's F.linear)."""
+    x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
+    if bias is not None or x2.shape[-1] != weight.shape[-1] or not _gemv_fits(_PRO_NONE, x2, weight):
+        return reference.linear(x, weight, bias)
+    return _gemv(_PRO_NONE, _last_dim_contiguous(x2), weight).view(*x.shape[:-1], -1)
 
 
 def rms_norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
@@ -312,13 +364,13 @@ def rms_norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight:
     x2 = _last_dim_contiguous(x.reshape(-1, n))
     norm_weight = norm_weight.contiguous()
     if residual is None:
-        if weight.shape[-1] != n or norm_weight.shape != (n,) or not _gemv_fits(x2, weight, norm_weight):
+        if weight.shape[-1] != n or norm_weight.shape != (n,) or not _gemv_fits(_PRO_NORM, x2, weight, norm_weight):
             return reference.linear(rms_norm(x, norm_weight, eps), weight), x
         out = _gemv(_PRO_NORM, x2, weight, norm_weight=norm_weight, eps=eps)
         return out.view(*x.shape[:-1], -1), x
     r2 = _last_dim_contiguous(residual.reshape(-1, n))
     if (weight.shape[-1] != n or norm_weight.shape != (n,) or r2.shape != x2.shape
-            or not _gemv_fits(x2, weight, r2, norm_weight)):   # (the composition says what is wrong)
+            or not _gemv_fits(_PRO_ADD_NORM, x2, weight, r2, norm_weight)):   # (the composition says what is wrong)
         h, residual = add_rms_norm(x, residual, norm_weight, eps)
         return reference.linear(h, weight), residual
     res_out = torch.empty_like(x2)
@@ -329,7 +381,7 @@ def rms_norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight:
 def silu_and_mul_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Same contract as reference.silu_and_mul_linear."""
     x2 = _last_dim_contiguous(x.reshape(-1, x.shape[-1]))
-    if not _gemv_fits(x2, weight) or x2.shape[1] != 2 * weight.shape[1]:
+    if not _gemv_fits(_PRO_SILU_MUL, x2, weight) or x2.shape[1] != 2 * weight.shape[1]:
         return reference.linear(silu_and_mul(x), weight)
     return _gemv(_PRO_SILU_MUL, x2, weight).view(*x.shape[:-1], -1)
 
