@@ -10,7 +10,9 @@ replayed and timed per copy:
   cublas     F.linear alone: what the product costs without its neighbour
   triton     the Triton product that recomputes its input, at each GemvTile of the sweep
              (tile, warps, and the kernel's variants: the norm's pass over the whole row
-             at once, the next weight tile prefetched, a per-tile row reduction)
+             at once, the next weight tile prefetched, a per-tile row reduction); then each
+             op's fastest tiles again as programmatic dependent launches (pdl: the weights
+             are read before the kernel ahead has finished)
 
 and the weights' bytes over the time gives each one's read bandwidth. Per op, the tile with
 the least time summed over that op's shapes is written as `engine_tiles` (the form
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import time
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +40,7 @@ from engine.kernels import triton_ops as tri
 SHAPES = [("qkv_proj", 6144, 4096, "add_norm"), ("o_proj", 4096, 4096, "none"),
           ("gate_up_proj", 28672, 4096, "add_norm"), ("down_proj", 4096, 14336, "silu"),
           ("smollm2_lm_head", 49152, 576, "none")]
+DEVICE = "cuda"
 PROLOGUES = {"none": tri._PRO_NONE, "add_norm": tri._PRO_ADD_NORM, "silu": tri._PRO_SILU_MUL}
 # Tiles of at most 32 KB of bf16 weights (larger ones spill registers).
 TILES = [(4, 512), (4, 1024), (4, 2048), (8, 512), (8, 1024), (8, 2048), (16, 512), (16, 1024), (32, 512)]
@@ -68,52 +72,74 @@ def graph_us(fn, layers: int, replays: int = 20) -> float:
     return gc_.cuda_time_ms(g.replay, iters=replays, warmup=1) * 1000 / layers
 
 
-def bench_shape(name, N, K, op, layers, dt, quick):
-    dev = torch.device("cuda")
-    ws = [torch.randn(N, K, device=dev, dtype=dt) * K ** -0.5 for _ in range(layers)]
-    nw = torch.rand(K, device=dev, dtype=dt) + 0.5
-    x = torch.randn(1, 2 * K if op == "silu" else K, device=dev, dtype=dt)
-    res = torch.randn(1, K, device=dev, dtype=dt)
-    if op == "silu":
-        separate = lambda i: F.linear(tri.silu_and_mul(x), ws[i])  # noqa: E731
-        fused = lambda i: tri.silu_and_mul_linear(x, ws[i])        # noqa: E731
-        plain_in = tri.silu_and_mul(x)
-    elif op == "add_norm":
-        separate = lambda i: F.linear(tri.add_rms_norm(x, res, nw, 1e-5)[0], ws[i])  # noqa: E731
-        fused = lambda i: tri.rms_norm_linear(x, res, nw, 1e-5, ws[i])[0]              # noqa: E731
-        plain_in = x
-    else:
-        separate = lambda i: F.linear(x, ws[i])  # noqa: E731
-        fused = lambda i: tri.linear(x, ws[i])   # noqa: E731
-        plain_in = x
-    gb = N * K * dt.itemsize / 1e9
-    row = dict(name=name, N=N, K=K, op=op, weight_gb=gb,
-               separate_us=graph_us(separate, layers), cublas_us=graph_us(lambda i: F.linear(plain_in, ws[i]), layers))
-    triton_us = {}
-    saved = tri.GEMV_CONFIG, tri.FUSED_GEMV_MAX_WEIGHT_BYTES
-    tri.FUSED_GEMV_MAX_WEIGHT_BYTES = 1 << 62   # every shape through Triton here, whatever the engine would do
-    try:
-        for tile in sweep(op, quick):
-            tri.GEMV_CONFIG = tile
-            try:
-                triton_us[tile_key(tile)] = graph_us(fused, layers)
-            except Exception as e:   # a tile that does not compile (registers) is reported, not fatal
-                print(f"  {name} {tile}: {type(e).__name__}: {str(e)[:120]}", flush=True)
-            else:
-                torch.testing.assert_close(fused(0).float(), separate(0).float(), atol=3e-2, rtol=2e-2)
-    finally:
-        tri.GEMV_CONFIG, tri.FUSED_GEMV_MAX_WEIGHT_BYTES = saved
-    best = min(triton_us, key=triton_us.get)
-    row.update(triton_us=triton_us, best=best, best_us=triton_us[best],
-               gbs=dict(separate=gb / row["separate_us"] * 1e6, cublas=gb / row["cublas_us"] * 1e6,
-                        best=gb / triton_us[best] * 1e6))
-    del ws
-    torch.cuda.empty_cache()
-    return row
+class Shape:
+    """One projection's --layers weight copies and the callables that time it."""
+
+    def __init__(self, name, N, K, op, layers, dt):
+        self.name, self.N, self.K, self.op, self.layers = name, N, K, op, layers
+        dev = torch.device(DEVICE)
+        ws = [torch.randn(N, K, device=dev, dtype=dt) * K ** -0.5 for _ in range(layers)]
+        nw = torch.rand(K, device=dev, dtype=dt) + 0.5
+        x = torch.randn(1, 2 * K if op == "silu" else K, device=dev, dtype=dt)
+        res = torch.randn(1, K, device=dev, dtype=dt)
+        if op == "silu":
+            self.separate = lambda i: F.linear(tri.silu_and_mul(x), ws[i])  # noqa: E731
+            self.triton = lambda i: tri.silu_and_mul_linear(x, ws[i])        # noqa: E731
+            plain_in = tri.silu_and_mul(x)
+        elif op == "add_norm":
+            self.separate = lambda i: F.linear(tri.add_rms_norm(x, res, nw, 1e-5)[0], ws[i])  # noqa: E731
+            self.triton = lambda i: tri.rms_norm_linear(x, res, nw, 1e-5, ws[i])[0]              # noqa: E731
+            plain_in = x
+        else:
+            self.separate = lambda i: F.linear(x, ws[i])  # noqa: E731
+            self.triton = lambda i: tri.linear(x, ws[i])   # noqa: E731
+            plain_in = x
+        self.cublas = lambda i: F.linear(plain_in, ws[i])  # noqa: E731
+        self.gb = N * K * dt.itemsize / 1e9
+        self.row = dict(name=name, N=N, K=K, op=op, weight_gb=self.gb, triton_us={},
+                        separate_us=graph_us(self.separate, layers), cublas_us=graph_us(self.cublas, layers))
+
+    def time(self, tile: tri.GemvTile) -> None:
+        saved = tri.GEMV_CONFIG, tri.FUSED_GEMV_MAX_WEIGHT_BYTES
+        tri.FUSED_GEMV_MAX_WEIGHT_BYTES = 1 << 62   # every shape through Triton here, whatever the engine would do
+        tri.GEMV_CONFIG = tile
+        try:
+            us = graph_us(self.triton, self.layers)
+            torch.testing.assert_close(self.triton(0).float(), self.separate(0).float(), atol=3e-2, rtol=2e-2)
+        except AssertionError:
+            raise
+        except Exception as e:   # a tile that does not compile (registers) is reported, not fatal
+            print(f"  {self.name} {tile}: {type(e).__name__}: {str(e)[:160]}", flush=True)
+        else:
+            self.row["triton_us"][tile_key(tile)] = us
+        finally:
+            tri.GEMV_CONFIG, tri.FUSED_GEMV_MAX_WEIGHT_BYTES = saved
+
+    def finish(self) -> dict:
+        r = self.row
+        best = min(r["triton_us"], key=r["triton_us"].get)
+        r.update(best=best, best_us=r["triton_us"][best])
+        r["gbs"] = dict(separate=self.gb / r["separate_us"] * 1e6, cublas=self.gb / r["cublas_us"] * 1e6,
+                        best=self.gb / r["best_us"] * 1e6)
+        return r
+
+
+def top_tiles(shapes: list[Shape], n: int = 3) -> list[tri.GemvTile]:
+    """The n fastest tiles of each shape, every one of them (for timing on all the shapes)."""
+    keys = []
+    for sh in shapes:
+        us = sh.row["triton_us"]
+        keys += [k for k in sorted(us, key=us.get)[:n] if k not in keys]
+    return [from_key(k) for k in keys]
 
 
 def tile_key(t: tri.GemvTile) -> str:
     return ",".join(str(int(v)) for v in t)
+
+
+def from_key(key: str) -> tri.GemvTile:
+    fields = [int(v) for v in key.split(",")]
+    return tri.GemvTile(*fields[:3], *(bool(v) for v in fields[3:]))
 
 
 def engine_tiles(rows) -> tuple[dict, int]:
@@ -143,17 +169,39 @@ def main():
     ap.add_argument("--json")
     args = ap.parse_args()
     dt = torch.bfloat16
-    rows = []
+    if not tri._pdl_supported(torch.device(DEVICE)):
+        print("programmatic dependent launch not available here: the pdl tiles run without it", flush=True)
+    shapes = []
     for name, N, K, op in SHAPES:
-        r = bench_shape(name, N, K, op, args.layers, dt, args.quick)
+        t0 = time.time()
+        sh = Shape(name, N, K, op, args.layers, dt)
+        for tile in sweep(op, args.quick):
+            sh.time(tile)
+        shapes.append(sh)
+        print(f"{name}: {len(sh.row['triton_us'])} tiles in {time.time() - t0:.0f} s", flush=True)
+    # The kernel launched as a programmatic dependent launch, at each op's fastest tiles.
+    for op in PROLOGUES:
+        mine = [sh for sh in shapes if sh.op == op]
+        for tile in top_tiles(mine):
+            for sh in mine:
+                sh.time(tile._replace(pdl=True))
+                if tile_key(tile) not in sh.row["triton_us"]:
+                    sh.time(tile)
+    rows = []
+    for sh in shapes:
+        r = sh.finish()
         rows.append(r)
         base = r["triton_us"].get(tile_key(tri.GemvTile(32, 512, 4)))
-        print(f"{name:16s} separate {r['separate_us']:7.2f} us  cublas alone {r['cublas_us']:7.2f}  "
+        print(f"{r['name']:16s} separate {r['separate_us']:7.2f} us  cublas alone {r['cublas_us']:7.2f}  "
               f"triton best {r['best_us']:7.2f} [{r['best']}]  old engine tile {base or float('nan'):7.2f}  "
               f"GB/s sep/cublas/best {r['gbs']['separate']:.0f}/{r['gbs']['cublas']:.0f}/{r['gbs']['best']:.0f}",
               flush=True)
     tiles, limit = engine_tiles(rows)
     print("engine tiles:", tiles, "fuse up to", limit / 1e6, "MB", flush=True)
+    lm = next(r for r in rows if r["name"].startswith("smollm2"))
+    if "none" in tiles:
+        print(f"SmolLM2 lm_head at the plain product's tile: {lm['triton_us'].get(tiles['none'], float('nan')):.2f} us "
+              f"against cuBLAS {lm['cublas_us']:.2f}", flush=True)
     gc_.dump(args.json, dict(device=gc_.device_info(), layers=args.layers, rows=rows, engine_tiles=tiles,
                              fuse_max_weight_bytes=limit, tile_fields=list(tri.GemvTile._fields)))
 

@@ -53,8 +53,8 @@ for s in "$@"; do
                step decode_fused 200 bash -c "cd benchmarks && python gpu_decode.py --batches 1,8 --json '$OUT/decode_fused.json'"
                step decode_unfused 200 bash -c "cd benchmarks && python gpu_decode.py --batches 1,8 --no-fused-products \
                 --json '$OUT/decode_unfused.json'" ;;
-        gemvtiles) step gemv_sweep 330 bash -c "cd benchmarks && python gpu_gemv.py --json '$OUT/gemv_sweep.json'"
-                   step decode_table 170 bash -c "cd benchmarks && python gpu_decode.py --batches 1,8 --overlap on \
+        gemvtiles) step gemv_sweep 420 bash -c "cd benchmarks && python gpu_gemv.py --json '$OUT/gemv_sweep.json'"
+                   step decode_table 140 bash -c "cd benchmarks && python gpu_decode.py --batches 1,8 --overlap on \
                 --json '$OUT/decode_table.json'" ;;
         gemvdecode) sweep="$(realpath -m "${GEMV_SWEEP:-$OUT/gemv_sweep.json}")"   # gpu_gemv.py's file
                     step decode_swept 170 bash -c "cd benchmarks && python gpu_decode.py --batches 1,8 --overlap on \

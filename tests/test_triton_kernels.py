@@ -197,7 +197,7 @@ GEMV_VARIANTS = [tri.GemvTile(16, 64, 1, prefetch, row_acc, wide_norm)
                                                       (True, False, False), (True, True, True), (False, True, False)]]
 
 
-@pytest.mark.parametrize("tile", GEMV_VARIANTS, ids=lambda t: "pf%d-ra%d-wn%d" % t[3:])
+@pytest.mark.parametrize("tile", GEMV_VARIANTS, ids=lambda t: "pf%d-ra%d-wn%d" % t[3:6])
 @pytest.mark.parametrize("op", ["none", "norm", "add_norm", "silu"])
 def test_every_gemv_variant_matches_the_reference(op, tile, monkeypatch, gemv_launches):
     monkeypatch.setattr(tri, "GEMV_CONFIG", tile)

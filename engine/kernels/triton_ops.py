@@ -18,6 +18,10 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+try:   # programmatic dependent launch (the batch-1 products); a Triton without it never takes that path
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:
+    gdc_launch_dependents = gdc_wait = None
 
 from engine.kernels import reference
 
@@ -63,6 +67,20 @@ def _device_sms(device: torch.device) -> int:
         # Interpreter on CPU: pretend to be a tiny GPU so the heuristic still behaves sensibly.
         return 4
     return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _pdl_supported_on(device_index: int) -> bool:
+    # Programmatic dependent launch: Hopper and later, and a Triton whose launcher sets it.
+    from triton.backends.nvidia.compiler import CUDAOptions
+    return (torch.cuda.get_device_capability(device_index) >= (9, 0)
+            and "launch_pdl" in CUDAOptions.__dataclass_fields__ and gdc_wait is not None)
+
+
+def _pdl_supported(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False   # the interpreter has no grid dependencies
+    return _pdl_supported_on(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -235,7 +253,8 @@ def _gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, out_ptr, res_out_ptr,
                  stride_x, stride_res, stride_w, stride_out, stride_res_out,
                  N, K, eps,
                  PROLOGUE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 NORM_BLOCK: tl.constexpr, PREFETCH: tl.constexpr, ROW_ACC: tl.constexpr):
+                 NORM_BLOCK: tl.constexpr, PREFETCH: tl.constexpr, ROW_ACC: tl.constexpr,
+                 PDL: tl.constexpr):
     pid = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
     x_row = x_ptr + row * stride_x
@@ -249,6 +268,13 @@ def _gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, out_ptr, res_out_ptr,
         # The next weight tile is always in flight while this one is summed; the first is
         # issued before the norm's pass, whose loads would otherwise leave HBM idle.
         w_next = tl.load(w_rows + offs_k0[None, :], mask=n_mask[:, None] & (offs_k0 < K)[None, :], other=0.0)
+    if PDL:
+        # Launched before the kernel ahead of it has finished (programmatic dependent
+        # launch): the weights, which nothing writes, may be read already; the input and
+        # every write wait for that kernel (its output buffers may be reused as this one's).
+        # The next kernel may launch as soon as every program here has started.
+        gdc_launch_dependents()
+        gdc_wait()
     inv_rms = 1.0
     if PROLOGUE == 1 or PROLOGUE == 2:
         # The norm needs the whole row's sum of squares before any chunk can be scaled: a
@@ -292,13 +318,15 @@ def _gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, out_ptr, res_out_ptr,
 
 class GemvTile(NamedTuple):
     """A launch of _gemv_kernel: its tile, warps and the variant flags. wide_norm: the norm's
-    pass reads the whole input row at once (else in BLOCK_K chunks)."""
+    pass reads the whole input row at once (else in BLOCK_K chunks). pdl: launched as a
+    programmatic dependent launch where the GPU has it (_pdl_supported), else ignored."""
     block_n: int
     block_k: int
     warps: int
     prefetch: bool = False
     row_acc: bool = False
     wide_norm: bool = False
+    pdl: bool = False
 
 
 # The tile for each op before the product: the best of benchmarks/gpu_gemv.py's sweep
@@ -329,11 +357,13 @@ def _gemv(prologue: int, x2: torch.Tensor, weight: torch.Tensor, *, residual=Non
     r = residual if residual is not None else x2
     ro = res_out if res_out is not None else out
     nw = norm_weight if norm_weight is not None else weight
+    pdl = tile.pdl and _pdl_supported(x2.device)
     _gemv_kernel[(triton.cdiv(N, tile.block_n), rows)](
         x2, r, nw, weight, out, ro,
         x2.stride(0), r.stride(0), weight.stride(0), out.stride(0), ro.stride(0),
         N, K, eps, PROLOGUE=prologue, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, NORM_BLOCK=norm_block,
-        PREFETCH=tile.prefetch, ROW_ACC=tile.row_acc, num_warps=tile.warps)
+        PREFETCH=tile.prefetch, ROW_ACC=tile.row_acc, PDL=pdl, num_warps=tile.warps,
+        **({"launch_pdl": True} if pdl else {}))
     return out
 
 
