@@ -571,6 +571,35 @@ class TestLargeShapesGPU:
         _close_sum(out, expected, dtype)
         assert len(gemv_launches) == 1
 
+    @pytest.mark.parametrize("tile", GEMV_VARIANTS + [tri.GemvTile(8, 1024, 4, True, False, True, True),
+                                                      tri.GemvTile(32, 512, 4, False, False, True, True)],
+                             ids=lambda t: "bn%d-bk%d-w%d-pf%d-ra%d-wn%d-pdl%d" % t)
+    def test_chained_products_in_a_graph(self, tile, monkeypatch):
+        """Two products, the second reading the first's output, replayed from a CUDA graph at
+        each variant: as programmatic dependent launches the second starts before the first
+        ends, so a read of its input ahead of gdc_wait would see the previous replay's."""
+        monkeypatch.setattr(tri, "GEMV_CONFIG", tile)
+        dtype, K = torch.bfloat16, 4096
+        x = _randn(1, K, dtype=dtype, seed=46, scale=2.0)
+        res = _randn(1, K, dtype=dtype, seed=47)
+        norm_w = _randn(K, dtype=dtype, seed=48).abs() + 0.5
+        w1, w2 = _randn(K, K, dtype=dtype, seed=49, scale=K ** -0.5), _randn(6144, K, dtype=dtype, seed=50, scale=K ** -0.5)
+
+        def chain():
+            h = tri.linear(x, w1)
+            return tri.rms_norm_linear(h, res, norm_w, 1e-5, w2)
+
+        chain()   # compiles outside the capture
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out, new_res = chain()
+        for seed in (51, 52, 53):   # a new input each replay: a stale read shows
+            x.copy_(_randn(1, K, dtype=dtype, seed=seed, scale=2.0))
+            g.replay()
+            expected, exp_res = ref.rms_norm_linear(ref.linear(x, w1), res, norm_w, 1e-5, w2)
+            _close_sum(out, expected, dtype)
+            _close(new_res, exp_res, dtype)
+
     @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
     def test_rotary_write_kv_llama3_shape(self, dtype):
         _check_rotary_write_kv(64, self.H, self.KH, self.D, self.BS, dtype, torch.int32, skipped=[3, 40])
