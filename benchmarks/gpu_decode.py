@@ -227,6 +227,9 @@ def main():
     ap.add_argument("--gemv-tiles", metavar="GEMV_JSON",
                     help="run the batch-1 Triton products with the tiles gpu_gemv.py chose (its engine_tiles "
                          "and fuse_max_weight_bytes) instead of the engine's table")
+    ap.add_argument("--pdl-kernels", action="store_true",
+                    help="the small Triton kernels (norms, rotary + KV write, decode attention) as programmatic "
+                         "dependent launches too (triton_ops.PDL_KERNELS)")
     ap.add_argument("--max-num-seqs", type=int, default=None,
                     help="the engine's max_num_seqs (default: the largest batch timed)")
     ap.add_argument("--graph-kernels", action="store_true",
@@ -246,6 +249,9 @@ def main():
         triton_ops.FUSED_GEMV_MAX_ROWS = 0   # read when the graphs are captured: before the engine
     if args.gemv_tiles:
         use_gemv_tiles(args.gemv_tiles)
+    if args.pdl_kernels:
+        from engine.kernels import triton_ops
+        triton_ops.PDL_KERNELS = True
     batches = [int(b) for b in args.batches.split(",")]
 
     bw = gc_.copy_bandwidth_gbs()
@@ -347,7 +353,8 @@ def main():
     rec = dict(device=gc_.device_info(), copy_gbs=bw, weight_bytes=wbytes, kv_bytes_per_token=kv_tok,
                fused_products_max_rows=triton_ops.FUSED_GEMV_MAX_ROWS, max_num_seqs=engine.cfg.max_num_seqs,
                gemv_tiles={k: list(v) for k, v in triton_ops.GEMV_CONFIGS.items()},
-               fused_max_weight_bytes=triton_ops.FUSED_GEMV_MAX_WEIGHT_BYTES,
+               fused_max_weight_bytes=triton_ops.FUSED_GEMV_MAX_WEIGHT_BYTES, pdl_kernels=triton_ops.PDL_KERNELS,
+               pdl_supported=triton_ops._pdl_supported(torch.device("cuda")),
                temperature=args.temperature, top_p=args.top_p, rows=rows)
     if args.kernels:
         rec["kernels"] = kernel_breakdown(engine, args.ctx)

@@ -11,7 +11,8 @@
 #   bash benchmarks/gpu_owed.sh sampler           # issue 14: sync test; batched sampler vs per-row; sampled decode table
 #   bash benchmarks/gpu_owed.sh sampledstream     # issue 14: the saturating stream with every request sampling, overlap vs sync
 #   bash benchmarks/gpu_owed.sh gemvtiles         # issue 14: the batch-1 products' tiles and kernel variants swept; decode with the engine's table
-#   GEMV_SWEEP=f.json bash benchmarks/gpu_owed.sh gemvdecode   # decode with the sweep's tiles (default: $OUT/gemv_sweep.json)
+#   GEMV_SWEEP=f.json bash benchmarks/gpu_owed.sh gemvdecode   # decode with the sweep's tiles, then with PDL kernels too (default: $OUT/gemv_sweep.json)
+#   bash benchmarks/gpu_owed.sh gemvtests         # the GPU tests of the batch-1 products and PDL
 #   bash benchmarks/gpu_owed.sh idle              # issue 14: where the 4k prefill's device idles; the batch-1 graph's pools
 #
 # Steps run in the order given; a step that fails or runs out of time is reported and the
@@ -34,7 +35,7 @@ step() {   # step NAME SECONDS COMMAND...
     clean
 }
 
-[ $# -gt 0 ] || { echo "usage: $0 kv|tests|densetests|gputests|stream|saturated|decode|fused|gemvtiles|gemvdecode|prefill|sampler|sampledstream|idle|profile ..." >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 kv|tests|densetests|gputests|stream|saturated|decode|fused|gemvtiles|gemvdecode|gemvtests|prefill|sampler|sampledstream|idle|profile ..." >&2; exit 2; }
 for s in "$@"; do
     case "$s" in
         kv) kv_runs=$((${kv_runs:-0} + 1))   # each kv step its own file: kv_ipc_1.json, kv_ipc_2.json, ...
@@ -57,8 +58,12 @@ for s in "$@"; do
                    step decode_table 140 bash -c "cd benchmarks && python gpu_decode.py --batches 1,8 --overlap on \
                 --json '$OUT/decode_table.json'" ;;
         gemvdecode) sweep="$(realpath -m "${GEMV_SWEEP:-$OUT/gemv_sweep.json}")"   # gpu_gemv.py's file
-                    step decode_swept 170 bash -c "cd benchmarks && python gpu_decode.py --batches 1,8 --overlap on \
-                --gemv-tiles '$sweep' --json '$OUT/decode_swept.json'" ;;
+                    step decode_swept 150 bash -c "cd benchmarks && python gpu_decode.py --batches 1,8 --overlap on \
+                --gemv-tiles '$sweep' --json '$OUT/decode_swept.json'"
+                    step decode_swept_pdl 150 bash -c "cd benchmarks && python gpu_decode.py --batches 1,8 --overlap on \
+                --gemv-tiles '$sweep' --pdl-kernels --json '$OUT/decode_swept_pdl.json'" ;;
+        gemvtests) step gemv_tests 240 python -m pytest -q -m gpu tests/test_triton_kernels.py tests/test_gpu.py \
+                -k "fused or chained" ;;
         prefill) step prefill 200 bash -c "cd benchmarks && python gpu_prefill.py --lengths 1024,4096 --repeat 3 \
                 --json '$OUT/prefill.json'" ;;
         sampler) step sampler_tests 200 python -m pytest -q -m gpu tests/test_overlap.py

@@ -83,13 +83,19 @@ def test_random_hf_checkpoint_triton_matches_hf_on_gpu(arch, random_hf_models):
     assert_no_leaks(llm.engine)
 
 
-def test_fused_batch_one_products_keep_hfs_greedy_tokens(random_hf_models, monkeypatch):
+@pytest.mark.parametrize("pdl", [False, True], ids=["plain_launches", "pdl"])
+def test_fused_batch_one_products_keep_hfs_greedy_tokens(random_hf_models, monkeypatch, pdl):
     """A lone request decodes at batch 1, where the norms and the activation are folded into
-    the projections (triton_ops.rms_norm_linear / silu_and_mul_linear): fp32 greedy tokens
-    stay HF's, with the fused products launched in the decode graphs."""
+    the projections (triton_ops.rms_norm_linear / silu_and_mul_linear) and o_proj is the plain
+    Triton product: fp32 greedy tokens stay HF's, with the products launched in the decode
+    graphs; and so with every Triton kernel of the step a programmatic dependent launch."""
     from transformers import AutoModelForCausalLM
 
     from engine.kernels import triton_ops
+    tiles = {op: t._replace(pdl=pdl) for op, t in triton_ops.GEMV_CONFIGS.items()}
+    tiles.setdefault(triton_ops._PRO_NONE, triton_ops.GemvTile(8, 1024, 4, pdl=pdl))
+    monkeypatch.setattr(triton_ops, "GEMV_CONFIGS", tiles)
+    monkeypatch.setattr(triton_ops, "PDL_KERNELS", pdl)
     launched = []
     real = triton_ops._gemv
     monkeypatch.setattr(triton_ops, "_gemv", lambda *a, **k: (launched.append(a[0]), real(*a, **k))[1])
@@ -99,7 +105,7 @@ def test_fused_batch_one_products_keep_hfs_greedy_tokens(random_hf_models, monke
     llm = LLM(path, device="cuda", dtype="float32", block_size=16, kv_cache_memory_gb=0.5)
     out = llm.generate([prompt], SamplingParams(max_tokens=16, ignore_eos=True))
     assert out[0].token_ids == hf_greedy_cuda(hf, prompt, 16)
-    assert triton_ops._PRO_SILU_MUL in launched and triton_ops._PRO_ADD_NORM in launched
+    assert {triton_ops._PRO_SILU_MUL, triton_ops._PRO_ADD_NORM, triton_ops._PRO_NONE} <= set(launched)
 
 
 def test_llama3_8b_random_bf16_generates():

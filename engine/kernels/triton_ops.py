@@ -83,6 +83,29 @@ def _pdl_supported(device: torch.device) -> bool:
     return _pdl_supported_on(device.index if device.index is not None else torch.cuda.current_device())
 
 
+# The small kernels (norms, activation, rotary + KV write, decode attention) as programmatic
+# dependent launches too, where the GPU has them: each starts while the kernel ahead drains,
+# waits for it before touching memory, and lets the next one launch once it has started.
+PDL_KERNELS = False
+
+
+def _pdl(device: torch.device) -> dict:
+    """The launch arguments of a kernel that takes PDL: whether to wait, and the launch flag."""
+    on = PDL_KERNELS and _pdl_supported(device)
+    return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
+
+
+@triton.jit
+def _grid_dependency(PDL: tl.constexpr):
+    # Under a programmatic dependent launch: let the next kernel launch (once every program of
+    # this one has got here), then wait until the kernel ahead has finished and its writes are
+    # visible. Every program runs this before its first memory access, early exits included,
+    # so that this kernel never finishes before the one ahead (the chain stays ordered).
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs would otherwise go through tf32 on tensor cores (~1e-3 relative error),
     # which is not what someone asking for fp32 expects.
@@ -112,7 +135,8 @@ def _mma(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
                      stride_x, stride_res, stride_out, stride_res_out,
                      N, eps,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr):
+                     HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+    _grid_dependency(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_N)
     mask = offs < N
@@ -149,7 +173,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     _rms_norm_kernel[(x2.shape[0],)](
         x2, x2, weight, out, out,
         x2.stride(0), 0, out.stride(0), 0,
-        n, eps, HAS_RESIDUAL=False, BLOCK_N=block, num_warps=warps)
+        n, eps, HAS_RESIDUAL=False, BLOCK_N=block, num_warps=warps, **_pdl(x.device))
     return out.view(shape)
 
 
@@ -170,7 +194,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
         _rms_norm_kernel[(x2.shape[0],)](
             x2, r2, weight, out, res_out,
             x2.stride(0), r2.stride(0), out.stride(0), res_out.stride(0),
-            n, eps, HAS_RESIDUAL=True, BLOCK_N=block, num_warps=warps)
+            n, eps, HAS_RESIDUAL=True, BLOCK_N=block, num_warps=warps, **_pdl(x.device))
     return out.view(shape), res_out.view(shape)
 
 
@@ -179,7 +203,8 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
 # --------------------------------------------------------------------------------------
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_out, I, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_out, I, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    _grid_dependency(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < I
@@ -198,7 +223,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if x2.shape[0] > 0:
         block = min(_next_pow2(inter), 1024)
         _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(inter, block))](
-            x2, out, x2.stride(0), out.stride(0), inter, BLOCK=block, num_warps=4)
+            x2, out, x2.stride(0), out.stride(0), inter, BLOCK=block, num_warps=4, **_pdl(x.device))
     return out.view(*shape[:-1], inter)
 
 
@@ -268,13 +293,10 @@ def _gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, out_ptr, res_out_ptr,
         # The next weight tile is always in flight while this one is summed; the first is
         # issued before the norm's pass, whose loads would otherwise leave HBM idle.
         w_next = tl.load(w_rows + offs_k0[None, :], mask=n_mask[:, None] & (offs_k0 < K)[None, :], other=0.0)
-    if PDL:
-        # Launched before the kernel ahead of it has finished (programmatic dependent
-        # launch): the weights, which nothing writes, may be read already; the input and
-        # every write wait for that kernel (its output buffers may be reused as this one's).
-        # The next kernel may launch as soon as every program here has started.
-        gdc_launch_dependents()
-        gdc_wait()
+    # Launched before the kernel ahead of it has finished (programmatic dependent launch): the
+    # weights, which nothing writes, may be read already; the input and every write wait for
+    # that kernel (its output buffers may be reused as this one's).
+    _grid_dependency(PDL)
     inv_rms = 1.0
     if PROLOGUE == 1 or PROLOGUE == 2:
         # The norm needs the whole row's sum of squares before any chunk can be scaled: a
@@ -548,7 +570,9 @@ def _rotary_write_kv_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, k_cache_ptr, v_cache
                             stride_vcb, stride_vco, stride_vch,
                             H, KH,
                             HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_H: tl.constexpr,
-                            BLOCK_SIZE: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_D: tl.constexpr):
+                            BLOCK_SIZE: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_D: tl.constexpr,
+                            PDL: tl.constexpr):
+    _grid_dependency(PDL)
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     offs_half = tl.arange(0, BLOCK_HALF)
@@ -605,7 +629,7 @@ def rotary_embedding_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             H, KH,
             HALF=half, BLOCK_HALF=_next_pow2(half), BLOCK_H=min(_next_pow2(max(H, KH)), 16),
             BLOCK_SIZE=k_cache.shape[1], BLOCK_KH=_next_pow2(KH), BLOCK_D=_next_pow2(D),
-            num_warps=4)
+            num_warps=4, **_pdl(q.device))
     return q_out
 
 
@@ -647,7 +671,8 @@ def _decode_partition_kernel(
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
         SINGLE_PASS: tl.constexpr, FOLD_REDUCE: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+        DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, PDL: tl.constexpr):
+    _grid_dependency(PDL)
     s = tl.program_id(0)
     kv_head = tl.program_id(1)
     part = tl.program_id(2)
@@ -765,7 +790,8 @@ def _decode_reduce_group(out_ptr, part_max_ptr, part_sum_ptr, part_out_ptr, s, h
 @triton.jit(do_not_specialize=["partition_tokens", "num_partitions"])
 def _decode_reduce_kernel(out_ptr, part_max_ptr, part_sum_ptr, part_out_ptr, context_lens_ptr,
                           partition_tokens, num_partitions, stride_os, stride_oh,
-                          HEAD_DIM: tl.constexpr, BLOCK_P: tl.constexpr):
+                          HEAD_DIM: tl.constexpr, BLOCK_P: tl.constexpr, PDL: tl.constexpr):
+    _grid_dependency(PDL)
     s = tl.program_id(0)
     h = tl.program_id(1)
     ctx = tl.load(context_lens_ptr + s)
@@ -899,12 +925,12 @@ def _paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, sca
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         GROUP=H // KH, GROUP_PAD=max(16, _next_pow2(H // KH)), HEAD_DIM=D,
         BLOCK_SIZE=BS, BLOCK_N=block_n, SINGLE_PASS=single, FOLD_REDUCE=fold,
-        DOT_PRECISION=_dot_precision(q.dtype), DOT_UPCAST=_dot_upcast(q.device), **cfg)
+        DOT_PRECISION=_dot_precision(q.dtype), DOT_UPCAST=_dot_upcast(q.device), **cfg, **_pdl(q.device))
     if not single and not fold:
         _decode_reduce_kernel[(S, H)](
             out, part_max, part_sum, part_out, context_lens,
             partition_tokens, num_partitions, out.stride(0), out.stride(1),
-            HEAD_DIM=D, BLOCK_P=16, num_warps=4)
+            HEAD_DIM=D, BLOCK_P=16, num_warps=4, **_pdl(q.device))
     return out
 
 
