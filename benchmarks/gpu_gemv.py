@@ -48,11 +48,16 @@ TILES = [(4, 512), (4, 1024), (4, 2048), (8, 512), (8, 1024), (8, 2048), (16, 51
 VARIANTS = [(False, False, False), (False, False, True), (True, False, True), (True, True, True)]
 
 
+# --quick: four tiles at 4 warps (the earlier sweep's best region), for a call that must also
+# run the decode engine.
+QUICK_TILES = [(4, 1024), (8, 1024), (16, 512), (32, 512)]
+
+
 def sweep(op: str, quick: bool) -> list[tri.GemvTile]:
     variants = VARIANTS if op == "add_norm" else [v for v in VARIANTS if v[2]]  # wide_norm: norms only
-    tiles = TILES[::3] if quick else TILES
+    tiles, warp_counts = (QUICK_TILES, (4,)) if quick else (TILES, (4, 8))
     out = []
-    for (bn, bk), warps, (pf, ra, wn) in itertools.product(tiles, (4, 8), variants):
+    for (bn, bk), warps, (pf, ra, wn) in itertools.product(tiles, warp_counts, variants):
         out.append(tri.GemvTile(bn, bk, warps, pf, ra, wn and op == "add_norm"))
     return out
 
@@ -165,7 +170,7 @@ def engine_tiles(rows) -> tuple[dict, int]:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--quick", action="store_true", help="a third of the tiles (a smoke run)")
+    ap.add_argument("--quick", action="store_true", help="QUICK_TILES at 4 warps only")
     ap.add_argument("--json")
     args = ap.parse_args()
     dt = torch.bfloat16

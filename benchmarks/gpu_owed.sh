@@ -12,6 +12,7 @@
 #   bash benchmarks/gpu_owed.sh sampledstream     # issue 14: the saturating stream with every request sampling, overlap vs sync
 #   bash benchmarks/gpu_owed.sh gemvtiles         # issue 14: the batch-1 products' tiles and kernel variants swept; decode with the engine's table
 #   GEMV_SWEEP=f.json bash benchmarks/gpu_owed.sh gemvdecode   # decode with the sweep's tiles, then with PDL kernels too (default: $OUT/gemv_sweep.json)
+#   bash benchmarks/gpu_owed.sh gemvquick         # gemvtiles with a quick sweep, then gemvdecode on it: one call
 #   bash benchmarks/gpu_owed.sh gemvtests         # the GPU tests of the batch-1 products and PDL
 #   bash benchmarks/gpu_owed.sh idle              # issue 14: where the 4k prefill's device idles; the batch-1 graph's pools
 #
@@ -35,7 +36,7 @@ step() {   # step NAME SECONDS COMMAND...
     clean
 }
 
-[ $# -gt 0 ] || { echo "usage: $0 kv|tests|densetests|gputests|stream|saturated|decode|fused|gemvtiles|gemvdecode|gemvtests|prefill|sampler|sampledstream|idle|profile ..." >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 kv|tests|densetests|gputests|stream|saturated|decode|fused|gemvtiles|gemvquick|gemvdecode|gemvtests|prefill|sampler|sampledstream|idle|profile ..." >&2; exit 2; }
 for s in "$@"; do
     case "$s" in
         kv) kv_runs=$((${kv_runs:-0} + 1))   # each kv step its own file: kv_ipc_1.json, kv_ipc_2.json, ...
@@ -57,10 +58,14 @@ for s in "$@"; do
         gemvtiles) step gemv_sweep 420 bash -c "cd benchmarks && python gpu_gemv.py --json '$OUT/gemv_sweep.json'"
                    step decode_table 140 bash -c "cd benchmarks && python gpu_decode.py --batches 1,8 --overlap on \
                 --json '$OUT/decode_table.json'" ;;
+        gemvquick) step gemv_sweep 150 bash -c "cd benchmarks && python gpu_gemv.py --quick --json '$OUT/gemv_sweep.json'"
+                   step decode_table 130 bash -c "cd benchmarks && python gpu_decode.py --batches 1,8 --overlap on \
+                --json '$OUT/decode_table.json'"
+                   OUT="$OUT" GEMV_SWEEP="$OUT/gemv_sweep.json" bash "$0" gemvdecode ;;
         gemvdecode) sweep="$(realpath -m "${GEMV_SWEEP:-$OUT/gemv_sweep.json}")"   # gpu_gemv.py's file
-                    step decode_swept 150 bash -c "cd benchmarks && python gpu_decode.py --batches 1,8 --overlap on \
+                    step decode_swept 130 bash -c "cd benchmarks && python gpu_decode.py --batches 1,8 --overlap on \
                 --gemv-tiles '$sweep' --json '$OUT/decode_swept.json'"
-                    step decode_swept_pdl 150 bash -c "cd benchmarks && python gpu_decode.py --batches 1,8 --overlap on \
+                    step decode_swept_pdl 130 bash -c "cd benchmarks && python gpu_decode.py --batches 1,8 --overlap on \
                 --gemv-tiles '$sweep' --pdl-kernels --json '$OUT/decode_swept_pdl.json'" ;;
         gemvtests) step gemv_tests 240 python -m pytest -q -m gpu tests/test_triton_kernels.py tests/test_gpu.py \
                 -k "fused or chained" ;;
