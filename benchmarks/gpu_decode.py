@@ -201,6 +201,7 @@ def use_gemv_tiles(path: str) -> None:
     from engine.kernels import triton_ops as tri
     with open(path) as f:
         rec = json.load(f)
+    assert rec["tile_fields"] == list(tri.GemvTile._fields), "the sweep's file is of another GemvTile"
     ops = {"none": [tri._PRO_NONE], "add_norm": [tri._PRO_NORM, tri._PRO_ADD_NORM], "silu": [tri._PRO_SILU_MUL]}
     tiles = {}
     for op, key in rec["engine_tiles"].items():

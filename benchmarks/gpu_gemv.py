@@ -41,6 +41,8 @@ SHAPES = [("qkv_proj", 6144, 4096, "add_norm"), ("o_proj", 4096, 4096, "none"),
           ("gate_up_proj", 28672, 4096, "add_norm"), ("down_proj", 4096, 14336, "silu"),
           ("smollm2_lm_head", 49152, 576, "none")]
 DEVICE = "cuda"
+# The engine's tiles before the variants (printed beside the sweep's best)
+OLD_TILES = {"add_norm": tri.GemvTile(32, 512, 4), "silu": tri.GemvTile(8, 1024, 4)}
 PROLOGUES = {"none": tri._PRO_NONE, "add_norm": tri._PRO_ADD_NORM, "silu": tri._PRO_SILU_MUL}
 # Tiles of at most 32 KB of bf16 weights (larger ones spill registers).
 TILES = [(4, 512), (4, 1024), (4, 2048), (8, 512), (8, 1024), (8, 2048), (16, 512), (16, 1024), (32, 512)]
@@ -122,6 +124,8 @@ class Shape:
 
     def finish(self) -> dict:
         r = self.row
+        if not r["triton_us"]:
+            raise SystemExit(f"{self.name}: no tile compiled")
         best = min(r["triton_us"], key=r["triton_us"].get)
         r.update(best=best, best_us=r["triton_us"][best])
         r["gbs"] = dict(separate=self.gb / r["separate_us"] * 1e6, cublas=self.gb / r["cublas_us"] * 1e6,
@@ -148,22 +152,23 @@ def from_key(key: str) -> tri.GemvTile:
 
 
 def engine_tiles(rows) -> tuple[dict, int]:
-    """Per op, the tile with the least time summed over that op's Llama-3-8B shapes, kept
-    where it beats the separate kernels at the op's smallest weight; and the largest weight
-    below any loss at which the chosen tile still wins (the engine's
-    FUSED_GEMV_MAX_WEIGHT_BYTES)."""
-    tiles, wins, losses = {}, [], []
+    """The engine's FUSED_GEMV_MAX_WEIGHT_BYTES: the largest weight at which the fastest Triton
+    tile beats the separate kernels, below any weight where it loses. Then per op, the tile
+    with the least time summed over that op's shapes within the limit, kept only where it
+    beats the separate kernels on every one of them (SmolLM2's lm_head included: the engine
+    sends every plain product under the limit to the same tile)."""
+    wins = [r["weight_gb"] for r in rows if r["best_us"] < r["separate_us"]]
+    losses = [r["weight_gb"] for r in rows if r["best_us"] >= r["separate_us"]]
+    limit = max((w for w in wins if all(w < lo for lo in losses)), default=0.0)
+    tiles = {}
     for op in PROLOGUES:
-        mine = sorted((r for r in rows if r["op"] == op and not r["name"].startswith("smollm2")),
-                      key=lambda r: r["weight_gb"])
+        mine = [r for r in rows if r["op"] == op and r["weight_gb"] <= limit]
+        if not mine:
+            continue
         keys = set.intersection(*(set(r["triton_us"]) for r in mine))
         key = min(keys, key=lambda k: sum(r["triton_us"][k] for r in mine))
-        won = [r["weight_gb"] for r in mine if r["triton_us"][key] < r["separate_us"]]
-        if mine[0]["weight_gb"] in won:
+        if all(r["triton_us"][key] < r["separate_us"] for r in mine):
             tiles[op] = key
-            wins += won
-            losses += [r["weight_gb"] for r in mine if r["weight_gb"] not in won]
-    limit = max((w for w in wins if all(w < lo for lo in losses)), default=0.0)
     return tiles, round(limit * 1e9)
 
 
@@ -196,7 +201,7 @@ def main():
     for sh in shapes:
         r = sh.finish()
         rows.append(r)
-        base = r["triton_us"].get(tile_key(tri.GemvTile(32, 512, 4)))
+        base = r["triton_us"].get(tile_key(OLD_TILES.get(r["op"], tri.GemvTile(32, 512, 4))))
         print(f"{r['name']:16s} separate {r['separate_us']:7.2f} us  cublas alone {r['cublas_us']:7.2f}  "
               f"triton best {r['best_us']:7.2f} [{r['best']}]  old engine tile {base or float('nan'):7.2f}  "
               f"GB/s sep/cublas/best {r['gbs']['separate']:.0f}/{r['gbs']['cublas']:.0f}/{r['gbs']['best']:.0f}",

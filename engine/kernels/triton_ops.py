@@ -73,7 +73,7 @@ def _device_sms(device: torch.device) -> int:
 def _pdl_supported_on(device_index: int) -> bool:
     # Programmatic dependent launch: Hopper and later, and a Triton whose launcher sets it.
     from triton.backends.nvidia.compiler import CUDAOptions
-    return (torch.cuda.get_device_capability(device_index) >= (9, 0)
+    return (torch.version.hip is None and torch.cuda.get_device_capability(device_index) >= (9, 0)
             and "launch_pdl" in CUDAOptions.__dataclass_fields__ and gdc_wait is not None)
 
 
@@ -403,8 +403,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """Same contract as reference.linear. A batch-1 product with nothing to fold in (o_proj)
     goes through the same Triton product where the table has a tile for it; everything else
     is cuBLAS's (torch's F.linear)."""
-    x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
-    if bias is not None or x2.shape[-1] != weight.shape[-1] or not _gemv_fits(_PRO_NONE, x2, weight):
+    if bias is not None or x.shape[-1] != weight.shape[-1]:
+        return reference.linear(x, weight, bias)
+    x2 = x.reshape(-1, x.shape[-1])
+    if not _gemv_fits(_PRO_NONE, x2, weight):
         return reference.linear(x, weight, bias)
     return _gemv(_PRO_NONE, _last_dim_contiguous(x2), weight).view(*x.shape[:-1], -1)
 
