@@ -59,14 +59,14 @@ for s in "$@"; do
         gemvtiles) step gemv_sweep 420 bash -c "cd benchmarks && python gpu_gemv.py --json '$OUT/gemv_sweep.json'"
                    step decode_table 140 bash -c "cd benchmarks && python gpu_decode.py --batches 1,8 --overlap on \
                 --json '$OUT/decode_table.json'" ;;
-        gemvquick) step gemv_sweep 130 bash -c "cd benchmarks && python gpu_gemv.py --quick --json '$OUT/gemv_sweep.json'"
-                   step decode_table 100 bash -c "cd benchmarks && python gpu_decode.py --batches 1 --overlap on \
+        gemvquick) step gemv_sweep 120 bash -c "cd benchmarks && python gpu_gemv.py --quick --json '$OUT/gemv_sweep.json'"
+                   step decode_table 90 bash -c "cd benchmarks && python gpu_decode.py --batches 1 --overlap on \
                 --json '$OUT/decode_table.json'"
                    OUT="$OUT" GEMV_SWEEP="$OUT/gemv_sweep.json" bash "$SELF" gemvdecode ;;
         gemvdecode) sweep="$(realpath -m "${GEMV_SWEEP:-$OUT/gemv_sweep.json}")"   # gpu_gemv.py's file
-                    step decode_swept 100 bash -c "cd benchmarks && python gpu_decode.py --batches 1 --overlap on \
+                    step decode_swept 90 bash -c "cd benchmarks && python gpu_decode.py --batches 1 --overlap on \
                 --gemv-tiles '$sweep' --json '$OUT/decode_swept.json'"
-                    step decode_swept_pdl 100 bash -c "cd benchmarks && python gpu_decode.py --batches 1 --overlap on \
+                    step decode_swept_pdl 90 bash -c "cd benchmarks && python gpu_decode.py --batches 1 --overlap on \
                 --gemv-tiles '$sweep' --pdl-kernels --json '$OUT/decode_swept_pdl.json'" ;;
         gemvtests) step gemv_tests 240 python -m pytest -q -m gpu tests/test_triton_kernels.py tests/test_gpu.py \
                 -k "fused or chained" ;;
