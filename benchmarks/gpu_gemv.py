@@ -188,7 +188,10 @@ def main():
         for tile in sweep(op, args.quick):
             sh.time(tile)
         shapes.append(sh)
-        print(f"{name}: {len(sh.row['triton_us'])} tiles in {time.time() - t0:.0f} s", flush=True)
+        us = sh.row["triton_us"]
+        top = {k: round(us[k], 2) for k in sorted(us, key=us.get)[:5]}
+        print(f"{name}: {len(us)} tiles in {time.time() - t0:.0f} s; separate {sh.row['separate_us']:.2f} us, "
+              f"cublas {sh.row['cublas_us']:.2f}, fastest {top}", flush=True)
     # The kernel launched as a programmatic dependent launch, at each op's fastest tiles.
     for op in PROLOGUES:
         mine = [sh for sh in shapes if sh.op == op]
