@@ -4,7 +4,7 @@ before it is timed.
 
 For each tile and op: registers per thread and stack bytes per thread (spilled registers) from
 the cubin (cuobjdump, shipped with Triton), the programs an SM can hold by registers
-(65536 / (registers x threads), at most 32 by warps), and, for each Llama-3-8B shape of
+(65536 / (registers rounded up to 8, x threads), at most 64 warps), and, for each Llama-3-8B shape of
 that op, the grid and how many of those SM-fulls it takes on 132 SMs (the tail wave is where
 a one-wave product idles part of the GPU).
 
@@ -37,11 +37,15 @@ SIGNATURE = {"x_ptr": "*bf16", "res_ptr": "*bf16", "nw_ptr": "*bf16", "w_ptr": "
              "stride_res_out": "i32", "N": "i32", "K": "i32", "eps": "fp32"}
 
 
-def resources(op: str, tile: tri.GemvTile) -> dict:
+def resources(op: str, tile: tri.GemvTile, K: int = 4096) -> dict:
     consts = {"PROLOGUE": gpu_gemv.PROLOGUES[op], "BLOCK_N": tile.block_n, "BLOCK_K": tile.block_k,
-              "NORM_BLOCK": 4096 if tile.wide_norm else tile.block_k, "PREFETCH": tile.prefetch,
+              "NORM_BLOCK": tri._norm_block(tile, K), "PREFETCH": tile.prefetch,
               "ROW_ACC": tile.row_acc, "PDL": tile.pdl}
-    kernel = triton.compile(ASTSource(tri._gemv_kernel, {**SIGNATURE, **{c: "constexpr" for c in consts}}, consts),
+    # What the launch specializes on at these shapes: 16-byte-aligned pointers and strides, N and
+    # K multiples of 16 (without the hints the loads are not vectorized: another kernel).
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(SIGNATURE) if name != "eps"}
+    kernel = triton.compile(ASTSource(tri._gemv_kernel, {**SIGNATURE, **{c: "constexpr" for c in consts}}, consts,
+                                      attrs=attrs),
                             target=GPUTarget("cuda", 90, 32),
                             options={"num_warps": tile.warps, **({"launch_pdl": True} if tile.pdl else {})})
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -51,8 +55,9 @@ def resources(op: str, tile: tri.GemvTile) -> dict:
         usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True,
                                check=True).stdout
     regs, stack = (int(re.search(rf"{key}:(\d+)", usage).group(1)) for key in ("REG", "STACK"))
-    threads = tile.warps * 32
-    per_sm = min(REGS_PER_SM // (regs * threads), MAX_WARPS_PER_SM // tile.warps)
+    # Registers are handed to a warp in units of 256: a thread's count rounds up to 8.
+    allocated = -(-regs // 8) * 8
+    per_sm = min(REGS_PER_SM // (allocated * tile.warps * 32), MAX_WARPS_PER_SM // tile.warps)
     return dict(registers=regs, stack_bytes=stack, programs_per_sm=per_sm)
 
 

@@ -203,11 +203,8 @@ def use_gemv_tiles(path: str) -> None:
         rec = json.load(f)
     assert rec["tile_fields"] == list(tri.GemvTile._fields), "the sweep's file is of another GemvTile"
     ops = {"none": [tri._PRO_NONE], "add_norm": [tri._PRO_NORM, tri._PRO_ADD_NORM], "silu": [tri._PRO_SILU_MUL]}
-    tiles = {}
-    for op, key in rec["engine_tiles"].items():
-        fields = [int(v) for v in key.split(",")]
-        for prologue in ops[op]:
-            tiles[prologue] = tri.GemvTile(*fields[:3], *(bool(v) for v in fields[3:]))
+    from gpu_gemv import from_key
+    tiles = {prologue: from_key(key) for op, key in rec["engine_tiles"].items() for prologue in ops[op]}
     tri.GEMV_CONFIGS = tiles
     tri.FUSED_GEMV_MAX_WEIGHT_BYTES = max(rec["fuse_max_weight_bytes"], 1)
     print("Triton products:", tiles, "up to", tri.FUSED_GEMV_MAX_WEIGHT_BYTES / 1e6, "MB", flush=True)
@@ -229,7 +226,7 @@ def main():
                     help="run the batch-1 Triton products with the tiles gpu_gemv.py chose (its engine_tiles "
                          "and fuse_max_weight_bytes) instead of the engine's table")
     ap.add_argument("--pdl-kernels", action="store_true",
-                    help="the small Triton kernels (norms, rotary + KV write, decode attention) as programmatic "
+                    help="the small Triton kernels (norms, activation, rotary + KV write, decode attention) as programmatic "
                          "dependent launches too (triton_ops.PDL_KERNELS)")
     ap.add_argument("--max-num-seqs", type=int, default=None,
                     help="the engine's max_num_seqs (default: the largest batch timed)")

@@ -9,10 +9,10 @@ replayed and timed per copy:
              then cuBLAS (F.linear); for a product with nothing before it, cuBLAS alone
   cublas     F.linear alone: what the product costs without its neighbour
   triton     the Triton product that recomputes its input, at each GemvTile of the sweep
-             (tile, warps, and the kernel's variants: the norm's pass over the whole row
-             at once, the next weight tile prefetched, a per-tile row reduction); then each
-             op's fastest tiles again as programmatic dependent launches (pdl: the weights
-             are read before the kernel ahead has finished)
+             (tile, warps, and the kernel's variants: the norm's pass in wider blocks
+             (_NORM_BLOCK_MAX), the next weight tile prefetched, a per-tile row reduction); then each
+             op's fastest tiles again as programmatic dependent launches (pdl: launched while
+             the kernel ahead drains; with prefetch its first weight tile is already loading)
 
 and the weights' bytes over the time gives each one's read bandwidth. Per op, the tile with
 the least time summed over that op's shapes is written as `engine_tiles` (the form
@@ -44,7 +44,7 @@ DEVICE = "cuda"
 # The engine's tiles before the variants (printed beside the sweep's best)
 OLD_TILES = {"add_norm": tri.GemvTile(32, 512, 4), "silu": tri.GemvTile(8, 1024, 4)}
 PROLOGUES = {"none": tri._PRO_NONE, "add_norm": tri._PRO_ADD_NORM, "silu": tri._PRO_SILU_MUL}
-# Tiles of at most 32 KB of bf16 weights (larger ones spill registers).
+# Tiles of at most 32 KB of bf16 weights in flight per program.
 TILES = [(4, 512), (4, 1024), (4, 2048), (8, 512), (8, 1024), (8, 2048), (16, 512), (16, 1024), (32, 512)]
 # (prefetch, row_acc, wide_norm); the first is the kernel as it was before the variants.
 VARIANTS = [(False, False, False), (False, False, True), (True, False, True), (True, True, True)]
@@ -152,13 +152,15 @@ def from_key(key: str) -> tri.GemvTile:
 
 
 def engine_tiles(rows) -> tuple[dict, int]:
-    """The engine's FUSED_GEMV_MAX_WEIGHT_BYTES: the largest weight at which the fastest Triton
-    tile beats the separate kernels, below any weight where it loses. Then per op, the tile
-    with the least time summed over that op's shapes within the limit, kept only where it
-    beats the separate kernels on every one of them (SmolLM2's lm_head included: the engine
-    sends every plain product under the limit to the same tile)."""
-    wins = [r["weight_gb"] for r in rows if r["best_us"] < r["separate_us"]]
-    losses = [r["weight_gb"] for r in rows if r["best_us"] >= r["separate_us"]]
+    """The engine's FUSED_GEMV_MAX_WEIGHT_BYTES: the largest weight of a fused product (a norm
+    or the activation before it) at which the fastest Triton tile beats the separate kernels,
+    below any such weight where it loses. Then per op, the tile with the least time summed
+    over that op's shapes within the limit, kept only where it beats the separate kernels on
+    every one of them: for the plain product that includes SmolLM2's lm_head, since the
+    engine sends every plain product under the limit to the same tile."""
+    fused = [r for r in rows if r["op"] != "none"]
+    wins = [r["weight_gb"] for r in fused if r["best_us"] < r["separate_us"]]
+    losses = [r["weight_gb"] for r in fused if r["best_us"] >= r["separate_us"]]
     limit = max((w for w in wins if all(w < lo for lo in losses)), default=0.0)
     tiles = {}
     for op in PROLOGUES:

@@ -197,7 +197,7 @@ GEMV_VARIANTS = [tri.GemvTile(16, 64, 1, prefetch, row_acc, wide_norm)
                                                       (True, False, False), (True, True, True), (False, True, False)]]
 
 
-# (op, tile, the wide norm pass's largest block): 64 cuts the whole-row pass of K=150 into 3.
+# (op, tile, the wide norm pass's largest block): 8192 reads K=150 in one block, 64 in 3.
 GEMV_CASES = ([(op, t, 8192) for op in ("none", "norm", "add_norm", "silu") for t in GEMV_VARIANTS]
               + [(op, t, 64) for op in ("norm", "add_norm") for t in GEMV_VARIANTS if t.wide_norm])
 
@@ -208,23 +208,28 @@ GEMV_CASES = ([(op, t, 8192) for op in ("none", "norm", "add_norm", "silu") for 
 def test_every_gemv_variant_matches_the_reference(op, tile, norm_block_max, dtype, monkeypatch, gemv_launches):
     monkeypatch.setattr(tri, "GEMV_CONFIG", tile)
     monkeypatch.setattr(tri, "_NORM_BLOCK_MAX", norm_block_max)   # 64: the wide pass in 3 chunks of K=150
-    K, N = 150, 40
-    w = _randn(N, K, dtype=dtype, seed=34, scale=K ** -0.5)
+    _check_batch_one_product(op, 40, 150, dtype, seed=34)
+    assert len(gemv_launches) == 1
+
+
+def _check_batch_one_product(op: str, N: int, K: int, dtype, seed: int) -> None:
+    """One row through the op's Triton product against the reference: "none" (linear),
+    "norm" / "add_norm" (rms_norm_linear without / with a residual) or "silu"."""
+    w = _randn(N, K, dtype=dtype, seed=seed, scale=K ** -0.5)
     if op == "silu":
-        x = _randn(1, 2 * K, dtype=dtype, seed=35, scale=3.0)
-        _close_sum(tri.silu_and_mul_linear(x, w), ref.silu_and_mul_linear(x, w), dtype)
+        x = _randn(1, 2 * K, dtype=dtype, seed=seed + 1, scale=3.0)
+        out, expected = tri.silu_and_mul_linear(x, w), ref.silu_and_mul_linear(x, w)
     elif op == "none":
-        x = _randn(1, K, dtype=dtype, seed=35, scale=2.0)
-        _close_sum(tri.linear(x, w), ref.linear(x, w), dtype)
+        x = _randn(1, K, dtype=dtype, seed=seed + 1, scale=2.0)
+        out, expected = tri.linear(x, w), ref.linear(x, w)
     else:
-        x = _randn(1, K, dtype=dtype, seed=35, scale=2.0)
-        res = _randn(1, K, dtype=dtype, seed=36) if op == "add_norm" else None
-        norm_w = _randn(K, dtype=dtype, seed=37).abs() + 0.5
+        x = _randn(1, K, dtype=dtype, seed=seed + 1, scale=2.0)
+        res = _randn(1, K, dtype=dtype, seed=seed + 2) if op == "add_norm" else None
+        norm_w = _randn(K, dtype=dtype, seed=seed + 3).abs() + 0.5
         (out, new_res), (expected, exp_res) = (f(x, res, norm_w, 1e-5, w) for f in (tri.rms_norm_linear,
                                                                                   ref.rms_norm_linear))
-        _close_sum(out, expected, dtype)
         _close(new_res, exp_res, dtype)
-    assert len(gemv_launches) == 1
+    _close_sum(out, expected, dtype)
 
 
 def test_fused_products_leave_large_weights_to_the_separate_ops(monkeypatch, gemv_launches):
@@ -560,22 +565,8 @@ class TestLargeShapesGPU:
                                             (4096, 4096, "none")])
     def test_fused_products_llama3_shapes(self, N, K, what, dtype, gemv_launches, monkeypatch):
         monkeypatch.setattr(tri, "FUSED_GEMV_MAX_WEIGHT_BYTES", 1 << 62)   # fused whatever the size
-        w = _randn(N, K, dtype=dtype, seed=42, scale=K ** -0.5)
         monkeypatch.setitem(tri.GEMV_CONFIGS, tri._PRO_NONE, tri.GEMV_CONFIGS.get(tri._PRO_NONE, tri.GemvTile(8, 1024, 4)))
-        if what == "silu":
-            x = _randn(1, 2 * K, dtype=dtype, seed=43, scale=2.0)
-            out, expected = tri.silu_and_mul_linear(x, w), ref.silu_and_mul_linear(x, w)
-        elif what == "none":
-            x = _randn(1, K, dtype=dtype, seed=43, scale=2.0)
-            out, expected = tri.linear(x, w), ref.linear(x, w)
-        else:
-            x = _randn(1, K, dtype=dtype, seed=43, scale=2.0)
-            res = _randn(1, K, dtype=dtype, seed=44) if what == "add_norm" else None
-            norm_w = _randn(K, dtype=dtype, seed=45).abs() + 0.5
-            (out, new_res), (expected, exp_res) = (f(x, res, norm_w, 1e-5, w) for f in (tri.rms_norm_linear,
-                                                                                      ref.rms_norm_linear))
-            _close(new_res, exp_res, dtype)
-        _close_sum(out, expected, dtype)
+        _check_batch_one_product(what, N, K, dtype, seed=42)
         assert len(gemv_launches) == 1
 
     @pytest.mark.parametrize("tile", GEMV_VARIANTS + [tri.GemvTile(8, 1024, 4, True, False, True, True),

@@ -72,9 +72,11 @@ def _device_sms(device: torch.device) -> int:
 @functools.lru_cache(maxsize=None)
 def _pdl_supported_on(device_index: int) -> bool:
     # Programmatic dependent launch: Hopper and later, and a Triton whose launcher sets it.
+    if torch.version.hip is not None or gdc_wait is None:
+        return False
     from triton.backends.nvidia.compiler import CUDAOptions
-    return (torch.version.hip is None and torch.cuda.get_device_capability(device_index) >= (9, 0)
-            and "launch_pdl" in CUDAOptions.__dataclass_fields__ and gdc_wait is not None)
+    return (torch.cuda.get_device_capability(device_index) >= (9, 0)
+            and "launch_pdl" in CUDAOptions.__dataclass_fields__)
 
 
 def _pdl_supported(device: torch.device) -> bool:
@@ -294,14 +296,14 @@ def _gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, out_ptr, res_out_ptr,
         # issued before the norm's pass, whose loads would otherwise leave HBM idle.
         w_next = tl.load(w_rows + offs_k0[None, :], mask=n_mask[:, None] & (offs_k0 < K)[None, :], other=0.0)
     # Launched before the kernel ahead of it has finished (programmatic dependent launch): the
-    # weights, which nothing writes, may be read already; the input and every write wait for
-    # that kernel (its output buffers may be reused as this one's).
+    # first weight tile (prefetch), which nothing writes, is already on its way; the input and
+    # every write wait for that kernel (its output buffers may be reused as this one's).
     _grid_dependency(PDL)
     inv_rms = 1.0
     if PROLOGUE == 1 or PROLOGUE == 2:
         # The norm needs the whole row's sum of squares before any chunk can be scaled: a
         # first pass over the input (K values, against BLOCK_N * K weights in the second),
-        # in chunks of NORM_BLOCK (the whole row where it fits: one round trip, not several).
+        # in chunks of NORM_BLOCK (wide_norm: blocks wider than BLOCK_K, so fewer round trips).
         offs_s0 = tl.arange(0, NORM_BLOCK)
         sq = tl.zeros([NORM_BLOCK], dtype=tl.float32)
         for k0 in range(0, K, NORM_BLOCK):
@@ -339,9 +341,12 @@ def _gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, out_ptr, res_out_ptr,
 
 
 class GemvTile(NamedTuple):
-    """A launch of _gemv_kernel: its tile, warps and the variant flags. wide_norm: the norm's
-    pass reads the whole input row at once (else in BLOCK_K chunks). pdl: launched as a
-    programmatic dependent launch where the GPU has it (_pdl_supported), else ignored."""
+    """A launch of _gemv_kernel: its tile (block_n outputs x block_k inputs), warps and the
+    variant flags. prefetch: the next weight tile is loaded while this one is summed (the first
+    before the norm's pass). row_acc: each tile is reduced to its rows at once (a BLOCK_N
+    accumulator, not BLOCK_N x BLOCK_K). wide_norm: the norm's pass reads the input row in
+    blocks of up to _NORM_BLOCK_MAX, not BLOCK_K. pdl: launched as a programmatic dependent
+    launch where the GPU has it (_pdl_supported), else ignored."""
     block_n: int
     block_k: int
     warps: int
@@ -362,7 +367,14 @@ GEMV_CONFIGS: dict[int, GemvTile] = {_PRO_NORM: GemvTile(32, 512, 4), _PRO_ADD_N
 # cuBLAS, which past this size costs more than the separate kernel it saves (measured: the
 # 50 and 117 MB projections of a Llama-3-8B layer gain, the 235 MB gate/up loses).
 FUSED_GEMV_MAX_WEIGHT_BYTES = 160 << 20
+# The wide norm pass's block, at most: its fp32 values sit in the program's registers, so
+# the block is bounded; below the bound a hidden row is read in one round trip
+# (benchmarks/gemv_registers.py shows what the block costs a tile in registers).
 _NORM_BLOCK_MAX = 8192
+
+
+def _norm_block(tile: GemvTile, K: int) -> int:
+    return min(_next_pow2(K), _NORM_BLOCK_MAX) if tile.wide_norm else tile.block_k
 
 
 def _gemv(prologue: int, x2: torch.Tensor, weight: torch.Tensor, *, residual=None, norm_weight=None,
@@ -375,7 +387,7 @@ def _gemv(prologue: int, x2: torch.Tensor, weight: torch.Tensor, *, residual=Non
         tile = GemvTile(16, 64, 1)
     else:
         tile = GEMV_CONFIGS[prologue]
-    norm_block = min(_next_pow2(K), _NORM_BLOCK_MAX) if tile.wide_norm else tile.block_k
+    norm_block = _norm_block(tile, K)
     r = residual if residual is not None else x2
     ro = res_out if res_out is not None else out
     nw = norm_weight if norm_weight is not None else weight
