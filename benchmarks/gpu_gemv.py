@@ -50,18 +50,17 @@ TILES = [(4, 512), (4, 1024), (4, 2048), (8, 512), (8, 1024), (8, 2048), (16, 51
 VARIANTS = [(False, False, False), (False, False, True), (True, False, True), (True, True, True)]
 
 
-# --quick: four tiles at 4 warps (the earlier sweep's best region), for a call that must also
-# run the decode engine.
-QUICK_TILES = [(4, 1024), (8, 1024), (16, 512), (32, 512)]
+# --quick: the engine's tiles, the earlier sweep's best region, and register-light tiles at 8
+# warps (benchmarks/gemv_registers.py: 5-8 programs an SM), for a call that must also run
+# the decode engine. (BLOCK_N, BLOCK_K, warps)
+QUICK_TILES = [(32, 512, 4), (8, 1024, 4), (16, 512, 8), (8, 512, 8), (4, 512, 8)]
 
 
 def sweep(op: str, quick: bool) -> list[tri.GemvTile]:
     variants = VARIANTS if op == "add_norm" else [v for v in VARIANTS if v[2]]  # wide_norm: norms only
-    tiles, warp_counts = (QUICK_TILES, (4,)) if quick else (TILES, (4, 8))
-    out = []
-    for (bn, bk), warps, (pf, ra, wn) in itertools.product(tiles, warp_counts, variants):
-        out.append(tri.GemvTile(bn, bk, warps, pf, ra, wn and op == "add_norm"))
-    return out
+    launches = QUICK_TILES if quick else [(bn, bk, w) for (bn, bk), w in itertools.product(TILES, (4, 8))]
+    return [tri.GemvTile(bn, bk, warps, pf, ra, wn and op == "add_norm")
+            for (bn, bk, warps), (pf, ra, wn) in itertools.product(launches, variants)]
 
 
 def graph_us(fn, layers: int, replays: int = 20) -> float:
@@ -177,7 +176,7 @@ def engine_tiles(rows) -> tuple[dict, int]:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--quick", action="store_true", help="QUICK_TILES at 4 warps only")
+    ap.add_argument("--quick", action="store_true", help="QUICK_TILES only")
     ap.add_argument("--json")
     args = ap.parse_args()
     dt = torch.bfloat16

@@ -13,6 +13,7 @@
 #   bash benchmarks/gpu_owed.sh gemvtiles         # issue 14: the batch-1 products' tiles and kernel variants swept; decode with the engine's table
 #   GEMV_SWEEP=f.json bash benchmarks/gpu_owed.sh gemvdecode   # decode with the sweep's tiles, then with PDL kernels too (default: $OUT/gemv_sweep.json)
 #   bash benchmarks/gpu_owed.sh gemvquick         # gemvtiles with a quick sweep, then gemvdecode on it: one call
+#   bash benchmarks/gpu_owed.sh gemvregs          # registers and spills of every tile, compiled by the device's Triton
 #   bash benchmarks/gpu_owed.sh gemvtests         # the GPU tests of the batch-1 products and PDL
 #   bash benchmarks/gpu_owed.sh idle              # issue 14: where the 4k prefill's device idles; the batch-1 graph's pools
 #
@@ -37,7 +38,7 @@ step() {   # step NAME SECONDS COMMAND...
     clean
 }
 
-[ $# -gt 0 ] || { echo "usage: $0 kv|tests|densetests|gputests|stream|saturated|decode|fused|gemvtiles|gemvquick|gemvdecode|gemvtests|prefill|sampler|sampledstream|idle|profile ..." >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 kv|tests|densetests|gputests|stream|saturated|decode|fused|gemvtiles|gemvquick|gemvdecode|gemvregs|gemvtests|prefill|sampler|sampledstream|idle|profile ..." >&2; exit 2; }
 for s in "$@"; do
     case "$s" in
         kv) kv_runs=$((${kv_runs:-0} + 1))   # each kv step its own file: kv_ipc_1.json, kv_ipc_2.json, ...
@@ -68,6 +69,8 @@ for s in "$@"; do
                 --gemv-tiles '$sweep' --json '$OUT/decode_swept.json'"
                     step decode_swept_pdl 90 bash -c "cd benchmarks && python gpu_decode.py --batches 1 --overlap on \
                 --gemv-tiles '$sweep' --pdl-kernels --json '$OUT/decode_swept_pdl.json'" ;;
+        gemvregs) step gemv_registers 120 bash -c "cd benchmarks && python gemv_registers.py \
+                --json '$OUT/gemv_registers.json'" ;;
         gemvtests) step gemv_tests 240 python -m pytest -q -m gpu tests/test_triton_kernels.py tests/test_gpu.py \
                 -k "fused or chained" ;;
         prefill) step prefill 200 bash -c "cd benchmarks && python gpu_prefill.py --lengths 1024,4096 --repeat 3 \
