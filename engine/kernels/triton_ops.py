@@ -404,8 +404,10 @@ def _gemv(prologue: int, x2: torch.Tensor, weight: torch.Tensor, *, residual=Non
 def _gemv_fits(prologue: int, x2: torch.Tensor, weight: torch.Tensor, *others: torch.Tensor) -> bool:
     # Plain 2-D weights of the activations' dtype, at the batch sizes where a product streams
     # its weights once (a larger batch reuses each weight tile: cuBLAS's job), for an op the
-    # table (or an override) has a tile for.
-    return ((GEMV_CONFIG is not None or prologue in GEMV_CONFIGS or x2.device.type == "cpu")
+    # table (or an override) has a tile for. Under the interpreter (CPU tensors: tests) the
+    # fused ops always run, and the plain product only as on a GPU, where the table says.
+    cpu_fused = x2.device.type == "cpu" and prologue != _PRO_NONE
+    return ((GEMV_CONFIG is not None or prologue in GEMV_CONFIGS or cpu_fused)
             and 0 < x2.shape[0] <= FUSED_GEMV_MAX_ROWS and weight.dim() == 2 and weight.stride(1) == 1
             and weight.numel() * weight.element_size() <= FUSED_GEMV_MAX_WEIGHT_BYTES
             and weight.dtype == x2.dtype and all(t.dtype == x2.dtype for t in others))
