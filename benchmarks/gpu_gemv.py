@@ -167,6 +167,8 @@ def engine_tiles(rows) -> tuple[dict, int]:
         if not mine:
             continue
         keys = set.intersection(*(set(r["triton_us"]) for r in mine))
+        if not keys:   # no tile compiled on every shape of the op
+            continue
         key = min(keys, key=lambda k: sum(r["triton_us"][k] for r in mine))
         if all(r["triton_us"][key] < r["separate_us"] for r in mine):
             tiles[op] = key
