@@ -60,14 +60,14 @@ for s in "$@"; do
         gemvtiles) step gemv_sweep 420 bash -c "cd benchmarks && python gpu_gemv.py --json '$OUT/gemv_sweep.json'"
                    step decode_table 140 bash -c "cd benchmarks && python gpu_decode.py --batches 1,8 --overlap on \
                 --json '$OUT/decode_table.json'" ;;
-        gemvquick) step gemv_sweep 120 bash -c "cd benchmarks && python gpu_gemv.py --quick --json '$OUT/gemv_sweep.json'"
-                   step decode_table 90 bash -c "cd benchmarks && python gpu_decode.py --batches 1 --overlap on \
+        gemvquick) step gemv_sweep 170 bash -c "cd benchmarks && python gpu_gemv.py --quick --json '$OUT/gemv_sweep.json'"
+                   step decode_table 100 bash -c "cd benchmarks && python gpu_decode.py --batches 1 --overlap on \
                 --json '$OUT/decode_table.json'"
                    OUT="$OUT" GEMV_SWEEP="$OUT/gemv_sweep.json" bash "$SELF" gemvdecode ;;
         gemvdecode) sweep="$(realpath -m "${GEMV_SWEEP:-$OUT/gemv_sweep.json}")"   # gpu_gemv.py's file
-                    step decode_swept 90 bash -c "cd benchmarks && python gpu_decode.py --batches 1 --overlap on \
+                    step decode_swept 100 bash -c "cd benchmarks && python gpu_decode.py --batches 1 --overlap on \
                 --gemv-tiles '$sweep' --json '$OUT/decode_swept.json'"
-                    step decode_swept_pdl 90 bash -c "cd benchmarks && python gpu_decode.py --batches 1 --overlap on \
+                    step decode_swept_pdl 100 bash -c "cd benchmarks && python gpu_decode.py --batches 1 --overlap on \
                 --gemv-tiles '$sweep' --pdl-kernels --json '$OUT/decode_swept_pdl.json'" ;;
         gemvregs) step gemv_registers 120 bash -c "cd benchmarks && python gemv_registers.py \
                 --json '$OUT/gemv_registers.json'" ;;
