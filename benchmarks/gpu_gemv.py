@@ -110,13 +110,12 @@ class Shape:
         tri.FUSED_GEMV_MAX_WEIGHT_BYTES = 1 << 62   # every shape through Triton here, whatever the engine would do
         tri.GEMV_CONFIG = tile
         try:
-            us = graph_us(self.triton, self.layers)
+            try:
+                us = graph_us(self.triton, self.layers)
+            except Exception as e:   # a tile that does not compile (registers) is reported, not fatal
+                print(f"  {self.name} {tile}: {type(e).__name__}: {str(e)[:160]}", flush=True)
+                return
             torch.testing.assert_close(self.triton(0).float(), self.separate(0).float(), atol=3e-2, rtol=2e-2)
-        except AssertionError:
-            raise
-        except Exception as e:   # a tile that does not compile (registers) is reported, not fatal
-            print(f"  {self.name} {tile}: {type(e).__name__}: {str(e)[:160]}", flush=True)
-        else:
             self.row["triton_us"][tile_key(tile)] = us
         finally:
             tri.GEMV_CONFIG, tri.FUSED_GEMV_MAX_WEIGHT_BYTES = saved
